@@ -1,0 +1,25 @@
+//! The core of pserver: plain data and functions, no sockets, no files, no clocks
+//! of its own. The runtime (`pserver-node`) drives these types; tests drive them
+//! directly.
+//!
+//! - [`key`]: keys and half-open key ranges.
+//! - [`ring`]: consistent-hashing placement of servers on the key ring.
+//! - [`map`]: the cluster map (nodes, partitions, tables, epoch) and key slicing.
+//! - [`spec`]: what a table is (dim, initializer, updater, consistency).
+//! - [`updater`]: the user-defined functions a server runs on a push.
+//! - [`store`]: a server's storage for one table.
+//! - [`clock`]: range vector clocks (consistency and duplicate rejection).
+//! - [`membership`]: the manager's state machine (registration, leases, barriers).
+
+pub mod clock;
+pub mod key;
+pub mod map;
+pub mod membership;
+pub mod ring;
+pub mod spec;
+pub mod store;
+pub mod updater;
+
+pub use key::{KEY_END, Key, KeyRange};
+pub use map::{ClusterMap, NodeId, NodeInfo, NodeState, Partition, Role};
+pub use spec::{Consistency, Init, TableSpec, UpdaterSpec};

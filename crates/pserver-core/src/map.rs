@@ -1,0 +1,252 @@
+//! The cluster map: which nodes exist, which server holds which key range,
+//! which tables exist, all versioned by an epoch. Every node caches a copy;
+//! every request carries the sender's epoch.
+
+use crate::key::{Key, KeyRange};
+use crate::spec::TableSpec;
+use serde::{Deserialize, Serialize};
+use std::fmt;
+use std::ops::Range;
+
+/// A node's id, assigned by the manager at registration. Id 0 is the manager.
+pub type NodeId = u32;
+
+/// The manager's own node id.
+pub const MANAGER_ID: NodeId = 0;
+
+/// What a node does.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum Role {
+    /// Holds key ranges of every table.
+    Server,
+    /// Runs the user's program; counted by consistency and barriers.
+    Worker,
+    /// An ad-hoc client (the `kv` command): may push and pull, is never waited for.
+    Client,
+}
+
+impl fmt::Display for Role {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Role::Server => "server",
+            Role::Worker => "worker",
+            Role::Client => "client",
+        })
+    }
+}
+
+/// Whether a node is believed to be up.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum NodeState {
+    /// Heartbeats arrive within the lease.
+    Alive,
+    /// Past its lease, or disconnected.
+    Dead,
+}
+
+impl fmt::Display for NodeState {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            NodeState::Alive => "alive",
+            NodeState::Dead => "dead",
+        })
+    }
+}
+
+/// One node as the map records it.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct NodeInfo {
+    /// Its id.
+    pub id: NodeId,
+    /// Its role.
+    pub role: Role,
+    /// Address it accepts connections on (servers), or where it connected from.
+    pub addr: String,
+    /// Believed up or not.
+    pub state: NodeState,
+}
+
+/// A key range with the server that owns it and the servers that replicate it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Partition {
+    /// The keys.
+    pub range: KeyRange,
+    /// Server that applies pushes and answers pulls.
+    pub primary: NodeId,
+    /// Next distinct servers clockwise, in chain order.
+    pub replicas: Vec<NodeId>,
+}
+
+/// The versioned assignment of everything in the cluster.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ClusterMap {
+    /// Goes up at every change.
+    pub epoch: u64,
+    /// Every node ever registered, sorted by id.
+    pub nodes: Vec<NodeInfo>,
+    /// Sorted, disjoint, covering [`KeyRange::ALL`] whenever a server is alive.
+    pub partitions: Vec<Partition>,
+    /// Tables, sorted by id.
+    pub tables: Vec<TableSpec>,
+    /// Replicas per range the map was built with.
+    pub replicas: usize,
+    /// Virtual nodes per server on the ring.
+    pub vnodes: u32,
+}
+
+/// The part of one request that goes to one partition.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Slice {
+    /// Index into [`ClusterMap::partitions`].
+    pub partition: usize,
+    /// The request's range intersected with the partition's range.
+    pub range: KeyRange,
+    /// Positions of this slice's keys in the request's key list.
+    pub keys: Range<usize>,
+}
+
+impl ClusterMap {
+    /// An empty map at epoch 0.
+    pub fn empty(replicas: usize, vnodes: u32) -> ClusterMap {
+        ClusterMap {
+            epoch: 0,
+            nodes: Vec::new(),
+            partitions: Vec::new(),
+            tables: Vec::new(),
+            replicas,
+            vnodes,
+        }
+    }
+
+    /// The node with this id.
+    pub fn node(&self, id: NodeId) -> Option<&NodeInfo> {
+        self.nodes
+            .binary_search_by_key(&id, |n| n.id)
+            .ok()
+            .map(|i| &self.nodes[i])
+    }
+
+    /// Live nodes of a role, sorted by id.
+    pub fn live(&self, role: Role) -> impl Iterator<Item = &NodeInfo> {
+        self.nodes
+            .iter()
+            .filter(move |n| n.role == role && n.state == NodeState::Alive)
+    }
+
+    /// Ids of live workers, sorted.
+    pub fn live_workers(&self) -> Vec<NodeId> {
+        self.live(Role::Worker).map(|n| n.id).collect()
+    }
+
+    /// Index of the partition holding `key`.
+    pub fn partition_of(&self, key: Key) -> Option<usize> {
+        let i = self.partitions.partition_point(|p| p.range.end <= key);
+        (i < self.partitions.len() && self.partitions[i].range.contains(key)).then_some(i)
+    }
+
+    /// Indexes of the partitions overlapping `range`, in key order.
+    pub fn partitions_overlapping(&self, range: KeyRange) -> Range<usize> {
+        if range.is_empty() {
+            return 0..0;
+        }
+        let first = self.partitions.partition_point(|p| p.range.end <= range.begin);
+        let last = self.partitions.partition_point(|p| p.range.begin < range.end);
+        first..last.max(first)
+    }
+
+    /// Ranges for which `server` is primary, in key order.
+    pub fn primary_ranges(&self, server: NodeId) -> Vec<KeyRange> {
+        self.partitions
+            .iter()
+            .filter(|p| p.primary == server)
+            .map(|p| p.range)
+            .collect()
+    }
+
+    /// The table with this name.
+    pub fn table(&self, name: &str) -> Option<&TableSpec> {
+        self.tables.iter().find(|t| t.name == name)
+    }
+
+    /// The table with this id.
+    pub fn table_by_id(&self, id: u32) -> Option<&TableSpec> {
+        self.tables
+            .binary_search_by_key(&id, |t| t.id)
+            .ok()
+            .map(|i| &self.tables[i])
+    }
+
+    /// Splits a request over `range` with sorted `keys` (all inside `range`)
+    /// into one slice per overlapping partition, in key order. Partitions
+    /// with no keys still get a slice: the push of an empty slice advances
+    /// that range's clock, which pulls under bounded delay wait for.
+    pub fn slice(&self, range: KeyRange, keys: &[Key]) -> Vec<Slice> {
+        let mut out = Vec::new();
+        let mut start = 0;
+        for p in self.partitions_overlapping(range) {
+            let part = &self.partitions[p];
+            let Some(r) = part.range.intersect(&range) else {
+                continue;
+            };
+            let end = start + keys[start..].partition_point(|&k| k < r.end);
+            out.push(Slice {
+                partition: p,
+                range: r,
+                keys: start..end,
+            });
+            start = end;
+        }
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn map(bounds: &[u64]) -> ClusterMap {
+        let mut m = ClusterMap::empty(0, 1);
+        let mut begin = 0;
+        for (i, &end) in bounds.iter().chain(std::iter::once(&crate::KEY_END)).enumerate() {
+            m.partitions.push(Partition {
+                range: KeyRange { begin, end },
+                primary: i as NodeId + 1,
+                replicas: vec![],
+            });
+            begin = end;
+        }
+        m
+    }
+
+    #[test]
+    fn lookup() {
+        let m = map(&[100, 200]);
+        assert_eq!(m.partition_of(0), Some(0));
+        assert_eq!(m.partition_of(99), Some(0));
+        assert_eq!(m.partition_of(100), Some(1));
+        assert_eq!(m.partition_of(crate::KEY_END - 1), Some(2));
+        assert_eq!(m.partition_of(crate::KEY_END), None);
+        assert_eq!(m.partitions_overlapping(KeyRange::new(50, 150).unwrap()), 0..2);
+        assert_eq!(m.partitions_overlapping(KeyRange::new(100, 200).unwrap()), 1..2);
+        assert_eq!(m.partitions_overlapping(KeyRange::new(5, 5).unwrap()), 0..0);
+    }
+
+    #[test]
+    fn slicing_keeps_every_key_once_in_order() {
+        let m = map(&[100, 200]);
+        let keys = [1, 5, 100, 150, 199, 250];
+        let s = m.slice(KeyRange::ALL, &keys);
+        assert_eq!(s.len(), 3);
+        assert_eq!(s[0].keys, 0..2);
+        assert_eq!(s[1].keys, 2..5);
+        assert_eq!(s[2].keys, 5..6);
+        assert_eq!(s[1].range, KeyRange::new(100, 200).unwrap());
+        let s = m.slice(KeyRange::new(150, 160).unwrap(), &[155]);
+        assert_eq!(s.len(), 1);
+        assert_eq!(s[0].range, KeyRange::new(150, 160).unwrap());
+        // Partitions without keys still get a slice.
+        let s = m.slice(KeyRange::ALL, &[]);
+        assert_eq!(s.len(), 3);
+        assert!(s.iter().all(|x| x.keys.is_empty()));
+    }
+}

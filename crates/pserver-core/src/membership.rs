@@ -1,0 +1,1 @@
+//! The manager's state machine: registration, leases, tables, barriers.

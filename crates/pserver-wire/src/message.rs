@@ -1,0 +1,131 @@
+//! Control messages, postcard-encoded in a frame's control section.
+
+use pserver_core::{ClusterMap, Consistency, Init, NodeId, Role, TableSpec, UpdaterSpec};
+use serde::{Deserialize, Serialize};
+
+/// Machine-readable reason carried by an error reply.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ErrorCode {
+    /// The frame could not be decoded.
+    Malformed,
+    /// The table id is not known to this node.
+    UnknownTable,
+    /// Values do not match keys x width.
+    WrongWidth,
+    /// A value is NaN or infinite.
+    NotFinite,
+    /// Keys not sorted and unique, or outside the request's range.
+    BadKeys,
+    /// This server does not own the range (and the epoch did not tell).
+    NotOwner,
+    /// The sender's epoch is newer than this node's: retry shortly.
+    EpochAhead,
+    /// The whole push was already applied at this clock and is not a retry.
+    Duplicate,
+    /// A configured limit (keys per request, frame size, tables) was hit.
+    Limit,
+    /// The request is not valid for this node's role or state.
+    Invalid,
+    /// Something failed inside the node.
+    Internal,
+}
+
+/// A control message.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub enum Control {
+    /// First frame of a node to the manager.
+    Register {
+        /// What the node is.
+        role: Role,
+        /// Address it accepts connections on ("" for workers and clients).
+        addr: String,
+    },
+    /// The manager's answer to `Register`.
+    Registered {
+        /// The node's id.
+        id: NodeId,
+        /// The current map.
+        map: ClusterMap,
+    },
+    /// Keeps a node's lease alive.
+    Heartbeat,
+    /// A cluster map (broadcast by the manager; body of a redirect).
+    Map(ClusterMap),
+    /// Ask the manager for the current map.
+    GetMap,
+    /// Ask the manager to create a table.
+    CreateTable {
+        /// Table name.
+        name: String,
+        /// Floats per key.
+        dim: u32,
+        /// Initializer.
+        init: Init,
+        /// Updater.
+        updater: UpdaterSpec,
+        /// Default consistency.
+        consistency: Consistency,
+    },
+    /// A table was created (or already existed with the same spec).
+    TableCreated(TableSpec),
+    /// Enter a named barrier; the reply comes once every live worker entered.
+    Barrier {
+        /// Barrier name.
+        name: String,
+    },
+    /// Ask the manager for the cluster's status.
+    Status,
+    /// The manager's status answer.
+    StatusReply(Status),
+    /// Overrides the table's consistency for one pull.
+    Consistency(Consistency),
+    /// Acknowledges a push: how many keys were applied, and whether part or
+    /// all of it had been applied before at this clock.
+    PushAck {
+        /// Keys applied now.
+        applied: u64,
+        /// Keys skipped because their range already had this clock.
+        duplicate: u64,
+    },
+    /// Generic success.
+    Ok,
+    /// A refused request.
+    Error {
+        /// Machine-readable reason.
+        code: ErrorCode,
+        /// One line for people.
+        message: String,
+    },
+}
+
+/// What `pserver status` shows.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Status {
+    /// The map (nodes, partitions, tables, epoch).
+    pub map: ClusterMap,
+    /// Per server: keys stored per table, as last reported (may be empty).
+    pub servers: Vec<ServerStats>,
+}
+
+/// A server's counters as reported with its heartbeat.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct ServerStats {
+    /// Server id.
+    pub id: NodeId,
+    /// (table id, keys stored).
+    pub keys: Vec<(u32, u64)>,
+    /// Bytes held by its tables.
+    pub bytes: u64,
+}
+
+impl Control {
+    /// Encodes with postcard.
+    pub fn to_bytes(&self) -> Vec<u8> {
+        postcard::to_allocvec(self).expect("control messages always serialize")
+    }
+
+    /// Decodes with postcard; errors name what failed.
+    pub fn from_bytes(b: &[u8]) -> Result<Control, crate::WireError> {
+        postcard::from_bytes(b).map_err(|e| crate::WireError::Control(e.to_string()))
+    }
+}
