@@ -1,10 +1,14 @@
 //! A whole frame: header plus sections, with checked decoding.
 //!
-//! HELPER: implement `encode`/`decode`.
+//! A body is the 80-byte [`Header`], then `n_keys` little-endian `u64` keys,
+//! `n_vals` little-endian `f32` values and `ctrl_len` control bytes, and
+//! nothing else: the declared sizes must account for every byte. Because the
+//! check is exact, every accepted body has exactly one encoding, and
+//! `decode` then `encode` gives back the same bytes.
 
-use crate::header::Header;
+use crate::header::{FLAG_ALL_FLAGS, HEADER_LEN, Header, Sections};
 use crate::message::Control;
-use bytes::{Bytes, BytesMut};
+use bytes::{BufMut, Bytes, BytesMut};
 
 /// Bounds a decoder enforces before allocating.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -49,7 +53,9 @@ pub enum WireError {
     #[error("range [{0}, {1}) is inverted")]
     BadRange(u64, u64),
     /// Section lengths do not add up to the frame length.
-    #[error("sections ({keys} keys, {vals} values, {ctrl} control bytes) do not fill the {frame}-byte frame")]
+    #[error(
+        "sections ({keys} keys, {vals} values, {ctrl} control bytes) do not fill the {frame}-byte frame"
+    )]
     Length {
         /// Keys declared.
         keys: u64,
@@ -121,15 +127,449 @@ impl Frame {
     }
 
     /// Appends the body (no length prefix) to `dst`.
+    ///
+    /// Does not check the frame; [`Frame::check`] tells whether a peer would
+    /// accept it (the codec calls it before encoding).
+    ///
+    /// # Panics
+    ///
+    /// When a section has more than `u32::MAX` elements or bytes, which the
+    /// header cannot declare (such a frame is over 16 GiB; `check` refuses it).
     pub fn encode(&self, dst: &mut BytesMut) {
-        let _ = dst;
-        todo!()
+        let count = |n: usize, what: &str| {
+            u32::try_from(n).unwrap_or_else(|_| panic!("{n} {what} do not fit a frame header"))
+        };
+        let sections = Sections {
+            keys: count(self.keys.len(), "keys"),
+            vals: count(self.vals.len(), "values"),
+            ctrl: count(self.ctrl.len(), "control bytes"),
+        };
+        dst.reserve(self.encoded_len());
+        self.header.encode_into(sections, dst);
+        put_le(dst, &self.keys, u64::to_le_bytes);
+        put_le(dst, &self.vals, f32::to_le_bytes);
+        dst.put_slice(&self.ctrl);
+    }
+
+    /// Checks the frame as [`Frame::decode`] would check its encoding, so a
+    /// sender learns of a bad frame itself instead of from a closed connection.
+    pub fn check(&self, limits: &Limits) -> Result<(), WireError> {
+        let h = &self.header;
+        if h.flags & !FLAG_ALL_FLAGS != 0 {
+            return Err(WireError::BadFlags(h.flags));
+        }
+        if h.range.begin > h.range.end {
+            return Err(WireError::BadRange(h.range.begin, h.range.end));
+        }
+        let over = |what, got: usize, max: u64| {
+            (wide(got) > max).then_some(WireError::TooLarge {
+                what,
+                got: wide(got),
+                max,
+            })
+        };
+        let u32_max = u64::from(u32::MAX);
+        let too_large = over("keys", self.keys.len(), wide(limits.max_keys).min(u32_max))
+            .or_else(|| over("values", self.vals.len(), u32_max))
+            .or_else(|| over("control bytes", self.ctrl.len(), u32_max));
+        if let Some(e) = too_large {
+            return Err(e);
+        }
+        if h.dense() && !self.keys.is_empty() {
+            // Fits: the key count was checked against u32 above.
+            return Err(WireError::DenseWithKeys(self.keys.len() as u32));
+        }
+        match over("frame bytes", self.encoded_len(), wide(limits.max_frame)) {
+            Some(e) => Err(e),
+            None => Ok(()),
+        }
     }
 
     /// Decodes a body (no length prefix), checking every field and length
     /// against `limits` before allocating.
+    ///
+    /// Checks, in this order, each failing with its own [`WireError`]: the
+    /// header ([`Header::decode`]: length, magic, version, kind, flags,
+    /// reserved bytes, range); key count against `max_keys`; value count
+    /// against what `max_frame` could hold; the declared sections against the
+    /// body's length, exactly; no keys in a dense frame; the body against
+    /// `max_frame`. Only then are the sections copied out, so no allocation is
+    /// larger than the body itself.
     pub fn decode(body: &[u8], limits: &Limits) -> Result<Frame, WireError> {
-        let _ = (body, limits);
-        todo!()
+        let (header, sections) = Header::decode(body)?;
+        let max_keys = wide(limits.max_keys);
+        if u64::from(sections.keys) > max_keys {
+            return Err(WireError::TooLarge {
+                what: "keys",
+                got: sections.keys.into(),
+                max: max_keys,
+            });
+        }
+        let max_vals = wide(limits.max_frame / 4);
+        if u64::from(sections.vals) > max_vals {
+            return Err(WireError::TooLarge {
+                what: "values",
+                got: sections.vals.into(),
+                max: max_vals,
+            });
+        }
+        let length = || WireError::Length {
+            keys: sections.keys.into(),
+            vals: sections.vals.into(),
+            ctrl: sections.ctrl.into(),
+            frame: body.len(),
+        };
+        if sections.body_len() != wide(body.len()) {
+            return Err(length());
+        }
+        if header.dense() && sections.keys != 0 {
+            return Err(WireError::DenseWithKeys(sections.keys));
+        }
+        if body.len() > limits.max_frame {
+            return Err(WireError::TooLarge {
+                what: "frame bytes",
+                got: wide(body.len()),
+                max: wide(limits.max_frame),
+            });
+        }
+        // The lengths add up, so these splits succeed; `split_at_checked`
+        // keeps that a reported error rather than a panic if they ever did not.
+        let rest = &body[HEADER_LEN..];
+        let (keys, rest) = rest
+            .split_at_checked(sections.keys as usize * 8)
+            .ok_or_else(length)?;
+        let (vals, ctrl) = rest
+            .split_at_checked(sections.vals as usize * 4)
+            .ok_or_else(length)?;
+        Ok(Frame {
+            header,
+            keys: keys
+                .chunks_exact(8)
+                .map(|c| u64::from_le_bytes(c.try_into().unwrap()))
+                .collect(),
+            vals: vals
+                .chunks_exact(4)
+                .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
+                .collect(),
+            ctrl: Bytes::copy_from_slice(ctrl),
+        })
+    }
+}
+
+/// `n` as a `u64`, for comparisons that must not truncate on any target.
+fn wide(n: usize) -> u64 {
+    u64::try_from(n).unwrap_or(u64::MAX)
+}
+
+/// Appends each item's `N` little-endian bytes. The destination is grown
+/// once and filled in place, which the compiler turns into a plain copy on
+/// little-endian targets, instead of a capacity check per item.
+fn put_le<T: Copy, const N: usize>(dst: &mut BytesMut, items: &[T], le: fn(T) -> [u8; N]) {
+    let start = dst.len();
+    dst.resize(start + items.len() * N, 0);
+    for (out, &item) in dst[start..].chunks_exact_mut(N).zip(items) {
+        out.copy_from_slice(&le(item));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::header::{FLAG_DENSE, FLAG_RETRY, Kind, VERSION};
+    use pserver_core::KeyRange;
+
+    fn push() -> Frame {
+        let mut header = Header::new(Kind::Push);
+        header.request_id = 7;
+        header.sender = 3;
+        header.table = 1;
+        header.clock = 12;
+        header.range = KeyRange::new(10, 100).unwrap();
+        Frame {
+            header,
+            keys: vec![10, 20, 99],
+            vals: vec![0.5, -1.0, f32::NAN],
+            ctrl: Bytes::from_static(b"\x01\x02"),
+        }
+    }
+
+    fn body(frame: &Frame) -> Vec<u8> {
+        let mut b = BytesMut::new();
+        frame.encode(&mut b);
+        b.to_vec()
+    }
+
+    fn decode(body: &[u8]) -> Result<Frame, WireError> {
+        Frame::decode(body, &Limits::default())
+    }
+
+    /// A valid body with `f` applied to it.
+    fn corrupt(f: impl FnOnce(&mut Vec<u8>)) -> Vec<u8> {
+        let mut b = body(&push());
+        f(&mut b);
+        b
+    }
+
+    fn put_u32(b: &mut [u8], at: usize, v: u32) {
+        b[at..at + 4].copy_from_slice(&v.to_le_bytes());
+    }
+
+    fn same(a: &Frame, b: &Frame) -> bool {
+        a.header == b.header
+            && a.keys == b.keys
+            && a.ctrl == b.ctrl
+            && a.vals
+                .iter()
+                .map(|v| v.to_bits())
+                .eq(b.vals.iter().map(|v| v.to_bits()))
+    }
+
+    #[test]
+    fn valid_frame_round_trips_to_the_same_bytes() {
+        let b = body(&push());
+        assert_eq!(b.len(), push().encoded_len());
+        assert_eq!(b.len(), HEADER_LEN + 3 * 8 + 3 * 4 + 2);
+        let f = decode(&b).unwrap();
+        assert!(same(&f, &push()));
+        assert_eq!(body(&f), b);
+    }
+
+    #[test]
+    fn encode_appends() {
+        let mut b = BytesMut::from(&b"xyz"[..]);
+        push().encode(&mut b);
+        assert_eq!(&b[..3], b"xyz");
+        assert_eq!(&b[3..], &body(&push())[..]);
+    }
+
+    #[test]
+    fn short() {
+        assert_eq!(decode(&[]), Err(WireError::Short(0)));
+        let b = body(&push());
+        assert_eq!(
+            decode(&b[..HEADER_LEN - 1]),
+            Err(WireError::Short(HEADER_LEN - 1))
+        );
+    }
+
+    #[test]
+    fn bad_magic() {
+        let b = corrupt(|b| b[0] = b'X');
+        assert_eq!(decode(&b), Err(WireError::BadMagic(*b"XSRV")));
+    }
+
+    #[test]
+    fn bad_version() {
+        let b = corrupt(|b| b[4] = VERSION + 1);
+        assert_eq!(decode(&b), Err(WireError::BadVersion(VERSION + 1)));
+    }
+
+    #[test]
+    fn bad_kind() {
+        for kind in [0, 8, 255] {
+            let b = corrupt(|b| b[5] = kind);
+            assert_eq!(decode(&b), Err(WireError::BadKind(kind)));
+        }
+    }
+
+    #[test]
+    fn bad_flags() {
+        let b = corrupt(|b| b[6..8].copy_from_slice(&(FLAG_RETRY | 4).to_le_bytes()));
+        assert_eq!(decode(&b), Err(WireError::BadFlags(FLAG_RETRY | 4)));
+        let b = corrupt(|b| b[7] = 0x80);
+        assert_eq!(decode(&b), Err(WireError::BadFlags(0x8000)));
+    }
+
+    #[test]
+    fn reserved() {
+        for at in 68..80 {
+            let b = corrupt(|b| b[at] = 1);
+            assert_eq!(decode(&b), Err(WireError::Reserved), "byte {at}");
+        }
+    }
+
+    #[test]
+    fn bad_range() {
+        let b = corrupt(|b| {
+            b[40..48].copy_from_slice(&5u64.to_le_bytes());
+            b[48..56].copy_from_slice(&4u64.to_le_bytes());
+        });
+        assert_eq!(decode(&b), Err(WireError::BadRange(5, 4)));
+    }
+
+    #[test]
+    fn empty_range_is_fine() {
+        let mut f = push();
+        f.header.range = KeyRange::new(9, 9).unwrap();
+        assert!(same(&decode(&body(&f)).unwrap(), &f));
+    }
+
+    #[test]
+    fn too_many_keys() {
+        let limits = Limits {
+            max_keys: 2,
+            ..Limits::default()
+        };
+        assert_eq!(
+            Frame::decode(&body(&push()), &limits),
+            Err(WireError::TooLarge {
+                what: "keys",
+                got: 3,
+                max: 2
+            })
+        );
+        // Checked before the length, so a huge declaration is named as such.
+        let b = corrupt(|b| put_u32(b, 56, u32::MAX));
+        assert_eq!(
+            decode(&b),
+            Err(WireError::TooLarge {
+                what: "keys",
+                got: u32::MAX.into(),
+                max: 32 << 20
+            })
+        );
+    }
+
+    #[test]
+    fn too_many_values() {
+        let b = corrupt(|b| put_u32(b, 60, u32::MAX));
+        assert_eq!(
+            decode(&b),
+            Err(WireError::TooLarge {
+                what: "values",
+                got: u32::MAX.into(),
+                max: (256 << 20) / 4
+            })
+        );
+    }
+
+    #[test]
+    fn length_mismatch() {
+        let want = |frame| WireError::Length {
+            keys: 3,
+            vals: 3,
+            ctrl: 2,
+            frame,
+        };
+        let b = body(&push());
+        assert_eq!(decode(&b[..b.len() - 1]), Err(want(b.len() - 1)));
+        let mut longer = b.clone();
+        longer.push(0);
+        assert_eq!(decode(&longer), Err(want(b.len() + 1)));
+        assert_eq!(decode(&b[..HEADER_LEN]), Err(want(HEADER_LEN)));
+        // A declared count off by one is caught even when the total could
+        // be made up elsewhere.
+        let b = corrupt(|b| put_u32(b, 60, 2));
+        assert_eq!(
+            decode(&b),
+            Err(WireError::Length {
+                keys: 3,
+                vals: 2,
+                ctrl: 2,
+                frame: b.len()
+            })
+        );
+    }
+
+    #[test]
+    fn length_cannot_wrap() {
+        // 2^29 extra keys add exactly 2^32 bytes, so in u32 arithmetic the
+        // declared total would wrap around to the true body length.
+        let limits = Limits {
+            max_frame: usize::MAX,
+            max_keys: usize::MAX,
+        };
+        let b = corrupt(|b| put_u32(b, 56, 3 + (1 << 29)));
+        assert_eq!(
+            Frame::decode(&b, &limits),
+            Err(WireError::Length {
+                keys: 3 + (1 << 29),
+                vals: 3,
+                ctrl: 2,
+                frame: b.len()
+            })
+        );
+    }
+
+    #[test]
+    fn dense_with_keys() {
+        let b = corrupt(|b| b[6..8].copy_from_slice(&FLAG_DENSE.to_le_bytes()));
+        assert_eq!(decode(&b), Err(WireError::DenseWithKeys(3)));
+    }
+
+    #[test]
+    fn dense_without_keys_is_fine() {
+        let mut f = push();
+        f.header.flags = FLAG_DENSE | FLAG_RETRY;
+        f.keys.clear();
+        assert!(same(&decode(&body(&f)).unwrap(), &f));
+    }
+
+    #[test]
+    fn frame_too_large() {
+        let b = body(&push());
+        let limits = Limits {
+            max_frame: b.len() - 1,
+            ..Limits::default()
+        };
+        assert_eq!(
+            Frame::decode(&b, &limits),
+            Err(WireError::TooLarge {
+                what: "frame bytes",
+                got: b.len() as u64,
+                max: b.len() as u64 - 1
+            })
+        );
+        let exact = Limits {
+            max_frame: b.len(),
+            ..Limits::default()
+        };
+        assert!(Frame::decode(&b, &exact).is_ok());
+    }
+
+    #[test]
+    fn control_section_errors_are_reported() {
+        let mut f = Frame::new(Header::new(Kind::Control));
+        f.ctrl = Bytes::from_static(&[0xff, 0xff, 0xff]);
+        let f = decode(&body(&f)).unwrap();
+        assert!(matches!(f.control_msg(), Err(WireError::Control(_))));
+        let empty = Frame::new(Header::new(Kind::Control));
+        assert!(matches!(empty.control_msg(), Err(WireError::Control(_))));
+    }
+
+    #[test]
+    fn check_agrees_with_decode() {
+        let limits = Limits::default();
+        assert_eq!(push().check(&limits), Ok(()));
+
+        let mut f = push();
+        f.header.flags = 4;
+        assert_eq!(f.check(&limits), Err(WireError::BadFlags(4)));
+
+        let mut f = push();
+        f.header.range = KeyRange { begin: 2, end: 1 };
+        assert_eq!(f.check(&limits), Err(WireError::BadRange(2, 1)));
+
+        let mut f = push();
+        f.header.flags = FLAG_DENSE;
+        assert_eq!(f.check(&limits), Err(WireError::DenseWithKeys(3)));
+
+        let few_keys = Limits {
+            max_keys: 2,
+            ..limits
+        };
+        assert_eq!(
+            push().check(&few_keys),
+            Frame::decode(&body(&push()), &few_keys).map(drop)
+        );
+
+        let small = Limits {
+            max_frame: push().encoded_len() - 1,
+            ..limits
+        };
+        assert_eq!(
+            push().check(&small),
+            Frame::decode(&body(&push()), &small).map(drop)
+        );
     }
 }

@@ -16,7 +16,7 @@ pub mod frame;
 pub mod header;
 pub mod message;
 
-pub use codec::FrameCodec;
+pub use codec::{CodecError, FrameCodec};
 pub use frame::{Frame, Limits, WireError};
 pub use header::{Header, Kind};
 pub use message::{Control, ErrorCode};
