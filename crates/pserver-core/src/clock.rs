@@ -3,28 +3,96 @@
 //! part of a segment and merge back when neighbours agree, so the state stays
 //! O(nodes x ranges).
 //!
-//! HELPER: implement. The same clocks reject duplicate pushes (a retried push
-//! carries the same clock, so it finds its clock already recorded).
+//! The same clocks reject duplicate pushes: a retried push carries the same
+//! clock, so it finds its clock already recorded and [`RangeClock::record`]
+//! reports nothing fresh.
 
-use crate::key::KeyRange;
+use crate::key::{Key, KeyRange};
 use crate::map::NodeId;
 
+/// One run of keys `[begin, end)` that every node has pushed to alike.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+struct Segment {
+    begin: Key,
+    end: Key,
+    /// Clocks sorted by node, with no zero entries: an absent node reads as
+    /// 0, and keeping one spelling per state lets neighbours compare equal
+    /// with a plain `==` when deciding to merge.
+    clocks: Vec<(NodeId, u64)>,
+}
+
+impl Segment {
+    fn clock_of(&self, node: NodeId) -> u64 {
+        self.clocks
+            .binary_search_by_key(&node, |c| c.0)
+            .map_or(0, |i| self.clocks[i].1)
+    }
+
+    /// Raises `node`'s clock to `clock`; true when it was below.
+    fn raise(&mut self, node: NodeId, clock: u64) -> bool {
+        match self.clocks.binary_search_by_key(&node, |c| c.0) {
+            Ok(i) if self.clocks[i].1 < clock => {
+                self.clocks[i].1 = clock;
+                true
+            }
+            // Only a clock above 0 is stored, so zero entries never appear.
+            Err(i) if clock > 0 => {
+                self.clocks.insert(i, (node, clock));
+                true
+            }
+            Ok(_) | Err(_) => false,
+        }
+    }
+
+    fn range(&self) -> KeyRange {
+        KeyRange {
+            begin: self.begin,
+            end: self.end,
+        }
+    }
+}
+
 /// The vector clock of one partition of one table.
+///
+/// Invariants: the segments are sorted, non-empty, contiguous and cover
+/// exactly `[begin, end)` (no segment when that is empty), and no two
+/// neighbours hold equal clocks. The default value covers no key.
 #[derive(Clone, Debug, Default)]
 pub struct RangeClock {
-    // HELPER: segments
+    begin: Key,
+    end: Key,
+    segments: Vec<Segment>,
 }
 
 impl RangeClock {
     /// A clock over `range` where every node is at clock 0.
+    ///
+    /// An inverted range (`begin > end`, possible since the fields are
+    /// public) is treated as the empty range at `begin`.
     pub fn new(range: KeyRange) -> RangeClock {
-        let _ = range;
-        todo!()
+        let end = range.end.max(range.begin);
+        let segments = if range.begin < end {
+            vec![Segment {
+                begin: range.begin,
+                end,
+                clocks: Vec::new(),
+            }]
+        } else {
+            Vec::new()
+        };
+        RangeClock {
+            begin: range.begin,
+            end,
+            segments,
+        }
     }
 
     /// The range this clock covers.
     pub fn range(&self) -> KeyRange {
-        todo!()
+        KeyRange {
+            begin: self.begin,
+            end: self.end,
+        }
     }
 
     /// Records a push by `node` at `clock` over `r` (clipped to the clock's
@@ -32,27 +100,341 @@ impl RangeClock {
     /// recorded clock for `node` was below `clock`: only keys in those are to
     /// be applied. Afterwards every segment of `r` records `max(old, clock)`
     /// for `node`. An empty result means the whole push is a duplicate.
+    ///
+    /// An `r` that is empty or misses the clock's range returns nothing and
+    /// changes nothing.
     pub fn record(&mut self, node: NodeId, r: KeyRange, clock: u64) -> Vec<KeyRange> {
-        let _ = (node, r, clock);
-        todo!()
+        let Some(r) = self.range().intersect(&r) else {
+            return Vec::new();
+        };
+        // Cut at the push's bounds only; interior boundaries are already
+        // where earlier pushes made them.
+        let first = self.split_at(r.begin);
+        let last = self.split_at(r.end);
+
+        let mut fresh: Vec<KeyRange> = Vec::new();
+        for seg in self.segments.get_mut(first..last).unwrap_or_default() {
+            if !seg.raise(node, clock) {
+                continue;
+            }
+            match fresh.last_mut() {
+                Some(prev) if prev.end == seg.begin => prev.end = seg.end,
+                _ => fresh.push(seg.range()),
+            }
+        }
+        self.merge();
+        fresh
     }
 
     /// The smallest clock recorded for any of `nodes` over any segment that
     /// overlaps `r`; a node never seen counts as 0. `u64::MAX` when `nodes`
     /// is empty.
+    ///
+    /// Also `u64::MAX` when `r` is empty or misses the clock's range: no
+    /// segment overlaps, so nothing here holds the caller back.
     pub fn min_clock(&self, r: KeyRange, nodes: &[NodeId]) -> u64 {
-        let _ = (r, nodes);
-        todo!()
+        let Some(r) = self.range().intersect(&r) else {
+            return u64::MAX;
+        };
+        let first = self.segments.partition_point(|s| s.end <= r.begin);
+        self.segments
+            .iter()
+            .skip(first)
+            .take_while(|s| s.begin < r.end)
+            .flat_map(|s| nodes.iter().map(|&n| s.clock_of(n)))
+            .min()
+            .unwrap_or(u64::MAX)
     }
 
     /// Forgets `node` everywhere (it left the cluster).
     pub fn forget(&mut self, node: NodeId) {
-        let _ = node;
-        todo!()
+        for seg in &mut self.segments {
+            if let Ok(i) = seg.clocks.binary_search_by_key(&node, |c| c.0) {
+                seg.clocks.remove(i);
+            }
+        }
+        // Segments that differed only in this node's clock now agree.
+        self.merge();
     }
 
     /// Number of segments (for tests and memory accounting).
     pub fn segments(&self) -> usize {
-        todo!()
+        self.segments.len()
+    }
+
+    /// Makes `at` a segment boundary and returns the index of the first
+    /// segment starting at or after `at`. `at` must lie in `[begin, end]`.
+    fn split_at(&mut self, at: Key) -> usize {
+        let i = self.segments.partition_point(|s| s.end <= at);
+        match self.segments.get_mut(i) {
+            Some(seg) if seg.begin < at => {
+                let right = Segment {
+                    begin: at,
+                    end: seg.end,
+                    clocks: seg.clocks.clone(),
+                };
+                seg.end = at;
+                self.segments.insert(i + 1, right);
+                i + 1
+            }
+            _ => i,
+        }
+    }
+
+    /// Joins neighbours whose clocks agree, restoring the no-equal-neighbours
+    /// invariant in one linear pass.
+    fn merge(&mut self) {
+        self.segments.dedup_by(|next, prev| {
+            let same = next.clocks == prev.clocks && prev.end == next.begin;
+            if same {
+                prev.end = next.end;
+            }
+            same
+        });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn kr(begin: Key, end: Key) -> KeyRange {
+        KeyRange { begin, end }
+    }
+
+    /// Checks the representation invariants documented on [`RangeClock`].
+    fn check_invariants(c: &RangeClock) {
+        let r = c.range();
+        if r.is_empty() {
+            assert!(c.segments.is_empty());
+            return;
+        }
+        assert_eq!(c.segments.first().map(|s| s.begin), Some(r.begin));
+        assert_eq!(c.segments.last().map(|s| s.end), Some(r.end));
+        for s in &c.segments {
+            assert!(s.begin < s.end);
+            assert!(s.clocks.windows(2).all(|w| w[0].0 < w[1].0));
+            assert!(s.clocks.iter().all(|c| c.1 > 0));
+        }
+        for w in c.segments.windows(2) {
+            assert_eq!(w[0].end, w[1].begin);
+            assert_ne!(w[0].clocks, w[1].clocks, "unmerged at {}", w[1].begin);
+        }
+    }
+
+    #[test]
+    fn clock_new_is_one_zero_segment() {
+        let c = RangeClock::new(kr(10, 20));
+        assert_eq!(c.range(), kr(10, 20));
+        assert_eq!(c.segments(), 1);
+        assert_eq!(c.min_clock(kr(10, 20), &[1, 2]), 0);
+        check_invariants(&c);
+    }
+
+    #[test]
+    fn clock_empty_and_inverted_ranges_hold_nothing() {
+        for r in [kr(5, 5), kr(9, 3)] {
+            let mut c = RangeClock::new(r);
+            assert_eq!(c.segments(), 0);
+            assert!(c.range().is_empty());
+            assert!(c.record(1, KeyRange::ALL, 4).is_empty());
+            assert_eq!(c.min_clock(KeyRange::ALL, &[1]), u64::MAX);
+            check_invariants(&c);
+        }
+        let mut d = RangeClock::default();
+        assert!(d.record(1, KeyRange::ALL, 1).is_empty());
+        d.forget(1);
+        assert_eq!(d.segments(), 0);
+    }
+
+    #[test]
+    fn clock_record_splits_only_at_push_bounds() {
+        let mut c = RangeClock::new(kr(0, 100));
+        assert_eq!(c.record(1, kr(20, 40), 1), vec![kr(20, 40)]);
+        assert_eq!(c.segments(), 3);
+        assert_eq!(c.min_clock(kr(20, 40), &[1]), 1);
+        assert_eq!(c.min_clock(kr(0, 100), &[1]), 0);
+        assert_eq!(c.min_clock(kr(39, 41), &[1]), 0);
+        check_invariants(&c);
+    }
+
+    #[test]
+    fn clock_record_clips_to_range() {
+        let mut c = RangeClock::new(kr(10, 20));
+        assert_eq!(c.record(1, kr(0, 15), 2), vec![kr(10, 15)]);
+        assert_eq!(c.record(1, kr(15, 100), 2), vec![kr(15, 20)]);
+        assert_eq!(c.segments(), 1, "neighbours merge back");
+        assert!(c.record(1, kr(20, 30), 3).is_empty());
+        assert!(c.record(1, kr(0, 10), 3).is_empty());
+        assert!(c.record(1, kr(12, 12), 3).is_empty());
+        assert!(c.record(1, kr(15, 12), 3).is_empty());
+        assert_eq!(c.min_clock(kr(10, 20), &[1]), 2);
+        check_invariants(&c);
+    }
+
+    #[test]
+    fn clock_duplicate_push_is_rejected() {
+        let mut c = RangeClock::new(kr(0, 100));
+        assert_eq!(c.record(7, kr(0, 100), 3), vec![kr(0, 100)]);
+        assert!(c.record(7, kr(0, 100), 3).is_empty(), "retry");
+        assert!(c.record(7, kr(10, 20), 2).is_empty(), "older");
+        assert!(c.record(7, kr(10, 20), 0).is_empty(), "zero");
+        assert_eq!(c.segments(), 1);
+        assert_eq!(c.min_clock(kr(0, 100), &[7]), 3);
+    }
+
+    #[test]
+    fn clock_partial_duplicate_returns_only_fresh_part() {
+        let mut c = RangeClock::new(kr(0, 100));
+        c.record(1, kr(30, 60), 5);
+        // Fresh on both sides of the already-recorded middle.
+        assert_eq!(c.record(1, kr(0, 100), 5), vec![kr(0, 30), kr(60, 100)]);
+        assert_eq!(c.segments(), 1);
+        // Adjacent fresh segments come back merged.
+        c.record(1, kr(30, 60), 7);
+        assert_eq!(c.record(1, kr(0, 100), 6), vec![kr(0, 30), kr(60, 100)]);
+        assert_eq!(c.record(1, kr(0, 100), 8), vec![kr(0, 100)]);
+        check_invariants(&c);
+    }
+
+    #[test]
+    fn clock_min_over_nodes_and_unknown_nodes() {
+        let mut c = RangeClock::new(kr(0, 100));
+        c.record(1, kr(0, 100), 4);
+        c.record(2, kr(0, 50), 2);
+        c.record(2, kr(50, 100), 6);
+        assert_eq!(c.min_clock(kr(0, 100), &[1, 2]), 2);
+        assert_eq!(c.min_clock(kr(50, 100), &[1, 2]), 4);
+        assert_eq!(c.min_clock(kr(50, 100), &[2]), 6);
+        assert_eq!(c.min_clock(kr(0, 100), &[1, 2, 3]), 0, "3 never pushed");
+        assert_eq!(c.min_clock(kr(0, 100), &[]), u64::MAX);
+        assert_eq!(c.min_clock(kr(100, 200), &[1]), u64::MAX);
+        assert_eq!(c.min_clock(kr(40, 40), &[1]), u64::MAX);
+    }
+
+    #[test]
+    fn clock_forget_merges_segments() {
+        let mut c = RangeClock::new(kr(0, 100));
+        c.record(1, kr(0, 100), 1);
+        c.record(2, kr(0, 10), 1);
+        c.record(2, kr(20, 30), 1);
+        assert_eq!(c.segments(), 4);
+        c.forget(2);
+        assert_eq!(c.segments(), 1);
+        assert_eq!(c.min_clock(kr(0, 100), &[1, 2]), 0);
+        assert_eq!(c.min_clock(kr(0, 100), &[1]), 1);
+        c.forget(9);
+        check_invariants(&c);
+    }
+
+    #[test]
+    fn clock_full_key_space() {
+        let mut c = RangeClock::new(KeyRange::ALL);
+        assert_eq!(c.record(1, kr(0, u64::MAX), u64::MAX), vec![KeyRange::ALL]);
+        assert_eq!(c.record(2, kr(u64::MAX - 1, u64::MAX), 1).len(), 1);
+        assert_eq!(c.min_clock(KeyRange::ALL, &[1]), u64::MAX);
+        assert_eq!(c.min_clock(KeyRange::ALL, &[1, 2]), 0);
+        check_invariants(&c);
+    }
+
+    /// Key space of the model: small enough to track every key.
+    const SPACE: Key = 64;
+
+    /// One clock per node per key: the obviously-right reference.
+    struct Model {
+        range: KeyRange,
+        clocks: Vec<[u64; 3]>,
+    }
+
+    impl Model {
+        fn record(&mut self, node: usize, r: KeyRange, clock: u64) -> Vec<KeyRange> {
+            let mut fresh: Vec<KeyRange> = Vec::new();
+            let (lo, hi) = (r.begin.max(self.range.begin), r.end.min(self.range.end));
+            for k in lo..hi {
+                let c = &mut self.clocks[k as usize][node];
+                if *c < clock {
+                    *c = clock;
+                    match fresh.last_mut() {
+                        Some(prev) if prev.end == k => prev.end = k + 1,
+                        _ => fresh.push(kr(k, k + 1)),
+                    }
+                }
+            }
+            fresh
+        }
+
+        fn min_clock(&self, r: KeyRange, nodes: &[usize]) -> u64 {
+            let (lo, hi) = (r.begin.max(self.range.begin), r.end.min(self.range.end));
+            (lo..hi)
+                .flat_map(|k| nodes.iter().map(move |&n| self.clocks[k as usize][n]))
+                .min()
+                .unwrap_or(u64::MAX)
+        }
+
+        fn forget(&mut self, node: usize) {
+            for c in &mut self.clocks {
+                c[node] = 0;
+            }
+        }
+    }
+
+    #[derive(Clone, Debug)]
+    enum Op {
+        Record(usize, Key, Key, u64),
+        Forget(usize),
+    }
+
+    fn op() -> impl Strategy<Value = Op> {
+        prop_oneof![
+            12 => (0usize..3, 0..=SPACE + 4, 0..=SPACE + 4, 0u64..6)
+                .prop_map(|(n, a, b, c)| Op::Record(n, a, b, c)),
+            1 => (0usize..3).prop_map(Op::Forget),
+        ]
+    }
+
+    /// Node ids in the clock differ from model indexes on purpose, so the
+    /// sorted-by-id storage is exercised with non-dense ids.
+    const IDS: [NodeId; 3] = [40, 7, 19];
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(512))]
+
+        #[test]
+        fn clock_prop_matches_per_key_model(
+            bounds in (0..SPACE, 0..=SPACE),
+            ops in prop::collection::vec(op(), 0..40),
+            queries in prop::collection::vec((0..=SPACE + 4, 0..=SPACE + 4, 0u8..8), 4),
+        ) {
+            let range = kr(bounds.0.min(bounds.1), bounds.0.max(bounds.1));
+            let mut clock = RangeClock::new(range);
+            let mut model = Model { range, clocks: vec![[0; 3]; SPACE as usize] };
+            let mut records = 0usize;
+            for op in ops {
+                match op {
+                    Op::Record(n, a, b, c) => {
+                        // Inverted ranges included: they must be no-ops.
+                        let r = kr(a, b);
+                        let got = clock.record(IDS[n], r, c);
+                        let want = if a <= b { model.record(n, r, c) } else { Vec::new() };
+                        prop_assert_eq!(got, want);
+                        records += 1;
+                    }
+                    Op::Forget(n) => {
+                        clock.forget(IDS[n]);
+                        model.forget(n);
+                    }
+                }
+                check_invariants(&clock);
+                prop_assert!(clock.segments() <= 2 * records + 1);
+                for &(a, b, mask) in &queries {
+                    let nodes: Vec<usize> = (0..3).filter(|i| mask & (1 << i) != 0).collect();
+                    let ids: Vec<NodeId> = nodes.iter().map(|&i| IDS[i]).collect();
+                    let r = kr(a.min(b), a.max(b));
+                    let want = if nodes.is_empty() { u64::MAX } else { model.min_clock(r, &nodes) };
+                    prop_assert_eq!(clock.min_clock(r, &ids), want, "range {} nodes {:?}", r, ids);
+                }
+            }
+        }
     }
 }
