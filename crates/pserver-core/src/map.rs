@@ -92,6 +92,8 @@ pub struct ClusterMap {
     pub replicas: usize,
     /// Virtual nodes per server on the ring.
     pub vnodes: u32,
+    /// A node silent this long is declared dead; nodes heartbeat at a quarter of it.
+    pub lease_ms: u64,
 }
 
 /// The part of one request that goes to one partition.
@@ -115,7 +117,13 @@ impl ClusterMap {
             tables: Vec::new(),
             replicas,
             vnodes,
+            lease_ms: 2000,
         }
+    }
+
+    /// How often a node should heartbeat to keep its lease.
+    pub fn heartbeat_interval(&self) -> std::time::Duration {
+        std::time::Duration::from_millis((self.lease_ms / 4).max(5))
     }
 
     /// The node with this id.
@@ -149,8 +157,12 @@ impl ClusterMap {
         if range.is_empty() {
             return 0..0;
         }
-        let first = self.partitions.partition_point(|p| p.range.end <= range.begin);
-        let last = self.partitions.partition_point(|p| p.range.begin < range.end);
+        let first = self
+            .partitions
+            .partition_point(|p| p.range.end <= range.begin);
+        let last = self
+            .partitions
+            .partition_point(|p| p.range.begin < range.end);
         first..last.max(first)
     }
 
@@ -207,7 +219,11 @@ mod tests {
     fn map(bounds: &[u64]) -> ClusterMap {
         let mut m = ClusterMap::empty(0, 1);
         let mut begin = 0;
-        for (i, &end) in bounds.iter().chain(std::iter::once(&crate::KEY_END)).enumerate() {
+        for (i, &end) in bounds
+            .iter()
+            .chain(std::iter::once(&crate::KEY_END))
+            .enumerate()
+        {
             m.partitions.push(Partition {
                 range: KeyRange { begin, end },
                 primary: i as NodeId + 1,
@@ -226,8 +242,14 @@ mod tests {
         assert_eq!(m.partition_of(100), Some(1));
         assert_eq!(m.partition_of(crate::KEY_END - 1), Some(2));
         assert_eq!(m.partition_of(crate::KEY_END), None);
-        assert_eq!(m.partitions_overlapping(KeyRange::new(50, 150).unwrap()), 0..2);
-        assert_eq!(m.partitions_overlapping(KeyRange::new(100, 200).unwrap()), 1..2);
+        assert_eq!(
+            m.partitions_overlapping(KeyRange::new(50, 150).unwrap()),
+            0..2
+        );
+        assert_eq!(
+            m.partitions_overlapping(KeyRange::new(100, 200).unwrap()),
+            1..2
+        );
         assert_eq!(m.partitions_overlapping(KeyRange::new(5, 5).unwrap()), 0..0);
     }
 

@@ -1,11 +1,17 @@
 //! A server's storage for one table: sparse, hash-keyed, with each key's
 //! weights and optimizer state contiguous in one slab.
 //!
-//! HELPER: implement.
+//! Layout: `index` maps a key to a slot number; slot `s` occupies
+//! `slab[s * slot_width..][..slot_width]`, the first `dim` floats being the
+//! weights and the remaining `dim * state_len` the updater's state. Keeping a
+//! key's weights and state adjacent means one cache-friendly slice per key
+//! on push, and one `Vec` instead of a heap object per key.
 
 use crate::key::{Key, KeyRange};
-use crate::spec::TableSpec;
+use crate::spec::{Init, TableSpec};
 use crate::updater::Updater;
+use rustc_hash::FxBuildHasher;
+use std::collections::HashMap;
 use std::sync::Arc;
 
 /// Why a push or pull was refused. Nothing is changed when one is returned.
@@ -16,7 +22,7 @@ pub enum StoreError {
     WrongWidth {
         /// Table name.
         table: String,
-        /// Values expected.
+        /// Values expected (`usize::MAX` when the count overflows).
         expected: usize,
         /// Values received.
         got: usize,
@@ -41,24 +47,67 @@ pub enum StoreError {
 
 /// The stored part of one table on one server.
 pub struct Store {
-    // HELPER
+    spec: TableSpec,
+    updater: Arc<dyn Updater>,
+    /// `spec.dim` as a `usize`, cached for the hot loops.
+    dim: usize,
+    /// Floats per key: `dim` weights plus `dim * state_len` state.
+    slot_width: usize,
+    /// Floats per key in a push: `dim * push_len`.
+    push_width: usize,
+    index: HashMap<Key, u32, FxBuildHasher>,
+    slab: Vec<f32>,
+}
+
+impl std::fmt::Debug for Store {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Store")
+            .field("table", &self.spec.name)
+            .field("dim", &self.dim)
+            .field("slot_width", &self.slot_width)
+            .field("keys", &self.index.len())
+            .finish_non_exhaustive()
+    }
 }
 
 impl Store {
     /// An empty store for `spec`, applying pushes with `updater`.
+    ///
+    /// The spec is expected to have passed [`TableSpec::validate`]; an
+    /// unvalidated one (say, a huge `dim`) does not panic, but keys whose
+    /// slot cannot be allocated are then skipped on push.
     pub fn new(spec: TableSpec, updater: Arc<dyn Updater>) -> Store {
-        let _ = (spec, updater);
-        todo!()
+        let dim = spec.dim as usize;
+        // Saturating: an absurd width then fails allocation in `slot_for`
+        // (and the key is skipped) instead of wrapping to a wrong layout.
+        let slot_width = dim.saturating_mul(updater.state_len().saturating_add(1));
+        let push_width = dim.saturating_mul(updater.push_len());
+        Store {
+            spec,
+            updater,
+            dim,
+            slot_width,
+            push_width,
+            index: HashMap::with_hasher(FxBuildHasher),
+            slab: Vec::new(),
+        }
     }
 
     /// The table's spec.
     pub fn spec(&self) -> &TableSpec {
-        todo!()
+        &self.spec
     }
 
     /// Floats a push carries per key (`dim * push_len`).
     pub fn push_width(&self) -> usize {
-        todo!()
+        self.push_width
+    }
+
+    /// Floats stored per key: `dim` weights followed by `dim * state_len`
+    /// optimizer state. This is the length of each slice
+    /// [`Store::entries_in`] returns and [`Store::restore`] takes.
+    pub fn slot_width(&self) -> usize {
+        self.slot_width
     }
 
     /// Applies a push of sorted, unique `keys` with `vals`
@@ -71,8 +120,15 @@ impl Store {
         vals: &[f32],
         apply: impl Fn(Key) -> bool,
     ) -> Result<usize, StoreError> {
-        let _ = (keys, vals, apply);
-        todo!()
+        let expected = keys.len().checked_mul(self.push_width);
+        self.check_vals(expected, vals)?;
+        if let Some(i) = keys.windows(2).position(|w| w[0] >= w[1]) {
+            return Err(StoreError::Unsorted {
+                table: self.spec.name.clone(),
+                index: i + 1,
+            });
+        }
+        Ok(self.apply_all(keys.iter().copied(), vals, apply))
     }
 
     /// Applies a push to every key of `range` (dense: no key list),
@@ -83,26 +139,42 @@ impl Store {
         vals: &[f32],
         apply: impl Fn(Key) -> bool,
     ) -> Result<usize, StoreError> {
-        let _ = (range, vals, apply);
-        todo!()
+        let expected = usize::try_from(range.len())
+            .ok()
+            .and_then(|n| n.checked_mul(self.push_width));
+        self.check_vals(expected, vals)?;
+        Ok(self.apply_all(range.begin..range.end, vals, apply))
     }
 
     /// Appends `dim` weights per key to `out`; keys never pushed read as the
     /// table's initializer (and are not stored).
     pub fn pull(&self, keys: &[Key], out: &mut Vec<f32>) {
-        let _ = (keys, out);
-        todo!()
+        out.reserve(keys.len().saturating_mul(self.dim));
+        for &key in keys {
+            self.pull_one(key, out);
+        }
     }
 
     /// Appends `dim` weights for every key of `range` to `out`.
+    ///
+    /// Appends `range.len() * dim` floats, so callers bound the range.
     pub fn pull_dense(&self, range: KeyRange, out: &mut Vec<f32>) {
-        let _ = (range, out);
-        todo!()
+        if let Some(n) = usize::try_from(range.len())
+            .ok()
+            .and_then(|n| n.checked_mul(self.dim))
+        {
+            // Only a hint: `try_reserve` so an oversized range cannot abort
+            // here; growth below then happens (and fails) the ordinary way.
+            let _ = out.try_reserve(n);
+        }
+        for key in range.begin..range.end {
+            self.pull_one(key, out);
+        }
     }
 
     /// Number of keys stored.
     pub fn len(&self) -> usize {
-        todo!()
+        self.index.len()
     }
 
     /// True when no key is stored.
@@ -112,12 +184,418 @@ impl Store {
 
     /// Approximate bytes held (index and slab).
     pub fn memory_bytes(&self) -> usize {
-        todo!()
+        // hashbrown spends one control byte per bucket beside each (key, slot).
+        let per_bucket = size_of::<Key>() + size_of::<u32>() + 1;
+        self.index
+            .capacity()
+            .saturating_mul(per_bucket)
+            .saturating_add(self.slab.capacity().saturating_mul(size_of::<f32>()))
+    }
+
+    /// The stored keys in `range`, sorted, each with its whole slot:
+    /// `dim` weights followed by `dim * state_len` optimizer state
+    /// ([`Store::slot_width`] floats). For checkpoints and state transfer.
+    pub fn entries_in(&self, range: KeyRange) -> Vec<(Key, &[f32])> {
+        let mut entries: Vec<(Key, &[f32])> = self
+            .index
+            .iter()
+            .filter(|(key, _)| range.contains(**key))
+            .filter_map(|(&key, &slot)| Some((key, self.slot(slot)?)))
+            .collect();
+        entries.sort_unstable_by_key(|(key, _)| *key);
+        entries
+    }
+
+    /// Sets `key`'s whole slot (weights then state, [`Store::slot_width`]
+    /// floats, as [`Store::entries_in`] returns it), inserting the key if
+    /// needed. For loading checkpoints and receiving state transfers; the
+    /// updater is not called. Validates before changing anything; returns
+    /// whether the key was stored (false only when its slot could not be
+    /// allocated).
+    pub fn restore(&mut self, key: Key, slot: &[f32]) -> Result<bool, StoreError> {
+        self.check_vals(Some(self.slot_width), slot)?;
+        let Some(s) = self.slot_for(key) else {
+            return Ok(false);
+        };
+        let Some(dst) = self.slot_mut(s) else {
+            return Ok(false);
+        };
+        dst.copy_from_slice(slot);
+        Ok(true)
+    }
+
+    /// Checks a push's value count (`None`: the count overflowed) and that
+    /// every value is finite.
+    fn check_vals(&self, expected: Option<usize>, vals: &[f32]) -> Result<(), StoreError> {
+        if expected != Some(vals.len()) {
+            return Err(StoreError::WrongWidth {
+                table: self.spec.name.clone(),
+                expected: expected.unwrap_or(usize::MAX),
+                got: vals.len(),
+            });
+        }
+        if let Some(index) = vals.iter().position(|v| !v.is_finite()) {
+            return Err(StoreError::NotFinite {
+                table: self.spec.name.clone(),
+                index,
+            });
+        }
+        Ok(())
+    }
+
+    /// Runs the updater on each key of `keys` where `apply(key)`, key `i`
+    /// taking `vals[i * push_width..][..push_width]`. The caller has checked
+    /// that `vals` holds exactly that many floats.
+    fn apply_all(
+        &mut self,
+        keys: impl Iterator<Item = Key>,
+        vals: &[f32],
+        apply: impl Fn(Key) -> bool,
+    ) -> usize {
+        let pw = self.push_width;
+        // Cloned once so the updater can be called while the slab is
+        // borrowed mutably.
+        let updater = Arc::clone(&self.updater);
+        let mut applied = 0;
+        for (i, key) in keys.enumerate() {
+            if !apply(key) {
+                continue;
+            }
+            let Some(push) = vals.get(i * pw..i * pw + pw) else {
+                break;
+            };
+            let Some(s) = self.slot_for(key) else {
+                continue;
+            };
+            let dim = self.dim;
+            let Some(slot) = self.slot_mut(s) else {
+                continue;
+            };
+            let (weights, state) = slot.split_at_mut(dim);
+            updater.apply(weights, state, push);
+            applied += 1;
+        }
+        applied
+    }
+
+    /// The slot of `key`, inserted (weights from the initializer, state zero)
+    /// if missing. `None` when the slab cannot grow or the slot numbers
+    /// (`u32`) are used up.
+    fn slot_for(&mut self, key: Key) -> Option<u32> {
+        if let Some(&s) = self.index.get(&key) {
+            return Some(s);
+        }
+        let s = u32::try_from(self.index.len()).ok()?;
+        let start = self.slab.len();
+        let end = start.checked_add(self.slot_width)?;
+        // `try_reserve` keeps amortized growth but reports failure instead
+        // of aborting, so an oversized slot skips the key.
+        self.slab.try_reserve(self.slot_width).ok()?;
+        self.slab.resize(end, 0.0);
+        if let Some(weights) = self.slab.get_mut(start..start + self.dim) {
+            initial(&self.spec.init, key, weights);
+        }
+        self.index.insert(key, s);
+        Some(s)
+    }
+
+    fn slot(&self, s: u32) -> Option<&[f32]> {
+        let start = (s as usize).checked_mul(self.slot_width)?;
+        self.slab.get(start..start.checked_add(self.slot_width)?)
+    }
+
+    fn slot_mut(&mut self, s: u32) -> Option<&mut [f32]> {
+        let start = (s as usize).checked_mul(self.slot_width)?;
+        self.slab
+            .get_mut(start..start.checked_add(self.slot_width)?)
+    }
+
+    fn pull_one(&self, key: Key, out: &mut Vec<f32>) {
+        match self.index.get(&key).and_then(|&s| self.slot(s)) {
+            Some(slot) => out.extend_from_slice(&slot[..self.dim]),
+            None => {
+                let start = out.len();
+                out.resize(start + self.dim, 0.0);
+                initial(&self.spec.init, key, &mut out[start..]);
+            }
+        }
     }
 }
 
 /// The initial weights of `key` under `init`, written into `out` (`dim` floats).
-pub fn initial(init: &crate::spec::Init, key: Key, out: &mut [f32]) {
-    let _ = (init, key, out);
-    todo!()
+///
+/// `Uniform` draws element `i` from `(seed, key, i)` alone, so every replica
+/// and every restart computes the same value without storing it.
+pub fn initial(init: &Init, key: Key, out: &mut [f32]) {
+    match *init {
+        Init::Zero => out.fill(0.0),
+        Init::Uniform { scale, seed } => {
+            let base = splitmix64(seed ^ splitmix64(key));
+            for (i, x) in out.iter_mut().enumerate() {
+                let h = splitmix64(base.wrapping_add((i as u64).wrapping_mul(GOLDEN)));
+                // Top 24 bits: exactly representable, so u is in [0, 1) and
+                // 2u - 1 in [-1, 1) without rounding up to 1.
+                let u = (h >> 40) as f32 * (1.0 / (1u32 << 24) as f32);
+                *x = (2.0 * u - 1.0) * scale;
+            }
+        }
+    }
+}
+
+/// 2^64 / golden ratio, the splitmix64 increment.
+const GOLDEN: u64 = 0x9E37_79B9_7F4A_7C15;
+
+/// The splitmix64 finalizer (Steele, Lea, Flood 2014): a cheap bijective
+/// mixer whose outputs look independent for consecutive inputs.
+fn splitmix64(x: u64) -> u64 {
+    let mut z = x.wrapping_add(GOLDEN);
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    z ^ (z >> 31)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::spec::{Consistency, UpdaterSpec};
+    use crate::updater::Registry;
+
+    fn store(dim: u32, init: Init, updater: UpdaterSpec) -> Store {
+        let u = Registry::new().build(&updater).unwrap();
+        Store::new(
+            TableSpec {
+                id: 1,
+                name: "t".into(),
+                dim,
+                init,
+                updater,
+                consistency: Consistency::Eventual,
+            },
+            u,
+        )
+    }
+
+    fn pull(s: &Store, keys: &[Key]) -> Vec<f32> {
+        let mut out = Vec::new();
+        s.pull(keys, &mut out);
+        out
+    }
+
+    fn all(_: Key) -> bool {
+        true
+    }
+
+    #[test]
+    fn add_and_assign_round_trip() {
+        let mut s = store(1, Init::Zero, UpdaterSpec::Add);
+        assert!(s.is_empty());
+        assert_eq!(s.push(&[1, 5, 9], &[1.0, 2.0, 3.0], all), Ok(3));
+        assert_eq!(s.push(&[5, 7], &[10.0, 4.0], all), Ok(2));
+        assert_eq!(pull(&s, &[1, 5, 7, 9, 100]), [1.0, 12.0, 4.0, 3.0, 0.0]);
+        // Reading a missing key does not store it.
+        assert_eq!(s.len(), 4);
+        assert!(s.memory_bytes() > 0);
+
+        let mut s = store(1, Init::Zero, UpdaterSpec::Assign);
+        s.push(&[3], &[1.0], all).unwrap();
+        s.push(&[3], &[-4.0], all).unwrap();
+        assert_eq!(pull(&s, &[3]), [-4.0]);
+    }
+
+    #[test]
+    fn dim_layout() {
+        let mut s = store(3, Init::Zero, UpdaterSpec::Add);
+        let vals = [1.0, 2.0, 3.0, 4.0, 5.0, 6.0];
+        s.push(&[10, 20], &vals, all).unwrap();
+        s.push(&[20], &[0.5, 0.5, 0.5], all).unwrap();
+        assert_eq!(
+            pull(&s, &[20, 30, 10]),
+            [4.5, 5.5, 6.5, 0.0, 0.0, 0.0, 1.0, 2.0, 3.0]
+        );
+        let entries = s.entries_in(KeyRange::ALL);
+        assert_eq!(entries.len(), 2);
+        assert_eq!(entries[0], (10, &[1.0, 2.0, 3.0][..]));
+        assert_eq!(entries[1].0, 20);
+        assert_eq!(s.entries_in(KeyRange::new(11, 20).unwrap()), []);
+    }
+
+    #[test]
+    fn dense_push_pull() {
+        let mut s = store(2, Init::Zero, UpdaterSpec::Add);
+        let r = KeyRange::new(100, 103).unwrap();
+        let vals = [1.0, 2.0, 3.0, 4.0, 5.0, 6.0];
+        assert_eq!(s.push_dense(r, &vals, all), Ok(3));
+        assert_eq!(s.push_dense(r, &vals, |k| k == 101), Ok(1));
+        let mut out = vec![-1.0];
+        s.pull_dense(KeyRange::new(99, 103).unwrap(), &mut out);
+        assert_eq!(out, [-1.0, 0.0, 0.0, 1.0, 2.0, 6.0, 8.0, 5.0, 6.0]);
+        // Sparse and dense reads agree.
+        assert_eq!(pull(&s, &[100, 101, 102]), out[3..]);
+        assert_eq!(s.push_dense(KeyRange::new(7, 7).unwrap(), &[], all), Ok(0));
+    }
+
+    #[test]
+    fn validation_errors_change_nothing() {
+        let mut s = store(2, Init::Zero, UpdaterSpec::Add);
+        s.push(&[1, 2], &[1.0; 4], all).unwrap();
+        let keys = [1, 2, 3];
+        let before = pull(&s, &keys);
+        let len = s.len();
+
+        let e = s.push(&[1, 2, 3], &[1.0; 5], all);
+        assert!(matches!(
+            e,
+            Err(StoreError::WrongWidth {
+                expected: 6,
+                got: 5,
+                ..
+            })
+        ));
+        let mut bad = [1.0; 6];
+        bad[4] = f32::NAN;
+        assert!(matches!(
+            s.push(&[1, 2, 3], &bad, all),
+            Err(StoreError::NotFinite { index: 4, .. })
+        ));
+        bad[4] = f32::INFINITY;
+        assert!(matches!(
+            s.push_dense(KeyRange::new(1, 4).unwrap(), &bad, all),
+            Err(StoreError::NotFinite { index: 4, .. })
+        ));
+        assert!(matches!(
+            s.push(&[1, 3, 3], &[1.0; 6], all),
+            Err(StoreError::Unsorted { index: 2, .. })
+        ));
+        assert!(matches!(
+            s.push(&[3, 1, 2], &[1.0; 6], all),
+            Err(StoreError::Unsorted { index: 1, .. })
+        ));
+        assert!(matches!(
+            s.push_dense(KeyRange::new(1, 3).unwrap(), &[1.0; 3], all),
+            Err(StoreError::WrongWidth { expected: 4, .. })
+        ));
+        // range.len() * width overflows usize.
+        assert!(matches!(
+            s.push_dense(KeyRange::ALL, &[], all),
+            Err(StoreError::WrongWidth {
+                expected: usize::MAX,
+                ..
+            })
+        ));
+
+        assert_eq!(pull(&s, &keys), before);
+        assert_eq!(s.len(), len);
+    }
+
+    #[test]
+    fn apply_filter_skips_keys() {
+        let mut s = store(1, Init::Zero, UpdaterSpec::Add);
+        let n = s.push(&[1, 2, 3, 4], &[1.0, 2.0, 3.0, 4.0], |k| k % 2 == 0);
+        assert_eq!(n, Ok(2));
+        assert_eq!(pull(&s, &[1, 2, 3, 4]), [0.0, 2.0, 0.0, 4.0]);
+        // Skipped keys are not inserted either.
+        assert_eq!(s.len(), 2);
+    }
+
+    #[test]
+    fn uniform_init_deterministic_and_in_range() {
+        let init = Init::Uniform {
+            scale: 0.5,
+            seed: 42,
+        };
+        let mut a = vec![0.0; 64];
+        let mut b = vec![0.0; 64];
+        for key in [0, 1, 2, 1 << 40, u64::MAX - 1] {
+            initial(&init, key, &mut a);
+            initial(&init, key, &mut b);
+            assert_eq!(a, b);
+            assert!(a.iter().all(|x| (-0.5..0.5).contains(x)), "{a:?}");
+            // Elements differ from each other (not one value repeated).
+            assert!(a.windows(2).any(|w| w[0] != w[1]));
+        }
+        let mut c = vec![0.0; 64];
+        initial(&init, 1, &mut a);
+        initial(&init, 2, &mut c);
+        assert_ne!(a, c);
+        initial(
+            &Init::Uniform {
+                scale: 0.5,
+                seed: 43,
+            },
+            1,
+            &mut c,
+        );
+        assert_ne!(a, c);
+        // Mean of many draws is near zero.
+        let mut big = vec![0.0; 100_000];
+        initial(&init, 7, &mut big);
+        let mean = big.iter().map(|x| f64::from(*x)).sum::<f64>() / big.len() as f64;
+        assert!(mean.abs() < 0.01, "{mean}");
+
+        // A store reads unpushed keys as the initializer, and a pushed key
+        // starts from it.
+        let mut s = store(4, init.clone(), UpdaterSpec::Add);
+        let mut want = vec![0.0; 4];
+        initial(&init, 9, &mut want);
+        assert_eq!(pull(&s, &[9]), want);
+        s.push(&[9], &[1.0; 4], all).unwrap();
+        let got = pull(&s, &[9]);
+        assert!(got.iter().zip(&want).all(|(g, w)| *g == w + 1.0));
+    }
+
+    #[test]
+    fn state_kept_per_key() {
+        let spec = UpdaterSpec::AdaGrad { lr: 1.0, eps: 1.0 };
+        let mut s = store(1, Init::Zero, spec);
+        s.push(&[1, 2], &[3.0, 3.0], all).unwrap();
+        s.push(&[1], &[4.0], all).unwrap();
+        // Key 1: n = 9 then 25: w = -3/4 - 4/6. Key 2: once, w = -3/4.
+        let w = pull(&s, &[1, 2]);
+        assert!((w[0] - (-0.75 - 4.0 / 6.0)).abs() < 1e-6, "{w:?}");
+        assert_eq!(w[1], -0.75);
+        // Each slot carries its own accumulator.
+        let entries = s.entries_in(KeyRange::ALL);
+        assert_eq!(entries[0].1[1], 25.0);
+        assert_eq!(entries[1].1[1], 9.0);
+        assert_eq!(s.slot_width(), 2);
+    }
+
+    #[test]
+    fn prox_push_width() {
+        let spec = UpdaterSpec::Prox {
+            eta: 1.0,
+            l1: 0.0,
+            l2: 0.0,
+            eps: 1e-12,
+        };
+        let mut s = store(2, Init::Zero, spec);
+        assert_eq!(s.push_width(), 4);
+        s.push(&[5], &[1.0, 1.0, -2.0, 1.0], all).unwrap();
+        let w = pull(&s, &[5]);
+        assert!(
+            (w[0] + 1.0).abs() < 1e-6 && (w[1] - 2.0).abs() < 1e-6,
+            "{w:?}"
+        );
+    }
+
+    #[test]
+    fn restore_round_trip() {
+        let spec = UpdaterSpec::AdaGrad { lr: 1.0, eps: 1.0 };
+        let mut a = store(2, Init::Zero, spec.clone());
+        a.push(&[1, 8], &[1.0, 2.0, 3.0, 4.0], all).unwrap();
+        let mut b = store(2, Init::Zero, spec);
+        for (key, slot) in a.entries_in(KeyRange::ALL) {
+            assert_eq!(b.restore(key, slot), Ok(true));
+        }
+        assert_eq!(b.entries_in(KeyRange::ALL), a.entries_in(KeyRange::ALL));
+        assert!(matches!(
+            b.restore(3, &[0.0; 3]),
+            Err(StoreError::WrongWidth { .. })
+        ));
+        assert!(matches!(
+            b.restore(3, &[0.0, 0.0, f32::NAN, 0.0]),
+            Err(StoreError::NotFinite { index: 2, .. })
+        ));
+        assert_eq!(b.len(), 2);
+    }
 }

@@ -1,1 +1,257 @@
-fn main() {}
+//! `pserver`: one binary for every role of the parameter server.
+
+mod demo;
+mod kv;
+mod parse;
+mod status;
+
+use anyhow::{Context, Result};
+use clap::{Parser, Subcommand};
+use pserver_core::membership::MembershipConfig;
+use pserver_node::local::{LocalCluster, LocalConfig};
+use pserver_node::manager::{ManagerConfig, start_manager};
+use pserver_node::server::{ServerConfig, start_server};
+use pserver_wire::Limits;
+use std::process::ExitCode;
+use std::time::Duration;
+
+/// Default address of the manager.
+const DEFAULT_MANAGER: &str = "127.0.0.1:7070";
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "pserver",
+    version,
+    about = "A parameter server: sharded model weights, push/pull over TCP."
+)]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+/// Placement and failure-detection settings of a manager.
+#[derive(clap::Args, Debug, Clone)]
+struct ManagerOpts {
+    /// Replicas per key range (chain replication).
+    #[arg(long, default_value_t = 0)]
+    replicas: usize,
+    /// Virtual nodes per server on the ring.
+    #[arg(long, default_value_t = 16)]
+    vnodes: u32,
+    /// A node silent this long (ms) is declared dead.
+    #[arg(long, default_value_t = 2000)]
+    lease_ms: u64,
+    /// Largest frame accepted, in MiB.
+    #[arg(long, default_value_t = 256)]
+    max_frame_mib: usize,
+}
+
+impl ManagerOpts {
+    fn limits(&self) -> Result<Limits> {
+        if self.max_frame_mib == 0 || self.max_frame_mib > 4095 {
+            anyhow::bail!(
+                "--max-frame-mib must be in 1..=4095, got {}",
+                self.max_frame_mib
+            );
+        }
+        let max_frame = self.max_frame_mib << 20;
+        Ok(Limits {
+            max_frame,
+            max_keys: max_frame / 8,
+        })
+    }
+
+    fn config(&self, listen: &str) -> Result<ManagerConfig> {
+        Ok(ManagerConfig {
+            listen: listen.to_string(),
+            membership: MembershipConfig {
+                replicas: self.replicas,
+                vnodes: self.vnodes,
+                lease_ms: self.lease_ms,
+            },
+            limits: self.limits()?,
+        })
+    }
+}
+
+#[derive(Subcommand, Debug)]
+enum Cmd {
+    /// Run the manager: cluster map, leases, tables, barriers.
+    Manager {
+        /// Address to listen on.
+        #[arg(long, default_value = DEFAULT_MANAGER)]
+        listen: String,
+        #[command(flatten)]
+        opts: ManagerOpts,
+    },
+    /// Run a server that holds key ranges of every table.
+    Server {
+        /// The manager's address.
+        #[arg(long, default_value = DEFAULT_MANAGER)]
+        manager: String,
+        /// Address to listen on (port 0 picks a free one).
+        #[arg(long, default_value = "127.0.0.1:0")]
+        listen: String,
+    },
+    /// Create tables, push and pull from the command line.
+    Kv {
+        /// The manager's address.
+        #[arg(long, default_value = DEFAULT_MANAGER)]
+        manager: String,
+        #[command(subcommand)]
+        cmd: kv::KvCmd,
+    },
+    /// Show nodes, their state and ranges, tables and the epoch.
+    Status {
+        /// The manager's address.
+        #[arg(long, default_value = DEFAULT_MANAGER)]
+        manager: String,
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Start a whole cluster on this machine: a manager and servers, and
+    /// optionally workers running a demo job.
+    Local {
+        /// Number of servers.
+        #[arg(long, default_value_t = 2)]
+        servers: usize,
+        /// Number of workers running the demo job (0: none).
+        #[arg(long, default_value_t = 0)]
+        workers: usize,
+        /// Manager address.
+        #[arg(long, default_value = DEFAULT_MANAGER)]
+        listen: String,
+        /// Iterations of the demo job.
+        #[arg(long, default_value_t = 200)]
+        iterations: u64,
+        /// Bounded delay of the demo job (0: sequential).
+        #[arg(long, default_value_t = 2)]
+        tau: u64,
+        /// Exit when the demo job is done instead of serving until Ctrl-C.
+        #[arg(long)]
+        exit: bool,
+        #[command(flatten)]
+        opts: ManagerOpts,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let default_level = match cli.cmd {
+        Cmd::Manager { .. } | Cmd::Server { .. } => "info",
+        _ => "warn",
+    };
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_level));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
+    let rt = match tokio::runtime::Runtime::new() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match rt.block_on(run(cli)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(cli: Cli) -> Result<()> {
+    match cli.cmd {
+        Cmd::Manager { listen, opts } => {
+            let m = start_manager(opts.config(&listen)?)
+                .await
+                .context("starting the manager")?;
+            println!("manager listening on {}", m.addr());
+            wait_for_stop(m.cancelled()).await;
+            m.shutdown();
+            Ok(())
+        }
+        Cmd::Server { manager, listen } => {
+            let mut cfg = ServerConfig::new(manager);
+            cfg.listen = listen;
+            let s = start_server(cfg).await.context("starting the server")?;
+            println!("server {} listening on {}", s.id(), s.addr());
+            wait_for_stop(s.cancelled()).await;
+            s.shutdown();
+            Ok(())
+        }
+        Cmd::Kv { manager, cmd } => kv::run(&manager, cmd).await,
+        Cmd::Status { manager, json } => status::run(&manager, json).await,
+        Cmd::Local {
+            servers,
+            workers,
+            listen,
+            iterations,
+            tau,
+            exit,
+            opts,
+        } => {
+            let cluster = LocalCluster::start(LocalConfig {
+                servers,
+                manager: opts.config(&listen)?,
+                registry: Default::default(),
+            })
+            .await
+            .context("starting the local cluster")?;
+            println!(
+                "local cluster: manager on {}, {} servers",
+                cluster.manager_addr(),
+                cluster.servers.len()
+            );
+            if workers > 0 {
+                demo::run(
+                    &cluster.manager_addr().to_string(),
+                    workers,
+                    iterations,
+                    tau,
+                )
+                .await?;
+            }
+            if !exit {
+                println!("serving; press Ctrl-C to stop");
+                wait_for_stop(cluster.manager.cancelled()).await;
+            }
+            cluster.shutdown();
+            // Let the nodes' tasks see the cancellation before the runtime ends.
+            tokio::time::sleep(Duration::from_millis(20)).await;
+            Ok(())
+        }
+    }
+}
+
+/// Returns on Ctrl-C, SIGTERM, or when `token` is cancelled.
+async fn wait_for_stop(token: pserver_node::CancellationToken) {
+    #[cfg(unix)]
+    {
+        let mut term =
+            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(s) => s,
+                Err(_) => {
+                    tokio::select! {
+                        _ = tokio::signal::ctrl_c() => {}
+                        _ = token.cancelled() => {}
+                    }
+                    return;
+                }
+            };
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {}
+            _ = term.recv() => {}
+            _ = token.cancelled() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = token.cancelled() => {}
+    }
+}

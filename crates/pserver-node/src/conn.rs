@@ -1,0 +1,198 @@
+//! Connections: a writer task fed by a channel ([`Outbox`]), and a requester
+//! ([`Peer`]) that matches replies to requests by id.
+//!
+//! Generic over the byte stream so that simulations can run the same code on
+//! simulated sockets.
+
+use crate::error::NodeError;
+use futures_util::{SinkExt, StreamExt};
+use pserver_wire::codec::CodecError;
+use pserver_wire::{Frame, FrameCodec, Limits};
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::sync::{mpsc, oneshot};
+use tokio_util::codec::{FramedRead, FramedWrite};
+
+/// Frames queued per connection before senders wait.
+const OUTBOX_DEPTH: usize = 1024;
+
+/// A cloneable handle that queues frames for one connection's writer task.
+#[derive(Clone, Debug)]
+pub struct Outbox {
+    tx: mpsc::Sender<Frame>,
+}
+
+impl Outbox {
+    /// Queues a frame, waiting while the queue is full.
+    pub async fn send(&self, frame: Frame) -> Result<(), NodeError> {
+        self.tx
+            .send(frame)
+            .await
+            .map_err(|_| NodeError::Closed("peer".into()))
+    }
+
+    /// Queues a frame unless the queue is full or closed; returns whether it was queued.
+    pub fn try_send(&self, frame: Frame) -> bool {
+        self.tx.try_send(frame).is_ok()
+    }
+}
+
+/// The reading half of a connection, yielding frames.
+pub type Reader<S> = FramedRead<tokio::io::ReadHalf<S>, FrameCodec>;
+
+/// Splits a stream into a frame reader and an [`Outbox`] whose writer task
+/// runs until every outbox clone is dropped or the stream fails.
+pub fn split<S>(stream: S, limits: Limits) -> (Reader<S>, Outbox)
+where
+    S: AsyncRead + AsyncWrite + Send + 'static,
+{
+    let (rd, wr) = tokio::io::split(stream);
+    let reader = FramedRead::new(rd, FrameCodec::new(limits));
+    let mut writer = FramedWrite::new(wr, FrameCodec::new(limits));
+    let (tx, mut rx) = mpsc::channel::<Frame>(OUTBOX_DEPTH);
+    tokio::spawn(async move {
+        while let Some(frame) = rx.recv().await {
+            // Feed everything already queued, then flush once: one syscall
+            // for a burst of small replies.
+            if writer.feed(frame).await.is_err() {
+                return;
+            }
+            while let Ok(more) = rx.try_recv() {
+                if writer.feed(more).await.is_err() {
+                    return;
+                }
+            }
+            if SinkExt::<Frame>::flush(&mut writer).await.is_err() {
+                return;
+            }
+        }
+    });
+    (reader, Outbox { tx })
+}
+
+type Pending = Arc<Mutex<HashMap<u64, oneshot::Sender<Frame>>>>;
+
+/// The requesting side of a connection: sends requests and awaits the reply
+/// with the same id. Frames that answer no request (id 0: map broadcasts)
+/// go to the notice channel returned by [`Peer::from_stream`].
+#[derive(Clone, Debug)]
+pub struct Peer {
+    out: Outbox,
+    pending: Pending,
+    next_id: Arc<AtomicU64>,
+    closed: Arc<AtomicBool>,
+    label: Arc<str>,
+}
+
+impl Peer {
+    /// Opens a TCP connection to `addr`.
+    pub async fn connect(
+        addr: &str,
+        limits: Limits,
+    ) -> Result<(Peer, mpsc::Receiver<Frame>), NodeError> {
+        let stream = tokio::net::TcpStream::connect(addr)
+            .await
+            .map_err(|source| NodeError::Connect {
+                addr: addr.to_string(),
+                source,
+            })?;
+        let _ = stream.set_nodelay(true);
+        Ok(Peer::from_stream(stream, addr, limits))
+    }
+
+    /// Wraps an open stream; `label` names the peer in errors.
+    pub fn from_stream<S>(stream: S, label: &str, limits: Limits) -> (Peer, mpsc::Receiver<Frame>)
+    where
+        S: AsyncRead + AsyncWrite + Send + 'static,
+    {
+        let (mut reader, out) = split(stream, limits);
+        let pending: Pending = Arc::default();
+        let closed = Arc::new(AtomicBool::new(false));
+        let (notice_tx, notice_rx) = mpsc::channel(64);
+        let peer = Peer {
+            out,
+            pending: pending.clone(),
+            next_id: Arc::new(AtomicU64::new(1)),
+            closed: closed.clone(),
+            label: label.into(),
+        };
+        let label = peer.label.clone();
+        tokio::spawn(async move {
+            while let Some(item) = reader.next().await {
+                match item {
+                    Ok(frame) => {
+                        let id = frame.header.request_id;
+                        let waiter = lock(&pending).remove(&id);
+                        match waiter {
+                            Some(tx) => {
+                                let _ = tx.send(frame);
+                            }
+                            None => {
+                                if notice_tx.try_send(frame).is_err() {
+                                    tracing::debug!(peer = %label, "notice dropped: receiver full or gone");
+                                }
+                            }
+                        }
+                    }
+                    Err(CodecError::Wire(e)) => {
+                        tracing::warn!(peer = %label, error = %e, "malformed frame; closing");
+                        break;
+                    }
+                    Err(CodecError::Io(e)) => {
+                        tracing::debug!(peer = %label, error = %e, "connection failed");
+                        break;
+                    }
+                }
+            }
+            closed.store(true, Ordering::SeqCst);
+            // Dropping the senders wakes every waiter with "closed".
+            lock(&pending).clear();
+        });
+        (peer, notice_rx)
+    }
+
+    /// The peer's address or name.
+    pub fn label(&self) -> &str {
+        &self.label
+    }
+
+    /// True once the connection has failed or closed.
+    pub fn is_closed(&self) -> bool {
+        self.closed.load(Ordering::SeqCst)
+    }
+
+    /// Sends `frame` (its request id is set here) and waits for the reply.
+    pub async fn request(&self, mut frame: Frame) -> Result<Frame, NodeError> {
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        frame.header.request_id = id;
+        let (tx, rx) = oneshot::channel();
+        lock(&self.pending).insert(id, tx);
+        if self.is_closed() {
+            lock(&self.pending).remove(&id);
+            return Err(NodeError::Closed(self.label.to_string()));
+        }
+        if self.out.send(frame).await.is_err() {
+            lock(&self.pending).remove(&id);
+            return Err(NodeError::Closed(self.label.to_string()));
+        }
+        rx.await
+            .map_err(|_| NodeError::Closed(self.label.to_string()))
+    }
+
+    /// Sends a frame that expects no reply (request id 0).
+    pub async fn notify(&self, mut frame: Frame) -> Result<(), NodeError> {
+        frame.header.request_id = 0;
+        self.out
+            .send(frame)
+            .await
+            .map_err(|_| NodeError::Closed(self.label.to_string()))
+    }
+}
+
+/// Locks a mutex, recovering the data if a panicking thread poisoned it:
+/// the maps guarded here stay consistent between statements.
+pub(crate) fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}

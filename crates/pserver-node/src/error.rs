@@ -1,0 +1,83 @@
+//! Errors of the runtime: what failed, and where.
+
+use pserver_core::KeyRange;
+use pserver_core::membership::MembershipError;
+use pserver_wire::ErrorCode;
+
+/// Why a node or client operation failed.
+#[derive(Debug, thiserror::Error)]
+pub enum NodeError {
+    /// Could not open a connection.
+    #[error("cannot connect to {addr}: {source}")]
+    Connect {
+        /// Where to.
+        addr: String,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// Could not listen.
+    #[error("cannot listen on {addr}: {source}")]
+    Bind {
+        /// Where.
+        addr: String,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// The connection closed before a reply came.
+    #[error("connection to {0} closed")]
+    Closed(String),
+    /// The peer refused the request.
+    #[error("{peer} refused the request ({code:?}): {message}")]
+    Remote {
+        /// Who refused.
+        peer: String,
+        /// Machine-readable reason.
+        code: ErrorCode,
+        /// What it said.
+        message: String,
+    },
+    /// The peer answered with something that is not a valid reply.
+    #[error("unexpected reply from {peer}: {what}")]
+    Protocol {
+        /// Who answered.
+        peer: String,
+        /// What was wrong.
+        what: String,
+    },
+    /// No table of this name exists in the cluster.
+    #[error("no table named {0:?} in the cluster (create it first)")]
+    UnknownTable(String),
+    /// The request is invalid before it is sent.
+    #[error("invalid request: {0}")]
+    BadRequest(String),
+    /// A request did not complete in time.
+    #[error("{what} did not complete within {secs} s")]
+    Timeout {
+        /// What was attempted.
+        what: String,
+        /// The deadline.
+        secs: u64,
+    },
+    /// No live server holds part of the range.
+    #[error("no live server holds keys in {0}")]
+    NoServer(KeyRange),
+    /// The manager refused a config or a request.
+    #[error(transparent)]
+    Membership(#[from] MembershipError),
+    /// The handle's task was dropped (the runtime shut down).
+    #[error("the request was abandoned: the node shut down")]
+    Abandoned,
+}
+
+impl NodeError {
+    /// True when retrying the same request after refreshing the map may succeed.
+    pub fn is_transient(&self) -> bool {
+        match self {
+            NodeError::Connect { .. } | NodeError::Closed(_) => true,
+            NodeError::Remote { code, .. } => {
+                matches!(code, ErrorCode::EpochAhead | ErrorCode::NotOwner)
+            }
+            _ => false,
+        }
+    }
+}

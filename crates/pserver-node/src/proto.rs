@@ -1,0 +1,66 @@
+//! Small helpers shared by every node for building replies and reading them.
+
+use crate::error::NodeError;
+use pserver_core::NodeId;
+use pserver_wire::{Control, ErrorCode, Frame, Header, Kind};
+
+/// A reply header to `req`: same id, table, clock and range, from `me` at `epoch`.
+pub fn reply_header(req: &Header, kind: Kind, me: NodeId, epoch: u64) -> Header {
+    Header {
+        kind,
+        flags: 0,
+        request_id: req.request_id,
+        sender: me,
+        table: req.table,
+        epoch,
+        clock: req.clock,
+        range: req.range,
+    }
+}
+
+/// An error reply to `req`.
+pub fn error_reply(
+    req: &Header,
+    me: NodeId,
+    epoch: u64,
+    code: ErrorCode,
+    message: String,
+) -> Frame {
+    Frame::control(
+        reply_header(req, Kind::Error, me, epoch),
+        &Control::Error { code, message },
+    )
+}
+
+/// A control reply to `req`.
+pub fn control_reply(req: &Header, me: NodeId, epoch: u64, msg: &Control) -> Frame {
+    Frame::control(reply_header(req, Kind::Reply, me, epoch), msg)
+}
+
+/// A control request from `me` at `epoch`.
+pub fn control_request(me: NodeId, epoch: u64, msg: &Control) -> Frame {
+    let mut h = Header::new(Kind::Control);
+    h.sender = me;
+    h.epoch = epoch;
+    Frame::control(h, msg)
+}
+
+/// Turns an error frame into [`NodeError::Remote`] and decodes a reply's control section.
+pub fn reply_control(frame: &Frame, peer: &str) -> Result<Control, NodeError> {
+    let msg = frame.control_msg().map_err(|e| NodeError::Protocol {
+        peer: peer.to_string(),
+        what: e.to_string(),
+    })?;
+    match (frame.header.kind, msg) {
+        (Kind::Error, Control::Error { code, message }) => Err(NodeError::Remote {
+            peer: peer.to_string(),
+            code,
+            message,
+        }),
+        (Kind::Reply, msg) => Ok(msg),
+        (kind, msg) => Err(NodeError::Protocol {
+            peer: peer.to_string(),
+            what: format!("{kind:?} frame carrying {msg:?}"),
+        }),
+    }
+}

@@ -1,0 +1,590 @@
+//! The server node: holds its key ranges of every table, applies pushes
+//! through the table's updater, answers pulls once the consistency model
+//! allows, and redirects requests sent under a stale map.
+
+use crate::conn::{Outbox, Peer, lock, split};
+use crate::error::NodeError;
+use crate::proto::{control_reply, control_request, error_reply, reply_control, reply_header};
+use futures_util::StreamExt;
+use pserver_core::clock::RangeClock;
+use pserver_core::store::{Store, StoreError};
+use pserver_core::updater::Registry;
+use pserver_core::{ClusterMap, Consistency, KeyRange, NodeId, Role};
+use pserver_wire::header::FLAG_RETRY;
+use pserver_wire::{Control, ErrorCode, Frame, Header, Kind, Limits};
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+/// How to run a server.
+#[derive(Clone)]
+pub struct ServerConfig {
+    /// The manager's address.
+    pub manager: String,
+    /// Address to listen on (`127.0.0.1:0` picks a free port).
+    pub listen: String,
+    /// Frame and request limits.
+    pub limits: Limits,
+    /// User updaters this server can build.
+    pub registry: Registry,
+}
+
+impl ServerConfig {
+    /// A server of the manager at `manager`, on a free loopback port.
+    pub fn new(manager: impl Into<String>) -> ServerConfig {
+        ServerConfig {
+            manager: manager.into(),
+            listen: "127.0.0.1:0".into(),
+            limits: Limits::default(),
+            registry: Registry::new(),
+        }
+    }
+}
+
+/// A running server.
+#[derive(Debug)]
+pub struct ServerHandle {
+    id: NodeId,
+    addr: SocketAddr,
+    cancel: CancellationToken,
+}
+
+impl ServerHandle {
+    /// Its node id.
+    pub fn id(&self) -> NodeId {
+        self.id
+    }
+
+    /// The address it listens on.
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// Stops the server: closes its listener and every connection, and its
+    /// link to the manager (which then declares it dead).
+    pub fn shutdown(&self) {
+        self.cancel.cancel();
+    }
+
+    /// A token cancelled when the server stops (for example when the manager
+    /// declares it dead or goes away).
+    pub fn cancelled(&self) -> CancellationToken {
+        self.cancel.clone()
+    }
+}
+
+/// One table on this server.
+struct TableState {
+    /// `Err` holds why the updater could not be built; requests get that error.
+    store: Result<Store, String>,
+    /// Range vector clocks, keyed by the begin of each partition this server owns.
+    clocks: BTreeMap<u64, RangeClock>,
+}
+
+/// A pull waiting for slower workers.
+struct Waiting {
+    frame: Frame,
+    out: Outbox,
+    consistency: Consistency,
+}
+
+struct State {
+    id: NodeId,
+    map: Arc<ClusterMap>,
+    tables: BTreeMap<u32, TableState>,
+    waiting: Vec<Waiting>,
+    registry: Registry,
+    limits: Limits,
+}
+
+/// Replies to send once the state lock is released.
+type Outgoing = Vec<(Outbox, Frame)>;
+
+/// Starts a server: listens, registers with the manager and serves until
+/// shut down or dropped by the manager.
+pub async fn start_server(cfg: ServerConfig) -> Result<ServerHandle, NodeError> {
+    let listener = TcpListener::bind(&cfg.listen)
+        .await
+        .map_err(|source| NodeError::Bind {
+            addr: cfg.listen.clone(),
+            source,
+        })?;
+    let addr = listener.local_addr().map_err(|source| NodeError::Bind {
+        addr: cfg.listen.clone(),
+        source,
+    })?;
+    let (manager, mut notices) = Peer::connect(&cfg.manager, cfg.limits).await?;
+    let reg = control_request(
+        0,
+        0,
+        &Control::Register {
+            role: Role::Server,
+            addr: addr.to_string(),
+        },
+    );
+    let reply = manager.request(reg).await?;
+    let (id, map) = match reply_control(&reply, manager.label())? {
+        Control::Registered { id, map } => (id, map),
+        other => {
+            return Err(NodeError::Protocol {
+                peer: manager.label().to_string(),
+                what: format!("expected Registered, got {other:?}"),
+            });
+        }
+    };
+    let state = Arc::new(Mutex::new(State {
+        id,
+        map: Arc::new(ClusterMap::empty(0, 1)),
+        tables: BTreeMap::new(),
+        waiting: Vec::new(),
+        registry: cfg.registry.clone(),
+        limits: cfg.limits,
+    }));
+    let heartbeat = map.heartbeat_interval();
+    let out = lock(&state).apply_map(map);
+    send_all(out).await;
+    let cancel = CancellationToken::new();
+
+    // The link to the manager: heartbeats out, maps in. Losing it ends the server.
+    let st = state.clone();
+    let token = cancel.clone();
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(heartbeat);
+        loop {
+            tokio::select! {
+                _ = token.cancelled() => break,
+                _ = tick.tick() => {
+                    let hb = control_request(id, 0, &Control::Heartbeat);
+                    if manager.notify(hb).await.is_err() { break; }
+                }
+                notice = notices.recv() => match notice {
+                    None => break,
+                    Some(frame) => match frame.control_msg() {
+                        Ok(Control::Map(map)) => {
+                            let out = lock(&st).apply_map(map);
+                            send_all(out).await;
+                        }
+                        Ok(Control::Error { message, .. }) => {
+                            tracing::error!(node = id, %message, "manager refused this server");
+                            break;
+                        }
+                        _ => tracing::debug!(node = id, "ignored notice from manager"),
+                    },
+                },
+            }
+        }
+        tracing::info!(node = id, "server stopping");
+        token.cancel();
+    });
+
+    let token = cancel.clone();
+    let limits = cfg.limits;
+    tokio::spawn(async move {
+        loop {
+            tokio::select! {
+                _ = token.cancelled() => break,
+                accepted = listener.accept() => match accepted {
+                    Ok((stream, peer)) => {
+                        let _ = stream.set_nodelay(true);
+                        let st = state.clone();
+                        let tk = token.clone();
+                        tokio::spawn(async move {
+                            tokio::select! {
+                                _ = tk.cancelled() => {}
+                                _ = serve(stream, peer.to_string(), st, limits) => {}
+                            }
+                        });
+                    }
+                    Err(e) => {
+                        tracing::warn!(error = %e, "accept failed");
+                        tokio::time::sleep(Duration::from_millis(10)).await;
+                    }
+                },
+            }
+        }
+    });
+    tracing::info!(node = id, %addr, "server listening");
+    Ok(ServerHandle { id, addr, cancel })
+}
+
+async fn send_all(out: Outgoing) {
+    for (to, frame) in out {
+        let _ = to.send(frame).await;
+    }
+}
+
+async fn serve<S>(stream: S, peer: String, state: Arc<Mutex<State>>, limits: Limits)
+where
+    S: AsyncRead + AsyncWrite + Send + 'static,
+{
+    let (mut reader, out) = split(stream, limits);
+    while let Some(item) = reader.next().await {
+        match item {
+            Ok(frame) => {
+                let replies = lock(&state).handle(frame, &out);
+                send_all(replies).await;
+            }
+            Err(e) => {
+                tracing::warn!(%peer, error = %e, "bad frame; closing");
+                let (me, epoch) = {
+                    let st = lock(&state);
+                    (st.id, st.map.epoch)
+                };
+                let h = Header::new(Kind::Error);
+                let _ = out
+                    .send(error_reply(
+                        &h,
+                        me,
+                        epoch,
+                        ErrorCode::Malformed,
+                        e.to_string(),
+                    ))
+                    .await;
+                break;
+            }
+        }
+    }
+}
+
+/// A refused request: code and message.
+type Refusal = (ErrorCode, String);
+
+fn store_refusal(e: StoreError) -> Refusal {
+    let code = match e {
+        StoreError::WrongWidth { .. } => ErrorCode::WrongWidth,
+        StoreError::NotFinite { .. } => ErrorCode::NotFinite,
+        StoreError::Unsorted { .. } => ErrorCode::BadKeys,
+    };
+    (code, e.to_string())
+}
+
+impl State {
+    /// Installs a newer map: creates stores for new tables, clocks for newly
+    /// owned ranges, and re-examines waiting pulls.
+    fn apply_map(&mut self, map: ClusterMap) -> Outgoing {
+        if map.epoch <= self.map.epoch && !self.map.partitions.is_empty() {
+            return Vec::new();
+        }
+        let owned: Vec<KeyRange> = map.primary_ranges(self.id);
+        for spec in &map.tables {
+            self.tables.entry(spec.id).or_insert_with(|| TableState {
+                store: self
+                    .registry
+                    .build(&spec.updater)
+                    .map(|u| Store::new(spec.clone(), u))
+                    .map_err(|e| e.to_string()),
+                clocks: BTreeMap::new(),
+            });
+        }
+        for t in self.tables.values_mut() {
+            t.clocks
+                .retain(|begin, c| owned.iter().any(|r| r.begin == *begin && *r == c.range()));
+            for r in &owned {
+                t.clocks
+                    .entry(r.begin)
+                    .or_insert_with(|| RangeClock::new(*r));
+            }
+        }
+        self.map = Arc::new(map);
+        self.recheck(None)
+    }
+
+    fn handle(&mut self, frame: Frame, out: &Outbox) -> Outgoing {
+        let h = frame.header;
+        let reply = match h.kind {
+            Kind::Push | Kind::Pull | Kind::PushPull => self.data(frame, out),
+            Kind::Control => match frame.control_msg() {
+                Ok(Control::GetMap) => Ok(Some(control_reply(
+                    &h,
+                    self.id,
+                    self.map.epoch,
+                    &Control::Map((*self.map).clone()),
+                ))),
+                Ok(other) => Err((
+                    ErrorCode::Invalid,
+                    format!("a server does not take {other:?}"),
+                )),
+                Err(e) => Err((ErrorCode::Malformed, e.to_string())),
+            },
+            other => Err((
+                ErrorCode::Invalid,
+                format!("a server does not take {other:?} frames"),
+            )),
+        };
+        let mut outgoing = match reply {
+            Ok(Some(f)) => vec![(out.clone(), f)],
+            Ok(None) => Vec::new(),
+            Err((code, msg)) => vec![(
+                out.clone(),
+                error_reply(&h, self.id, self.map.epoch, code, msg),
+            )],
+        };
+        if matches!(h.kind, Kind::Push | Kind::PushPull) && !self.waiting.is_empty() {
+            outgoing.extend(self.recheck(Some(h.table)));
+        }
+        outgoing
+    }
+
+    /// Checks epoch, table, ownership and keys of a data request.
+    fn admit(&self, h: &Header, keys: &[u64]) -> Result<(), Refusal> {
+        if h.epoch < self.map.epoch {
+            return Err((ErrorCode::NotOwner, "stale epoch".into()));
+        }
+        if h.epoch > self.map.epoch {
+            return Err((
+                ErrorCode::EpochAhead,
+                format!(
+                    "request epoch {} is ahead of this server's {}",
+                    h.epoch, self.map.epoch
+                ),
+            ));
+        }
+        if !self.tables.contains_key(&h.table) {
+            return Err((
+                ErrorCode::UnknownTable,
+                format!("no table with id {}", h.table),
+            ));
+        }
+        let owned = self
+            .map
+            .partition_of(h.range.begin)
+            .map(|i| &self.map.partitions[i])
+            .is_some_and(|p| p.primary == self.id && p.range.covers(&h.range));
+        if h.range.is_empty() || !owned {
+            return Err((
+                ErrorCode::NotOwner,
+                format!("server {} is not primary for all of {}", self.id, h.range),
+            ));
+        }
+        if h.dense() {
+            if h.range.len() > self.limits.max_keys as u64 {
+                return Err((
+                    ErrorCode::Limit,
+                    format!(
+                        "dense range {} has more than {} keys",
+                        h.range, self.limits.max_keys
+                    ),
+                ));
+            }
+        } else {
+            if let Some(i) = keys.windows(2).position(|w| w[0] >= w[1]) {
+                return Err((
+                    ErrorCode::BadKeys,
+                    format!("keys are not sorted and unique at position {}", i + 1),
+                ));
+            }
+            if let (Some(&first), Some(&last)) = (keys.first(), keys.last()) {
+                if !h.range.contains(first) || !h.range.contains(last) {
+                    return Err((
+                        ErrorCode::BadKeys,
+                        format!("keys fall outside the request range {}", h.range),
+                    ));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn data(&mut self, frame: Frame, out: &Outbox) -> Result<Option<Frame>, Refusal> {
+        let h = frame.header;
+        if h.epoch < self.map.epoch {
+            let mut r = Frame::control(
+                reply_header(&h, Kind::Redirect, self.id, self.map.epoch),
+                &Control::Map((*self.map).clone()),
+            );
+            r.header.flags = 0;
+            return Ok(Some(r));
+        }
+        self.admit(&h, &frame.keys)?;
+        let mut ack = None;
+        if matches!(h.kind, Kind::Push | Kind::PushPull) {
+            ack = Some(self.push(&frame)?);
+        }
+        if h.kind == Kind::Push {
+            let (applied, duplicate) = ack.unwrap_or((0, 0));
+            return Ok(Some(control_reply(
+                &h,
+                self.id,
+                self.map.epoch,
+                &Control::PushAck { applied, duplicate },
+            )));
+        }
+        let consistency = match h.kind {
+            Kind::Pull if !frame.ctrl.is_empty() => match frame.control_msg() {
+                Ok(Control::Consistency(c)) => Some(c),
+                Ok(other) => {
+                    return Err((
+                        ErrorCode::Invalid,
+                        format!("a pull carries Consistency, not {other:?}"),
+                    ));
+                }
+                Err(e) => return Err((ErrorCode::Malformed, e.to_string())),
+            },
+            _ => None,
+        };
+        let consistency = consistency.unwrap_or_else(|| {
+            self.map
+                .table_by_id(h.table)
+                .map(|t| t.consistency)
+                .unwrap_or(Consistency::Eventual)
+        });
+        let mut frame = frame;
+        frame.vals = Vec::new();
+        if let Some((applied, duplicate)) = ack {
+            frame.ctrl = Control::PushAck { applied, duplicate }.to_bytes().into();
+        } else {
+            frame.ctrl = bytes::Bytes::new();
+        }
+        if self.ready(&frame.header, consistency) {
+            Ok(Some(self.answer_pull(&frame)))
+        } else {
+            self.waiting.push(Waiting {
+                frame,
+                out: out.clone(),
+                consistency,
+            });
+            Ok(None)
+        }
+    }
+
+    /// Applies a push (already admitted). Returns (applied, duplicate) key counts.
+    fn push(&mut self, frame: &Frame) -> Result<(u64, u64), Refusal> {
+        let h = &frame.header;
+        if h.clock == 0 {
+            return Err((
+                ErrorCode::Invalid,
+                "a push needs a clock of 1 or more".into(),
+            ));
+        }
+        let table = self.tables.get_mut(&h.table).ok_or((
+            ErrorCode::UnknownTable,
+            format!("no table with id {}", h.table),
+        ))?;
+        let store = table
+            .store
+            .as_mut()
+            .map_err(|e| (ErrorCode::Invalid, e.clone()))?;
+        let clock = table
+            .clocks
+            .range(..=h.range.begin)
+            .next_back()
+            .map(|(_, c)| c)
+            .filter(|c| c.range().covers(&h.range))
+            .ok_or((ErrorCode::NotOwner, format!("no clock for {}", h.range)))?;
+        // Record on a copy: a push refused by the store must not advance the clock.
+        let mut trial = clock.clone();
+        let fresh = trial.record(h.sender, h.range, h.clock);
+        let total = if h.dense() {
+            h.range.len()
+        } else {
+            frame.keys.len() as u64
+        };
+        if fresh.is_empty() {
+            if h.flags & FLAG_RETRY != 0 {
+                return Ok((0, total));
+            }
+            return Err((
+                ErrorCode::Duplicate,
+                format!(
+                    "node {} already pushed clock {} to {}",
+                    h.sender, h.clock, h.range
+                ),
+            ));
+        }
+        let whole = fresh.len() == 1 && fresh[0] == h.range;
+        let in_fresh = |k: u64| whole || fresh.iter().any(|r| r.contains(k));
+        let applied = if h.dense() {
+            store.push_dense(h.range, &frame.vals, in_fresh)
+        } else {
+            store.push(&frame.keys, &frame.vals, in_fresh)
+        }
+        .map_err(store_refusal)?;
+        if let Some(c) = table.clocks.get_mut(&trial.range().begin) {
+            *c = trial;
+        }
+        Ok((applied as u64, total - applied as u64))
+    }
+
+    /// True when a pull at the header's clock may be answered now.
+    fn ready(&self, h: &Header, consistency: Consistency) -> bool {
+        let Some(need) = consistency.required_clock(h.clock) else {
+            return true;
+        };
+        let Some(table) = self.tables.get(&h.table) else {
+            return true;
+        };
+        let workers = self.map.live_workers();
+        table
+            .clocks
+            .range(..=h.range.begin)
+            .next_back()
+            .is_none_or(|(_, c)| c.min_clock(h.range, &workers) >= need)
+    }
+
+    fn answer_pull(&self, frame: &Frame) -> Frame {
+        let h = &frame.header;
+        let mut reply = Frame::new(reply_header(h, Kind::Reply, self.id, self.map.epoch));
+        reply.ctrl = frame.ctrl.clone();
+        match self.tables.get(&h.table).map(|t| &t.store) {
+            Some(Ok(store)) => {
+                let dim = store.spec().dim as usize;
+                if h.dense() {
+                    reply.vals.reserve(h.range.len() as usize * dim);
+                    store.pull_dense(h.range, &mut reply.vals);
+                } else {
+                    reply.vals.reserve(frame.keys.len() * dim);
+                    store.pull(&frame.keys, &mut reply.vals);
+                }
+                reply
+            }
+            Some(Err(e)) => error_reply(h, self.id, self.map.epoch, ErrorCode::Invalid, e.clone()),
+            None => error_reply(
+                h,
+                self.id,
+                self.map.epoch,
+                ErrorCode::UnknownTable,
+                format!("no table with id {}", h.table),
+            ),
+        }
+    }
+
+    /// Answers the waiting pulls (of `table`, or all) that may now be
+    /// answered; redirects those whose range this server no longer owns.
+    fn recheck(&mut self, table: Option<u32>) -> Outgoing {
+        let mut out = Vec::new();
+        let waiting = std::mem::take(&mut self.waiting);
+        for w in waiting {
+            let h = w.frame.header;
+            if table.is_some_and(|t| t != h.table) {
+                self.waiting.push(w);
+                continue;
+            }
+            if h.epoch < self.map.epoch
+                && self
+                    .admit(
+                        &Header {
+                            epoch: self.map.epoch,
+                            ..h
+                        },
+                        &w.frame.keys,
+                    )
+                    .is_err()
+            {
+                let r = Frame::control(
+                    reply_header(&h, Kind::Redirect, self.id, self.map.epoch),
+                    &Control::Map((*self.map).clone()),
+                );
+                out.push((w.out, r));
+            } else if self.ready(&h, w.consistency) {
+                out.push((w.out.clone(), self.answer_pull(&w.frame)));
+            } else {
+                self.waiting.push(w);
+            }
+        }
+        out
+    }
+}

@@ -1,0 +1,788 @@
+//! The worker client library: push, pull and push-pull on named tables, by key
+//! list or key range. Each call returns a [`Handle`] at once; `wait()` (or
+//! `.await`) gives the result. Requests are sliced by partition, sent to the
+//! owning servers concurrently, and the replies merged in key order. A
+//! redirect refreshes the map and resends only the affected slices; resent
+//! pushes carry a retry flag so the servers' range clocks apply them once.
+
+use crate::conn::{Peer, lock};
+use crate::error::NodeError;
+use crate::proto::{control_request, reply_control};
+use futures_util::future::join_all;
+use pserver_core::{
+    ClusterMap, Consistency, Init, KEY_END, KeyRange, NodeId, Role, TableSpec, UpdaterSpec,
+};
+use pserver_wire::header::{FLAG_DENSE, FLAG_RETRY};
+use pserver_wire::{Control, ErrorCode, Frame, Header, Kind, Limits};
+use std::collections::HashMap;
+use std::future::{Future, IntoFuture};
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tokio::sync::oneshot;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+/// How to connect a worker (or an ad-hoc client).
+#[derive(Clone, Debug)]
+pub struct WorkerConfig {
+    /// The manager's address.
+    pub manager: String,
+    /// `Worker` (counted by consistency and barriers) or `Client` (never waited for).
+    pub role: Role,
+    /// Frame limits.
+    pub limits: Limits,
+    /// How long one request may take, retries and consistency waits included.
+    pub timeout: Duration,
+}
+
+impl WorkerConfig {
+    /// A worker of the manager at `manager`.
+    pub fn new(manager: impl Into<String>) -> WorkerConfig {
+        WorkerConfig {
+            manager: manager.into(),
+            role: Role::Worker,
+            limits: Limits::default(),
+            timeout: Duration::from_secs(120),
+        }
+    }
+
+    /// The same, as an ad-hoc client.
+    pub fn client(manager: impl Into<String>) -> WorkerConfig {
+        WorkerConfig {
+            role: Role::Client,
+            ..WorkerConfig::new(manager)
+        }
+    }
+}
+
+/// What a table is created with; see [`TableSpec`].
+#[derive(Clone, Debug, PartialEq)]
+pub struct TableOptions {
+    /// Floats per key.
+    pub dim: u32,
+    /// How unpushed keys read.
+    pub init: Init,
+    /// What servers do with a push.
+    pub updater: UpdaterSpec,
+    /// Default consistency of pulls.
+    pub consistency: Consistency,
+}
+
+impl TableOptions {
+    /// A table of width `dim` with `updater`, zero-initialized, eventual consistency.
+    pub fn new(dim: u32, updater: UpdaterSpec) -> TableOptions {
+        TableOptions {
+            dim,
+            init: Init::Zero,
+            updater,
+            consistency: Consistency::Eventual,
+        }
+    }
+
+    /// Sets the default consistency.
+    pub fn consistency(mut self, c: Consistency) -> TableOptions {
+        self.consistency = c;
+        self
+    }
+
+    /// Sets the initializer.
+    pub fn init(mut self, init: Init) -> TableOptions {
+        self.init = init;
+        self
+    }
+}
+
+/// Which keys a request covers.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Keys {
+    /// Sorted, unique keys.
+    List(Vec<u64>),
+    /// Every key of a range (dense: no key list on the wire).
+    Range(KeyRange),
+}
+
+/// What a request does.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Op {
+    /// Apply values through the table's updater.
+    Push,
+    /// Read values.
+    Pull,
+    /// Push, then read the same keys.
+    PushPull,
+}
+
+/// A fully described request; the `push`/`pull` methods build these.
+#[derive(Clone, Debug)]
+pub struct Request {
+    /// Table name.
+    pub table: String,
+    /// What to do.
+    pub op: Op,
+    /// Which keys.
+    pub keys: Keys,
+    /// Pushed values, `keys x dim x push width` (empty for a pull).
+    pub vals: Vec<f32>,
+    /// Clock to send; `None` uses the worker's current clock.
+    pub clock: Option<u64>,
+    /// Overrides the table's consistency for this pull.
+    pub consistency: Option<Consistency>,
+}
+
+/// The outcome of a request.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Outcome {
+    /// Pulled values, `dim` per key in key order (empty for a push).
+    pub vals: Vec<f32>,
+    /// Keys the servers applied.
+    pub applied: u64,
+    /// Keys skipped as already applied at this clock (retries).
+    pub duplicate: u64,
+}
+
+/// The pending result of a request. `wait()` blocks the calling thread (do not
+/// call it from async code; `.await` the handle there instead).
+#[must_use = "a handle does nothing unless waited for"]
+pub struct Handle<T> {
+    rx: oneshot::Receiver<Result<T, NodeError>>,
+}
+
+impl<T> Handle<T> {
+    /// Blocks until the request completes.
+    pub fn wait(self) -> Result<T, NodeError> {
+        self.rx.blocking_recv().map_err(|_| NodeError::Abandoned)?
+    }
+}
+
+impl<T: Send + 'static> IntoFuture for Handle<T> {
+    type Output = Result<T, NodeError>;
+    type IntoFuture = Pin<Box<dyn Future<Output = Self::Output> + Send>>;
+
+    fn into_future(self) -> Self::IntoFuture {
+        Box::pin(async move { self.rx.await.map_err(|_| NodeError::Abandoned)? })
+    }
+}
+
+/// Bytes and requests this worker moved.
+#[derive(Debug, Default)]
+pub struct Traffic {
+    /// Bytes of frames sent.
+    pub bytes_sent: AtomicU64,
+    /// Bytes of frames received.
+    pub bytes_received: AtomicU64,
+    /// Frames sent to servers.
+    pub requests: AtomicU64,
+    /// Slices resent after a redirect or a failure.
+    pub retries: AtomicU64,
+}
+
+struct Inner {
+    id: NodeId,
+    manager: Peer,
+    map: Mutex<Arc<ClusterMap>>,
+    servers: Mutex<HashMap<NodeId, Peer>>,
+    clock: AtomicU64,
+    limits: Limits,
+    timeout: Duration,
+    cancel: CancellationToken,
+    traffic: Traffic,
+    rt: tokio::runtime::Handle,
+}
+
+/// A connection of the user's program to the cluster. Cheap to clone.
+#[derive(Clone)]
+pub struct Worker {
+    inner: Arc<Inner>,
+}
+
+impl Drop for Inner {
+    fn drop(&mut self) {
+        self.cancel.cancel();
+    }
+}
+
+impl Worker {
+    /// Registers with the manager and fetches the map.
+    pub async fn connect(cfg: WorkerConfig) -> Result<Worker, NodeError> {
+        let (manager, mut notices) = Peer::connect(&cfg.manager, cfg.limits).await?;
+        let reply = manager
+            .request(control_request(
+                0,
+                0,
+                &Control::Register {
+                    role: cfg.role,
+                    addr: String::new(),
+                },
+            ))
+            .await?;
+        let (id, map) = match reply_control(&reply, manager.label())? {
+            Control::Registered { id, map } => (id, map),
+            other => {
+                return Err(NodeError::Protocol {
+                    peer: manager.label().to_string(),
+                    what: format!("expected Registered, got {other:?}"),
+                });
+            }
+        };
+        let heartbeat = map.heartbeat_interval();
+        let inner = Arc::new(Inner {
+            id,
+            manager,
+            map: Mutex::new(Arc::new(map)),
+            servers: Mutex::new(HashMap::new()),
+            clock: AtomicU64::new(1),
+            limits: cfg.limits,
+            timeout: cfg.timeout,
+            cancel: CancellationToken::new(),
+            traffic: Traffic::default(),
+            rt: tokio::runtime::Handle::current(),
+        });
+        // Heartbeats out, maps in; holds only a weak reference so dropping
+        // the last Worker ends it.
+        let weak = Arc::downgrade(&inner);
+        let cancel = inner.cancel.clone();
+        let peer = inner.manager.clone();
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(heartbeat);
+            loop {
+                tokio::select! {
+                    _ = cancel.cancelled() => break,
+                    _ = tick.tick() => {
+                        if peer.notify(control_request(id, 0, &Control::Heartbeat)).await.is_err() {
+                            break;
+                        }
+                    }
+                    n = notices.recv() => match n {
+                        None => break,
+                        Some(frame) => {
+                            if let (Ok(Control::Map(map)), Some(inner)) = (frame.control_msg(), weak.upgrade()) {
+                                inner.install(map);
+                            }
+                        }
+                    }
+                }
+            }
+        });
+        Ok(Worker { inner })
+    }
+
+    /// This node's id.
+    pub fn id(&self) -> NodeId {
+        self.inner.id
+    }
+
+    /// The cluster map as last seen.
+    pub fn map(&self) -> Arc<ClusterMap> {
+        lock(&self.inner.map).clone()
+    }
+
+    /// Bytes and requests moved so far.
+    pub fn traffic(&self) -> &Traffic {
+        &self.inner.traffic
+    }
+
+    /// The clock sent with the next request.
+    pub fn clock(&self) -> u64 {
+        self.inner.clock.load(Ordering::SeqCst)
+    }
+
+    /// Sets the clock sent with later requests.
+    pub fn set_clock(&self, clock: u64) {
+        self.inner.clock.store(clock, Ordering::SeqCst);
+    }
+
+    /// Moves to the next clock (iteration) and returns it.
+    pub fn advance(&self) -> u64 {
+        self.inner.clock.fetch_add(1, Ordering::SeqCst) + 1
+    }
+
+    /// Fetches the current map from the manager.
+    pub async fn refresh(&self) -> Result<Arc<ClusterMap>, NodeError> {
+        self.inner.refresh().await
+    }
+
+    /// Creates a table (or returns the existing one if it has the same spec).
+    pub async fn create_table(
+        &self,
+        name: &str,
+        opts: TableOptions,
+    ) -> Result<TableSpec, NodeError> {
+        let msg = Control::CreateTable {
+            name: name.to_string(),
+            dim: opts.dim,
+            init: opts.init,
+            updater: opts.updater,
+            consistency: opts.consistency,
+        };
+        let reply = self
+            .inner
+            .manager
+            .request(control_request(self.inner.id, 0, &msg))
+            .await?;
+        match reply_control(&reply, self.inner.manager.label())? {
+            Control::TableCreated(spec) => {
+                self.inner.refresh().await?;
+                Ok(spec)
+            }
+            other => Err(NodeError::Protocol {
+                peer: self.inner.manager.label().to_string(),
+                what: format!("expected TableCreated, got {other:?}"),
+            }),
+        }
+    }
+
+    /// The spec of a table, refreshing the map once if it is not known yet.
+    pub async fn table(&self, name: &str) -> Result<TableSpec, NodeError> {
+        self.inner.table(name).await
+    }
+
+    /// Waits until every live worker has entered barrier `name`.
+    pub async fn barrier(&self, name: &str) -> Result<(), NodeError> {
+        let reply = self
+            .inner
+            .manager
+            .request(control_request(
+                self.inner.id,
+                0,
+                &Control::Barrier {
+                    name: name.to_string(),
+                },
+            ))
+            .await?;
+        reply_control(&reply, self.inner.manager.label()).map(|_| ())
+    }
+
+    /// Pushes `vals` for sorted, unique `keys` at the current clock.
+    pub fn push(&self, table: &str, keys: Vec<u64>, vals: Vec<f32>) -> Handle<Outcome> {
+        self.send(Request {
+            table: table.into(),
+            op: Op::Push,
+            keys: Keys::List(keys),
+            vals,
+            clock: None,
+            consistency: None,
+        })
+    }
+
+    /// Pulls the values of sorted, unique `keys` (`dim` floats per key).
+    pub fn pull(&self, table: &str, keys: Vec<u64>) -> Handle<Vec<f32>> {
+        self.values(Request {
+            table: table.into(),
+            op: Op::Pull,
+            keys: Keys::List(keys),
+            vals: Vec::new(),
+            clock: None,
+            consistency: None,
+        })
+    }
+
+    /// Pushes, then pulls the same keys once the push is applied.
+    pub fn push_pull(&self, table: &str, keys: Vec<u64>, vals: Vec<f32>) -> Handle<Vec<f32>> {
+        self.values(Request {
+            table: table.into(),
+            op: Op::PushPull,
+            keys: Keys::List(keys),
+            vals,
+            clock: None,
+            consistency: None,
+        })
+    }
+
+    /// Pushes values for every key of `range`.
+    pub fn push_range(&self, table: &str, range: KeyRange, vals: Vec<f32>) -> Handle<Outcome> {
+        self.send(Request {
+            table: table.into(),
+            op: Op::Push,
+            keys: Keys::Range(range),
+            vals,
+            clock: None,
+            consistency: None,
+        })
+    }
+
+    /// Pulls every key of `range`.
+    pub fn pull_range(&self, table: &str, range: KeyRange) -> Handle<Vec<f32>> {
+        self.values(Request {
+            table: table.into(),
+            op: Op::Pull,
+            keys: Keys::Range(range),
+            vals: Vec::new(),
+            clock: None,
+            consistency: None,
+        })
+    }
+
+    fn values(&self, req: Request) -> Handle<Vec<f32>> {
+        let (tx, rx) = oneshot::channel();
+        let inner = self.inner.clone();
+        self.inner.rt.spawn(async move {
+            let _ = tx.send(inner.execute(req).await.map(|o| o.vals));
+        });
+        Handle { rx }
+    }
+
+    /// Sends any request.
+    pub fn send(&self, req: Request) -> Handle<Outcome> {
+        let (tx, rx) = oneshot::channel();
+        let inner = self.inner.clone();
+        self.inner.rt.spawn(async move {
+            let _ = tx.send(inner.execute(req).await);
+        });
+        Handle { rx }
+    }
+
+    /// Leaves the cluster: closes the link to the manager.
+    pub fn shutdown(&self) {
+        self.inner.cancel.cancel();
+    }
+}
+
+/// A piece of a request still to be done.
+#[derive(Clone, Debug)]
+struct Item {
+    range: KeyRange,
+    /// Offset of the item's first key in the request (key list index, or
+    /// key minus the request range's begin for dense requests).
+    first: usize,
+    /// Keys in the item.
+    count: usize,
+    /// Sent before: it may have been applied, so a resend is a retry.
+    sent: bool,
+}
+
+enum SliceResult {
+    Done {
+        vals: Vec<f32>,
+        applied: u64,
+        duplicate: u64,
+    },
+    Redirect(ClusterMap),
+    Again,
+    Lost,
+}
+
+impl Inner {
+    fn install(&self, map: ClusterMap) {
+        let mut cur = lock(&self.map);
+        if map.epoch > cur.epoch {
+            *cur = Arc::new(map);
+        }
+    }
+
+    async fn refresh(&self) -> Result<Arc<ClusterMap>, NodeError> {
+        let reply = self
+            .manager
+            .request(control_request(self.id, 0, &Control::GetMap))
+            .await?;
+        match reply_control(&reply, self.manager.label())? {
+            Control::Map(map) => {
+                self.install(map);
+                Ok(lock(&self.map).clone())
+            }
+            other => Err(NodeError::Protocol {
+                peer: self.manager.label().to_string(),
+                what: format!("expected Map, got {other:?}"),
+            }),
+        }
+    }
+
+    async fn table(&self, name: &str) -> Result<TableSpec, NodeError> {
+        if let Some(t) = lock(&self.map).table(name) {
+            return Ok(t.clone());
+        }
+        let map = self.refresh().await?;
+        map.table(name)
+            .cloned()
+            .ok_or_else(|| NodeError::UnknownTable(name.to_string()))
+    }
+
+    async fn peer(&self, node: NodeId, map: &ClusterMap) -> Result<Peer, NodeError> {
+        if let Some(p) = lock(&self.servers).get(&node) {
+            if !p.is_closed() {
+                return Ok(p.clone());
+            }
+        }
+        let addr = map
+            .node(node)
+            .map(|n| n.addr.clone())
+            .ok_or_else(|| NodeError::Protocol {
+                peer: "map".into(),
+                what: format!("partition names unknown node {node}"),
+            })?;
+        let (peer, _notices) = Peer::connect(&addr, self.limits).await?;
+        lock(&self.servers).insert(node, peer.clone());
+        Ok(peer)
+    }
+
+    async fn execute(self: Arc<Self>, req: Request) -> Result<Outcome, NodeError> {
+        let spec = self.table(&req.table).await?;
+        let dim = spec.dim as usize;
+        let clock = req
+            .clock
+            .unwrap_or_else(|| self.clock.load(Ordering::SeqCst));
+        let (range, n, dense) = match &req.keys {
+            Keys::List(keys) => {
+                if let Some(i) = keys.windows(2).position(|w| w[0] >= w[1]) {
+                    return Err(NodeError::BadRequest(format!(
+                        "keys must be sorted and unique; position {} is not",
+                        i + 1
+                    )));
+                }
+                if keys.last() == Some(&KEY_END) {
+                    return Err(NodeError::BadRequest(format!("key {KEY_END} is reserved")));
+                }
+                (KeyRange::ALL, keys.len(), false)
+            }
+            Keys::Range(r) => {
+                if r.is_empty() {
+                    return Err(NodeError::BadRequest(format!("range {r} is empty")));
+                }
+                if r.len() > self.limits.max_keys as u64 {
+                    return Err(NodeError::BadRequest(format!(
+                        "range {r} has more than {} keys",
+                        self.limits.max_keys
+                    )));
+                }
+                (*r, r.len() as usize, true)
+            }
+        };
+        let pushes = req.op != Op::Pull;
+        let width = if !pushes || n == 0 {
+            0
+        } else if req.vals.len() % n != 0 || req.vals.is_empty() {
+            return Err(NodeError::BadRequest(format!(
+                "{} values do not divide evenly over {n} keys",
+                req.vals.len()
+            )));
+        } else {
+            req.vals.len() / n
+        };
+        if !pushes && !req.vals.is_empty() {
+            return Err(NodeError::BadRequest("a pull carries no values".into()));
+        }
+        let keys: &[u64] = match &req.keys {
+            Keys::List(k) => k,
+            Keys::Range(_) => &[],
+        };
+        let kind = match req.op {
+            Op::Push => Kind::Push,
+            Op::Pull => Kind::Pull,
+            Op::PushPull => Kind::PushPull,
+        };
+        let ctrl = match (req.op, req.consistency) {
+            (Op::Pull, Some(c)) => Control::Consistency(c).to_bytes().into(),
+            _ => bytes::Bytes::new(),
+        };
+        let mut out = Outcome {
+            vals: if req.op == Op::Push {
+                Vec::new()
+            } else {
+                vec![0.0; n * dim]
+            },
+            ..Outcome::default()
+        };
+        let mut items = vec![Item {
+            range,
+            first: 0,
+            count: n,
+            sent: false,
+        }];
+        let deadline = Instant::now() + self.timeout;
+        let mut backoff = Duration::from_millis(2);
+        loop {
+            let map = lock(&self.map).clone();
+            let mut subs = Vec::new();
+            for item in &items {
+                let item_keys = if dense {
+                    &[][..]
+                } else {
+                    &keys[item.first..item.first + item.count]
+                };
+                let slices = map.slice(item.range, item_keys);
+                if slices.is_empty() {
+                    // No live server: wait for the map to change.
+                    subs.push((item.clone(), None));
+                    continue;
+                }
+                for s in slices {
+                    let (first, count) = if dense {
+                        (
+                            (s.range.begin - range.begin) as usize,
+                            s.range.len() as usize,
+                        )
+                    } else {
+                        (item.first + s.keys.start, s.keys.len())
+                    };
+                    let sub = Item {
+                        range: s.range,
+                        first,
+                        count,
+                        sent: item.sent,
+                    };
+                    subs.push((sub, Some(map.partitions[s.partition].primary)));
+                }
+            }
+            let sends = subs.iter().map(|(item, server)| {
+                let this = self.clone();
+                let map = map.clone();
+                let ctrl = ctrl.clone();
+                let frame = server.map(|_| {
+                    let mut h = Header::new(kind);
+                    h.flags =
+                        if dense { FLAG_DENSE } else { 0 } | if item.sent { FLAG_RETRY } else { 0 };
+                    h.sender = self.id;
+                    h.table = spec.id;
+                    h.epoch = map.epoch;
+                    h.clock = clock;
+                    h.range = item.range;
+                    Frame {
+                        header: h,
+                        keys: if dense {
+                            Vec::new()
+                        } else {
+                            keys[item.first..item.first + item.count].to_vec()
+                        },
+                        vals: req.vals[item.first * width..(item.first + item.count) * width]
+                            .to_vec(),
+                        ctrl,
+                    }
+                });
+                async move {
+                    match (server, frame) {
+                        (Some(server), Some(frame)) => this.send_slice(*server, &map, frame).await,
+                        _ => Ok(SliceResult::Again),
+                    }
+                }
+            });
+            let results = join_all(sends).await;
+            let mut next = Vec::new();
+            let mut transient = false;
+            for ((mut item, _), res) in subs.into_iter().zip(results) {
+                match res? {
+                    SliceResult::Done {
+                        vals,
+                        applied,
+                        duplicate,
+                    } => {
+                        out.applied += applied;
+                        out.duplicate += duplicate;
+                        if req.op != Op::Push {
+                            if vals.len() != item.count * dim {
+                                return Err(NodeError::Protocol {
+                                    peer: format!("server for {}", item.range),
+                                    what: format!(
+                                        "{} values for {} keys of dim {dim}",
+                                        vals.len(),
+                                        item.count
+                                    ),
+                                });
+                            }
+                            out.vals[item.first * dim..(item.first + item.count) * dim]
+                                .copy_from_slice(&vals);
+                        }
+                    }
+                    SliceResult::Redirect(map) => {
+                        self.install(map);
+                        next.push(item);
+                    }
+                    SliceResult::Again => {
+                        transient = true;
+                        next.push(item);
+                    }
+                    SliceResult::Lost => {
+                        transient = true;
+                        item.sent = true;
+                        next.push(item);
+                    }
+                }
+            }
+            if next.is_empty() {
+                return Ok(out);
+            }
+            self.traffic
+                .retries
+                .fetch_add(next.len() as u64, Ordering::Relaxed);
+            if Instant::now() >= deadline {
+                return Err(NodeError::Timeout {
+                    what: format!("{:?} on table {:?}", req.op, req.table),
+                    secs: self.timeout.as_secs(),
+                });
+            }
+            if transient {
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(Duration::from_millis(200));
+                // The map may have moved on without telling us (a server died).
+                let _ = self.refresh().await;
+            }
+            items = next;
+        }
+    }
+
+    async fn send_slice(
+        &self,
+        server: NodeId,
+        map: &ClusterMap,
+        frame: Frame,
+    ) -> Result<SliceResult, NodeError> {
+        let peer = match self.peer(server, map).await {
+            Ok(p) => p,
+            Err(e) if e.is_transient() => return Ok(SliceResult::Again),
+            Err(e) => return Err(e),
+        };
+        self.traffic.requests.fetch_add(1, Ordering::Relaxed);
+        self.traffic
+            .bytes_sent
+            .fetch_add(frame.encoded_len() as u64 + 4, Ordering::Relaxed);
+        let reply = match peer.request(frame).await {
+            Ok(r) => r,
+            Err(_) => {
+                lock(&self.servers).remove(&server);
+                return Ok(SliceResult::Lost);
+            }
+        };
+        self.traffic
+            .bytes_received
+            .fetch_add(reply.encoded_len() as u64 + 4, Ordering::Relaxed);
+        match reply.header.kind {
+            Kind::Redirect => match reply.control_msg() {
+                Ok(Control::Map(m)) => Ok(SliceResult::Redirect(m)),
+                _ => Err(NodeError::Protocol {
+                    peer: peer.label().to_string(),
+                    what: "redirect without a map".into(),
+                }),
+            },
+            Kind::Error => match reply_control(&reply, peer.label()) {
+                Err(NodeError::Remote {
+                    code: ErrorCode::EpochAhead | ErrorCode::NotOwner,
+                    ..
+                }) => Ok(SliceResult::Again),
+                Err(e) => Err(e),
+                Ok(_) => Err(NodeError::Protocol {
+                    peer: peer.label().to_string(),
+                    what: "error frame without an error".into(),
+                }),
+            },
+            Kind::Reply => {
+                let (applied, duplicate) = if reply.ctrl.is_empty() {
+                    (0, 0)
+                } else {
+                    match reply.control_msg() {
+                        Ok(Control::PushAck { applied, duplicate }) => (applied, duplicate),
+                        _ => (0, 0),
+                    }
+                };
+                Ok(SliceResult::Done {
+                    vals: reply.vals,
+                    applied,
+                    duplicate,
+                })
+            }
+            other => Err(NodeError::Protocol {
+                peer: peer.label().to_string(),
+                what: format!("{other:?} frame as a reply"),
+            }),
+        }
+    }
+}

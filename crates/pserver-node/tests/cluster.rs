@@ -1,0 +1,596 @@
+//! In-process clusters on loopback: push/pull semantics, consistency models,
+//! exactly-once pushes, redirects, bad input, barriers and leases.
+
+use pserver_core::membership::MembershipConfig;
+use pserver_core::{Consistency, KeyRange, Role, UpdaterSpec};
+use pserver_node::NodeError;
+use pserver_node::conn::Peer;
+use pserver_node::local::{LocalCluster, LocalConfig};
+use pserver_node::manager::ManagerConfig;
+use pserver_node::proto::control_request;
+use pserver_node::worker::{Keys, Op, Request, TableOptions, Worker, WorkerConfig};
+use pserver_wire::header::FLAG_RETRY;
+use pserver_wire::{Control, ErrorCode, Frame, Header, Kind, Limits};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::time::timeout;
+
+/// Every test finishes within this or fails.
+const LIMIT: Duration = Duration::from_secs(60);
+
+async fn cluster(servers: usize, lease_ms: u64) -> LocalCluster {
+    LocalCluster::start(LocalConfig {
+        servers,
+        manager: ManagerConfig {
+            membership: MembershipConfig {
+                replicas: 1,
+                vnodes: 8,
+                lease_ms,
+            },
+            ..ManagerConfig::default()
+        },
+        registry: Default::default(),
+    })
+    .await
+    .unwrap()
+}
+
+async fn worker(c: &LocalCluster) -> Worker {
+    Worker::connect(WorkerConfig::new(c.manager_addr().to_string()))
+        .await
+        .unwrap()
+}
+
+async fn client(c: &LocalCluster) -> Worker {
+    Worker::connect(WorkerConfig::client(c.manager_addr().to_string()))
+        .await
+        .unwrap()
+}
+
+/// Keys spread over the whole ring, sorted.
+fn spread(n: u64) -> Vec<u64> {
+    let step = u64::MAX / (n + 1);
+    (1..=n).map(|i| i * step).collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn push_pull_add_assign_dim_and_ranges() {
+    timeout(LIMIT, async {
+        let c = cluster(3, 2000).await;
+        let w = client(&c).await;
+        w.create_table("sum", TableOptions::new(2, UpdaterSpec::Add))
+            .await
+            .unwrap();
+        w.create_table("set", TableOptions::new(1, UpdaterSpec::Assign))
+            .await
+            .unwrap();
+        let keys = spread(1000);
+        // The keys land on every server.
+        let map = w.map();
+        let owners: std::collections::BTreeSet<u32> = keys
+            .iter()
+            .map(|&k| map.partitions[map.partition_of(k).unwrap()].primary)
+            .collect();
+        assert_eq!(owners.len(), 3);
+
+        let vals: Vec<f32> = (0..keys.len() * 2).map(|i| i as f32).collect();
+        for clock in 1..=2 {
+            w.set_clock(clock);
+            let out = w.push("sum", keys.clone(), vals.clone()).await.unwrap();
+            assert_eq!(out.applied, keys.len() as u64);
+        }
+        let got = w.pull("sum", keys.clone()).await.unwrap();
+        let want: Vec<f32> = vals.iter().map(|v| 2.0 * v).collect();
+        assert_eq!(got, want);
+
+        w.set_clock(3);
+        w.push("set", keys.clone(), vec![7.0; keys.len()])
+            .await
+            .unwrap();
+        w.set_clock(4);
+        let got = w
+            .push_pull("set", keys.clone(), vec![3.5; keys.len()])
+            .await
+            .unwrap();
+        assert_eq!(got, vec![3.5; keys.len()]);
+
+        // Missing keys read as zero.
+        assert_eq!(w.pull("sum", vec![3, 4]).await.unwrap(), vec![0.0; 4]);
+
+        // A dense range that straddles partitions, no key list on the wire.
+        let b = map.partitions[1].range.begin - 50;
+        let r = KeyRange::new(b, b + 100).unwrap();
+        w.set_clock(5);
+        let dense: Vec<f32> = (0..200).map(|i| i as f32).collect();
+        w.push_range("sum", r, dense.clone()).await.unwrap();
+        assert_eq!(w.pull_range("sum", r).await.unwrap(), dense);
+        // The same keys by list agree with the range.
+        let listed: Vec<u64> = (r.begin..r.end).collect();
+        assert_eq!(w.pull("sum", listed).await.unwrap(), dense);
+    })
+    .await
+    .unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn client_side_errors_are_clear() {
+    timeout(LIMIT, async {
+        let c = cluster(2, 2000).await;
+        let w = client(&c).await;
+        w.create_table("t", TableOptions::new(2, UpdaterSpec::Add))
+            .await
+            .unwrap();
+        let e = w.push("t", vec![5, 1], vec![0.0; 4]).await.unwrap_err();
+        assert!(matches!(e, NodeError::BadRequest(_)), "{e}");
+        let e = w.push("t", vec![1, 5], vec![0.0; 3]).await.unwrap_err();
+        assert!(matches!(e, NodeError::BadRequest(_)), "{e}");
+        let e = w.pull("nope", vec![1]).await.unwrap_err();
+        assert!(matches!(e, NodeError::UnknownTable(_)), "{e}");
+        // NaN is refused by the server and nothing changes.
+        let e = w.push("t", vec![1], vec![1.0, f32::NAN]).await.unwrap_err();
+        assert!(
+            matches!(
+                e,
+                NodeError::Remote {
+                    code: ErrorCode::NotFinite,
+                    ..
+                }
+            ),
+            "{e}"
+        );
+        assert_eq!(w.pull("t", vec![1]).await.unwrap(), vec![0.0, 0.0]);
+        // A bad spec is refused by the manager.
+        let e = w
+            .create_table("bad name", TableOptions::new(1, UpdaterSpec::Add))
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(
+                e,
+                NodeError::Remote {
+                    code: ErrorCode::Invalid,
+                    ..
+                }
+            ),
+            "{e}"
+        );
+        let e = w
+            .create_table("t", TableOptions::new(3, UpdaterSpec::Add))
+            .await
+            .unwrap_err();
+        assert!(e.to_string().contains("different spec"), "{e}");
+    })
+    .await
+    .unwrap();
+}
+
+/// Runs a fast worker against a slow one under `consistency` and returns,
+/// per fast iteration `t`, how many pushes of the slow worker the fast one
+/// saw (`value - t` of a key both push +1 to), plus whether the fast worker
+/// finished before the slow one.
+async fn race(consistency: Consistency, iters: u64) -> (Vec<(u64, u64)>, bool) {
+    let c = cluster(2, 5000).await;
+    let fast = worker(&c).await;
+    let slow = worker(&c).await;
+    fast.create_table(
+        "c",
+        TableOptions::new(1, UpdaterSpec::Add).consistency(consistency),
+    )
+    .await
+    .unwrap();
+    slow.refresh().await.unwrap();
+    let keys = spread(16);
+    let slow_done = Arc::new(AtomicU64::new(0));
+    let sd = slow_done.clone();
+    let sk = keys.clone();
+    let slow_task = tokio::spawn(async move {
+        for t in 1..=iters {
+            tokio::time::sleep(Duration::from_millis(40)).await;
+            slow.set_clock(t);
+            slow.push("c", sk.clone(), vec![1.0; sk.len()])
+                .await
+                .unwrap();
+        }
+        sd.store(1, Ordering::SeqCst);
+        slow
+    });
+    let mut seen = Vec::new();
+    for t in 1..=iters {
+        fast.set_clock(t);
+        fast.push("c", keys.clone(), vec![1.0; keys.len()])
+            .await
+            .unwrap();
+        let vals = fast.pull("c", keys.clone()).await.unwrap();
+        let v = vals[0] as u64;
+        assert!(
+            vals.iter().all(|&x| x as u64 == v),
+            "a pull mixes clocks: {vals:?}"
+        );
+        seen.push((t, v - t));
+    }
+    let fast_first = slow_done.load(Ordering::SeqCst) == 0;
+    slow_task.await.unwrap();
+    (seen, fast_first)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sequential_always_holds_the_fast_worker() {
+    timeout(LIMIT, async {
+        let (seen, _) = race(Consistency::Sequential, 8).await;
+        for (t, s) in seen {
+            assert_eq!(s, t, "at clock {t} the fast worker saw {s} slow pushes");
+        }
+    })
+    .await
+    .unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bounded_delay_holds_the_fast_worker_by_exactly_tau() {
+    timeout(LIMIT, async {
+        let tau = 2;
+        let (seen, _) = race(Consistency::Bounded(tau), 10).await;
+        let lead: Vec<u64> = seen.iter().map(|&(t, s)| t - s.min(t)).collect();
+        assert!(
+            lead.iter().all(|&l| l <= tau),
+            "lead over the slow worker {lead:?} exceeds tau"
+        );
+        assert_eq!(
+            lead.iter().max(),
+            Some(&tau),
+            "never ran ahead by tau: {lead:?}"
+        );
+        // Once past the first tau iterations it runs exactly tau ahead.
+        assert!(lead[tau as usize..].iter().all(|&l| l == tau), "{lead:?}");
+    })
+    .await
+    .unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn eventual_never_holds_the_fast_worker() {
+    timeout(LIMIT, async {
+        let iters = 10;
+        let (seen, fast_first) = race(Consistency::Eventual, iters).await;
+        assert!(fast_first, "the fast worker waited for the slow one");
+        let max_lead = seen.iter().map(|&(t, s)| t - s.min(t)).max().unwrap();
+        assert!(
+            max_lead >= iters / 2,
+            "lead {max_lead} looks throttled: {seen:?}"
+        );
+    })
+    .await
+    .unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn per_call_consistency_overrides_the_table() {
+    timeout(LIMIT, async {
+        let c = cluster(1, 5000).await;
+        let a = worker(&c).await;
+        let b = worker(&c).await;
+        a.create_table(
+            "s",
+            TableOptions::new(1, UpdaterSpec::Add).consistency(Consistency::Sequential),
+        )
+        .await
+        .unwrap();
+        b.refresh().await.unwrap();
+        a.set_clock(1);
+        a.push("s", vec![10], vec![1.0]).await.unwrap();
+        // b has not pushed clock 1: a sequential pull would wait; an eventual one does not.
+        let req = Request {
+            table: "s".into(),
+            op: Op::Pull,
+            keys: Keys::List(vec![10]),
+            vals: vec![],
+            clock: Some(1),
+            consistency: Some(Consistency::Eventual),
+        };
+        let out = timeout(Duration::from_secs(2), a.send(req))
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(out.vals, vec![1.0]);
+        let waiting = a.pull("s", vec![10]);
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        b.set_clock(1);
+        b.push("s", vec![10], vec![1.0]).await.unwrap();
+        assert_eq!(
+            timeout(Duration::from_secs(5), waiting)
+                .await
+                .unwrap()
+                .unwrap(),
+            vec![2.0]
+        );
+    })
+    .await
+    .unwrap();
+}
+
+/// Sends one raw frame to `addr` and returns the reply.
+async fn raw(addr: &str, frame: Frame) -> Frame {
+    let (peer, _n) = Peer::connect(addr, Limits::default()).await.unwrap();
+    peer.request(frame).await.unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn duplicates_are_applied_once_and_stale_epochs_redirect() {
+    timeout(LIMIT, async {
+        let c = cluster(1, 5000).await;
+        let w = client(&c).await;
+        let spec = w
+            .create_table("x", TableOptions::new(1, UpdaterSpec::Add))
+            .await
+            .unwrap();
+        let map = w.refresh().await.unwrap();
+        let server = map.nodes.iter().find(|n| n.role == Role::Server).unwrap();
+        let part = &map.partitions[0];
+        let push = |flags: u16, epoch: u64| {
+            let mut h = Header::new(Kind::Push);
+            h.flags = flags;
+            h.sender = 999;
+            h.table = spec.id;
+            h.epoch = epoch;
+            h.clock = 1;
+            h.range = part.range;
+            Frame {
+                header: h,
+                keys: vec![part.range.begin],
+                vals: vec![1.0],
+                ctrl: Default::default(),
+            }
+        };
+        let r = raw(&server.addr, push(0, map.epoch)).await;
+        assert_eq!(
+            r.control_msg().unwrap(),
+            Control::PushAck {
+                applied: 1,
+                duplicate: 0
+            }
+        );
+        // A retry of the same clock is acknowledged and not applied again.
+        let r = raw(&server.addr, push(FLAG_RETRY, map.epoch)).await;
+        assert_eq!(
+            r.control_msg().unwrap(),
+            Control::PushAck {
+                applied: 0,
+                duplicate: 1
+            }
+        );
+        // The same clock without the retry flag is a user error, said so.
+        let r = raw(&server.addr, push(0, map.epoch)).await;
+        assert_eq!(r.header.kind, Kind::Error);
+        assert!(matches!(
+            r.control_msg().unwrap(),
+            Control::Error {
+                code: ErrorCode::Duplicate,
+                ..
+            }
+        ));
+        // A stale epoch gets a redirect carrying the current map.
+        let r = raw(&server.addr, push(0, map.epoch - 1)).await;
+        assert_eq!(r.header.kind, Kind::Redirect);
+        assert_eq!(r.control_msg().unwrap(), Control::Map((*map).clone()));
+        assert_eq!(
+            w.pull("x", vec![part.range.begin]).await.unwrap(),
+            vec![1.0]
+        );
+    })
+    .await
+    .unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn workers_follow_map_changes_without_errors() {
+    timeout(LIMIT, async {
+        let c = cluster(2, 5000).await;
+        let w = client(&c).await;
+        w.create_table("m", TableOptions::new(1, UpdaterSpec::Add))
+            .await
+            .unwrap();
+        let keys = spread(64);
+        let before = w.map().epoch;
+        // Another table bumps the epoch on every server; w's next push carries
+        // the old epoch unless the broadcast beat it, and must succeed either way.
+        let other = client(&c).await;
+        other
+            .create_table("n", TableOptions::new(1, UpdaterSpec::Add))
+            .await
+            .unwrap();
+        w.set_clock(1);
+        let out = w
+            .push("m", keys.clone(), vec![1.0; keys.len()])
+            .await
+            .unwrap();
+        assert_eq!(out.applied, keys.len() as u64);
+        assert!(w.map().epoch > before);
+        assert_eq!(
+            w.pull("m", keys.clone()).await.unwrap(),
+            vec![1.0; keys.len()]
+        );
+    })
+    .await
+    .unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn malformed_frames_get_an_error_and_the_server_keeps_serving() {
+    timeout(LIMIT, async {
+        let c = cluster(1, 5000).await;
+        let w = client(&c).await;
+        w.create_table("g", TableOptions::new(1, UpdaterSpec::Add))
+            .await
+            .unwrap();
+        w.push("g", vec![42], vec![3.0]).await.unwrap();
+        let addr = c.servers[0].addr();
+        for garbage in [
+            b"\x10\x00\x00\x00garbage-garbage!".to_vec(),
+            // Declares a 3 GiB frame.
+            vec![0x00, 0x00, 0x00, 0xC0, 1, 2, 3],
+        ] {
+            let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+            s.write_all(&garbage).await.unwrap();
+            let mut buf = Vec::new();
+            // The server answers with an error frame and closes.
+            timeout(Duration::from_secs(5), s.read_to_end(&mut buf))
+                .await
+                .unwrap()
+                .unwrap();
+            assert!(buf.len() > 4, "no error reply");
+            let body = &buf[4..];
+            let f = Frame::decode(body, &Limits::default()).unwrap();
+            assert_eq!(f.header.kind, Kind::Error);
+            assert!(matches!(
+                f.control_msg().unwrap(),
+                Control::Error {
+                    code: ErrorCode::Malformed,
+                    ..
+                }
+            ));
+        }
+        assert_eq!(w.pull("g", vec![42]).await.unwrap(), vec![3.0]);
+    })
+    .await
+    .unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn barriers_wait_for_every_live_worker() {
+    timeout(LIMIT, async {
+        let c = cluster(1, 5000).await;
+        let a = worker(&c).await;
+        let b = worker(&c).await;
+        let entered = Arc::new(AtomicU64::new(0));
+        let e = entered.clone();
+        let a2 = a.clone();
+        let first = tokio::spawn(async move {
+            a2.barrier("go").await.unwrap();
+            e.load(Ordering::SeqCst)
+        });
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        assert!(
+            !first.is_finished(),
+            "the barrier released with one worker missing"
+        );
+        entered.store(1, Ordering::SeqCst);
+        b.barrier("go").await.unwrap();
+        assert_eq!(first.await.unwrap(), 1);
+        // Clients cannot enter barriers.
+        let cl = client(&c).await;
+        assert!(cl.barrier("go").await.is_err());
+    })
+    .await
+    .unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_silent_node_is_declared_dead_within_its_lease() {
+    timeout(LIMIT, async {
+        let c = cluster(1, 200).await;
+        // Register a worker by hand and never send a heartbeat.
+        let (peer, _n) = Peer::connect(&c.manager_addr().to_string(), Limits::default())
+            .await
+            .unwrap();
+        let reply = peer
+            .request(control_request(
+                0,
+                0,
+                &Control::Register {
+                    role: Role::Worker,
+                    addr: String::new(),
+                },
+            ))
+            .await
+            .unwrap();
+        let Control::Registered { id, map } = reply.control_msg().unwrap() else {
+            panic!("not registered")
+        };
+        let start = std::time::Instant::now();
+        let w = client(&c).await;
+        loop {
+            let m = w.refresh().await.unwrap();
+            let node = m.node(id).unwrap();
+            if node.state == pserver_core::NodeState::Dead {
+                assert!(m.epoch > map.epoch);
+                break;
+            }
+            assert!(
+                start.elapsed() < Duration::from_secs(3),
+                "still alive after 3 s"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        // The real server, which heartbeats, is still alive.
+        let m = w.refresh().await.unwrap();
+        assert_eq!(
+            m.node(c.servers[0].id()).unwrap().state,
+            pserver_core::NodeState::Alive
+        );
+        drop(peer);
+    })
+    .await
+    .unwrap();
+}
+
+/// A user updater: keeps the largest value ever pushed.
+struct Max;
+
+impl pserver_core::updater::Updater for Max {
+    fn apply(&self, weights: &mut [f32], _state: &mut [f32], push: &[f32]) {
+        for (w, v) in weights.iter_mut().zip(push) {
+            *w = w.max(*v);
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn user_updaters_run_on_the_servers() {
+    timeout(LIMIT, async {
+        let mut registry = pserver_core::updater::Registry::new();
+        registry.register("max", Arc::new(|_params: &[f32]| Ok(Arc::new(Max) as _)));
+        let c = LocalCluster::start(LocalConfig {
+            servers: 2,
+            registry,
+            ..LocalConfig::default()
+        })
+        .await
+        .unwrap();
+        let w = client(&c).await;
+        let custom = UpdaterSpec::Custom {
+            name: "max".into(),
+            params: vec![],
+        };
+        w.create_table("mx", TableOptions::new(1, custom))
+            .await
+            .unwrap();
+        let keys = spread(8);
+        for (clock, v) in [(1, 3.0), (2, -1.0), (3, 5.0), (4, 2.0)] {
+            w.set_clock(clock);
+            w.push("mx", keys.clone(), vec![v; keys.len()])
+                .await
+                .unwrap();
+        }
+        assert_eq!(
+            w.pull("mx", keys.clone()).await.unwrap(),
+            vec![5.0; keys.len()]
+        );
+        // A custom updater no server knows is refused with its name.
+        let unknown = UpdaterSpec::Custom {
+            name: "nope".into(),
+            params: vec![],
+        };
+        w.create_table("bad", TableOptions::new(1, unknown))
+            .await
+            .unwrap();
+        let e = w
+            .push("bad", keys.clone(), vec![1.0; keys.len()])
+            .await
+            .unwrap_err();
+        assert!(e.to_string().contains("nope"), "{e}");
+    })
+    .await
+    .unwrap();
+}

@@ -1,0 +1,267 @@
+//! The command line against real processes: a manager and two servers
+//! started as `pserver` processes on loopback, driven by `pserver kv` and
+//! `pserver status` exactly as the README shows.
+
+use std::io::{BufRead, BufReader};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+const BIN: &str = env!("CARGO_BIN_EXE_pserver");
+
+/// Kills its processes when the test ends, pass or fail.
+struct Procs(Vec<Child>);
+
+impl Drop for Procs {
+    fn drop(&mut self) {
+        for c in &mut self.0 {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+/// Starts `pserver ARGS` and returns it with the first stdout line.
+fn spawn(args: &[&str]) -> (Child, String) {
+    let mut child = Command::new(BIN)
+        .args(args)
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("start pserver");
+    let mut line = String::new();
+    let stdout = child.stdout.take().unwrap();
+    BufReader::new(stdout).read_line(&mut line).unwrap();
+    (child, line.trim().to_string())
+}
+
+/// Runs `pserver ARGS` to completion, at most 30 s.
+fn run(args: &[&str]) -> Output {
+    let mut child = Command::new(BIN)
+        .args(args)
+        .env("RUST_LOG", "off")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start pserver");
+    let start = Instant::now();
+    loop {
+        if child.try_wait().unwrap().is_some() {
+            return child.wait_with_output().unwrap();
+        }
+        if start.elapsed() > Duration::from_secs(30) {
+            let _ = child.kill();
+            panic!("pserver {args:?} did not finish in 30 s");
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+fn ok(args: &[&str]) -> String {
+    let out = run(args);
+    assert!(
+        out.status.success(),
+        "pserver {args:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap()
+}
+
+fn fails(args: &[&str]) -> String {
+    let out = run(args);
+    assert!(!out.status.success(), "pserver {args:?} should have failed");
+    let err = String::from_utf8(out.stderr).unwrap();
+    assert_eq!(err.trim().lines().count(), 1, "not one clear line: {err}");
+    assert!(err.starts_with("error: "), "{err}");
+    err
+}
+
+/// Starts a manager and two servers; returns them and the manager's address.
+fn cluster() -> (Procs, String) {
+    let (m, line) = spawn(&["manager", "--listen", "127.0.0.1:0"]);
+    let addr = line
+        .rsplit(' ')
+        .next()
+        .expect("manager prints its address")
+        .to_string();
+    let mut procs = Procs(vec![m]);
+    for _ in 0..2 {
+        let (s, line) = spawn(&["server", "--manager", &addr]);
+        assert!(line.starts_with("server "), "{line}");
+        procs.0.push(s);
+    }
+    (procs, addr)
+}
+
+#[test]
+fn kv_commands_against_a_manager_and_two_server_processes() {
+    let (_procs, m) = cluster();
+    let m = m.as_str();
+    ok(&[
+        "kv",
+        "--manager",
+        m,
+        "create-table",
+        "w",
+        "--dim",
+        "1",
+        "--updater",
+        "add",
+    ]);
+    ok(&[
+        "kv",
+        "--manager",
+        m,
+        "create-table",
+        "a",
+        "--dim",
+        "2",
+        "--updater",
+        "assign",
+    ]);
+
+    // Keys far apart land on both servers.
+    let keys = "1,5,9,9223372036854775808,18446744073709551000";
+    ok(&[
+        "kv",
+        "--manager",
+        m,
+        "push",
+        "w",
+        "--keys",
+        keys,
+        "--values",
+        "0.5,1,2,3,4",
+    ]);
+    ok(&[
+        "kv",
+        "--manager",
+        m,
+        "push",
+        "w",
+        "--keys",
+        keys,
+        "--values",
+        "0.5,1,2,3,4",
+    ]);
+    let out = ok(&["kv", "--manager", m, "pull", "w", "--keys", keys]);
+    assert_eq!(
+        out,
+        "1 1\n5 2\n9 4\n9223372036854775808 6\n18446744073709551000 8\n"
+    );
+
+    ok(&[
+        "kv",
+        "--manager",
+        m,
+        "push",
+        "a",
+        "--keys",
+        "9,1",
+        "--values",
+        "9,9.5,1,1.5",
+    ]);
+    ok(&[
+        "kv",
+        "--manager",
+        m,
+        "push",
+        "a",
+        "--keys",
+        "1",
+        "--values",
+        "7,8",
+    ]);
+    let out = ok(&["kv", "--manager", m, "pull", "a", "--keys", "1,9,3"]);
+    assert_eq!(out, "1 7 8\n9 9 9.5\n3 0 0\n");
+    let out = ok(&["kv", "--manager", m, "pull", "a", "--range", "8..11"]);
+    assert_eq!(out, "8 0 0\n9 9 9.5\n10 0 0\n");
+
+    // Errors are one clear line and a non-zero exit.
+    let e = fails(&["kv", "--manager", m, "pull", "nope", "--keys", "1"]);
+    assert!(e.contains("nope"), "{e}");
+    let e = fails(&[
+        "kv",
+        "--manager",
+        m,
+        "push",
+        "w",
+        "--keys",
+        "1,2",
+        "--values",
+        "1",
+    ]);
+    assert!(e.contains("divide"), "{e}");
+    let e = fails(&[
+        "kv",
+        "--manager",
+        m,
+        "push",
+        "w",
+        "--keys",
+        "1,x",
+        "--values",
+        "1,2",
+    ]);
+    assert!(e.contains("\"x\""), "{e}");
+    let e = fails(&["kv", "--manager", "127.0.0.1:1", "pull", "w", "--keys", "1"]);
+    assert!(e.contains("127.0.0.1:1"), "{e}");
+
+    // Status lists both servers, alive, with disjoint ranges covering every key.
+    let json = ok(&["status", "--manager", m, "--json"]);
+    let v: serde_json::Value = serde_json::from_str(&json).unwrap();
+    let servers: Vec<&serde_json::Value> = v["nodes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|n| n["role"] == "server")
+        .collect();
+    assert_eq!(servers.len(), 2);
+    let mut ranges: Vec<(u64, u64)> = Vec::new();
+    for s in &servers {
+        assert_eq!(s["state"], "alive");
+        for r in s["ranges"].as_array().unwrap() {
+            ranges.push((r[0].as_u64().unwrap(), r[1].as_u64().unwrap()));
+        }
+    }
+    ranges.sort();
+    assert_eq!(ranges.first().unwrap().0, 0);
+    assert_eq!(ranges.last().unwrap().1, u64::MAX);
+    for w in ranges.windows(2) {
+        assert_eq!(
+            w[0].1, w[1].0,
+            "gap or overlap between {:?} and {:?}",
+            w[0], w[1]
+        );
+    }
+    let tables: Vec<&str> = v["tables"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| t["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(tables, ["w", "a"]);
+    let text = ok(&["status", "--manager", m]);
+    assert!(text.contains("epoch"), "{text}");
+}
+
+#[test]
+fn local_runs_the_demo_job_and_exits() {
+    let out = ok(&[
+        "local",
+        "--listen",
+        "127.0.0.1:0",
+        "--servers",
+        "2",
+        "--workers",
+        "2",
+        "--iterations",
+        "20",
+        "--exit",
+    ]);
+    assert!(
+        out.contains("local cluster: manager on 127.0.0.1:"),
+        "{out}"
+    );
+    assert!(out.contains(": ok"), "{out}");
+}
