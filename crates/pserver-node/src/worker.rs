@@ -602,7 +602,11 @@ impl Inner {
                 };
                 let slices = map.slice(item.range, item_keys);
                 if slices.is_empty() {
-                    // No live server: wait for the map to change.
+                    // The map names no live server; fail now unless the
+                    // manager already knows better.
+                    if self.refresh().await?.partitions.is_empty() {
+                        return Err(NodeError::NoServer(item.range));
+                    }
                     subs.push((item.clone(), None));
                     continue;
                 }
