@@ -1,0 +1,1 @@
+//! HELPER: see the task.

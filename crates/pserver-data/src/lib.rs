@@ -1,0 +1,1 @@
+//! Training data for pserver, read as a stream. HELPER: see the task.
