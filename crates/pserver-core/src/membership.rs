@@ -5,7 +5,7 @@
 
 use crate::map::{ClusterMap, NodeId, NodeInfo, NodeState, Role};
 use crate::ring;
-use crate::spec::{Consistency, Init, SpecError, TableSpec, UpdaterSpec};
+use crate::spec::{SpecError, TableSpec};
 use std::collections::{BTreeMap, BTreeSet};
 
 /// Most tables a cluster may hold.
@@ -228,23 +228,15 @@ impl Membership {
 
     /// Creates a table, or returns the existing one when the spec matches.
     /// The bool is true when the table is new (the epoch went up).
+    /// The spec's id is ignored: the manager assigns ids.
     pub fn create_table(
         &mut self,
-        name: &str,
-        dim: u32,
-        init: Init,
-        updater: UpdaterSpec,
-        consistency: Consistency,
+        mut spec: TableSpec,
     ) -> Result<(TableSpec, bool), MembershipError> {
-        let mut spec = TableSpec {
-            id: self.next_table,
-            name: name.to_string(),
-            dim,
-            init,
-            updater,
-            consistency,
-        };
+        spec.id = self.next_table;
         spec.validate()?;
+        let name = spec.name.clone();
+        let name = name.as_str();
         if let Some(old) = self.map.table(name) {
             spec.id = old.id;
             return if *old == spec {
@@ -303,6 +295,20 @@ impl Membership {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    use crate::spec::{Consistency, Init, UpdaterSpec};
+
+    fn spec_of(name: &str, dim: u32) -> TableSpec {
+        TableSpec {
+            id: 0,
+            name: name.into(),
+            dim,
+            init: Init::Zero,
+            updater: UpdaterSpec::Add,
+            consistency: Consistency::Eventual,
+            aggregate: false,
+        }
+    }
 
     fn mgr() -> Membership {
         Membership::new(MembershipConfig {
@@ -363,21 +369,17 @@ mod tests {
     #[test]
     fn tables_are_idempotent_and_checked() {
         let mut m = mgr();
-        let (t, new) = m
-            .create_table("w", 1, Init::Zero, UpdaterSpec::Add, Consistency::Eventual)
-            .unwrap();
+        let (t, new) = m.create_table(spec_of("w", 1)).unwrap();
         assert!(new);
-        let (t2, new2) = m
-            .create_table("w", 1, Init::Zero, UpdaterSpec::Add, Consistency::Eventual)
-            .unwrap();
+        let (t2, new2) = m.create_table(spec_of("w", 1)).unwrap();
         assert!(!new2);
         assert_eq!(t, t2);
         assert_eq!(
-            m.create_table("w", 2, Init::Zero, UpdaterSpec::Add, Consistency::Eventual),
+            m.create_table(spec_of("w", 2)),
             Err(MembershipError::TableExists("w".into()))
         );
         assert!(matches!(
-            m.create_table("x", 0, Init::Zero, UpdaterSpec::Add, Consistency::Eventual),
+            m.create_table(spec_of("x", 0)),
             Err(MembershipError::Spec(_))
         ));
     }

@@ -149,6 +149,10 @@ pub struct TableSpec {
     pub updater: UpdaterSpec,
     /// The table's default consistency model (a call may override it).
     pub consistency: Consistency,
+    /// Sum the pushes of every live worker for a clock and run the updater
+    /// once on the sum (the paper's aggregation; what the proximal step of
+    /// block proximal gradient needs). Pushes from clients apply at once.
+    pub aggregate: bool,
 }
 
 /// Why a table spec was refused.
@@ -257,6 +261,7 @@ mod tests {
             init: Init::Zero,
             updater,
             consistency: Consistency::Eventual,
+            aggregate: false,
         }
     }
 

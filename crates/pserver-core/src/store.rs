@@ -370,6 +370,7 @@ mod tests {
                 init,
                 updater,
                 consistency: Consistency::Eventual,
+                aggregate: false,
             },
             u,
         )

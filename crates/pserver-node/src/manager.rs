@@ -299,16 +299,7 @@ fn handle(
                 servers: Vec::new(),
             }),
         )),
-        Control::CreateTable {
-            name,
-            dim,
-            init,
-            updater,
-            consistency,
-        } => match st
-            .members
-            .create_table(&name, dim, init, updater, consistency)
-        {
+        Control::CreateTable(spec) => match st.members.create_table(spec) {
             Ok((spec, new)) => {
                 if new {
                     tracing::info!(table = %spec.name, id = spec.id, dim = spec.dim, "table created");

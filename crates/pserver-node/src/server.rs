@@ -10,8 +10,9 @@ use pserver_core::clock::RangeClock;
 use pserver_core::store::{Store, StoreError};
 use pserver_core::updater::Registry;
 use pserver_core::{ClusterMap, Consistency, KeyRange, NodeId, Role};
-use pserver_wire::header::FLAG_RETRY;
+use pserver_wire::header::{FLAG_RETRY, FLAG_SCAN};
 use pserver_wire::{Control, ErrorCode, Frame, Header, Kind, Limits};
+use rustc_hash::FxHashMap;
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
@@ -83,6 +84,57 @@ struct TableState {
     store: Result<Store, String>,
     /// Range vector clocks, keyed by the begin of each partition this server owns.
     clocks: BTreeMap<u64, RangeClock>,
+    /// Pushes of aggregating tables not yet applied: partition begin -> clock -> sums.
+    pending: BTreeMap<u64, BTreeMap<u64, Aggregate>>,
+}
+
+/// The sum of one clock's pushes to one partition of an aggregating table.
+struct Aggregate {
+    /// Smallest range covering every push summed here.
+    hull: KeyRange,
+    /// Key -> position in `keys`.
+    index: FxHashMap<u64, usize>,
+    keys: Vec<u64>,
+    /// `width` floats per key, in `keys` order.
+    sums: Vec<f32>,
+    width: usize,
+}
+
+impl Aggregate {
+    fn new(range: KeyRange, width: usize) -> Aggregate {
+        Aggregate {
+            hull: range,
+            index: FxHashMap::default(),
+            keys: Vec::new(),
+            sums: Vec::new(),
+            width,
+        }
+    }
+
+    fn add(&mut self, key: u64, vals: &[f32]) {
+        let w = self.width;
+        let i = *self.index.entry(key).or_insert_with(|| {
+            self.keys.push(key);
+            self.sums.resize(self.sums.len() + w, 0.0);
+            self.keys.len() - 1
+        });
+        for (s, v) in self.sums[i * w..(i + 1) * w].iter_mut().zip(vals) {
+            *s += v;
+        }
+    }
+
+    /// Keys sorted, with their sums.
+    fn into_sorted(self) -> (Vec<u64>, Vec<f32>) {
+        let w = self.width;
+        let mut order: Vec<usize> = (0..self.keys.len()).collect();
+        order.sort_unstable_by_key(|&i| self.keys[i]);
+        let keys = order.iter().map(|&i| self.keys[i]).collect();
+        let mut sums = Vec::with_capacity(self.sums.len());
+        for &i in &order {
+            sums.extend_from_slice(&self.sums[i * w..(i + 1) * w]);
+        }
+        (keys, sums)
+    }
 }
 
 /// A pull waiting for slower workers.
@@ -278,6 +330,7 @@ impl State {
                     .map(|u| Store::new(spec.clone(), u))
                     .map_err(|e| e.to_string()),
                 clocks: BTreeMap::new(),
+                pending: BTreeMap::new(),
             });
         }
         for t in self.tables.values_mut() {
@@ -288,8 +341,18 @@ impl State {
                     .entry(r.begin)
                     .or_insert_with(|| RangeClock::new(*r));
             }
+            let clocks = &t.clocks;
+            t.pending.retain(|begin, _| clocks.contains_key(begin));
         }
         self.map = Arc::new(map);
+        // Fewer live workers may complete waiting aggregates.
+        let workers = self.map.live_workers();
+        for t in self.tables.values_mut() {
+            let begins: Vec<u64> = t.pending.keys().copied().collect();
+            for b in begins {
+                flush(t, b, &workers);
+            }
+        }
         self.recheck(None)
     }
 
@@ -400,6 +463,9 @@ impl State {
             return Ok(Some(r));
         }
         self.admit(&h, &frame.keys)?;
+        if h.flags & FLAG_SCAN != 0 {
+            return self.scan(&h).map(Some);
+        }
         let mut ack = None;
         if matches!(h.kind, Kind::Push | Kind::PushPull) {
             ack = Some(self.push(&frame)?);
@@ -460,6 +526,7 @@ impl State {
                 "a push needs a clock of 1 or more".into(),
             ));
         }
+        let workers = self.map.live_workers();
         let table = self.tables.get_mut(&h.table).ok_or((
             ErrorCode::UnknownTable,
             format!("no table with id {}", h.table),
@@ -497,16 +564,94 @@ impl State {
         }
         let whole = fresh.len() == 1 && fresh[0] == h.range;
         let in_fresh = |k: u64| whole || fresh.iter().any(|r| r.contains(k));
-        let applied = if h.dense() {
-            store.push_dense(h.range, &frame.vals, in_fresh)
+        let part = trial.range().begin;
+        let aggregate = store.spec().aggregate && workers.contains(&h.sender);
+        let applied = if aggregate {
+            // Validate now (nothing applied), sum into the clock's aggregate,
+            // apply once every live worker has pushed this clock.
+            if h.dense() {
+                store.push_dense(h.range, &frame.vals, |_| false)
+            } else {
+                store.push(&frame.keys, &frame.vals, |_| false)
+            }
+            .map_err(store_refusal)?;
+            let width = store.push_width();
+            let agg = table
+                .pending
+                .entry(part)
+                .or_default()
+                .entry(h.clock)
+                .or_insert_with(|| Aggregate::new(h.range, width));
+            agg.hull = KeyRange {
+                begin: agg.hull.begin.min(h.range.begin),
+                end: agg.hull.end.max(h.range.end),
+            };
+            let mut n = 0;
+            let mut add = |i: usize, k: u64| {
+                if in_fresh(k) {
+                    agg.add(k, &frame.vals[i * width..(i + 1) * width]);
+                    n += 1;
+                }
+            };
+            if h.dense() {
+                (h.range.begin..h.range.end)
+                    .enumerate()
+                    .for_each(|(i, k)| add(i, k));
+            } else {
+                frame.keys.iter().enumerate().for_each(|(i, &k)| add(i, k));
+            }
+            n
+        } else if h.dense() {
+            store
+                .push_dense(h.range, &frame.vals, in_fresh)
+                .map_err(store_refusal)?
         } else {
-            store.push(&frame.keys, &frame.vals, in_fresh)
-        }
-        .map_err(store_refusal)?;
-        if let Some(c) = table.clocks.get_mut(&trial.range().begin) {
+            store
+                .push(&frame.keys, &frame.vals, in_fresh)
+                .map_err(store_refusal)?
+        };
+        if let Some(c) = table.clocks.get_mut(&part) {
             *c = trial;
         }
+        if aggregate {
+            flush(table, part, &workers);
+        }
         Ok((applied as u64, total - applied as u64))
+    }
+
+    /// Answers a scan: every stored key of the range with its weights.
+    fn scan(&self, h: &Header) -> Result<Frame, Refusal> {
+        let store = match self.tables.get(&h.table).map(|t| &t.store) {
+            Some(Ok(s)) => s,
+            Some(Err(e)) => return Err((ErrorCode::Invalid, e.clone())),
+            None => {
+                return Err((
+                    ErrorCode::UnknownTable,
+                    format!("no table with id {}", h.table),
+                ));
+            }
+        };
+        let entries = store.entries_in(h.range);
+        if entries.len() > self.limits.max_keys {
+            return Err((
+                ErrorCode::Limit,
+                format!(
+                    "{} holds {} keys, over the {} a reply may carry; scan smaller ranges",
+                    h.range,
+                    entries.len(),
+                    self.limits.max_keys
+                ),
+            ));
+        }
+        let dim = store.spec().dim as usize;
+        let mut reply = Frame::new(reply_header(h, Kind::Reply, self.id, self.map.epoch));
+        reply.keys.reserve(entries.len());
+        reply.vals.reserve(entries.len() * dim);
+        for (k, slot) in entries {
+            reply.keys.push(k);
+            reply.vals.extend_from_slice(&slot[..dim]);
+        }
+        Ok(reply)
     }
 
     /// True when a pull at the header's clock may be answered now.
@@ -586,5 +731,28 @@ impl State {
             }
         }
         out
+    }
+}
+
+/// Applies, in clock order, the aggregates of partition `part` that every
+/// live worker has now pushed.
+fn flush(table: &mut TableState, part: u64, workers: &[NodeId]) {
+    let (Some(clock), Some(bufs), Ok(store)) = (
+        table.clocks.get(&part),
+        table.pending.get_mut(&part),
+        table.store.as_mut(),
+    ) else {
+        return;
+    };
+    while let Some(entry) = bufs.first_entry() {
+        if clock.min_clock(entry.get().hull, workers) < *entry.key() {
+            break;
+        }
+        let (keys, sums) = entry.remove().into_sorted();
+        // Every part was validated when it arrived; sums of finite values
+        // can still overflow to infinity, which the store refuses whole.
+        if let Err(e) = store.push(&keys, &sums, |_| true) {
+            tracing::error!(error = %e, "aggregated push refused");
+        }
     }
 }

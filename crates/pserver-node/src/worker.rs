@@ -12,7 +12,7 @@ use futures_util::future::join_all;
 use pserver_core::{
     ClusterMap, Consistency, Init, KEY_END, KeyRange, NodeId, Role, TableSpec, UpdaterSpec,
 };
-use pserver_wire::header::{FLAG_DENSE, FLAG_RETRY};
+use pserver_wire::header::{FLAG_DENSE, FLAG_RETRY, FLAG_SCAN};
 use pserver_wire::{Control, ErrorCode, Frame, Header, Kind, Limits};
 use std::collections::HashMap;
 use std::future::{Future, IntoFuture};
@@ -68,6 +68,8 @@ pub struct TableOptions {
     pub updater: UpdaterSpec,
     /// Default consistency of pulls.
     pub consistency: Consistency,
+    /// Sum each clock's pushes from every live worker, then apply once.
+    pub aggregate: bool,
 }
 
 impl TableOptions {
@@ -78,7 +80,14 @@ impl TableOptions {
             init: Init::Zero,
             updater,
             consistency: Consistency::Eventual,
+            aggregate: false,
         }
+    }
+
+    /// Sums each clock's pushes from every live worker before the updater runs.
+    pub fn aggregate(mut self, on: bool) -> TableOptions {
+        self.aggregate = on;
+        self
     }
 
     /// Sets the default consistency.
@@ -309,13 +318,15 @@ impl Worker {
         name: &str,
         opts: TableOptions,
     ) -> Result<TableSpec, NodeError> {
-        let msg = Control::CreateTable {
+        let msg = Control::CreateTable(TableSpec {
+            id: 0,
             name: name.to_string(),
             dim: opts.dim,
             init: opts.init,
             updater: opts.updater,
             consistency: opts.consistency,
-        };
+            aggregate: opts.aggregate,
+        });
         let reply = self
             .inner
             .manager
@@ -433,6 +444,18 @@ impl Worker {
         Handle { rx }
     }
 
+    /// Reads every stored key of `range` with its weights (`dim` per key),
+    /// in key order. Keys never pushed are not stored and not returned.
+    pub fn scan(&self, table: &str, range: KeyRange) -> Handle<(Vec<u64>, Vec<f32>)> {
+        let (tx, rx) = oneshot::channel();
+        let inner = self.inner.clone();
+        let table = table.to_string();
+        self.inner.rt.spawn(async move {
+            let _ = tx.send(inner.scan(table, range).await);
+        });
+        Handle { rx }
+    }
+
     /// Leaves the cluster: closes the link to the manager.
     pub fn shutdown(&self) {
         self.inner.cancel.cancel();
@@ -454,6 +477,7 @@ struct Item {
 
 enum SliceResult {
     Done {
+        keys: Vec<u64>,
         vals: Vec<f32>,
         applied: u64,
         duplicate: u64,
@@ -667,6 +691,7 @@ impl Inner {
                 match res? {
                     SliceResult::Done {
                         vals,
+                        keys: _,
                         applied,
                         duplicate,
                     } => {
@@ -724,6 +749,81 @@ impl Inner {
         }
     }
 
+    async fn scan(
+        self: Arc<Self>,
+        table: String,
+        range: KeyRange,
+    ) -> Result<(Vec<u64>, Vec<f32>), NodeError> {
+        let spec = self.table(&table).await?;
+        let mut todo = vec![range];
+        let mut parts: Vec<(u64, Vec<u64>, Vec<f32>)> = Vec::new();
+        let deadline = Instant::now() + self.timeout;
+        while !todo.is_empty() {
+            let map = lock(&self.map).clone();
+            let mut subs = Vec::new();
+            for r in &todo {
+                let slices = map.slice(*r, &[]);
+                if slices.is_empty() && self.refresh().await?.partitions.is_empty() {
+                    return Err(NodeError::NoServer(*r));
+                }
+                for s in slices {
+                    subs.push((s.range, map.partitions[s.partition].primary));
+                }
+            }
+            let sends = subs.iter().map(|&(r, server)| {
+                let mut h = Header::new(Kind::Pull);
+                h.flags = FLAG_SCAN;
+                h.sender = self.id;
+                h.table = spec.id;
+                h.epoch = map.epoch;
+                h.range = r;
+                let map = map.clone();
+                let this = self.clone();
+                async move { this.send_slice(server, &map, Frame::new(h)).await }
+            });
+            let results = join_all(sends).await;
+            todo = Vec::new();
+            for ((r, _), res) in subs.into_iter().zip(results) {
+                match res? {
+                    SliceResult::Done { keys, vals, .. } => {
+                        if vals.len() != keys.len() * spec.dim as usize
+                            || keys.iter().any(|k| !r.contains(*k))
+                        {
+                            return Err(NodeError::Protocol {
+                                peer: format!("server for {r}"),
+                                what: "scan reply does not match its range".into(),
+                            });
+                        }
+                        parts.push((r.begin, keys, vals));
+                    }
+                    SliceResult::Redirect(m) => {
+                        self.install(m);
+                        todo.push(r);
+                    }
+                    SliceResult::Again | SliceResult::Lost => todo.push(r),
+                }
+            }
+            if !todo.is_empty() {
+                if Instant::now() >= deadline {
+                    return Err(NodeError::Timeout {
+                        what: format!("scan of table {table:?}"),
+                        secs: self.timeout.as_secs(),
+                    });
+                }
+                tokio::time::sleep(Duration::from_millis(5)).await;
+                let _ = self.refresh().await;
+            }
+        }
+        parts.sort_unstable_by_key(|p| p.0);
+        let mut keys = Vec::new();
+        let mut vals = Vec::new();
+        for (_, k, v) in parts {
+            keys.extend(k);
+            vals.extend(v);
+        }
+        Ok((keys, vals))
+    }
+
     async fn send_slice(
         &self,
         server: NodeId,
@@ -778,6 +878,7 @@ impl Inner {
                     }
                 };
                 Ok(SliceResult::Done {
+                    keys: reply.keys,
                     vals: reply.vals,
                     applied,
                     duplicate,

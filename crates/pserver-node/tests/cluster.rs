@@ -594,3 +594,69 @@ async fn user_updaters_run_on_the_servers() {
     .await
     .unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn aggregating_tables_apply_the_sum_of_every_workers_push_once() {
+    timeout(LIMIT, async {
+        let c = cluster(2, 5000).await;
+        let a = worker(&c).await;
+        let b = worker(&c).await;
+        // Assign makes aggregation visible: the weight becomes the sum of
+        // both pushes, not whichever came last.
+        a.create_table(
+            "g",
+            TableOptions::new(1, UpdaterSpec::Assign).aggregate(true),
+        )
+        .await
+        .unwrap();
+        b.refresh().await.unwrap();
+        let keys = spread(32);
+        let cl = client(&c).await;
+        for t in 1..=3u64 {
+            a.set_clock(t);
+            b.set_clock(t);
+            a.push("g", keys.clone(), vec![t as f32; keys.len()])
+                .await
+                .unwrap();
+            // Only one worker has pushed clock t: nothing applied yet.
+            let before = cl.pull("g", keys.clone()).await.unwrap();
+            let prev = if t == 1 {
+                0.0
+            } else {
+                10.0 * (t - 1) as f32 + (t - 1) as f32
+            };
+            assert_eq!(before, vec![prev; keys.len()], "clock {t}");
+            b.push("g", keys.clone(), vec![10.0 * t as f32; keys.len()])
+                .await
+                .unwrap();
+            let after = cl.pull("g", keys.clone()).await.unwrap();
+            assert_eq!(after, vec![11.0 * t as f32; keys.len()], "clock {t}");
+        }
+    })
+    .await
+    .unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn scans_return_every_stored_key_in_order() {
+    timeout(LIMIT, async {
+        let c = cluster(3, 5000).await;
+        let w = client(&c).await;
+        w.create_table("s", TableOptions::new(2, UpdaterSpec::Add))
+            .await
+            .unwrap();
+        assert_eq!(w.scan("s", KeyRange::ALL).await.unwrap(), (vec![], vec![]));
+        let keys = spread(500);
+        let vals: Vec<f32> = (0..keys.len() * 2).map(|i| i as f32).collect();
+        w.push("s", keys.clone(), vals.clone()).await.unwrap();
+        let (k, v) = w.scan("s", KeyRange::ALL).await.unwrap();
+        assert_eq!(k, keys);
+        assert_eq!(v, vals);
+        let r = KeyRange::new(keys[10], keys[20]).unwrap();
+        let (k, v) = w.scan("s", r).await.unwrap();
+        assert_eq!(k, keys[10..20].to_vec());
+        assert_eq!(v, vals[20..40].to_vec());
+    })
+    .await
+    .unwrap();
+}

@@ -40,7 +40,9 @@ pub const FLAG_DENSE: u16 = 1;
 pub const FLAG_RETRY: u16 = 2;
 /// Every flag this version knows; a decoder refuses a header with any other bit
 /// set, so a later version cannot give an old node a flag it would silently ignore.
-pub const FLAG_ALL_FLAGS: u16 = FLAG_DENSE | FLAG_RETRY;
+pub const FLAG_ALL_FLAGS: u16 = FLAG_DENSE | FLAG_RETRY | FLAG_SCAN;
+/// Flag: a pull of every stored entry in `range`; the reply carries their keys.
+pub const FLAG_SCAN: u16 = 4;
 
 /// What a frame is.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]

@@ -1,6 +1,6 @@
 //! Control messages, postcard-encoded in a frame's control section.
 
-use pserver_core::{ClusterMap, Consistency, Init, NodeId, Role, TableSpec, UpdaterSpec};
+use pserver_core::{ClusterMap, Consistency, NodeId, Role, TableSpec};
 use serde::{Deserialize, Serialize};
 
 /// Machine-readable reason carried by an error reply.
@@ -53,19 +53,8 @@ pub enum Control {
     Map(ClusterMap),
     /// Ask the manager for the current map.
     GetMap,
-    /// Ask the manager to create a table.
-    CreateTable {
-        /// Table name.
-        name: String,
-        /// Floats per key.
-        dim: u32,
-        /// Initializer.
-        init: Init,
-        /// Updater.
-        updater: UpdaterSpec,
-        /// Default consistency.
-        consistency: Consistency,
-    },
+    /// Ask the manager to create a table (its `id` is ignored; the manager assigns one).
+    CreateTable(TableSpec),
     /// A table was created (or already existed with the same spec).
     TableCreated(TableSpec),
     /// Enter a named barrier; the reply comes once every live worker entered.

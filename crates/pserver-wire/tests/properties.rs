@@ -249,6 +249,7 @@ fn table() -> TableSpec {
             l2: 0.5,
         },
         consistency: Consistency::Bounded(3),
+        aggregate: true,
     }
 }
 
@@ -264,7 +265,8 @@ fn every_control() -> Vec<Control> {
         Control::Heartbeat,
         Control::Map(map()),
         Control::GetMap,
-        Control::CreateTable {
+        Control::CreateTable(TableSpec {
+            id: 0,
             name: "emb".into(),
             dim: 8,
             init: Init::Zero,
@@ -273,7 +275,8 @@ fn every_control() -> Vec<Control> {
                 params: vec![1.0, f32::MIN_POSITIVE],
             },
             consistency: Consistency::Eventual,
-        },
+            aggregate: false,
+        }),
         Control::TableCreated(table()),
         Control::Barrier {
             name: "epoch-1".into(),
@@ -306,7 +309,7 @@ fn every_control() -> Vec<Control> {
             Control::Heartbeat => 2,
             Control::Map(_) => 3,
             Control::GetMap => 4,
-            Control::CreateTable { .. } => 5,
+            Control::CreateTable(_) => 5,
             Control::TableCreated(_) => 6,
             Control::Barrier { .. } => 7,
             Control::Status => 8,

@@ -63,6 +63,9 @@ pub enum KvCmd {
         /// zero | uniform:SCALE[:SEED]
         #[arg(long, default_value = "zero")]
         init: String,
+        /// Sum each clock's pushes from all workers, then apply once.
+        #[arg(long)]
+        aggregate: bool,
     },
     /// Push values; exits 0 only once every server acknowledged.
     Push {
@@ -145,12 +148,14 @@ async fn run_with(w: &Worker, cmd: KvCmd) -> Result<()> {
             l2,
             consistency,
             init,
+            aggregate,
         } => {
             let opts = TableOptions {
                 dim,
                 init: parse::init(&init)?,
                 updater: updater(u, lr, eps, alpha, beta, eta, l1, l2),
                 consistency: parse::consistency(&consistency)?,
+                aggregate,
             };
             let spec = w.create_table(&name, opts).await?;
             println!(
