@@ -575,7 +575,7 @@ impl Inner {
         let pushes = req.op != Op::Pull;
         let width = if !pushes || n == 0 {
             0
-        } else if req.vals.len() % n != 0 || req.vals.is_empty() {
+        } else if !req.vals.len().is_multiple_of(n) || req.vals.is_empty() {
             return Err(NodeError::BadRequest(format!(
                 "{} values do not divide evenly over {n} keys",
                 req.vals.len()

@@ -106,7 +106,7 @@ async fn worker_loop(
         if let Some(v) = vals.iter().find(|&&v| v < floor) {
             bail!("iteration {t}: pulled {v} < {floor}: the delay bound was broken");
         }
-        if report && t % step == 0 {
+        if report && t.is_multiple_of(step) {
             println!("  iteration {t}/{iterations}");
         }
     }

@@ -258,7 +258,7 @@ fn sort_pairs(keys: Vec<u64>, vals: Vec<f32>) -> Result<(Vec<u64>, Vec<f32>)> {
     if keys.is_empty() {
         bail!("--keys is empty");
     }
-    if vals.len() % keys.len() != 0 || vals.is_empty() {
+    if !vals.len().is_multiple_of(keys.len()) || vals.is_empty() {
         bail!(
             "{} values do not divide evenly over {} keys",
             vals.len(),
