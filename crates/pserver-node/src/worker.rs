@@ -635,6 +635,11 @@ impl Inner {
                     continue;
                 }
                 for s in slices {
+                    // A pull needs no message where it has no keys (a push
+                    // does: its empty slices advance the range clocks).
+                    if req.op == Op::Pull && !dense && s.keys.is_empty() {
+                        continue;
+                    }
                     let (first, count) = if dense {
                         (
                             (s.range.begin - range.begin) as usize,
