@@ -1,1 +1,1145 @@
-//! HELPER: see the task.
+//! Trained weights on disk: saved by `pserver train --save DIR`, read back
+//! by `pserver predict --model DIR`.
+//!
+//! A model directory holds two files:
+//!
+//! - `weights.bin`: a 24-byte little-endian header (magic `PSMODEL1`,
+//!   version `u32`, dim `u32`, count `u64`), then `count` keys as `u64`,
+//!   then `count * dim` weights as `f32`, then a CRC32 of every byte before
+//!   it. Raw arrays, never one value at a time, so a model of 10^8 keys
+//!   loads at disk speed.
+//! - `model.json`: the table name, the free-form metadata (input format,
+//!   schema, training settings) and the counts and CRC of `weights.bin`,
+//!   for people and for the cross-check at load.
+//!
+//! Each file is written to a temporary name, synced, then renamed, so a
+//! crash leaves the old file or the new one, never half of one. The binary
+//! goes first and `model.json` last: the JSON names the CRC of the binary it
+//! belongs with, so a crash between the two renames is caught at load as a
+//! mismatch instead of silently pairing new weights with old metadata.
+//!
+//! Loading trusts nothing: every size is checked against the file length
+//! before anything is allocated, and every failure is a distinct
+//! [`ModelError`] naming the file; no input makes it panic.
+
+use crate::metrics::sigmoid;
+use serde::{Deserialize, Serialize};
+use std::fs::{self, File, OpenOptions};
+use std::io::{self, BufReader, BufWriter, Read, Write};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+
+/// First eight bytes of `weights.bin`.
+pub const MAGIC: [u8; 8] = *b"PSMODEL1";
+/// The `weights.bin` layout version this code reads and writes.
+pub const VERSION: u32 = 1;
+/// Name of the weights file in a model directory.
+pub const BIN_FILE: &str = "weights.bin";
+/// Name of the metadata file in a model directory.
+pub const JSON_FILE: &str = "model.json";
+/// The `format` field of `model.json`, which tells a model from other JSON.
+pub const FORMAT: &str = "pserver-model";
+
+/// Magic, version, dim, count.
+const HEADER_LEN: u64 = 8 + 4 + 4 + 8;
+/// The trailing CRC32.
+const CRC_LEN: u64 = 4;
+/// Bytes moved per read or write call; a multiple of 8 so no key or weight
+/// straddles two chunks.
+const CHUNK: usize = 64 * 1024;
+
+/// Why a model could not be saved or loaded. Every variant names the file.
+#[derive(Debug, thiserror::Error)]
+pub enum ModelError {
+    /// A file of the model does not exist.
+    #[error("{}: no such file (is this a model directory?)", path.display())]
+    Missing {
+        /// The file.
+        path: PathBuf,
+    },
+    /// The operating system refused.
+    #[error("{}: cannot {op}: {source}", path.display())]
+    Io {
+        /// The file or directory.
+        path: PathBuf,
+        /// What was being done.
+        op: &'static str,
+        /// The underlying error.
+        source: io::Error,
+    },
+    /// `weights.bin` does not start with [`MAGIC`].
+    #[error("{}: not a pserver model (magic {found:02x?}, expected \"PSMODEL1\")", path.display())]
+    BadMagic {
+        /// The file.
+        path: PathBuf,
+        /// Its first eight bytes.
+        found: [u8; 8],
+    },
+    /// `weights.bin` has a layout version this code does not read.
+    #[error("{}: format version {found}, this build reads version {VERSION}", path.display())]
+    Version {
+        /// The file.
+        path: PathBuf,
+        /// The version it claims.
+        found: u32,
+    },
+    /// The header's value width is zero.
+    #[error("{}: value width (dim) is 0", path.display())]
+    BadDim {
+        /// The file.
+        path: PathBuf,
+    },
+    /// The file is shorter than its header says.
+    #[error("{}: truncated: {actual} bytes, the header needs {expected}", path.display())]
+    Truncated {
+        /// The file.
+        path: PathBuf,
+        /// Bytes the header implies (saturated at `u64::MAX`).
+        expected: u64,
+        /// Bytes present.
+        actual: u64,
+    },
+    /// The file is longer than its header says.
+    #[error("{}: {actual} bytes, the header accounts for only {expected}", path.display())]
+    TrailingBytes {
+        /// The file.
+        path: PathBuf,
+        /// Bytes the header implies.
+        expected: u64,
+        /// Bytes present.
+        actual: u64,
+    },
+    /// The model is larger than this machine can address.
+    #[error("{}: {count} entries do not fit in memory on this platform", path.display())]
+    TooLarge {
+        /// The file.
+        path: PathBuf,
+        /// Entries claimed.
+        count: u64,
+    },
+    /// The CRC32 does not match the contents: the file is corrupt.
+    #[error("{}: checksum mismatch (stored {stored:#010x}, computed {computed:#010x}): the file is corrupt", path.display())]
+    Checksum {
+        /// The file.
+        path: PathBuf,
+        /// The CRC at the end of the file.
+        stored: u32,
+        /// The CRC of its contents.
+        computed: u32,
+    },
+    /// Keys must be strictly increasing; this one is not.
+    #[error("{}: key #{index} is not greater than the key before it", path.display())]
+    KeysNotSorted {
+        /// The file.
+        path: PathBuf,
+        /// Position of the offending key.
+        index: u64,
+    },
+    /// A weight is NaN or infinite.
+    #[error("{}: weight #{index} is not finite", path.display())]
+    NonFinite {
+        /// The file.
+        path: PathBuf,
+        /// Position of the offending weight.
+        index: u64,
+    },
+    /// `model.json` is not valid JSON of the expected shape.
+    #[error("{}: invalid model metadata: {source}", path.display())]
+    Json {
+        /// The file.
+        path: PathBuf,
+        /// What the parser said.
+        source: serde_json::Error,
+    },
+    /// `model.json` parses but a field has a value this code refuses.
+    #[error("{}: field `{field}`: {problem}", path.display())]
+    JsonField {
+        /// The file.
+        path: PathBuf,
+        /// The field.
+        field: &'static str,
+        /// What is wrong with it.
+        problem: String,
+    },
+    /// `model.json` and `weights.bin` disagree: they are not from the same
+    /// save (an interrupted save, or files mixed from two models).
+    #[error("{}: `{field}` is {json} but {BIN_FILE} has {bin}: the two files are not from the same save", path.display())]
+    Mismatch {
+        /// The JSON file.
+        path: PathBuf,
+        /// The field that disagrees.
+        field: &'static str,
+        /// Its value in the JSON.
+        json: u64,
+        /// The value the binary has.
+        bin: u64,
+    },
+    /// The model in memory breaks an invariant, so it is not saved.
+    #[error("{}: refusing to save an invalid model: {what}", path.display())]
+    Invalid {
+        /// The directory it was to be saved in.
+        path: PathBuf,
+        /// The broken invariant.
+        what: String,
+    },
+}
+
+/// A trained table: sorted keys and their weights.
+///
+/// Invariants (checked by [`Model::check`], by [`Model::save`], and on
+/// [`Model::load`]): `dim >= 1`, keys strictly increasing,
+/// `weights.len() == keys.len() * dim` with the weights of `keys[i]` at
+/// `weights[i * dim..(i + 1) * dim]`, every weight finite. The fields are
+/// public for convenience; the lookups stay panic-free even if a caller
+/// breaks the invariants, they just answer `None` or 0.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Model {
+    /// Name of the table the weights came from.
+    pub table: String,
+    /// Values per key.
+    pub dim: u32,
+    /// Keys, strictly increasing.
+    pub keys: Vec<u64>,
+    /// `keys.len() * dim` weights, key by key.
+    pub weights: Vec<f32>,
+    /// Free-form metadata saved beside the weights: input format, schema
+    /// path, training settings; whatever a reader needs to use the model.
+    pub meta: serde_json::Value,
+}
+
+/// The contents of `model.json`.
+#[derive(Serialize, Deserialize)]
+struct ModelJson {
+    format: String,
+    version: u32,
+    table: String,
+    dim: u32,
+    count: u64,
+    nnz: u64,
+    bin_bytes: u64,
+    crc32: u32,
+    #[serde(default)]
+    meta: serde_json::Value,
+}
+
+impl Model {
+    /// A model over `keys` and `weights` (see the type's invariants), with
+    /// empty metadata (`{}`).
+    pub fn new(table: impl Into<String>, dim: u32, keys: Vec<u64>, weights: Vec<f32>) -> Model {
+        Model {
+            table: table.into(),
+            dim,
+            keys,
+            weights,
+            meta: serde_json::Value::Object(serde_json::Map::new()),
+        }
+    }
+
+    /// The same model with metadata `meta`.
+    pub fn with_meta(mut self, meta: serde_json::Value) -> Model {
+        self.meta = meta;
+        self
+    }
+
+    /// The same model without the keys whose weights are all zero: an L1
+    /// model is mostly zeros, and a missing key already reads as zero.
+    pub fn without_zeros(self) -> Model {
+        let dim = self.dim as usize;
+        if dim == 0 {
+            return self;
+        }
+        let mut keys = Vec::new();
+        let mut weights = Vec::new();
+        for (k, w) in self.keys.iter().zip(self.weights.chunks_exact(dim)) {
+            if w.iter().any(|x| *x != 0.0) {
+                keys.push(*k);
+                weights.extend_from_slice(w);
+            }
+        }
+        Model {
+            keys,
+            weights,
+            ..self
+        }
+    }
+
+    /// Number of keys.
+    pub fn len(&self) -> usize {
+        self.keys.len()
+    }
+
+    /// True when the model holds no key.
+    pub fn is_empty(&self) -> bool {
+        self.keys.is_empty()
+    }
+
+    /// Number of non-zero weights (over all `dim` components).
+    pub fn nnz(&self) -> usize {
+        self.weights.iter().filter(|w| **w != 0.0).count()
+    }
+
+    /// The `dim` weights of `key`, or `None` when the model does not hold
+    /// it (which reads as zero). Binary search: O(log n).
+    pub fn weight(&self, key: u64) -> Option<&[f32]> {
+        let dim = self.dim as usize;
+        let i = self.keys.binary_search(&key).ok()?;
+        let start = i.checked_mul(dim)?;
+        self.weights.get(start..start.checked_add(dim)?)
+    }
+
+    /// The linear margin `Σ w_k v_k` of one example with features `keys`
+    /// and values `vals`, in `f64`. Uses the first weight of each key, which
+    /// is the whole weight of a linear model (`dim == 1`). Keys the model
+    /// lacks contribute 0; a key without a value (`vals` shorter than
+    /// `keys`) has value 1, as binary features do.
+    pub fn margin(&self, keys: &[u64], vals: &[f32]) -> f64 {
+        keys.iter()
+            .enumerate()
+            .filter_map(|(i, k)| {
+                let w = *self.weight(*k)?.first()?;
+                let v = vals.get(i).copied().unwrap_or(1.0);
+                Some(f64::from(w) * f64::from(v))
+            })
+            .sum()
+    }
+
+    /// The predicted probability of the positive class for one example:
+    /// `sigmoid(margin)` (see [`Model::margin`]). This is logistic
+    /// regression, so it is meaningful for `dim == 1` models.
+    pub fn predict(&self, keys: &[u64], vals: &[f32]) -> f32 {
+        sigmoid(self.margin(keys, vals)) as f32
+    }
+
+    /// Checks the type's invariants; the error names `dir` as the place the
+    /// model was going to.
+    pub fn check(&self, dir: &Path) -> Result<(), ModelError> {
+        let invalid = |what: String| {
+            Err(ModelError::Invalid {
+                path: dir.to_path_buf(),
+                what,
+            })
+        };
+        if self.dim == 0 {
+            return invalid("dim is 0".into());
+        }
+        match self.keys.len().checked_mul(self.dim as usize) {
+            Some(n) if n == self.weights.len() => {}
+            _ => {
+                return invalid(format!(
+                    "{} keys of dim {} but {} weights",
+                    self.keys.len(),
+                    self.dim,
+                    self.weights.len()
+                ));
+            }
+        }
+        if let Some(i) = self.keys.windows(2).position(|w| w[0] >= w[1]) {
+            return invalid(format!(
+                "key #{} is not greater than the key before it",
+                i + 1
+            ));
+        }
+        if let Some(i) = self.weights.iter().position(|w| !w.is_finite()) {
+            return invalid(format!("weight #{i} is not finite"));
+        }
+        Ok(())
+    }
+
+    /// Saves the model into `dir` (created if missing), replacing any model
+    /// there: `weights.bin` first, then `model.json`, each atomically (see
+    /// the module documentation). Refuses a model that breaks the invariants,
+    /// since [`Model::load`] would refuse it later.
+    pub fn save(&self, dir: &Path) -> Result<(), ModelError> {
+        self.check(dir)?;
+        fs::create_dir_all(dir).map_err(|source| ModelError::Io {
+            path: dir.to_path_buf(),
+            op: "create the model directory",
+            source,
+        })?;
+
+        let bin_path = dir.join(BIN_FILE);
+        let mut crc = 0;
+        write_atomic(&bin_path, |w| {
+            crc = write_bin(w, self)?;
+            Ok(())
+        })
+        .map_err(|source| ModelError::Io {
+            path: bin_path.clone(),
+            op: "write",
+            source,
+        })?;
+
+        let json_path = dir.join(JSON_FILE);
+        let json = ModelJson {
+            format: FORMAT.to_string(),
+            version: VERSION,
+            table: self.table.clone(),
+            dim: self.dim,
+            count: self.keys.len() as u64,
+            nnz: self.nnz() as u64,
+            bin_bytes: bin_len(self.keys.len() as u64, self.dim).unwrap_or(u64::MAX),
+            crc32: crc,
+            meta: self.meta.clone(),
+        };
+        let text = serde_json::to_vec_pretty(&json).map_err(|source| ModelError::Json {
+            path: json_path.clone(),
+            source,
+        })?;
+        write_atomic(&json_path, |w| {
+            w.write_all(&text)?;
+            w.write_all(b"\n")
+        })
+        .map_err(|source| ModelError::Io {
+            path: json_path,
+            op: "write",
+            source,
+        })
+    }
+
+    /// Loads the model saved in `dir`, checking both files and that they
+    /// belong together.
+    pub fn load(dir: &Path) -> Result<Model, ModelError> {
+        let json_path = dir.join(JSON_FILE);
+        let json = read_json(&json_path)?;
+        let bin_path = dir.join(BIN_FILE);
+        let bin = read_bin(&bin_path)?;
+
+        let mismatch = |field, json, bin| {
+            Err(ModelError::Mismatch {
+                path: json_path.clone(),
+                field,
+                json,
+                bin,
+            })
+        };
+        if json.dim != bin.dim {
+            return mismatch("dim", u64::from(json.dim), u64::from(bin.dim));
+        }
+        if json.count != bin.keys.len() as u64 {
+            return mismatch("count", json.count, bin.keys.len() as u64);
+        }
+        if json.crc32 != bin.crc {
+            return mismatch("crc32", u64::from(json.crc32), u64::from(bin.crc));
+        }
+        if json.bin_bytes != bin.bytes {
+            return mismatch("bin_bytes", json.bin_bytes, bin.bytes);
+        }
+        let model = Model {
+            table: json.table,
+            dim: bin.dim,
+            keys: bin.keys,
+            weights: bin.weights,
+            meta: json.meta,
+        };
+        let nnz = model.nnz() as u64;
+        if json.nnz != nnz {
+            return mismatch("nnz", json.nnz, nnz);
+        }
+        Ok(model)
+    }
+}
+
+/// Size of `weights.bin` for `count` keys of width `dim`, if it fits a `u64`.
+fn bin_len(count: u64, dim: u32) -> Option<u64> {
+    let body = u128::from(count) * (8 + 4 * u128::from(dim));
+    u64::try_from(body + u128::from(HEADER_LEN + CRC_LEN)).ok()
+}
+
+/// Writes the binary layout of `m` to `w`; returns the CRC it appended.
+fn write_bin(w: &mut impl Write, m: &Model) -> io::Result<u32> {
+    let mut crc = crc32fast::Hasher::new();
+    let mut put = |w: &mut dyn Write, bytes: &[u8]| {
+        crc.update(bytes);
+        w.write_all(bytes)
+    };
+    let mut header = Vec::with_capacity(HEADER_LEN as usize);
+    header.extend_from_slice(&MAGIC);
+    header.extend_from_slice(&VERSION.to_le_bytes());
+    header.extend_from_slice(&m.dim.to_le_bytes());
+    header.extend_from_slice(&(m.keys.len() as u64).to_le_bytes());
+    put(w, &header)?;
+    // Encode a chunk at a time: one CRC update and one write per 64 KiB
+    // instead of one per value.
+    let mut buf = Vec::with_capacity(CHUNK);
+    for keys in m.keys.chunks(CHUNK / 8) {
+        buf.clear();
+        keys.iter()
+            .for_each(|k| buf.extend_from_slice(&k.to_le_bytes()));
+        put(w, &buf)?;
+    }
+    for weights in m.weights.chunks(CHUNK / 4) {
+        buf.clear();
+        weights
+            .iter()
+            .for_each(|x| buf.extend_from_slice(&x.to_le_bytes()));
+        put(w, &buf)?;
+    }
+    let crc = crc.finalize();
+    w.write_all(&crc.to_le_bytes())?;
+    Ok(crc)
+}
+
+/// What `weights.bin` holds, checked.
+struct Bin {
+    dim: u32,
+    keys: Vec<u64>,
+    weights: Vec<f32>,
+    crc: u32,
+    bytes: u64,
+}
+
+/// Opens `path` for reading, telling a missing file from other failures.
+fn open(path: &Path) -> Result<File, ModelError> {
+    File::open(path).map_err(|source| match source.kind() {
+        io::ErrorKind::NotFound => ModelError::Missing {
+            path: path.to_path_buf(),
+        },
+        _ => ModelError::Io {
+            path: path.to_path_buf(),
+            op: "open",
+            source,
+        },
+    })
+}
+
+/// Reads and checks `model.json`.
+fn read_json(path: &Path) -> Result<ModelJson, ModelError> {
+    let mut text = Vec::new();
+    open(path)?
+        // Metadata is small; a gigabyte "model.json" is not one, and reading
+        // it whole would only waste memory before the parser refuses it.
+        .take(64 << 20)
+        .read_to_end(&mut text)
+        .map_err(|source| ModelError::Io {
+            path: path.to_path_buf(),
+            op: "read",
+            source,
+        })?;
+    let json: ModelJson = serde_json::from_slice(&text).map_err(|source| ModelError::Json {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    let field = |field, problem: String| {
+        Err(ModelError::JsonField {
+            path: path.to_path_buf(),
+            field,
+            problem,
+        })
+    };
+    if json.format != FORMAT {
+        return field("format", format!("{:?}, expected {FORMAT:?}", json.format));
+    }
+    if json.version != VERSION {
+        return field(
+            "version",
+            format!("{}, this build reads version {VERSION}", json.version),
+        );
+    }
+    Ok(json)
+}
+
+/// Reads and checks `weights.bin`: magic, version, sizes against the file
+/// length (before allocating), CRC, key order, finite weights.
+fn read_bin(path: &Path) -> Result<Bin, ModelError> {
+    let io_err = |op, source| ModelError::Io {
+        path: path.to_path_buf(),
+        op,
+        source,
+    };
+    let file = open(path)?;
+    let actual = file.metadata().map_err(|e| io_err("stat", e))?.len();
+    let truncated = |expected: u64| ModelError::Truncated {
+        path: path.to_path_buf(),
+        expected,
+        actual,
+    };
+    if actual < MAGIC.len() as u64 {
+        return Err(truncated(HEADER_LEN + CRC_LEN));
+    }
+    let mut r = BufReader::with_capacity(CHUNK, file);
+    let mut crc = crc32fast::Hasher::new();
+    // The file may shrink while it is read; a short read is a truncation.
+    let read = |r: &mut BufReader<File>, buf: &mut [u8], expected: u64| {
+        r.read_exact(buf).map_err(|e| match e.kind() {
+            io::ErrorKind::UnexpectedEof => truncated(expected),
+            _ => io_err("read", e),
+        })
+    };
+
+    let mut header = [0u8; HEADER_LEN as usize];
+    read(&mut r, &mut header[..8], HEADER_LEN + CRC_LEN)?;
+    let mut found = [0u8; 8];
+    found.copy_from_slice(&header[..8]);
+    if found != MAGIC {
+        return Err(ModelError::BadMagic {
+            path: path.to_path_buf(),
+            found,
+        });
+    }
+    if actual < HEADER_LEN + CRC_LEN {
+        return Err(truncated(HEADER_LEN + CRC_LEN));
+    }
+    read(&mut r, &mut header[8..], HEADER_LEN + CRC_LEN)?;
+    crc.update(&header);
+    let u32_at =
+        |i: usize| u32::from_le_bytes([header[i], header[i + 1], header[i + 2], header[i + 3]]);
+    let version = u32_at(8);
+    if version != VERSION {
+        return Err(ModelError::Version {
+            path: path.to_path_buf(),
+            found: version,
+        });
+    }
+    let dim = u32_at(12);
+    if dim == 0 {
+        return Err(ModelError::BadDim {
+            path: path.to_path_buf(),
+        });
+    }
+    let mut count_bytes = [0u8; 8];
+    count_bytes.copy_from_slice(&header[16..24]);
+    let count = u64::from_le_bytes(count_bytes);
+
+    // Sizes against the file length first: a corrupt count must not make
+    // us allocate, or even try to read, gigabytes that are not there.
+    let expected = bin_len(count, dim);
+    match expected {
+        Some(e) if e == actual => {}
+        Some(e) if e < actual => {
+            return Err(ModelError::TrailingBytes {
+                path: path.to_path_buf(),
+                expected: e,
+                actual,
+            });
+        }
+        e => return Err(truncated(e.unwrap_or(u64::MAX))),
+    }
+    let too_large = || ModelError::TooLarge {
+        path: path.to_path_buf(),
+        count,
+    };
+    let n = usize::try_from(count).map_err(|_| too_large())?;
+    let n_weights = n.checked_mul(dim as usize).ok_or_else(too_large)?;
+
+    let mut keys = Vec::with_capacity(n);
+    let mut weights = Vec::with_capacity(n_weights);
+    let mut buf = vec![0u8; CHUNK];
+    let mut left = n * 8;
+    while left > 0 {
+        let chunk = &mut buf[..left.min(CHUNK)];
+        read(&mut r, chunk, actual)?;
+        crc.update(chunk);
+        keys.extend(
+            chunk
+                .chunks_exact(8)
+                .map(|b| u64::from_le_bytes([b[0], b[1], b[2], b[3], b[4], b[5], b[6], b[7]])),
+        );
+        left -= chunk.len();
+    }
+    let mut left = n_weights * 4;
+    while left > 0 {
+        let chunk = &mut buf[..left.min(CHUNK)];
+        read(&mut r, chunk, actual)?;
+        crc.update(chunk);
+        weights.extend(
+            chunk
+                .chunks_exact(4)
+                .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])),
+        );
+        left -= chunk.len();
+    }
+    let mut stored = [0u8; 4];
+    read(&mut r, &mut stored, actual)?;
+    let stored = u32::from_le_bytes(stored);
+    let computed = crc.finalize();
+    if stored != computed {
+        return Err(ModelError::Checksum {
+            path: path.to_path_buf(),
+            stored,
+            computed,
+        });
+    }
+
+    // The CRC proves the bytes are the ones written, not that the writer
+    // was right; check what lookups rely on.
+    if let Some(i) = keys.windows(2).position(|w| w[0] >= w[1]) {
+        return Err(ModelError::KeysNotSorted {
+            path: path.to_path_buf(),
+            index: i as u64 + 1,
+        });
+    }
+    if let Some(i) = weights.iter().position(|w| !w.is_finite()) {
+        return Err(ModelError::NonFinite {
+            path: path.to_path_buf(),
+            index: i as u64,
+        });
+    }
+    Ok(Bin {
+        dim,
+        keys,
+        weights,
+        crc: computed,
+        bytes: actual,
+    })
+}
+
+/// Replaces `path` with what `fill` writes, atomically: the bytes go to a
+/// fresh temporary file in the same directory (a rename is only atomic
+/// within one file system), which is synced and then renamed over `path`;
+/// the directory is synced too so the rename itself survives a crash.
+/// Readers see the old file or the new one, never a partial one. On failure
+/// the temporary file is removed and `path` is untouched.
+pub(crate) fn write_atomic(
+    path: &Path,
+    fill: impl FnOnce(&mut BufWriter<File>) -> io::Result<()>,
+) -> io::Result<()> {
+    // A per-process counter keeps concurrent writers of one path in one
+    // process from sharing a temporary file; the pid does the same across
+    // processes.
+    static NEXT: AtomicU64 = AtomicU64::new(0);
+    let name = path
+        .file_name()
+        .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "the path names no file"))?;
+    let dir = match path.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d,
+        _ => Path::new("."),
+    };
+    let tmp = dir.join(format!(
+        ".{}.tmp-{}-{}",
+        name.to_string_lossy(),
+        std::process::id(),
+        NEXT.fetch_add(1, Ordering::Relaxed)
+    ));
+    let written = (|| {
+        let file = OpenOptions::new().write(true).create_new(true).open(&tmp)?;
+        let mut w = BufWriter::with_capacity(CHUNK, file);
+        fill(&mut w)?;
+        let file = w.into_inner().map_err(io::IntoInnerError::into_error)?;
+        file.sync_all()?;
+        drop(file);
+        fs::rename(&tmp, path)
+    })();
+    if let Err(e) = written {
+        let _ = fs::remove_file(&tmp);
+        return Err(e);
+    }
+    sync_dir(dir)
+}
+
+/// Makes a rename in `dir` durable (POSIX needs the directory synced).
+#[cfg(unix)]
+fn sync_dir(dir: &Path) -> io::Result<()> {
+    File::open(dir)?.sync_all()
+}
+
+/// Directories cannot be opened for syncing here; the rename is as durable
+/// as the platform makes it.
+#[cfg(not(unix))]
+fn sync_dir(_dir: &Path) -> io::Result<()> {
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn sample() -> Model {
+        Model::new(
+            "w",
+            1,
+            vec![3, 7, 1 << 40, u64::MAX - 1],
+            vec![0.5, -1.25, 0.0, 2.0],
+        )
+        .with_meta(serde_json::json!({"format": "libsvm", "schema": null}))
+    }
+
+    fn saved() -> (tempfile::TempDir, PathBuf) {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().join("model");
+        sample().save(&dir).unwrap();
+        (tmp, dir)
+    }
+
+    /// Rewrites `weights.bin` with a fresh CRC after `edit`, so a test can
+    /// reach the checks behind the checksum.
+    fn rewrite_bin(dir: &Path, edit: impl FnOnce(&mut Vec<u8>)) {
+        let path = dir.join(BIN_FILE);
+        let mut bytes = fs::read(&path).unwrap();
+        let n = bytes.len() - 4;
+        bytes.truncate(n);
+        edit(&mut bytes);
+        let crc = crc32fast::hash(&bytes);
+        bytes.extend_from_slice(&crc.to_le_bytes());
+        fs::write(&path, bytes).unwrap();
+    }
+
+    #[test]
+    fn round_trip() {
+        let (_tmp, dir) = saved();
+        let m = Model::load(&dir).unwrap();
+        assert_eq!(m, sample());
+        let text = fs::read_to_string(dir.join(JSON_FILE)).unwrap();
+        assert!(text.contains("\"format\": \"pserver-model\""));
+        assert!(text.contains("\"libsvm\""));
+        // Saving again replaces the model and leaves no temporary file.
+        let other = Model::new("v", 2, vec![1], vec![1.0, 2.0]);
+        other.save(&dir).unwrap();
+        assert_eq!(Model::load(&dir).unwrap(), other);
+        let names: Vec<_> = fs::read_dir(&dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        assert_eq!(names.len(), 2, "{names:?}");
+    }
+
+    #[test]
+    fn empty_model_round_trips() {
+        let tmp = tempfile::tempdir().unwrap();
+        let m = Model::new("empty", 1, vec![], vec![]);
+        m.save(tmp.path()).unwrap();
+        assert_eq!(Model::load(tmp.path()).unwrap(), m);
+        assert_eq!(fs::metadata(tmp.path().join(BIN_FILE)).unwrap().len(), 28);
+    }
+
+    #[test]
+    fn lookups_and_predict() {
+        let m = sample();
+        assert_eq!(m.weight(7), Some(&[-1.25f32][..]));
+        assert_eq!(m.weight(8), None);
+        assert_eq!(m.weight(u64::MAX), None);
+        assert_eq!(m.predict(&[], &[]), 0.5);
+        // 0.5 * 2 + (-1.25) * 1 (value missing: 1) + unknown key 9.
+        assert!((m.margin(&[3, 7, 9], &[2.0]) - -0.25).abs() < 1e-12);
+        let p = m.predict(&[3, 7, 9], &[2.0]);
+        assert!((f64::from(p) - sigmoid(-0.25)).abs() < 1e-7);
+        let wide = Model::new("e", 3, vec![1, 2], vec![1.0, 2.0, 3.0, 4.0, 5.0, 6.0]);
+        assert_eq!(wide.weight(2), Some(&[4.0f32, 5.0, 6.0][..]));
+        assert_eq!(wide.margin(&[2], &[1.0]), 4.0);
+    }
+
+    #[test]
+    fn lookups_survive_broken_invariants() {
+        let mut m = Model::new("x", 2, vec![1, 2, 3], vec![1.0]);
+        assert_eq!(m.weight(2), None);
+        assert_eq!(m.predict(&[1, 2, 3], &[1.0; 3]), 0.5);
+        m.dim = 0;
+        assert_eq!(m.weight(1), Some(&[][..]));
+        assert_eq!(m.predict(&[1], &[1.0]), 0.5);
+        let _ = m.without_zeros();
+    }
+
+    #[test]
+    fn without_zeros_drops_all_zero_keys() {
+        let m = Model::new("e", 2, vec![1, 2, 3], vec![0.0, 0.0, 0.0, 1.0, -0.0, 0.0]);
+        let p = m.without_zeros();
+        assert_eq!(p.keys, vec![2]);
+        assert_eq!(p.weights, vec![0.0, 1.0]);
+    }
+
+    #[test]
+    fn save_refuses_invalid_models() {
+        let tmp = tempfile::tempdir().unwrap();
+        for bad in [
+            Model::new("x", 0, vec![], vec![]),
+            Model::new("x", 1, vec![1, 2], vec![1.0]),
+            Model::new("x", 1, vec![2, 1], vec![1.0, 1.0]),
+            Model::new("x", 1, vec![2, 2], vec![1.0, 1.0]),
+            Model::new("x", 1, vec![1], vec![f32::NAN]),
+        ] {
+            let e = bad.save(tmp.path()).unwrap_err();
+            assert!(matches!(e, ModelError::Invalid { .. }), "{e}");
+        }
+        assert!(fs::read_dir(tmp.path()).unwrap().next().is_none());
+    }
+
+    #[test]
+    fn missing_files() {
+        let tmp = tempfile::tempdir().unwrap();
+        let e = Model::load(&tmp.path().join("nowhere")).unwrap_err();
+        assert!(
+            matches!(&e, ModelError::Missing { path } if path.ends_with(JSON_FILE)),
+            "{e}"
+        );
+        let (_tmp, dir) = saved();
+        fs::remove_file(dir.join(BIN_FILE)).unwrap();
+        let e = Model::load(&dir).unwrap_err();
+        assert!(
+            matches!(&e, ModelError::Missing { path } if path.ends_with(BIN_FILE)),
+            "{e}"
+        );
+        assert!(e.to_string().contains(BIN_FILE));
+    }
+
+    #[test]
+    fn every_flipped_bit_is_caught() {
+        let (_tmp, dir) = saved();
+        let path = dir.join(BIN_FILE);
+        let good = fs::read(&path).unwrap();
+        for byte in 0..good.len() {
+            for bit in 0..8 {
+                let mut bad = good.clone();
+                bad[byte] ^= 1 << bit;
+                fs::write(&path, &bad).unwrap();
+                let e = Model::load(&dir).unwrap_err();
+                let expected = match byte {
+                    0..8 => matches!(e, ModelError::BadMagic { .. }),
+                    8..12 => matches!(e, ModelError::Version { .. }),
+                    // dim and count: the sizes no longer add up (or dim
+                    // becomes 0).
+                    12..24 => matches!(
+                        e,
+                        ModelError::Truncated { .. }
+                            | ModelError::TrailingBytes { .. }
+                            | ModelError::BadDim { .. }
+                    ),
+                    _ => matches!(e, ModelError::Checksum { .. }),
+                };
+                assert!(expected, "byte {byte} bit {bit}: {e}");
+                assert!(e.to_string().contains(BIN_FILE));
+            }
+        }
+    }
+
+    #[test]
+    fn truncated_or_extended_files() {
+        let (_tmp, dir) = saved();
+        let path = dir.join(BIN_FILE);
+        let good = fs::read(&path).unwrap();
+        for len in 0..good.len() {
+            fs::write(&path, &good[..len]).unwrap();
+            let e = Model::load(&dir).unwrap_err();
+            assert!(matches!(e, ModelError::Truncated { .. }), "len {len}: {e}");
+        }
+        let mut long = good.clone();
+        long.push(0);
+        fs::write(&path, &long).unwrap();
+        let e = Model::load(&dir).unwrap_err();
+        assert!(matches!(e, ModelError::TrailingBytes { .. }), "{e}");
+    }
+
+    #[test]
+    fn huge_count_is_refused_before_allocating() {
+        let (_tmp, dir) = saved();
+        rewrite_bin(&dir, |b| {
+            b[16..24].copy_from_slice(&(u64::MAX / 3).to_le_bytes())
+        });
+        let e = Model::load(&dir).unwrap_err();
+        assert!(matches!(e, ModelError::Truncated { .. }), "{e}");
+        rewrite_bin(&dir, |b| b[12..16].copy_from_slice(&u32::MAX.to_le_bytes()));
+        assert!(Model::load(&dir).is_err());
+    }
+
+    #[test]
+    fn wrong_magic_version_dim() {
+        let (_tmp, dir) = saved();
+        rewrite_bin(&dir, |b| b[..8].copy_from_slice(b"NOTMODEL"));
+        let e = Model::load(&dir).unwrap_err();
+        assert!(
+            matches!(e, ModelError::BadMagic { found, .. } if &found == b"NOTMODEL"),
+            "{e}"
+        );
+        let (_tmp, dir) = saved();
+        rewrite_bin(&dir, |b| b[8..12].copy_from_slice(&2u32.to_le_bytes()));
+        let e = Model::load(&dir).unwrap_err();
+        assert!(matches!(e, ModelError::Version { found: 2, .. }), "{e}");
+        let (_tmp, dir) = saved();
+        rewrite_bin(&dir, |b| b[12..16].copy_from_slice(&0u32.to_le_bytes()));
+        let e = Model::load(&dir).unwrap_err();
+        assert!(matches!(e, ModelError::BadDim { .. }), "{e}");
+    }
+
+    #[test]
+    fn unsorted_keys_and_non_finite_weights_behind_a_good_crc() {
+        let (_tmp, dir) = saved();
+        // Swap the first two keys.
+        rewrite_bin(&dir, |b| {
+            let (k0, k1) = (b[24..32].to_vec(), b[32..40].to_vec());
+            b[24..32].copy_from_slice(&k1);
+            b[32..40].copy_from_slice(&k0);
+        });
+        let e = Model::load(&dir).unwrap_err();
+        assert!(
+            matches!(e, ModelError::KeysNotSorted { index: 1, .. }),
+            "{e}"
+        );
+        let (_tmp, dir) = saved();
+        // The third weight (after 4 keys of 8 bytes) becomes infinite.
+        rewrite_bin(&dir, |b| {
+            b[24 + 32 + 8..24 + 32 + 12].copy_from_slice(&f32::INFINITY.to_le_bytes())
+        });
+        let e = Model::load(&dir).unwrap_err();
+        assert!(matches!(e, ModelError::NonFinite { index: 2, .. }), "{e}");
+    }
+
+    #[test]
+    fn json_and_bin_must_agree() {
+        let (_tmp, dir) = saved();
+        let other = tempfile::tempdir().unwrap();
+        Model::new("w", 1, vec![1, 2], vec![1.0, 2.0])
+            .save(other.path())
+            .unwrap();
+        // A binary from another save.
+        fs::copy(other.path().join(BIN_FILE), dir.join(BIN_FILE)).unwrap();
+        let e = Model::load(&dir).unwrap_err();
+        assert!(
+            matches!(
+                e,
+                ModelError::Mismatch {
+                    field: "count",
+                    json: 4,
+                    bin: 2,
+                    ..
+                }
+            ),
+            "{e}"
+        );
+        assert!(e.to_string().contains(JSON_FILE));
+
+        // Same shape, different contents: only the CRC tells them apart.
+        let (_tmp, dir) = saved();
+        let mut m = sample();
+        m.weights[0] = 9.0;
+        let other = tempfile::tempdir().unwrap();
+        m.save(other.path()).unwrap();
+        fs::copy(other.path().join(BIN_FILE), dir.join(BIN_FILE)).unwrap();
+        let e = Model::load(&dir).unwrap_err();
+        assert!(
+            matches!(e, ModelError::Mismatch { field: "crc32", .. }),
+            "{e}"
+        );
+
+        let edits: [(&str, &str, &str); 3] = [
+            ("\"dim\": 1", "\"dim\": 2", "dim"),
+            ("\"nnz\": 3", "\"nnz\": 4", "nnz"),
+            ("\"bin_bytes\": 76", "\"bin_bytes\": 77", "bin_bytes"),
+        ];
+        for (from, to, which) in edits {
+            let (_tmp, dir) = saved();
+            let path = dir.join(JSON_FILE);
+            let text = fs::read_to_string(&path).unwrap();
+            assert!(text.contains(from), "{text}");
+            fs::write(&path, text.replace(from, to)).unwrap();
+            let e = Model::load(&dir).unwrap_err();
+            assert!(
+                matches!(e, ModelError::Mismatch { field, .. } if field == which),
+                "{e}"
+            );
+        }
+    }
+
+    #[test]
+    fn bad_json() {
+        type Check = fn(&ModelError) -> bool;
+        let cases: [(&str, Check); 5] = [
+            ("", |e| matches!(e, ModelError::Json { .. })),
+            ("{\"format\": \"pserver-model\"", |e| {
+                matches!(e, ModelError::Json { .. })
+            }),
+            ("[1, 2, 3]", |e| matches!(e, ModelError::Json { .. })),
+            (
+                r#"{"format":"other","version":1,"table":"w","dim":1,"count":4,"nnz":3,"bin_bytes":76,"crc32":0}"#,
+                |e| {
+                    matches!(
+                        e,
+                        ModelError::JsonField {
+                            field: "format",
+                            ..
+                        }
+                    )
+                },
+            ),
+            (
+                r#"{"format":"pserver-model","version":9,"table":"w","dim":1,"count":4,"nnz":3,"bin_bytes":76,"crc32":0}"#,
+                |e| {
+                    matches!(
+                        e,
+                        ModelError::JsonField {
+                            field: "version",
+                            ..
+                        }
+                    )
+                },
+            ),
+        ];
+        for (text, ok) in cases {
+            let (_tmp, dir) = saved();
+            fs::write(dir.join(JSON_FILE), text).unwrap();
+            let e = Model::load(&dir).unwrap_err();
+            assert!(ok(&e), "{text}: {e}");
+            assert!(e.to_string().contains(JSON_FILE));
+        }
+    }
+
+    #[test]
+    fn write_atomic_keeps_the_old_file_on_failure() {
+        let tmp = tempfile::tempdir().unwrap();
+        let path = tmp.path().join("f");
+        write_atomic(&path, |w| w.write_all(b"old")).unwrap();
+        let e = write_atomic(&path, |w| {
+            w.write_all(b"new, partial")?;
+            Err(io::Error::other("disk full"))
+        });
+        assert!(e.is_err());
+        assert_eq!(fs::read(&path).unwrap(), b"old");
+        assert_eq!(fs::read_dir(tmp.path()).unwrap().count(), 1);
+    }
+
+    fn model_strategy() -> impl Strategy<Value = Model> {
+        (1u32..4, prop::collection::btree_set(any::<u64>(), 0..50)).prop_flat_map(|(dim, keys)| {
+            let n = keys.len() * dim as usize;
+            (
+                Just(dim),
+                Just(keys.into_iter().collect::<Vec<_>>()),
+                prop::collection::vec(-1e30f32..1e30, n),
+                ".{0,12}",
+            )
+                .prop_map(|(dim, keys, weights, table)| Model::new(table, dim, keys, weights))
+        })
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(64))]
+
+        #[test]
+        fn prop_round_trip(m in model_strategy()) {
+            let tmp = tempfile::tempdir().unwrap();
+            m.save(tmp.path()).unwrap();
+            let back = Model::load(tmp.path()).unwrap();
+            prop_assert_eq!(&back, &m);
+            for (i, k) in m.keys.iter().enumerate() {
+                let d = m.dim as usize;
+                prop_assert_eq!(back.weight(*k), Some(&m.weights[i * d..(i + 1) * d]));
+            }
+        }
+
+        #[test]
+        fn prop_garbage_never_panics(
+            bin in prop::collection::vec(any::<u8>(), 0..200),
+            json in prop::collection::vec(any::<u8>(), 0..200),
+        ) {
+            let tmp = tempfile::tempdir().unwrap();
+            fs::write(tmp.path().join(BIN_FILE), &bin).unwrap();
+            fs::write(tmp.path().join(JSON_FILE), &json).unwrap();
+            prop_assert!(Model::load(tmp.path()).is_err());
+        }
+
+        #[test]
+        fn prop_valid_header_garbage_body_never_panics(
+            dim in 0u32..5,
+            count in 0u64..20,
+            body in prop::collection::vec(any::<u8>(), 0..400),
+        ) {
+            let tmp = tempfile::tempdir().unwrap();
+            let mut bin = MAGIC.to_vec();
+            bin.extend_from_slice(&VERSION.to_le_bytes());
+            bin.extend_from_slice(&dim.to_le_bytes());
+            bin.extend_from_slice(&count.to_le_bytes());
+            bin.extend_from_slice(&body);
+            fs::write(tmp.path().join(BIN_FILE), &bin).unwrap();
+            Model::new("w", 1, vec![], vec![]).save(&tmp.path().join("ok")).unwrap();
+            fs::copy(tmp.path().join("ok").join(JSON_FILE), tmp.path().join(JSON_FILE)).unwrap();
+            let _ = Model::load(tmp.path());
+        }
+    }
+}

@@ -374,8 +374,8 @@ mod tests {
 
     #[test]
     fn bad_flags() {
-        let b = corrupt(|b| b[6..8].copy_from_slice(&(FLAG_RETRY | 4).to_le_bytes()));
-        assert_eq!(decode(&b), Err(WireError::BadFlags(FLAG_RETRY | 4)));
+        let b = corrupt(|b| b[6..8].copy_from_slice(&(FLAG_RETRY | 8).to_le_bytes()));
+        assert_eq!(decode(&b), Err(WireError::BadFlags(FLAG_RETRY | 8)));
         let b = corrupt(|b| b[7] = 0x80);
         assert_eq!(decode(&b), Err(WireError::BadFlags(0x8000)));
     }
@@ -543,8 +543,8 @@ mod tests {
         assert_eq!(push().check(&limits), Ok(()));
 
         let mut f = push();
-        f.header.flags = 4;
-        assert_eq!(f.check(&limits), Err(WireError::BadFlags(4)));
+        f.header.flags = 8;
+        assert_eq!(f.check(&limits), Err(WireError::BadFlags(8)));
 
         let mut f = push();
         f.header.range = KeyRange { begin: 2, end: 1 };

@@ -4,6 +4,7 @@ mod demo;
 mod kv;
 mod parse;
 mod status;
+mod train;
 
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
@@ -110,6 +111,11 @@ enum Cmd {
         #[arg(long)]
         json: bool,
     },
+    /// Train sparse logistic regression (the main job): by default on the
+    /// bundled flights data, on a local cluster of 2 servers and 2 workers.
+    Train(train::TrainArgs),
+    /// Score data with a model saved by `train --save`: one probability per line.
+    Predict(train::PredictArgs),
     /// Start a whole cluster on this machine: a manager and servers, and
     /// optionally workers running a demo job.
     Local {
@@ -187,6 +193,8 @@ async fn run(cli: Cli) -> Result<()> {
         }
         Cmd::Kv { manager, cmd } => kv::run(&manager, cmd).await,
         Cmd::Status { manager, json } => status::run(&manager, json).await,
+        Cmd::Train(args) => train::run(args).await,
+        Cmd::Predict(args) => train::predict(args).await,
         Cmd::Local {
             servers,
             workers,

@@ -1,0 +1,56 @@
+//! What the learning applications report while they run.
+
+use std::time::Duration;
+
+/// One worker's iteration (a block for DBPG, a minibatch for FTRL).
+#[derive(Clone, Debug, PartialEq)]
+pub struct IterStats {
+    /// Which worker.
+    pub worker: usize,
+    /// Its clock.
+    pub iteration: u64,
+    /// Sum of the logistic loss over the rows it evaluated.
+    pub loss: f64,
+    /// Rows the loss is over.
+    pub rows: usize,
+    /// Coordinates pushed.
+    pub pushed: usize,
+    /// Coordinates the KKT filter kept back.
+    pub filtered: usize,
+    /// Time computing.
+    pub busy: Duration,
+    /// Time in push and pull, consistency waits included.
+    pub wait: Duration,
+}
+
+/// Events of a training run.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Progress {
+    /// A worker loaded its shard.
+    Loaded {
+        /// Which worker.
+        worker: usize,
+        /// Rows it holds.
+        rows: usize,
+    },
+    /// A worker finished an iteration.
+    Iter(IterStats),
+    /// Every worker finished an iteration: the training objective.
+    Objective {
+        /// Seconds since training began.
+        seconds: f64,
+        /// The clock.
+        iteration: u64,
+        /// Mean logistic loss over the rows evaluated at that clock.
+        objective: f64,
+    },
+    /// The test set was scored during training.
+    Test {
+        /// Seconds since training began.
+        seconds: f64,
+        /// Test AUC.
+        auc: f64,
+        /// Test log-loss.
+        logloss: f64,
+    },
+}

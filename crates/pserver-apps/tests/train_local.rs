@@ -1,0 +1,113 @@
+//! Small end-to-end trainings on in-process clusters: both algorithms learn
+//! a synthetic problem, bad input lines are reported, and the saved model
+//! scores like the cluster did.
+
+use pserver_apps::train::{Algo, TrainConfig, evaluate, train};
+use pserver_data::Format;
+use pserver_node::local::{LocalCluster, LocalConfig};
+use std::io::Write;
+use std::path::Path;
+use std::time::Duration;
+
+/// Writes a LIBSVM file whose label follows a sparse linear model over 50
+/// features, plus a few malformed lines.
+fn write_data(path: &Path, rows: usize, seed: u64, bad: bool) {
+    let mut f = std::io::BufWriter::new(std::fs::File::create(path).unwrap());
+    let mut x = seed;
+    let mut next = || {
+        x = x
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        x >> 33
+    };
+    for i in 0..rows {
+        let mut feats: Vec<u64> = (0..6).map(|_| next() % 50 + 1).collect();
+        feats.sort_unstable();
+        feats.dedup();
+        // Features 1..=25 push towards 1, the rest towards 0.
+        let score: f64 = feats
+            .iter()
+            .map(|&j| if j <= 25 { 1.0 } else { -1.0 })
+            .sum();
+        let noise = (next() % 1000) as f64 / 1000.0 - 0.5;
+        let label = if score + noise > 0.0 { 1 } else { -1 };
+        let line: Vec<String> = feats.iter().map(|j| format!("{j}:1")).collect();
+        writeln!(f, "{label} {}", line.join(" ")).unwrap();
+        if bad && i == 10 {
+            writeln!(f, "+1 3:x").unwrap();
+        }
+    }
+}
+
+fn config(algo: Algo, train_path: &Path, test_path: &Path) -> TrainConfig {
+    TrainConfig {
+        algo,
+        train: train_path.to_path_buf(),
+        test: Some(test_path.to_path_buf()),
+        format: Format::Libsvm,
+        workers: 2,
+        tau: 1,
+        l1: 0.1,
+        l2: 0.1,
+        blocks: 4,
+        epochs: 8,
+        batch: 100,
+        alpha: 0.1,
+        beta: 1.0,
+        kkt: Some(0.1),
+        eval_every: Some(Duration::from_millis(50)),
+    }
+}
+
+async fn run(algo: Algo) {
+    let dir = tempfile::tempdir().unwrap();
+    let (tr, te) = (dir.path().join("train.svm"), dir.path().join("test.svm"));
+    write_data(&tr, 3000, 1, true);
+    write_data(&te, 1000, 2, false);
+    let cluster = LocalCluster::start(LocalConfig::default()).await.unwrap();
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+    let drain = tokio::spawn(async move { while rx.recv().await.is_some() {} });
+    let cfg = config(algo, &tr, &te);
+    let r = train(&cluster.manager_addr().to_string(), &cfg, tx)
+        .await
+        .unwrap();
+    drain.await.unwrap();
+    assert!(r.test.auc > 0.95, "{algo:?}: test AUC {}", r.test.auc);
+    assert_eq!(r.train_rows, 3000);
+    assert_eq!(r.test.examples, 1000);
+    // The malformed line is reported with its line number, not dropped silently.
+    let bad: Vec<_> = r.bad.iter().flat_map(|s| s.first_bad.iter()).collect();
+    assert_eq!(bad.len(), 1, "{bad:?}");
+    assert_eq!(bad[0].line, 12);
+    assert!(!r.curve.is_empty() && !r.test_curve.is_empty());
+    assert!(r.bytes_sent > 0 && r.bytes_received > 0);
+    assert!(r.nnz > 0 && r.nnz <= 51);
+    // The model scores the test set as the cluster's weights did.
+    let dirm = dir.path().join("model");
+    r.model.save(&dirm).unwrap();
+    let back = pserver_apps::model::Model::load(&dirm).unwrap();
+    let (test, _) = {
+        let mut reader = pserver_data::open(&te, &Format::Libsvm, &Default::default()).unwrap();
+        let mut b = pserver_apps::dataset::Builder::new();
+        for ex in reader.by_ref() {
+            b.add(ex.label, &ex.keys, &ex.vals);
+        }
+        (b.build(), ())
+    };
+    let m = evaluate(&back, &test);
+    assert!((m.auc - r.test.auc).abs() < 1e-9);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dbpg_learns_a_sparse_model() {
+    tokio::time::timeout(Duration::from_secs(120), run(Algo::Dbpg))
+        .await
+        .unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ftrl_learns_a_sparse_model() {
+    tokio::time::timeout(Duration::from_secs(120), run(Algo::Ftrl))
+        .await
+        .unwrap();
+}

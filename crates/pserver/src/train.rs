@@ -1,0 +1,438 @@
+//! `pserver train` and `pserver predict`: the main job. Train sparse logistic
+//! regression on a cluster (a local one unless `--manager` is given), show
+//! progress, score the test set, and write the report, plot and model.
+
+use anyhow::{Context, Result, bail};
+use clap::{Args, ValueEnum};
+use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
+use pserver_apps::model::Model;
+use pserver_apps::progress::Progress;
+use pserver_apps::report::{Report, merge_curve};
+use pserver_apps::train::{Algo, RunResult, TrainConfig, train};
+use pserver_data::Format;
+use pserver_node::local::{LocalCluster, LocalConfig};
+use std::io::{IsTerminal, Write};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+/// The bundled data set, relative to the repository root.
+const FLIGHTS_DATA: &str = "data/nycflights13/flights.csv.gz";
+/// Its schema.
+const FLIGHTS_SCHEMA: &str = "data/nycflights13/flights.toml";
+
+/// Input formats.
+#[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum FormatName {
+    /// `label idx:val ...`
+    Libsvm,
+    /// Criteo TSV: label, 13 integer and 26 categorical fields.
+    Criteo,
+    /// CSV with a TOML schema (`--schema`).
+    Csv,
+}
+
+/// Algorithms.
+#[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum AlgoName {
+    /// Delayed block proximal gradient (L1/L2 proximal step on the servers).
+    Dbpg,
+    /// Asynchronous SGD with FTRL-Proximal on the servers.
+    Ftrl,
+}
+
+/// `pserver train` flags.
+#[derive(Args, Debug)]
+pub struct TrainArgs {
+    /// Training data (default: the bundled flights data).
+    #[arg(long)]
+    train: Option<PathBuf>,
+    /// Test data (default: the schema's held-out split of --train).
+    #[arg(long)]
+    test: Option<PathBuf>,
+    /// Input format (default: csv for the bundled data, else libsvm).
+    #[arg(long, value_enum)]
+    format: Option<FormatName>,
+    /// Schema of a CSV input.
+    #[arg(long)]
+    schema: Option<PathBuf>,
+    /// Learning algorithm.
+    #[arg(long, value_enum, default_value_t = AlgoName::Dbpg)]
+    algo: AlgoName,
+    /// Bounded delay in iterations (0: sequential).
+    #[arg(long, default_value_t = 1)]
+    tau: u64,
+    /// L1 regularization.
+    #[arg(long, default_value_t = 1.0)]
+    l1: f32,
+    /// L2 regularization.
+    #[arg(long, default_value_t = 1.0)]
+    l2: f32,
+    /// Key-range blocks (dbpg).
+    #[arg(long, default_value_t = 16)]
+    blocks: usize,
+    /// Passes over the data.
+    #[arg(long, default_value_t = 10)]
+    epochs: usize,
+    /// Minibatch rows (ftrl).
+    #[arg(long, default_value_t = 1000)]
+    batch: usize,
+    /// FTRL alpha.
+    #[arg(long, default_value_t = 0.1)]
+    alpha: f32,
+    /// FTRL beta.
+    #[arg(long, default_value_t = 1.0)]
+    beta: f32,
+    /// KKT filter margin delta in [0, 1) (dbpg); negative turns the filter off.
+    #[arg(long, default_value_t = 0.1, allow_hyphen_values = true)]
+    kkt: f32,
+    /// Servers of the local cluster.
+    #[arg(long, default_value_t = 2)]
+    servers: usize,
+    /// Workers.
+    #[arg(long, default_value_t = 2)]
+    workers: usize,
+    /// Join this manager's cluster instead of starting a local one.
+    #[arg(long)]
+    manager: Option<String>,
+    /// Write every figure and the curve as JSON.
+    #[arg(long)]
+    report: Option<PathBuf>,
+    /// Write the objective and test AUC against time as SVG.
+    #[arg(long)]
+    plot: Option<PathBuf>,
+    /// Save the trained weights to this directory.
+    #[arg(long)]
+    save: Option<PathBuf>,
+    /// Score the test set every this many milliseconds while training (0: only at the end).
+    #[arg(long, default_value_t = 500)]
+    eval_every_ms: u64,
+}
+
+/// `pserver predict` flags.
+#[derive(Args, Debug)]
+pub struct PredictArgs {
+    /// Directory written by `pserver train --save`.
+    #[arg(long)]
+    model: PathBuf,
+    /// Data to score.
+    #[arg(long)]
+    data: PathBuf,
+    /// Input format (default: the one the model was trained on).
+    #[arg(long, value_enum)]
+    format: Option<FormatName>,
+    /// Schema of a CSV input (default: the one the model was trained on).
+    #[arg(long)]
+    schema: Option<PathBuf>,
+    /// Write probabilities here instead of standard output.
+    #[arg(long)]
+    out: Option<PathBuf>,
+}
+
+/// Finds a bundled file: relative to the working directory, else in the
+/// source tree this binary was built from.
+fn bundled(rel: &str) -> PathBuf {
+    let here = PathBuf::from(rel);
+    if here.exists() {
+        return here;
+    }
+    let built = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../..")
+        .join(rel);
+    if built.exists() { built } else { here }
+}
+
+fn format_of(name: FormatName, schema: Option<&Path>) -> Result<Format> {
+    Ok(match name {
+        FormatName::Libsvm => Format::Libsvm,
+        FormatName::Criteo => Format::Criteo,
+        FormatName::Csv => {
+            let path = schema.context("--format csv needs --schema FILE")?;
+            Format::Csv(Arc::new(pserver_data::load_schema(path)?))
+        }
+    })
+}
+
+/// Runs `pserver train`.
+pub async fn run(args: TrainArgs) -> Result<()> {
+    let bundled_run = args.train.is_none();
+    let train_path = args.train.clone().unwrap_or_else(|| bundled(FLIGHTS_DATA));
+    let schema = match (&args.schema, bundled_run) {
+        (Some(s), _) => Some(s.clone()),
+        (None, true) => Some(bundled(FLIGHTS_SCHEMA)),
+        (None, false) => None,
+    };
+    let fname = args.format.unwrap_or(if schema.is_some() {
+        FormatName::Csv
+    } else {
+        FormatName::Libsvm
+    });
+    let format = format_of(fname, schema.as_deref())?;
+    let cfg = TrainConfig {
+        algo: match args.algo {
+            AlgoName::Dbpg => Algo::Dbpg,
+            AlgoName::Ftrl => Algo::Ftrl,
+        },
+        train: train_path.clone(),
+        test: args.test.clone(),
+        format,
+        workers: args.workers,
+        tau: args.tau,
+        l1: args.l1,
+        l2: args.l2,
+        blocks: args.blocks,
+        epochs: args.epochs,
+        batch: args.batch,
+        alpha: args.alpha,
+        beta: args.beta,
+        kkt: (args.kkt >= 0.0).then_some(args.kkt),
+        eval_every: (args.eval_every_ms > 0).then(|| Duration::from_millis(args.eval_every_ms)),
+    };
+    cfg.validate()?;
+    if args.servers == 0 {
+        bail!("--servers must be at least 1");
+    }
+
+    let cluster;
+    let manager = match &args.manager {
+        Some(m) => m.clone(),
+        None => {
+            let mut lc = LocalConfig {
+                servers: args.servers,
+                ..LocalConfig::default()
+            };
+            lc.manager.listen = "127.0.0.1:0".into();
+            cluster = LocalCluster::start(lc)
+                .await
+                .context("starting the local cluster")?;
+            cluster.manager_addr().to_string()
+        }
+    };
+    println!(
+        "training {} on {} ({} workers, {}; tau {}, l1 {}, l2 {}) via manager {}",
+        args.algo_name(),
+        train_path.display(),
+        args.workers,
+        match &args.manager {
+            Some(_) => "existing cluster".to_string(),
+            None => format!("local cluster of {} servers", args.servers),
+        },
+        args.tau,
+        args.l1,
+        args.l2,
+        manager
+    );
+
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+    let total = match cfg.algo {
+        Algo::Dbpg => (cfg.blocks * cfg.epochs) as u64,
+        Algo::Ftrl => 0,
+    };
+    let ui = tokio::spawn(show_progress(rx, total, cfg.workers));
+    let result = train(&manager, &cfg, tx).await;
+    let _ = ui.await;
+    let result = result?;
+    report_bad_lines(&result);
+    let report = report_of(&args, &cfg, &result);
+    print!("{}", report.table());
+    if let Some(path) = &args.report {
+        report
+            .write_json(path)
+            .with_context(|| format!("writing the report to {}", path.display()))?;
+        println!("report written to {}", path.display());
+    }
+    if let Some(path) = &args.plot {
+        report
+            .write_svg(path)
+            .with_context(|| format!("writing the plot to {}", path.display()))?;
+        println!("plot written to {}", path.display());
+    }
+
+    if let Some(path) = &args.save {
+        let mut model = result.model.clone();
+        model.meta = serde_json::json!({
+            "format": format!("{fname:?}").to_lowercase(),
+            "schema": schema.as_ref().map(|s| absolute(s)),
+            "algo": args.algo_name(),
+            "trained_on": absolute(&train_path),
+        });
+        model
+            .save(path)
+            .with_context(|| format!("saving the model to {}", path.display()))?;
+        println!("model saved to {}", path.display());
+    }
+    Ok(())
+}
+
+impl TrainArgs {
+    fn algo_name(&self) -> &'static str {
+        match self.algo {
+            AlgoName::Dbpg => "dbpg",
+            AlgoName::Ftrl => "ftrl",
+        }
+    }
+}
+
+fn absolute(p: &Path) -> String {
+    std::fs::canonicalize(p)
+        .unwrap_or_else(|_| p.to_path_buf())
+        .display()
+        .to_string()
+}
+
+/// Draws a progress bar on a terminal; prints a line now and then otherwise.
+async fn show_progress(
+    mut rx: tokio::sync::mpsc::UnboundedReceiver<Progress>,
+    total: u64,
+    workers: usize,
+) {
+    let tty = std::io::stderr().is_terminal();
+    let bar = if total > 0 {
+        ProgressBar::new(total)
+    } else {
+        ProgressBar::new_spinner()
+    };
+    if !tty {
+        bar.set_draw_target(ProgressDrawTarget::hidden());
+    }
+    bar.set_style(
+        ProgressStyle::with_template(
+            "{spinner} [{elapsed_precise}] {bar:30} {pos}/{len} it {per_sec} {msg}",
+        )
+        .unwrap_or_else(|_| ProgressStyle::default_bar()),
+    );
+    let mut loaded = 0;
+    let mut last_print = std::time::Instant::now();
+    let (mut objective, mut auc) = (f64::NAN, f64::NAN);
+    while let Some(ev) = rx.recv().await {
+        match ev {
+            Progress::Loaded { worker, rows } => {
+                loaded += 1;
+                println!("  worker {worker} loaded {rows} rows ({loaded}/{workers})");
+            }
+            Progress::Objective {
+                iteration,
+                objective: o,
+                ..
+            } => {
+                objective = o;
+                bar.set_position(iteration);
+                bar.set_message(format!("objective {objective:.4}  test AUC {auc:.4}"));
+            }
+            Progress::Test {
+                seconds, auc: a, ..
+            } => {
+                auc = a;
+                bar.set_message(format!("objective {objective:.4}  test AUC {auc:.4}"));
+                if !tty && last_print.elapsed() > Duration::from_secs(2) {
+                    last_print = std::time::Instant::now();
+                    println!(
+                        "  {seconds:6.1} s  iteration {}  objective {objective:.4}  test AUC {auc:.4}",
+                        bar.position()
+                    );
+                }
+            }
+            Progress::Iter(_) => {}
+        }
+    }
+    bar.finish_and_clear();
+}
+
+fn report_bad_lines(r: &RunResult) {
+    let bad: u64 = r.bad.iter().map(|s| s.bad).sum();
+    if bad == 0 {
+        return;
+    }
+    eprintln!("warning: {bad} malformed input lines were skipped; the first:");
+    for b in r.bad.iter().flat_map(|s| s.first_bad.iter()).take(10) {
+        eprintln!("  {}:{}: {}", b.path, b.line, b.message);
+    }
+}
+
+/// Every figure of the run, with the settings it ran with.
+fn report_of(args: &TrainArgs, cfg: &TrainConfig, r: &RunResult) -> Report {
+    Report {
+        algo: args.algo_name().to_string(),
+        train_path: cfg.train.display().to_string(),
+        test_path: cfg.test.as_ref().map(|p| p.display().to_string()),
+        servers: if args.manager.is_some() {
+            0
+        } else {
+            args.servers
+        },
+        workers: cfg.workers,
+        tau: cfg.tau,
+        l1: cfg.l1,
+        l2: cfg.l2,
+        blocks: cfg.blocks,
+        epochs: cfg.epochs,
+        train_examples: r.train_rows as u64,
+        test_examples: r.test.examples as u64,
+        bad_lines: r.bad.iter().map(|s| s.bad).sum(),
+        test_logloss: r.test.logloss,
+        test_auc: r.test.auc,
+        test_accuracy: r.test.accuracy,
+        nnz: r.nnz as u64,
+        seconds: r.train_seconds,
+        load_seconds: r.load_seconds,
+        examples_per_sec: (r.train_rows * cfg.epochs) as f64 / r.train_seconds.max(1e-9),
+        bytes_sent: r.bytes_sent,
+        bytes_received: r.bytes_received,
+        bytes_saved: r.bytes_saved,
+        wait_fraction: r.wait_fraction,
+        curve: merge_curve(&r.curve, &r.test_curve),
+    }
+}
+
+/// Runs `pserver predict`.
+pub async fn predict(args: PredictArgs) -> Result<()> {
+    let model = Model::load(&args.model)
+        .with_context(|| format!("loading the model from {}", args.model.display()))?;
+    let meta_format = model
+        .meta
+        .get("format")
+        .and_then(|v| v.as_str())
+        .unwrap_or("libsvm");
+    let fname = match args.format {
+        Some(f) => f,
+        None => match meta_format {
+            "csv" => FormatName::Csv,
+            "criteo" => FormatName::Criteo,
+            _ => FormatName::Libsvm,
+        },
+    };
+    let schema = args.schema.clone().or_else(|| {
+        model
+            .meta
+            .get("schema")
+            .and_then(|v| v.as_str())
+            .map(PathBuf::from)
+    });
+    let format = format_of(fname, schema.as_deref())?;
+    let opts = pserver_data::ReadOptions::default();
+    let mut reader = pserver_data::open(&args.data, &format, &opts)?;
+    let mut out: Box<dyn Write> = match &args.out {
+        Some(p) => Box::new(std::io::BufWriter::new(
+            std::fs::File::create(p).with_context(|| format!("creating {}", p.display()))?,
+        )),
+        None => Box::new(std::io::BufWriter::new(std::io::stdout().lock())),
+    };
+    for ex in reader.by_ref() {
+        writeln!(out, "{:.6}", model.predict(&ex.keys, &ex.vals))?;
+    }
+    out.flush()?;
+    if let Some(e) = reader.error() {
+        bail!("{e}");
+    }
+    let stats = reader.stats();
+    if stats.bad > 0 {
+        eprintln!(
+            "warning: {} malformed lines skipped (no prediction written)",
+            stats.bad
+        );
+        for b in &stats.first_bad {
+            eprintln!("  {}:{}: {}", b.path, b.line, b.message);
+        }
+    }
+    Ok(())
+}
