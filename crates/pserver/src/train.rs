@@ -105,7 +105,7 @@ pub struct TrainArgs {
     #[arg(long)]
     save: Option<PathBuf>,
     /// Score the test set every this many milliseconds while training (0: only at the end).
-    #[arg(long, default_value_t = 500)]
+    #[arg(long, default_value_t = 200)]
     eval_every_ms: u64,
 }
 
@@ -139,7 +139,7 @@ fn bundled(rel: &str) -> PathBuf {
     let built = Path::new(env!("CARGO_MANIFEST_DIR"))
         .join("../..")
         .join(rel);
-    if built.exists() { built } else { here }
+    std::fs::canonicalize(&built).unwrap_or(here)
 }
 
 fn format_of(name: FormatName, schema: Option<&Path>) -> Result<Format> {
@@ -249,7 +249,8 @@ pub async fn run(args: TrainArgs) -> Result<()> {
     }
 
     if let Some(path) = &args.save {
-        let mut model = result.model.clone();
+        // Zero weights predict nothing; a missing key reads as zero anyway.
+        let mut model = result.model.clone().without_zeros();
         model.meta = serde_json::json!({
             "format": format!("{fname:?}").to_lowercase(),
             "schema": schema.as_ref().map(|s| absolute(s)),
@@ -417,10 +418,17 @@ pub async fn predict(args: PredictArgs) -> Result<()> {
         )),
         None => Box::new(std::io::BufWriter::new(std::io::stdout().lock())),
     };
-    for ex in reader.by_ref() {
-        writeln!(out, "{:.6}", model.predict(&ex.keys, &ex.vals))?;
+    let written = (|| -> std::io::Result<()> {
+        for ex in reader.by_ref() {
+            writeln!(out, "{:.6}", model.predict(&ex.keys, &ex.vals))?;
+        }
+        out.flush()
+    })();
+    match written {
+        // The reader of our output (`head`, say) has had enough: not an error.
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => return Ok(()),
+        other => other.context("writing predictions")?,
     }
-    out.flush()?;
     if let Some(e) = reader.error() {
         bail!("{e}");
     }

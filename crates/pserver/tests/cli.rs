@@ -265,3 +265,103 @@ fn local_runs_the_demo_job_and_exits() {
     );
     assert!(out.contains(": ok"), "{out}");
 }
+
+/// Writes a LIBSVM file whose label follows a sparse linear model.
+fn libsvm(path: &std::path::Path, rows: usize, seed: u64, bad_line_after: Option<usize>) {
+    use std::io::Write;
+    let mut f = std::io::BufWriter::new(std::fs::File::create(path).unwrap());
+    let mut x = seed;
+    let mut next = || {
+        x = x
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        x >> 33
+    };
+    for i in 0..rows {
+        let mut feats: Vec<u64> = (0..5).map(|_| next() % 40 + 1).collect();
+        feats.sort_unstable();
+        feats.dedup();
+        let score: i64 = feats.iter().map(|&j| if j <= 20 { 1 } else { -1 }).sum();
+        let label = if score > 0 || (score == 0 && next() % 2 == 0) {
+            "+1"
+        } else {
+            "-1"
+        };
+        let feats: Vec<String> = feats.iter().map(|j| format!("{j}:1")).collect();
+        writeln!(f, "{label} {}", feats.join(" ")).unwrap();
+        if bad_line_after == Some(i) {
+            writeln!(f, "+1 7:oops").unwrap();
+        }
+    }
+}
+
+#[test]
+fn train_and_predict_on_libsvm_files_it_has_never_seen() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = |n: &str| dir.path().join(n).to_str().unwrap().to_string();
+    libsvm(dir.path().join("a.svm").as_path(), 2000, 7, Some(4));
+    libsvm(dir.path().join("b.svm").as_path(), 500, 8, None);
+    let out = run(&[
+        "train",
+        "--train",
+        &p("a.svm"),
+        "--test",
+        &p("b.svm"),
+        "--format",
+        "libsvm",
+        "--epochs",
+        "5",
+        "--blocks",
+        "4",
+        "--report",
+        &p("r.json"),
+        "--plot",
+        &p("c.svg"),
+        "--save",
+        &p("model"),
+    ]);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stdout}\n{stderr}");
+    assert!(stdout.contains("test AUC"), "{stdout}");
+    // The malformed line is reported with its file and line number.
+    assert!(stderr.contains("a.svm:6:"), "{stderr}");
+
+    let report: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(p("r.json")).unwrap()).unwrap();
+    for key in [
+        "test_auc",
+        "test_logloss",
+        "nnz",
+        "seconds",
+        "examples_per_sec",
+        "bytes_sent",
+        "bytes_saved",
+        "curve",
+    ] {
+        assert!(!report[key].is_null(), "report lacks {key}: {report}");
+    }
+    assert!(report["test_auc"].as_f64().unwrap() > 0.9, "{report}");
+    assert_eq!(report["bad_lines"], 1);
+    assert!(!report["curve"].as_array().unwrap().is_empty());
+    let svg = std::fs::read_to_string(p("c.svg")).unwrap();
+    assert!(svg.contains("<svg") && svg.trim_end().ends_with("</svg>"));
+
+    let pred = ok(&["predict", "--model", &p("model"), "--data", &p("b.svm")]);
+    let probs: Vec<f64> = pred.lines().map(|l| l.parse().unwrap()).collect();
+    assert_eq!(probs.len(), 500);
+    assert!(probs.iter().all(|q| (0.0..=1.0).contains(q)));
+
+    let e = fails(&[
+        "train",
+        "--train",
+        &p("missing.svm"),
+        "--test",
+        &p("b.svm"),
+        "--format",
+        "libsvm",
+    ]);
+    assert!(e.contains("missing.svm"), "{e}");
+    let e = fails(&["predict", "--model", &p("nope"), "--data", &p("b.svm")]);
+    assert!(e.contains("nope"), "{e}");
+}
