@@ -196,3 +196,53 @@ impl Peer {
 pub(crate) fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
 }
+
+/// Binds a TCP listener; the error names the address.
+pub async fn bind(
+    addr: &str,
+) -> Result<(tokio::net::TcpListener, std::net::SocketAddr), NodeError> {
+    let err = |source| NodeError::Bind {
+        addr: addr.to_string(),
+        source,
+    };
+    let listener = tokio::net::TcpListener::bind(addr).await.map_err(err)?;
+    let local = listener.local_addr().map_err(err)?;
+    Ok((listener, local))
+}
+
+/// Accepts connections until `cancel` fires, running `serve(stream, peer)`
+/// for each in its own task, itself stopped by `cancel`.
+pub fn accept_loop<F, Fut>(
+    listener: tokio::net::TcpListener,
+    cancel: tokio_util::sync::CancellationToken,
+    serve: F,
+) where
+    F: Fn(tokio::net::TcpStream, String) -> Fut + Send + 'static,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
+    tokio::spawn(async move {
+        loop {
+            tokio::select! {
+                _ = cancel.cancelled() => break,
+                accepted = listener.accept() => match accepted {
+                    Ok((stream, peer)) => {
+                        let _ = stream.set_nodelay(true);
+                        let conn = serve(stream, peer.to_string());
+                        let token = cancel.clone();
+                        tokio::spawn(async move {
+                            tokio::select! {
+                                _ = token.cancelled() => {}
+                                _ = conn => {}
+                            }
+                        });
+                    }
+                    Err(e) => {
+                        // Out of descriptors, say: back off instead of spinning.
+                        tracing::warn!(error = %e, "accept failed");
+                        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+                    }
+                },
+            }
+        }
+    });
+}

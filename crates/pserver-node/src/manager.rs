@@ -2,7 +2,7 @@
 //! creates tables, runs barriers and answers status queries. The decisions are
 //! [`pserver_core::membership::Membership`]'s; this module does the I/O.
 
-use crate::conn::{Outbox, lock, split};
+use crate::conn::{Outbox, accept_loop, bind, lock, split};
 use crate::error::NodeError;
 use crate::proto::{control_reply, error_reply};
 use futures_util::StreamExt;
@@ -16,7 +16,6 @@ use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncWrite};
-use tokio::net::TcpListener;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
@@ -111,16 +110,7 @@ impl State {
 /// Starts a manager; returns once it listens.
 pub async fn start_manager(cfg: ManagerConfig) -> Result<ManagerHandle, NodeError> {
     let members = Membership::new(cfg.membership)?;
-    let listener = TcpListener::bind(&cfg.listen)
-        .await
-        .map_err(|source| NodeError::Bind {
-            addr: cfg.listen.clone(),
-            source,
-        })?;
-    let addr = listener.local_addr().map_err(|source| NodeError::Bind {
-        addr: cfg.listen.clone(),
-        source,
-    })?;
+    let (listener, addr) = bind(&cfg.listen).await?;
     let cancel = CancellationToken::new();
     let state = Arc::new(Mutex::new(State {
         members,
@@ -133,30 +123,9 @@ pub async fn start_manager(cfg: ManagerConfig) -> Result<ManagerHandle, NodeErro
         cfg.membership.lease_ms,
         cancel.clone(),
     ));
-    let token = cancel.clone();
-    tokio::spawn(async move {
-        loop {
-            tokio::select! {
-                _ = token.cancelled() => break,
-                accepted = listener.accept() => match accepted {
-                    Ok((stream, peer)) => {
-                        let _ = stream.set_nodelay(true);
-                        let st = state.clone();
-                        let tk = token.clone();
-                        tokio::spawn(async move {
-                            tokio::select! {
-                                _ = tk.cancelled() => {}
-                                _ = serve(stream, peer.to_string(), st, cfg.limits) => {}
-                            }
-                        });
-                    }
-                    Err(e) => {
-                        tracing::warn!(error = %e, "accept failed");
-                        tokio::time::sleep(Duration::from_millis(10)).await;
-                    }
-                },
-            }
-        }
+    let limits = cfg.limits;
+    accept_loop(listener, cancel.clone(), move |stream, peer| {
+        serve(stream, peer, state.clone(), limits)
     });
     tracing::info!(%addr, "manager listening");
     Ok(ManagerHandle { addr, cancel })

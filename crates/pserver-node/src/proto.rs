@@ -1,7 +1,8 @@
 //! Small helpers shared by every node for building replies and reading them.
 
+use crate::conn::Peer;
 use crate::error::NodeError;
-use pserver_core::NodeId;
+use pserver_core::{ClusterMap, NodeId, Role};
 use pserver_wire::{Control, ErrorCode, Frame, Header, Kind};
 
 /// A reply header to `req`: same id, table, clock and range, from `me` at `epoch`.
@@ -61,6 +62,27 @@ pub fn reply_control(frame: &Frame, peer: &str) -> Result<Control, NodeError> {
         (kind, msg) => Err(NodeError::Protocol {
             peer: peer.to_string(),
             what: format!("{kind:?} frame carrying {msg:?}"),
+        }),
+    }
+}
+
+/// Registers with the manager over `manager` as `role` (servers give the
+/// address they listen on); returns the node's id and the current map.
+pub async fn register(
+    manager: &Peer,
+    role: Role,
+    addr: &str,
+) -> Result<(NodeId, ClusterMap), NodeError> {
+    let msg = Control::Register {
+        role,
+        addr: addr.to_string(),
+    };
+    let reply = manager.request(control_request(0, 0, &msg)).await?;
+    match reply_control(&reply, manager.label())? {
+        Control::Registered { id, map } => Ok((id, map)),
+        other => Err(NodeError::Protocol {
+            peer: manager.label().to_string(),
+            what: format!("expected Registered, got {other:?}"),
         }),
     }
 }

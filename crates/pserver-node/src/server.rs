@@ -2,9 +2,9 @@
 //! through the table's updater, answers pulls once the consistency model
 //! allows, and redirects requests sent under a stale map.
 
-use crate::conn::{Outbox, Peer, lock, split};
+use crate::conn::{Outbox, Peer, accept_loop, bind, lock, split};
 use crate::error::NodeError;
-use crate::proto::{control_reply, control_request, error_reply, reply_control, reply_header};
+use crate::proto::{control_reply, control_request, error_reply, register, reply_header};
 use futures_util::StreamExt;
 use pserver_core::clock::RangeClock;
 use pserver_core::store::{Store, StoreError};
@@ -16,9 +16,7 @@ use rustc_hash::FxHashMap;
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncWrite};
-use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
 /// How to run a server.
@@ -159,35 +157,9 @@ type Outgoing = Vec<(Outbox, Frame)>;
 /// Starts a server: listens, registers with the manager and serves until
 /// shut down or dropped by the manager.
 pub async fn start_server(cfg: ServerConfig) -> Result<ServerHandle, NodeError> {
-    let listener = TcpListener::bind(&cfg.listen)
-        .await
-        .map_err(|source| NodeError::Bind {
-            addr: cfg.listen.clone(),
-            source,
-        })?;
-    let addr = listener.local_addr().map_err(|source| NodeError::Bind {
-        addr: cfg.listen.clone(),
-        source,
-    })?;
+    let (listener, addr) = bind(&cfg.listen).await?;
     let (manager, mut notices) = Peer::connect(&cfg.manager, cfg.limits).await?;
-    let reg = control_request(
-        0,
-        0,
-        &Control::Register {
-            role: Role::Server,
-            addr: addr.to_string(),
-        },
-    );
-    let reply = manager.request(reg).await?;
-    let (id, map) = match reply_control(&reply, manager.label())? {
-        Control::Registered { id, map } => (id, map),
-        other => {
-            return Err(NodeError::Protocol {
-                peer: manager.label().to_string(),
-                what: format!("expected Registered, got {other:?}"),
-            });
-        }
-    };
+    let (id, map) = register(&manager, Role::Server, &addr.to_string()).await?;
     let state = Arc::new(Mutex::new(State {
         id,
         map: Arc::new(ClusterMap::empty(0, 1)),
@@ -233,31 +205,9 @@ pub async fn start_server(cfg: ServerConfig) -> Result<ServerHandle, NodeError> 
         token.cancel();
     });
 
-    let token = cancel.clone();
     let limits = cfg.limits;
-    tokio::spawn(async move {
-        loop {
-            tokio::select! {
-                _ = token.cancelled() => break,
-                accepted = listener.accept() => match accepted {
-                    Ok((stream, peer)) => {
-                        let _ = stream.set_nodelay(true);
-                        let st = state.clone();
-                        let tk = token.clone();
-                        tokio::spawn(async move {
-                            tokio::select! {
-                                _ = tk.cancelled() => {}
-                                _ = serve(stream, peer.to_string(), st, limits) => {}
-                            }
-                        });
-                    }
-                    Err(e) => {
-                        tracing::warn!(error = %e, "accept failed");
-                        tokio::time::sleep(Duration::from_millis(10)).await;
-                    }
-                },
-            }
-        }
+    accept_loop(listener, cancel.clone(), move |stream, peer| {
+        serve(stream, peer, state.clone(), limits)
     });
     tracing::info!(node = id, %addr, "server listening");
     Ok(ServerHandle { id, addr, cancel })

@@ -7,7 +7,7 @@
 
 use crate::conn::{Peer, lock};
 use crate::error::NodeError;
-use crate::proto::{control_request, reply_control};
+use crate::proto::{control_request, register, reply_control};
 use futures_util::future::join_all;
 use pserver_core::{
     ClusterMap, Consistency, Init, KEY_END, KeyRange, NodeId, Role, TableSpec, UpdaterSpec,
@@ -216,25 +216,7 @@ impl Worker {
     /// Registers with the manager and fetches the map.
     pub async fn connect(cfg: WorkerConfig) -> Result<Worker, NodeError> {
         let (manager, mut notices) = Peer::connect(&cfg.manager, cfg.limits).await?;
-        let reply = manager
-            .request(control_request(
-                0,
-                0,
-                &Control::Register {
-                    role: cfg.role,
-                    addr: String::new(),
-                },
-            ))
-            .await?;
-        let (id, map) = match reply_control(&reply, manager.label())? {
-            Control::Registered { id, map } => (id, map),
-            other => {
-                return Err(NodeError::Protocol {
-                    peer: manager.label().to_string(),
-                    what: format!("expected Registered, got {other:?}"),
-                });
-            }
-        };
+        let (id, map) = register(&manager, cfg.role, "").await?;
         let heartbeat = map.heartbeat_interval();
         let inner = Arc::new(Inner {
             id,
