@@ -10,9 +10,11 @@
 //! - [`store`]: a server's storage for one table.
 //! - [`clock`]: range vector clocks (consistency and duplicate rejection).
 //! - [`membership`]: the manager's state machine (registration, leases, barriers).
+//! - [`keycache`]: key caching: the key-list hash and a server's bounded cache of lists.
 
 pub mod clock;
 pub mod key;
+pub mod keycache;
 pub mod map;
 pub mod membership;
 pub mod ring;

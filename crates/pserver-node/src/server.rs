@@ -1,16 +1,22 @@
 //! The server node: holds its key ranges of every table, applies pushes
 //! through the table's updater, answers pulls once the consistency model
 //! allows, and redirects requests sent under a stale map.
+//!
+//! Key caching: a data frame flagged `FLAG_CACHE_KEYS` leaves its key list
+//! in a bounded [`KeyCache`]; a later frame of the same sender and table may
+//! then carry only `[hash, count]` (`FLAG_KEYREF`), which is resolved to the
+//! list before any other check, or refused with `KeyCacheMiss`.
 
 use crate::conn::{Outbox, Peer, accept_loop, bind, lock, split};
 use crate::error::NodeError;
 use crate::proto::{control_reply, control_request, error_reply, register, reply_header};
 use futures_util::StreamExt;
 use pserver_core::clock::RangeClock;
+use pserver_core::keycache::KeyCache;
 use pserver_core::store::{Store, StoreError};
 use pserver_core::updater::Registry;
-use pserver_core::{ClusterMap, Consistency, KeyRange, NodeId, Role};
-use pserver_wire::header::{FLAG_RETRY, FLAG_SCAN};
+use pserver_core::{ClusterMap, Consistency, KeyRange, NodeId, NodeState, Role};
+use pserver_wire::header::{FLAG_CACHE_KEYS, FLAG_KEYREF, FLAG_RETRY, FLAG_SCAN};
 use pserver_wire::{Control, ErrorCode, Frame, Header, Kind, Limits};
 use rustc_hash::FxHashMap;
 use std::collections::BTreeMap;
@@ -30,7 +36,15 @@ pub struct ServerConfig {
     pub limits: Limits,
     /// User updaters this server can build.
     pub registry: Registry,
+    /// Most keys the key cache holds, over every sender's lists (8 bytes
+    /// each plus a little bookkeeping per list); least recently used lists
+    /// are evicted first. 0 turns key caching off: no list is kept, and
+    /// replies never say one was, so workers keep sending keys in full.
+    pub key_cache_keys: usize,
 }
+
+/// Default of [`ServerConfig::key_cache_keys`]: 16 Mi keys, 128 MiB of keys.
+pub const DEFAULT_KEY_CACHE_KEYS: usize = 16 << 20;
 
 impl ServerConfig {
     /// A server of the manager at `manager`, on a free loopback port.
@@ -40,6 +54,7 @@ impl ServerConfig {
             listen: "127.0.0.1:0".into(),
             limits: Limits::default(),
             registry: Registry::new(),
+            key_cache_keys: DEFAULT_KEY_CACHE_KEYS,
         }
     }
 }
@@ -149,6 +164,8 @@ struct State {
     waiting: Vec<Waiting>,
     registry: Registry,
     limits: Limits,
+    /// Key lists senders asked this server to remember.
+    key_cache: KeyCache,
 }
 
 /// Replies to send once the state lock is released.
@@ -167,6 +184,7 @@ pub async fn start_server(cfg: ServerConfig) -> Result<ServerHandle, NodeError> 
         waiting: Vec::new(),
         registry: cfg.registry.clone(),
         limits: cfg.limits,
+        key_cache: KeyCache::new(cfg.key_cache_keys),
     }));
     let heartbeat = map.heartbeat_interval();
     let out = lock(&state).apply_map(map);
@@ -294,6 +312,12 @@ impl State {
             let clocks = &t.clocks;
             t.pending.retain(|begin, _| clocks.contains_key(begin));
         }
+        // A dead node's lists would only take room: its id is never reused.
+        for sender in self.key_cache.senders() {
+            if map.node(sender).is_some_and(|n| n.state == NodeState::Dead) {
+                self.key_cache.forget(sender);
+            }
+        }
         self.map = Arc::new(map);
         // Fewer live workers may complete waiting aggregates.
         let workers = self.map.live_workers();
@@ -412,7 +436,26 @@ impl State {
             r.header.flags = 0;
             return Ok(Some(r));
         }
-        self.admit(&h, &frame.keys)?;
+        // From here on the frame carries its key list, whichever way it came,
+        // and every check below applies to that list.
+        let mut frame = self.resolve_keys(frame)?;
+        self.admit(&frame.header, &frame.keys)?;
+        // Only after admission: a refused request changes nothing, and only
+        // lists this server would accept are worth naming later. The cache
+        // hashes the list itself; the sender never says how. The flag stays
+        // on the frame only if the list was kept, and is echoed on the
+        // reply so the sender refers to lists this server really holds.
+        let fh = frame.header;
+        let kept = fh.flags & FLAG_CACHE_KEYS != 0
+            && fh.flags & FLAG_SCAN == 0
+            && self
+                .key_cache
+                .insert(fh.sender, fh.table, &frame.keys)
+                .is_some();
+        if !kept {
+            frame.header.flags &= !FLAG_CACHE_KEYS;
+        }
+        let h = frame.header;
         if h.flags & FLAG_SCAN != 0 {
             return self.scan(&h).map(Some);
         }
@@ -422,12 +465,14 @@ impl State {
         }
         if h.kind == Kind::Push {
             let (applied, duplicate) = ack.unwrap_or((0, 0));
-            return Ok(Some(control_reply(
+            let mut reply = control_reply(
                 &h,
                 self.id,
                 self.map.epoch,
                 &Control::PushAck { applied, duplicate },
-            )));
+            );
+            reply.header.flags = h.flags & FLAG_CACHE_KEYS;
+            return Ok(Some(reply));
         }
         let consistency = match h.kind {
             Kind::Pull if !frame.ctrl.is_empty() => match frame.control_msg() {
@@ -448,7 +493,6 @@ impl State {
                 .map(|t| t.consistency)
                 .unwrap_or(Consistency::Eventual)
         });
-        let mut frame = frame;
         frame.vals = Vec::new();
         if let Some((applied, duplicate)) = ack {
             frame.ctrl = Control::PushAck { applied, duplicate }.to_bytes().into();
@@ -465,6 +509,39 @@ impl State {
             });
             Ok(None)
         }
+    }
+
+    /// Replaces the `[hash, count]` of a key-reference frame by the list it
+    /// names; other frames pass through. A miss is refused with
+    /// `KeyCacheMiss` before anything else happens, so the sender can resend
+    /// the keys and nothing is applied twice.
+    fn resolve_keys(&mut self, mut frame: Frame) -> Result<Frame, Refusal> {
+        if !frame.header.key_ref() {
+            return Ok(frame);
+        }
+        let h = frame.header;
+        // The decoder has checked the shape; refuse rather than trust it.
+        let (hash, count) = frame.key_ref().ok_or_else(|| {
+            (
+                ErrorCode::Malformed,
+                "a key reference carries exactly [hash, count]".to_string(),
+            )
+        })?;
+        let keys = self
+            .key_cache
+            .get(h.sender, h.table, hash, count)
+            .ok_or_else(|| {
+                (
+                    ErrorCode::KeyCacheMiss,
+                    format!(
+                        "no cached list {hash:#018x} of {count} keys from node {} in table {}",
+                        h.sender, h.table
+                    ),
+                )
+            })?;
+        frame.keys = keys.to_vec();
+        frame.header.flags &= !FLAG_KEYREF;
+        Ok(frame)
     }
 
     /// Applies a push (already admitted). Returns (applied, duplicate) key counts.
@@ -623,6 +700,8 @@ impl State {
     fn answer_pull(&self, frame: &Frame) -> Frame {
         let h = &frame.header;
         let mut reply = Frame::new(reply_header(h, Kind::Reply, self.id, self.map.epoch));
+        // Set only when this server kept the pull's key list (see `data`).
+        reply.header.flags = h.flags & FLAG_CACHE_KEYS;
         reply.ctrl = frame.ctrl.clone();
         match self.tables.get(&h.table).map(|t| &t.store) {
             Some(Ok(store)) => {

@@ -4,17 +4,25 @@
 //! owning servers concurrently, and the replies merged in key order. A
 //! redirect refreshes the map and resends only the affected slices; resent
 //! pushes carry a retry flag so the servers' range clocks apply them once.
+//!
+//! With [`WorkerConfig::key_caching`] on, a slice whose key list the server
+//! is believed to hold goes out as `[hash, count]` (`FLAG_KEYREF`) instead of
+//! the keys; a slice sent in full asks the server to keep its list
+//! (`FLAG_CACHE_KEYS`). A server that no longer holds the list refuses the
+//! frame without doing anything (`KeyCacheMiss`) and the slice is resent in
+//! full, so caching never changes what a request does, only its bytes.
 
 use crate::conn::{Peer, lock};
 use crate::error::NodeError;
 use crate::proto::{control_request, register, reply_control};
 use futures_util::future::join_all;
+use pserver_core::keycache::key_list_hash;
 use pserver_core::{
     ClusterMap, Consistency, Init, KEY_END, KeyRange, NodeId, Role, TableSpec, UpdaterSpec,
 };
-use pserver_wire::header::{FLAG_DENSE, FLAG_RETRY, FLAG_SCAN};
+use pserver_wire::header::{FLAG_CACHE_KEYS, FLAG_DENSE, FLAG_KEYREF, FLAG_RETRY, FLAG_SCAN};
 use pserver_wire::{Control, ErrorCode, Frame, Header, Kind, Limits};
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::future::{Future, IntoFuture};
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -35,7 +43,22 @@ pub struct WorkerConfig {
     pub limits: Limits,
     /// How long one request may take, retries and consistency waits included.
     pub timeout: Duration,
+    /// Send a key list a server already holds as a 16-byte reference (the
+    /// paper's key caching). Off by default: servers of an older build
+    /// refuse the flags it uses.
+    pub key_caching: bool,
+    /// Slices with fewer keys than this are always sent in full: a short
+    /// list costs little and would only take room in the servers' caches.
+    /// (Lists of two keys or fewer are never cached: the reference is as long.)
+    pub min_cached_keys: usize,
 }
+
+/// Default of [`WorkerConfig::min_cached_keys`].
+pub const DEFAULT_MIN_CACHED_KEYS: usize = 16;
+
+/// Key lists remembered as held per server connection: past this many, the
+/// oldest is forgotten (and sent in full, so cached again, next time).
+const KNOWN_LISTS_PER_SERVER: usize = 1 << 16;
 
 impl WorkerConfig {
     /// A worker of the manager at `manager`.
@@ -45,6 +68,8 @@ impl WorkerConfig {
             role: Role::Worker,
             limits: Limits::default(),
             timeout: Duration::from_secs(120),
+            key_caching: false,
+            min_cached_keys: DEFAULT_MIN_CACHED_KEYS,
         }
     }
 
@@ -183,17 +208,65 @@ pub struct Traffic {
     pub bytes_received: AtomicU64,
     /// Frames sent to servers.
     pub requests: AtomicU64,
-    /// Slices resent after a redirect or a failure.
+    /// Slices resent after a redirect, a failure or a key-cache miss.
     pub retries: AtomicU64,
+    /// Key bytes not sent because a key list went as a reference:
+    /// `count * 8 - 16` per `FLAG_KEYREF` frame the server answered other
+    /// than with a miss (a miss is resent in full and saves nothing).
+    pub bytes_saved: AtomicU64,
+}
+
+/// Key lists (table, hash) a server is believed to hold, oldest first.
+/// Bounded; a wrong belief costs one refused frame and a resend.
+#[derive(Debug, Default)]
+struct KnownLists {
+    set: HashSet<(u32, u64)>,
+    order: VecDeque<(u32, u64)>,
+}
+
+impl KnownLists {
+    fn contains(&self, table: u32, hash: u64) -> bool {
+        self.set.contains(&(table, hash))
+    }
+
+    fn learn(&mut self, table: u32, hash: u64) {
+        if !self.set.insert((table, hash)) {
+            return;
+        }
+        self.order.push_back((table, hash));
+        while self.order.len() > KNOWN_LISTS_PER_SERVER {
+            if let Some(old) = self.order.pop_front() {
+                self.set.remove(&old);
+            }
+        }
+    }
+
+    fn forget(&mut self, table: u32, hash: u64) {
+        if self.set.remove(&(table, hash)) {
+            // Linear, but only after a miss, which a working cache makes rare.
+            self.order.retain(|&e| e != (table, hash));
+        }
+    }
+}
+
+/// A connection to a server and what that server holds of this worker's
+/// key lists. The two live and die together: a new connection may be to a
+/// restarted server with an empty cache, so it starts knowing nothing.
+#[derive(Clone, Debug)]
+struct Link {
+    peer: Peer,
+    known: Arc<Mutex<KnownLists>>,
 }
 
 struct Inner {
     id: NodeId,
     manager: Peer,
     map: Mutex<Arc<ClusterMap>>,
-    servers: Mutex<HashMap<NodeId, Peer>>,
+    servers: Mutex<HashMap<NodeId, Link>>,
     clock: AtomicU64,
     limits: Limits,
+    /// Key caching on, and the shortest list it applies to (at least 3).
+    cache_keys_from: Option<usize>,
     timeout: Duration,
     cancel: CancellationToken,
     traffic: Traffic,
@@ -226,6 +299,7 @@ impl Worker {
             clock: AtomicU64::new(1),
             limits: cfg.limits,
             timeout: cfg.timeout,
+            cache_keys_from: cfg.key_caching.then_some(cfg.min_cached_keys.max(3)),
             cancel: CancellationToken::new(),
             traffic: Traffic::default(),
             rt: tokio::runtime::Handle::current(),
@@ -465,8 +539,13 @@ enum SliceResult {
         duplicate: u64,
     },
     Redirect(ClusterMap),
+    /// Not done, nothing changed: send again after a pause.
     Again,
+    /// The connection failed: it may have been applied.
     Lost,
+    /// The server no longer holds the key list a reference named; it did
+    /// nothing, and the slice goes again at once with its keys.
+    Miss,
 }
 
 impl Inner {
@@ -504,10 +583,10 @@ impl Inner {
             .ok_or_else(|| NodeError::UnknownTable(name.to_string()))
     }
 
-    async fn peer(&self, node: NodeId, map: &ClusterMap) -> Result<Peer, NodeError> {
-        if let Some(p) = lock(&self.servers).get(&node) {
-            if !p.is_closed() {
-                return Ok(p.clone());
+    async fn link(&self, node: NodeId, map: &ClusterMap) -> Result<Link, NodeError> {
+        if let Some(l) = lock(&self.servers).get(&node) {
+            if !l.peer.is_closed() {
+                return Ok(l.clone());
             }
         }
         let addr = map
@@ -518,8 +597,21 @@ impl Inner {
                 what: format!("partition names unknown node {node}"),
             })?;
         let (peer, _notices) = Peer::connect(&addr, self.limits).await?;
-        lock(&self.servers).insert(node, peer.clone());
-        Ok(peer)
+        let mut servers = lock(&self.servers);
+        match servers.get(&node) {
+            // Slices sent at once race to connect; the first link stays, so
+            // that what each slice learns about the server's key cache lands
+            // in the one set every later slice reads.
+            Some(l) if !l.peer.is_closed() => Ok(l.clone()),
+            _ => {
+                let link = Link {
+                    peer,
+                    known: Arc::default(),
+                };
+                servers.insert(node, link.clone());
+                Ok(link)
+            }
+        }
     }
 
     async fn execute(self: Arc<Self>, req: Request) -> Result<Outcome, NodeError> {
@@ -707,6 +799,9 @@ impl Inner {
                         transient = true;
                         next.push(item);
                     }
+                    // Not a retry: the refused reference changed nothing, so
+                    // `item.sent` stays as it was.
+                    SliceResult::Miss => next.push(item),
                     SliceResult::Lost => {
                         transient = true;
                         item.sent = true;
@@ -787,7 +882,7 @@ impl Inner {
                         self.install(m);
                         todo.push(r);
                     }
-                    SliceResult::Again | SliceResult::Lost => todo.push(r),
+                    SliceResult::Again | SliceResult::Lost | SliceResult::Miss => todo.push(r),
                 }
             }
             if !todo.is_empty() {
@@ -811,17 +906,44 @@ impl Inner {
         Ok((keys, vals))
     }
 
+    /// True when `frame`'s key list should be cached: caching is on and the
+    /// frame is a data request with a long enough key list.
+    fn caches(&self, frame: &Frame) -> bool {
+        let h = &frame.header;
+        self.cache_keys_from
+            .is_some_and(|min| frame.keys.len() >= min)
+            && matches!(h.kind, Kind::Push | Kind::Pull | Kind::PushPull)
+            && h.flags & (FLAG_DENSE | FLAG_SCAN | FLAG_KEYREF) == 0
+    }
+
     async fn send_slice(
         &self,
         server: NodeId,
         map: &ClusterMap,
         frame: Frame,
     ) -> Result<SliceResult, NodeError> {
-        let peer = match self.peer(server, map).await {
-            Ok(p) => p,
+        let link = match self.link(server, map).await {
+            Ok(l) => l,
             Err(e) if e.is_transient() => return Ok(SliceResult::Again),
             Err(e) => return Err(e),
         };
+        let peer = &link.peer;
+        let table = frame.header.table;
+        let mut frame = frame;
+        // Key caching: the list's hash, and whether a reference replaced it.
+        let mut cached = None;
+        if self.caches(&frame) {
+            let hash = key_list_hash(&frame.keys);
+            let count = frame.keys.len() as u64;
+            if lock(&link.known).contains(table, hash) {
+                frame.keys = vec![hash, count];
+                frame.header.flags |= FLAG_KEYREF;
+                cached = Some((hash, Some(count)));
+            } else {
+                frame.header.flags |= FLAG_CACHE_KEYS;
+                cached = Some((hash, None));
+            }
+        }
         self.traffic.requests.fetch_add(1, Ordering::Relaxed);
         self.traffic
             .bytes_sent
@@ -836,6 +958,26 @@ impl Inner {
         self.traffic
             .bytes_received
             .fetch_add(reply.encoded_len() as u64 + 4, Ordering::Relaxed);
+        match cached {
+            Some((hash, Some(_))) if is_key_cache_miss(&reply) => {
+                // Evicted, or the server restarted. It did nothing, so the
+                // slice is resent, in full now that the hash is forgotten.
+                lock(&link.known).forget(table, hash);
+                return Ok(SliceResult::Miss);
+            }
+            Some((_, Some(count))) => {
+                let saved = (count * 8).saturating_sub(16);
+                self.traffic.bytes_saved.fetch_add(saved, Ordering::Relaxed);
+            }
+            Some((hash, None))
+                if reply.header.kind == Kind::Reply
+                    && reply.header.flags & FLAG_CACHE_KEYS != 0 =>
+            {
+                // The server says it kept the list.
+                lock(&link.known).learn(table, hash);
+            }
+            _ => {}
+        }
         match reply.header.kind {
             Kind::Redirect => match reply.control_msg() {
                 Ok(Control::Map(m)) => Ok(SliceResult::Redirect(m)),
@@ -877,4 +1019,16 @@ impl Inner {
             }),
         }
     }
+}
+
+/// True when `reply` refuses a key reference the server does not hold.
+fn is_key_cache_miss(reply: &Frame) -> bool {
+    reply.header.kind == Kind::Error
+        && matches!(
+            reply.control_msg(),
+            Ok(Control::Error {
+                code: ErrorCode::KeyCacheMiss,
+                ..
+            })
+        )
 }

@@ -1,15 +1,17 @@
 //! In-process clusters on loopback: push/pull semantics, consistency models,
-//! exactly-once pushes, redirects, bad input, barriers and leases.
+//! exactly-once pushes, redirects, bad input, barriers, leases and key caching.
 
+use pserver_core::keycache::key_list_hash;
 use pserver_core::membership::MembershipConfig;
 use pserver_core::{Consistency, KeyRange, Role, UpdaterSpec};
 use pserver_node::NodeError;
 use pserver_node::conn::Peer;
 use pserver_node::local::{LocalCluster, LocalConfig};
-use pserver_node::manager::ManagerConfig;
+use pserver_node::manager::{ManagerConfig, start_manager};
 use pserver_node::proto::control_request;
+use pserver_node::server::{ServerConfig, start_server};
 use pserver_node::worker::{Keys, Op, Request, TableOptions, Worker, WorkerConfig};
-use pserver_wire::header::FLAG_RETRY;
+use pserver_wire::header::{FLAG_CACHE_KEYS, FLAG_KEYREF, FLAG_RETRY};
 use pserver_wire::{Control, ErrorCode, Frame, Header, Kind, Limits};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -656,6 +658,277 @@ async fn scans_return_every_stored_key_in_order() {
         let (k, v) = w.scan("s", r).await.unwrap();
         assert_eq!(k, keys[10..20].to_vec());
         assert_eq!(v, vals[20..40].to_vec());
+    })
+    .await
+    .unwrap();
+}
+
+/// A worker of `c` with key caching on.
+async fn caching_worker(c: &LocalCluster, min_cached_keys: usize) -> Worker {
+    let mut cfg = WorkerConfig::new(c.manager_addr().to_string());
+    cfg.key_caching = true;
+    cfg.min_cached_keys = min_cached_keys;
+    Worker::connect(cfg).await.unwrap()
+}
+
+/// Pushes `rounds` times and pulls after each push, all on the same key list.
+async fn repeat_push_pull(w: &Worker, table: &str, keys: &[u64], rounds: u64) {
+    for t in 1..=rounds {
+        w.set_clock(t);
+        let vals: Vec<f32> = (0..keys.len()).map(|i| (i % 7) as f32).collect();
+        let out = w.push(table, keys.to_vec(), vals.clone()).await.unwrap();
+        assert_eq!(out.applied, keys.len() as u64, "round {t}");
+        let got = w.pull(table, keys.to_vec()).await.unwrap();
+        let want: Vec<f32> = vals.iter().map(|v| v * t as f32).collect();
+        assert_eq!(got, want, "round {t}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn key_caching_sends_repeated_key_lists_as_hashes() {
+    timeout(LIMIT, async {
+        let c = cluster(2, 5000).await;
+        let cached = caching_worker(&c, 16).await;
+        let plain = worker(&c).await;
+        cached
+            .create_table("kc", TableOptions::new(1, UpdaterSpec::Add))
+            .await
+            .unwrap();
+        plain
+            .create_table("kp", TableOptions::new(1, UpdaterSpec::Add))
+            .await
+            .unwrap();
+        let keys = spread(2000);
+        repeat_push_pull(&cached, "kc", &keys, 4).await;
+        repeat_push_pull(&plain, "kp", &keys, 4).await;
+
+        let (ct, pt) = (cached.traffic(), plain.traffic());
+        let saved = ct.bytes_saved.load(Ordering::Relaxed);
+        let (sent_cached, sent_plain) = (
+            ct.bytes_sent.load(Ordering::Relaxed),
+            pt.bytes_sent.load(Ordering::Relaxed),
+        );
+        assert_eq!(pt.bytes_saved.load(Ordering::Relaxed), 0);
+        // The first push sends each slice's keys; the other 7 requests send
+        // references, for every slice of at least 16 keys.
+        let map = cached.map();
+        let want: u64 = map
+            .slice(KeyRange::ALL, &keys)
+            .iter()
+            .map(|s| s.keys.len() as u64)
+            .filter(|&n| n >= 16)
+            .map(|n| 7 * (n * 8 - 16))
+            .sum();
+        assert!(want > 7 * 2000 * 8 / 2, "slices too small: {want}");
+        assert_eq!(saved, want);
+        assert!(
+            sent_cached + saved / 2 < sent_plain,
+            "cached {sent_cached}, plain {sent_plain}, saved {saved}"
+        );
+        assert_eq!(ct.retries.load(Ordering::Relaxed), 0);
+
+        // Short lists are always sent in full.
+        cached.set_clock(10);
+        cached
+            .push("kc", vec![1, 2, 3], vec![1.0; 3])
+            .await
+            .unwrap();
+        cached.push("kc", vec![1, 2, 3], vec![1.0; 3]).await.ok();
+        assert_eq!(
+            cached.pull("kc", vec![1, 2, 3]).await.unwrap(),
+            vec![1.0; 3]
+        );
+        assert_eq!(ct.bytes_saved.load(Ordering::Relaxed), saved);
+
+        // The tables agree, read by either worker.
+        assert_eq!(
+            plain.pull("kc", keys.clone()).await.unwrap(),
+            cached.pull("kp", keys.clone()).await.unwrap()
+        );
+    })
+    .await
+    .unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tiny_key_cache_evicts_and_misses_are_resent() {
+    timeout(LIMIT, async {
+        let manager = start_manager(ManagerConfig {
+            membership: MembershipConfig {
+                replicas: 1,
+                vnodes: 8,
+                lease_ms: 5000,
+            },
+            ..ManagerConfig::default()
+        })
+        .await
+        .unwrap();
+        let mut sc = ServerConfig::new(manager.addr().to_string());
+        sc.key_cache_keys = 100;
+        let server = start_server(sc).await.unwrap();
+        let mut cfg = WorkerConfig::new(manager.addr().to_string());
+        cfg.key_caching = true;
+        cfg.min_cached_keys = 3;
+        let w = Worker::connect(cfg).await.unwrap();
+        w.create_table("t", TableOptions::new(1, UpdaterSpec::Add))
+            .await
+            .unwrap();
+        // Two lists of 60 keys: the cache holds one at a time.
+        let a: Vec<u64> = (0..60).map(|k| k * 2).collect();
+        let b: Vec<u64> = (0..60).map(|k| k * 2 + 1).collect();
+        let mut clock = 0;
+        for round in 1..=4u64 {
+            for keys in [&a, &b] {
+                clock += 1;
+                w.set_clock(clock);
+                w.push("t", keys.clone(), vec![1.0; 60]).await.unwrap();
+                let got = w.pull("t", keys.clone()).await.unwrap();
+                assert_eq!(got, vec![round as f32; 60], "round {round}");
+            }
+        }
+        let t = w.traffic();
+        let misses = t.retries.load(Ordering::Relaxed);
+        // From round 2 on, each list's first reference misses (the other
+        // list evicted it); the resend caches it for the pull that follows.
+        assert_eq!(misses, 6, "misses");
+        assert!(t.bytes_saved.load(Ordering::Relaxed) > 0);
+
+        // A list longer than the whole cache is never kept, so it is never
+        // referenced: no misses, nothing saved.
+        let big: Vec<u64> = (1000..1150).collect();
+        let saved = t.bytes_saved.load(Ordering::Relaxed);
+        for _ in 0..3 {
+            clock += 1;
+            w.set_clock(clock);
+            w.push("t", big.clone(), vec![2.0; 150]).await.unwrap();
+        }
+        assert_eq!(w.pull("t", big.clone()).await.unwrap(), vec![6.0; 150]);
+        assert_eq!(t.retries.load(Ordering::Relaxed), misses);
+        assert_eq!(t.bytes_saved.load(Ordering::Relaxed), saved);
+        server.shutdown();
+        manager.shutdown();
+    })
+    .await
+    .unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn key_references_to_lists_the_server_lacks_miss_and_change_nothing() {
+    timeout(LIMIT, async {
+        let c = cluster(1, 5000).await;
+        let w = client(&c).await;
+        let spec = w
+            .create_table("r", TableOptions::new(1, UpdaterSpec::Add))
+            .await
+            .unwrap();
+        let map = w.refresh().await.unwrap();
+        let server = map.nodes.iter().find(|n| n.role == Role::Server).unwrap();
+        let keys = vec![10u64, 20, 30, 40];
+        let hash = key_list_hash(&keys);
+        let frame = |kind: Kind, sender: u32, clock: u64, flags: u16, keys: Vec<u64>| {
+            let mut h = Header::new(kind);
+            h.flags = flags;
+            h.sender = sender;
+            h.table = spec.id;
+            h.epoch = map.epoch;
+            h.clock = clock;
+            h.range = map.partitions[0].range;
+            Frame {
+                header: h,
+                vals: if kind == Kind::Push {
+                    vec![1.0; 4]
+                } else {
+                    Vec::new()
+                },
+                keys,
+                ctrl: Default::default(),
+            }
+        };
+        let is_miss = |r: &Frame| {
+            r.header.kind == Kind::Error
+                && matches!(
+                    r.control_msg().unwrap(),
+                    Control::Error {
+                        code: ErrorCode::KeyCacheMiss,
+                        ..
+                    }
+                )
+        };
+        // Never cached: a miss, and nothing applied (not even the clock:
+        // the same push at clock 1 goes through below).
+        let r = raw(
+            &server.addr,
+            frame(Kind::Push, 900, 1, FLAG_KEYREF, vec![hash, 4]),
+        )
+        .await;
+        assert!(is_miss(&r), "{r:?}");
+        assert_eq!(w.pull("r", keys.clone()).await.unwrap(), vec![0.0; 4]);
+
+        // Sent in full with FLAG_CACHE_KEYS: applied, and the reply says kept.
+        let r = raw(
+            &server.addr,
+            frame(Kind::Push, 900, 1, FLAG_CACHE_KEYS, keys.clone()),
+        )
+        .await;
+        assert_eq!(
+            r.control_msg().unwrap(),
+            Control::PushAck {
+                applied: 4,
+                duplicate: 0
+            }
+        );
+        assert_ne!(r.header.flags & FLAG_CACHE_KEYS, 0);
+
+        // Another sender cannot name node 900's list; a wrong count misses too.
+        for (sender, count) in [(901, 4), (900, 3), (900, 5)] {
+            let r = raw(
+                &server.addr,
+                frame(Kind::Push, sender, 2, FLAG_KEYREF, vec![hash, count]),
+            )
+            .await;
+            assert!(is_miss(&r), "sender {sender}, count {count}: {r:?}");
+        }
+        assert_eq!(w.pull("r", keys.clone()).await.unwrap(), vec![1.0; 4]);
+
+        // The owner's reference resolves, for a push and for a pull.
+        let mut push = frame(Kind::Push, 900, 2, FLAG_KEYREF, vec![hash, 4]);
+        push.vals = vec![1.0, 2.0, 3.0, 4.0];
+        let r = raw(&server.addr, push).await;
+        assert_eq!(
+            r.control_msg().unwrap(),
+            Control::PushAck {
+                applied: 4,
+                duplicate: 0
+            }
+        );
+        let r = raw(
+            &server.addr,
+            frame(Kind::Pull, 900, 0, FLAG_KEYREF, vec![hash, 4]),
+        )
+        .await;
+        assert_eq!(r.header.kind, Kind::Reply);
+        assert_eq!(r.vals, vec![2.0, 3.0, 4.0, 5.0]);
+
+        // A list the server refuses (unsorted) is neither applied nor kept.
+        let unsorted = vec![40u64, 30];
+        let r = raw(
+            &server.addr,
+            frame(Kind::Pull, 900, 0, FLAG_CACHE_KEYS, unsorted.clone()),
+        )
+        .await;
+        assert_eq!(r.header.kind, Kind::Error);
+        let r = raw(
+            &server.addr,
+            frame(
+                Kind::Pull,
+                900,
+                0,
+                FLAG_KEYREF,
+                vec![key_list_hash(&unsorted), 2],
+            ),
+        )
+        .await;
+        assert!(is_miss(&r), "{r:?}");
     })
     .await
     .unwrap();

@@ -6,7 +6,9 @@
 //! check is exact, every accepted body has exactly one encoding, and
 //! `decode` then `encode` gives back the same bytes.
 
-use crate::header::{FLAG_ALL_FLAGS, HEADER_LEN, Header, Sections};
+use crate::header::{
+    FLAG_ALL_FLAGS, FLAG_DENSE, FLAG_KEYREF, FLAG_SCAN, HEADER_LEN, Header, Sections,
+};
 use crate::message::Control;
 use bytes::{BufMut, Bytes, BytesMut};
 
@@ -79,6 +81,17 @@ pub enum WireError {
     /// A dense frame with a key list.
     #[error("dense frame carries {0} keys")]
     DenseWithKeys(u32),
+    /// A key-reference frame (`FLAG_KEYREF`) that is dense or a scan, or
+    /// whose key section is not exactly `[hash, count]`.
+    #[error(
+        "key-reference frame (flags {flags:#06x}, {keys} keys) must carry exactly [hash, count] and be neither dense nor a scan"
+    )]
+    BadKeyRef {
+        /// The header's flags.
+        flags: u16,
+        /// Keys it carries.
+        keys: u64,
+    },
     /// The control section did not decode.
     #[error("control section: {0}")]
     Control(String),
@@ -113,6 +126,17 @@ impl Frame {
         Frame {
             ctrl: Bytes::from(msg.to_bytes()),
             ..Frame::new(header)
+        }
+    }
+
+    /// The `(hash, count)` a key-reference frame (`FLAG_KEYREF`) names, or
+    /// `None` when the frame carries its keys (or is not a valid reference).
+    pub fn key_ref(&self) -> Option<(u64, u64)> {
+        match self.keys[..] {
+            [hash, count] if key_ref_ok(self.header.flags, 2).is_ok() && self.header.key_ref() => {
+                Some((hash, count))
+            }
+            _ => None,
         }
     }
 
@@ -179,6 +203,7 @@ impl Frame {
             // Fits: the key count was checked against u32 above.
             return Err(WireError::DenseWithKeys(self.keys.len() as u32));
         }
+        key_ref_ok(h.flags, wide(self.keys.len()))?;
         match over("frame bytes", self.encoded_len(), wide(limits.max_frame)) {
             Some(e) => Err(e),
             None => Ok(()),
@@ -192,7 +217,8 @@ impl Frame {
     /// header ([`Header::decode`]: length, magic, version, kind, flags,
     /// reserved bytes, range); key count against `max_keys`; value count
     /// against what `max_frame` could hold; the declared sections against the
-    /// body's length, exactly; no keys in a dense frame; the body against
+    /// body's length, exactly; no keys in a dense frame; a key reference
+    /// that is exactly `[hash, count]` and neither dense nor a scan; the body against
     /// `max_frame`. Only then are the sections copied out, so no allocation is
     /// larger than the body itself.
     pub fn decode(body: &[u8], limits: &Limits) -> Result<Frame, WireError> {
@@ -225,6 +251,7 @@ impl Frame {
         if header.dense() && sections.keys != 0 {
             return Err(WireError::DenseWithKeys(sections.keys));
         }
+        key_ref_ok(header.flags, sections.keys.into())?;
         if body.len() > limits.max_frame {
             return Err(WireError::TooLarge {
                 what: "frame bytes",
@@ -256,6 +283,15 @@ impl Frame {
     }
 }
 
+/// Refuses a key-reference frame that is dense or a scan, or does not carry
+/// exactly `[hash, count]`.
+fn key_ref_ok(flags: u16, keys: u64) -> Result<(), WireError> {
+    if flags & FLAG_KEYREF != 0 && (keys != 2 || flags & (FLAG_DENSE | FLAG_SCAN) != 0) {
+        return Err(WireError::BadKeyRef { flags, keys });
+    }
+    Ok(())
+}
+
 /// `n` as a `u64`, for comparisons that must not truncate on any target.
 fn wide(n: usize) -> u64 {
     u64::try_from(n).unwrap_or(u64::MAX)
@@ -275,7 +311,7 @@ fn put_le<T: Copy, const N: usize>(dst: &mut BytesMut, items: &[T], le: fn(T) ->
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::header::{FLAG_DENSE, FLAG_RETRY, Kind, VERSION};
+    use crate::header::{FLAG_CACHE_KEYS, FLAG_RETRY, Kind, VERSION};
     use pserver_core::KeyRange;
 
     fn push() -> Frame {
@@ -374,10 +410,67 @@ mod tests {
 
     #[test]
     fn bad_flags() {
-        let b = corrupt(|b| b[6..8].copy_from_slice(&(FLAG_RETRY | 8).to_le_bytes()));
-        assert_eq!(decode(&b), Err(WireError::BadFlags(FLAG_RETRY | 8)));
+        let b = corrupt(|b| b[6..8].copy_from_slice(&(FLAG_RETRY | 0x4000).to_le_bytes()));
+        assert_eq!(decode(&b), Err(WireError::BadFlags(FLAG_RETRY | 0x4000)));
         let b = corrupt(|b| b[7] = 0x80);
         assert_eq!(decode(&b), Err(WireError::BadFlags(0x8000)));
+        // Every bit this version does not name is refused.
+        for bit in (0..16)
+            .map(|i| 1u16 << i)
+            .filter(|b| b & FLAG_ALL_FLAGS == 0)
+        {
+            let b = corrupt(|b| b[6..8].copy_from_slice(&bit.to_le_bytes()));
+            assert_eq!(decode(&b), Err(WireError::BadFlags(bit)));
+        }
+    }
+
+    /// A key-reference push: `[hash, count]` in the key section.
+    fn key_ref() -> Frame {
+        let mut f = push();
+        f.header.flags = FLAG_KEYREF | FLAG_RETRY;
+        f.keys = vec![0xdead_beef, 3];
+        f
+    }
+
+    #[test]
+    fn key_ref_frames_round_trip() {
+        let f = key_ref();
+        assert_eq!(f.key_ref(), Some((0xdead_beef, 3)));
+        assert_eq!(f.check(&Limits::default()), Ok(()));
+        let back = decode(&body(&f)).unwrap();
+        assert!(same(&back, &f));
+        assert_eq!(back.key_ref(), Some((0xdead_beef, 3)));
+        // Without the flag, two keys are just two keys.
+        assert_eq!(push().key_ref(), None);
+        let mut cache = push();
+        cache.header.flags = FLAG_CACHE_KEYS;
+        assert!(same(&decode(&body(&cache)).unwrap(), &cache));
+    }
+
+    #[test]
+    fn bad_key_refs_are_refused_by_decode_and_check() {
+        let mut cases = Vec::new();
+        for n in [0, 1, 3] {
+            let mut f = key_ref();
+            f.keys = vec![7; n];
+            cases.push((f, n as u64));
+        }
+        let mut scan = key_ref();
+        scan.header.flags |= FLAG_SCAN;
+        cases.push((scan, 2));
+        let mut dense = key_ref();
+        dense.header.flags |= FLAG_DENSE;
+        dense.keys.clear();
+        cases.push((dense, 0));
+        for (f, keys) in cases {
+            let want = Err(WireError::BadKeyRef {
+                flags: f.header.flags,
+                keys,
+            });
+            assert_eq!(decode(&body(&f)).map(drop), want, "{f:?}");
+            assert_eq!(f.check(&Limits::default()), want);
+            assert_eq!(f.key_ref(), None);
+        }
     }
 
     #[test]
@@ -543,8 +636,8 @@ mod tests {
         assert_eq!(push().check(&limits), Ok(()));
 
         let mut f = push();
-        f.header.flags = 8;
-        assert_eq!(f.check(&limits), Err(WireError::BadFlags(8)));
+        f.header.flags = 0x8000;
+        assert_eq!(f.check(&limits), Err(WireError::BadFlags(0x8000)));
 
         let mut f = push();
         f.header.range = KeyRange { begin: 2, end: 1 };

@@ -40,9 +40,19 @@ pub const FLAG_DENSE: u16 = 1;
 pub const FLAG_RETRY: u16 = 2;
 /// Every flag this version knows; a decoder refuses a header with any other bit
 /// set, so a later version cannot give an old node a flag it would silently ignore.
-pub const FLAG_ALL_FLAGS: u16 = FLAG_DENSE | FLAG_RETRY | FLAG_SCAN;
+pub const FLAG_ALL_FLAGS: u16 = FLAG_DENSE | FLAG_RETRY | FLAG_SCAN | FLAG_KEYREF | FLAG_CACHE_KEYS;
 /// Flag: a pull of every stored entry in `range`; the reply carries their keys.
 pub const FLAG_SCAN: u16 = 4;
+/// Flag: the key section is exactly two `u64`s, `[hash, count]`, naming a key
+/// list the receiver cached from an earlier frame of this sender and table
+/// (see `pserver_core::keycache`). Not valid with [`FLAG_DENSE`] or
+/// [`FLAG_SCAN`], which carry no key list to name.
+pub const FLAG_KEYREF: u16 = 8;
+/// Flag: on a request, the receiver should remember this frame's key list,
+/// so that later frames can name it with [`FLAG_KEYREF`] (a receiver may
+/// decline, e.g. when the list is larger than its cache). On a successful
+/// reply: the receiver kept the request's list.
+pub const FLAG_CACHE_KEYS: u16 = 16;
 
 /// What a frame is.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -119,6 +129,11 @@ impl Header {
     /// True when `FLAG_DENSE` is set.
     pub fn dense(&self) -> bool {
         self.flags & FLAG_DENSE != 0
+    }
+
+    /// True when `FLAG_KEYREF` is set: the keys are `[hash, count]`.
+    pub fn key_ref(&self) -> bool {
+        self.flags & FLAG_KEYREF != 0
     }
 }
 

@@ -3,7 +3,8 @@
 use pserver_core::{ClusterMap, Consistency, NodeId, Role, TableSpec};
 use serde::{Deserialize, Serialize};
 
-/// Machine-readable reason carried by an error reply.
+/// Machine-readable reason carried by an error reply. Postcard encodes the
+/// variant's index, so new codes go at the end.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum ErrorCode {
     /// The frame could not be decoded.
@@ -28,6 +29,10 @@ pub enum ErrorCode {
     Invalid,
     /// Something failed inside the node.
     Internal,
+    /// A key-reference frame (`FLAG_KEYREF`) named a key list the receiver
+    /// does not hold (never sent, evicted, or the receiver restarted). Nothing
+    /// was done: resend the frame with its keys.
+    KeyCacheMiss,
 }
 
 /// A control message.

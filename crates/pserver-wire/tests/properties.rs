@@ -10,7 +10,7 @@ use pserver_core::{
     UpdaterSpec,
 };
 use pserver_wire::codec::CodecError;
-use pserver_wire::header::{FLAG_ALL_FLAGS, FLAG_DENSE};
+use pserver_wire::header::{FLAG_ALL_FLAGS, FLAG_DENSE, FLAG_KEYREF, FLAG_SCAN};
 use pserver_wire::message::{ServerStats, Status};
 use pserver_wire::{Control, ErrorCode, Frame, FrameCodec, Header, Kind, Limits};
 use tokio_util::codec::{Decoder, Encoder};
@@ -53,7 +53,9 @@ fn header() -> impl Strategy<Value = Header> {
         )
 }
 
-/// Any valid frame: dense frames carry no keys; values are any bit pattern.
+/// Any valid frame: dense frames carry no keys; key references carry
+/// exactly `[hash, count]` and are neither dense nor scans; values are any
+/// bit pattern.
 fn frame() -> impl Strategy<Value = Frame> {
     (
         header(),
@@ -61,11 +63,20 @@ fn frame() -> impl Strategy<Value = Frame> {
         prop::collection::vec(any::<u32>().prop_map(f32::from_bits), 0..48),
         prop::collection::vec(any::<u8>(), 0..48),
     )
-        .prop_map(|(header, keys, vals, ctrl)| Frame {
-            keys: if header.dense() { Vec::new() } else { keys },
-            header,
-            vals,
-            ctrl: Bytes::from(ctrl),
+        .prop_map(|(mut header, mut keys, vals, ctrl)| {
+            if header.key_ref() {
+                header.flags &= !(FLAG_DENSE | FLAG_SCAN);
+                keys.resize(2, 0);
+            }
+            if header.dense() {
+                keys.clear();
+            }
+            Frame {
+                keys,
+                header,
+                vals,
+                ctrl: Bytes::from(ctrl),
+            }
         })
 }
 
@@ -192,6 +203,17 @@ proptest! {
                 prop_assert!(same(&Frame::decode(&body(&f), &limits).unwrap(), &f));
             }
         }
+    }
+
+    #[test]
+    fn key_refs_need_exactly_two_keys(f in frame(), n in 0usize..6) {
+        let mut f = f;
+        f.header.flags |= FLAG_KEYREF;
+        f.header.flags &= !(FLAG_DENSE | FLAG_SCAN);
+        f.keys = vec![1; n];
+        let got = Frame::decode(&body(&f), &Limits::default());
+        prop_assert_eq!(got.is_ok(), n == 2);
+        prop_assert_eq!(f.check(&Limits::default()), got.map(drop));
     }
 
     #[test]
@@ -355,6 +377,7 @@ fn every_error_code_round_trips() {
         Limit,
         Invalid,
         Internal,
+        KeyCacheMiss,
     ] {
         let msg = Control::Error {
             code,
@@ -362,6 +385,18 @@ fn every_error_code_round_trips() {
         };
         assert_eq!(Control::from_bytes(&msg.to_bytes()).unwrap(), msg);
     }
+}
+
+/// Postcard encodes variant indexes: pins the new code at the end, so older
+/// nodes keep decoding every code they know.
+#[test]
+fn key_cache_miss_is_the_last_error_code() {
+    let msg = Control::Error {
+        code: ErrorCode::KeyCacheMiss,
+        message: String::new(),
+    };
+    // Control::Error is variant 13, KeyCacheMiss is code 11, then an empty string.
+    assert_eq!(msg.to_bytes(), vec![13, 11, 0]);
 }
 
 #[test]
