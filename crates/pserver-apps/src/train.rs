@@ -71,6 +71,8 @@ pub struct TrainConfig {
     pub kkt: Option<f32>,
     /// Score the test set this often during the run (besides at the end).
     pub eval_every: Option<Duration>,
+    /// Send repeated key lists as hashes (the key caching filter).
+    pub key_caching: bool,
 }
 
 /// Why a run failed.
@@ -255,7 +257,9 @@ pub async fn train(
     // Workers register before anyone pushes, so every clock counts them all.
     let mut workers = Vec::new();
     for _ in 0..cfg.workers {
-        workers.push(Worker::connect(WorkerConfig::new(manager)).await?);
+        let mut wc = WorkerConfig::new(manager);
+        wc.key_caching = cfg.key_caching;
+        workers.push(Worker::connect(wc).await?);
     }
     let observer = Worker::connect(WorkerConfig::client(manager)).await?;
     let stamp = std::time::SystemTime::now()
@@ -402,6 +406,7 @@ pub async fn train(
     };
     let bytes_sent = sum(|t| &t.bytes_sent);
     let bytes_received = sum(|t| &t.bytes_received);
+    let key_bytes_saved = sum(|t| &t.bytes_saved);
     for w in &workers {
         w.shutdown();
     }
@@ -416,8 +421,9 @@ pub async fn train(
         load_seconds,
         bytes_sent,
         bytes_received,
-        // The KKT filter keeps a key and two floats per coordinate off the wire.
-        bytes_saved: filtered * 16,
+        // The KKT filter keeps a key and two floats per coordinate off the
+        // wire; key caching, the key lists it replaced by hashes.
+        bytes_saved: filtered * 16 + key_bytes_saved,
         wait_fraction: wait.as_secs_f64() / (wait + busy).as_secs_f64().max(1e-9),
         curve,
         test_curve,

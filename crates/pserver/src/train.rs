@@ -17,9 +17,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 /// The bundled data set, relative to the repository root.
-const FLIGHTS_DATA: &str = "data/nycflights13/flights.csv.gz";
+pub(crate) const FLIGHTS_DATA: &str = "data/nycflights13/flights.csv.gz";
 /// Its schema.
-const FLIGHTS_SCHEMA: &str = "data/nycflights13/flights.toml";
+pub(crate) const FLIGHTS_SCHEMA: &str = "data/nycflights13/flights.toml";
 
 /// Input formats.
 #[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
@@ -104,6 +104,9 @@ pub struct TrainArgs {
     /// Save the trained weights to this directory.
     #[arg(long)]
     save: Option<PathBuf>,
+    /// Send every key list in full (turns the key caching filter off).
+    #[arg(long)]
+    no_key_caching: bool,
     /// Score the test set every this many milliseconds while training (0: only at the end).
     #[arg(long, default_value_t = 200)]
     eval_every_ms: u64,
@@ -131,7 +134,7 @@ pub struct PredictArgs {
 
 /// Finds a bundled file: relative to the working directory, else in the
 /// source tree this binary was built from.
-fn bundled(rel: &str) -> PathBuf {
+pub(crate) fn bundled(rel: &str) -> PathBuf {
     let here = PathBuf::from(rel);
     if here.exists() {
         return here;
@@ -187,6 +190,7 @@ pub async fn run(args: TrainArgs) -> Result<()> {
         beta: args.beta,
         kkt: (args.kkt >= 0.0).then_some(args.kkt),
         eval_every: (args.eval_every_ms > 0).then(|| Duration::from_millis(args.eval_every_ms)),
+        key_caching: !args.no_key_caching,
     };
     cfg.validate()?;
     if args.servers == 0 {
