@@ -1,6 +1,7 @@
 //! `pserver`: one binary for every role of the parameter server.
 
 mod demo;
+mod experiment;
 mod kv;
 mod parse;
 mod status;
@@ -116,6 +117,8 @@ enum Cmd {
     Train(train::TrainArgs),
     /// Score data with a model saved by `train --save`: one probability per line.
     Predict(train::PredictArgs),
+    /// Re-run an experiment of the papers on this machine and print its table.
+    Experiment(experiment::ExperimentArgs),
     /// Start a whole cluster on this machine: a manager and servers, and
     /// optionally workers running a demo job.
     Local {
@@ -195,6 +198,7 @@ async fn run(cli: Cli) -> Result<()> {
         Cmd::Status { manager, json } => status::run(&manager, json).await,
         Cmd::Train(args) => train::run(args).await,
         Cmd::Predict(args) => train::predict(args).await,
+        Cmd::Experiment(args) => experiment::run(args).await,
         Cmd::Local {
             servers,
             workers,
