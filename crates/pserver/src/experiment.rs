@@ -10,6 +10,7 @@
 use crate::train::{FLIGHTS_DATA, FLIGHTS_SCHEMA, bundled};
 use anyhow::{Context, Result, bail};
 use clap::{Args, Subcommand};
+use pserver_apps::report::format_bytes;
 use pserver_apps::train::{Algo, RunResult, TrainConfig, train};
 use pserver_data::Format;
 use pserver_node::local::{LocalCluster, LocalConfig};
@@ -47,6 +48,9 @@ enum ExperimentCmd {
     /// Bounded delay: time to reach a target objective and share of worker
     /// time spent waiting, for each delay tau (DBPG on the bundled flights data).
     Tau(TauArgs),
+    /// Bytes sent by workers and servers with no filter, key caching, the
+    /// KKT filter, and both (DBPG on the bundled flights data).
+    Filters(FiltersArgs),
 }
 
 /// `pserver experiment tau` flags.
@@ -80,10 +84,121 @@ struct TauArgs {
     json: Option<PathBuf>,
 }
 
+/// The run `pserver train` makes on the bundled data, at tau 0, without
+/// scoring during training (it would steal the cores the workers are timed
+/// on; the final score is taken after the clock stops).
+fn flights(workers: usize, epochs: usize, key_caching: bool) -> Result<TrainConfig> {
+    let data = bundled(FLIGHTS_DATA);
+    let schema_path = bundled(FLIGHTS_SCHEMA);
+    if !data.exists() {
+        bail!(
+            "the bundled data {} is not here; run from the repository root",
+            data.display()
+        );
+    }
+    let schema = Arc::new(
+        pserver_data::load_schema(&schema_path)
+            .with_context(|| format!("loading the schema {}", schema_path.display()))?,
+    );
+    Ok(TrainConfig {
+        algo: Algo::Dbpg,
+        train: data,
+        test: None,
+        format: Format::Csv(schema),
+        workers,
+        tau: 0,
+        l1: L1,
+        l2: L2,
+        blocks: BLOCKS,
+        epochs,
+        // Unused by DBPG; `pserver train`'s defaults keep validation happy.
+        batch: 1000,
+        alpha: 0.1,
+        beta: 1.0,
+        kkt: Some(KKT),
+        eval_every: None,
+        key_caching,
+    })
+}
+
+/// `pserver experiment filters` flags.
+#[derive(Args, Debug)]
+struct FiltersArgs {
+    /// Servers of each run's local cluster.
+    #[arg(long, default_value_t = 2)]
+    servers: usize,
+    /// Workers.
+    #[arg(long, default_value_t = 2)]
+    workers: usize,
+    /// Passes over the data.
+    #[arg(long, default_value_t = 10)]
+    epochs: usize,
+    /// Bounded delay of every run.
+    #[arg(long, default_value_t = 1)]
+    tau: u64,
+}
+
+/// Bytes on the wire with each filter, against none: the paper's
+/// communication experiment, for the filters built so far.
+async fn filters(args: FiltersArgs) -> Result<()> {
+    if args.servers == 0 {
+        bail!("--servers must be at least 1");
+    }
+    let base = TrainConfig {
+        tau: args.tau,
+        ..flights(args.workers, args.epochs, false)?
+    };
+    base.validate()?;
+    println!(
+        "filters experiment: dbpg on {}, {} servers, {} workers, {} epochs x {} blocks, tau {}",
+        base.train.display(),
+        args.servers,
+        args.workers,
+        args.epochs,
+        BLOCKS,
+        args.tau
+    );
+    let cases: [(&str, Option<f32>, bool); 4] = [
+        ("none", None, false),
+        ("key caching", None, true),
+        ("KKT", Some(KKT), false),
+        ("KKT + key caching", Some(KKT), true),
+    ];
+    println!(
+        "| filters | worker bytes sent | server bytes sent | workers vs none | servers vs none | test AUC | nnz |"
+    );
+    println!("|---|---:|---:|---:|---:|---:|---:|");
+    let mut none = None;
+    for (name, kkt, key_caching) in cases {
+        let cfg = TrainConfig {
+            kkt,
+            key_caching,
+            ..base.clone()
+        };
+        let r = one_run(&cfg, args.servers)
+            .await
+            .with_context(|| format!("filters {name}"))?;
+        // Servers send what workers receive (there is no replication yet).
+        let (w, s) = (r.bytes_sent, r.bytes_received);
+        let (w0, s0) = *none.get_or_insert((w, s));
+        println!(
+            "| {name} | {} | {} | {:.2}x | {:.2}x | {:.4} | {} |",
+            format_bytes(w),
+            format_bytes(s),
+            w0 as f64 / w.max(1) as f64,
+            s0 as f64 / s.max(1) as f64,
+            r.test.auc,
+            r.nnz
+        );
+    }
+    Ok(())
+}
+
 /// Runs `pserver experiment ...`.
 pub async fn run(args: ExperimentArgs) -> Result<()> {
     match args.cmd {
         ExperimentCmd::Tau(a) => tau(a).await,
+        ExperimentCmd::Filters(a) => filters(a).await,
     }
 }
 
@@ -291,38 +406,11 @@ async fn tau(args: TauArgs) -> Result<()> {
         }
     }
 
-    let data = bundled(FLIGHTS_DATA);
-    let schema_path = bundled(FLIGHTS_SCHEMA);
-    if !data.exists() {
-        bail!(
-            "the bundled data {} is not here; run from the repository root",
-            data.display()
-        );
-    }
-    let schema = Arc::new(
-        pserver_data::load_schema(&schema_path)
-            .with_context(|| format!("loading the schema {}", schema_path.display()))?,
-    );
+    let base = flights(args.workers, args.epochs, !args.no_key_caching)?;
+    let data = base.train.clone();
     let cfg = |tau: u64| TrainConfig {
-        algo: Algo::Dbpg,
-        train: data.clone(),
-        test: None,
-        format: Format::Csv(schema.clone()),
-        workers: args.workers,
         tau,
-        l1: L1,
-        l2: L2,
-        blocks: BLOCKS,
-        epochs: args.epochs,
-        // Unused by DBPG; `pserver train`'s defaults keep validation happy.
-        batch: 1000,
-        alpha: 0.1,
-        beta: 1.0,
-        kkt: Some(KKT),
-        // Scoring the test set while training would steal the cores the
-        // workers are timed on; the final score is taken after the clock stops.
-        eval_every: None,
-        key_caching: !args.no_key_caching,
+        ..base.clone()
     };
     cfg(0).validate()?;
 
