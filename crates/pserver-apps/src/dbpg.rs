@@ -89,8 +89,10 @@ pub async fn run_worker(
         // Every partition gets this clock, empty slices included, so pulls
         // that wait on any range see the iteration done.
         let waited = Instant::now();
+        // The push and the pull travel together: the pull's wait is on the
+        // other workers' clocks, not on this push's acknowledgement.
         w.set_clock(t);
-        w.push(&cfg.table, keys, vals).await?;
+        let push = w.push(&cfg.table, keys, vals);
         if let Some(s) = t.checked_sub(cfg.tau).filter(|&s| s >= 1) {
             pull_block(
                 w,
@@ -105,6 +107,7 @@ pub async fn run_worker(
             )
             .await?;
         }
+        push.await?;
         let wait = waited.elapsed();
         let _ = progress.send(Progress::Iter(IterStats {
             worker: index,

@@ -481,7 +481,10 @@ impl Worker {
         })
     }
 
-    fn values(&self, req: Request) -> Handle<Vec<f32>> {
+    fn values(&self, mut req: Request) -> Handle<Vec<f32>> {
+        // The clock is the one current now, not when the task first runs:
+        // the caller may advance it before then.
+        req.clock.get_or_insert_with(|| self.clock());
         let (tx, rx) = oneshot::channel();
         let inner = self.inner.clone();
         self.inner.rt.spawn(async move {
@@ -491,7 +494,8 @@ impl Worker {
     }
 
     /// Sends any request.
-    pub fn send(&self, req: Request) -> Handle<Outcome> {
+    pub fn send(&self, mut req: Request) -> Handle<Outcome> {
+        req.clock.get_or_insert_with(|| self.clock());
         let (tx, rx) = oneshot::channel();
         let inner = self.inner.clone();
         self.inner.rt.spawn(async move {

@@ -933,3 +933,36 @@ async fn key_references_to_lists_the_server_lacks_miss_and_change_nothing() {
     .await
     .unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_carries_the_clock_current_when_it_was_made() {
+    timeout(LIMIT, async {
+        let c = cluster(1, 5000).await;
+        let w = client(&c).await;
+        w.create_table("k", TableOptions::new(1, UpdaterSpec::Add))
+            .await
+            .unwrap();
+        w.set_clock(1);
+        let first = w.push("k", vec![7], vec![1.0]);
+        // Advancing before the handle is awaited must not move the push.
+        w.set_clock(2);
+        first.await.unwrap();
+        let again = w.send(Request {
+            table: "k".into(),
+            op: Op::Push,
+            keys: Keys::List(vec![7]),
+            vals: vec![1.0],
+            clock: Some(1),
+            consistency: None,
+        });
+        let e = again.await.unwrap_err();
+        assert!(
+            matches!(e, NodeError::Remote { code: ErrorCode::Duplicate, .. }),
+            "{e}"
+        );
+        w.push("k", vec![7], vec![1.0]).await.unwrap();
+        assert_eq!(w.pull("k", vec![7]).await.unwrap(), vec![2.0]);
+    })
+    .await
+    .unwrap();
+}
