@@ -957,7 +957,13 @@ async fn a_request_carries_the_clock_current_when_it_was_made() {
         });
         let e = again.await.unwrap_err();
         assert!(
-            matches!(e, NodeError::Remote { code: ErrorCode::Duplicate, .. }),
+            matches!(
+                e,
+                NodeError::Remote {
+                    code: ErrorCode::Duplicate,
+                    ..
+                }
+            ),
             "{e}"
         );
         w.push("k", vec![7], vec![1.0]).await.unwrap();
