@@ -34,6 +34,8 @@ fn check_round_trip(frame: &Frame, limits: &Limits) -> BytesMut {
     assert_eq!(frame.check(limits), Ok(()));
     // Arbitrary control bytes must be refused cleanly, never panic.
     let _ = Control::from_bytes(&frame.ctrl);
+    // So must an arbitrary packed values section.
+    let _ = frame.clone().unpack();
 
     let mut bytes = BytesMut::new();
     frame.encode(&mut bytes);

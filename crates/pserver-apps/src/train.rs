@@ -11,7 +11,7 @@ use crate::progress::Progress;
 use pserver_core::{Consistency, KeyRange, UpdaterSpec};
 use pserver_data::{Format, ReadOptions, ReadStats, Shard, Split};
 use pserver_node::NodeError;
-use pserver_node::worker::{TableOptions, Worker, WorkerConfig};
+use pserver_node::worker::{Packing, TableOptions, Worker, WorkerConfig};
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -73,6 +73,9 @@ pub struct TrainConfig {
     pub eval_every: Option<Duration>,
     /// Send repeated key lists as hashes (the key caching filter).
     pub key_caching: bool,
+    /// Pack pushed values (lossless or fixed point) and have servers pack
+    /// pulled values losslessly (the compression filter); `None`: raw.
+    pub compression: Option<Packing>,
 }
 
 /// Why a run failed.
@@ -259,6 +262,7 @@ pub async fn train(
     for _ in 0..cfg.workers {
         let mut wc = WorkerConfig::new(manager);
         wc.key_caching = cfg.key_caching;
+        wc.compression = cfg.compression;
         workers.push(Worker::connect(wc).await?);
     }
     let observer = Worker::connect(WorkerConfig::client(manager)).await?;
@@ -406,7 +410,7 @@ pub async fn train(
     };
     let bytes_sent = sum(|t| &t.bytes_sent);
     let bytes_received = sum(|t| &t.bytes_received);
-    let key_bytes_saved = sum(|t| &t.bytes_saved);
+    let key_bytes_saved = sum(|t| &t.bytes_saved) + sum(|t| &t.bytes_saved_received);
     for w in &workers {
         w.shutdown();
     }
@@ -422,7 +426,8 @@ pub async fn train(
         bytes_sent,
         bytes_received,
         // The KKT filter keeps a key and two floats per coordinate off the
-        // wire; key caching, the key lists it replaced by hashes.
+        // wire; key caching, the key lists it replaced by hashes;
+        // compression, value bytes both ways.
         bytes_saved: filtered * 16 + key_bytes_saved,
         wait_fraction: wait.as_secs_f64() / (wait + busy).as_secs_f64().max(1e-9),
         curve,

@@ -57,6 +57,7 @@ fn config(algo: Algo, train_path: &Path, test_path: &Path) -> TrainConfig {
         kkt: Some(0.1),
         eval_every: Some(Duration::from_millis(50)),
         key_caching: true,
+        compression: None,
     }
 }
 

@@ -16,8 +16,8 @@ use pserver_core::keycache::KeyCache;
 use pserver_core::store::{Store, StoreError};
 use pserver_core::updater::Registry;
 use pserver_core::{ClusterMap, Consistency, KeyRange, NodeId, NodeState, Role};
-use pserver_wire::header::{FLAG_CACHE_KEYS, FLAG_KEYREF, FLAG_RETRY, FLAG_SCAN};
-use pserver_wire::{Control, ErrorCode, Frame, Header, Kind, Limits};
+use pserver_wire::header::{FLAG_CACHE_KEYS, FLAG_KEYREF, FLAG_PACK_REPLY, FLAG_RETRY, FLAG_SCAN};
+use pserver_wire::{Control, ErrorCode, Frame, Header, Kind, Limits, Packing};
 use rustc_hash::FxHashMap;
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -231,8 +231,15 @@ pub async fn start_server(cfg: ServerConfig) -> Result<ServerHandle, NodeError> 
     Ok(ServerHandle { id, addr, cancel })
 }
 
+/// Sends replies, packing the values of those whose request asked for it
+/// (`FLAG_PACK_REPLY`). Runs after the state lock is released, so
+/// compression does not hold up other connections.
 async fn send_all(out: Outgoing) {
-    for (to, frame) in out {
+    for (to, mut frame) in out {
+        if frame.header.flags & FLAG_PACK_REPLY != 0 {
+            frame.header.flags &= !FLAG_PACK_REPLY;
+            frame.pack(Packing::Lossless);
+        }
         let _ = to.send(frame).await;
     }
 }
@@ -244,8 +251,25 @@ where
     let (mut reader, out) = split(stream, limits);
     while let Some(item) = reader.next().await {
         match item {
-            Ok(frame) => {
-                let replies = lock(&state).handle(frame, &out);
+            Ok(mut frame) => {
+                // Unpacked before taking the lock; a section that does not
+                // unpack is refused like any malformed request.
+                let replies = match frame.unpack() {
+                    Ok(_) => lock(&state).handle(frame, &out),
+                    Err(e) => {
+                        let st = lock(&state);
+                        vec![(
+                            out.clone(),
+                            error_reply(
+                                &frame.header,
+                                st.id,
+                                st.map.epoch,
+                                ErrorCode::Malformed,
+                                e.to_string(),
+                            ),
+                        )]
+                    }
+                };
                 send_all(replies).await;
             }
             Err(e) => {
@@ -678,6 +702,7 @@ impl State {
             reply.keys.push(k);
             reply.vals.extend_from_slice(&slot[..dim]);
         }
+        reply.header.flags = h.flags & FLAG_PACK_REPLY;
         Ok(reply)
     }
 
@@ -700,8 +725,9 @@ impl State {
     fn answer_pull(&self, frame: &Frame) -> Frame {
         let h = &frame.header;
         let mut reply = Frame::new(reply_header(h, Kind::Reply, self.id, self.map.epoch));
-        // Set only when this server kept the pull's key list (see `data`).
-        reply.header.flags = h.flags & FLAG_CACHE_KEYS;
+        // Set only when this server kept the pull's key list (see `data`);
+        // `FLAG_PACK_REPLY` is taken off by `send_all`, which packs.
+        reply.header.flags = h.flags & (FLAG_CACHE_KEYS | FLAG_PACK_REPLY);
         reply.ctrl = frame.ctrl.clone();
         match self.tables.get(&h.table).map(|t| &t.store) {
             Some(Ok(store)) => {

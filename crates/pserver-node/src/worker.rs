@@ -20,7 +20,11 @@ use pserver_core::keycache::key_list_hash;
 use pserver_core::{
     ClusterMap, Consistency, Init, KEY_END, KeyRange, NodeId, Role, TableSpec, UpdaterSpec,
 };
-use pserver_wire::header::{FLAG_CACHE_KEYS, FLAG_DENSE, FLAG_KEYREF, FLAG_RETRY, FLAG_SCAN};
+/// How values are packed on the wire (see [`WorkerConfig::compression`]).
+pub use pserver_wire::Packing;
+use pserver_wire::header::{
+    FLAG_CACHE_KEYS, FLAG_DENSE, FLAG_KEYREF, FLAG_PACK_REPLY, FLAG_RETRY, FLAG_SCAN,
+};
 use pserver_wire::{Control, ErrorCode, Frame, Header, Kind, Limits};
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::future::{Future, IntoFuture};
@@ -51,6 +55,10 @@ pub struct WorkerConfig {
     /// list costs little and would only take room in the servers' caches.
     /// (Lists of two keys or fewer are never cached: the reference is as long.)
     pub min_cached_keys: usize,
+    /// Pack the values this worker sends (lossless, or fixed point with
+    /// random rounding) and ask servers to pack their replies losslessly.
+    /// Off by default, like key caching.
+    pub compression: Option<Packing>,
 }
 
 /// Default of [`WorkerConfig::min_cached_keys`].
@@ -70,6 +78,7 @@ impl WorkerConfig {
             timeout: Duration::from_secs(120),
             key_caching: false,
             min_cached_keys: DEFAULT_MIN_CACHED_KEYS,
+            compression: None,
         }
     }
 
@@ -212,8 +221,11 @@ pub struct Traffic {
     pub retries: AtomicU64,
     /// Key bytes not sent because a key list went as a reference:
     /// `count * 8 - 16` per `FLAG_KEYREF` frame the server answered other
-    /// than with a miss (a miss is resent in full and saves nothing).
+    /// than with a miss (a miss is resent in full and saves nothing); plus
+    /// value bytes saved by packing what this worker sent.
     pub bytes_saved: AtomicU64,
+    /// Value bytes the servers did not send because they packed their replies.
+    pub bytes_saved_received: AtomicU64,
 }
 
 /// Key lists (table, hash) a server is believed to hold, oldest first.
@@ -267,6 +279,8 @@ struct Inner {
     limits: Limits,
     /// Key caching on, and the shortest list it applies to (at least 3).
     cache_keys_from: Option<usize>,
+    /// Value compression, when on.
+    compression: Option<Packing>,
     timeout: Duration,
     cancel: CancellationToken,
     traffic: Traffic,
@@ -300,6 +314,7 @@ impl Worker {
             limits: cfg.limits,
             timeout: cfg.timeout,
             cache_keys_from: cfg.key_caching.then_some(cfg.min_cached_keys.max(3)),
+            compression: cfg.compression,
             cancel: CancellationToken::new(),
             traffic: Traffic::default(),
             rt: tokio::runtime::Handle::current(),
@@ -758,6 +773,7 @@ impl Inner {
                         vals: req.vals[item.first * width..(item.first + item.count) * width]
                             .to_vec(),
                         ctrl,
+                        packed: None,
                     }
                 });
                 async move {
@@ -948,6 +964,13 @@ impl Inner {
                 cached = Some((hash, None));
             }
         }
+        if let Some(packing) = self.compression {
+            if matches!(frame.header.kind, Kind::Pull | Kind::PushPull) {
+                frame.header.flags |= FLAG_PACK_REPLY;
+            }
+            let saved = frame.pack(packing);
+            self.traffic.bytes_saved.fetch_add(saved, Ordering::Relaxed);
+        }
         self.traffic.requests.fetch_add(1, Ordering::Relaxed);
         self.traffic
             .bytes_sent
@@ -962,6 +985,17 @@ impl Inner {
         self.traffic
             .bytes_received
             .fetch_add(reply.encoded_len() as u64 + 4, Ordering::Relaxed);
+        let mut reply = reply;
+        if let Some(p) = &reply.packed {
+            let saved = (p.count as usize * 4).saturating_sub(p.bytes.len());
+            self.traffic
+                .bytes_saved_received
+                .fetch_add(saved as u64, Ordering::Relaxed);
+        }
+        reply.unpack().map_err(|e| NodeError::Protocol {
+            peer: peer.label().to_string(),
+            what: e.to_string(),
+        })?;
         match cached {
             Some((hash, Some(_))) if is_key_cache_miss(&reply) => {
                 // Evicted, or the server restarted. It did nothing, so the

@@ -12,7 +12,7 @@ use pserver_node::proto::control_request;
 use pserver_node::server::{ServerConfig, start_server};
 use pserver_node::worker::{Keys, Op, Request, TableOptions, Worker, WorkerConfig};
 use pserver_wire::header::{FLAG_CACHE_KEYS, FLAG_KEYREF, FLAG_RETRY};
-use pserver_wire::{Control, ErrorCode, Frame, Header, Kind, Limits};
+use pserver_wire::{Control, ErrorCode, Frame, Header, Kind, Limits, Packing};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
@@ -343,6 +343,7 @@ async fn duplicates_are_applied_once_and_stale_epochs_redirect() {
                 keys: vec![part.range.begin],
                 vals: vec![1.0],
                 ctrl: Default::default(),
+                packed: None,
             }
         };
         let r = raw(&server.addr, push(0, map.epoch)).await;
@@ -842,6 +843,7 @@ async fn key_references_to_lists_the_server_lacks_miss_and_change_nothing() {
                 },
                 keys,
                 ctrl: Default::default(),
+                packed: None,
             }
         };
         let is_miss = |r: &Frame| {
@@ -968,6 +970,129 @@ async fn a_request_carries_the_clock_current_when_it_was_made() {
         );
         w.push("k", vec![7], vec![1.0]).await.unwrap();
         assert_eq!(w.pull("k", vec![7]).await.unwrap(), vec![2.0]);
+    })
+    .await
+    .unwrap();
+}
+
+async fn packing_client(c: &LocalCluster, packing: Packing) -> Worker {
+    let mut cfg = WorkerConfig::client(c.manager_addr().to_string());
+    cfg.compression = Some(packing);
+    Worker::connect(cfg).await.unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn compressed_pushes_and_pulls_carry_the_same_values_in_fewer_bytes() {
+    timeout(LIMIT, async {
+        let c = cluster(2, 5000).await;
+        let plain = client(&c).await;
+        let packed = packing_client(&c, Packing::Lossless).await;
+        plain
+            .create_table("a", TableOptions::new(1, UpdaterSpec::Add))
+            .await
+            .unwrap();
+        let keys = spread(4000);
+        // Mostly zeros, as a sparse model's gradients are.
+        let vals: Vec<f32> = (0..4000)
+            .map(|i| if i % 10 == 0 { i as f32 * 0.25 } else { 0.0 })
+            .collect();
+        plain.push("a", keys.clone(), vals.clone()).await.unwrap();
+        packed.push("a", keys.clone(), vals.clone()).await.unwrap();
+        let want: Vec<f32> = vals.iter().map(|v| v * 2.0).collect();
+        assert_eq!(plain.pull("a", keys.clone()).await.unwrap(), want);
+        assert_eq!(packed.pull("a", keys.clone()).await.unwrap(), want);
+        // The packing worker sent and received far fewer bytes for the same work.
+        let sent = |w: &Worker| w.traffic().bytes_sent.load(Ordering::Relaxed);
+        let recv = |w: &Worker| w.traffic().bytes_received.load(Ordering::Relaxed);
+        let saved = packed.traffic().bytes_saved.load(Ordering::Relaxed);
+        let saved_recv = packed
+            .traffic()
+            .bytes_saved_received
+            .load(Ordering::Relaxed);
+        assert!(saved > 10_000, "saved {saved}");
+        assert!(saved_recv > 10_000, "saved on replies {saved_recv}");
+        // Each did one push and one pull.
+        assert!(
+            sent(&packed) < sent(&plain),
+            "{} vs {}",
+            sent(&packed),
+            sent(&plain)
+        );
+        assert!(
+            recv(&packed) < recv(&plain),
+            "{} vs {}",
+            recv(&packed),
+            recv(&plain)
+        );
+        let (k, v) = packed.scan("a", KeyRange::ALL).await.unwrap();
+        assert_eq!(k, keys);
+        assert_eq!(v, want);
+
+        // Fixed point: unbiased rounding, each value within one step.
+        let fixed = packing_client(&c, Packing::Fixed8).await;
+        plain
+            .create_table("f", TableOptions::new(1, UpdaterSpec::Add))
+            .await
+            .unwrap();
+        let grads: Vec<f32> = (0..4000).map(|i| ((i as f32) * 0.1).sin()).collect();
+        fixed.push("f", keys.clone(), grads.clone()).await.unwrap();
+        let got = plain.pull("f", keys.clone()).await.unwrap();
+        let step = 1.0 / 127.0 * 2.0;
+        for (g, w) in grads.iter().zip(&got) {
+            assert!((g - w).abs() <= step, "{g} arrived as {w}");
+        }
+        let err: f32 = grads.iter().zip(&got).map(|(g, w)| w - g).sum::<f32>() / 4000.0;
+        assert!(err.abs() < step / 20.0, "mean error {err}");
+        // A NaN is never rounded into a number: the server still refuses it.
+        fixed.advance();
+        let e = fixed
+            .push("f", vec![keys[0]], vec![f32::NAN])
+            .await
+            .unwrap_err();
+        assert!(e.to_string().contains("finite"), "{e}");
+    })
+    .await
+    .unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_corrupt_packed_section_is_refused_and_changes_nothing() {
+    timeout(LIMIT, async {
+        let c = cluster(1, 5000).await;
+        let w = client(&c).await;
+        let spec = w
+            .create_table("p", TableOptions::new(1, UpdaterSpec::Add))
+            .await
+            .unwrap();
+        w.push("p", vec![7], vec![2.0]).await.unwrap();
+        let map = w.refresh().await.unwrap();
+        let mut h = Header::new(Kind::Push);
+        h.sender = w.id();
+        h.table = spec.id;
+        h.epoch = map.epoch;
+        h.clock = 5;
+        h.range = KeyRange::ALL;
+        let mut f = Frame::new(h);
+        f.keys = (0..100).map(|i| i * 1000).collect();
+        f.vals = vec![0.0; 100];
+        f.vals[0] = 1.0;
+        assert!(f.pack(Packing::Lossless) > 0);
+        if let Some(p) = &mut f.packed {
+            p.count = 101;
+        }
+        // The frame is well formed; its packed section is not.
+        let mut f2 = f.clone();
+        f2.keys.push(100_000);
+        let reply = raw(&c.servers[0].addr().to_string(), f2).await;
+        assert_eq!(reply.header.kind, Kind::Error);
+        assert!(matches!(
+            reply.control_msg().unwrap(),
+            Control::Error {
+                code: ErrorCode::Malformed,
+                ..
+            }
+        ));
+        assert_eq!(w.pull("p", vec![0, 7]).await.unwrap(), vec![0.0, 2.0]);
     })
     .await
     .unwrap();

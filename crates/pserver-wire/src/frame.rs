@@ -10,6 +10,7 @@ use crate::header::{
     FLAG_ALL_FLAGS, FLAG_DENSE, FLAG_KEYREF, FLAG_SCAN, HEADER_LEN, Header, Sections,
 };
 use crate::message::Control;
+use crate::pack::{Packed, Packing};
 use bytes::{BufMut, Bytes, BytesMut};
 
 /// Bounds a decoder enforces before allocating.
@@ -95,6 +96,25 @@ pub enum WireError {
     /// The control section did not decode.
     #[error("control section: {0}")]
     Control(String),
+    /// The header declares a packing this version does not know, or packs
+    /// an empty values section, or gives a packed length with raw values.
+    #[error("bad packing field {packing} ({vals} values, {packed} packed bytes)")]
+    BadPacking {
+        /// The packing byte.
+        packing: u8,
+        /// Values declared.
+        vals: u32,
+        /// Packed bytes declared.
+        packed: u32,
+    },
+    /// A packed values section did not unpack.
+    #[error("packed values (packing {packing}): {why}")]
+    Packed {
+        /// The packing byte.
+        packing: u8,
+        /// What was wrong.
+        why: String,
+    },
 }
 
 /// A decoded frame.
@@ -104,10 +124,14 @@ pub struct Frame {
     pub header: Header,
     /// Keys (sorted in requests; checked by the receiver, not the codec).
     pub keys: Vec<u64>,
-    /// Values.
+    /// Values (empty while they are packed).
     pub vals: Vec<f32>,
     /// Control section, still encoded (empty when absent).
     pub ctrl: Bytes,
+    /// The values, packed ([`crate::pack`]); when set, `vals` is empty.
+    /// [`Frame::pack`] fills it before sending, [`Frame::unpack`] empties
+    /// it on receipt: the codec moves the bytes as they are.
+    pub packed: Option<Packed>,
 }
 
 impl Frame {
@@ -118,6 +142,52 @@ impl Frame {
             keys: Vec::new(),
             vals: Vec::new(),
             ctrl: Bytes::new(),
+            packed: None,
+        }
+    }
+
+    /// Packs the values with `packing` (seeded by the request id, so the
+    /// same frame packs to the same bytes) and returns the bytes saved.
+    /// Values stay raw, saving nothing, when packing would not shrink them.
+    pub fn pack(&mut self, packing: Packing) -> u64 {
+        if self.packed.is_some() {
+            return 0;
+        }
+        let seed = self.header.request_id ^ self.header.clock.rotate_left(32);
+        match crate::pack::pack(&self.vals, packing, seed) {
+            Some(p) => {
+                let saved = (self.vals.len() * 4).saturating_sub(p.bytes.len());
+                self.vals = Vec::new();
+                self.packed = Some(p);
+                saved as u64
+            }
+            None => 0,
+        }
+    }
+
+    /// Unpacks packed values into `vals`; a frame whose values are raw is
+    /// left as it is. Returns how they were packed.
+    pub fn unpack(&mut self) -> Result<Option<Packing>, WireError> {
+        let Some(p) = self.packed.take() else {
+            return Ok(None);
+        };
+        match crate::pack::unpack(&p) {
+            Ok(vals) => {
+                self.vals = vals;
+                Ok(Some(p.packing))
+            }
+            Err(e) => {
+                self.packed = Some(p);
+                Err(e)
+            }
+        }
+    }
+
+    /// Values the frame carries, packed or not.
+    pub fn val_count(&self) -> usize {
+        match &self.packed {
+            Some(p) => p.count as usize,
+            None => self.vals.len(),
         }
     }
 
@@ -147,7 +217,11 @@ impl Frame {
 
     /// Bytes of the encoded body (header and sections, without the length prefix).
     pub fn encoded_len(&self) -> usize {
-        crate::header::HEADER_LEN + self.keys.len() * 8 + self.vals.len() * 4 + self.ctrl.len()
+        let vals = match &self.packed {
+            Some(p) => p.bytes.len(),
+            None => self.vals.len() * 4,
+        };
+        crate::header::HEADER_LEN + self.keys.len() * 8 + vals + self.ctrl.len()
     }
 
     /// Appends the body (no length prefix) to `dst`.
@@ -163,15 +237,24 @@ impl Frame {
         let count = |n: usize, what: &str| {
             u32::try_from(n).unwrap_or_else(|_| panic!("{n} {what} do not fit a frame header"))
         };
+        let (packing, packed) = match &self.packed {
+            Some(p) => (p.packing as u8, count(p.bytes.len(), "packed bytes")),
+            None => (0, 0),
+        };
         let sections = Sections {
             keys: count(self.keys.len(), "keys"),
-            vals: count(self.vals.len(), "values"),
+            vals: count(self.val_count(), "values"),
             ctrl: count(self.ctrl.len(), "control bytes"),
+            packing,
+            packed,
         };
         dst.reserve(self.encoded_len());
         self.header.encode_into(sections, dst);
         put_le(dst, &self.keys, u64::to_le_bytes);
-        put_le(dst, &self.vals, f32::to_le_bytes);
+        match &self.packed {
+            Some(p) => dst.put_slice(&p.bytes),
+            None => put_le(dst, &self.vals, f32::to_le_bytes),
+        }
         dst.put_slice(&self.ctrl);
     }
 
@@ -194,10 +277,20 @@ impl Frame {
         };
         let u32_max = u64::from(u32::MAX);
         let too_large = over("keys", self.keys.len(), wide(limits.max_keys).min(u32_max))
-            .or_else(|| over("values", self.vals.len(), u32_max))
+            .or_else(|| over("values", self.val_count(), u32_max))
             .or_else(|| over("control bytes", self.ctrl.len(), u32_max));
         if let Some(e) = too_large {
             return Err(e);
+        }
+        if let Some(p) = &self.packed {
+            let packed = u32::try_from(p.bytes.len()).unwrap_or(u32::MAX);
+            if !self.vals.is_empty() || p.count == 0 || packed == 0 {
+                return Err(WireError::BadPacking {
+                    packing: p.packing as u8,
+                    vals: p.count,
+                    packed,
+                });
+            }
         }
         if h.dense() && !self.keys.is_empty() {
             // Fits: the key count was checked against u32 above.
@@ -245,6 +338,19 @@ impl Frame {
             ctrl: sections.ctrl.into(),
             frame: body.len(),
         };
+        let packing = match sections.packing {
+            0 if sections.packed == 0 => None,
+            // A packed section holds at least one value in at least one byte.
+            b if sections.vals != 0 && sections.packed != 0 => Packing::from_u8(b),
+            _ => None,
+        };
+        if packing.is_none() && (sections.packing != 0 || sections.packed != 0) {
+            return Err(WireError::BadPacking {
+                packing: sections.packing,
+                vals: sections.vals,
+                packed: sections.packed,
+            });
+        }
         if sections.body_len() != wide(body.len()) {
             return Err(length());
         }
@@ -266,19 +372,33 @@ impl Frame {
             .split_at_checked(sections.keys as usize * 8)
             .ok_or_else(length)?;
         let (vals, ctrl) = rest
-            .split_at_checked(sections.vals as usize * 4)
+            .split_at_checked(sections.vals_len() as usize)
             .ok_or_else(length)?;
+        let (vals, packed) = match packing {
+            None => (
+                vals.chunks_exact(4)
+                    .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
+                    .collect(),
+                None,
+            ),
+            Some(packing) => (
+                Vec::new(),
+                Some(Packed {
+                    packing,
+                    count: sections.vals,
+                    bytes: Bytes::copy_from_slice(vals),
+                }),
+            ),
+        };
         Ok(Frame {
             header,
             keys: keys
                 .chunks_exact(8)
                 .map(|c| u64::from_le_bytes(c.try_into().unwrap()))
                 .collect(),
-            vals: vals
-                .chunks_exact(4)
-                .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
-                .collect(),
+            vals,
             ctrl: Bytes::copy_from_slice(ctrl),
+            packed,
         })
     }
 }
@@ -326,6 +446,7 @@ mod tests {
             keys: vec![10, 20, 99],
             vals: vec![0.5, -1.0, f32::NAN],
             ctrl: Bytes::from_static(b"\x01\x02"),
+            packed: None,
         }
     }
 
@@ -475,10 +596,67 @@ mod tests {
 
     #[test]
     fn reserved() {
-        for at in 68..80 {
+        for at in (69..72).chain(76..80) {
             let b = corrupt(|b| b[at] = 1);
             assert_eq!(decode(&b), Err(WireError::Reserved), "byte {at}");
         }
+    }
+
+    #[test]
+    fn bad_packing_fields() {
+        let bad = |packing, packed| WireError::BadPacking {
+            packing,
+            vals: 3,
+            packed,
+        };
+        // An unknown packing byte; a packed length without packing; packing
+        // with no packed bytes.
+        for (at68, at72, want) in [(4, 12, bad(4, 12)), (0, 12, bad(0, 12)), (1, 0, bad(1, 0))] {
+            let b = corrupt(|b| {
+                b[68] = at68;
+                put_u32(b, 72, at72);
+            });
+            assert_eq!(decode(&b), Err(want));
+        }
+        // Packing an empty values section.
+        let mut f = push();
+        f.vals.clear();
+        let b = {
+            let mut b = body(&f);
+            b[68] = 1;
+            b
+        };
+        assert!(matches!(
+            decode(&b),
+            Err(WireError::BadPacking { vals: 0, .. })
+        ));
+    }
+
+    #[test]
+    fn packed_frames_round_trip_and_unpack() {
+        let mut f = push();
+        f.vals = vec![0.0; 1000];
+        f.vals[3] = 1.5;
+        let saved = f.pack(Packing::Lossless);
+        assert!(saved > 3000, "saved {saved}");
+        assert!(f.vals.is_empty());
+        assert_eq!(f.val_count(), 1000);
+        let b = body(&f);
+        assert_eq!(b.len(), f.encoded_len());
+        let mut back = decode(&b).unwrap();
+        assert_eq!(back, f);
+        assert_eq!(body(&back), b);
+        assert_eq!(back.unpack(), Ok(Some(Packing::Lossless)));
+        assert_eq!(back.vals.len(), 1000);
+        assert_eq!(back.vals[3], 1.5);
+        // A corrupt section is an error and leaves the frame as it was.
+        let mut bad = f.clone();
+        if let Some(p) = &mut bad.packed {
+            p.count = 999;
+        }
+        let before = bad.clone();
+        assert!(matches!(bad.unpack(), Err(WireError::Packed { .. })));
+        assert_eq!(bad, before);
     }
 
     #[test]

@@ -17,15 +17,25 @@
 //!  56    4 n_keys      u32  (count of u64 keys)
 //!  60    4 n_vals      u32  (count of f32 values)
 //!  64    4 ctrl_len    u32  (bytes of control section)
-//!  68   12 reserved    zero
+//!  68    1 packing     u8   (0: values raw; else `pack::Packing`)
+//!  69    3 reserved    zero
+//!  72    4 packed_len  u32  (bytes of a packed values section; 0 when raw)
+//!  76    4 reserved    zero
 //! ```
+//!
+//! When `packing` is not 0, `n_vals` still counts the values (as unpacked)
+//! and the values section is `packed_len` bytes (see [`crate::pack`]).
 
 use crate::frame::WireError;
 use bytes::{BufMut, BytesMut};
 use pserver_core::{KeyRange, NodeId};
 
-/// Offset of the reserved bytes; they run to the end of the header.
-const RESERVED_AT: usize = 68;
+/// Offset of the packing byte.
+const PACKING_AT: usize = 68;
+/// Offset of the packed values section's length.
+const PACKED_LEN_AT: usize = 72;
+/// Header bytes that must be zero.
+const RESERVED: [std::ops::Range<usize>; 2] = [69..72, 76..80];
 
 /// First four bytes of every frame.
 pub const MAGIC: [u8; 4] = *b"PSRV";
@@ -40,7 +50,8 @@ pub const FLAG_DENSE: u16 = 1;
 pub const FLAG_RETRY: u16 = 2;
 /// Every flag this version knows; a decoder refuses a header with any other bit
 /// set, so a later version cannot give an old node a flag it would silently ignore.
-pub const FLAG_ALL_FLAGS: u16 = FLAG_DENSE | FLAG_RETRY | FLAG_SCAN | FLAG_KEYREF | FLAG_CACHE_KEYS;
+pub const FLAG_ALL_FLAGS: u16 =
+    FLAG_DENSE | FLAG_RETRY | FLAG_SCAN | FLAG_KEYREF | FLAG_CACHE_KEYS | FLAG_PACK_REPLY;
 /// Flag: a pull of every stored entry in `range`; the reply carries their keys.
 pub const FLAG_SCAN: u16 = 4;
 /// Flag: the key section is exactly two `u64`s, `[hash, count]`, naming a key
@@ -53,6 +64,11 @@ pub const FLAG_KEYREF: u16 = 8;
 /// decline, e.g. when the list is larger than its cache). On a successful
 /// reply: the receiver kept the request's list.
 pub const FLAG_CACHE_KEYS: u16 = 16;
+/// Flag: on a request, the sender would like the values of the reply
+/// packed losslessly ([`crate::pack`]); the receiver packs them when that
+/// makes them smaller. Values in a request say their own packing in the
+/// header's packing field and need no flag.
+pub const FLAG_PACK_REPLY: u16 = 32;
 
 /// What a frame is.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -148,6 +164,10 @@ pub struct Sections {
     pub vals: u32,
     /// Bytes of the control section.
     pub ctrl: u32,
+    /// How the values section is packed (0: raw `f32`s).
+    pub packing: u8,
+    /// Bytes of the values section when packed (0 when raw).
+    pub packed: u32,
 }
 
 impl Sections {
@@ -155,10 +175,16 @@ impl Sections {
     /// `u64`, where it cannot overflow (at most `80 + 13 * u32::MAX`), so an
     /// absurd declaration is compared with the real length rather than wrapped.
     pub fn body_len(&self) -> u64 {
-        HEADER_LEN as u64
-            + u64::from(self.keys) * 8
-            + u64::from(self.vals) * 4
-            + u64::from(self.ctrl)
+        HEADER_LEN as u64 + u64::from(self.keys) * 8 + self.vals_len() + u64::from(self.ctrl)
+    }
+
+    /// Bytes of the values section: raw `f32`s, or the packed length.
+    pub fn vals_len(&self) -> u64 {
+        if self.packing == 0 {
+            u64::from(self.vals) * 4
+        } else {
+            u64::from(self.packed)
+        }
     }
 }
 
@@ -180,7 +206,10 @@ impl Header {
         dst.put_u32_le(sections.keys);
         dst.put_u32_le(sections.vals);
         dst.put_u32_le(sections.ctrl);
-        dst.put_bytes(0, HEADER_LEN - RESERVED_AT);
+        dst.put_u8(sections.packing);
+        dst.put_bytes(0, PACKED_LEN_AT - PACKING_AT - 1);
+        dst.put_u32_le(sections.packed);
+        dst.put_bytes(0, HEADER_LEN - PACKED_LEN_AT - 4);
     }
 
     /// Decodes the header at the start of `body` and the section sizes it
@@ -205,7 +234,10 @@ impl Header {
         }
         // Checked before the range so that a header from a newer layout that
         // reuses these bytes is reported as such, not as a confusing range.
-        if h[RESERVED_AT..].iter().any(|&b| b != 0) {
+        if RESERVED
+            .iter()
+            .any(|r| h[r.clone()].iter().any(|&b| b != 0))
+        {
             return Err(WireError::Reserved);
         }
         let begin = u64::from_le_bytes(field(h, 40));
@@ -225,6 +257,8 @@ impl Header {
             keys: u32::from_le_bytes(field(h, 56)),
             vals: u32::from_le_bytes(field(h, 60)),
             ctrl: u32::from_le_bytes(field(h, 64)),
+            packing: h[PACKING_AT],
+            packed: u32::from_le_bytes(field(h, PACKED_LEN_AT)),
         };
         Ok((header, sections))
     }
@@ -264,6 +298,8 @@ mod tests {
             keys: 0x7172_7374,
             vals: 0x8182_8384,
             ctrl: 0x9192_9394,
+            packing: 2,
+            packed: 0xa1a2_a3a4,
         };
         sample().encode_into(sections, &mut b);
         assert_eq!(b.len(), HEADER_LEN);
@@ -281,7 +317,10 @@ mod tests {
         assert_eq!(&b[56..60], &0x7172_7374u32.to_le_bytes());
         assert_eq!(&b[60..64], &0x8182_8384u32.to_le_bytes());
         assert_eq!(&b[64..68], &0x9192_9394u32.to_le_bytes());
-        assert_eq!(&b[68..80], &[0; 12]);
+        assert_eq!(b[68], 2);
+        assert_eq!(&b[69..72], &[0; 3]);
+        assert_eq!(&b[72..76], &0xa1a2_a3a4u32.to_le_bytes());
+        assert_eq!(&b[76..80], &[0; 4]);
         assert_eq!(Header::decode(&b), Ok((sample(), sections)));
     }
 
@@ -301,7 +340,11 @@ mod tests {
             keys: u32::MAX,
             vals: u32::MAX,
             ctrl: u32::MAX,
+            packing: 0,
+            packed: u32::MAX,
         };
         assert_eq!(s.body_len(), 80 + 13 * u64::from(u32::MAX));
+        let packed = Sections { packing: 1, ..s };
+        assert_eq!(packed.body_len(), 80 + 10 * u64::from(u32::MAX));
     }
 }

@@ -9,14 +9,17 @@
 //! - [`header`]: the fixed header and frame kinds.
 //! - [`frame`]: a whole frame, its encoding and checked decoding.
 //! - [`message`]: control messages carried in the control section.
+//! - [`pack`]: value compression (lossless, fixed point with random rounding).
 //! - [`codec`]: a `tokio_util` codec with a maximum frame size.
 
 pub mod codec;
 pub mod frame;
 pub mod header;
 pub mod message;
+pub mod pack;
 
 pub use codec::{CodecError, FrameCodec};
 pub use frame::{Frame, Limits, WireError};
 pub use header::{Header, Kind};
 pub use message::{Control, ErrorCode};
+pub use pack::{Packed, Packing};

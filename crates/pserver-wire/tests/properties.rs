@@ -12,7 +12,7 @@ use pserver_core::{
 use pserver_wire::codec::CodecError;
 use pserver_wire::header::{FLAG_ALL_FLAGS, FLAG_DENSE, FLAG_KEYREF, FLAG_SCAN};
 use pserver_wire::message::{ServerStats, Status};
-use pserver_wire::{Control, ErrorCode, Frame, FrameCodec, Header, Kind, Limits};
+use pserver_wire::{Control, ErrorCode, Frame, FrameCodec, Header, Kind, Limits, Packing};
 use tokio_util::codec::{Decoder, Encoder};
 
 /// Frame equality with values compared by bits, so NaNs (with any payload)
@@ -21,6 +21,7 @@ fn same(a: &Frame, b: &Frame) -> bool {
     a.header == b.header
         && a.keys == b.keys
         && a.ctrl == b.ctrl
+        && a.packed == b.packed
         && a.vals
             .iter()
             .map(|v| v.to_bits())
@@ -62,8 +63,18 @@ fn frame() -> impl Strategy<Value = Frame> {
         prop::collection::vec(any::<u64>(), 0..48),
         prop::collection::vec(any::<u32>().prop_map(f32::from_bits), 0..48),
         prop::collection::vec(any::<u8>(), 0..48),
+        prop::option::of(packing()),
+        any::<bool>(),
     )
-        .prop_map(|(mut header, mut keys, vals, ctrl)| {
+        .prop_map(|(mut header, mut keys, mut vals, ctrl, packing, zeros)| {
+            if zeros {
+                // Mostly zeros, as a sparse model's values are: packs well.
+                for (i, v) in vals.iter_mut().enumerate() {
+                    if i % 5 != 0 {
+                        *v = 0.0;
+                    }
+                }
+            }
             if header.key_ref() {
                 header.flags &= !(FLAG_DENSE | FLAG_SCAN);
                 keys.resize(2, 0);
@@ -71,13 +82,22 @@ fn frame() -> impl Strategy<Value = Frame> {
             if header.dense() {
                 keys.clear();
             }
-            Frame {
+            let mut f = Frame {
                 keys,
                 header,
                 vals,
                 ctrl: Bytes::from(ctrl),
+                packed: None,
+            };
+            if let Some(p) = packing {
+                f.pack(p);
             }
+            f
         })
+}
+
+fn packing() -> impl Strategy<Value = Packing> {
+    (1u8..=3).prop_map(|b| Packing::from_u8(b).unwrap())
 }
 
 fn body(frame: &Frame) -> Vec<u8> {
@@ -174,6 +194,39 @@ proptest! {
     }
 
     #[test]
+    fn packed_values_come_back(
+        vals in prop::collection::vec(-1e3f32..1e3, 1..300),
+        zeros in 0usize..300,
+        packing in packing(),
+        id in any::<u64>(),
+    ) {
+        let mut vals = vals;
+        let n = vals.len();
+        for v in vals.iter_mut().take(zeros.min(n)) {
+            *v = 0.0;
+        }
+        let mut f = Frame::new(Header { request_id: id, ..Header::new(Kind::Push) });
+        f.vals = vals.clone();
+        let saved = f.pack(packing);
+        let b = body(&f);
+        prop_assert_eq!(b.len() as u64 + saved, (Frame { packed: None, vals: vals.clone(), ..f.clone() }).encoded_len() as u64);
+        let mut back = Frame::decode(&b, &Limits::default()).unwrap();
+        prop_assert_eq!(back.val_count(), n);
+        let how = back.unpack().unwrap();
+        prop_assert_eq!(how.is_some(), saved > 0 || f.packed.is_some());
+        prop_assert_eq!(back.vals.len(), n);
+        let max = vals.iter().fold(0f32, |m, v| m.max(v.abs()));
+        let step = match how {
+            Some(Packing::Fixed16) => max / 32767.0 * 2.0,
+            Some(Packing::Fixed8) => max / 127.0 * 2.0,
+            _ => 0.0,
+        };
+        for (v, w) in vals.iter().zip(&back.vals) {
+            prop_assert!((v - w).abs() <= step, "{:?}: {} came back as {}", how, v, w);
+        }
+    }
+
+    #[test]
     fn decode_never_panics_on_arbitrary_bytes(b in prop::collection::vec(any::<u8>(), 0..512)) {
         if let Ok(f) = Frame::decode(&b, &Limits::default()) {
             prop_assert_eq!(&body(&f), &b);
@@ -196,6 +249,8 @@ proptest! {
             prop_assert_eq!(body(&f), unprefixed);
             prop_assert_eq!(f.check(&limits), Ok(()));
             let _ = f.control_msg();
+            // A mangled packed section is an error, never a panic.
+            let _ = f.clone().unpack();
         }
         let mut buf = BytesMut::from(&b[..]);
         if let Ok(frames) = drain(&mut FrameCodec::new(limits), &mut buf) {
@@ -407,6 +462,7 @@ fn large_frame_round_trips_through_the_codec() {
         keys: (0..n).map(|k| k * 3).collect(),
         vals: (0..n).map(|v| v as f32 * 0.5).collect(),
         ctrl: Bytes::new(),
+        packed: None,
     };
     let mut b = wire(&f);
     // Stream it in 64 KiB reads, as a socket would deliver it.

@@ -14,6 +14,7 @@ use pserver_apps::report::format_bytes;
 use pserver_apps::train::{Algo, RunResult, TrainConfig, train};
 use pserver_data::Format;
 use pserver_node::local::{LocalCluster, LocalConfig};
+use pserver_node::worker::Packing;
 use serde::Serialize;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -118,6 +119,7 @@ fn flights(workers: usize, epochs: usize, key_caching: bool) -> Result<TrainConf
         kkt: Some(KKT),
         eval_every: None,
         key_caching,
+        compression: None,
     })
 }
 
@@ -158,21 +160,35 @@ async fn filters(args: FiltersArgs) -> Result<()> {
         BLOCKS,
         args.tau
     );
-    let cases: [(&str, Option<f32>, bool); 4] = [
-        ("none", None, false),
-        ("key caching", None, true),
-        ("KKT", Some(KKT), false),
-        ("KKT + key caching", Some(KKT), true),
+    let cases: [(&str, Option<f32>, bool, Option<Packing>); 7] = [
+        ("none", None, false, None),
+        ("key caching", None, true, None),
+        (
+            "compression (lossless)",
+            None,
+            false,
+            Some(Packing::Lossless),
+        ),
+        ("compression (fixed16)", None, false, Some(Packing::Fixed16)),
+        ("KKT", Some(KKT), false, None),
+        ("KKT + key caching", Some(KKT), true, None),
+        (
+            "all: KKT + key caching + fixed16",
+            Some(KKT),
+            true,
+            Some(Packing::Fixed16),
+        ),
     ];
     println!(
         "| filters | worker bytes sent | server bytes sent | workers vs none | servers vs none | test AUC | nnz |"
     );
     println!("|---|---:|---:|---:|---:|---:|---:|");
     let mut none = None;
-    for (name, kkt, key_caching) in cases {
+    for (name, kkt, key_caching, compression) in cases {
         let cfg = TrainConfig {
             kkt,
             key_caching,
+            compression,
             ..base.clone()
         };
         let r = one_run(&cfg, args.servers)

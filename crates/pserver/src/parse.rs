@@ -4,6 +4,33 @@
 
 use anyhow::{Context, Result, anyhow, bail};
 use pserver_core::{Consistency, Init, KEY_END, KeyRange};
+use pserver_node::worker::Packing;
+
+/// `--compress`: how workers pack the values they send (servers then pack
+/// their replies losslessly).
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Compress {
+    /// Raw values.
+    None,
+    /// Byte-shuffled LZ4: exact.
+    Lossless,
+    /// 16-bit fixed point with unbiased random rounding.
+    Fixed16,
+    /// 8-bit fixed point with unbiased random rounding.
+    Fixed8,
+}
+
+impl Compress {
+    /// The worker setting.
+    pub fn packing(self) -> Option<Packing> {
+        match self {
+            Compress::None => None,
+            Compress::Lossless => Some(Packing::Lossless),
+            Compress::Fixed16 => Some(Packing::Fixed16),
+            Compress::Fixed8 => Some(Packing::Fixed8),
+        }
+    }
+}
 
 /// Parses `1,5,9` into keys.
 pub fn keys(s: &str) -> Result<Vec<u64>> {

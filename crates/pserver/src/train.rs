@@ -107,6 +107,10 @@ pub struct TrainArgs {
     /// Send every key list in full (turns the key caching filter off).
     #[arg(long)]
     no_key_caching: bool,
+    /// Pack the values workers push (lossless or fixed point with random
+    /// rounding); servers then pack pulled values losslessly.
+    #[arg(long, value_enum, default_value = "none")]
+    compress: crate::parse::Compress,
     /// Score the test set every this many milliseconds while training (0: only at the end).
     #[arg(long, default_value_t = 200)]
     eval_every_ms: u64,
@@ -191,6 +195,7 @@ pub async fn run(args: TrainArgs) -> Result<()> {
         kkt: (args.kkt >= 0.0).then_some(args.kkt),
         eval_every: (args.eval_every_ms > 0).then(|| Duration::from_millis(args.eval_every_ms)),
         key_caching: !args.no_key_caching,
+        compression: args.compress.packing(),
     };
     cfg.validate()?;
     if args.servers == 0 {
