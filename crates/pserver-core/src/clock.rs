@@ -146,6 +146,56 @@ impl RangeClock {
             .unwrap_or(u64::MAX)
     }
 
+    /// What [`RangeClock::record`] would return, without recording: the
+    /// sub-ranges of `r` where `node`'s clock is below `clock`. Lets a server
+    /// check a push before the store accepts it, and record only then.
+    pub fn fresh(&self, node: NodeId, r: KeyRange, clock: u64) -> Vec<KeyRange> {
+        let Some(r) = self.range().intersect(&r) else {
+            return Vec::new();
+        };
+        let first = self.segments.partition_point(|s| s.end <= r.begin);
+        let mut fresh: Vec<KeyRange> = Vec::new();
+        for seg in self.segments[first..]
+            .iter()
+            .take_while(|s| s.begin < r.end)
+        {
+            if seg.clock_of(node) >= clock {
+                continue;
+            }
+            let part = KeyRange {
+                begin: seg.begin.max(r.begin),
+                end: seg.end.min(r.end),
+            };
+            match fresh.last_mut() {
+                Some(prev) if prev.end == part.begin => prev.end = part.end,
+                _ => fresh.push(part),
+            }
+        }
+        fresh
+    }
+
+    /// Every non-zero record over `r`, as `(node, range, clock)` triples
+    /// that [`RangeClock::record`] replays: what a copy of the range must
+    /// carry so that its new holder refuses the same duplicates.
+    pub fn records_in(&self, r: KeyRange) -> Vec<(NodeId, KeyRange, u64)> {
+        let Some(r) = self.range().intersect(&r) else {
+            return Vec::new();
+        };
+        let first = self.segments.partition_point(|s| s.end <= r.begin);
+        let mut out = Vec::new();
+        for seg in self.segments[first..]
+            .iter()
+            .take_while(|s| s.begin < r.end)
+        {
+            let part = KeyRange {
+                begin: seg.begin.max(r.begin),
+                end: seg.end.min(r.end),
+            };
+            out.extend(seg.clocks.iter().map(|&(n, c)| (n, part, c)));
+        }
+        out
+    }
+
     /// Forgets `node` everywhere (it left the cluster).
     pub fn forget(&mut self, node: NodeId) {
         for seg in &mut self.segments {
@@ -201,6 +251,31 @@ mod tests {
 
     fn kr(begin: Key, end: Key) -> KeyRange {
         KeyRange { begin, end }
+    }
+
+    #[test]
+    fn fresh_predicts_record_and_records_replay() {
+        let mut c = RangeClock::new(kr(0, 100));
+        c.record(1, kr(10, 50), 3);
+        c.record(2, kr(40, 90), 5);
+        c.record(1, kr(20, 30), 4);
+        for (node, r, clock) in [(1, kr(0, 100), 4), (2, kr(30, 60), 5), (1, kr(0, 10), 1)] {
+            let want = c.clone().record(node, r, clock);
+            assert_eq!(c.fresh(node, r, clock), want, "{node} {r:?} {clock}");
+        }
+        let mut copy = RangeClock::new(kr(0, 100));
+        for (n, r, clock) in c.records_in(kr(0, 100)) {
+            copy.record(n, r, clock);
+        }
+        assert_eq!(copy.segments, c.segments);
+        let mut part = RangeClock::new(kr(0, 100));
+        for (n, r, clock) in c.records_in(kr(25, 45)) {
+            assert!(r.begin >= 25 && r.end <= 45);
+            part.record(n, r, clock);
+        }
+        assert_eq!(part.min_clock(kr(25, 30), &[1]), 4);
+        assert_eq!(part.min_clock(kr(40, 45), &[1, 2]), 3);
+        assert_eq!(part.min_clock(kr(50, 60), &[2]), 0);
     }
 
     /// Checks the representation invariants documented on [`RangeClock`].

@@ -206,6 +206,24 @@ impl Store {
         entries
     }
 
+    /// The whole slots ([`Store::slot_width`] floats each) of `keys`, in
+    /// order; a key not stored reads as its initial weights and zero state.
+    /// What a primary forwards to its replicas after applying a push.
+    pub fn slots_of(&self, keys: &[Key]) -> Vec<f32> {
+        let mut out = Vec::with_capacity(keys.len().saturating_mul(self.slot_width));
+        for &key in keys {
+            match self.index.get(&key).and_then(|&s| self.slot(s)) {
+                Some(slot) => out.extend_from_slice(slot),
+                None => {
+                    let start = out.len();
+                    out.resize(start + self.slot_width, 0.0);
+                    initial(&self.spec.init, key, &mut out[start..start + self.dim]);
+                }
+            }
+        }
+        out
+    }
+
     /// Sets `key`'s whole slot (weights then state, [`Store::slot_width`]
     /// floats, as [`Store::entries_in`] returns it), inserting the key if
     /// needed. For loading checkpoints and receiving state transfers; the

@@ -15,7 +15,7 @@ use pserver_core::clock::RangeClock;
 use pserver_core::keycache::KeyCache;
 use pserver_core::store::{Store, StoreError};
 use pserver_core::updater::Registry;
-use pserver_core::{ClusterMap, Consistency, KeyRange, NodeId, NodeState, Role};
+use pserver_core::{ClusterMap, Consistency, KeyRange, NodeId, NodeState, Role, TableSpec};
 use pserver_wire::header::{FLAG_CACHE_KEYS, FLAG_KEYREF, FLAG_PACK_REPLY, FLAG_RETRY, FLAG_SCAN};
 use pserver_wire::{Control, ErrorCode, Frame, Header, Kind, Limits, Packing};
 use rustc_hash::FxHashMap;
@@ -95,16 +95,20 @@ impl ServerHandle {
 struct TableState {
     /// `Err` holds why the updater could not be built; requests get that error.
     store: Result<Store, String>,
-    /// Range vector clocks, keyed by the begin of each partition this server owns.
-    clocks: BTreeMap<u64, RangeClock>,
-    /// Pushes of aggregating tables not yet applied: partition begin -> clock -> sums.
-    pending: BTreeMap<u64, BTreeMap<u64, Aggregate>>,
+    /// The range vector clock over every key: records of the pushes this
+    /// server applied, as primary or as replica, so that a replica promoted
+    /// to primary refuses the same duplicates its primary would have.
+    clock: RangeClock,
+    /// Pushes of an aggregating table not yet applied: clock -> sums.
+    pending: BTreeMap<u64, Aggregate>,
 }
 
-/// The sum of one clock's pushes to one partition of an aggregating table.
+/// The sum of one clock's pushes to an aggregating table on this server.
 struct Aggregate {
-    /// Smallest range covering every push summed here.
-    hull: KeyRange,
+    /// The ranges pushed (each slice's range, once): the clock is complete
+    /// when every live worker has pushed all of them. Not a hull: a table's
+    /// partitions on one server are not contiguous.
+    ranges: Vec<KeyRange>,
     /// Key -> position in `keys`.
     index: FxHashMap<u64, usize>,
     keys: Vec<u64>,
@@ -116,7 +120,7 @@ struct Aggregate {
 impl Aggregate {
     fn new(range: KeyRange, width: usize) -> Aggregate {
         Aggregate {
-            hull: range,
+            ranges: vec![range],
             index: FxHashMap::default(),
             keys: Vec::new(),
             sums: Vec::new(),
@@ -313,28 +317,8 @@ impl State {
         if map.epoch <= self.map.epoch && !self.map.partitions.is_empty() {
             return Vec::new();
         }
-        let owned: Vec<KeyRange> = map.primary_ranges(self.id);
         for spec in &map.tables {
-            self.tables.entry(spec.id).or_insert_with(|| TableState {
-                store: self
-                    .registry
-                    .build(&spec.updater)
-                    .map(|u| Store::new(spec.clone(), u))
-                    .map_err(|e| e.to_string()),
-                clocks: BTreeMap::new(),
-                pending: BTreeMap::new(),
-            });
-        }
-        for t in self.tables.values_mut() {
-            t.clocks
-                .retain(|begin, c| owned.iter().any(|r| r.begin == *begin && *r == c.range()));
-            for r in &owned {
-                t.clocks
-                    .entry(r.begin)
-                    .or_insert_with(|| RangeClock::new(*r));
-            }
-            let clocks = &t.clocks;
-            t.pending.retain(|begin, _| clocks.contains_key(begin));
+            self.ensure_table(spec);
         }
         // A dead node's lists would only take room: its id is never reused.
         for sender in self.key_cache.senders() {
@@ -346,12 +330,22 @@ impl State {
         // Fewer live workers may complete waiting aggregates.
         let workers = self.map.live_workers();
         for t in self.tables.values_mut() {
-            let begins: Vec<u64> = t.pending.keys().copied().collect();
-            for b in begins {
-                flush(t, b, &workers);
-            }
+            flush(t, &workers);
         }
         self.recheck(None)
+    }
+
+    /// The state of the table `spec` names, created (empty) if new here.
+    fn ensure_table(&mut self, spec: &TableSpec) -> &mut TableState {
+        let registry = &self.registry;
+        self.tables.entry(spec.id).or_insert_with(|| TableState {
+            store: registry
+                .build(&spec.updater)
+                .map(|u| Store::new(spec.clone(), u))
+                .map_err(|e| e.to_string()),
+            clock: RangeClock::new(KeyRange::ALL),
+            pending: BTreeMap::new(),
+        })
     }
 
     fn handle(&mut self, frame: Frame, out: &Outbox) -> Outgoing {
@@ -586,16 +580,9 @@ impl State {
             .store
             .as_mut()
             .map_err(|e| (ErrorCode::Invalid, e.clone()))?;
-        let clock = table
-            .clocks
-            .range(..=h.range.begin)
-            .next_back()
-            .map(|(_, c)| c)
-            .filter(|c| c.range().covers(&h.range))
-            .ok_or((ErrorCode::NotOwner, format!("no clock for {}", h.range)))?;
-        // Record on a copy: a push refused by the store must not advance the clock.
-        let mut trial = clock.clone();
-        let fresh = trial.record(h.sender, h.range, h.clock);
+        // Recorded only once the store accepts: a refused push must not
+        // advance the clock.
+        let fresh = table.clock.fresh(h.sender, h.range, h.clock);
         let total = if h.dense() {
             h.range.len()
         } else {
@@ -615,7 +602,6 @@ impl State {
         }
         let whole = fresh.len() == 1 && fresh[0] == h.range;
         let in_fresh = |k: u64| whole || fresh.iter().any(|r| r.contains(k));
-        let part = trial.range().begin;
         let aggregate = store.spec().aggregate && workers.contains(&h.sender);
         let applied = if aggregate {
             // Validate now (nothing applied), sum into the clock's aggregate,
@@ -629,14 +615,11 @@ impl State {
             let width = store.push_width();
             let agg = table
                 .pending
-                .entry(part)
-                .or_default()
                 .entry(h.clock)
                 .or_insert_with(|| Aggregate::new(h.range, width));
-            agg.hull = KeyRange {
-                begin: agg.hull.begin.min(h.range.begin),
-                end: agg.hull.end.max(h.range.end),
-            };
+            if !agg.ranges.contains(&h.range) {
+                agg.ranges.push(h.range);
+            }
             let mut n = 0;
             let mut add = |i: usize, k: u64| {
                 if in_fresh(k) {
@@ -661,11 +644,9 @@ impl State {
                 .push(&frame.keys, &frame.vals, in_fresh)
                 .map_err(store_refusal)?
         };
-        if let Some(c) = table.clocks.get_mut(&part) {
-            *c = trial;
-        }
+        table.clock.record(h.sender, h.range, h.clock);
         if aggregate {
-            flush(table, part, &workers);
+            flush(table, &workers);
         }
         Ok((applied as u64, total - applied as u64))
     }
@@ -715,11 +696,7 @@ impl State {
             return true;
         };
         let workers = self.map.live_workers();
-        table
-            .clocks
-            .range(..=h.range.begin)
-            .next_back()
-            .is_none_or(|(_, c)| c.min_clock(h.range, &workers) >= need)
+        table.clock.min_clock(h.range, &workers) >= need
     }
 
     fn answer_pull(&self, frame: &Frame) -> Frame {
@@ -789,18 +766,20 @@ impl State {
     }
 }
 
-/// Applies, in clock order, the aggregates of partition `part` that every
-/// live worker has now pushed.
-fn flush(table: &mut TableState, part: u64, workers: &[NodeId]) {
-    let (Some(clock), Some(bufs), Ok(store)) = (
-        table.clocks.get(&part),
-        table.pending.get_mut(&part),
-        table.store.as_mut(),
-    ) else {
+/// Applies, in clock order, the aggregates that every live worker has now
+/// pushed over their whole range.
+fn flush(table: &mut TableState, workers: &[NodeId]) {
+    let (clock, bufs, Ok(store)) = (&table.clock, &mut table.pending, table.store.as_mut()) else {
         return;
     };
     while let Some(entry) = bufs.first_entry() {
-        if clock.min_clock(entry.get().hull, workers) < *entry.key() {
+        let at = *entry.key();
+        if entry
+            .get()
+            .ranges
+            .iter()
+            .any(|r| clock.min_clock(*r, workers) < at)
+        {
             break;
         }
         let (keys, sums) = entry.remove().into_sorted();
