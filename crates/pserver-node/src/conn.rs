@@ -164,7 +164,21 @@ impl Peer {
     }
 
     /// Sends `frame` (its request id is set here) and waits for the reply.
-    pub async fn request(&self, mut frame: Frame) -> Result<Frame, NodeError> {
+    pub async fn request(&self, frame: Frame) -> Result<Frame, NodeError> {
+        let reply = self.send_request(frame).await?;
+        reply
+            .await
+            .map_err(|_| NodeError::Closed(self.label.to_string()))
+    }
+
+    /// Queues `frame` as a request and returns the receiver of its reply
+    /// without waiting for it, so that a caller can keep several requests
+    /// in flight in the order it queued them. The receiver fails if the
+    /// connection closes first.
+    pub async fn send_request(
+        &self,
+        mut frame: Frame,
+    ) -> Result<oneshot::Receiver<Frame>, NodeError> {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         frame.header.request_id = id;
         let (tx, rx) = oneshot::channel();
@@ -177,8 +191,7 @@ impl Peer {
             lock(&self.pending).remove(&id);
             return Err(NodeError::Closed(self.label.to_string()));
         }
-        rx.await
-            .map_err(|_| NodeError::Closed(self.label.to_string()))
+        Ok(rx)
     }
 
     /// Sends a frame that expects no reply (request id 0).

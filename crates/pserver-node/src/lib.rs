@@ -32,6 +32,7 @@ pub mod error;
 pub mod local;
 pub mod manager;
 pub mod proto;
+pub mod replica;
 pub mod server;
 pub mod worker;
 

@@ -10,19 +10,25 @@
 use crate::conn::{Outbox, Peer, accept_loop, bind, lock, split};
 use crate::error::NodeError;
 use crate::proto::{control_reply, control_request, error_reply, register, reply_header};
+use crate::replica::Forwarder;
 use futures_util::StreamExt;
 use pserver_core::clock::RangeClock;
 use pserver_core::keycache::KeyCache;
 use pserver_core::store::{Store, StoreError};
 use pserver_core::updater::Registry;
 use pserver_core::{ClusterMap, Consistency, KeyRange, NodeId, NodeState, Role, TableSpec};
-use pserver_wire::header::{FLAG_CACHE_KEYS, FLAG_KEYREF, FLAG_PACK_REPLY, FLAG_RETRY, FLAG_SCAN};
+use pserver_wire::header::{
+    FLAG_CACHE_KEYS, FLAG_DENSE, FLAG_KEYREF, FLAG_PACK_REPLY, FLAG_RETRY, FLAG_SCAN,
+};
+use pserver_wire::message::Replica;
 use pserver_wire::{Control, ErrorCode, Frame, Header, Kind, Limits, Packing};
 use rustc_hash::FxHashMap;
 use std::collections::BTreeMap;
+use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::sync::oneshot;
 use tokio_util::sync::CancellationToken;
 
 /// How to run a server.
@@ -159,6 +165,15 @@ struct Waiting {
     frame: Frame,
     out: Outbox,
     consistency: Consistency,
+    /// Replication its push part waits for (a push-pull's reply is its ack).
+    after: Vec<oneshot::Receiver<()>>,
+}
+
+/// A reply held back until the replicas have the change it acknowledges.
+struct Deferred {
+    after: Vec<oneshot::Receiver<()>>,
+    to: Outbox,
+    frame: Frame,
 }
 
 struct State {
@@ -170,6 +185,11 @@ struct State {
     limits: Limits,
     /// Key lists senders asked this server to remember.
     key_cache: KeyCache,
+    /// Chain replication: the ordered queue to each next server.
+    forwarders: HashMap<NodeId, Forwarder>,
+    /// Replies waiting for replication, taken by the connection task after
+    /// each frame (see `serve`).
+    deferred: Vec<Deferred>,
 }
 
 /// Replies to send once the state lock is released.
@@ -189,6 +209,8 @@ pub async fn start_server(cfg: ServerConfig) -> Result<ServerHandle, NodeError> 
         registry: cfg.registry.clone(),
         limits: cfg.limits,
         key_cache: KeyCache::new(cfg.key_cache_keys),
+        forwarders: HashMap::new(),
+        deferred: Vec::new(),
     }));
     let heartbeat = map.heartbeat_interval();
     let out = lock(&state).apply_map(map);
@@ -248,6 +270,22 @@ async fn send_all(out: Outgoing) {
     }
 }
 
+/// Sends each held-back reply once its replication completes.
+fn spawn_deferred(deferred: Vec<Deferred>) {
+    for d in deferred {
+        tokio::spawn(async move {
+            for r in d.after {
+                // An error means this server is stopping before the replica
+                // had the change: no acknowledgement, the sender retries.
+                if r.await.is_err() {
+                    return;
+                }
+            }
+            send_all(vec![(d.to, d.frame)]).await;
+        });
+    }
+}
+
 async fn serve<S>(stream: S, peer: String, state: Arc<Mutex<State>>, limits: Limits)
 where
     S: AsyncRead + AsyncWrite + Send + 'static,
@@ -259,7 +297,15 @@ where
                 // Unpacked before taking the lock; a section that does not
                 // unpack is refused like any malformed request.
                 let replies = match frame.unpack() {
-                    Ok(_) => lock(&state).handle(frame, &out),
+                    Ok(_) => {
+                        let (replies, deferred) = {
+                            let mut st = lock(&state);
+                            let r = st.handle(frame, &out);
+                            (r, std::mem::take(&mut st.deferred))
+                        };
+                        spawn_deferred(deferred);
+                        replies
+                    }
                     Err(e) => {
                         let st = lock(&state);
                         vec![(
@@ -326,13 +372,104 @@ impl State {
                 self.key_cache.forget(sender);
             }
         }
-        self.map = Arc::new(map);
+        let old = std::mem::replace(&mut self.map, Arc::new(map));
+        let gone: Vec<NodeId> = self
+            .forwarders
+            .iter()
+            .filter(|(id, f)| {
+                f.is_closed()
+                    || self
+                        .map
+                        .node(**id)
+                        .is_none_or(|n| n.state == NodeState::Dead)
+            })
+            .map(|(id, _)| *id)
+            .collect();
+        for id in gone {
+            if let Some(f) = self.forwarders.remove(&id) {
+                f.abandon();
+            }
+        }
+        self.fill_new_replicas(&old);
         // Fewer live workers may complete waiting aggregates.
         let workers = self.map.live_workers();
         for t in self.tables.values_mut() {
             flush(t, &workers);
         }
         self.recheck(None)
+    }
+
+    /// Copies each range this server is now primary of to the chain of
+    /// replicas, when one of them did not hold all of it under `old` (a
+    /// replica replaced after a failure, or a range that grew). The copy is
+    /// queued before any later change, on the same ordered queue, so the
+    /// replica ends with the primary's state. Whole slots and clock records
+    /// travel, so the copy refuses the same duplicates.
+    fn fill_new_replicas(&mut self, old: &ClusterMap) {
+        if old.partitions.is_empty() {
+            return;
+        }
+        let holds = |node: NodeId, r: KeyRange| {
+            old.partitions_overlapping(r)
+                .map(|i| &old.partitions[i])
+                .all(|p| p.primary == node || p.replicas.contains(&node))
+        };
+        let mut copies = Vec::new();
+        for p in self.map.partitions.iter().filter(|p| p.primary == self.id) {
+            let Some((&next, rest)) = p.replicas.split_first() else {
+                continue;
+            };
+            if p.replicas.iter().all(|&r| holds(r, p.range)) {
+                continue;
+            }
+            for t in self.tables.values() {
+                let Ok(store) = &t.store else { continue };
+                let entries = store.entries_in(p.range);
+                let records = t.clock.records_in(p.range);
+                if entries.is_empty() && records.is_empty() {
+                    continue;
+                }
+                let spec = store.spec().clone();
+                // Bounded frames: a large range goes in several copies,
+                // the clock records with the first.
+                let per_frame = (self.limits.max_frame / 2 / (8 + 4 * store.slot_width()))
+                    .clamp(1, self.limits.max_keys.max(1));
+                let mut chunks: Vec<&[(u64, &[f32])]> = entries.chunks(per_frame).collect();
+                if chunks.is_empty() {
+                    chunks.push(&[]);
+                }
+                for (i, chunk) in chunks.into_iter().enumerate() {
+                    let mut f = Frame::new(Header {
+                        table: spec.id,
+                        sender: self.id,
+                        epoch: self.map.epoch,
+                        range: p.range,
+                        ..Header::new(Kind::Control)
+                    });
+                    f.keys = chunk.iter().map(|(k, _)| *k).collect();
+                    f.vals = chunk.iter().flat_map(|(_, s)| s.iter().copied()).collect();
+                    f.ctrl = Control::Replicate {
+                        spec: spec.clone(),
+                        what: Replica::Slots,
+                        records: if i == 0 { records.clone() } else { Vec::new() },
+                        chain: rest.to_vec(),
+                    }
+                    .to_bytes()
+                    .into();
+                    copies.push((next, f));
+                }
+            }
+        }
+        for (to, f) in copies {
+            tracing::debug!(
+                node = self.id,
+                to,
+                keys = f.keys.len(),
+                "copying a range to a new replica"
+            );
+            // Nobody waits for a copy; the queue's order is what matters.
+            drop(self.forward(to, f));
+        }
     }
 
     /// The state of the table `spec` names, created (empty) if new here.
@@ -359,6 +496,7 @@ impl State {
                     self.map.epoch,
                     &Control::Map((*self.map).clone()),
                 ))),
+                Ok(Control::Replicate { .. }) => self.replicate(frame, out),
                 Ok(other) => Err((
                     ErrorCode::Invalid,
                     format!("a server does not take {other:?}"),
@@ -478,8 +616,11 @@ impl State {
             return self.scan(&h).map(Some);
         }
         let mut ack = None;
+        let mut after = Vec::new();
         if matches!(h.kind, Kind::Push | Kind::PushPull) {
+            let aggregated = self.aggregates(&h);
             ack = Some(self.push(&frame)?);
+            after.extend(self.replicate_push(&frame, aggregated));
         }
         if h.kind == Kind::Push {
             let (applied, duplicate) = ack.unwrap_or((0, 0));
@@ -490,7 +631,15 @@ impl State {
                 &Control::PushAck { applied, duplicate },
             );
             reply.header.flags = h.flags & FLAG_CACHE_KEYS;
-            return Ok(Some(reply));
+            if after.is_empty() {
+                return Ok(Some(reply));
+            }
+            self.deferred.push(Deferred {
+                after,
+                to: out.clone(),
+                frame: reply,
+            });
+            return Ok(None);
         }
         let consistency = match h.kind {
             Kind::Pull if !frame.ctrl.is_empty() => match frame.control_msg() {
@@ -518,14 +667,199 @@ impl State {
             frame.ctrl = bytes::Bytes::new();
         }
         if self.ready(&frame.header, consistency) {
-            Ok(Some(self.answer_pull(&frame)))
+            let reply = self.answer_pull(&frame);
+            if after.is_empty() {
+                return Ok(Some(reply));
+            }
+            self.deferred.push(Deferred {
+                after,
+                to: out.clone(),
+                frame: reply,
+            });
+            Ok(None)
         } else {
             self.waiting.push(Waiting {
                 frame,
                 out: out.clone(),
                 consistency,
+                after,
             });
             Ok(None)
+        }
+    }
+
+    /// True when a push with header `h` goes into an aggregate rather than
+    /// straight through the updater.
+    fn aggregates(&self, h: &Header) -> bool {
+        let aggregate = self.map.table_by_id(h.table).is_some_and(|t| t.aggregate);
+        aggregate && self.map.live_workers().contains(&h.sender)
+    }
+
+    /// Sends an applied push down the chain of its partition: the keys'
+    /// resulting slots, or (for an aggregating table) the push itself, which
+    /// replicas sum as the primary does. Returns what the acknowledgement
+    /// must wait for (nothing without replicas). A push found to be a
+    /// duplicate is sent too, as an empty change: it queues behind the
+    /// original's replication, so its ack cannot overtake it.
+    fn replicate_push(&mut self, frame: &Frame, aggregated: bool) -> Option<oneshot::Receiver<()>> {
+        let h = frame.header;
+        let chain = self
+            .map
+            .partition_of(h.range.begin)
+            .map(|i| self.map.partitions[i].replicas.clone())
+            .unwrap_or_default();
+        let (&next, rest) = chain.split_first()?;
+        let table = self.tables.get(&h.table)?;
+        let store = table.store.as_ref().ok()?;
+        let spec = store.spec().clone();
+        let mut f = Frame::new(Header {
+            kind: Kind::Control,
+            flags: h.flags & FLAG_DENSE,
+            sender: self.id,
+            ..h
+        });
+        let what = if aggregated {
+            f.keys = frame.keys.clone();
+            f.vals = frame.vals.clone();
+            Replica::Push { worker: h.sender }
+        } else {
+            f.header.flags = 0;
+            f.keys = if h.dense() {
+                (h.range.begin..h.range.end).collect()
+            } else {
+                frame.keys.clone()
+            };
+            f.vals = store.slots_of(&f.keys);
+            Replica::Slots
+        };
+        let records = if aggregated {
+            Vec::new()
+        } else {
+            vec![(h.sender, h.range, h.clock)]
+        };
+        f.ctrl = Control::Replicate {
+            spec,
+            what,
+            records,
+            chain: rest.to_vec(),
+        }
+        .to_bytes()
+        .into();
+        self.forward(next, f)
+    }
+
+    /// Queues `frame` for server `to`; `None` when `to` is not a live
+    /// server of the map.
+    fn forward(&mut self, to: NodeId, frame: Frame) -> Option<oneshot::Receiver<()>> {
+        if self.forwarders.get(&to).is_some_and(Forwarder::is_closed) {
+            self.forwarders.remove(&to);
+        }
+        if !self.forwarders.contains_key(&to) {
+            let node = self.map.node(to).filter(|n| n.state != NodeState::Dead)?;
+            let fwd = Forwarder::start(self.id, to, node.addr.clone(), self.limits);
+            self.forwarders.insert(to, fwd);
+        }
+        self.forwarders.get(&to).map(|f| f.send(frame))
+    }
+
+    /// Takes a change from the previous server of a chain: stores it,
+    /// forwards it along the rest of the chain, and answers once that is done.
+    fn replicate(&mut self, frame: Frame, out: &Outbox) -> Result<Option<Frame>, Refusal> {
+        let Ok(Control::Replicate {
+            spec,
+            what,
+            records,
+            chain,
+        }) = frame.control_msg()
+        else {
+            return Err((ErrorCode::Malformed, "not a Replicate frame".into()));
+        };
+        let h = frame.header;
+        if spec.id != h.table {
+            return Err((
+                ErrorCode::Invalid,
+                format!(
+                    "replicated table {} is not the frame's {}",
+                    spec.id, h.table
+                ),
+            ));
+        }
+        let onward = records.clone();
+        let table = self.ensure_table(&spec);
+        let store = table
+            .store
+            .as_mut()
+            .map_err(|e| (ErrorCode::Invalid, e.clone()))?;
+        match what {
+            Replica::Slots => {
+                let width = store.slot_width();
+                if Some(frame.vals.len()) != frame.keys.len().checked_mul(width) {
+                    return Err((
+                        ErrorCode::WrongWidth,
+                        format!(
+                            "{} slot values for {} keys of width {width}",
+                            frame.vals.len(),
+                            frame.keys.len()
+                        ),
+                    ));
+                }
+                if let Some(i) = frame.vals.iter().position(|v| !v.is_finite()) {
+                    return Err((
+                        ErrorCode::NotFinite,
+                        format!("slot value {i} is not finite"),
+                    ));
+                }
+                for (k, slot) in frame.keys.iter().zip(frame.vals.chunks_exact(width.max(1))) {
+                    store.restore(*k, slot).map_err(store_refusal)?;
+                }
+                for (node, r, clock) in records {
+                    table.clock.record(node, r, clock);
+                }
+            }
+            Replica::Push { worker } => {
+                let mut push = Frame {
+                    header: Header {
+                        kind: Kind::Push,
+                        sender: worker,
+                        ..h
+                    },
+                    keys: frame.keys.clone(),
+                    vals: frame.vals.clone(),
+                    ctrl: bytes::Bytes::new(),
+                    packed: None,
+                };
+                push.header.flags = h.flags & FLAG_DENSE;
+                match self.push(&push) {
+                    // Sent twice by a forwarder's resend: already summed.
+                    Ok(_) | Err((ErrorCode::Duplicate, _)) => {}
+                    Err(e) => return Err(e),
+                }
+            }
+        }
+        let ok = control_reply(&h, self.id, self.map.epoch, &Control::Ok);
+        let Some((&next, rest)) = chain.split_first() else {
+            return Ok(Some(ok));
+        };
+        let mut f = frame;
+        f.header.sender = self.id;
+        f.ctrl = Control::Replicate {
+            spec,
+            what,
+            records: onward,
+            chain: rest.to_vec(),
+        }
+        .to_bytes()
+        .into();
+        match self.forward(next, f) {
+            Some(r) => {
+                self.deferred.push(Deferred {
+                    after: vec![r],
+                    to: out.clone(),
+                    frame: ok,
+                });
+                Ok(None)
+            }
+            None => Ok(Some(ok)),
         }
     }
 
@@ -757,7 +1091,16 @@ impl State {
                 );
                 out.push((w.out, r));
             } else if self.ready(&h, w.consistency) {
-                out.push((w.out.clone(), self.answer_pull(&w.frame)));
+                let reply = self.answer_pull(&w.frame);
+                if w.after.is_empty() {
+                    out.push((w.out.clone(), reply));
+                } else {
+                    self.deferred.push(Deferred {
+                        after: w.after,
+                        to: w.out,
+                        frame: reply,
+                    });
+                }
             } else {
                 self.waiting.push(w);
             }

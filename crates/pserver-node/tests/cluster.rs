@@ -1097,3 +1097,76 @@ async fn a_corrupt_packed_section_is_refused_and_changes_nothing() {
     .await
     .unwrap();
 }
+
+/// A client pushes +1 to every key of `keys` until `stop`, and counts the
+/// pushes acknowledged; a push that fails is not counted.
+async fn count_pushes(
+    w: Worker,
+    table: &'static str,
+    keys: Vec<u64>,
+    stop: Arc<std::sync::atomic::AtomicBool>,
+) -> u64 {
+    let mut acked = 0;
+    while !stop.load(Ordering::Relaxed) {
+        w.advance();
+        if w.push(table, keys.clone(), vec![1.0; keys.len()])
+            .await
+            .is_ok()
+        {
+            acked += 1;
+        }
+    }
+    acked
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_server_loses_no_acknowledged_push() {
+    timeout(LIMIT, async {
+        let c = cluster(3, 400).await;
+        let setup = client(&c).await;
+        setup
+            .create_table("n", TableOptions::new(1, UpdaterSpec::Add))
+            .await
+            .unwrap();
+        let keys = spread(64);
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let mut loops = Vec::new();
+        for _ in 0..3 {
+            let w = client(&c).await;
+            loops.push(tokio::spawn(count_pushes(
+                w,
+                "n",
+                keys.clone(),
+                stop.clone(),
+            )));
+        }
+        // Let the loops run, then kill the server that owns the first key.
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let map = setup.map();
+        let victim = map.partitions[map.partition_of(keys[0]).unwrap()].primary;
+        let killed = c.servers.iter().find(|s| s.id() == victim).unwrap();
+        killed.shutdown();
+        // The loops go on through the failover and for a while after it.
+        while setup
+            .refresh()
+            .await
+            .unwrap()
+            .partitions
+            .iter()
+            .any(|p| p.primary == victim)
+        {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        stop.store(true, Ordering::Relaxed);
+        let mut acked = 0;
+        for l in loops {
+            acked += l.await.unwrap();
+        }
+        assert!(acked > 0);
+        let got = setup.pull("n", keys.clone()).await.unwrap();
+        assert_eq!(got, vec![acked as f32; keys.len()], "acked {acked}");
+    })
+    .await
+    .unwrap();
+}

@@ -1,6 +1,6 @@
 //! Control messages, postcard-encoded in a frame's control section.
 
-use pserver_core::{ClusterMap, Consistency, NodeId, Role, TableSpec};
+use pserver_core::{ClusterMap, Consistency, KeyRange, NodeId, Role, TableSpec};
 use serde::{Deserialize, Serialize};
 
 /// Machine-readable reason carried by an error reply. Postcard encodes the
@@ -89,6 +89,37 @@ pub enum Control {
         code: ErrorCode,
         /// One line for people.
         message: String,
+    },
+    /// Chain replication, primary (or a replica) to the next replica: apply
+    /// this frame's contents, forward it to `chain`, then reply `Ok`. The
+    /// frame's keys, table and range are those of the change.
+    Replicate {
+        /// The table (so a replica that has not yet seen the map that
+        /// created it can still take the change).
+        spec: TableSpec,
+        /// What the values are.
+        what: Replica,
+        /// Clock records to replay (`node`, range, clock), so the replica
+        /// refuses the same duplicate pushes its primary would.
+        records: Vec<(NodeId, KeyRange, u64)>,
+        /// The replicas after the receiver, in chain order.
+        chain: Vec<NodeId>,
+    },
+}
+
+/// What a [`Control::Replicate`] frame's values are.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Replica {
+    /// Whole slots (weights then optimizer state) to store as they are:
+    /// the result of a push (chain replication forwards values, not
+    /// gradients), or a copy of a range for a new replica.
+    Slots,
+    /// A worker's push to an aggregating table, to be summed like the
+    /// primary sums it (the sum is applied when the clock completes); the
+    /// frame's clock and the record say whose and when.
+    Push {
+        /// The worker that pushed.
+        worker: NodeId,
     },
 }
 

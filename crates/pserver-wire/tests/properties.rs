@@ -11,7 +11,7 @@ use pserver_core::{
 };
 use pserver_wire::codec::CodecError;
 use pserver_wire::header::{FLAG_ALL_FLAGS, FLAG_DENSE, FLAG_KEYREF, FLAG_SCAN};
-use pserver_wire::message::{ServerStats, Status};
+use pserver_wire::message::{Replica, ServerStats, Status};
 use pserver_wire::{Control, ErrorCode, Frame, FrameCodec, Header, Kind, Limits, Packing};
 use tokio_util::codec::{Decoder, Encoder};
 
@@ -377,8 +377,20 @@ fn every_control() -> Vec<Control> {
             code: ErrorCode::NotOwner,
             message: "not mine".into(),
         },
+        Control::Replicate {
+            spec: table(),
+            what: Replica::Slots,
+            records: vec![(4, KeyRange::new(10, 20).unwrap(), 7)],
+            chain: vec![3, 9],
+        },
+        Control::Replicate {
+            spec: table(),
+            what: Replica::Push { worker: 12 },
+            records: Vec::new(),
+            chain: Vec::new(),
+        },
     ];
-    let mut seen = [false; 14];
+    let mut seen = [false; 15];
     for c in &all {
         let i = match c {
             Control::Register { .. } => 0,
@@ -395,6 +407,7 @@ fn every_control() -> Vec<Control> {
             Control::PushAck { .. } => 11,
             Control::Ok => 12,
             Control::Error { .. } => 13,
+            Control::Replicate { .. } => 14,
         };
         seen[i] = true;
     }

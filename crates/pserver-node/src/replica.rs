@@ -1,0 +1,239 @@
+//! Chain replication's sending side: one ordered queue per next server in a
+//! chain.
+//!
+//! A replica stores whole slots, so the order in which changes to one key
+//! arrive is the order in which they must be applied. Each target server has
+//! one [`Forwarder`]: a queue filled under the server's state lock (so in
+//! the order the changes were made) and drained by one task over one
+//! connection, which the target serves in order. Frames go out in batches,
+//! all in flight at once; when one is refused for a passing reason (the
+//! target has not yet installed the map the change was made under) or the
+//! connection fails, the batch is resent from that frame on, in order.
+//! Resending is safe: slots are absolute values and clock records only rise.
+//!
+//! A change counts as replicated when the target answers `Ok`, which it does
+//! after forwarding to its own successor: the ack flows back up the chain.
+//! A target that cannot be reached for [`GIVE_UP`], or that the map no
+//! longer lists as alive ([`Forwarder::abandon`]), is treated as gone: its
+//! changes complete unreplicated (the primary fills the replica that takes
+//! its place), so a dead replica never blocks the primary's
+//! acknowledgements for longer than the first of the two. A forwarder
+//! merely dropped (its own server is stopping) completes nothing: the
+//! waiting acknowledgements are never sent, and the workers retry elsewhere.
+
+use crate::conn::Peer;
+use pserver_core::NodeId;
+use pserver_wire::{Control, ErrorCode, Frame, Kind, Limits};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+use tokio::sync::{mpsc, oneshot};
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+/// Most frames in flight to one target at once.
+const BATCH: usize = 256;
+/// How long a target may stay unreachable before its changes are given up.
+pub const GIVE_UP: Duration = Duration::from_secs(3);
+/// Pause before resending after a refusal or a failed connection.
+const BACKOFF: Duration = Duration::from_millis(10);
+
+/// One queued change and who waits for it.
+struct Item {
+    frame: Frame,
+    done: oneshot::Sender<()>,
+}
+
+/// The ordered queue of changes to one target server.
+#[derive(Debug)]
+pub struct Forwarder {
+    tx: mpsc::UnboundedSender<Item>,
+    /// Fired on drop: stop.
+    cancel: CancellationToken,
+    /// Set (before `cancel` fires) when the target is known dead: what is
+    /// queued counts as done.
+    abandoned: Arc<AtomicBool>,
+}
+
+impl Drop for Forwarder {
+    fn drop(&mut self) {
+        self.cancel.cancel();
+    }
+}
+
+impl Forwarder {
+    /// Starts the task that sends to `target` at `addr`. It ends when the
+    /// forwarder is dropped and its queue is drained.
+    pub fn start(me: NodeId, target: NodeId, addr: String, limits: Limits) -> Forwarder {
+        let (tx, rx) = mpsc::unbounded_channel();
+        let cancel = CancellationToken::new();
+        let abandoned = Arc::new(AtomicBool::new(false));
+        tokio::spawn(run(
+            me,
+            target,
+            addr,
+            limits,
+            rx,
+            cancel.clone(),
+            abandoned.clone(),
+        ));
+        Forwarder {
+            tx,
+            cancel,
+            abandoned,
+        }
+    }
+
+    /// Gives up on the target, which the map says is dead: everything
+    /// queued completes as it stands (the replica that replaces it gets a
+    /// full copy), and the task ends.
+    pub fn abandon(self) {
+        self.abandoned.store(true, Ordering::SeqCst);
+        drop(self);
+    }
+
+    /// Queues `frame`. The receiver completes once the target (and the rest
+    /// of the chain) has it, or once the target is given up on; it fails if
+    /// the forwarder was dropped without being abandoned (the server is
+    /// stopping), and then the change must not be acknowledged.
+    pub fn send(&self, frame: Frame) -> oneshot::Receiver<()> {
+        let (done, rx) = oneshot::channel();
+        // A closed queue drops `done`, which completes the receiver.
+        let _ = self.tx.send(Item { frame, done });
+        rx
+    }
+
+    /// True when the sending task has ended.
+    pub fn is_closed(&self) -> bool {
+        self.tx.is_closed()
+    }
+}
+
+/// What became of one frame of a batch.
+enum Outcome {
+    Done,
+    /// Resend from here after a pause.
+    Again,
+}
+
+async fn run(
+    me: NodeId,
+    target: NodeId,
+    addr: String,
+    limits: Limits,
+    mut rx: mpsc::UnboundedReceiver<Item>,
+    cancel: CancellationToken,
+    abandoned: Arc<AtomicBool>,
+) {
+    let mut peer: Option<Peer> = None;
+    while let Some(first) = rx.recv().await {
+        let mut batch = vec![first];
+        while batch.len() < BATCH {
+            match rx.try_recv() {
+                Ok(item) => batch.push(item),
+                Err(_) => break,
+            }
+        }
+        let mut from = 0;
+        let mut unreachable_since: Option<Instant> = None;
+        while from < batch.len() {
+            if cancel.is_cancelled() && !abandoned.load(Ordering::SeqCst) {
+                // This server is stopping: nothing is acknowledged.
+                return;
+            }
+            if cancel.is_cancelled() || unreachable_since.is_some_and(|t| t.elapsed() > GIVE_UP) {
+                tracing::warn!(
+                    node = me,
+                    target,
+                    lost = batch.len() - from,
+                    "replica unreachable; changes left unreplicated"
+                );
+                break;
+            }
+            let p = match &peer {
+                Some(p) if !p.is_closed() => p.clone(),
+                _ => match Peer::connect(&addr, limits).await {
+                    Ok((p, _notices)) => {
+                        peer = Some(p.clone());
+                        p
+                    }
+                    Err(_) => {
+                        peer = None;
+                        unreachable_since.get_or_insert_with(Instant::now);
+                        pause(&cancel).await;
+                        continue;
+                    }
+                },
+            };
+            // Queue every frame first (in order), then collect the replies.
+            let mut replies = Vec::new();
+            for item in &batch[from..] {
+                match p.send_request(item.frame.clone()).await {
+                    Ok(r) => replies.push(r),
+                    Err(_) => break,
+                }
+            }
+            let mut advanced = 0;
+            let mut again = replies.len() < batch.len() - from;
+            for r in replies {
+                let reply = tokio::select! {
+                    r = r => r,
+                    _ = cancel.cancelled() => {
+                        again = true;
+                        break;
+                    }
+                };
+                match reply.map(|f| outcome(&f)) {
+                    Ok(Outcome::Done) => advanced += 1,
+                    Ok(Outcome::Again) | Err(_) => {
+                        again = true;
+                        break;
+                    }
+                }
+            }
+            from += advanced;
+            if again && from < batch.len() {
+                if p.is_closed() {
+                    peer = None;
+                    unreachable_since.get_or_insert_with(Instant::now);
+                } else {
+                    unreachable_since = None;
+                }
+                pause(&cancel).await;
+            }
+        }
+        // Completes every waiter: replicated, or given up on.
+        for item in batch {
+            let _ = item.done.send(());
+        }
+    }
+}
+
+/// Waits [`BACKOFF`], or less if the forwarder is dropped.
+async fn pause(cancel: &CancellationToken) {
+    tokio::select! {
+        _ = tokio::time::sleep(BACKOFF) => {}
+        _ = cancel.cancelled() => {}
+    }
+}
+
+/// Reads a replica's answer.
+fn outcome(reply: &Frame) -> Outcome {
+    match reply.header.kind {
+        Kind::Reply => Outcome::Done,
+        Kind::Error => match reply.control_msg() {
+            Ok(Control::Error {
+                code: ErrorCode::EpochAhead | ErrorCode::UnknownTable | ErrorCode::Internal,
+                ..
+            }) => Outcome::Again,
+            Ok(Control::Error { code, message }) => {
+                // Refused for good (it cannot take this change): resending
+                // would not help, and blocking the queue would stop the rest.
+                tracing::error!(?code, %message, "replica refused a change");
+                Outcome::Done
+            }
+            _ => Outcome::Done,
+        },
+        _ => Outcome::Done,
+    }
+}
