@@ -1,0 +1,139 @@
+//! Failover between real processes: a manager with `--replicas 1` and three
+//! `pserver server` processes on loopback; clients push +1 to a set of keys
+//! in a loop while the server owning the first key is killed with SIGKILL.
+//! Afterwards every key holds exactly the number of acknowledged pushes.
+
+use pserver_core::UpdaterSpec;
+use pserver_node::worker::{TableOptions, Worker, WorkerConfig};
+use std::io::{BufRead, BufReader};
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+const BIN: &str = env!("CARGO_BIN_EXE_pserver");
+
+/// Kills its processes when the test ends, pass or fail.
+struct Procs(Vec<(Child, String)>);
+
+impl Drop for Procs {
+    fn drop(&mut self) {
+        for (c, _) in &mut self.0 {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+/// Starts `pserver ARGS` and returns it with the first stdout line.
+fn spawn(args: &[&str]) -> (Child, String) {
+    let mut child = Command::new(BIN)
+        .args(args)
+        .env("RUST_LOG", "off")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("start pserver");
+    let mut line = String::new();
+    let stdout = child.stdout.take().unwrap();
+    BufReader::new(stdout).read_line(&mut line).unwrap();
+    (child, line.trim().to_string())
+}
+
+async fn count_pushes(w: Worker, keys: Vec<u64>, stop: Arc<AtomicBool>) -> u64 {
+    let mut acked = 0;
+    while !stop.load(Ordering::Relaxed) {
+        w.advance();
+        if w.push("n", keys.clone(), vec![1.0; keys.len()])
+            .await
+            .is_ok()
+        {
+            acked += 1;
+        }
+    }
+    acked
+}
+
+#[test]
+fn sigkill_of_a_server_loses_no_acknowledged_push() {
+    let (m, line) = spawn(&[
+        "manager",
+        "--listen",
+        "127.0.0.1:0",
+        "--replicas",
+        "1",
+        "--lease-ms",
+        "500",
+    ]);
+    let manager = line.rsplit(' ').next().unwrap().to_string();
+    let mut procs = Procs(vec![(m, line)]);
+    for _ in 0..3 {
+        procs.0.push(spawn(&["server", "--manager", &manager]));
+    }
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    let result = rt.block_on(async {
+        tokio::time::timeout(Duration::from_secs(60), async {
+            let client = || async {
+                let mut cfg = WorkerConfig::client(manager.clone());
+                cfg.timeout = Duration::from_secs(30);
+                Worker::connect(cfg).await.unwrap()
+            };
+            let setup = client().await;
+            setup
+                .create_table("n", TableOptions::new(1, UpdaterSpec::Add))
+                .await
+                .unwrap();
+            let step = u64::MAX / 65;
+            let keys: Vec<u64> = (1..=64).map(|i| i * step).collect();
+            let stop = Arc::new(AtomicBool::new(false));
+            let mut loops = Vec::new();
+            for _ in 0..3 {
+                let w = client().await;
+                loops.push(tokio::spawn(count_pushes(w, keys.clone(), stop.clone())));
+            }
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            let map = setup.refresh().await.unwrap();
+            let victim = map.partitions[map.partition_of(keys[0]).unwrap()].primary;
+            let (child, _) = procs
+                .0
+                .iter_mut()
+                .find(|(_, l)| l.starts_with(&format!("server {victim} ")))
+                .expect("the victim's process");
+            let killed_at = Instant::now();
+            child.kill().unwrap(); // SIGKILL
+            child.wait().unwrap();
+            // Until the manager declares it dead, then a while longer.
+            while setup
+                .refresh()
+                .await
+                .unwrap()
+                .partitions
+                .iter()
+                .any(|p| p.primary == victim)
+            {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            let declared = killed_at.elapsed();
+            tokio::time::sleep(Duration::from_millis(500)).await;
+            stop.store(true, Ordering::Relaxed);
+            let mut acked = 0;
+            for l in loops {
+                acked += l.await.unwrap();
+            }
+            let got = setup.pull("n", keys.clone()).await.unwrap();
+            (acked, got, declared)
+        })
+        .await
+    });
+    let (acked, got, declared) = result.expect("the test finishes in 60 s");
+    assert!(acked > 0);
+    assert!(
+        declared < Duration::from_secs(5),
+        "declared dead after {declared:?}"
+    );
+    assert_eq!(got, vec![acked as f32; got.len()], "acknowledged {acked}");
+}
