@@ -89,6 +89,10 @@ pub struct TrainArgs {
     /// Servers of the local cluster.
     #[arg(long, default_value_t = 2)]
     servers: usize,
+    /// Replicas per key range in the local cluster (chain replication;
+    /// must be below --servers).
+    #[arg(long, default_value_t = 0)]
+    replicas: usize,
     /// Workers.
     #[arg(long, default_value_t = 2)]
     workers: usize,
@@ -201,6 +205,13 @@ pub async fn run(args: TrainArgs) -> Result<()> {
     if args.servers == 0 {
         bail!("--servers must be at least 1");
     }
+    if args.replicas >= args.servers {
+        bail!(
+            "--replicas {} needs more than {} servers (a replica is another server)",
+            args.replicas,
+            args.servers
+        );
+    }
 
     let cluster;
     let manager = match &args.manager {
@@ -211,6 +222,7 @@ pub async fn run(args: TrainArgs) -> Result<()> {
                 ..LocalConfig::default()
             };
             lc.manager.listen = "127.0.0.1:0".into();
+            lc.manager.membership.replicas = args.replicas;
             cluster = LocalCluster::start(lc)
                 .await
                 .context("starting the local cluster")?;
