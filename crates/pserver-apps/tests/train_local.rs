@@ -113,3 +113,53 @@ async fn ftrl_learns_a_sparse_model() {
         .await
         .unwrap();
 }
+
+/// DBPG on three servers with one replica per range; `kill` stops the
+/// server holding key 0 a moment into training. Returns the test AUC.
+async fn replicated_run(kill: bool) -> f64 {
+    let dir = tempfile::tempdir().unwrap();
+    let (tr, te) = (dir.path().join("train.svm"), dir.path().join("test.svm"));
+    write_data(&tr, 3000, 1, false);
+    write_data(&te, 1000, 2, false);
+    let mut lc = LocalConfig {
+        servers: 3,
+        ..LocalConfig::default()
+    };
+    lc.manager.membership.replicas = 1;
+    lc.manager.membership.lease_ms = 400;
+    let cluster = LocalCluster::start(lc).await.unwrap();
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+    let drain = tokio::spawn(async move { while rx.recv().await.is_some() {} });
+    let mut cfg = config(Algo::Dbpg, &tr, &te);
+    cfg.epochs = 30;
+    cfg.eval_every = None;
+    let addr = cluster.manager_addr().to_string();
+    let run = tokio::spawn(async move { train(&addr, &cfg, tx).await });
+    if kill {
+        tokio::time::sleep(Duration::from_millis(150)).await;
+        assert!(!run.is_finished(), "training ended before the kill");
+        cluster.servers[0].shutdown();
+    }
+    let r = run.await.unwrap().unwrap();
+    drain.await.unwrap();
+    eprintln!(
+        "kill {kill}: AUC {} after {:.2} s",
+        r.test.auc, r.train_seconds
+    );
+    r.test.auc
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn training_goes_on_when_a_replicated_server_dies() {
+    tokio::time::timeout(Duration::from_secs(120), async {
+        let calm = replicated_run(false).await;
+        let hit = replicated_run(true).await;
+        assert!(calm > 0.95, "undisturbed AUC {calm}");
+        assert!(
+            (calm - hit).abs() <= 0.005,
+            "AUC {hit} after a server died, {calm} without"
+        );
+    })
+    .await
+    .unwrap();
+}
