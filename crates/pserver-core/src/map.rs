@@ -121,9 +121,10 @@ impl ClusterMap {
         }
     }
 
-    /// How often a node should heartbeat to keep its lease.
+    /// How often a node should heartbeat to keep its lease: an eighth of
+    /// it, so six can go missing before the manager gives up on the node.
     pub fn heartbeat_interval(&self) -> std::time::Duration {
-        std::time::Duration::from_millis((self.lease_ms / 4).max(5))
+        std::time::Duration::from_millis((self.lease_ms / 8).max(2))
     }
 
     /// The node with this id.

@@ -18,7 +18,11 @@ pub struct MembershipConfig {
     pub replicas: usize,
     /// Virtual nodes per server on the ring.
     pub vnodes: u32,
-    /// A node silent this long is declared dead.
+    /// A node that stops is declared dead within this long: nodes
+    /// heartbeat every eighth of it ([`ClusterMap::heartbeat_interval`]) and
+    /// one silent for three quarters of it is dead ([`silence_limit_ms`]), so
+    /// the manager, checking every sixteenth, acts between 5/8 and 13/16 of
+    /// the lease after the node's last sign of life.
     pub lease_ms: u64,
 }
 
@@ -30,6 +34,13 @@ impl Default for MembershipConfig {
             lease_ms: 2000,
         }
     }
+}
+
+/// How long a node may stay silent before it is declared dead: three
+/// quarters of the lease, six heartbeat intervals, so that a node that stops
+/// is declared dead within its lease (see [`MembershipConfig::lease_ms`]).
+pub fn silence_limit_ms(lease_ms: u64) -> u64 {
+    lease_ms / 4 * 3
 }
 
 /// Why the manager refused a request.
@@ -182,13 +193,15 @@ impl Membership {
         self.declare_dead(&[id])
     }
 
-    /// Declares dead every node whose lease ran out by `now_ms`; returns them.
+    /// Declares dead every node silent for more than [`silence_limit_ms`]
+    /// by `now_ms`; returns them.
     pub fn expire(&mut self, now_ms: u64) -> Vec<NodeId> {
         let lease = self.cfg.lease_ms;
+        let limit = silence_limit_ms(lease);
         let late: Vec<NodeId> = self
             .last_seen
             .iter()
-            .filter(|&(_, &t)| now_ms.saturating_sub(t) > lease)
+            .filter(|&(_, &t)| now_ms.saturating_sub(t) > limit)
             .map(|(&id, _)| id)
             .collect();
         // Clients hold no state anyone waits on; drop silent ones quietly.
@@ -355,10 +368,11 @@ mod tests {
         let mut m = mgr();
         let s1 = m.register(Role::Server, "a", 0).unwrap();
         let s2 = m.register(Role::Server, "b", 0).unwrap();
-        m.heartbeat(s1, 90).unwrap();
-        assert!(m.expire(100).is_empty());
+        m.heartbeat(s1, 50).unwrap();
+        // Silent for three quarters of the lease (75 ms) is alive; longer is dead.
+        assert!(m.expire(75).is_empty());
         let epoch = m.map().epoch;
-        assert_eq!(m.expire(150), vec![s2]);
+        assert_eq!(m.expire(76), vec![s2]);
         assert_eq!(m.map().epoch, epoch + 1);
         assert_eq!(m.map().node(s2).unwrap().state, NodeState::Dead);
         assert!(m.map().partitions.iter().all(|p| p.primary == s1));

@@ -158,6 +158,15 @@ impl Peer {
         &self.label
     }
 
+    /// Gives up on the peer: every request waiting for a reply fails at
+    /// once with `Closed`, and so does every later one. For a peer the map
+    /// declares dead, whose socket may stay open (a frozen process, a
+    /// partition) and whose replies would otherwise be awaited forever.
+    pub fn close(&self) {
+        self.closed.store(true, Ordering::SeqCst);
+        lock(&self.pending).clear();
+    }
+
     /// True once the connection has failed or closed.
     pub fn is_closed(&self) -> bool {
         self.closed.load(Ordering::SeqCst)

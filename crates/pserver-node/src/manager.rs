@@ -132,7 +132,9 @@ pub async fn start_manager(cfg: ManagerConfig) -> Result<ManagerHandle, NodeErro
 }
 
 async fn lease_ticker(state: Arc<Mutex<State>>, lease_ms: u64, cancel: CancellationToken) {
-    let period = Duration::from_millis((lease_ms / 4).max(5));
+    // Checked often, so that a silent node is declared dead soon after its
+    // silence limit and always within its lease.
+    let period = Duration::from_millis((lease_ms / 16).max(2));
     loop {
         tokio::select! {
             _ = cancel.cancelled() => return,

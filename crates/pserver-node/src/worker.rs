@@ -571,6 +571,21 @@ impl Inner {
     fn install(&self, map: ClusterMap) {
         let mut cur = lock(&self.map);
         if map.epoch > cur.epoch {
+            // Requests in flight to a server now declared dead fail at once
+            // and are resent to the range's new primary, even when the dead
+            // server's socket stays open (frozen, or cut off) and would
+            // never answer.
+            let mut servers = lock(&self.servers);
+            servers.retain(|id, link| {
+                let alive = map
+                    .node(*id)
+                    .is_some_and(|n| n.state != pserver_core::NodeState::Dead);
+                if !alive {
+                    link.peer.close();
+                }
+                alive
+            });
+            drop(servers);
             *cur = Arc::new(map);
         }
     }

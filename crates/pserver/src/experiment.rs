@@ -49,9 +49,12 @@ enum ExperimentCmd {
     /// Bounded delay: time to reach a target objective and share of worker
     /// time spent waiting, for each delay tau (DBPG on the bundled flights data).
     Tau(TauArgs),
-    /// Bytes sent by workers and servers with no filter, key caching, the
-    /// KKT filter, and both (DBPG on the bundled flights data).
+    /// Bytes sent by workers and servers with no filter, key caching,
+    /// compression, the KKT filter, and all (DBPG on the bundled flights data).
     Filters(FiltersArgs),
+    /// Kill (or freeze) a server under load: time until it is declared
+    /// dead and until its range takes pushes again; no acknowledged push lost.
+    Failover(crate::failover::FailoverArgs),
 }
 
 /// `pserver experiment tau` flags.
@@ -215,6 +218,7 @@ pub async fn run(args: ExperimentArgs) -> Result<()> {
     match args.cmd {
         ExperimentCmd::Tau(a) => tau(a).await,
         ExperimentCmd::Filters(a) => filters(a).await,
+        ExperimentCmd::Failover(a) => crate::failover::run(a).await,
     }
 }
 

@@ -2,6 +2,7 @@
 
 mod demo;
 mod experiment;
+mod failover;
 mod kv;
 mod parse;
 mod status;

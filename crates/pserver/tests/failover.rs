@@ -137,3 +137,69 @@ fn sigkill_of_a_server_loses_no_acknowledged_push() {
     );
     assert_eq!(got, vec![acked as f32; got.len()], "acknowledged {acked}");
 }
+
+/// Runs `pserver experiment failover ARGS` and returns its output; at most 60 s.
+fn experiment(args: &[&str]) -> std::process::Output {
+    let mut child = Command::new(BIN)
+        .args(["experiment", "failover"])
+        .args(args)
+        .env("RUST_LOG", "off")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start pserver");
+    let start = Instant::now();
+    while child.try_wait().unwrap().is_none() {
+        if start.elapsed() > Duration::from_secs(60) {
+            let _ = child.kill();
+            panic!("experiment failover {args:?} did not finish in 60 s");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    child.wait_with_output().unwrap()
+}
+
+#[test]
+fn the_failover_experiment_measures_recovery_after_sigkill_and_sigstop() {
+    for signal in ["kill", "stop"] {
+        let out = experiment(&[
+            "--runs",
+            "1",
+            "--lease-ms",
+            "600",
+            "--keys",
+            "16",
+            "--signal",
+            signal,
+        ]);
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            out.status.success(),
+            "{signal}: {stdout}{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let median = stdout
+            .lines()
+            .find(|l| l.starts_with("median:"))
+            .expect("a median line");
+        assert!(median.ends_with("keys wrong in all runs: 0"), "{median}");
+        // "declared dead after N ms": a frozen server within its lease.
+        let detected: f64 = median
+            .split("declared dead after ")
+            .nth(1)
+            .and_then(|r| r.split(' ').next())
+            .and_then(|n| n.parse().ok())
+            .expect("a detection time");
+        assert!(
+            detected <= 600.0,
+            "{signal}: declared dead after {detected} ms"
+        );
+    }
+    let out = experiment(&["--replicas", "0"]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.starts_with("error: ") && err.contains("--replicas"),
+        "{err}"
+    );
+}
