@@ -11,6 +11,7 @@
 //! - [`clock`]: range vector clocks (consistency and duplicate rejection).
 //! - [`membership`]: the manager's state machine (registration, leases, barriers).
 //! - [`keycache`]: key caching: the key-list hash and a server's bounded cache of lists.
+//! - [`transition`]: the intermediate map that hands ranges to new primaries without losing writes.
 
 pub mod clock;
 pub mod key;
@@ -20,6 +21,7 @@ pub mod membership;
 pub mod ring;
 pub mod spec;
 pub mod store;
+pub mod transition;
 pub mod updater;
 
 pub use key::{KEY_END, Key, KeyRange};

@@ -70,6 +70,14 @@ pub enum MembershipError {
     /// Only workers take part in barriers.
     #[error("node {0} is not a live worker and cannot enter a barrier")]
     NotWorker(NodeId),
+    /// A drain that would leave no server, or of a node that is no live server.
+    #[error("cannot drain node {node}: {why}")]
+    Drain {
+        /// The node.
+        node: NodeId,
+        /// Why not.
+        why: String,
+    },
 }
 
 /// The manager's state: the map plus what it needs to keep the map true.
@@ -85,6 +93,24 @@ pub struct Membership {
     next_id: NodeId,
     next_table: u32,
     barriers: BTreeMap<String, BTreeSet<NodeId>>,
+    /// Servers draining: alive and serving, but placed on no range once the
+    /// hand-off completes; then declared gone, which tells them to exit.
+    leaving: BTreeSet<NodeId>,
+    /// A hand-off in progress: the map to switch to once every primary of
+    /// the intermediate map has copied what moves ([`crate::transition`]).
+    target: Option<Handoff>,
+    /// The latest map epoch each server reported its copies done for.
+    synced: BTreeMap<NodeId, u64>,
+}
+
+/// A hand-off in progress.
+#[derive(Clone, Debug)]
+struct Handoff {
+    /// The partitions to switch to.
+    partitions: Vec<crate::map::Partition>,
+    /// The epoch of the intermediate map: primaries must report copies
+    /// done for this epoch or a later one.
+    epoch: u64,
 }
 
 /// A barrier every live worker has entered: reply to these nodes.
@@ -127,6 +153,9 @@ impl Membership {
             next_id: 1,
             next_table: 1,
             barriers: BTreeMap::new(),
+            leaving: BTreeSet::new(),
+            target: None,
+            synced: BTreeMap::new(),
         })
     }
 
@@ -216,6 +245,8 @@ impl Membership {
         let mut servers = false;
         for &id in ids {
             self.last_seen.remove(&id);
+            self.leaving.remove(&id);
+            self.synced.remove(&id);
             if let Ok(i) = self.map.nodes.binary_search_by_key(&id, |n| n.id) {
                 let node = &mut self.map.nodes[i];
                 if node.state == NodeState::Alive {
@@ -232,11 +263,143 @@ impl Membership {
     }
 
     fn changed(&mut self, servers: bool) {
-        if servers {
-            let live: Vec<NodeId> = self.map.live(Role::Server).map(|n| n.id).collect();
-            self.map.partitions = ring::place(&live, self.cfg.vnodes, self.cfg.replicas);
-        }
         self.map.epoch += 1;
+        if servers {
+            self.replan();
+        }
+    }
+
+    /// Places the live, non-leaving servers on the ring. When that moves a
+    /// range to a new primary while tables exist, publishes the intermediate
+    /// map of a hand-off instead ([`crate::transition::plan`]) and remembers
+    /// the target; otherwise switches at once.
+    fn replan(&mut self) {
+        let placed: Vec<NodeId> = self
+            .map
+            .live(Role::Server)
+            .map(|n| n.id)
+            .filter(|id| !self.leaving.contains(id))
+            .collect();
+        let target = ring::place(&placed, self.cfg.vnodes, self.cfg.replicas);
+        let map = &self.map;
+        let alive = |id: NodeId| map.node(id).is_some_and(|n| n.state == NodeState::Alive);
+        let plan = if map.tables.is_empty() || map.partitions.is_empty() {
+            None
+        } else {
+            crate::transition::plan(&map.partitions, &target, alive)
+        };
+        match plan {
+            Some(intermediate) => {
+                self.map.partitions = intermediate;
+                self.target = Some(Handoff {
+                    partitions: target,
+                    epoch: self.map.epoch,
+                });
+                // The hand-off may already be complete (nothing held data).
+                self.try_finish();
+            }
+            None => {
+                self.map.partitions = target;
+                self.target = None;
+                self.retire_leavers();
+            }
+        }
+    }
+
+    /// Switches to the hand-off's target once every live primary of the
+    /// intermediate map has reported its copies done. True when it did.
+    fn try_finish(&mut self) -> bool {
+        let Some(h) = &self.target else {
+            return false;
+        };
+        let map = &self.map;
+        let done = map
+            .partitions
+            .iter()
+            .map(|p| p.primary)
+            .filter(|&id| map.node(id).is_some_and(|n| n.state == NodeState::Alive))
+            .all(|id| self.synced.get(&id).is_some_and(|&e| e >= h.epoch));
+        if !done {
+            return false;
+        }
+        let h = self.target.take().expect("checked above");
+        self.map.partitions = h.partitions;
+        self.map.epoch += 1;
+        self.retire_leavers();
+        true
+    }
+
+    /// Declares gone every draining server the map no longer places on any
+    /// range: it sees itself dead in the next map and exits.
+    fn retire_leavers(&mut self) {
+        let parts = &self.map.partitions;
+        let done: Vec<NodeId> = self
+            .leaving
+            .iter()
+            .copied()
+            .filter(|id| {
+                parts
+                    .iter()
+                    .all(|p| p.primary != *id && !p.replicas.contains(id))
+            })
+            .collect();
+        for id in done {
+            self.leaving.remove(&id);
+            self.last_seen.remove(&id);
+            if let Ok(i) = self.map.nodes.binary_search_by_key(&id, |n| n.id) {
+                self.map.nodes[i].state = NodeState::Dead;
+            }
+        }
+    }
+
+    /// A server reports that the copies it owed under map `epoch` (and
+    /// every earlier one) are done. True when that completed a hand-off
+    /// (the map changed: broadcast it).
+    pub fn synced(&mut self, id: NodeId, epoch: u64) -> bool {
+        let e = self.synced.entry(id).or_insert(0);
+        *e = (*e).max(epoch);
+        self.try_finish()
+    }
+
+    /// Starts draining server `id`: its ranges are handed to the others
+    /// (two-phase, like a join), then it is told to exit. True when the map
+    /// changed.
+    pub fn drain(&mut self, id: NodeId) -> Result<bool, MembershipError> {
+        let refuse = |why: &str| MembershipError::Drain {
+            node: id,
+            why: why.to_string(),
+        };
+        match self.map.node(id) {
+            Some(n) if n.role == Role::Server && n.state == NodeState::Alive => {}
+            Some(_) => return Err(refuse("it is not a live server")),
+            None => return Err(MembershipError::UnknownNode(id)),
+        }
+        if self.leaving.contains(&id) {
+            return Ok(false);
+        }
+        let others = self
+            .map
+            .live(Role::Server)
+            .filter(|n| n.id != id && !self.leaving.contains(&n.id))
+            .count();
+        if others == 0 {
+            return Err(refuse(
+                "it is the last server; its data would have nowhere to go",
+            ));
+        }
+        self.leaving.insert(id);
+        self.changed(true);
+        Ok(true)
+    }
+
+    /// Servers being drained.
+    pub fn leaving(&self) -> impl Iterator<Item = NodeId> + '_ {
+        self.leaving.iter().copied()
+    }
+
+    /// True while a hand-off waits for copies.
+    pub fn handing_off(&self) -> bool {
+        self.target.is_some()
     }
 
     /// Creates a table, or returns the existing one when the spec matches.
@@ -416,5 +579,115 @@ mod tests {
             m.barrier_enter("d", w2),
             Err(MembershipError::NotWorker(w2))
         );
+    }
+
+    fn unreplicated() -> Membership {
+        Membership::new(MembershipConfig {
+            replicas: 0,
+            vnodes: 8,
+            lease_ms: 100,
+        })
+        .unwrap()
+    }
+
+    fn primaries(m: &Membership) -> BTreeSet<NodeId> {
+        m.map().partitions.iter().map(|p| p.primary).collect()
+    }
+
+    fn chain_members(m: &Membership) -> BTreeSet<NodeId> {
+        m.map()
+            .partitions
+            .iter()
+            .flat_map(|p| std::iter::once(p.primary).chain(p.replicas.iter().copied()))
+            .collect()
+    }
+
+    #[test]
+    fn a_server_joining_a_cluster_with_tables_takes_ranges_in_two_phases() {
+        let mut m = unreplicated();
+        let s1 = m.register(Role::Server, "a", 0).unwrap();
+        let s2 = m.register(Role::Server, "b", 0).unwrap();
+        m.create_table(spec_of("w", 1)).unwrap();
+        let s3 = m.register(Role::Server, "c", 0).unwrap();
+        // Phase one: s3 only joins chains; s1 and s2 still serve everything.
+        assert!(m.handing_off());
+        assert_eq!(primaries(&m), BTreeSet::from([s1, s2]));
+        assert!(chain_members(&m).contains(&s3));
+        let epoch = m.map().epoch;
+        // Only once both primaries report their copies does s3 take over.
+        assert!(!m.synced(s1, epoch));
+        assert!(!m.synced(s2, epoch - 1));
+        assert!(!m.synced(s3, epoch));
+        assert!(m.synced(s2, epoch));
+        assert!(!m.handing_off());
+        assert_eq!(primaries(&m), BTreeSet::from([s1, s2, s3]));
+        assert_eq!(m.map().epoch, epoch + 1);
+        assert!(m.map().partitions.iter().all(|p| p.replicas.is_empty()));
+    }
+
+    #[test]
+    fn without_tables_a_join_switches_at_once() {
+        let mut m = unreplicated();
+        let s1 = m.register(Role::Server, "a", 0).unwrap();
+        let s2 = m.register(Role::Server, "b", 0).unwrap();
+        assert!(!m.handing_off());
+        assert_eq!(primaries(&m), BTreeSet::from([s1, s2]));
+    }
+
+    #[test]
+    fn a_drained_server_hands_off_then_is_told_to_go() {
+        let mut m = mgr();
+        let s1 = m.register(Role::Server, "a", 0).unwrap();
+        let s2 = m.register(Role::Server, "b", 0).unwrap();
+        let s3 = m.register(Role::Server, "c", 0).unwrap();
+        m.create_table(spec_of("w", 1)).unwrap();
+        assert!(m.drain(s2).unwrap());
+        assert!(!m.drain(s2).unwrap(), "draining twice changes nothing");
+        assert_eq!(m.leaving().collect::<Vec<_>>(), vec![s2]);
+        // s2 keeps serving its ranges while it copies them down chains
+        // that now end at their next primaries.
+        assert!(m.handing_off());
+        assert!(primaries(&m).contains(&s2));
+        let epoch = m.map().epoch;
+        for s in [s1, s3] {
+            assert!(!m.synced(s, epoch));
+        }
+        assert!(m.synced(s2, epoch));
+        assert!(!chain_members(&m).contains(&s2));
+        assert_eq!(m.map().node(s2).unwrap().state, NodeState::Dead);
+        assert_eq!(primaries(&m), BTreeSet::from([s1, s3]));
+
+        let mut m = unreplicated();
+        let s1 = m.register(Role::Server, "a", 0).unwrap();
+        let s2 = m.register(Role::Server, "b", 0).unwrap();
+        m.create_table(spec_of("w", 1)).unwrap();
+        assert!(m.drain(s2).unwrap());
+        // No replica holds s2's ranges: it keeps serving while it copies.
+        assert!(m.handing_off());
+        assert_eq!(m.map().node(s2).unwrap().state, NodeState::Alive);
+        assert!(primaries(&m).contains(&s2));
+        let epoch = m.map().epoch;
+        assert!(!m.synced(s1, epoch));
+        assert!(m.synced(s2, epoch));
+        assert_eq!(primaries(&m), BTreeSet::from([s1]));
+        assert_eq!(m.map().node(s2).unwrap().state, NodeState::Dead);
+        // The last server cannot be drained.
+        assert!(matches!(m.drain(s1), Err(MembershipError::Drain { .. })));
+        assert_eq!(m.drain(99), Err(MembershipError::UnknownNode(99)));
+    }
+
+    #[test]
+    fn a_death_during_a_hand_off_replans_from_what_is_left() {
+        let mut m = unreplicated();
+        let s1 = m.register(Role::Server, "a", 0).unwrap();
+        let s2 = m.register(Role::Server, "b", 0).unwrap();
+        m.create_table(spec_of("w", 1)).unwrap();
+        let s3 = m.register(Role::Server, "c", 0).unwrap();
+        assert!(m.handing_off());
+        // The joiner dies before the copies are done: back to s1 and s2.
+        assert!(m.disconnected(s3));
+        assert!(!m.handing_off());
+        assert_eq!(primaries(&m), BTreeSet::from([s1, s2]));
+        assert!(!chain_members(&m).contains(&s3));
     }
 }

@@ -287,6 +287,24 @@ fn handle(
             Err(e @ MembershipError::TooManyTables) => err(ErrorCode::Limit, e.to_string()),
             Err(e) => err(ErrorCode::Invalid, e.to_string()),
         },
+        Control::Synced { epoch: e } => {
+            if st.members.synced(id, e) {
+                tracing::info!(epoch = st.members.map().epoch, "hand-off complete");
+                st.broadcast();
+            }
+            None
+        }
+        Control::Drain { node } => match st.members.drain(node) {
+            Ok(changed) => {
+                if changed {
+                    tracing::info!(node, epoch = st.members.map().epoch, "draining");
+                    st.broadcast();
+                }
+                let epoch = st.members.map().epoch;
+                Some(control_reply(h, MANAGER_ID, epoch, &Control::Ok))
+            }
+            Err(e) => err(ErrorCode::Invalid, e.to_string()),
+        },
         Control::Barrier { name } => match st.members.barrier_enter(&name, id) {
             Ok(released) => {
                 st.waiters.entry(name).or_default().push((id, h.request_id));

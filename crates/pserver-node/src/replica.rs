@@ -41,7 +41,21 @@ const BACKOFF: Duration = Duration::from_millis(10);
 /// One queued change and who waits for it.
 struct Item {
     frame: Frame,
-    done: oneshot::Sender<()>,
+    done: oneshot::Sender<Delivery>,
+    /// How it went, once known.
+    result: Delivery,
+}
+
+/// What became of a queued change.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Delivery {
+    /// The rest of the chain has it (or the target was given up on as dead,
+    /// and the replica replacing it will get a full copy).
+    Stored,
+    /// The target refused it as coming from a server that is no longer the
+    /// range's primary (`NotOwner`): the change must not be acknowledged;
+    /// the sender should retry at the current primary.
+    Stale,
 }
 
 /// The ordered queue of changes to one target server.
@@ -93,13 +107,18 @@ impl Forwarder {
     }
 
     /// Queues `frame`. The receiver completes once the target (and the rest
-    /// of the chain) has it, or once the target is given up on; it fails if
-    /// the forwarder was dropped without being abandoned (the server is
-    /// stopping), and then the change must not be acknowledged.
-    pub fn send(&self, frame: Frame) -> oneshot::Receiver<()> {
+    /// of the chain) has it or refused it as stale ([`Delivery`]), or once
+    /// the target is given up on; it fails if the forwarder was dropped
+    /// without being abandoned (the server is stopping), and then the change
+    /// must not be acknowledged.
+    pub fn send(&self, frame: Frame) -> oneshot::Receiver<Delivery> {
         let (done, rx) = oneshot::channel();
-        // A closed queue drops `done`, which completes the receiver.
-        let _ = self.tx.send(Item { frame, done });
+        // A closed queue drops `done`, which fails the receiver.
+        let _ = self.tx.send(Item {
+            frame,
+            done,
+            result: Delivery::Stored,
+        });
         rx
     }
 
@@ -112,6 +131,8 @@ impl Forwarder {
 /// What became of one frame of a batch.
 enum Outcome {
     Done,
+    /// Refused: the sender is no longer the range's primary.
+    Stale,
     /// Resend from here after a pause.
     Again,
 }
@@ -175,7 +196,7 @@ async fn run(
             }
             let mut advanced = 0;
             let mut again = replies.len() < batch.len() - from;
-            for r in replies {
+            for (i, r) in replies.into_iter().enumerate() {
                 let reply = tokio::select! {
                     r = r => r,
                     _ = cancel.cancelled() => {
@@ -185,6 +206,10 @@ async fn run(
                 };
                 match reply.map(|f| outcome(&f)) {
                     Ok(Outcome::Done) => advanced += 1,
+                    Ok(Outcome::Stale) => {
+                        batch[from + i].result = Delivery::Stale;
+                        advanced += 1;
+                    }
                     Ok(Outcome::Again) | Err(_) => {
                         again = true;
                         break;
@@ -202,9 +227,9 @@ async fn run(
                 pause(&cancel).await;
             }
         }
-        // Completes every waiter: replicated, or given up on.
+        // Completes every waiter: replicated, refused as stale, or given up on.
         for item in batch {
-            let _ = item.done.send(());
+            let _ = item.done.send(item.result);
         }
     }
 }
@@ -226,6 +251,10 @@ fn outcome(reply: &Frame) -> Outcome {
                 code: ErrorCode::EpochAhead | ErrorCode::UnknownTable | ErrorCode::Internal,
                 ..
             }) => Outcome::Again,
+            Ok(Control::Error {
+                code: ErrorCode::NotOwner,
+                ..
+            }) => Outcome::Stale,
             Ok(Control::Error { code, message }) => {
                 // Refused for good (it cannot take this change): resending
                 // would not help, and blocking the queue would stop the rest.

@@ -10,7 +10,7 @@
 use crate::conn::{Outbox, Peer, accept_loop, bind, lock, split};
 use crate::error::NodeError;
 use crate::proto::{control_reply, control_request, error_reply, register, reply_header};
-use crate::replica::Forwarder;
+use crate::replica::{Delivery, Forwarder};
 use futures_util::StreamExt;
 use pserver_core::clock::RangeClock;
 use pserver_core::keycache::KeyCache;
@@ -166,14 +166,17 @@ struct Waiting {
     out: Outbox,
     consistency: Consistency,
     /// Replication its push part waits for (a push-pull's reply is its ack).
-    after: Vec<oneshot::Receiver<()>>,
+    after: Vec<oneshot::Receiver<Delivery>>,
 }
 
 /// A reply held back until the replicas have the change it acknowledges.
 struct Deferred {
-    after: Vec<oneshot::Receiver<()>>,
+    after: Vec<oneshot::Receiver<Delivery>>,
     to: Outbox,
     frame: Frame,
+    /// Sent instead when the chain refused the change as stale: this server
+    /// is no longer the range's primary, and the sender must retry there.
+    stale: Frame,
 }
 
 struct State {
@@ -190,7 +193,22 @@ struct State {
     /// Replies waiting for replication, taken by the connection task after
     /// each frame (see `serve`).
     deferred: Vec<Deferred>,
+    /// After a map change: markers queued behind its copies on every
+    /// forwarder; once all are answered the manager hears `Synced`.
+    sync_waits: Vec<oneshot::Receiver<Delivery>>,
+    /// Ranges this server is primary of but holds back, until their old
+    /// primary's `Fence` arrives or [`FENCE_TIMEOUT`] passes: (range, old
+    /// primary, since).
+    fence_waits: Vec<(KeyRange, NodeId, std::time::Instant)>,
+    /// Fences that arrived before the map that needs them: (range, from).
+    fences_seen: Vec<(KeyRange, NodeId)>,
 }
+
+/// Longest a new primary holds a range back waiting for its old primary's
+/// fence. The fence travels behind the old primary's last changes, which
+/// normally takes milliseconds; past this the old primary is presumed
+/// stuck, and the manager will declare it dead within its lease anyway.
+const FENCE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// Replies to send once the state lock is released.
 type Outgoing = Vec<(Outbox, Frame)>;
@@ -211,10 +229,14 @@ pub async fn start_server(cfg: ServerConfig) -> Result<ServerHandle, NodeError> 
         key_cache: KeyCache::new(cfg.key_cache_keys),
         forwarders: HashMap::new(),
         deferred: Vec::new(),
+        sync_waits: Vec::new(),
+        fence_waits: Vec::new(),
+        fences_seen: Vec::new(),
     }));
     let heartbeat = map.heartbeat_interval();
     let out = lock(&state).apply_map(map);
     send_all(out).await;
+    report_synced(&state, &manager);
     let cancel = CancellationToken::new();
 
     // The link to the manager: heartbeats out, maps in. Losing it ends the server.
@@ -233,8 +255,16 @@ pub async fn start_server(cfg: ServerConfig) -> Result<ServerHandle, NodeError> 
                     None => break,
                     Some(frame) => match frame.control_msg() {
                         Ok(Control::Map(map)) => {
+                            let gone = map.node(id).is_none_or(|n| n.state == NodeState::Dead);
                             let out = lock(&st).apply_map(map);
                             send_all(out).await;
+                            if gone {
+                                // Drained (or declared dead while alive):
+                                // another server holds its ranges now.
+                                tracing::info!(node = id, "no longer in the map");
+                                break;
+                            }
+                            report_synced(&st, &manager);
                         }
                         Ok(Control::Error { message, .. }) => {
                             tracing::error!(node = id, %message, "manager refused this server");
@@ -270,18 +300,42 @@ async fn send_all(out: Outgoing) {
     }
 }
 
+/// Tells the manager, once the copies queued by the latest map change have
+/// reached their chains, that this server is synced at that map's epoch.
+fn report_synced(state: &Arc<Mutex<State>>, manager: &Peer) {
+    let (epoch, me, waits) = {
+        let mut st = lock(state);
+        (st.map.epoch, st.id, std::mem::take(&mut st.sync_waits))
+    };
+    let manager = manager.clone();
+    tokio::spawn(async move {
+        for w in waits {
+            if w.await.is_err() {
+                // This server is stopping: it is synced at nothing.
+                return;
+            }
+        }
+        let _ = manager
+            .notify(control_request(me, epoch, &Control::Synced { epoch }))
+            .await;
+    });
+}
+
 /// Sends each held-back reply once its replication completes.
 fn spawn_deferred(deferred: Vec<Deferred>) {
     for d in deferred {
         tokio::spawn(async move {
+            let mut reply = d.frame;
             for r in d.after {
-                // An error means this server is stopping before the replica
-                // had the change: no acknowledgement, the sender retries.
-                if r.await.is_err() {
-                    return;
+                match r.await {
+                    Ok(Delivery::Stored) => {}
+                    Ok(Delivery::Stale) => reply = d.stale.clone(),
+                    // This server is stopping before the replica had the
+                    // change: no acknowledgement, the sender retries.
+                    Err(_) => return,
                 }
             }
-            send_all(vec![(d.to, d.frame)]).await;
+            send_all(vec![(d.to, reply)]).await;
         });
     }
 }
@@ -385,12 +439,23 @@ impl State {
             })
             .map(|(id, _)| *id)
             .collect();
-        for id in gone {
+        for &id in &gone {
             if let Some(f) = self.forwarders.remove(&id) {
                 f.abandon();
             }
         }
-        self.fill_new_replicas(&old);
+        self.fill_new_replicas(&old, &gone);
+        self.fence(&old);
+        // A marker behind everything queued so far on each forwarder: when
+        // all are answered, every copy this map called for has arrived.
+        let epoch = self.map.epoch;
+        let targets: Vec<NodeId> = self.forwarders.keys().copied().collect();
+        for to in targets {
+            let marker = control_request(self.id, epoch, &Control::Synced { epoch });
+            if let Some(r) = self.forward(to, marker) {
+                self.sync_waits.push(r);
+            }
+        }
         // Fewer live workers may complete waiting aggregates.
         let workers = self.map.live_workers();
         for t in self.tables.values_mut() {
@@ -405,14 +470,26 @@ impl State {
     /// queued before any later change, on the same ordered queue, so the
     /// replica ends with the primary's state. Whole slots and clock records
     /// travel, so the copy refuses the same duplicates.
-    fn fill_new_replicas(&mut self, old: &ClusterMap) {
+    fn fill_new_replicas(&mut self, old: &ClusterMap, abandoned: &[NodeId]) {
         if old.partitions.is_empty() {
             return;
         }
+        // A replica downstream of an abandoned one may have missed changes
+        // that were queued to it: it counts as not holding the range.
         let holds = |node: NodeId, r: KeyRange| {
             old.partitions_overlapping(r)
                 .map(|i| &old.partitions[i])
-                .all(|p| p.primary == node || p.replicas.contains(&node))
+                .all(|p| {
+                    let at = std::iter::once(p.primary)
+                        .chain(p.replicas.iter().copied())
+                        .position(|n| n == node);
+                    at.is_some_and(|at| {
+                        !p.replicas
+                            .iter()
+                            .take(at.saturating_sub(1))
+                            .any(|n| abandoned.contains(n))
+                    })
+                })
         };
         let mut copies = Vec::new();
         for p in self.map.partitions.iter().filter(|p| p.primary == self.id) {
@@ -458,6 +535,51 @@ impl State {
                     .into();
                     copies.push((next, f));
                 }
+                // Sums not yet applied, so that the range's new holders
+                // apply the same sums when the clock completes.
+                for (&clock, agg) in &t.pending {
+                    // The sums go with the first piece; the other pieces
+                    // only tell which ranges the clock must complete over.
+                    let mut keys_sent = false;
+                    for r in &agg.ranges {
+                        let Some(piece) = r.intersect(&p.range) else {
+                            continue;
+                        };
+                        let mut f = Frame::new(Header {
+                            table: spec.id,
+                            sender: self.id,
+                            epoch: self.map.epoch,
+                            range: piece,
+                            ..Header::new(Kind::Control)
+                        });
+                        if !keys_sent {
+                            keys_sent = true;
+                            let mut held: Vec<(u64, usize)> = agg
+                                .keys
+                                .iter()
+                                .enumerate()
+                                .filter(|(_, k)| p.range.contains(**k))
+                                .map(|(i, &k)| (k, i))
+                                .collect();
+                            held.sort_unstable();
+                            for (k, i) in held {
+                                f.keys.push(k);
+                                f.vals.extend_from_slice(
+                                    &agg.sums[i * agg.width..(i + 1) * agg.width],
+                                );
+                            }
+                        }
+                        f.ctrl = Control::Replicate {
+                            spec: spec.clone(),
+                            what: Replica::Pending { clock },
+                            records: Vec::new(),
+                            chain: rest.to_vec(),
+                        }
+                        .to_bytes()
+                        .into();
+                        copies.push((next, f));
+                    }
+                }
             }
         }
         for (to, f) in copies {
@@ -469,6 +591,129 @@ impl State {
             );
             // Nobody waits for a copy; the queue's order is what matters.
             drop(self.forward(to, f));
+        }
+    }
+
+    /// Hand-off fences, both ways, after installing a map (`old` is the one
+    /// before). Ranges this server was primary of and no longer is: a
+    /// `Fence` goes down their old chain, behind this server's last changes
+    /// there (the new primary is on that chain). Ranges this server is newly
+    /// primary of, taken from a primary still alive: held back until that
+    /// server's fence arrives, so two primaries never serve a range at once.
+    fn fence(&mut self, old: &ClusterMap) {
+        let me = self.id;
+        let map = self.map.clone();
+        let alive = |id: NodeId| map.node(id).is_some_and(|n| n.state == NodeState::Alive);
+        let mut sends = Vec::new();
+        for p in old.partitions.iter().filter(|p| p.primary == me) {
+            let Some((&next, rest)) = p.replicas.split_first() else {
+                continue;
+            };
+            for i in self.map.partitions_overlapping(p.range) {
+                let q = &self.map.partitions[i];
+                if q.primary == me {
+                    continue;
+                }
+                let Some(piece) = q.range.intersect(&p.range) else {
+                    continue;
+                };
+                let mut f = control_request(
+                    me,
+                    self.map.epoch,
+                    &Control::Fence {
+                        from: me,
+                        chain: rest.to_vec(),
+                    },
+                );
+                f.header.range = piece;
+                sends.push((next, f));
+            }
+        }
+        for (to, f) in sends {
+            drop(self.forward(to, f));
+        }
+        // Waits: drop those for ranges no longer ours, add new ones.
+        self.fence_waits.retain(|(r, from, _)| {
+            alive(*from)
+                && map
+                    .partitions_overlapping(*r)
+                    .all(|i| map.partitions[i].primary == me)
+        });
+        let mut waits = Vec::new();
+        for q in map.partitions.iter().filter(|q| q.primary == me) {
+            for i in old.partitions_overlapping(q.range) {
+                let p = &old.partitions[i];
+                if p.primary == me || !alive(p.primary) {
+                    continue;
+                }
+                if let Some(piece) = q.range.intersect(&p.range) {
+                    waits.push((piece, p.primary));
+                }
+            }
+        }
+        for w in waits {
+            self.add_fence_wait(w);
+        }
+    }
+
+    /// Holds `range` back until `from` fences it, unless it already has.
+    fn add_fence_wait(&mut self, (range, from): (KeyRange, NodeId)) {
+        let mut left = vec![range];
+        for (seen, by) in &self.fences_seen {
+            if *by == from {
+                left = left.iter().flat_map(|r| subtract(*r, *seen)).collect();
+            }
+        }
+        let now = std::time::Instant::now();
+        self.fence_waits
+            .extend(left.into_iter().map(|r| (r, from, now)));
+    }
+
+    /// A `Fence` arrived: forward it down its chain, release what it covers.
+    fn fenced(&mut self, frame: Frame, out: &Outbox) -> Result<Option<Frame>, Refusal> {
+        let Ok(Control::Fence { from, chain }) = frame.control_msg() else {
+            return Err((ErrorCode::Malformed, "not a Fence frame".into()));
+        };
+        let h = frame.header;
+        let r = h.range;
+        let before = self.fence_waits.len();
+        self.fence_waits = std::mem::take(&mut self.fence_waits)
+            .into_iter()
+            .flat_map(|(w, by, since)| {
+                let left = if by == from { subtract(w, r) } else { vec![w] };
+                left.into_iter().map(move |l| (l, by, since))
+            })
+            .collect();
+        if self.fence_waits.len() == before {
+            // Not awaited yet: the map that needs it has not arrived.
+            self.fences_seen.push((r, from));
+            let excess = self.fences_seen.len().saturating_sub(1024);
+            self.fences_seen.drain(..excess);
+        }
+        let ok = control_reply(&h, self.id, self.map.epoch, &Control::Ok);
+        let Some((&next, rest)) = chain.split_first() else {
+            return Ok(Some(ok));
+        };
+        let mut f = control_request(
+            self.id,
+            self.map.epoch,
+            &Control::Fence {
+                from,
+                chain: rest.to_vec(),
+            },
+        );
+        f.header.range = r;
+        match self.forward(next, f) {
+            Some(rx) => {
+                self.deferred.push(Deferred {
+                    after: vec![rx],
+                    to: out.clone(),
+                    frame: ok,
+                    stale: self.stale_reply(&h),
+                });
+                Ok(None)
+            }
+            None => Ok(Some(ok)),
         }
     }
 
@@ -497,6 +742,14 @@ impl State {
                     &Control::Map((*self.map).clone()),
                 ))),
                 Ok(Control::Replicate { .. }) => self.replicate(frame, out),
+                Ok(Control::Fence { .. }) => self.fenced(frame, out),
+                // A forwarder's marker: everything before it has arrived.
+                Ok(Control::Synced { .. }) => Ok(Some(control_reply(
+                    &h,
+                    self.id,
+                    self.map.epoch,
+                    &Control::Ok,
+                ))),
                 Ok(other) => Err((
                     ErrorCode::Invalid,
                     format!("a server does not take {other:?}"),
@@ -551,6 +804,14 @@ impl State {
             return Err((
                 ErrorCode::NotOwner,
                 format!("server {} is not primary for all of {}", self.id, h.range),
+            ));
+        }
+        if let Some((r, from, _)) = self.fence_waits.iter().find(|(r, _, since)| {
+            r.intersect(&h.range).is_some() && since.elapsed() < FENCE_TIMEOUT
+        }) {
+            return Err((
+                ErrorCode::EpochAhead,
+                format!("{r} is still being handed over from server {from}; retry"),
             ));
         }
         if h.dense() {
@@ -638,6 +899,7 @@ impl State {
                 after,
                 to: out.clone(),
                 frame: reply,
+                stale: self.stale_reply(&h),
             });
             return Ok(None);
         }
@@ -675,6 +937,7 @@ impl State {
                 after,
                 to: out.clone(),
                 frame: reply,
+                stale: self.stale_reply(&h),
             });
             Ok(None)
         } else {
@@ -686,6 +949,21 @@ impl State {
             });
             Ok(None)
         }
+    }
+
+    /// The answer to a request whose change the chain refused as coming
+    /// from a server that is no longer the range's primary.
+    fn stale_reply(&self, h: &Header) -> Frame {
+        error_reply(
+            h,
+            self.id,
+            self.map.epoch,
+            ErrorCode::NotOwner,
+            format!(
+                "server {} is no longer the primary of {}; retry at the current one",
+                self.id, h.range
+            ),
+        )
     }
 
     /// True when a push with header `h` goes into an aggregate rather than
@@ -701,7 +979,11 @@ impl State {
     /// must wait for (nothing without replicas). A push found to be a
     /// duplicate is sent too, as an empty change: it queues behind the
     /// original's replication, so its ack cannot overtake it.
-    fn replicate_push(&mut self, frame: &Frame, aggregated: bool) -> Option<oneshot::Receiver<()>> {
+    fn replicate_push(
+        &mut self,
+        frame: &Frame,
+        aggregated: bool,
+    ) -> Option<oneshot::Receiver<Delivery>> {
         let h = frame.header;
         let chain = self
             .map
@@ -750,7 +1032,7 @@ impl State {
 
     /// Queues `frame` for server `to`; `None` when `to` is not a live
     /// server of the map.
-    fn forward(&mut self, to: NodeId, frame: Frame) -> Option<oneshot::Receiver<()>> {
+    fn forward(&mut self, to: NodeId, frame: Frame) -> Option<oneshot::Receiver<Delivery>> {
         if self.forwarders.get(&to).is_some_and(Forwarder::is_closed) {
             self.forwarders.remove(&to);
         }
@@ -784,6 +1066,19 @@ impl State {
                 ),
             ));
         }
+        // A server declared dead may still run (frozen, then resumed): its
+        // changes are refused, so it cannot acknowledge them, and its
+        // workers retry at the range's current primary.
+        if self
+            .map
+            .node(h.sender)
+            .is_some_and(|n| n.state == NodeState::Dead)
+        {
+            return Err((
+                ErrorCode::NotOwner,
+                format!("server {} was declared dead", h.sender),
+            ));
+        }
         let onward = records.clone();
         let table = self.ensure_table(&spec);
         let store = table
@@ -814,6 +1109,32 @@ impl State {
                 }
                 for (node, r, clock) in records {
                     table.clock.record(node, r, clock);
+                }
+            }
+            Replica::Pending { clock } => {
+                let width = store.push_width();
+                if Some(frame.vals.len()) != frame.keys.len().checked_mul(width) {
+                    return Err((
+                        ErrorCode::WrongWidth,
+                        format!(
+                            "{} pending values for {} keys of width {width}",
+                            frame.vals.len(),
+                            frame.keys.len()
+                        ),
+                    ));
+                }
+                let agg = table
+                    .pending
+                    .entry(clock)
+                    .or_insert_with(|| Aggregate::new(h.range, width));
+                if !agg.ranges.contains(&h.range) {
+                    agg.ranges.push(h.range);
+                }
+                for (k, v) in frame.keys.iter().zip(frame.vals.chunks_exact(width.max(1))) {
+                    agg.add(*k, v);
+                }
+                for (node, r, c) in records {
+                    table.clock.record(node, r, c);
                 }
             }
             Replica::Push { worker } => {
@@ -856,6 +1177,7 @@ impl State {
                     after: vec![r],
                     to: out.clone(),
                     frame: ok,
+                    stale: self.stale_reply(&h),
                 });
                 Ok(None)
             }
@@ -1095,10 +1417,12 @@ impl State {
                 if w.after.is_empty() {
                     out.push((w.out.clone(), reply));
                 } else {
+                    let stale = self.stale_reply(&h);
                     self.deferred.push(Deferred {
                         after: w.after,
                         to: w.out,
                         frame: reply,
+                        stale,
                     });
                 }
             } else {
@@ -1132,4 +1456,25 @@ fn flush(table: &mut TableState, workers: &[NodeId]) {
             tracing::error!(error = %e, "aggregated push refused");
         }
     }
+}
+
+/// The parts of `r` outside `cut` (zero, one or two ranges).
+fn subtract(r: KeyRange, cut: KeyRange) -> Vec<KeyRange> {
+    if r.intersect(&cut).is_none() {
+        return vec![r];
+    }
+    let mut out = Vec::new();
+    if r.begin < cut.begin {
+        out.push(KeyRange {
+            begin: r.begin,
+            end: cut.begin,
+        });
+    }
+    if cut.end < r.end {
+        out.push(KeyRange {
+            begin: cut.end,
+            end: r.end,
+        });
+    }
+    out
 }

@@ -420,6 +420,18 @@ impl Worker {
         self.inner.table(name).await
     }
 
+    /// Asks the manager to drain server `node`: its ranges move to the other
+    /// servers (bulk copy, then the changes made meanwhile, then the map
+    /// switch), after which it exits. Returns once the drain has started.
+    pub async fn drain(&self, node: NodeId) -> Result<(), NodeError> {
+        let reply = self
+            .inner
+            .manager
+            .request(control_request(self.inner.id, 0, &Control::Drain { node }))
+            .await?;
+        reply_control(&reply, self.inner.manager.label()).map(|_| ())
+    }
+
     /// Waits until every live worker has entered barrier `name`.
     pub async fn barrier(&self, name: &str) -> Result<(), NodeError> {
         let reply = self

@@ -1170,3 +1170,107 @@ async fn a_killed_server_loses_no_acknowledged_push() {
     .await
     .unwrap();
 }
+
+async fn cluster_k(servers: usize, replicas: usize) -> LocalCluster {
+    LocalCluster::start(LocalConfig {
+        servers,
+        manager: ManagerConfig {
+            membership: MembershipConfig {
+                replicas,
+                vnodes: 8,
+                lease_ms: 2000,
+            },
+            ..ManagerConfig::default()
+        },
+        registry: Default::default(),
+    })
+    .await
+    .unwrap()
+}
+
+/// Waits until `pred` holds for the map (at most 20 s).
+async fn until_map(w: &Worker, what: &str, pred: impl Fn(&pserver_core::ClusterMap) -> bool) {
+    let start = std::time::Instant::now();
+    loop {
+        let map = w.refresh().await.unwrap();
+        if pred(&map) {
+            return;
+        }
+        assert!(start.elapsed() < Duration::from_secs(20), "never: {what}");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+async fn join_and_drain_under_load(replicas: usize) {
+    let c = cluster_k(2, replicas).await;
+    let setup = client(&c).await;
+    setup
+        .create_table("n", TableOptions::new(1, UpdaterSpec::Add))
+        .await
+        .unwrap();
+    let keys = spread(200);
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let mut loops = Vec::new();
+    for _ in 0..3 {
+        let w = client(&c).await;
+        loops.push(tokio::spawn(count_pushes(
+            w,
+            "n",
+            keys.clone(),
+            stop.clone(),
+        )));
+    }
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    // A third server joins the running cluster and takes over ranges.
+    let mut sc = ServerConfig::new(c.manager_addr().to_string());
+    sc.listen = "127.0.0.1:0".into();
+    let joined = start_server(sc).await.unwrap();
+    let id = joined.id();
+    until_map(&setup, "the new server is a primary", |m| {
+        m.partitions.iter().any(|p| p.primary == id)
+            && m.partitions
+                .iter()
+                .all(|p| !p.replicas.contains(&id) || replicas > 0)
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    // Then one of the first servers is drained away.
+    let leaving = c.servers[0].id();
+    setup.drain(leaving).await.unwrap();
+    until_map(&setup, "the drained server left", |m| {
+        m.node(leaving)
+            .is_some_and(|n| n.state == pserver_core::NodeState::Dead)
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    stop.store(true, Ordering::Relaxed);
+    let mut acked = 0;
+    for l in loops {
+        acked += l.await.unwrap();
+    }
+    assert!(acked > 0);
+    let map = setup.refresh().await.unwrap();
+    assert!(map.partitions.iter().all(|p| p.primary != leaving));
+    let got = setup.pull("n", keys.clone()).await.unwrap();
+    assert_eq!(got, vec![acked as f32; keys.len()], "acked {acked}");
+    // The drained server stopped by itself.
+    let start = std::time::Instant::now();
+    while !c.servers[0].cancelled().is_cancelled() {
+        assert!(
+            start.elapsed() < Duration::from_secs(5),
+            "drained server still running"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    joined.shutdown();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn servers_join_and_drain_under_load_without_replicas() {
+    timeout(LIMIT, join_and_drain_under_load(0)).await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn servers_join_and_drain_under_load_with_a_replica() {
+    timeout(LIMIT, join_and_drain_under_load(1)).await.unwrap();
+}

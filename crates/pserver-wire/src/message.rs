@@ -105,6 +105,30 @@ pub enum Control {
         /// The replicas after the receiver, in chain order.
         chain: Vec<NodeId>,
     },
+    /// Server to manager: every copy this server owed under map `epoch`
+    /// (and earlier) has reached its chain, so a hand-off waiting on it may
+    /// complete. Server to server: a marker queued behind earlier changes;
+    /// its `Ok` says they all arrived.
+    Synced {
+        /// The map epoch.
+        epoch: u64,
+    },
+    /// The old primary of the frame's range stopped serving it (it applied
+    /// a map that hands the range on). Sent down the range's old chain
+    /// behind every change it made there, so the new primary, which holds
+    /// the range back until this arrives, has them all before it serves.
+    Fence {
+        /// The old primary.
+        from: NodeId,
+        /// The servers after the receiver, in chain order.
+        chain: Vec<NodeId>,
+    },
+    /// Ask the manager to drain a server: hand its ranges to the others,
+    /// then let it exit.
+    Drain {
+        /// The server.
+        node: NodeId,
+    },
 }
 
 /// What a [`Control::Replicate`] frame's values are.
@@ -114,6 +138,14 @@ pub enum Replica {
     /// the result of a push (chain replication forwards values, not
     /// gradients), or a copy of a range for a new replica.
     Slots,
+    /// The not yet applied sum of pushes to an aggregating table for
+    /// `clock` (keys and summed values), part of a copy to a new replica:
+    /// the receiver adds it to its own sums for that clock. The clock
+    /// records of who contributed travel with the copy's slots.
+    Pending {
+        /// The clock the sums belong to.
+        clock: u64,
+    },
     /// A worker's push to an aggregating table, to be summed like the
     /// primary sums it (the sum is applied when the clock completes); the
     /// frame's clock and the record say whose and when.

@@ -389,8 +389,20 @@ fn every_control() -> Vec<Control> {
             records: Vec::new(),
             chain: Vec::new(),
         },
+        Control::Replicate {
+            spec: table(),
+            what: Replica::Pending { clock: 3 },
+            records: Vec::new(),
+            chain: vec![2],
+        },
+        Control::Synced { epoch: 41 },
+        Control::Drain { node: 6 },
+        Control::Fence {
+            from: 3,
+            chain: vec![4, 5],
+        },
     ];
-    let mut seen = [false; 15];
+    let mut seen = [false; 18];
     for c in &all {
         let i = match c {
             Control::Register { .. } => 0,
@@ -408,6 +420,9 @@ fn every_control() -> Vec<Control> {
             Control::Ok => 12,
             Control::Error { .. } => 13,
             Control::Replicate { .. } => 14,
+            Control::Synced { .. } => 15,
+            Control::Drain { .. } => 16,
+            Control::Fence { .. } => 17,
         };
         seen[i] = true;
     }

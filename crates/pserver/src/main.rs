@@ -113,6 +113,18 @@ enum Cmd {
         #[arg(long)]
         json: bool,
     },
+    /// Drain a server: hand its ranges to the other servers while pushes and
+    /// pulls go on, then let it exit. Waits until it has left the map.
+    Drain {
+        /// The manager's address.
+        #[arg(long, default_value = DEFAULT_MANAGER)]
+        manager: String,
+        /// The server's node id (as `pserver status` shows it).
+        node: u32,
+        /// Give up waiting after this many seconds.
+        #[arg(long, default_value_t = 120)]
+        timeout_s: u64,
+    },
     /// Train sparse logistic regression (the main job): by default on the
     /// bundled flights data, on a local cluster of 2 servers and 2 workers.
     Train(train::TrainArgs),
@@ -197,6 +209,11 @@ async fn run(cli: Cli) -> Result<()> {
         }
         Cmd::Kv { manager, cmd } => kv::run(&manager, cmd).await,
         Cmd::Status { manager, json } => status::run(&manager, json).await,
+        Cmd::Drain {
+            manager,
+            node,
+            timeout_s,
+        } => drain(&manager, node, Duration::from_secs(timeout_s)).await,
         Cmd::Train(args) => train::run(args).await,
         Cmd::Predict(args) => train::predict(args).await,
         Cmd::Experiment(args) => experiment::run(args).await,
@@ -267,5 +284,35 @@ async fn wait_for_stop(token: pserver_node::CancellationToken) {
     tokio::select! {
         _ = tokio::signal::ctrl_c() => {}
         _ = token.cancelled() => {}
+    }
+}
+
+/// `pserver drain`: asks the manager to drain `node`, then waits until the
+/// map no longer places it on any range.
+async fn drain(manager: &str, node: u32, timeout: Duration) -> Result<()> {
+    let w =
+        pserver_node::worker::Worker::connect(pserver_node::worker::WorkerConfig::client(manager))
+            .await
+            .with_context(|| format!("connecting to the manager at {manager}"))?;
+    w.drain(node)
+        .await
+        .with_context(|| format!("draining node {node}"))?;
+    let start = std::time::Instant::now();
+    loop {
+        let map = w.refresh().await.context("reading the map")?;
+        let gone = map
+            .node(node)
+            .is_none_or(|n| n.state == pserver_core::NodeState::Dead);
+        if gone {
+            println!(
+                "node {node} drained: its ranges are on the other servers (epoch {})",
+                map.epoch
+            );
+            return Ok(());
+        }
+        if start.elapsed() > timeout {
+            anyhow::bail!("node {node} is still draining after {timeout:?}");
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
