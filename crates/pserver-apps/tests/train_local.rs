@@ -5,6 +5,8 @@
 use pserver_apps::train::{Algo, TrainConfig, evaluate, train};
 use pserver_data::Format;
 use pserver_node::local::{LocalCluster, LocalConfig};
+use pserver_node::server::{ServerConfig, start_server};
+use pserver_node::worker::{Worker, WorkerConfig};
 use std::io::Write;
 use std::path::Path;
 use std::time::Duration;
@@ -114,9 +116,19 @@ async fn ftrl_learns_a_sparse_model() {
         .unwrap();
 }
 
-/// DBPG on three servers with one replica per range; `kill` stops the
-/// server holding key 0 a moment into training. Returns the test AUC.
-async fn replicated_run(kill: bool) -> f64 {
+/// What happens to the servers a moment into training.
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum Disturb {
+    Nothing,
+    /// The first server is stopped.
+    Kill,
+    /// A fourth server joins, then the first is drained.
+    JoinDrain,
+}
+
+/// DBPG on three servers with one replica per range, disturbed as `what`
+/// says a moment into training. Returns the test AUC.
+async fn replicated_run(what: Disturb) -> f64 {
     let dir = tempfile::tempdir().unwrap();
     let (tr, te) = (dir.path().join("train.svm"), dir.path().join("test.svm"));
     write_data(&tr, 3000, 1, false);
@@ -135,29 +147,56 @@ async fn replicated_run(kill: bool) -> f64 {
     cfg.eval_every = None;
     let addr = cluster.manager_addr().to_string();
     let run = tokio::spawn(async move { train(&addr, &cfg, tx).await });
-    if kill {
-        tokio::time::sleep(Duration::from_millis(150)).await;
-        assert!(!run.is_finished(), "training ended before the kill");
-        cluster.servers[0].shutdown();
+    let mut joined = None;
+    match what {
+        Disturb::Nothing => {}
+        Disturb::Kill => {
+            tokio::time::sleep(Duration::from_millis(150)).await;
+            assert!(!run.is_finished(), "training ended before the kill");
+            cluster.servers[0].shutdown();
+        }
+        Disturb::JoinDrain => {
+            tokio::time::sleep(Duration::from_millis(120)).await;
+            assert!(!run.is_finished(), "training ended before the join");
+            let mut sc = ServerConfig::new(cluster.manager_addr().to_string());
+            sc.listen = "127.0.0.1:0".into();
+            joined = Some(start_server(sc).await.unwrap());
+            tokio::time::sleep(Duration::from_millis(60)).await;
+            let admin = Worker::connect(WorkerConfig::client(cluster.manager_addr().to_string()))
+                .await
+                .unwrap();
+            admin.drain(cluster.servers[0].id()).await.unwrap();
+        }
     }
     let r = run.await.unwrap().unwrap();
     drain.await.unwrap();
     eprintln!(
-        "kill {kill}: AUC {} after {:.2} s",
+        "{what:?}: AUC {} after {:.2} s",
         r.test.auc, r.train_seconds
     );
+    if let Some(j) = joined {
+        j.shutdown();
+    }
     r.test.auc
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn training_goes_on_when_a_replicated_server_dies() {
     tokio::time::timeout(Duration::from_secs(120), async {
-        let calm = replicated_run(false).await;
-        let hit = replicated_run(true).await;
+        let calm = replicated_run(Disturb::Nothing).await;
+        let hit = replicated_run(Disturb::Kill).await;
         assert!(calm > 0.95, "undisturbed AUC {calm}");
+        // The issue asks for 0.005. Runs differ by about 1e-4 (timing under
+        // tau 1); a lost or doubled aggregate showed as 0.002-0.004, so the
+        // bound is tighter than asked, to catch that.
         assert!(
-            (calm - hit).abs() <= 0.005,
+            (calm - hit).abs() <= 0.0015,
             "AUC {hit} after a server died, {calm} without"
+        );
+        let moved = replicated_run(Disturb::JoinDrain).await;
+        assert!(
+            (calm - moved).abs() <= 0.0015,
+            "AUC {moved} with a server joining and one drained, {calm} without"
         );
     })
     .await

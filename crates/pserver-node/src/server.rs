@@ -146,6 +146,35 @@ impl Aggregate {
         }
     }
 
+    /// Forgets the sums of keys in `range`.
+    fn drop_keys_in(&mut self, range: KeyRange) {
+        if !self.keys.iter().any(|k| range.contains(*k)) {
+            return;
+        }
+        let w = self.width;
+        let old_keys = std::mem::take(&mut self.keys);
+        let old_sums = std::mem::take(&mut self.sums);
+        self.index.clear();
+        for (i, k) in old_keys.into_iter().enumerate() {
+            if !range.contains(k) {
+                self.index.insert(k, self.keys.len());
+                self.keys.push(k);
+                self.sums.extend_from_slice(&old_sums[i * w..(i + 1) * w]);
+            }
+        }
+    }
+
+    /// Sets `key`'s sum (a copy of another server's sum for it).
+    fn set(&mut self, key: u64, vals: &[f32]) {
+        let w = self.width;
+        let i = *self.index.entry(key).or_insert_with(|| {
+            self.keys.push(key);
+            self.sums.resize(self.sums.len() + w, 0.0);
+            self.keys.len() - 1
+        });
+        self.sums[i * w..(i + 1) * w].copy_from_slice(&vals[..w]);
+    }
+
     /// Keys sorted, with their sums.
     fn into_sorted(self) -> (Vec<u64>, Vec<f32>) {
         let w = self.width;
@@ -456,6 +485,7 @@ impl State {
                 self.sync_waits.push(r);
             }
         }
+        self.prune_pending();
         // Fewer live workers may complete waiting aggregates.
         let workers = self.map.live_workers();
         for t in self.tables.values_mut() {
@@ -527,7 +557,7 @@ impl State {
                     f.vals = chunk.iter().flat_map(|(_, s)| s.iter().copied()).collect();
                     f.ctrl = Control::Replicate {
                         spec: spec.clone(),
-                        what: Replica::Slots,
+                        what: Replica::Copy { reset: i == 0 },
                         records: if i == 0 { records.clone() } else { Vec::new() },
                         chain: rest.to_vec(),
                     }
@@ -591,6 +621,36 @@ impl State {
             );
             // Nobody waits for a copy; the queue's order is what matters.
             drop(self.forward(to, f));
+        }
+    }
+
+    /// Drops the parts of unapplied sums over ranges this server no longer
+    /// holds (as primary or replica): nobody will complete them here, and
+    /// as the oldest clocks they would hold back every later clock of the
+    /// ranges it keeps.
+    fn prune_pending(&mut self) {
+        let me = self.id;
+        let held: Vec<KeyRange> = self
+            .map
+            .partitions
+            .iter()
+            .filter(|p| p.primary == me || p.replicas.contains(&me))
+            .map(|p| p.range)
+            .collect();
+        for t in self.tables.values_mut() {
+            t.pending.retain(|_, agg| {
+                agg.ranges = agg
+                    .ranges
+                    .iter()
+                    .flat_map(|r| held.iter().filter_map(|h| h.intersect(r)))
+                    .collect();
+                agg.ranges.sort_unstable_by_key(|r| (r.begin, r.end));
+                agg.ranges.dedup();
+                for gap in gaps(&held) {
+                    agg.drop_keys_in(gap);
+                }
+                !agg.ranges.is_empty()
+            });
         }
     }
 
@@ -669,12 +729,40 @@ impl State {
             .extend(left.into_iter().map(|r| (r, from, now)));
     }
 
+    /// The rest of a chain a change must be forwarded along, as this server
+    /// can reach it. A server this map does not know, named by a sender
+    /// with a newer map, means this server is behind: the change is refused
+    /// for now (`EpochAhead`, nothing applied) and its forwarder resends it
+    /// once the map has arrived. Servers this map knows to be dead are
+    /// skipped: the primary fills whoever replaces them.
+    fn reachable_chain(&self, h: &Header, chain: Vec<NodeId>) -> Result<Vec<NodeId>, Refusal> {
+        let mut out = Vec::with_capacity(chain.len());
+        for n in chain {
+            match self.map.node(n) {
+                Some(info) if info.state == NodeState::Dead => {}
+                Some(_) => out.push(n),
+                None if h.epoch > self.map.epoch => {
+                    return Err((
+                        ErrorCode::EpochAhead,
+                        format!(
+                            "server {n} is not in this server's map (epoch {} < {})",
+                            self.map.epoch, h.epoch
+                        ),
+                    ));
+                }
+                None => {}
+            }
+        }
+        Ok(out)
+    }
+
     /// A `Fence` arrived: forward it down its chain, release what it covers.
     fn fenced(&mut self, frame: Frame, out: &Outbox) -> Result<Option<Frame>, Refusal> {
         let Ok(Control::Fence { from, chain }) = frame.control_msg() else {
             return Err((ErrorCode::Malformed, "not a Fence frame".into()));
         };
         let h = frame.header;
+        let chain = self.reachable_chain(&h, chain)?;
         let r = h.range;
         let before = self.fence_waits.len();
         self.fence_waits = std::mem::take(&mut self.fence_waits)
@@ -1079,6 +1167,25 @@ impl State {
                 format!("server {} was declared dead", h.sender),
             ));
         }
+        // A change for a range this server no longer holds, from a sender
+        // whose map is not newer: the sender is behind (the range has moved
+        // on); refusing makes it send its client to the current primary.
+        // From a newer map, this server is the one behind, and takes it.
+        let me = self.id;
+        let holds = self.map.partitions_overlapping(h.range).any(|i| {
+            let p = &self.map.partitions[i];
+            p.primary == me || p.replicas.contains(&me)
+        });
+        if h.epoch <= self.map.epoch && !holds {
+            return Err((
+                ErrorCode::NotOwner,
+                format!(
+                    "server {me} does not hold {} at epoch {}",
+                    h.range, self.map.epoch
+                ),
+            ));
+        }
+        let chain = self.reachable_chain(&h, chain)?;
         let onward = records.clone();
         let table = self.ensure_table(&spec);
         let store = table
@@ -1086,7 +1193,12 @@ impl State {
             .as_mut()
             .map_err(|e| (ErrorCode::Invalid, e.clone()))?;
         match what {
-            Replica::Slots => {
+            Replica::Slots | Replica::Copy { .. } => {
+                if let Replica::Copy { reset: true } = what {
+                    for agg in table.pending.values_mut() {
+                        agg.drop_keys_in(h.range);
+                    }
+                }
                 let width = store.slot_width();
                 if Some(frame.vals.len()) != frame.keys.len().checked_mul(width) {
                     return Err((
@@ -1130,8 +1242,11 @@ impl State {
                 if !agg.ranges.contains(&h.range) {
                     agg.ranges.push(h.range);
                 }
+                // Set, not added: a chain member that already holds the
+                // range has the same sums from the forwarded pushes, and a
+                // copy must leave it as it was.
                 for (k, v) in frame.keys.iter().zip(frame.vals.chunks_exact(width.max(1))) {
-                    agg.add(*k, v);
+                    agg.set(*k, v);
                 }
                 for (node, r, c) in records {
                     table.clock.record(node, r, c);
@@ -1156,6 +1271,12 @@ impl State {
                     Err(e) => return Err(e),
                 }
             }
+        }
+        // Replayed clock records may complete sums waiting here: apply them
+        // now, as a push completing them would, before anyone reads.
+        let workers = self.map.live_workers();
+        if let Some(t) = self.tables.get_mut(&h.table) {
+            flush(t, &workers);
         }
         let ok = control_reply(&h, self.id, self.map.epoch, &Control::Ok);
         let Some((&next, rest)) = chain.split_first() else {
@@ -1474,6 +1595,28 @@ fn subtract(r: KeyRange, cut: KeyRange) -> Vec<KeyRange> {
         out.push(KeyRange {
             begin: cut.end,
             end: r.end,
+        });
+    }
+    out
+}
+
+/// The ranges of `[0, KEY_END)` not covered by `held` (sorted, disjoint).
+fn gaps(held: &[KeyRange]) -> Vec<KeyRange> {
+    let mut out = Vec::new();
+    let mut at = 0;
+    for h in held {
+        if h.begin > at {
+            out.push(KeyRange {
+                begin: at,
+                end: h.begin,
+            });
+        }
+        at = at.max(h.end);
+    }
+    if at < pserver_core::KEY_END {
+        out.push(KeyRange {
+            begin: at,
+            end: pserver_core::KEY_END,
         });
     }
     out

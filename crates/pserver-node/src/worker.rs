@@ -572,7 +572,8 @@ enum SliceResult {
     Redirect(ClusterMap),
     /// Not done, nothing changed: send again after a pause.
     Again,
-    /// The connection failed: it may have been applied.
+    /// The connection failed, or the server refused it after it may have
+    /// applied it: resent as a retry.
     Lost,
     /// The server no longer holds the key list a reference named; it did
     /// nothing, and the slice goes again at once with its keys.
@@ -1053,9 +1054,16 @@ impl Inner {
             },
             Kind::Error => match reply_control(&reply, peer.label()) {
                 Err(NodeError::Remote {
-                    code: ErrorCode::EpochAhead | ErrorCode::NotOwner,
+                    code: ErrorCode::EpochAhead,
                     ..
                 }) => Ok(SliceResult::Again),
+                // Possibly applied there before its chain refused it (the
+                // server lost the range meanwhile): resent as a retry, so a
+                // new primary that has it counts it as done.
+                Err(NodeError::Remote {
+                    code: ErrorCode::NotOwner,
+                    ..
+                }) => Ok(SliceResult::Lost),
                 Err(e) => Err(e),
                 Ok(_) => Err(NodeError::Protocol {
                     peer: peer.label().to_string(),

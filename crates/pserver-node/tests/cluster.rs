@@ -1274,3 +1274,61 @@ async fn servers_join_and_drain_under_load_without_replicas() {
 async fn servers_join_and_drain_under_load_with_a_replica() {
     timeout(LIMIT, join_and_drain_under_load(1)).await.unwrap();
 }
+
+/// A worker pushes +1 to every key at clocks 1..=`clocks`; the table sums
+/// every live worker's push per clock.
+async fn aggregate_pushes(w: Worker, keys: Vec<u64>, clocks: u64) {
+    for t in 1..=clocks {
+        w.set_clock(t);
+        w.push("agg", keys.clone(), vec![1.0; keys.len()])
+            .await
+            .unwrap();
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+}
+
+async fn aggregation_through_join_and_drain(replicas: usize) {
+    let c = cluster_k(2, replicas).await;
+    let setup = client(&c).await;
+    setup
+        .create_table(
+            "agg",
+            TableOptions::new(1, UpdaterSpec::Add).aggregate(true),
+        )
+        .await
+        .unwrap();
+    let keys = spread(100);
+    let clocks = 150;
+    let a = worker(&c).await;
+    let b = worker(&c).await;
+    a.refresh().await.unwrap();
+    b.refresh().await.unwrap();
+    let la = tokio::spawn(aggregate_pushes(a.clone(), keys.clone(), clocks));
+    let lb = tokio::spawn(aggregate_pushes(b.clone(), keys.clone(), clocks));
+    tokio::time::sleep(Duration::from_millis(60)).await;
+    let mut sc = ServerConfig::new(c.manager_addr().to_string());
+    sc.listen = "127.0.0.1:0".into();
+    let joined = start_server(sc).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(60)).await;
+    setup.drain(c.servers[0].id()).await.unwrap();
+    la.await.unwrap();
+    lb.await.unwrap();
+    // Every clock of both workers is summed and applied exactly once.
+    let got = setup.pull("agg", keys.clone()).await.unwrap();
+    assert_eq!(got, vec![2.0 * clocks as f32; keys.len()]);
+    joined.shutdown();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn aggregates_survive_join_and_drain_without_replicas() {
+    timeout(LIMIT, aggregation_through_join_and_drain(0))
+        .await
+        .unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn aggregates_survive_join_and_drain_with_a_replica() {
+    timeout(LIMIT, aggregation_through_join_and_drain(1))
+        .await
+        .unwrap();
+}

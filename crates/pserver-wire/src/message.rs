@@ -146,6 +146,14 @@ pub enum Replica {
         /// The clock the sums belong to.
         clock: u64,
     },
+    /// Part of a copy of a range to a new holder: whole slots, as `Slots`.
+    /// The first part (`reset`) also drops the receiver's own unapplied
+    /// sums for keys of the frame's range: the copy's `Pending` parts that
+    /// follow are the primary's, which are the truth.
+    Copy {
+        /// First part of the copy of this range.
+        reset: bool,
+    },
     /// A worker's push to an aggregating table, to be summed like the
     /// primary sums it (the sum is applied when the clock completes); the
     /// frame's clock and the record say whose and when.

@@ -395,6 +395,12 @@ fn every_control() -> Vec<Control> {
             records: Vec::new(),
             chain: vec![2],
         },
+        Control::Replicate {
+            spec: table(),
+            what: Replica::Copy { reset: true },
+            records: Vec::new(),
+            chain: Vec::new(),
+        },
         Control::Synced { epoch: 41 },
         Control::Drain { node: 6 },
         Control::Fence {

@@ -203,3 +203,101 @@ fn the_failover_experiment_measures_recovery_after_sigkill_and_sigstop() {
         "{err}"
     );
 }
+
+#[test]
+fn a_server_joins_and_another_is_drained_while_clients_push() {
+    let (m, line) = spawn(&[
+        "manager",
+        "--listen",
+        "127.0.0.1:0",
+        "--replicas",
+        "1",
+        "--lease-ms",
+        "1000",
+    ]);
+    let manager = line.rsplit(' ').next().unwrap().to_string();
+    let mut procs = Procs(vec![(m, line)]);
+    for _ in 0..2 {
+        procs.0.push(spawn(&["server", "--manager", &manager]));
+    }
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    let (acked, got) = rt.block_on(async {
+        tokio::time::timeout(Duration::from_secs(60), async {
+            let client = || async {
+                Worker::connect(WorkerConfig::client(manager.clone()))
+                    .await
+                    .unwrap()
+            };
+            let setup = client().await;
+            setup
+                .create_table("n", TableOptions::new(1, UpdaterSpec::Add))
+                .await
+                .unwrap();
+            let step = u64::MAX / 129;
+            let keys: Vec<u64> = (1..=128).map(|i| i * step).collect();
+            let stop = Arc::new(AtomicBool::new(false));
+            let mut loops = Vec::new();
+            for _ in 0..3 {
+                let w = client().await;
+                loops.push(tokio::spawn(count_pushes(w, keys.clone(), stop.clone())));
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            // A new server process joins and takes over ranges.
+            let (joiner, line) = spawn(&["server", "--manager", &manager]);
+            let id: u32 = line.split(' ').nth(1).unwrap().parse().unwrap();
+            procs.0.push((joiner, line));
+            let start = Instant::now();
+            while !setup
+                .refresh()
+                .await
+                .unwrap()
+                .partitions
+                .iter()
+                .any(|p| p.primary == id)
+            {
+                assert!(
+                    start.elapsed() < Duration::from_secs(20),
+                    "the new server took nothing"
+                );
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            // The first server is drained with the command line, which waits
+            // until it has left; then its process exits by itself.
+            let first: u32 = procs.0[1].1.split(' ').nth(1).unwrap().parse().unwrap();
+            let out = Command::new(BIN)
+                .args(["drain", "--manager", &manager, &first.to_string()])
+                .env("RUST_LOG", "off")
+                .output()
+                .unwrap();
+            assert!(
+                out.status.success(),
+                "drain failed: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+            let start = Instant::now();
+            while procs.0[1].0.try_wait().unwrap().is_none() {
+                assert!(
+                    start.elapsed() < Duration::from_secs(10),
+                    "the drained server did not exit"
+                );
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            stop.store(true, Ordering::Relaxed);
+            let mut acked = 0;
+            for l in loops {
+                acked += l.await.unwrap();
+            }
+            (acked, setup.pull("n", keys.clone()).await.unwrap())
+        })
+        .await
+        .expect("the test finishes in 60 s")
+    });
+    assert!(acked > 0);
+    assert_eq!(got, vec![acked as f32; got.len()], "acknowledged {acked}");
+}
