@@ -20,8 +20,9 @@ use crate::progress::{IterStats, Progress};
 use pserver_node::NodeError;
 use pserver_node::worker::{Keys, Op, Request, Worker};
 use std::ops::Range;
+use std::sync::Arc;
 use std::time::Instant;
-use tokio::sync::mpsc::UnboundedSender;
+use tokio::sync::mpsc::{UnboundedReceiver, UnboundedSender};
 
 /// What one worker needs to know to run the algorithm.
 #[derive(Clone, Debug)]
@@ -42,44 +43,142 @@ pub struct DbpgConfig {
     pub workers: usize,
 }
 
+/// One shard a worker works on: its rows, and what the worker knows of
+/// the weights of the shard's keys and of each row's margin.
+struct Part {
+    data: Arc<Dataset>,
+    cols: Columns,
+    bounds: Vec<usize>,
+    weights: Vec<f32>,
+    margins: Vec<f64>,
+    count: Vec<u32>,
+    p: Vec<f64>,
+}
+
+impl Part {
+    fn new(data: Arc<Dataset>, blocks: usize) -> Part {
+        let n = data.rows();
+        Part {
+            cols: data.columns(),
+            bounds: data.block_bounds(blocks),
+            weights: vec![0f32; data.keys.len()],
+            margins: vec![0f64; n],
+            count: vec![0u32; n],
+            p: vec![0f64; n],
+            data,
+        }
+    }
+
+    /// Sets every weight to `w` (in key order) and recomputes the margins.
+    fn set_weights(&mut self, w: Vec<f32>) {
+        self.margins = self.data.margins(&w);
+        self.weights = w;
+    }
+
+    /// Folds pulled weights of block `j` (in the block's key order) into
+    /// the margins.
+    fn fold(&mut self, j: usize, fresh: &[f32]) {
+        let block = self.bounds[j]..self.bounds[j + 1];
+        for (k, &new) in block.zip(fresh) {
+            let delta = (new - self.weights[k]) as f64;
+            if delta != 0.0 {
+                for e in self.cols.col_ptr[k]..self.cols.col_ptr[k + 1] {
+                    self.margins[self.cols.rows[e] as usize] += delta * self.cols.vals[e] as f64;
+                }
+                self.weights[k] = new;
+            }
+        }
+    }
+}
+
 /// Runs the worker's iterations on `data` and reports each on `progress`.
+/// Shards received on `adopt` (those of workers that died) are taken on
+/// from the next iteration: their weights are pulled, their margins
+/// computed, and their gradients summed with this worker's own into its one
+/// push per clock.
 pub async fn run_worker(
     w: &Worker,
     index: usize,
-    data: &Dataset,
+    data: Arc<Dataset>,
     cfg: &DbpgConfig,
     progress: &UnboundedSender<Progress>,
+    mut adopt: UnboundedReceiver<Arc<Dataset>>,
 ) -> Result<(), NodeError> {
-    let cols = data.columns();
-    let bounds = data.block_bounds(cfg.blocks);
-    let mut weights = vec![0f32; data.keys.len()];
-    let mut margins = vec![0f64; data.rows()];
-    let mut count = vec![0u32; data.rows()];
-    let mut p = vec![0f64; data.rows()];
+    let mut parts = vec![Part::new(data, cfg.blocks)];
     let total = (cfg.blocks * cfg.epochs) as u64;
     let block_of = |t: u64| ((t - 1) % cfg.blocks as u64) as usize;
 
     for t in 1..=total {
+        while let Ok(d) = adopt.try_recv() {
+            let mut part = Part::new(d, cfg.blocks);
+            // The weights as they stand (clock 0: no wait); later pulls
+            // fold in the changes like this worker's own shard's.
+            let now = w
+                .send(Request {
+                    table: cfg.table.clone(),
+                    op: Op::Pull,
+                    keys: Keys::List(part.data.keys.clone()),
+                    vals: Vec::new(),
+                    clock: Some(0),
+                    consistency: None,
+                })
+                .await?
+                .vals;
+            part.set_weights(now);
+            let _ = progress.send(Progress::Adopted {
+                worker: index,
+                rows: part.data.rows(),
+            });
+            parts.push(part);
+        }
         let busy = Instant::now();
         let j = block_of(t);
-        let block = bounds[j]..bounds[j + 1];
         let mut loss = 0.0;
-        for (r, m) in margins.iter().enumerate() {
-            p[r] = sigmoid(*m);
-            loss += logistic_loss(*m, data.labels[r] as f64);
-        }
-        let mut keys = Vec::with_capacity(block.len());
-        let mut vals = Vec::with_capacity(block.len() * 2);
+        let mut rows = 0;
         let mut filtered = 0;
-        let gh = block_gradient(data, &cols, &p, block.clone(), &mut count);
-        for (k, (g, h)) in block.zip(gh) {
+        // Per part: sorted keys of the block with (g, h); then merged by key.
+        let mut merged: Vec<(u64, f64, f64, bool)> = Vec::new();
+        for part in &mut parts {
+            rows += part.data.rows();
+            for (r, m) in part.margins.iter().enumerate() {
+                part.p[r] = sigmoid(*m);
+                loss += logistic_loss(*m, part.data.labels[r] as f64);
+            }
+            let block = part.bounds[j]..part.bounds[j + 1];
+            let gh = block_gradient(
+                &part.data,
+                &part.cols,
+                &part.p,
+                block.clone(),
+                &mut part.count,
+            );
+            for (k, (g, h)) in block.zip(gh) {
+                merged.push((part.data.keys[k], g, h, part.weights[k] == 0.0));
+            }
+        }
+        if parts.len() > 1 {
+            merged.sort_unstable_by_key(|e| e.0);
+            merged.dedup_by(|next, prev| {
+                let same = next.0 == prev.0;
+                if same {
+                    prev.1 += next.1;
+                    prev.2 += next.2;
+                    prev.3 &= next.3;
+                }
+                same
+            });
+        }
+        let mut keys = Vec::with_capacity(merged.len());
+        let mut vals = Vec::with_capacity(merged.len() * 2);
+        for (key, g, h, zero) in merged {
             if let Some(delta) = cfg.kkt {
-                if kkt_skip(weights[k], g, cfg.l1, delta, cfg.workers) {
+                let weight = if zero { 0.0 } else { 1.0 };
+                if kkt_skip(weight, g, cfg.l1, delta, cfg.workers) {
                     filtered += 1;
                     continue;
                 }
             }
-            keys.push(data.keys[k]);
+            keys.push(key);
             vals.push(g as f32);
             vals.push(h as f32);
         }
@@ -94,18 +193,7 @@ pub async fn run_worker(
         w.set_clock(t);
         let push = w.push(&cfg.table, keys, vals);
         if let Some(s) = t.checked_sub(cfg.tau).filter(|&s| s >= 1) {
-            pull_block(
-                w,
-                cfg,
-                data,
-                &bounds,
-                block_of(s),
-                t,
-                &mut weights,
-                &cols,
-                &mut margins,
-            )
-            .await?;
+            pull_block(w, cfg, &mut parts, block_of(s), t).await?;
         }
         push.await?;
         let wait = waited.elapsed();
@@ -113,7 +201,7 @@ pub async fn run_worker(
             worker: index,
             iteration: t,
             loss,
-            rows: data.rows(),
+            rows,
             pushed,
             filtered,
             busy,
@@ -125,42 +213,48 @@ pub async fn run_worker(
     Ok(())
 }
 
-/// Pulls block `j` at `clock` and adds the weight changes to the margins.
-#[allow(clippy::too_many_arguments)]
+/// Pulls block `j` at `clock` (the union of the parts' keys) and folds the
+/// weight changes into each part's margins.
 async fn pull_block(
     w: &Worker,
     cfg: &DbpgConfig,
-    data: &Dataset,
-    bounds: &[usize],
+    parts: &mut [Part],
     j: usize,
     clock: u64,
-    weights: &mut [f32],
-    cols: &Columns,
-    margins: &mut [f64],
 ) -> Result<(), NodeError> {
-    let block = bounds[j]..bounds[j + 1];
-    if block.is_empty() {
+    let mut keys: Vec<u64> = Vec::new();
+    for part in parts.iter() {
+        keys.extend_from_slice(&part.data.keys[part.bounds[j]..part.bounds[j + 1]]);
+    }
+    if parts.len() > 1 {
+        keys.sort_unstable();
+        keys.dedup();
+    }
+    if keys.is_empty() {
         return Ok(());
     }
     let fresh = w
         .send(Request {
             table: cfg.table.clone(),
             op: Op::Pull,
-            keys: Keys::List(data.keys[block.clone()].to_vec()),
+            keys: Keys::List(keys.clone()),
             vals: Vec::new(),
             clock: Some(clock),
             consistency: None,
         })
         .await?
         .vals;
-    for (k, new) in block.zip(fresh) {
-        let delta = (new - weights[k]) as f64;
-        if delta != 0.0 {
-            for e in cols.col_ptr[k]..cols.col_ptr[k + 1] {
-                margins[cols.rows[e] as usize] += delta * cols.vals[e] as f64;
-            }
-            weights[k] = new;
-        }
+    if let [only] = parts {
+        only.fold(j, &fresh);
+        return Ok(());
+    }
+    for part in parts.iter_mut() {
+        let block = &part.data.keys[part.bounds[j]..part.bounds[j + 1]];
+        let mine: Vec<f32> = block
+            .iter()
+            .map(|k| keys.binary_search(k).map_or(0.0, |i| fresh[i]))
+            .collect();
+        part.fold(j, &mine);
     }
     Ok(())
 }

@@ -35,6 +35,21 @@ pub enum Progress {
     },
     /// A worker finished an iteration.
     Iter(IterStats),
+    /// A worker stopped (it failed, or was killed on purpose); its shard
+    /// goes to another.
+    WorkerLost {
+        /// Which worker.
+        worker: usize,
+        /// Why.
+        why: String,
+    },
+    /// A worker took on the shard of one that was lost.
+    Adopted {
+        /// The worker that took it.
+        worker: usize,
+        /// Rows it took on.
+        rows: usize,
+    },
     /// Every worker finished an iteration: the training objective.
     Objective {
         /// Seconds since training began.

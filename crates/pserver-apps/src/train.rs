@@ -76,6 +76,10 @@ pub struct TrainConfig {
     /// Pack pushed values (lossless or fixed point) and have servers pack
     /// pulled values losslessly (the compression filter); `None`: raw.
     pub compression: Option<Packing>,
+    /// Fault injection: stop worker `.0` this long into training, as if its
+    /// machine died (its computation stops and it stops heartbeating), to
+    /// show that its shard is taken over and the run finishes.
+    pub fail_worker: Option<(usize, Duration)>,
 }
 
 /// Why a run failed.
@@ -307,9 +311,12 @@ pub async fn train(
     }
 
     let (itx, mut irx) = tokio::sync::mpsc::unbounded_channel();
+    let (done_tx, mut done_rx) = tokio::sync::mpsc::unbounded_channel();
     let started = Instant::now();
     let max_rows = shards.iter().map(|d| d.rows()).max().unwrap_or(0);
     let mut tasks = Vec::new();
+    // Where a lost worker's shard goes: each worker's adoption queue.
+    let mut adopt_tx = Vec::new();
     for (i, (w, data)) in workers
         .iter()
         .cloned()
@@ -319,32 +326,15 @@ pub async fn train(
         let tx = itx.clone();
         let table = table.clone();
         let cfg = cfg.clone();
+        let (atx, arx) = tokio::sync::mpsc::unbounded_channel();
+        adopt_tx.push(atx);
+        let done = done_tx.clone();
         tasks.push(tokio::spawn(async move {
-            w.barrier(&format!("{table}-start")).await?;
-            match cfg.algo {
-                Algo::Dbpg => {
-                    let c = DbpgConfig {
-                        table,
-                        blocks: cfg.blocks,
-                        epochs: cfg.epochs,
-                        tau: cfg.tau,
-                        l1: cfg.l1,
-                        kkt: cfg.kkt,
-                        workers: cfg.workers,
-                    };
-                    dbpg::run_worker(&w, i, &data, &c, &tx).await
-                }
-                Algo::Ftrl => {
-                    let c = FtrlConfig {
-                        table,
-                        epochs: cfg.epochs,
-                        batches: max_rows.div_ceil(cfg.batch),
-                    };
-                    ftrl::run_worker(&w, i, &data, &c, &tx).await
-                }
-            }
+            let r = run_one(w, i, data, table, cfg, max_rows, tx, arx).await;
+            let _ = done.send((i, r));
         }));
     }
+    drop(done_tx);
 
     drop(itx);
 
@@ -358,6 +348,38 @@ pub async fn train(
     let mut filtered = 0u64;
     let mut tick = tokio::time::interval(cfg.eval_every.unwrap_or(Duration::from_secs(3600)));
     tick.tick().await;
+    let mut alive = vec![true; cfg.workers];
+    let mut rows_of: Vec<usize> = shards.iter().map(|d| d.rows()).collect();
+    let mut fail = cfg
+        .fail_worker
+        .filter(|(i, _)| *i < cfg.workers)
+        .map(|(i, after)| (i, tokio::time::Instant::now() + after));
+    // A worker that fails (or is made to) is shut down, so the manager
+    // declares it dead and clocks stop waiting for it, and its shard goes
+    // to the live worker with the fewest rows.
+    let lose = |i: usize,
+                why: String,
+                alive: &mut Vec<bool>,
+                rows_of: &mut Vec<usize>|
+     -> Result<(), TrainError> {
+        if !std::mem::replace(&mut alive[i], false) {
+            return Ok(());
+        }
+        workers[i].shutdown();
+        let _ = progress.send(Progress::WorkerLost {
+            worker: i,
+            why: why.clone(),
+        });
+        let Some(to) = (0..alive.len())
+            .filter(|&j| alive[j])
+            .min_by_key(|&j| rows_of[j])
+        else {
+            return Err(TrainError::Worker(i, format!("{why}; no worker is left")));
+        };
+        rows_of[to] += rows_of[i];
+        let _ = adopt_tx[to].send(shards[i].clone());
+        Ok(())
+    };
     loop {
         tokio::select! {
             ev = irx.recv() => match ev {
@@ -370,18 +392,26 @@ pub async fn train(
                     e.0 += st.loss;
                     e.1 += st.rows;
                     e.2 += 1;
-                    if e.2 == cfg.workers {
-                        let (loss, rows, _) = *e;
-                        partial.remove(&st.iteration);
-                        let seconds = started.elapsed().as_secs_f64();
-                        let objective = loss / rows.max(1) as f64;
-                        curve.push((seconds, st.iteration, objective));
-                        let _ = progress.send(Progress::Objective { seconds, iteration: st.iteration, objective });
-                    }
                     let _ = progress.send(Progress::Iter(st));
                 }
                 Some(other) => { let _ = progress.send(other); }
             },
+            Some((i, r)) = done_rx.recv() => {
+                if let Err(e) = r {
+                    lose(i, e.to_string(), &mut alive, &mut rows_of)?;
+                }
+            }
+            _ = async {
+                match fail {
+                    Some((_, at)) => tokio::time::sleep_until(at).await,
+                    None => std::future::pending().await,
+                }
+            } => {
+                if let Some((i, _)) = fail.take() {
+                    tasks[i].abort();
+                    lose(i, "stopped by --fail-worker-after-ms (fault injection)".into(), &mut alive, &mut rows_of)?;
+                }
+            }
             _ = tick.tick(), if cfg.eval_every.is_some() => {
                 let m = score(&observer, &table, &test).await?;
                 let seconds = started.elapsed().as_secs_f64();
@@ -389,10 +419,34 @@ pub async fn train(
                 test_curve.push((seconds, m.auc, m.logloss));
             }
         }
+        // Iterations every live worker has reported: the objective. A lost
+        // worker's last iterations complete with the others' reports.
+        let live = alive.iter().filter(|a| **a).count().max(1);
+        let complete: Vec<u64> = partial
+            .iter()
+            .take_while(|(_, e)| e.2 >= live)
+            .map(|(t, _)| *t)
+            .collect();
+        for t in complete {
+            if let Some((loss, rows, _)) = partial.remove(&t) {
+                let seconds = started.elapsed().as_secs_f64();
+                let objective = loss / rows.max(1) as f64;
+                curve.push((seconds, t, objective));
+                let _ = progress.send(Progress::Objective {
+                    seconds,
+                    iteration: t,
+                    objective,
+                });
+            }
+        }
     }
     for (i, t) in tasks.into_iter().enumerate() {
-        t.await
-            .map_err(|e| TrainError::Worker(i, e.to_string()))??;
+        match t.await {
+            Ok(()) => {}
+            // Stopped on purpose; its shard was handed on.
+            Err(e) if e.is_cancelled() && !alive[i] => {}
+            Err(e) => return Err(TrainError::Worker(i, e.to_string())),
+        }
     }
     let train_seconds = started.elapsed().as_secs_f64();
 
@@ -434,6 +488,46 @@ pub async fn train(
         test_curve,
         table,
     })
+}
+
+/// One worker's whole run: the start barrier, then its algorithm on its
+/// shard (DBPG also takes on shards sent on `adopt`).
+#[allow(clippy::too_many_arguments)]
+async fn run_one(
+    w: Worker,
+    i: usize,
+    data: Arc<Dataset>,
+    table: String,
+    cfg: TrainConfig,
+    max_rows: usize,
+    tx: UnboundedSender<Progress>,
+    adopt: tokio::sync::mpsc::UnboundedReceiver<Arc<Dataset>>,
+) -> Result<(), NodeError> {
+    w.barrier(&format!("{table}-start")).await?;
+    match cfg.algo {
+        Algo::Dbpg => {
+            let c = DbpgConfig {
+                table,
+                blocks: cfg.blocks,
+                epochs: cfg.epochs,
+                tau: cfg.tau,
+                l1: cfg.l1,
+                kkt: cfg.kkt,
+                workers: cfg.workers,
+            };
+            dbpg::run_worker(&w, i, data, &c, &tx, adopt).await
+        }
+        // FTRL's workers are asynchronous and independent: a lost worker's
+        // shard is not taken over, the others carry on without it.
+        Algo::Ftrl => {
+            let c = FtrlConfig {
+                table,
+                epochs: cfg.epochs,
+                batches: max_rows.div_ceil(cfg.batch),
+            };
+            ftrl::run_worker(&w, i, &data, &c, &tx).await
+        }
+    }
 }
 
 /// Pulls the weights of the test set's keys and scores it.

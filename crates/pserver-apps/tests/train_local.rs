@@ -60,6 +60,7 @@ fn config(algo: Algo, train_path: &Path, test_path: &Path) -> TrainConfig {
         eval_every: Some(Duration::from_millis(50)),
         key_caching: true,
         compression: None,
+        fail_worker: None,
     }
 }
 
@@ -197,6 +198,63 @@ async fn training_goes_on_when_a_replicated_server_dies() {
         assert!(
             (calm - moved).abs() <= 0.0015,
             "AUC {moved} with a server joining and one drained, {calm} without"
+        );
+    })
+    .await
+    .unwrap();
+}
+
+/// DBPG with three workers; `fail` stops the last one a moment in.
+/// Returns the test AUC and whether its shard was taken over.
+async fn three_workers(fail: bool) -> (f64, bool) {
+    let dir = tempfile::tempdir().unwrap();
+    let (tr, te) = (dir.path().join("train.svm"), dir.path().join("test.svm"));
+    write_data(&tr, 3000, 1, false);
+    write_data(&te, 1000, 2, false);
+    let mut lc = LocalConfig::default();
+    lc.manager.membership.lease_ms = 400;
+    let cluster = LocalCluster::start(lc).await.unwrap();
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+    let events = tokio::spawn(async move {
+        let (mut lost, mut adopted) = (false, false);
+        while let Some(ev) = rx.recv().await {
+            match ev {
+                pserver_apps::progress::Progress::WorkerLost { worker, .. } => lost = worker == 2,
+                pserver_apps::progress::Progress::Adopted { rows, .. } => adopted = rows > 0,
+                _ => {}
+            }
+        }
+        lost && adopted
+    });
+    let mut cfg = config(Algo::Dbpg, &tr, &te);
+    cfg.workers = 3;
+    cfg.epochs = 60;
+    cfg.eval_every = None;
+    if fail {
+        cfg.fail_worker = Some((2, Duration::from_millis(25)));
+    }
+    let r = train(&cluster.manager_addr().to_string(), &cfg, tx)
+        .await
+        .unwrap();
+    let took_over = events.await.unwrap();
+    eprintln!(
+        "fail {fail}: AUC {} after {:.2} s",
+        r.test.auc, r.train_seconds
+    );
+    (r.test.auc, took_over)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lost_workers_shard_is_taken_over_and_quality_holds() {
+    tokio::time::timeout(Duration::from_secs(120), async {
+        let (calm, none) = three_workers(false).await;
+        assert!(!none);
+        let (hit, took_over) = three_workers(true).await;
+        assert!(took_over, "no worker took over the lost shard");
+        assert!(calm > 0.95, "undisturbed AUC {calm}");
+        assert!(
+            (calm - hit).abs() <= 0.005,
+            "AUC {hit} after a worker died, {calm} without"
         );
     })
     .await

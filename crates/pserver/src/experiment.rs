@@ -123,6 +123,7 @@ fn flights(workers: usize, epochs: usize, key_caching: bool) -> Result<TrainConf
         eval_every: None,
         key_caching,
         compression: None,
+        fail_worker: None,
     })
 }
 

@@ -115,6 +115,11 @@ pub struct TrainArgs {
     /// rounding); servers then pack pulled values losslessly.
     #[arg(long, value_enum, default_value = "none")]
     compress: crate::parse::Compress,
+    /// Fault injection: stop the last worker this many ms into training,
+    /// as if its machine died; its shard goes to another worker and the
+    /// run carries on (DBPG).
+    #[arg(long)]
+    fail_worker_after_ms: Option<u64>,
     /// Score the test set every this many milliseconds while training (0: only at the end).
     #[arg(long, default_value_t = 200)]
     eval_every_ms: u64,
@@ -200,6 +205,9 @@ pub async fn run(args: TrainArgs) -> Result<()> {
         eval_every: (args.eval_every_ms > 0).then(|| Duration::from_millis(args.eval_every_ms)),
         key_caching: !args.no_key_caching,
         compression: args.compress.packing(),
+        fail_worker: args
+            .fail_worker_after_ms
+            .map(|ms| (args.workers.saturating_sub(1), Duration::from_millis(ms))),
     };
     cfg.validate()?;
     if args.servers == 0 {
@@ -355,6 +363,12 @@ async fn show_progress(
                 }
             }
             Progress::Iter(_) => {}
+            Progress::WorkerLost { worker, why } => {
+                bar.suspend(|| println!("  worker {worker} lost: {why}"));
+            }
+            Progress::Adopted { worker, rows } => {
+                bar.suspend(|| println!("  worker {worker} took over its {rows} rows"));
+            }
         }
     }
     bar.finish_and_clear();
