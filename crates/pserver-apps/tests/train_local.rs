@@ -260,3 +260,34 @@ async fn a_lost_workers_shard_is_taken_over_and_quality_holds() {
     .await
     .unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sequential_dbpg_matches_delayed_dbpg() {
+    // tau 0 is exact block coordinate descent: every pull must see the
+    // whole sum of the clock it waits for. A pull answered before its
+    // range's sum was applied once made it learn nothing (AUC 0.5).
+    tokio::time::timeout(Duration::from_secs(120), async {
+        let dir = tempfile::tempdir().unwrap();
+        let (tr, te) = (dir.path().join("train.svm"), dir.path().join("test.svm"));
+        write_data(&tr, 3000, 1, false);
+        write_data(&te, 1000, 2, false);
+        let cluster = LocalCluster::start(LocalConfig::default()).await.unwrap();
+        let mut aucs = Vec::new();
+        for tau in [0, 1] {
+            let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+            let drain = tokio::spawn(async move { while rx.recv().await.is_some() {} });
+            let mut cfg = config(Algo::Dbpg, &tr, &te);
+            cfg.tau = tau;
+            cfg.eval_every = None;
+            let r = train(&cluster.manager_addr().to_string(), &cfg, tx)
+                .await
+                .unwrap();
+            drain.await.unwrap();
+            aucs.push(r.test.auc);
+        }
+        assert!(aucs[0] > 0.95, "tau 0: AUC {}", aucs[0]);
+        assert!((aucs[0] - aucs[1]).abs() < 0.01, "{aucs:?}");
+    })
+    .await
+    .unwrap();
+}

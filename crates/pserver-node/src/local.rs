@@ -16,6 +16,8 @@ pub struct LocalConfig {
     pub manager: ManagerConfig,
     /// User updaters every server can build.
     pub registry: Registry,
+    /// See [`ServerConfig::replicate_after_aggregation`].
+    pub replicate_after_aggregation: bool,
 }
 
 impl Default for LocalConfig {
@@ -27,6 +29,7 @@ impl Default for LocalConfig {
                 ..ManagerConfig::default()
             },
             registry: Registry::new(),
+            replicate_after_aggregation: true,
         }
     }
 }
@@ -53,6 +56,7 @@ impl LocalCluster {
             let mut sc = ServerConfig::new(manager.addr().to_string());
             sc.limits = cfg.manager.limits;
             sc.registry = cfg.registry.clone();
+            sc.replicate_after_aggregation = cfg.replicate_after_aggregation;
             servers.push(start_server(sc).await?);
         }
         Ok(LocalCluster { manager, servers })
@@ -61,6 +65,14 @@ impl LocalCluster {
     /// The manager's address.
     pub fn manager_addr(&self) -> SocketAddr {
         self.manager.addr()
+    }
+
+    /// Bytes every server has sent down replica chains.
+    pub fn replicated_bytes(&self) -> u64 {
+        self.servers
+            .iter()
+            .map(ServerHandle::replicated_bytes)
+            .sum()
     }
 
     /// Stops every node.

@@ -47,6 +47,11 @@ pub struct ServerConfig {
     /// are evicted first. 0 turns key caching off: no list is kept, and
     /// replies never say one was, so workers keep sending keys in full.
     pub key_cache_keys: usize,
+    /// For aggregating tables with replicas: hold each worker's push
+    /// acknowledgement until its clock's sum is applied, and replicate the
+    /// result once per clock (replication after aggregation) instead of
+    /// forwarding every worker's push down the chain. On by default.
+    pub replicate_after_aggregation: bool,
 }
 
 /// Default of [`ServerConfig::key_cache_keys`]: 16 Mi keys, 128 MiB of keys.
@@ -61,6 +66,7 @@ impl ServerConfig {
             limits: Limits::default(),
             registry: Registry::new(),
             key_cache_keys: DEFAULT_KEY_CACHE_KEYS,
+            replicate_after_aggregation: true,
         }
     }
 }
@@ -71,9 +77,16 @@ pub struct ServerHandle {
     id: NodeId,
     addr: SocketAddr,
     cancel: CancellationToken,
+    replicated: Arc<std::sync::atomic::AtomicU64>,
 }
 
 impl ServerHandle {
+    /// Bytes this server has sent down replica chains (changes, copies,
+    /// markers): what replication costs it.
+    pub fn replicated_bytes(&self) -> u64 {
+        self.replicated.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
     /// Its node id.
     pub fn id(&self) -> NodeId {
         self.id
@@ -121,12 +134,24 @@ struct Aggregate {
     /// `width` floats per key, in `keys` order.
     sums: Vec<f32>,
     width: usize,
+    /// Acknowledgements held until the sum is applied and replicated.
+    acks: Vec<(Outbox, Frame, Frame)>,
+}
+
+/// A sum that was just applied, to be replicated and its acks released.
+struct Applied {
+    table: u32,
+    clock: u64,
+    keys: Vec<u64>,
+    ranges: Vec<KeyRange>,
+    acks: Vec<(Outbox, Frame, Frame)>,
 }
 
 impl Aggregate {
     fn new(range: KeyRange, width: usize) -> Aggregate {
         Aggregate {
             ranges: vec![range],
+            acks: Vec::new(),
             index: FxHashMap::default(),
             keys: Vec::new(),
             sums: Vec::new(),
@@ -176,7 +201,7 @@ impl Aggregate {
     }
 
     /// Keys sorted, with their sums.
-    fn into_sorted(self) -> (Vec<u64>, Vec<f32>) {
+    fn sorted(&self) -> (Vec<u64>, Vec<f32>) {
         let w = self.width;
         let mut order: Vec<usize> = (0..self.keys.len()).collect();
         order.sort_unstable_by_key(|&i| self.keys[i]);
@@ -231,6 +256,12 @@ struct State {
     fence_waits: Vec<(KeyRange, NodeId, std::time::Instant)>,
     /// Fences that arrived before the map that needs them: (range, from).
     fences_seen: Vec<(KeyRange, NodeId)>,
+    /// Sums just applied, to replicate and release (`release_applied`).
+    applied: Vec<Applied>,
+    /// See [`ServerConfig::replicate_after_aggregation`].
+    after_aggregation: bool,
+    /// Bytes of every frame queued to the next servers of chains.
+    replicated: Arc<std::sync::atomic::AtomicU64>,
 }
 
 /// Longest a new primary holds a range back waiting for its old primary's
@@ -248,6 +279,7 @@ pub async fn start_server(cfg: ServerConfig) -> Result<ServerHandle, NodeError> 
     let (listener, addr) = bind(&cfg.listen).await?;
     let (manager, mut notices) = Peer::connect(&cfg.manager, cfg.limits).await?;
     let (id, map) = register(&manager, Role::Server, &addr.to_string()).await?;
+    let replicated = Arc::new(std::sync::atomic::AtomicU64::new(0));
     let state = Arc::new(Mutex::new(State {
         id,
         map: Arc::new(ClusterMap::empty(0, 1)),
@@ -261,10 +293,14 @@ pub async fn start_server(cfg: ServerConfig) -> Result<ServerHandle, NodeError> 
         sync_waits: Vec::new(),
         fence_waits: Vec::new(),
         fences_seen: Vec::new(),
+        applied: Vec::new(),
+        after_aggregation: cfg.replicate_after_aggregation,
+        replicated: replicated.clone(),
     }));
     let heartbeat = map.heartbeat_interval();
     let out = lock(&state).apply_map(map);
     send_all(out).await;
+    spawn_released(&state);
     report_synced(&state, &manager);
     let cancel = CancellationToken::new();
 
@@ -293,6 +329,7 @@ pub async fn start_server(cfg: ServerConfig) -> Result<ServerHandle, NodeError> 
                                 tracing::info!(node = id, "no longer in the map");
                                 break;
                             }
+                            spawn_released(&st);
                             report_synced(&st, &manager);
                         }
                         Ok(Control::Error { message, .. }) => {
@@ -313,7 +350,12 @@ pub async fn start_server(cfg: ServerConfig) -> Result<ServerHandle, NodeError> 
         serve(stream, peer, state.clone(), limits)
     });
     tracing::info!(node = id, %addr, "server listening");
-    Ok(ServerHandle { id, addr, cancel })
+    Ok(ServerHandle {
+        id,
+        addr,
+        cancel,
+        replicated,
+    })
 }
 
 /// Sends replies, packing the values of those whose request asked for it
@@ -327,6 +369,13 @@ async fn send_all(out: Outgoing) {
         }
         let _ = to.send(frame).await;
     }
+}
+
+/// Sends the replies a map change released (acknowledgements held for
+/// sums that a worker's death completed).
+fn spawn_released(state: &Arc<Mutex<State>>) {
+    let deferred = std::mem::take(&mut lock(state).deferred);
+    spawn_deferred(deferred);
 }
 
 /// Tells the manager, once the copies queued by the latest map change have
@@ -488,9 +537,12 @@ impl State {
         self.prune_pending();
         // Fewer live workers may complete waiting aggregates.
         let workers = self.map.live_workers();
+        let gate = self.gate();
         for t in self.tables.values_mut() {
-            flush(t, &workers);
+            let done = flush(t, &workers, gate.as_deref());
+            self.applied.extend(done);
         }
+        self.release_applied();
         self.recheck(None)
     }
 
@@ -637,8 +689,21 @@ impl State {
             .filter(|p| p.primary == me || p.replicas.contains(&me))
             .map(|p| p.range)
             .collect();
+        let map = self.map.clone();
+        let primary_of_all = |r: &KeyRange| {
+            map.partitions_overlapping(*r)
+                .all(|i| map.partitions[i].primary == me)
+        };
+        let mut orphans = Vec::new();
         for t in self.tables.values_mut() {
             t.pending.retain(|_, agg| {
+                if !agg.acks.is_empty() && !agg.ranges.iter().all(primary_of_all) {
+                    // Held acks of a sum this server no longer applies as
+                    // primary: the workers resend, as retries, to the
+                    // range's primary, which has their pushes from its copy.
+                    orphans.append(&mut agg.acks);
+                }
+                let before = agg.ranges.clone();
                 agg.ranges = agg
                     .ranges
                     .iter()
@@ -646,10 +711,21 @@ impl State {
                     .collect();
                 agg.ranges.sort_unstable_by_key(|r| (r.begin, r.end));
                 agg.ranges.dedup();
+                if agg.ranges != before {
+                    orphans.append(&mut agg.acks);
+                }
                 for gap in gaps(&held) {
                     agg.drop_keys_in(gap);
                 }
                 !agg.ranges.is_empty()
+            });
+        }
+        for (to, _, stale) in orphans {
+            self.deferred.push(Deferred {
+                after: Vec::new(),
+                to,
+                frame: stale.clone(),
+                stale,
             });
         }
     }
@@ -857,6 +933,7 @@ impl State {
                 error_reply(&h, self.id, self.map.epoch, code, msg),
             )],
         };
+        self.release_applied();
         if matches!(h.kind, Kind::Push | Kind::PushPull) && !self.waiting.is_empty() {
             outgoing.extend(self.recheck(Some(h.table)));
         }
@@ -966,10 +1043,19 @@ impl State {
         }
         let mut ack = None;
         let mut after = Vec::new();
+        // Replication after aggregation: a worker's push into an aggregating
+        // table with replicas is acknowledged once its clock's sum is
+        // applied and replicated, which is one message per clock.
+        let aggregated = self.aggregates(&h);
+        let hold = aggregated
+            && h.kind == Kind::Push
+            && self.after_aggregation
+            && self.has_replicas(h.range);
         if matches!(h.kind, Kind::Push | Kind::PushPull) {
-            let aggregated = self.aggregates(&h);
             ack = Some(self.push(&frame)?);
-            after.extend(self.replicate_push(&frame, aggregated));
+            if !hold {
+                after.extend(self.replicate_push(&frame, aggregated));
+            }
         }
         if h.kind == Kind::Push {
             let (applied, duplicate) = ack.unwrap_or((0, 0));
@@ -980,6 +1066,10 @@ impl State {
                 &Control::PushAck { applied, duplicate },
             );
             reply.header.flags = h.flags & FLAG_CACHE_KEYS;
+            if hold {
+                let stale = self.stale_reply(&h);
+                return Ok(self.hold_ack(&h, out, reply, stale));
+            }
             if after.is_empty() {
                 return Ok(Some(reply));
             }
@@ -1052,6 +1142,119 @@ impl State {
                 self.id, h.range
             ),
         )
+    }
+
+    /// Which ranges decide when a sum is complete here: with replication
+    /// after aggregation, only those this server is primary of (`Some`):
+    /// the rest are copies a primary's `Flushed` will settle, and waiting
+    /// on them could wait on a primary that waits on this server. Without
+    /// it (`None`), every range: replicas sum forwarded pushes themselves.
+    fn gate(&self) -> Option<Vec<KeyRange>> {
+        self.after_aggregation
+            .then(|| self.map.primary_ranges(self.id))
+    }
+
+    /// True when the partition holding `range` has replicas in this map.
+    fn has_replicas(&self, range: KeyRange) -> bool {
+        self.map
+            .partition_of(range.begin)
+            .is_some_and(|i| !self.map.partitions[i].replicas.is_empty())
+    }
+
+    /// Keeps a push's acknowledgement with its clock's sum, to go out once
+    /// the sum is applied and replicated; returns it to send now when the
+    /// clock has nothing pending (a retry of a push applied long ago).
+    fn hold_ack(&mut self, h: &Header, out: &Outbox, reply: Frame, stale: Frame) -> Option<Frame> {
+        let held = (out.clone(), reply, stale);
+        if let Some(agg) = self
+            .tables
+            .get_mut(&h.table)
+            .and_then(|t| t.pending.get_mut(&h.clock))
+        {
+            agg.acks.push(held);
+            return None;
+        }
+        if let Some(a) = self
+            .applied
+            .iter_mut()
+            .find(|a| a.table == h.table && a.clock == h.clock)
+        {
+            a.acks.push(held);
+            return None;
+        }
+        Some(held.1)
+    }
+
+    /// Replicates the sums just applied where this server is the primary
+    /// and the range has replicas (with the range's clock records, so a
+    /// promoted replica knows every clock is complete), and releases their
+    /// held acknowledgements once the chains have the result.
+    fn release_applied(&mut self) {
+        let me = self.id;
+        for a in std::mem::take(&mut self.applied) {
+            let mut after = Vec::new();
+            if self.after_aggregation {
+                let Some(table) = self.tables.get(&a.table) else {
+                    continue;
+                };
+                let Ok(store) = &table.store else {
+                    continue;
+                };
+                let spec = store.spec().clone();
+                let mut frames = Vec::new();
+                for p in self.map.partitions.iter().filter(|p| {
+                    p.primary == me
+                        && !p.replicas.is_empty()
+                        && a.ranges.iter().any(|r| r.intersect(&p.range).is_some())
+                }) {
+                    let mut f = Frame::new(Header {
+                        table: a.table,
+                        sender: me,
+                        epoch: self.map.epoch,
+                        clock: a.clock,
+                        range: p.range,
+                        ..Header::new(Kind::Control)
+                    });
+                    f.keys = a
+                        .keys
+                        .iter()
+                        .copied()
+                        .filter(|k| p.range.contains(*k))
+                        .collect();
+                    f.vals = store.slots_of(&f.keys);
+                    // Capped at this clock: a later push already recorded
+                    // here is in a later sum, which the replica must not
+                    // count as applied yet.
+                    let records = table
+                        .clock
+                        .records_in(p.range)
+                        .into_iter()
+                        .map(|(n, r, c)| (n, r, c.min(a.clock)))
+                        .collect();
+                    f.ctrl = Control::Replicate {
+                        spec: spec.clone(),
+                        what: Replica::Flushed { clock: a.clock },
+                        records,
+                        chain: p.replicas[1..].to_vec(),
+                    }
+                    .to_bytes()
+                    .into();
+                    frames.push((p.replicas[0], f));
+                }
+                for (to, f) in frames {
+                    after.extend(self.forward(to, f));
+                }
+            }
+            let waits = fan_out(after, a.acks.len());
+            for ((to, frame, stale), rx) in a.acks.into_iter().zip(waits) {
+                self.deferred.push(Deferred {
+                    after: vec![rx],
+                    to,
+                    frame,
+                    stale,
+                });
+            }
+        }
     }
 
     /// True when a push with header `h` goes into an aggregate rather than
@@ -1129,6 +1332,10 @@ impl State {
             let fwd = Forwarder::start(self.id, to, node.addr.clone(), self.limits);
             self.forwarders.insert(to, fwd);
         }
+        self.replicated.fetch_add(
+            frame.encoded_len() as u64 + 4,
+            std::sync::atomic::Ordering::Relaxed,
+        );
         self.forwarders.get(&to).map(|f| f.send(frame))
     }
 
@@ -1193,7 +1400,22 @@ impl State {
             .as_mut()
             .map_err(|e| (ErrorCode::Invalid, e.clone()))?;
         match what {
-            Replica::Slots | Replica::Copy { .. } => {
+            Replica::Slots | Replica::Copy { .. } | Replica::Flushed { .. } => {
+                if let Replica::Flushed { clock } = what {
+                    // The applied sum includes whatever part of it came here
+                    // raw: drop that part, over this frame's range.
+                    if let Some(agg) = table.pending.get_mut(&clock) {
+                        agg.drop_keys_in(h.range);
+                        agg.ranges = agg
+                            .ranges
+                            .iter()
+                            .flat_map(|r| subtract(*r, h.range))
+                            .collect();
+                        if agg.ranges.is_empty() && agg.keys.is_empty() {
+                            table.pending.remove(&clock);
+                        }
+                    }
+                }
                 if let Replica::Copy { reset: true } = what {
                     for agg in table.pending.values_mut() {
                         agg.drop_keys_in(h.range);
@@ -1275,8 +1497,10 @@ impl State {
         // Replayed clock records may complete sums waiting here: apply them
         // now, as a push completing them would, before anyone reads.
         let workers = self.map.live_workers();
+        let gate = self.gate();
         if let Some(t) = self.tables.get_mut(&h.table) {
-            flush(t, &workers);
+            let done = flush(t, &workers, gate.as_deref());
+            self.applied.extend(done);
         }
         let ok = control_reply(&h, self.id, self.map.epoch, &Control::Ok);
         let Some((&next, rest)) = chain.split_first() else {
@@ -1348,6 +1572,7 @@ impl State {
                 "a push needs a clock of 1 or more".into(),
             ));
         }
+        let gate = self.gate();
         let workers = self.map.live_workers();
         let table = self.tables.get_mut(&h.table).ok_or((
             ErrorCode::UnknownTable,
@@ -1423,7 +1648,8 @@ impl State {
         };
         table.clock.record(h.sender, h.range, h.clock);
         if aggregate {
-            flush(table, &workers);
+            let done = flush(table, &workers, gate.as_deref());
+            self.applied.extend(done);
         }
         Ok((applied as u64, total - applied as u64))
     }
@@ -1473,7 +1699,15 @@ impl State {
             return true;
         };
         let workers = self.map.live_workers();
+        // Every live worker has pushed far enough, and the sums of those
+        // clocks over this range are applied: a clock's sum covers every
+        // range pushed at it on this server and is applied as a whole, so a
+        // range can be complete before its sum is.
         table.clock.min_clock(h.range, &workers) >= need
+            && !table
+                .pending
+                .range(..=need)
+                .any(|(_, agg)| agg.ranges.iter().any(|r| r.intersect(&h.range).is_some()))
     }
 
     fn answer_pull(&self, frame: &Frame) -> Frame {
@@ -1556,27 +1790,70 @@ impl State {
 
 /// Applies, in clock order, the aggregates that every live worker has now
 /// pushed over their whole range.
-fn flush(table: &mut TableState, workers: &[NodeId]) {
+fn flush(table: &mut TableState, workers: &[NodeId], gate: Option<&[KeyRange]>) -> Vec<Applied> {
+    let mut applied = Vec::new();
     let (clock, bufs, Ok(store)) = (&table.clock, &mut table.pending, table.store.as_mut()) else {
-        return;
+        return applied;
     };
-    while let Some(entry) = bufs.first_entry() {
-        let at = *entry.key();
-        if entry
-            .get()
-            .ranges
-            .iter()
-            .any(|r| clock.min_clock(*r, workers) < at)
-        {
+    let clocks: Vec<u64> = bufs.keys().copied().collect();
+    for at in clocks {
+        let Some(agg) = bufs.get(&at) else { continue };
+        // The parts that decide: all ranges, or those this server is
+        // primary of. A sum with no deciding part waits for its primary.
+        let deciding: Vec<KeyRange> = match gate {
+            None => agg.ranges.clone(),
+            Some(mine) => agg
+                .ranges
+                .iter()
+                .flat_map(|r| mine.iter().filter_map(|m| m.intersect(r)))
+                .collect(),
+        };
+        if deciding.is_empty() {
+            continue;
+        }
+        if deciding.iter().any(|r| clock.min_clock(*r, workers) < at) {
+            // Sums are applied in clock order.
             break;
         }
-        let (keys, sums) = entry.remove().into_sorted();
+        let Some(agg) = bufs.remove(&at) else {
+            continue;
+        };
+        let (keys, sums) = agg.sorted();
         // Every part was validated when it arrived; sums of finite values
         // can still overflow to infinity, which the store refuses whole.
         if let Err(e) = store.push(&keys, &sums, |_| true) {
             tracing::error!(error = %e, "aggregated push refused");
         }
+        applied.push(Applied {
+            table: store.spec().id,
+            clock: at,
+            keys,
+            ranges: agg.ranges,
+            acks: agg.acks,
+        });
     }
+    applied
+}
+
+/// A receiver per waiter for one set of replication receivers: each gets
+/// `Stale` if any was refused as stale, and fails if any failed.
+fn fan_out(after: Vec<oneshot::Receiver<Delivery>>, n: usize) -> Vec<oneshot::Receiver<Delivery>> {
+    let (txs, rxs): (Vec<_>, Vec<_>) = (0..n).map(|_| oneshot::channel()).unzip();
+    tokio::spawn(async move {
+        let mut result = Delivery::Stored;
+        for r in after {
+            match r.await {
+                Ok(Delivery::Stored) => {}
+                Ok(Delivery::Stale) => result = Delivery::Stale,
+                // Dropping the senders fails every waiter.
+                Err(_) => return,
+            }
+        }
+        for tx in txs {
+            let _ = tx.send(result);
+        }
+    });
+    rxs
 }
 
 /// The parts of `r` outside `cut` (zero, one or two ranges).

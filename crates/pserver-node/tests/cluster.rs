@@ -34,6 +34,7 @@ async fn cluster(servers: usize, lease_ms: u64) -> LocalCluster {
             ..ManagerConfig::default()
         },
         registry: Default::default(),
+        replicate_after_aggregation: true,
     })
     .await
     .unwrap()
@@ -618,9 +619,10 @@ async fn aggregating_tables_apply_the_sum_of_every_workers_push_once() {
         for t in 1..=3u64 {
             a.set_clock(t);
             b.set_clock(t);
-            a.push("g", keys.clone(), vec![t as f32; keys.len()])
-                .await
-                .unwrap();
+            // With a replica, a push is acknowledged once its clock's sum
+            // is applied and replicated: a's waits for b's.
+            let first = a.push("g", keys.clone(), vec![t as f32; keys.len()]);
+            tokio::time::sleep(Duration::from_millis(50)).await;
             // Only one worker has pushed clock t: nothing applied yet.
             let before = cl.pull("g", keys.clone()).await.unwrap();
             let prev = if t == 1 {
@@ -632,6 +634,7 @@ async fn aggregating_tables_apply_the_sum_of_every_workers_push_once() {
             b.push("g", keys.clone(), vec![10.0 * t as f32; keys.len()])
                 .await
                 .unwrap();
+            first.await.unwrap();
             let after = cl.pull("g", keys.clone()).await.unwrap();
             assert_eq!(after, vec![11.0 * t as f32; keys.len()], "clock {t}");
         }
@@ -1183,6 +1186,7 @@ async fn cluster_k(servers: usize, replicas: usize) -> LocalCluster {
             ..ManagerConfig::default()
         },
         registry: Default::default(),
+        replicate_after_aggregation: true,
     })
     .await
     .unwrap()

@@ -154,6 +154,16 @@ pub enum Replica {
         /// First part of the copy of this range.
         reset: bool,
     },
+    /// The result of applying the sum of `clock`'s pushes to an
+    /// aggregating table (replication *after* aggregation: one message per
+    /// clock instead of one per worker): whole slots to store, the clock
+    /// records of every worker whose push is in the sum, and the receiver
+    /// drops its own unapplied sum for that clock (any part it got raw is
+    /// in these slots).
+    Flushed {
+        /// The clock whose sum was applied.
+        clock: u64,
+    },
     /// A worker's push to an aggregating table, to be summed like the
     /// primary sums it (the sum is applied when the clock completes); the
     /// frame's clock and the record say whose and when.

@@ -401,6 +401,12 @@ fn every_control() -> Vec<Control> {
             records: Vec::new(),
             chain: Vec::new(),
         },
+        Control::Replicate {
+            spec: table(),
+            what: Replica::Flushed { clock: 9 },
+            records: vec![(4, KeyRange::new(0, 20).unwrap(), 9)],
+            chain: vec![7],
+        },
         Control::Synced { epoch: 41 },
         Control::Drain { node: 6 },
         Control::Fence {

@@ -230,6 +230,7 @@ async fn run(cli: Cli) -> Result<()> {
                 servers,
                 manager: opts.config(&listen)?,
                 registry: Default::default(),
+                replicate_after_aggregation: true,
             })
             .await
             .context("starting the local cluster")?;

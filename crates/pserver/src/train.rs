@@ -93,6 +93,11 @@ pub struct TrainArgs {
     /// must be below --servers).
     #[arg(long, default_value_t = 0)]
     replicas: usize,
+    /// With --replicas: forward every worker's push down the chain instead
+    /// of replicating each clock's applied sum once (replication after
+    /// aggregation, the default).
+    #[arg(long)]
+    replicate_every_push: bool,
     /// Workers.
     #[arg(long, default_value_t = 2)]
     workers: usize,
@@ -221,7 +226,8 @@ pub async fn run(args: TrainArgs) -> Result<()> {
         );
     }
 
-    let cluster;
+    let cluster: LocalCluster;
+    let mut local = None;
     let manager = match &args.manager {
         Some(m) => m.clone(),
         None => {
@@ -231,9 +237,11 @@ pub async fn run(args: TrainArgs) -> Result<()> {
             };
             lc.manager.listen = "127.0.0.1:0".into();
             lc.manager.membership.replicas = args.replicas;
+            lc.replicate_after_aggregation = !args.replicate_every_push;
             cluster = LocalCluster::start(lc)
                 .await
                 .context("starting the local cluster")?;
+            local = Some(&cluster);
             cluster.manager_addr().to_string()
         }
     };
@@ -264,6 +272,12 @@ pub async fn run(args: TrainArgs) -> Result<()> {
     report_bad_lines(&result);
     let report = report_of(&args, &cfg, &result);
     print!("{}", report.table());
+    if let Some(c) = local.filter(|_| args.replicas > 0) {
+        println!(
+            "  bytes replicated  {} (servers to their replicas)",
+            pserver_apps::report::format_bytes(c.replicated_bytes())
+        );
+    }
     if let Some(path) = &args.report {
         report
             .write_json(path)
