@@ -5,6 +5,7 @@
 //! simulated sockets.
 
 use crate::error::NodeError;
+use crate::net::{BoxStream, Listener, Net};
 use futures_util::{SinkExt, StreamExt};
 use pserver_wire::codec::CodecError;
 use pserver_wire::{Frame, FrameCodec, Limits};
@@ -92,13 +93,22 @@ impl Peer {
         addr: &str,
         limits: Limits,
     ) -> Result<(Peer, mpsc::Receiver<Frame>), NodeError> {
-        let stream = tokio::net::TcpStream::connect(addr)
+        Peer::connect_via(&Net::tcp(), addr, limits).await
+    }
+
+    /// Opens a connection to `addr` over `net`.
+    pub async fn connect_via(
+        net: &Net,
+        addr: &str,
+        limits: Limits,
+    ) -> Result<(Peer, mpsc::Receiver<Frame>), NodeError> {
+        let stream = net
+            .connect(addr)
             .await
             .map_err(|source| NodeError::Connect {
                 addr: addr.to_string(),
                 source,
             })?;
-        let _ = stream.set_nodelay(true);
         Ok(Peer::from_stream(stream, addr, limits))
     }
 
@@ -219,27 +229,25 @@ pub(crate) fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
-/// Binds a TCP listener; the error names the address.
+/// Listens on `addr` over `net`; the error names the address.
 pub async fn bind(
+    net: &Net,
     addr: &str,
-) -> Result<(tokio::net::TcpListener, std::net::SocketAddr), NodeError> {
-    let err = |source| NodeError::Bind {
+) -> Result<(Box<dyn Listener>, std::net::SocketAddr), NodeError> {
+    net.bind(addr).await.map_err(|source| NodeError::Bind {
         addr: addr.to_string(),
         source,
-    };
-    let listener = tokio::net::TcpListener::bind(addr).await.map_err(err)?;
-    let local = listener.local_addr().map_err(err)?;
-    Ok((listener, local))
+    })
 }
 
 /// Accepts connections until `cancel` fires, running `serve(stream, peer)`
 /// for each in its own task, itself stopped by `cancel`.
 pub fn accept_loop<F, Fut>(
-    listener: tokio::net::TcpListener,
+    mut listener: Box<dyn Listener>,
     cancel: tokio_util::sync::CancellationToken,
     serve: F,
 ) where
-    F: Fn(tokio::net::TcpStream, String) -> Fut + Send + 'static,
+    F: Fn(BoxStream, String) -> Fut + Send + 'static,
     Fut: std::future::Future<Output = ()> + Send + 'static,
 {
     tokio::spawn(async move {
@@ -248,8 +256,7 @@ pub fn accept_loop<F, Fut>(
                 _ = cancel.cancelled() => break,
                 accepted = listener.accept() => match accepted {
                     Ok((stream, peer)) => {
-                        let _ = stream.set_nodelay(true);
-                        let conn = serve(stream, peer.to_string());
+                        let conn = serve(stream, peer);
                         let token = cancel.clone();
                         tokio::spawn(async move {
                             tokio::select! {

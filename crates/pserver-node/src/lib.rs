@@ -31,6 +31,7 @@ pub mod conn;
 pub mod error;
 pub mod local;
 pub mod manager;
+pub mod net;
 pub mod proto;
 pub mod replica;
 pub mod server;

@@ -57,6 +57,7 @@ impl LocalCluster {
             sc.limits = cfg.manager.limits;
             sc.registry = cfg.registry.clone();
             sc.replicate_after_aggregation = cfg.replicate_after_aggregation;
+            sc.net = cfg.manager.net.clone();
             servers.push(start_server(sc).await?);
         }
         Ok(LocalCluster { manager, servers })

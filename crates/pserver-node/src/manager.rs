@@ -4,6 +4,7 @@
 
 use crate::conn::{Outbox, accept_loop, bind, lock, split};
 use crate::error::NodeError;
+use crate::net::Net;
 use crate::proto::{control_reply, error_reply};
 use futures_util::StreamExt;
 use pserver_core::map::MANAGER_ID;
@@ -28,6 +29,8 @@ pub struct ManagerConfig {
     pub membership: MembershipConfig,
     /// Frame limits.
     pub limits: Limits,
+    /// How to listen (TCP unless a test simulates the network).
+    pub net: Net,
 }
 
 impl Default for ManagerConfig {
@@ -36,6 +39,7 @@ impl Default for ManagerConfig {
             listen: "127.0.0.1:0".into(),
             membership: MembershipConfig::default(),
             limits: Limits::default(),
+            net: Net::tcp(),
         }
     }
 }
@@ -110,7 +114,7 @@ impl State {
 /// Starts a manager; returns once it listens.
 pub async fn start_manager(cfg: ManagerConfig) -> Result<ManagerHandle, NodeError> {
     let members = Membership::new(cfg.membership)?;
-    let (listener, addr) = bind(&cfg.listen).await?;
+    let (listener, addr) = bind(&cfg.net, &cfg.listen).await?;
     let cancel = CancellationToken::new();
     let state = Arc::new(Mutex::new(State {
         members,

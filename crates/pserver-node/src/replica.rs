@@ -22,6 +22,7 @@
 //! waiting acknowledgements are never sent, and the workers retry elsewhere.
 
 use crate::conn::Peer;
+use crate::net::Net;
 use pserver_core::NodeId;
 use pserver_wire::{Control, ErrorCode, Frame, Kind, Limits};
 use std::sync::Arc;
@@ -78,7 +79,7 @@ impl Drop for Forwarder {
 impl Forwarder {
     /// Starts the task that sends to `target` at `addr`. It ends when the
     /// forwarder is dropped and its queue is drained.
-    pub fn start(me: NodeId, target: NodeId, addr: String, limits: Limits) -> Forwarder {
+    pub fn start(me: NodeId, target: NodeId, addr: String, limits: Limits, net: Net) -> Forwarder {
         let (tx, rx) = mpsc::unbounded_channel();
         let cancel = CancellationToken::new();
         let abandoned = Arc::new(AtomicBool::new(false));
@@ -87,6 +88,7 @@ impl Forwarder {
             target,
             addr,
             limits,
+            net,
             rx,
             cancel.clone(),
             abandoned.clone(),
@@ -137,11 +139,13 @@ enum Outcome {
     Again,
 }
 
+#[allow(clippy::too_many_arguments)] // the task's whole context, passed once
 async fn run(
     me: NodeId,
     target: NodeId,
     addr: String,
     limits: Limits,
+    net: Net,
     mut rx: mpsc::UnboundedReceiver<Item>,
     cancel: CancellationToken,
     abandoned: Arc<AtomicBool>,
@@ -173,7 +177,7 @@ async fn run(
             }
             let p = match &peer {
                 Some(p) if !p.is_closed() => p.clone(),
-                _ => match Peer::connect(&addr, limits).await {
+                _ => match Peer::connect_via(&net, &addr, limits).await {
                     Ok((p, _notices)) => {
                         peer = Some(p.clone());
                         p

@@ -9,6 +9,7 @@
 
 use crate::conn::{Outbox, Peer, accept_loop, bind, lock, split};
 use crate::error::NodeError;
+use crate::net::Net;
 use crate::proto::{control_reply, control_request, error_reply, register, reply_header};
 use crate::replica::{Delivery, Forwarder};
 use futures_util::StreamExt;
@@ -52,6 +53,8 @@ pub struct ServerConfig {
     /// result once per clock (replication after aggregation) instead of
     /// forwarding every worker's push down the chain. On by default.
     pub replicate_after_aggregation: bool,
+    /// How to listen and dial (TCP unless a test simulates the network).
+    pub net: Net,
 }
 
 /// Default of [`ServerConfig::key_cache_keys`]: 16 Mi keys, 128 MiB of keys.
@@ -67,6 +70,7 @@ impl ServerConfig {
             registry: Registry::new(),
             key_cache_keys: DEFAULT_KEY_CACHE_KEYS,
             replicate_after_aggregation: true,
+            net: Net::tcp(),
         }
     }
 }
@@ -253,13 +257,15 @@ struct State {
     /// Ranges this server is primary of but holds back, until their old
     /// primary's `Fence` arrives or [`FENCE_TIMEOUT`] passes: (range, old
     /// primary, since).
-    fence_waits: Vec<(KeyRange, NodeId, std::time::Instant)>,
+    fence_waits: Vec<(KeyRange, NodeId, tokio::time::Instant)>,
     /// Fences that arrived before the map that needs them: (range, from).
     fences_seen: Vec<(KeyRange, NodeId)>,
     /// Sums just applied, to replicate and release (`release_applied`).
     applied: Vec<Applied>,
     /// See [`ServerConfig::replicate_after_aggregation`].
     after_aggregation: bool,
+    /// How forwarders dial the next servers of chains.
+    net: Net,
     /// Bytes of every frame queued to the next servers of chains.
     replicated: Arc<std::sync::atomic::AtomicU64>,
 }
@@ -276,8 +282,8 @@ type Outgoing = Vec<(Outbox, Frame)>;
 /// Starts a server: listens, registers with the manager and serves until
 /// shut down or dropped by the manager.
 pub async fn start_server(cfg: ServerConfig) -> Result<ServerHandle, NodeError> {
-    let (listener, addr) = bind(&cfg.listen).await?;
-    let (manager, mut notices) = Peer::connect(&cfg.manager, cfg.limits).await?;
+    let (listener, addr) = bind(&cfg.net, &cfg.listen).await?;
+    let (manager, mut notices) = Peer::connect_via(&cfg.net, &cfg.manager, cfg.limits).await?;
     let (id, map) = register(&manager, Role::Server, &addr.to_string()).await?;
     let replicated = Arc::new(std::sync::atomic::AtomicU64::new(0));
     let state = Arc::new(Mutex::new(State {
@@ -295,6 +301,7 @@ pub async fn start_server(cfg: ServerConfig) -> Result<ServerHandle, NodeError> 
         fences_seen: Vec::new(),
         applied: Vec::new(),
         after_aggregation: cfg.replicate_after_aggregation,
+        net: cfg.net.clone(),
         replicated: replicated.clone(),
     }));
     let heartbeat = map.heartbeat_interval();
@@ -800,7 +807,7 @@ impl State {
                 left = left.iter().flat_map(|r| subtract(*r, *seen)).collect();
             }
         }
-        let now = std::time::Instant::now();
+        let now = tokio::time::Instant::now();
         self.fence_waits
             .extend(left.into_iter().map(|r| (r, from, now)));
     }
@@ -1329,7 +1336,13 @@ impl State {
         }
         if !self.forwarders.contains_key(&to) {
             let node = self.map.node(to).filter(|n| n.state != NodeState::Dead)?;
-            let fwd = Forwarder::start(self.id, to, node.addr.clone(), self.limits);
+            let fwd = Forwarder::start(
+                self.id,
+                to,
+                node.addr.clone(),
+                self.limits,
+                self.net.clone(),
+            );
             self.forwarders.insert(to, fwd);
         }
         self.replicated.fetch_add(

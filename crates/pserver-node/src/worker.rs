@@ -14,6 +14,7 @@
 
 use crate::conn::{Peer, lock};
 use crate::error::NodeError;
+use crate::net::Net;
 use crate::proto::{control_request, register, reply_control};
 use futures_util::future::join_all;
 use pserver_core::keycache::key_list_hash;
@@ -59,6 +60,8 @@ pub struct WorkerConfig {
     /// random rounding) and ask servers to pack their replies losslessly.
     /// Off by default, like key caching.
     pub compression: Option<Packing>,
+    /// How to dial (TCP unless a test simulates the network).
+    pub net: Net,
 }
 
 /// Default of [`WorkerConfig::min_cached_keys`].
@@ -79,6 +82,7 @@ impl WorkerConfig {
             key_caching: false,
             min_cached_keys: DEFAULT_MIN_CACHED_KEYS,
             compression: None,
+            net: Net::tcp(),
         }
     }
 
@@ -281,6 +285,7 @@ struct Inner {
     cache_keys_from: Option<usize>,
     /// Value compression, when on.
     compression: Option<Packing>,
+    net: Net,
     timeout: Duration,
     cancel: CancellationToken,
     traffic: Traffic,
@@ -302,7 +307,7 @@ impl Drop for Inner {
 impl Worker {
     /// Registers with the manager and fetches the map.
     pub async fn connect(cfg: WorkerConfig) -> Result<Worker, NodeError> {
-        let (manager, mut notices) = Peer::connect(&cfg.manager, cfg.limits).await?;
+        let (manager, mut notices) = Peer::connect_via(&cfg.net, &cfg.manager, cfg.limits).await?;
         let (id, map) = register(&manager, cfg.role, "").await?;
         let heartbeat = map.heartbeat_interval();
         let inner = Arc::new(Inner {
@@ -315,6 +320,7 @@ impl Worker {
             timeout: cfg.timeout,
             cache_keys_from: cfg.key_caching.then_some(cfg.min_cached_keys.max(3)),
             compression: cfg.compression,
+            net: cfg.net.clone(),
             cancel: CancellationToken::new(),
             traffic: Traffic::default(),
             rt: tokio::runtime::Handle::current(),
@@ -643,7 +649,7 @@ impl Inner {
                 peer: "map".into(),
                 what: format!("partition names unknown node {node}"),
             })?;
-        let (peer, _notices) = Peer::connect(&addr, self.limits).await?;
+        let (peer, _notices) = Peer::connect_via(&self.net, &addr, self.limits).await?;
         let mut servers = lock(&self.servers);
         match servers.get(&node) {
             // Slices sent at once race to connect; the first link stays, so

@@ -73,6 +73,7 @@ impl ManagerOpts {
                 lease_ms: self.lease_ms,
             },
             limits: self.limits()?,
+            net: Default::default(),
         })
     }
 }
