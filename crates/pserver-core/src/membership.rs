@@ -113,6 +113,18 @@ struct Handoff {
     epoch: u64,
 }
 
+/// What the manager must keep across a restart: the map (nodes, ranges,
+/// tables, epoch) and the id counters, so that no id is ever reused.
+#[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct Persisted {
+    /// The map at the last change.
+    pub map: ClusterMap,
+    /// The next node id to hand out.
+    pub next_id: NodeId,
+    /// The next table id to hand out.
+    pub next_table: u32,
+}
+
 /// A barrier every live worker has entered: reply to these nodes.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Released {
@@ -162,6 +174,83 @@ impl Membership {
     /// The current map.
     pub fn map(&self) -> &ClusterMap {
         &self.map
+    }
+
+    /// What a restarted manager needs ([`Membership::restore`]).
+    pub fn persisted(&self) -> Persisted {
+        Persisted {
+            map: self.map.clone(),
+            next_id: self.next_id,
+            next_table: self.next_table,
+        }
+    }
+
+    /// A manager restarted from `p`: the map as it was (every live server
+    /// and worker gets a fresh lease from `now_ms` to rejoin with
+    /// [`Membership::rejoin`]; those that do not are declared dead as
+    /// usual), ids continuing where they stopped. The config's placement
+    /// settings must match the map's.
+    pub fn restore(
+        cfg: MembershipConfig,
+        p: Persisted,
+        now_ms: u64,
+    ) -> Result<Membership, MembershipError> {
+        let mut m = Membership::new(cfg)?;
+        if p.map.replicas != cfg.replicas || p.map.vnodes != cfg.vnodes {
+            return Err(MembershipError::Config(format!(
+                "the saved map has {} replicas and {} vnodes, the config {} and {}",
+                p.map.replicas, p.map.vnodes, cfg.replicas, cfg.vnodes
+            )));
+        }
+        let max_id = p.map.nodes.iter().map(|n| n.id).max().unwrap_or(0);
+        let max_table = p.map.tables.iter().map(|t| t.id).max().unwrap_or(0);
+        if p.next_id <= max_id || p.next_table <= max_table {
+            return Err(MembershipError::Config(format!(
+                "the saved id counters ({}, {}) are not above the ids in use ({max_id}, {max_table})",
+                p.next_id, p.next_table
+            )));
+        }
+        m.last_seen = p
+            .map
+            .nodes
+            .iter()
+            .filter(|n| n.state == NodeState::Alive)
+            .map(|n| (n.id, now_ms))
+            .collect();
+        m.map = p.map;
+        m.map.lease_ms = cfg.lease_ms;
+        m.next_id = p.next_id;
+        m.next_table = p.next_table;
+        Ok(m)
+    }
+
+    /// A node that was registered before the manager restarted (or lost its
+    /// connection) comes back with its id: a live server or worker of the
+    /// map with the same role and address renews its lease; a client is
+    /// taken back. A node declared dead meanwhile must register anew.
+    pub fn rejoin(
+        &mut self,
+        id: NodeId,
+        role: Role,
+        addr: &str,
+        now_ms: u64,
+    ) -> Result<(), MembershipError> {
+        if role == Role::Client {
+            if id >= self.next_id {
+                return Err(MembershipError::UnknownNode(id));
+            }
+            self.clients.insert(id, now_ms);
+            return Ok(());
+        }
+        match self.map.node(id) {
+            None => Err(MembershipError::UnknownNode(id)),
+            Some(n) if n.state == NodeState::Dead => Err(MembershipError::Dead(id)),
+            Some(n) if n.role != role || n.addr != addr => Err(MembershipError::UnknownNode(id)),
+            Some(_) => {
+                self.last_seen.insert(id, now_ms);
+                Ok(())
+            }
+        }
     }
 
     /// The config.
@@ -689,5 +778,56 @@ mod tests {
         assert!(!m.handing_off());
         assert_eq!(primaries(&m), BTreeSet::from([s1, s2]));
         assert!(!chain_members(&m).contains(&s3));
+    }
+
+    #[test]
+    fn a_restored_manager_keeps_the_map_and_takes_its_nodes_back() {
+        let mut m = mgr();
+        let s1 = m.register(Role::Server, "a", 0).unwrap();
+        let s2 = m.register(Role::Server, "b", 0).unwrap();
+        let w = m.register(Role::Worker, "", 0).unwrap();
+        let c = m.register(Role::Client, "", 0).unwrap();
+        m.create_table(spec_of("w", 1)).unwrap();
+        let saved = m.persisted();
+        let mut r = Membership::restore(*m.config(), saved.clone(), 1000).unwrap();
+        assert_eq!(r.map(), m.map());
+        // Ids go on where they stopped.
+        let w2 = r.register(Role::Worker, "", 1000).unwrap();
+        assert!(w2 > c);
+        assert_eq!(r.create_table(spec_of("v", 1)).unwrap().0.id, 2);
+        // Known nodes come back; others do not.
+        assert_eq!(r.rejoin(s1, Role::Server, "a", 1010), Ok(()));
+        assert_eq!(r.rejoin(w, Role::Worker, "", 1010), Ok(()));
+        assert_eq!(r.rejoin(c, Role::Client, "", 1010), Ok(()));
+        assert_eq!(
+            r.rejoin(s2, Role::Server, "elsewhere", 1010),
+            Err(MembershipError::UnknownNode(s2))
+        );
+        assert_eq!(
+            r.rejoin(99, Role::Server, "z", 1010),
+            Err(MembershipError::UnknownNode(99))
+        );
+        // s2 did not rejoin: its lease (from the restart) runs out.
+        r.heartbeat(w2, 1070).unwrap();
+        assert_eq!(r.expire(1080), vec![s2]);
+        assert_eq!(
+            r.rejoin(s2, Role::Server, "b", 1090),
+            Err(MembershipError::Dead(s2))
+        );
+        // A config that does not match the saved map is refused.
+        let other = MembershipConfig {
+            replicas: 2,
+            ..*m.config()
+        };
+        assert!(matches!(
+            Membership::restore(other, saved.clone(), 0),
+            Err(MembershipError::Config(_))
+        ));
+        let mut bad = saved;
+        bad.next_id = 1;
+        assert!(matches!(
+            Membership::restore(*m.config(), bad, 0),
+            Err(MembershipError::Config(_))
+        ));
     }
 }

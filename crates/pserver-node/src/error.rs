@@ -23,6 +23,14 @@ pub enum NodeError {
         /// Why.
         source: std::io::Error,
     },
+    /// The manager's state file could not be written or read.
+    #[error("manager state {path}: {why}")]
+    State {
+        /// The file.
+        path: String,
+        /// What went wrong.
+        why: String,
+    },
     /// The connection closed before a reply came.
     #[error("connection to {0} closed")]
     Closed(String),

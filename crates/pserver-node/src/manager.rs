@@ -8,6 +8,7 @@ use crate::net::Net;
 use crate::proto::{control_reply, error_reply};
 use futures_util::StreamExt;
 use pserver_core::map::MANAGER_ID;
+use pserver_core::membership::Persisted;
 use pserver_core::membership::{Membership, MembershipConfig, MembershipError, Released};
 use pserver_core::{NodeId, Role};
 use pserver_wire::message::Status;
@@ -31,6 +32,10 @@ pub struct ManagerConfig {
     pub limits: Limits,
     /// How to listen (TCP unless a test simulates the network).
     pub net: Net,
+    /// Where the manager keeps its state (map, tables, epoch, id counters)
+    /// across restarts: written after every change (temporary file, fsync,
+    /// rename), read at start. `None`: kept in memory only.
+    pub state_file: Option<std::path::PathBuf>,
 }
 
 impl Default for ManagerConfig {
@@ -40,6 +45,7 @@ impl Default for ManagerConfig {
             membership: MembershipConfig::default(),
             limits: Limits::default(),
             net: Net::tcp(),
+            state_file: None,
         }
     }
 }
@@ -74,6 +80,7 @@ struct State {
     /// Barrier name -> (node, request id) waiting in it.
     waiters: BTreeMap<String, Vec<(NodeId, u64)>>,
     start: Instant,
+    state_file: Option<std::path::PathBuf>,
 }
 
 impl State {
@@ -91,6 +98,13 @@ impl State {
     /// Sends the map to every connected node. A node whose queue is full
     /// learns the map from its next redirect instead.
     fn broadcast(&self) {
+        if let Some(path) = &self.state_file {
+            // Saved before anyone hears of the change, so a restarted
+            // manager never goes back on a map a node has seen.
+            if let Err(e) = save_state(path, &self.members.persisted()) {
+                tracing::error!(path = %path.display(), error = %e, "cannot save the manager's state");
+            }
+        }
         let frame = self.map_frame();
         for out in self.conns.values() {
             out.try_send(frame.clone());
@@ -113,7 +127,13 @@ impl State {
 
 /// Starts a manager; returns once it listens.
 pub async fn start_manager(cfg: ManagerConfig) -> Result<ManagerHandle, NodeError> {
-    let members = Membership::new(cfg.membership)?;
+    let members = match cfg.state_file.as_deref().map(load_state).transpose()? {
+        Some(Some(saved)) => {
+            tracing::info!(epoch = saved.map.epoch, "manager state restored");
+            Membership::restore(cfg.membership, saved, 0)?
+        }
+        _ => Membership::new(cfg.membership)?,
+    };
     let (listener, addr) = bind(&cfg.net, &cfg.listen).await?;
     let cancel = CancellationToken::new();
     let state = Arc::new(Mutex::new(State {
@@ -121,7 +141,13 @@ pub async fn start_manager(cfg: ManagerConfig) -> Result<ManagerHandle, NodeErro
         conns: BTreeMap::new(),
         waiters: BTreeMap::new(),
         start: Instant::now(),
+        state_file: cfg.state_file.clone(),
     }));
+    // The state as it starts (fresh or restored) is on disk before any node
+    // hears of it.
+    if let Some(path) = &cfg.state_file {
+        save_state(path, &lock(&state).members.persisted())?;
+    }
     tokio::spawn(lease_ticker(
         state.clone(),
         cfg.membership.lease_ms,
@@ -228,10 +254,27 @@ fn handle(
         Err(e) => return err(ErrorCode::Malformed, e.to_string()),
     };
     let Some(id) = *me else {
+        let now = st.now_ms();
+        if let Control::Rejoin { id, role, addr } = msg {
+            return match st.members.rejoin(id, role, &addr, now) {
+                Ok(()) => {
+                    *me = Some(id);
+                    st.conns.insert(id, out.clone());
+                    tracing::info!(node = id, %role, "rejoined");
+                    let map = st.members.map().clone();
+                    Some(control_reply(
+                        h,
+                        MANAGER_ID,
+                        map.epoch,
+                        &Control::Registered { id, map },
+                    ))
+                }
+                Err(e) => err(ErrorCode::Invalid, e.to_string()),
+            };
+        }
         let Control::Register { role, addr } = msg else {
             return err(ErrorCode::Invalid, "register first".into());
         };
-        let now = st.now_ms();
         return match st.members.register(role, &addr, now) {
             Ok(id) => {
                 *me = Some(id);
@@ -321,5 +364,114 @@ fn handle(
             ErrorCode::Invalid,
             format!("the manager does not take {other:?}"),
         ),
+    }
+}
+
+/// First bytes of a manager state file.
+const STATE_MAGIC: &[u8; 8] = b"PSMGRST1";
+
+/// Writes the manager's state: magic, CRC32 of the body, body length, body
+/// (postcard), to a temporary file that is synced and renamed into place,
+/// so a crash leaves the old state or the new one, never half of one.
+fn save_state(path: &std::path::Path, p: &Persisted) -> Result<(), NodeError> {
+    let body = postcard::to_allocvec(p).map_err(|e| NodeError::State {
+        path: path.display().to_string(),
+        why: e.to_string(),
+    })?;
+    let mut bytes = Vec::with_capacity(20 + body.len());
+    bytes.extend_from_slice(STATE_MAGIC);
+    bytes.extend_from_slice(&crc32fast::hash(&body).to_le_bytes());
+    bytes.extend_from_slice(&(body.len() as u64).to_le_bytes());
+    bytes.extend_from_slice(&body);
+    let io = |e: std::io::Error| NodeError::State {
+        path: path.display().to_string(),
+        why: e.to_string(),
+    };
+    let tmp = path.with_extension("tmp");
+    {
+        use std::io::Write;
+        let mut f = std::fs::File::create(&tmp).map_err(io)?;
+        f.write_all(&bytes).map_err(io)?;
+        f.sync_all().map_err(io)?;
+    }
+    std::fs::rename(&tmp, path).map_err(io)?;
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        // The rename is durable once the directory is.
+        if let Ok(d) = std::fs::File::open(dir) {
+            let _ = d.sync_all();
+        }
+    }
+    Ok(())
+}
+
+/// Reads a state file written by [`save_state`]; `None` when there is none.
+/// A file that is truncated, corrupt or of another format is an error,
+/// never a silently empty cluster.
+fn load_state(path: &std::path::Path) -> Result<Option<Persisted>, NodeError> {
+    let bad = |why: String| NodeError::State {
+        path: path.display().to_string(),
+        why,
+    };
+    let bytes = match std::fs::read(path) {
+        Ok(b) => b,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(bad(e.to_string())),
+    };
+    let Some((head, body)) = bytes.split_at_checked(20) else {
+        return Err(bad(format!(
+            "{} bytes is shorter than the header",
+            bytes.len()
+        )));
+    };
+    if &head[..8] != STATE_MAGIC {
+        return Err(bad("not a pserver manager state file".into()));
+    }
+    let crc = u32::from_le_bytes([head[8], head[9], head[10], head[11]]);
+    let len = u64::from_le_bytes(head[12..20].try_into().unwrap_or([0; 8]));
+    if len != body.len() as u64 {
+        return Err(bad(format!("declares {len} bytes, holds {}", body.len())));
+    }
+    if crc32fast::hash(body) != crc {
+        return Err(bad("checksum mismatch: the file is corrupt".into()));
+    }
+    postcard::from_bytes(body)
+        .map(Some)
+        .map_err(|e| bad(e.to_string()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use pserver_core::membership::MembershipConfig;
+
+    fn saved() -> Persisted {
+        let mut m = Membership::new(MembershipConfig::default()).unwrap();
+        m.register(Role::Server, "127.0.0.1:1", 0).unwrap();
+        m.persisted()
+    }
+
+    #[test]
+    fn state_files_round_trip_and_refuse_damage() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("manager.state");
+        assert_eq!(load_state(&path).unwrap(), None);
+        save_state(&path, &saved()).unwrap();
+        assert_eq!(load_state(&path).unwrap(), Some(saved()));
+        let good = std::fs::read(&path).unwrap();
+        for (what, bytes) in [
+            ("truncated", good[..good.len() - 1].to_vec()),
+            ("short", good[..10].to_vec()),
+            ("flipped", {
+                let mut b = good.clone();
+                let last = b.len() - 1;
+                b[last] ^= 1;
+                b
+            }),
+            ("foreign", b"something else entirely".to_vec()),
+        ] {
+            std::fs::write(&path, &bytes).unwrap();
+            let e = load_state(&path).unwrap_err().to_string();
+            assert!(e.contains("manager.state"), "{what}: {e}");
+        }
     }
 }

@@ -86,3 +86,48 @@ pub async fn register(
         }),
     }
 }
+
+/// How long a node keeps trying to rejoin a manager it lost: long enough
+/// for the manager to be restarted, short enough that a node whose manager
+/// is gone for good stops.
+pub const REJOIN_FOR: std::time::Duration = std::time::Duration::from_secs(30);
+
+/// Reconnects to the manager at `addr` and rejoins as node `id` (the
+/// manager restarted or the connection broke). Retries until [`REJOIN_FOR`]
+/// has passed; a manager that answers but refuses (it declared the node
+/// dead, or does not know it) ends the attempt at once.
+pub async fn rejoin(
+    net: &crate::net::Net,
+    addr: &str,
+    limits: pserver_wire::Limits,
+    id: NodeId,
+    role: Role,
+    my_addr: &str,
+) -> Result<(Peer, tokio::sync::mpsc::Receiver<Frame>, ClusterMap), NodeError> {
+    let deadline = tokio::time::Instant::now() + REJOIN_FOR;
+    let msg = Control::Rejoin {
+        id,
+        role,
+        addr: my_addr.to_string(),
+    };
+    loop {
+        match Peer::connect_via(net, addr, limits).await {
+            Ok((peer, notices)) => match peer.request(control_request(id, 0, &msg)).await {
+                Ok(reply) => {
+                    return match reply_control(&reply, peer.label())? {
+                        Control::Registered { map, .. } => Ok((peer, notices, map)),
+                        other => Err(NodeError::Protocol {
+                            peer: peer.label().to_string(),
+                            what: format!("expected Registered, got {other:?}"),
+                        }),
+                    };
+                }
+                Err(e) if tokio::time::Instant::now() >= deadline => return Err(e),
+                Err(_) => {}
+            },
+            Err(e) if tokio::time::Instant::now() >= deadline => return Err(e),
+            Err(_) => {}
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+}

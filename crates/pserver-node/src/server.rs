@@ -10,7 +10,7 @@
 use crate::conn::{Outbox, Peer, accept_loop, bind, lock, split};
 use crate::error::NodeError;
 use crate::net::Net;
-use crate::proto::{control_reply, control_request, error_reply, register, reply_header};
+use crate::proto::{control_reply, control_request, error_reply, register, rejoin, reply_header};
 use crate::replica::{Delivery, Forwarder};
 use futures_util::StreamExt;
 use pserver_core::clock::RangeClock;
@@ -283,7 +283,7 @@ type Outgoing = Vec<(Outbox, Frame)>;
 /// shut down or dropped by the manager.
 pub async fn start_server(cfg: ServerConfig) -> Result<ServerHandle, NodeError> {
     let (listener, addr) = bind(&cfg.net, &cfg.listen).await?;
-    let (manager, mut notices) = Peer::connect_via(&cfg.net, &cfg.manager, cfg.limits).await?;
+    let (manager, notices) = Peer::connect_via(&cfg.net, &cfg.manager, cfg.limits).await?;
     let (id, map) = register(&manager, Role::Server, &addr.to_string()).await?;
     let replicated = Arc::new(std::sync::atomic::AtomicU64::new(0));
     let state = Arc::new(Mutex::new(State {
@@ -311,20 +311,30 @@ pub async fn start_server(cfg: ServerConfig) -> Result<ServerHandle, NodeError> 
     report_synced(&state, &manager);
     let cancel = CancellationToken::new();
 
-    // The link to the manager: heartbeats out, maps in. Losing it ends the server.
+    // The link to the manager: heartbeats out, maps in. A lost link is
+    // rejoined (the manager may have restarted); a manager that refuses this
+    // server, or stays away, ends it.
     let st = state.clone();
     let token = cancel.clone();
+    let (net, manager_addr, limits, my_addr) = (
+        cfg.net.clone(),
+        cfg.manager.clone(),
+        cfg.limits,
+        addr.to_string(),
+    );
     tokio::spawn(async move {
+        let (mut manager, mut notices) = (manager, notices);
         let mut tick = tokio::time::interval(heartbeat);
         loop {
+            let mut lost = false;
             tokio::select! {
                 _ = token.cancelled() => break,
                 _ = tick.tick() => {
                     let hb = control_request(id, 0, &Control::Heartbeat);
-                    if manager.notify(hb).await.is_err() { break; }
+                    lost = manager.notify(hb).await.is_err();
                 }
                 notice = notices.recv() => match notice {
-                    None => break,
+                    None => lost = true,
                     Some(frame) => match frame.control_msg() {
                         Ok(Control::Map(map)) => {
                             let gone = map.node(id).is_none_or(|n| n.state == NodeState::Dead);
@@ -346,6 +356,24 @@ pub async fn start_server(cfg: ServerConfig) -> Result<ServerHandle, NodeError> 
                         _ => tracing::debug!(node = id, "ignored notice from manager"),
                     },
                 },
+            }
+            if lost {
+                tracing::warn!(node = id, "lost the manager; rejoining");
+                match rejoin(&net, &manager_addr, limits, id, Role::Server, &my_addr).await {
+                    Ok((peer, rx, map)) => {
+                        tracing::info!(node = id, epoch = map.epoch, "rejoined the manager");
+                        manager = peer;
+                        notices = rx;
+                        let out = lock(&st).apply_map(map);
+                        send_all(out).await;
+                        spawn_released(&st);
+                        report_synced(&st, &manager);
+                    }
+                    Err(e) => {
+                        tracing::error!(node = id, error = %e, "cannot rejoin the manager");
+                        break;
+                    }
+                }
             }
         }
         tracing::info!(node = id, "server stopping");

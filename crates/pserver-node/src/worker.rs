@@ -15,7 +15,7 @@
 use crate::conn::{Peer, lock};
 use crate::error::NodeError;
 use crate::net::Net;
-use crate::proto::{control_request, register, reply_control};
+use crate::proto::{control_request, register, rejoin, reply_control};
 use futures_util::future::join_all;
 use pserver_core::keycache::key_list_hash;
 use pserver_core::{
@@ -276,7 +276,8 @@ struct Link {
 
 struct Inner {
     id: NodeId,
-    manager: Peer,
+    /// The link to the manager; replaced when it is rejoined.
+    manager: Mutex<Peer>,
     map: Mutex<Arc<ClusterMap>>,
     servers: Mutex<HashMap<NodeId, Link>>,
     clock: AtomicU64,
@@ -298,6 +299,13 @@ pub struct Worker {
     inner: Arc<Inner>,
 }
 
+impl Inner {
+    /// The current link to the manager.
+    fn manager(&self) -> Peer {
+        lock(&self.manager).clone()
+    }
+}
+
 impl Drop for Inner {
     fn drop(&mut self) {
         self.cancel.cancel();
@@ -312,7 +320,7 @@ impl Worker {
         let heartbeat = map.heartbeat_interval();
         let inner = Arc::new(Inner {
             id,
-            manager,
+            manager: Mutex::new(manager.clone()),
             map: Mutex::new(Arc::new(map)),
             servers: Mutex::new(HashMap::new()),
             clock: AtomicU64::new(1),
@@ -329,23 +337,42 @@ impl Worker {
         // the last Worker ends it.
         let weak = Arc::downgrade(&inner);
         let cancel = inner.cancel.clone();
-        let peer = inner.manager.clone();
+        let mut peer = manager;
+        let (net, addr, limits, role) =
+            (cfg.net.clone(), cfg.manager.clone(), cfg.limits, cfg.role);
         tokio::spawn(async move {
             let mut tick = tokio::time::interval(heartbeat);
             loop {
+                let mut lost = false;
                 tokio::select! {
                     _ = cancel.cancelled() => break,
                     _ = tick.tick() => {
-                        if peer.notify(control_request(id, 0, &Control::Heartbeat)).await.is_err() {
-                            break;
-                        }
+                        lost = peer.notify(control_request(id, 0, &Control::Heartbeat)).await.is_err();
                     }
                     n = notices.recv() => match n {
-                        None => break,
+                        None => lost = true,
                         Some(frame) => {
                             if let (Ok(Control::Map(map)), Some(inner)) = (frame.control_msg(), weak.upgrade()) {
                                 inner.install(map);
                             }
+                        }
+                    }
+                }
+                if lost {
+                    // The manager restarted, or the link broke: rejoin with
+                    // the same id, so clocks and barriers still count this
+                    // worker. Requests in flight to servers go on meanwhile.
+                    match rejoin(&net, &addr, limits, id, role, "").await {
+                        Ok((p, rx, map)) => {
+                            let Some(inner) = weak.upgrade() else { break };
+                            *lock(&inner.manager) = p.clone();
+                            inner.install(map);
+                            peer = p;
+                            notices = rx;
+                        }
+                        Err(e) => {
+                            tracing::warn!(node = id, error = %e, "cannot rejoin the manager");
+                            break;
                         }
                     }
                 }
@@ -406,16 +433,16 @@ impl Worker {
         });
         let reply = self
             .inner
-            .manager
+            .manager()
             .request(control_request(self.inner.id, 0, &msg))
             .await?;
-        match reply_control(&reply, self.inner.manager.label())? {
+        match reply_control(&reply, self.inner.manager().label())? {
             Control::TableCreated(spec) => {
                 self.inner.refresh().await?;
                 Ok(spec)
             }
             other => Err(NodeError::Protocol {
-                peer: self.inner.manager.label().to_string(),
+                peer: self.inner.manager().label().to_string(),
                 what: format!("expected TableCreated, got {other:?}"),
             }),
         }
@@ -432,17 +459,17 @@ impl Worker {
     pub async fn drain(&self, node: NodeId) -> Result<(), NodeError> {
         let reply = self
             .inner
-            .manager
+            .manager()
             .request(control_request(self.inner.id, 0, &Control::Drain { node }))
             .await?;
-        reply_control(&reply, self.inner.manager.label()).map(|_| ())
+        reply_control(&reply, self.inner.manager().label()).map(|_| ())
     }
 
     /// Waits until every live worker has entered barrier `name`.
     pub async fn barrier(&self, name: &str) -> Result<(), NodeError> {
         let reply = self
             .inner
-            .manager
+            .manager()
             .request(control_request(
                 self.inner.id,
                 0,
@@ -451,7 +478,7 @@ impl Worker {
                 },
             ))
             .await?;
-        reply_control(&reply, self.inner.manager.label()).map(|_| ())
+        reply_control(&reply, self.inner.manager().label()).map(|_| ())
     }
 
     /// Pushes `vals` for sorted, unique `keys` at the current clock.
@@ -611,16 +638,16 @@ impl Inner {
 
     async fn refresh(&self) -> Result<Arc<ClusterMap>, NodeError> {
         let reply = self
-            .manager
+            .manager()
             .request(control_request(self.id, 0, &Control::GetMap))
             .await?;
-        match reply_control(&reply, self.manager.label())? {
+        match reply_control(&reply, self.manager().label())? {
             Control::Map(map) => {
                 self.install(map);
                 Ok(lock(&self.map).clone())
             }
             other => Err(NodeError::Protocol {
-                peer: self.manager.label().to_string(),
+                peer: self.manager().label().to_string(),
                 what: format!("expected Map, got {other:?}"),
             }),
         }

@@ -1336,3 +1336,107 @@ async fn aggregates_survive_join_and_drain_with_a_replica() {
         .await
         .unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restarted_manager_recovers_its_state_and_nodes_rejoin() {
+    timeout(LIMIT, async {
+        let dir = tempfile::tempdir().unwrap();
+        let state = dir.path().join("manager.state");
+        let config = |listen: String| ManagerConfig {
+            listen,
+            membership: MembershipConfig {
+                replicas: 1,
+                vnodes: 8,
+                lease_ms: 2000,
+            },
+            state_file: Some(state.clone()),
+            ..ManagerConfig::default()
+        };
+        let m = start_manager(config("127.0.0.1:0".into())).await.unwrap();
+        let addr = m.addr().to_string();
+        let mut servers = Vec::new();
+        for _ in 0..2 {
+            servers.push(start_server(ServerConfig::new(addr.clone())).await.unwrap());
+        }
+        let w = Worker::connect(WorkerConfig::client(addr.clone()))
+            .await
+            .unwrap();
+        w.create_table("d", TableOptions::new(1, UpdaterSpec::Add))
+            .await
+            .unwrap();
+        let keys = spread(50);
+        w.push("d", keys.clone(), vec![5.0; keys.len()])
+            .await
+            .unwrap();
+        let before = w.refresh().await.unwrap();
+
+        // The manager goes away; servers and the client keep trying to rejoin.
+        m.shutdown();
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let m2 = start_manager(config(addr.clone())).await.unwrap();
+        // Everyone is back under the same ids, with the same ranges.
+        let start = std::time::Instant::now();
+        loop {
+            let st = w.refresh().await;
+            if let Ok(map) = st {
+                if map.epoch >= before.epoch {
+                    assert_eq!(map.partitions, before.partitions);
+                    assert_eq!(map.tables, before.tables);
+                    break;
+                }
+            }
+            assert!(
+                start.elapsed() < Duration::from_secs(10),
+                "no map after the restart"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        // Past a lease, nobody was declared dead: they all rejoined.
+        tokio::time::sleep(Duration::from_millis(2500)).await;
+        let map = w.refresh().await.unwrap();
+        for s in &servers {
+            assert_eq!(
+                map.node(s.id()).unwrap().state,
+                pserver_core::NodeState::Alive
+            );
+        }
+        assert_eq!(map.partitions, before.partitions);
+        // Data stayed on the servers; the cluster takes new work.
+        w.advance();
+        w.push("d", keys.clone(), vec![1.0; keys.len()])
+            .await
+            .unwrap();
+        assert_eq!(
+            w.pull("d", keys.clone()).await.unwrap(),
+            vec![6.0; keys.len()]
+        );
+        w.create_table("e", TableOptions::new(1, UpdaterSpec::Add))
+            .await
+            .unwrap();
+        assert!(w.table("e").await.unwrap().id > before.tables[0].id);
+        // The servers heard of it over their rejoined links.
+        w.push("e", keys.clone(), vec![2.0; keys.len()])
+            .await
+            .unwrap();
+        assert_eq!(
+            w.pull("e", keys.clone()).await.unwrap(),
+            vec![2.0; keys.len()]
+        );
+        m2.shutdown();
+
+        // A damaged state file stops the manager with a clear error.
+        let mut bytes = std::fs::read(&state).unwrap();
+        let last = bytes.len() - 1;
+        bytes[last] ^= 0x40;
+        std::fs::write(&state, &bytes).unwrap();
+        let Err(e) = start_manager(config("127.0.0.1:0".into())).await else {
+            panic!("a corrupt state file is refused");
+        };
+        assert!(e.to_string().contains("manager.state"), "{e}");
+        for s in servers {
+            s.shutdown();
+        }
+    })
+    .await
+    .unwrap();
+}

@@ -123,6 +123,18 @@ pub enum Control {
         /// The servers after the receiver, in chain order.
         chain: Vec<NodeId>,
     },
+    /// A node's first frame on a new connection to a manager that already
+    /// knows it (the manager restarted, or the connection broke): it keeps
+    /// its id. Answered with `Registered` (same id) or an error, after
+    /// which the node must register anew.
+    Rejoin {
+        /// The node's id.
+        id: NodeId,
+        /// What the node is.
+        role: Role,
+        /// Address it accepts connections on ("" for workers and clients).
+        addr: String,
+    },
     /// Ask the manager to drain a server: hand its ranges to the others,
     /// then let it exit.
     Drain {

@@ -413,8 +413,13 @@ fn every_control() -> Vec<Control> {
             from: 3,
             chain: vec![4, 5],
         },
+        Control::Rejoin {
+            id: 7,
+            role: Role::Server,
+            addr: "10.0.0.2:7000".into(),
+        },
     ];
-    let mut seen = [false; 18];
+    let mut seen = [false; 19];
     for c in &all {
         let i = match c {
             Control::Register { .. } => 0,
@@ -435,6 +440,7 @@ fn every_control() -> Vec<Control> {
             Control::Synced { .. } => 15,
             Control::Drain { .. } => 16,
             Control::Fence { .. } => 17,
+            Control::Rejoin { .. } => 18,
         };
         seen[i] = true;
     }

@@ -74,6 +74,7 @@ impl ManagerOpts {
             },
             limits: self.limits()?,
             net: Default::default(),
+            state_file: None,
         })
     }
 }
@@ -85,6 +86,10 @@ enum Cmd {
         /// Address to listen on.
         #[arg(long, default_value = DEFAULT_MANAGER)]
         listen: String,
+        /// Keep the cluster's state (map, tables, epoch) in this file and
+        /// recover it after a restart: servers and workers rejoin.
+        #[arg(long)]
+        state: Option<std::path::PathBuf>,
         #[command(flatten)]
         opts: ManagerOpts,
     },
@@ -190,10 +195,14 @@ fn main() -> ExitCode {
 
 async fn run(cli: Cli) -> Result<()> {
     match cli.cmd {
-        Cmd::Manager { listen, opts } => {
-            let m = start_manager(opts.config(&listen)?)
-                .await
-                .context("starting the manager")?;
+        Cmd::Manager {
+            listen,
+            state,
+            opts,
+        } => {
+            let mut cfg = opts.config(&listen)?;
+            cfg.state_file = state;
+            let m = start_manager(cfg).await.context("starting the manager")?;
             println!("manager listening on {}", m.addr());
             wait_for_stop(m.cancelled()).await;
             m.shutdown();

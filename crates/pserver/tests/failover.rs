@@ -301,3 +301,94 @@ fn a_server_joins_and_another_is_drained_while_clients_push() {
     assert!(acked > 0);
     assert_eq!(got, vec![acked as f32; got.len()], "acknowledged {acked}");
 }
+
+#[test]
+fn a_sigkilled_manager_restarts_from_its_state_file_and_servers_rejoin() {
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("manager.state");
+    let state = state.to_str().unwrap();
+    let (m, line) = spawn(&[
+        "manager",
+        "--listen",
+        "127.0.0.1:0",
+        "--replicas",
+        "1",
+        "--state",
+        state,
+    ]);
+    let manager = line.rsplit(' ').next().unwrap().to_string();
+    let mut procs = Procs(vec![(m, line)]);
+    for _ in 0..2 {
+        procs.0.push(spawn(&["server", "--manager", &manager]));
+    }
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        tokio::time::timeout(Duration::from_secs(60), async {
+            let client = || async {
+                Worker::connect(WorkerConfig::client(manager.clone()))
+                    .await
+                    .unwrap()
+            };
+            let w = client().await;
+            w.create_table("n", TableOptions::new(1, UpdaterSpec::Add))
+                .await
+                .unwrap();
+            let keys: Vec<u64> = (1..=64u64).map(|i| i * (u64::MAX / 65)).collect();
+            w.push("n", keys.clone(), vec![3.0; keys.len()])
+                .await
+                .unwrap();
+            let before = w.refresh().await.unwrap();
+            drop(w);
+
+            // SIGKILL the manager, then start it again on the same address.
+            procs.0[0].0.kill().unwrap();
+            procs.0[0].0.wait().unwrap();
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            let again = spawn(&[
+                "manager",
+                "--listen",
+                &manager,
+                "--replicas",
+                "1",
+                "--state",
+                state,
+            ]);
+            assert!(again.1.ends_with(&manager), "{}", again.1);
+            procs.0[0] = again;
+
+            // The servers rejoin under their ids: same ranges, same data.
+            let w = client().await;
+            let map = w.refresh().await.unwrap();
+            assert_eq!(map.partitions, before.partitions);
+            assert!(map.epoch >= before.epoch);
+            assert_eq!(
+                w.pull("n", keys.clone()).await.unwrap(),
+                vec![3.0; keys.len()]
+            );
+            tokio::time::sleep(Duration::from_millis(2500)).await;
+            let map = w.refresh().await.unwrap();
+            let alive = map
+                .nodes
+                .iter()
+                .filter(|n| n.state == pserver_core::NodeState::Alive)
+                .count();
+            assert_eq!(alive, 2, "{:?}", map.nodes);
+            w.create_table("m", TableOptions::new(1, UpdaterSpec::Add))
+                .await
+                .unwrap();
+            w.push("m", keys.clone(), vec![1.0; keys.len()])
+                .await
+                .unwrap();
+            assert_eq!(
+                w.pull("m", keys.clone()).await.unwrap(),
+                vec![1.0; keys.len()]
+            );
+        })
+        .await
+        .expect("the test finishes in 60 s")
+    });
+}
