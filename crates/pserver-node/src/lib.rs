@@ -35,6 +35,7 @@ pub mod net;
 pub mod proto;
 pub mod replica;
 pub mod server;
+pub mod snapshot;
 pub mod worker;
 
 pub use error::NodeError;

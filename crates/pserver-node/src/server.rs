@@ -916,6 +916,43 @@ impl State {
         }
     }
 
+    /// Writes every range this server is primary of, for every table, into
+    /// checkpoint directory `dir`, and answers with the files written.
+    /// Blocking file I/O under the state lock: pushes wait meanwhile, which
+    /// is also what keeps each range file consistent.
+    fn snapshot(&mut self, h: &Header, dir: &str) -> Result<Frame, Refusal> {
+        let me = self.id;
+        let dir = std::path::Path::new(dir);
+        let mut files = Vec::new();
+        let ranges: Vec<KeyRange> = self.map.primary_ranges(me);
+        for t in self.tables.values() {
+            let Ok(store) = &t.store else { continue };
+            for r in &ranges {
+                let entries = store.entries_in(*r);
+                let part = crate::snapshot::RangePart {
+                    table: store.spec().id,
+                    range: *r,
+                    slot_width: store.slot_width(),
+                    keys: entries.iter().map(|(k, _)| *k).collect(),
+                    slots: entries
+                        .iter()
+                        .flat_map(|(_, s)| s.iter().copied())
+                        .collect(),
+                    records: t.clock.records_in(*r),
+                };
+                let f = crate::snapshot::write_part(dir, &part)
+                    .map_err(|e| (ErrorCode::Internal, e.to_string()))?;
+                files.push(f);
+            }
+        }
+        Ok(control_reply(
+            h,
+            me,
+            self.map.epoch,
+            &Control::Snapshotted { files },
+        ))
+    }
+
     /// The state of the table `spec` names, created (empty) if new here.
     fn ensure_table(&mut self, spec: &TableSpec) -> &mut TableState {
         let registry = &self.registry;
@@ -942,6 +979,7 @@ impl State {
                 ))),
                 Ok(Control::Replicate { .. }) => self.replicate(frame, out),
                 Ok(Control::Fence { .. }) => self.fenced(frame, out),
+                Ok(Control::Snapshot { dir }) => self.snapshot(&h, &dir).map(Some),
                 // A forwarder's marker: everything before it has arrived.
                 Ok(Control::Synced { .. }) => Ok(Some(control_reply(
                     &h,

@@ -1440,3 +1440,69 @@ async fn a_restarted_manager_recovers_its_state_and_nodes_rejoin() {
     .await
     .unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_checkpoint_restores_onto_a_cluster_of_another_size() {
+    timeout(LIMIT, async {
+        let dir = tempfile::tempdir().unwrap();
+        let ckpt = dir.path().join("ckpt");
+        let a = cluster_k(3, 1).await;
+        let w = client(&a).await;
+        w.create_table("sum", TableOptions::new(2, UpdaterSpec::Add))
+            .await
+            .unwrap();
+        let ada = UpdaterSpec::AdaGrad { lr: 0.5, eps: 1e-6 };
+        w.create_table("ada", TableOptions::new(1, ada))
+            .await
+            .unwrap();
+        let keys = spread(300);
+        let vals: Vec<f32> = (0..600).map(|i| i as f32 * 0.5).collect();
+        w.push("sum", keys.clone(), vals.clone()).await.unwrap();
+        for round in 0..3 {
+            w.advance();
+            let g: Vec<f32> = (0..300).map(|i| ((i + round) as f32).sin()).collect();
+            w.push("ada", keys.clone(), g).await.unwrap();
+        }
+        let sum_before = w.pull("sum", keys.clone()).await.unwrap();
+        let ada_before = w.pull("ada", keys.clone()).await.unwrap();
+        let manifest = w.checkpoint(&ckpt).await.unwrap();
+        assert_eq!(manifest.tables.len(), 2);
+
+        // Onto two servers without replicas.
+        let b = cluster_k(2, 0).await;
+        let r = client(&b).await;
+        let restored = r.restore(&ckpt, &Default::default()).await.unwrap();
+        assert_eq!(restored.len(), 2);
+        assert_eq!(r.pull("sum", keys.clone()).await.unwrap(), sum_before);
+        assert_eq!(r.pull("ada", keys.clone()).await.unwrap(), ada_before);
+        // The optimizer state came too: one more step lands where it would
+        // have on the first cluster.
+        let g: Vec<f32> = vec![1.0; 300];
+        w.advance();
+        w.push("ada", keys.clone(), g.clone()).await.unwrap();
+        r.advance();
+        r.push("ada", keys.clone(), g).await.unwrap();
+        assert_eq!(
+            r.pull("ada", keys.clone()).await.unwrap(),
+            w.pull("ada", keys.clone()).await.unwrap()
+        );
+
+        // A damaged checkpoint is refused before anything changes.
+        let c = cluster_k(1, 0).await;
+        let x = client(&c).await;
+        let victim = ckpt.join(&manifest.files[0].name);
+        let mut bytes = std::fs::read(&victim).unwrap();
+        let last = bytes.len() - 1;
+        bytes[last] ^= 0x10;
+        std::fs::write(&victim, &bytes).unwrap();
+        let e = x.restore(&ckpt, &Default::default()).await.unwrap_err();
+        assert!(e.to_string().contains(&manifest.files[0].name), "{e}");
+        assert!(x.refresh().await.unwrap().tables.is_empty());
+        // And so is a partial one (no manifest).
+        std::fs::remove_file(ckpt.join("MANIFEST.json")).unwrap();
+        let e = x.restore(&ckpt, &Default::default()).await.unwrap_err();
+        assert!(e.to_string().contains("partial"), "{e}");
+    })
+    .await
+    .unwrap();
+}

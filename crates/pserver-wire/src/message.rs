@@ -135,12 +135,38 @@ pub enum Control {
         /// Address it accepts connections on ("" for workers and clients).
         addr: String,
     },
+    /// Ask a server to write the ranges it is primary of, for every table,
+    /// into checkpoint directory `dir` (on its file system).
+    Snapshot {
+        /// The directory.
+        dir: String,
+    },
+    /// A server's answer to `Snapshot`: the files it wrote.
+    Snapshotted {
+        /// One per (table, range).
+        files: Vec<SnapshotFile>,
+    },
     /// Ask the manager to drain a server: hand its ranges to the others,
     /// then let it exit.
     Drain {
         /// The server.
         node: NodeId,
     },
+}
+
+/// One range file of a checkpoint, as its manifest lists it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SnapshotFile {
+    /// The table.
+    pub table: u32,
+    /// The keys it covers.
+    pub range: KeyRange,
+    /// Its name in the checkpoint directory.
+    pub name: String,
+    /// Its length in bytes.
+    pub bytes: u64,
+    /// CRC32 of its contents after the header.
+    pub crc: u32,
 }
 
 /// What a [`Control::Replicate`] frame's values are.

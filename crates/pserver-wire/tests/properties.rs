@@ -418,8 +418,20 @@ fn every_control() -> Vec<Control> {
             role: Role::Server,
             addr: "10.0.0.2:7000".into(),
         },
+        Control::Snapshot {
+            dir: "/tmp/ckpt".into(),
+        },
+        Control::Snapshotted {
+            files: vec![pserver_wire::message::SnapshotFile {
+                table: 1,
+                range: KeyRange::ALL,
+                name: "t1.bin".into(),
+                bytes: 100,
+                crc: 7,
+            }],
+        },
     ];
-    let mut seen = [false; 19];
+    let mut seen = [false; 21];
     for c in &all {
         let i = match c {
             Control::Register { .. } => 0,
@@ -441,6 +453,8 @@ fn every_control() -> Vec<Control> {
             Control::Drain { .. } => 16,
             Control::Fence { .. } => 17,
             Control::Rejoin { .. } => 18,
+            Control::Snapshot { .. } => 19,
+            Control::Snapshotted { .. } => 20,
         };
         seen[i] = true;
     }

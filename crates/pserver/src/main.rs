@@ -90,6 +90,10 @@ enum Cmd {
         /// recover it after a restart: servers and workers rejoin.
         #[arg(long)]
         state: Option<std::path::PathBuf>,
+        /// Load this checkpoint once the first server has registered (it is
+        /// checked before the manager starts).
+        #[arg(long)]
+        restore: Option<std::path::PathBuf>,
         #[command(flatten)]
         opts: ManagerOpts,
     },
@@ -118,6 +122,25 @@ enum Cmd {
         /// Print JSON instead of a table.
         #[arg(long)]
         json: bool,
+    },
+    /// Write a checkpoint of every table into DIR (each server writes its
+    /// ranges there, so DIR must be on a file system they all see; the
+    /// manifest is written last). Take it between training runs.
+    Checkpoint {
+        /// The manager's address.
+        #[arg(long, default_value = DEFAULT_MANAGER)]
+        manager: String,
+        /// The checkpoint directory.
+        dir: std::path::PathBuf,
+    },
+    /// Load a checkpoint into a running cluster of any size: its tables are
+    /// created and filled. A damaged or partial checkpoint is refused whole.
+    Restore {
+        /// The manager's address.
+        #[arg(long, default_value = DEFAULT_MANAGER)]
+        manager: String,
+        /// The checkpoint directory.
+        dir: std::path::PathBuf,
     },
     /// Drain a server: hand its ranges to the other servers while pushes and
     /// pulls go on, then let it exit. Waits until it has left the map.
@@ -198,12 +221,36 @@ async fn run(cli: Cli) -> Result<()> {
         Cmd::Manager {
             listen,
             state,
+            restore,
             opts,
         } => {
             let mut cfg = opts.config(&listen)?;
             cfg.state_file = state;
+            if let Some(dir) = &restore {
+                check_checkpoint(dir)?;
+            }
             let m = start_manager(cfg).await.context("starting the manager")?;
             println!("manager listening on {}", m.addr());
+            if let Some(dir) = restore {
+                let addr = m.addr().to_string();
+                let token = m.cancelled();
+                tokio::spawn(async move {
+                    // Once a server holds the key space, load the checkpoint;
+                    // servers that join later get their ranges by hand-off.
+                    let result = async {
+                        let w = client(&addr).await?;
+                        while w.refresh().await?.partitions.is_empty() {
+                            tokio::time::sleep(Duration::from_millis(50)).await;
+                        }
+                        crate::restore(&addr, &dir).await
+                    }
+                    .await;
+                    if let Err(e) = result {
+                        eprintln!("error: restoring the checkpoint: {e:#}");
+                        token.cancel();
+                    }
+                });
+            }
             wait_for_stop(m.cancelled()).await;
             m.shutdown();
             Ok(())
@@ -224,6 +271,22 @@ async fn run(cli: Cli) -> Result<()> {
             node,
             timeout_s,
         } => drain(&manager, node, Duration::from_secs(timeout_s)).await,
+        Cmd::Checkpoint { manager, dir } => {
+            let w = client(&manager).await?;
+            let m = w
+                .checkpoint(&dir)
+                .await
+                .with_context(|| format!("writing the checkpoint {}", dir.display()))?;
+            println!(
+                "checkpoint written to {}: {} tables, {} range files, epoch {}",
+                dir.display(),
+                m.tables.len(),
+                m.files.len(),
+                m.epoch
+            );
+            Ok(())
+        }
+        Cmd::Restore { manager, dir } => restore(&manager, &dir).await,
         Cmd::Train(args) => train::run(args).await,
         Cmd::Predict(args) => train::predict(args).await,
         Cmd::Experiment(args) => experiment::run(args).await,
@@ -326,4 +389,41 @@ async fn drain(manager: &str, node: u32, timeout: Duration) -> Result<()> {
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+}
+
+/// A client of the manager at `manager`.
+async fn client(manager: &str) -> Result<pserver_node::worker::Worker> {
+    pserver_node::worker::Worker::connect(pserver_node::worker::WorkerConfig::client(manager))
+        .await
+        .with_context(|| format!("connecting to the manager at {manager}"))
+}
+
+/// Reads and checks a whole checkpoint, refusing a damaged or partial one.
+fn check_checkpoint(dir: &std::path::Path) -> Result<()> {
+    let registry = pserver_core::updater::Registry::new();
+    pserver_node::snapshot::load(dir, |spec| {
+        registry
+            .build(&spec.updater)
+            .map(|u| pserver_core::store::Store::new(spec.clone(), u).slot_width())
+            .unwrap_or(usize::MAX)
+    })
+    .with_context(|| format!("checking the checkpoint {}", dir.display()))?;
+    Ok(())
+}
+
+/// `pserver restore`: loads a checkpoint into the cluster at `manager`.
+async fn restore(manager: &str, dir: &std::path::Path) -> Result<()> {
+    let w = client(manager).await?;
+    let tables = w
+        .restore(dir, &pserver_core::updater::Registry::new())
+        .await
+        .with_context(|| format!("restoring the checkpoint {}", dir.display()))?;
+    let names: Vec<&str> = tables.iter().map(|t| t.name.as_str()).collect();
+    println!(
+        "restored {} tables from {}: {}",
+        tables.len(),
+        dir.display(),
+        names.join(", ")
+    );
+    Ok(())
 }

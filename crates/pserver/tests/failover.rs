@@ -392,3 +392,95 @@ fn a_sigkilled_manager_restarts_from_its_state_file_and_servers_rejoin() {
         .expect("the test finishes in 60 s")
     });
 }
+
+#[test]
+fn a_checkpoint_taken_on_three_servers_restores_on_two() {
+    let dir = tempfile::tempdir().unwrap();
+    let ckpt = dir.path().join("ckpt");
+    let ckpt = ckpt.to_str().unwrap();
+    let keys: Vec<u64> = (1..=200u64).map(|i| i * (u64::MAX / 201)).collect();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    let start = |servers: usize, extra: &[&str]| {
+        let mut args = vec!["manager", "--listen", "127.0.0.1:0", "--replicas", "1"];
+        args.extend_from_slice(extra);
+        let (m, line) = spawn(&args);
+        let manager = line.rsplit(' ').next().unwrap().to_string();
+        let mut procs = Procs(vec![(m, line)]);
+        for _ in 0..servers {
+            procs.0.push(spawn(&["server", "--manager", &manager]));
+        }
+        (procs, manager)
+    };
+    // Three servers: fill a table, checkpoint it with the command line.
+    let (procs, manager) = start(3, &[]);
+    let before = rt.block_on(async {
+        let w = Worker::connect(WorkerConfig::client(manager.clone()))
+            .await
+            .unwrap();
+        w.create_table("n", TableOptions::new(1, UpdaterSpec::Add))
+            .await
+            .unwrap();
+        let vals: Vec<f32> = (0..keys.len()).map(|i| i as f32 * 0.25).collect();
+        w.push("n", keys.clone(), vals).await.unwrap();
+        w.pull("n", keys.clone()).await.unwrap()
+    });
+    let out = Command::new(BIN)
+        .args(["checkpoint", "--manager", &manager, ckpt])
+        .env("RUST_LOG", "off")
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    drop(procs);
+    // A new cluster of two restores it at start.
+    let (_procs, manager) = start(2, &["--restore", ckpt]);
+    // The manager loads it once the first server is up; the second takes
+    // its ranges by hand-off, while or after the load runs.
+    rt.block_on(async {
+        let w = Worker::connect(WorkerConfig::client(manager.clone()))
+            .await
+            .unwrap();
+        let t0 = Instant::now();
+        let mut last = Vec::new();
+        loop {
+            if let Ok(v) = w.pull("n", keys.clone()).await {
+                if v == before {
+                    break;
+                }
+                last = v;
+            }
+            assert!(
+                t0.elapsed() < Duration::from_secs(20),
+                "not restored: {last:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        // Both servers hold ranges.
+        let map = w.refresh().await.unwrap();
+        let mut primaries: Vec<_> = map.partitions.iter().map(|p| p.primary).collect();
+        primaries.sort_unstable();
+        primaries.dedup();
+        assert_eq!(primaries.len(), 2);
+    });
+    // A damaged checkpoint stops the manager before it starts.
+    let manifest = std::path::Path::new(ckpt).join("MANIFEST.json");
+    std::fs::write(&manifest, b"{ not json").unwrap();
+    let out = Command::new(BIN)
+        .args(["manager", "--listen", "127.0.0.1:0", "--restore", ckpt])
+        .env("RUST_LOG", "off")
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.starts_with("error: ") && err.contains("MANIFEST.json"),
+        "{err}"
+    );
+}
