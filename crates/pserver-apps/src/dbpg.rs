@@ -41,7 +41,17 @@ pub struct DbpgConfig {
     pub kkt: Option<f32>,
     /// Number of workers (the KKT filter scales local gradients by it).
     pub workers: usize,
+    /// Epochs already done (a run resumed from a checkpoint): the weights
+    /// are pulled at start, and iterations go on from there.
+    pub start_epoch: usize,
+    /// Write a checkpoint into `.0/epoch-E` every `.1` epochs (at a
+    /// barrier, so it holds every worker's pushes up to that clock and none
+    /// after), and point `.0/LATEST` at it.
+    pub checkpoint: Option<(std::path::PathBuf, usize)>,
 }
+
+/// The file in a checkpoint directory naming the latest complete checkpoint.
+pub const LATEST: &str = "LATEST";
 
 /// One shard a worker works on: its rows, and what the worker knows of
 /// the weights of the shard's keys and of each row's margin.
@@ -105,10 +115,26 @@ pub async fn run_worker(
     mut adopt: UnboundedReceiver<Arc<Dataset>>,
 ) -> Result<(), NodeError> {
     let mut parts = vec![Part::new(data, cfg.blocks)];
+    let first = (cfg.blocks * cfg.start_epoch) as u64;
+    if first > 0 {
+        // Resumed: start from the weights as the checkpoint left them.
+        let now = w
+            .send(Request {
+                table: cfg.table.clone(),
+                op: Op::Pull,
+                keys: Keys::List(parts[0].data.keys.clone()),
+                vals: Vec::new(),
+                clock: Some(0),
+                consistency: None,
+            })
+            .await?
+            .vals;
+        parts[0].set_weights(now);
+    }
     let total = (cfg.blocks * cfg.epochs) as u64;
     let block_of = |t: u64| ((t - 1) % cfg.blocks as u64) as usize;
 
-    for t in 1..=total {
+    for t in first + 1..=total {
         while let Ok(d) = adopt.try_recv() {
             let mut part = Part::new(d, cfg.blocks);
             // The weights as they stand (clock 0: no wait); later pulls
@@ -192,7 +218,9 @@ pub async fn run_worker(
         // other workers' clocks, not on this push's acknowledgement.
         w.set_clock(t);
         let push = w.push(&cfg.table, keys, vals);
-        if let Some(s) = t.checked_sub(cfg.tau).filter(|&s| s >= 1) {
+        // Blocks of iterations before a resume are in the weights pulled at
+        // start (and nobody pushed their clocks in this cluster).
+        if let Some(s) = t.checked_sub(cfg.tau).filter(|&s| s > first) {
             pull_block(w, cfg, &mut parts, block_of(s), t).await?;
         }
         push.await?;
@@ -207,10 +235,52 @@ pub async fn run_worker(
             busy,
             wait,
         }));
+        if let Some((dir, every)) = &cfg.checkpoint {
+            let epoch = (t / cfg.blocks as u64) as usize;
+            if t.is_multiple_of(cfg.blocks as u64)
+                && *every > 0
+                && epoch.is_multiple_of(*every)
+                && t < total
+            {
+                checkpoint(w, index, cfg, dir, epoch, progress).await?;
+            }
+        }
     }
     // No final pulls: every push is acknowledged after its clock's
     // aggregate is applied, so the table is complete once all workers return.
     Ok(())
+}
+
+/// Every worker stops at a barrier after epoch `epoch` (its pushes are all
+/// acknowledged, so every sum up to this clock is applied and none after);
+/// worker 0 writes the checkpoint and points `LATEST` at it; a second
+/// barrier lets everyone go on.
+async fn checkpoint(
+    w: &Worker,
+    index: usize,
+    cfg: &DbpgConfig,
+    dir: &std::path::Path,
+    epoch: usize,
+    progress: &UnboundedSender<Progress>,
+) -> Result<(), NodeError> {
+    w.barrier(&format!("{}-ckpt-{epoch}", cfg.table)).await?;
+    if index == 0 {
+        let name = format!("epoch-{epoch}");
+        let at = dir.join(&name);
+        w.checkpoint(&at).await?;
+        // LATEST changes only once the checkpoint is whole.
+        let tmp = dir.join("LATEST.tmp");
+        let io = |e: std::io::Error| {
+            NodeError::BadRequest(format!("writing {}: {e}", dir.join(LATEST).display()))
+        };
+        std::fs::write(&tmp, format!("{name}\n")).map_err(io)?;
+        std::fs::File::open(&tmp)
+            .and_then(|f| f.sync_all())
+            .map_err(io)?;
+        std::fs::rename(&tmp, dir.join(LATEST)).map_err(io)?;
+        let _ = progress.send(Progress::Checkpointed { epoch, dir: at });
+    }
+    w.barrier(&format!("{}-ckpt-{epoch}-done", cfg.table)).await
 }
 
 /// Pulls block `j` at `clock` (the union of the parts' keys) and folds the

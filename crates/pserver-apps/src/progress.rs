@@ -43,6 +43,20 @@ pub enum Progress {
         /// Why.
         why: String,
     },
+    /// The run goes on from a checkpoint.
+    Resumed {
+        /// Epochs it holds.
+        epoch: usize,
+        /// Where.
+        dir: std::path::PathBuf,
+    },
+    /// A checkpoint was written after an epoch.
+    Checkpointed {
+        /// Epochs done.
+        epoch: usize,
+        /// Where.
+        dir: std::path::PathBuf,
+    },
     /// A worker took on the shard of one that was lost.
     Adopted {
         /// The worker that took it.

@@ -76,6 +76,15 @@ pub struct TrainConfig {
     /// Pack pushed values (lossless or fixed point) and have servers pack
     /// pulled values losslessly (the compression filter); `None`: raw.
     pub compression: Option<Packing>,
+    /// Where to write checkpoints (DBPG): `DIR/epoch-E`, and `DIR/LATEST`
+    /// naming the newest whole one.
+    pub checkpoint_dir: Option<PathBuf>,
+    /// Write one every this many epochs (0: never).
+    pub checkpoint_every: usize,
+    /// Start from the newest checkpoint in `checkpoint_dir`, if there is one
+    /// (its table is restored into the cluster and training goes on from
+    /// the epoch after it), instead of from zero.
+    pub resume: bool,
     /// Fault injection: stop worker `.0` this long into training, as if its
     /// machine died (its computation stops and it stops heartbeating), to
     /// show that its shard is taken over and the run finishes.
@@ -165,6 +174,12 @@ impl TrainConfig {
             if !(0.0..1.0).contains(&d) {
                 return bad("the KKT margin must be in [0, 1)");
             }
+        }
+        if (self.checkpoint_every > 0 || self.resume) && self.checkpoint_dir.is_none() {
+            return bad("--checkpoint-every and --resume need --checkpoint-dir");
+        }
+        if (self.checkpoint_every > 0 || self.resume) && self.algo != Algo::Dbpg {
+            return bad("checkpoints during training are for --algo dbpg");
         }
         if self.test.is_none() && !matches!(self.format, Format::Csv(_)) {
             return bad("--test is needed unless a CSV schema defines a held-out split");
@@ -274,7 +289,25 @@ pub async fn train(
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_millis())
         .unwrap_or(0);
-    let table = format!("{}-{stamp}", cfg.algo.name());
+    let mut table = format!("{}-{stamp}", cfg.algo.name());
+    // A resumed run continues the checkpoint's table from its epoch.
+    let mut start_epoch = 0;
+    if let (true, Some(dir), Algo::Dbpg) = (cfg.resume, &cfg.checkpoint_dir, cfg.algo) {
+        if let Some((epoch, at)) = latest_checkpoint(dir)? {
+            let restored = observer
+                .restore(&at, &pserver_core::updater::Registry::new())
+                .await?;
+            let Some(t) = restored.first() else {
+                return Err(TrainError::Config(format!(
+                    "the checkpoint {} holds no table",
+                    at.display()
+                )));
+            };
+            table = t.name.clone();
+            start_epoch = epoch.min(cfg.epochs);
+            let _ = progress.send(Progress::Resumed { epoch, dir: at });
+        }
+    }
     let consistency = if cfg.tau == 0 {
         Consistency::Sequential
     } else {
@@ -305,8 +338,10 @@ pub async fn train(
         ),
     }
     .consistency(consistency);
-    workers[0].create_table(&table, opts).await?;
-    for w in &workers[1..] {
+    if start_epoch == 0 {
+        workers[0].create_table(&table, opts).await?;
+    }
+    for w in &workers {
         w.refresh().await?;
     }
 
@@ -330,7 +365,7 @@ pub async fn train(
         adopt_tx.push(atx);
         let done = done_tx.clone();
         tasks.push(tokio::spawn(async move {
-            let r = run_one(w, i, data, table, cfg, max_rows, tx, arx).await;
+            let r = run_one(w, i, data, table, cfg, max_rows, start_epoch, tx, arx).await;
             let _ = done.send((i, r));
         }));
     }
@@ -500,6 +535,7 @@ async fn run_one(
     table: String,
     cfg: TrainConfig,
     max_rows: usize,
+    start_epoch: usize,
     tx: UnboundedSender<Progress>,
     adopt: tokio::sync::mpsc::UnboundedReceiver<Arc<Dataset>>,
 ) -> Result<(), NodeError> {
@@ -514,6 +550,12 @@ async fn run_one(
                 l1: cfg.l1,
                 kkt: cfg.kkt,
                 workers: cfg.workers,
+                start_epoch,
+                checkpoint: cfg
+                    .checkpoint_dir
+                    .clone()
+                    .filter(|_| cfg.checkpoint_every > 0)
+                    .map(|d| (d, cfg.checkpoint_every)),
             };
             dbpg::run_worker(&w, i, data, &c, &tx, adopt).await
         }
@@ -528,6 +570,32 @@ async fn run_one(
             ftrl::run_worker(&w, i, &data, &c, &tx).await
         }
     }
+}
+
+/// The newest whole checkpoint under `dir` (named by its `LATEST` file):
+/// its epoch and directory; `None` when there is none yet.
+fn latest_checkpoint(dir: &std::path::Path) -> Result<Option<(usize, PathBuf)>, TrainError> {
+    let latest = dir.join(dbpg::LATEST);
+    let name = match std::fs::read_to_string(&latest) {
+        Ok(n) => n.trim().to_string(),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => {
+            return Err(TrainError::Config(format!(
+                "reading {}: {e}",
+                latest.display()
+            )));
+        }
+    };
+    let epoch = name
+        .strip_prefix("epoch-")
+        .and_then(|e| e.parse().ok())
+        .ok_or_else(|| {
+            TrainError::Config(format!(
+                "{} names {name:?}, not an epoch-N checkpoint",
+                latest.display()
+            ))
+        })?;
+    Ok(Some((epoch, dir.join(name))))
 }
 
 /// Pulls the weights of the test set's keys and scores it.

@@ -61,6 +61,9 @@ fn config(algo: Algo, train_path: &Path, test_path: &Path) -> TrainConfig {
         key_caching: true,
         compression: None,
         fail_worker: None,
+        checkpoint_dir: None,
+        checkpoint_every: 0,
+        resume: false,
     }
 }
 
@@ -287,6 +290,84 @@ async fn sequential_dbpg_matches_delayed_dbpg() {
         }
         assert!(aucs[0] > 0.95, "tau 0: AUC {}", aucs[0]);
         assert!((aucs[0] - aucs[1]).abs() < 0.01, "{aucs:?}");
+    })
+    .await
+    .unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn training_resumes_from_a_checkpoint_after_a_whole_cluster_restart() {
+    tokio::time::timeout(Duration::from_secs(120), async {
+        let dir = tempfile::tempdir().unwrap();
+        let (tr, te) = (dir.path().join("train.svm"), dir.path().join("test.svm"));
+        write_data(&tr, 3000, 1, false);
+        write_data(&te, 1000, 2, false);
+        let ckpt = dir.path().join("ckpt");
+        let run = |cfg: TrainConfig| async move {
+            let cluster = LocalCluster::start(LocalConfig::default()).await.unwrap();
+            let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+            let events = tokio::spawn(async move {
+                let mut seen = Vec::new();
+                while let Some(ev) = rx.recv().await {
+                    match ev {
+                        pserver_apps::progress::Progress::Checkpointed { epoch, .. } => {
+                            seen.push(format!("checkpoint {epoch}"))
+                        }
+                        pserver_apps::progress::Progress::Resumed { epoch, .. } => {
+                            seen.push(format!("resumed {epoch}"))
+                        }
+                        _ => {}
+                    }
+                }
+                seen
+            });
+            let r = train(&cluster.manager_addr().to_string(), &cfg, tx)
+                .await
+                .unwrap();
+            cluster.shutdown();
+            (r, events.await.unwrap())
+        };
+        let base = TrainConfig {
+            eval_every: None,
+            tau: 0,
+            ..config(Algo::Dbpg, &tr, &te)
+        };
+        // Straight through, 8 epochs.
+        let (whole, _) = run(TrainConfig {
+            epochs: 8,
+            ..base.clone()
+        })
+        .await;
+        // 5 epochs with a checkpoint every 2; the cluster then goes away.
+        let (_, first) = run(TrainConfig {
+            epochs: 5,
+            checkpoint_dir: Some(ckpt.clone()),
+            checkpoint_every: 2,
+            ..base.clone()
+        })
+        .await;
+        assert_eq!(first, vec!["checkpoint 2", "checkpoint 4"]);
+        // A new cluster resumes after epoch 4 and finishes the 8.
+        let (resumed, second) = run(TrainConfig {
+            epochs: 8,
+            checkpoint_dir: Some(ckpt.clone()),
+            resume: true,
+            ..base.clone()
+        })
+        .await;
+        assert_eq!(second, vec!["resumed 4"]);
+        assert!(
+            (whole.test.auc - resumed.test.auc).abs() < 0.002,
+            "straight {} vs resumed {}",
+            whole.test.auc,
+            resumed.test.auc
+        );
+        assert!(
+            (whole.test.logloss - resumed.test.logloss).abs() < 0.002,
+            "straight {} vs resumed {}",
+            whole.test.logloss,
+            resumed.test.logloss
+        );
     })
     .await
     .unwrap();

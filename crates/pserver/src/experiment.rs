@@ -124,6 +124,9 @@ fn flights(workers: usize, epochs: usize, key_caching: bool) -> Result<TrainConf
         key_caching,
         compression: None,
         fail_worker: None,
+        checkpoint_dir: None,
+        checkpoint_every: 0,
+        resume: false,
     })
 }
 

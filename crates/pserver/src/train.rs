@@ -125,6 +125,17 @@ pub struct TrainArgs {
     /// run carries on (DBPG).
     #[arg(long)]
     fail_worker_after_ms: Option<u64>,
+    /// Write checkpoints here (DBPG): DIR/epoch-E, and DIR/LATEST naming
+    /// the newest whole one.
+    #[arg(long)]
+    checkpoint_dir: Option<PathBuf>,
+    /// Write a checkpoint every N epochs (0: never).
+    #[arg(long, default_value_t = 0)]
+    checkpoint_every: usize,
+    /// Go on from the newest checkpoint in --checkpoint-dir, if any (after a
+    /// whole-cluster restart), instead of starting from zero.
+    #[arg(long)]
+    resume: bool,
     /// Score the test set every this many milliseconds while training (0: only at the end).
     #[arg(long, default_value_t = 200)]
     eval_every_ms: u64,
@@ -213,6 +224,9 @@ pub async fn run(args: TrainArgs) -> Result<()> {
         fail_worker: args
             .fail_worker_after_ms
             .map(|ms| (args.workers.saturating_sub(1), Duration::from_millis(ms))),
+        checkpoint_dir: args.checkpoint_dir.clone(),
+        checkpoint_every: args.checkpoint_every,
+        resume: args.resume,
     };
     cfg.validate()?;
     if args.servers == 0 {
@@ -382,6 +396,12 @@ async fn show_progress(
             }
             Progress::Adopted { worker, rows } => {
                 bar.suspend(|| println!("  worker {worker} took over its {rows} rows"));
+            }
+            Progress::Checkpointed { epoch, dir } => {
+                bar.suspend(|| println!("  checkpoint after epoch {epoch}: {}", dir.display()));
+            }
+            Progress::Resumed { epoch, dir } => {
+                println!("  resuming after epoch {epoch} from {}", dir.display());
             }
         }
     }
