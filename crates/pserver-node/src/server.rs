@@ -340,6 +340,11 @@ pub async fn start_server(cfg: ServerConfig) -> Result<ServerHandle, NodeError> 
                             let gone = map.node(id).is_none_or(|n| n.state == NodeState::Dead);
                             let out = lock(&st).apply_map(map);
                             send_all(out).await;
+                            // Replies this map released (acks of sums this
+                            // server no longer applies go back as NotOwner,
+                            // so their workers retry elsewhere) go out even
+                            // when the server is leaving.
+                            spawn_released(&st);
                             if gone {
                                 // Drained (or declared dead while alive):
                                 // another server holds its ranges now.
@@ -378,6 +383,18 @@ pub async fn start_server(cfg: ServerConfig) -> Result<ServerHandle, NodeError> 
         }
         tracing::info!(node = id, "server stopping");
         token.cancel();
+        // Drop every reply still held (and with them the connections they
+        // would go out on), so that clients see the connections close and
+        // resend elsewhere instead of waiting for answers that never come.
+        let mut g = lock(&st);
+        g.deferred.clear();
+        g.waiting.clear();
+        g.forwarders.clear();
+        for t in g.tables.values_mut() {
+            for agg in t.pending.values_mut() {
+                agg.acks.clear();
+            }
+        }
     });
 
     let limits = cfg.limits;

@@ -16,7 +16,9 @@ use crate::conn::{Peer, lock};
 use crate::error::NodeError;
 use crate::net::Net;
 use crate::proto::{control_request, register, rejoin, reply_control};
+use futures_util::StreamExt;
 use futures_util::future::join_all;
+use futures_util::stream::FuturesUnordered;
 use pserver_core::keycache::key_list_hash;
 use pserver_core::{
     ClusterMap, Consistency, Init, KEY_END, KeyRange, NodeId, Role, TableSpec, UpdaterSpec,
@@ -723,6 +725,21 @@ struct Item {
     count: usize,
     /// Sent before: it may have been applied, so a resend is a retry.
     sent: bool,
+    /// Transient failures so far (sets the pause before the next try).
+    tries: u32,
+}
+
+/// A slice on its way: it ends with its result, or with none after a
+/// pause (then it is sliced again with the current map).
+type SliceFuture<'a> =
+    Pin<Box<dyn Future<Output = (Item, Option<Result<SliceResult, NodeError>>)> + Send + 'a>>;
+
+/// Waits before a slice goes again (2 ms doubling to 200 ms), then hands it
+/// back with no result: the caller refreshes the map and resends it.
+async fn pause<E>(item: Item) -> (Item, Option<Result<SliceResult, E>>) {
+    let ms = (2u64 << item.tries.min(7)).min(200);
+    tokio::time::sleep(Duration::from_millis(ms)).await;
+    (item, None)
 }
 
 enum SliceResult {
@@ -891,154 +908,152 @@ impl Inner {
             },
             ..Outcome::default()
         };
-        let mut items = vec![Item {
+        // Every slice goes and retries on its own: a slice held by a server
+        // (an aggregating table acknowledges a push once every worker's push
+        // of the clock is in) must not hold back the resend of another slice
+        // of the same request, which that very sum may be waiting for.
+        let mut queue = vec![Item {
             range,
             first: 0,
             count: n,
             sent: false,
+            tries: 0,
         }];
         let deadline = Instant::now() + self.timeout;
-        let mut backoff = Duration::from_millis(2);
+        let mut in_flight: FuturesUnordered<SliceFuture<'_>> = FuturesUnordered::new();
         loop {
-            let map = lock(&self.map).clone();
-            let mut subs = Vec::new();
-            for item in &items {
-                let item_keys = if dense {
-                    &[][..]
-                } else {
-                    &keys[item.first..item.first + item.count]
-                };
-                let slices = map.slice(item.range, item_keys);
-                if slices.is_empty() {
-                    // The map names no live server; fail now unless the
-                    // manager already knows better.
-                    if self.refresh().await?.partitions.is_empty() {
-                        return Err(NodeError::NoServer(item.range));
-                    }
-                    subs.push((item.clone(), None));
-                    continue;
-                }
-                for s in slices {
-                    // A pull needs no message where it has no keys (a push
-                    // does: its empty slices advance the range clocks).
-                    if req.op == Op::Pull && !dense && s.keys.is_empty() {
+            if !queue.is_empty() {
+                let map = lock(&self.map).clone();
+                for item in std::mem::take(&mut queue) {
+                    let item_keys = if dense {
+                        &[][..]
+                    } else {
+                        &keys[item.first..item.first + item.count]
+                    };
+                    let slices = map.slice(item.range, item_keys);
+                    if slices.is_empty() {
+                        // The map names no live server; fail now unless the
+                        // manager already knows better.
+                        if self.refresh().await?.partitions.is_empty() {
+                            return Err(NodeError::NoServer(item.range));
+                        }
+                        in_flight.push(Box::pin(pause(item)));
                         continue;
                     }
-                    let (first, count) = if dense {
-                        (
-                            (s.range.begin - range.begin) as usize,
-                            s.range.len() as usize,
-                        )
-                    } else {
-                        (item.first + s.keys.start, s.keys.len())
-                    };
-                    let sub = Item {
-                        range: s.range,
-                        first,
-                        count,
-                        sent: item.sent,
-                    };
-                    subs.push((sub, Some(map.partitions[s.partition].primary)));
-                }
-            }
-            let sends = subs.iter().map(|(item, server)| {
-                let this = self.clone();
-                let map = map.clone();
-                let ctrl = ctrl.clone();
-                let frame = server.map(|_| {
-                    let mut h = Header::new(kind);
-                    h.flags =
-                        if dense { FLAG_DENSE } else { 0 } | if item.sent { FLAG_RETRY } else { 0 };
-                    h.sender = self.id;
-                    h.table = spec.id;
-                    h.epoch = map.epoch;
-                    h.clock = clock;
-                    h.range = item.range;
-                    Frame {
-                        header: h,
-                        keys: if dense {
-                            Vec::new()
-                        } else {
-                            keys[item.first..item.first + item.count].to_vec()
-                        },
-                        vals: req.vals[item.first * width..(item.first + item.count) * width]
-                            .to_vec(),
-                        ctrl,
-                        packed: None,
-                    }
-                });
-                async move {
-                    match (server, frame) {
-                        (Some(server), Some(frame)) => this.send_slice(*server, &map, frame).await,
-                        _ => Ok(SliceResult::Again),
-                    }
-                }
-            });
-            let results = join_all(sends).await;
-            let mut next = Vec::new();
-            let mut transient = false;
-            for ((mut item, _), res) in subs.into_iter().zip(results) {
-                match res? {
-                    SliceResult::Done {
-                        vals,
-                        keys: _,
-                        applied,
-                        duplicate,
-                    } => {
-                        out.applied += applied;
-                        out.duplicate += duplicate;
-                        if req.op != Op::Push {
-                            if vals.len() != item.count * dim {
-                                return Err(NodeError::Protocol {
-                                    peer: format!("server for {}", item.range),
-                                    what: format!(
-                                        "{} values for {} keys of dim {dim}",
-                                        vals.len(),
-                                        item.count
-                                    ),
-                                });
-                            }
-                            out.vals[item.first * dim..(item.first + item.count) * dim]
-                                .copy_from_slice(&vals);
+                    for s in slices {
+                        // A pull needs no message where it has no keys (a
+                        // push does: its empty slices advance range clocks).
+                        if req.op == Op::Pull && !dense && s.keys.is_empty() {
+                            continue;
                         }
-                    }
-                    SliceResult::Redirect(map) => {
-                        self.install(map);
-                        next.push(item);
-                    }
-                    SliceResult::Again => {
-                        transient = true;
-                        next.push(item);
-                    }
-                    // Not a retry: the refused reference changed nothing, so
-                    // `item.sent` stays as it was.
-                    SliceResult::Miss => next.push(item),
-                    SliceResult::Lost => {
-                        transient = true;
-                        item.sent = true;
-                        next.push(item);
+                        let (first, count) = if dense {
+                            (
+                                (s.range.begin - range.begin) as usize,
+                                s.range.len() as usize,
+                            )
+                        } else {
+                            (item.first + s.keys.start, s.keys.len())
+                        };
+                        let sub = Item {
+                            range: s.range,
+                            first,
+                            count,
+                            sent: item.sent,
+                            tries: item.tries,
+                        };
+                        let server = map.partitions[s.partition].primary;
+                        let mut h = Header::new(kind);
+                        h.flags = if dense { FLAG_DENSE } else { 0 }
+                            | if sub.sent { FLAG_RETRY } else { 0 };
+                        h.sender = self.id;
+                        h.table = spec.id;
+                        h.epoch = map.epoch;
+                        h.clock = clock;
+                        h.range = sub.range;
+                        let frame = Frame {
+                            header: h,
+                            keys: if dense {
+                                Vec::new()
+                            } else {
+                                keys[sub.first..sub.first + sub.count].to_vec()
+                            },
+                            vals: req.vals[sub.first * width..(sub.first + sub.count) * width]
+                                .to_vec(),
+                            ctrl: ctrl.clone(),
+                            packed: None,
+                        };
+                        let this = self.clone();
+                        let map = map.clone();
+                        in_flight.push(Box::pin(async move {
+                            let r = this.send_slice(server, &map, frame).await;
+                            (sub, Some(r))
+                        }));
                     }
                 }
             }
-            if next.is_empty() {
+            let Some((mut item, step)) = in_flight.next().await else {
                 return Ok(out);
+            };
+            let Some(res) = step else {
+                // Back from a pause: the map may have moved on without
+                // telling us (a server died).
+                let _ = self.refresh().await;
+                queue.push(item);
+                continue;
+            };
+            let again = |mut item: Item, in_flight: &mut FuturesUnordered<_>| {
+                self.traffic.retries.fetch_add(1, Ordering::Relaxed);
+                item.tries += 1;
+                in_flight.push(Box::pin(pause(item)) as Pin<Box<dyn Future<Output = _> + Send>>);
+            };
+            match res? {
+                SliceResult::Done {
+                    vals,
+                    keys: _,
+                    applied,
+                    duplicate,
+                } => {
+                    out.applied += applied;
+                    out.duplicate += duplicate;
+                    if req.op != Op::Push {
+                        if vals.len() != item.count * dim {
+                            return Err(NodeError::Protocol {
+                                peer: format!("server for {}", item.range),
+                                what: format!(
+                                    "{} values for {} keys of dim {dim}",
+                                    vals.len(),
+                                    item.count
+                                ),
+                            });
+                        }
+                        out.vals[item.first * dim..(item.first + item.count) * dim]
+                            .copy_from_slice(&vals);
+                    }
+                    continue;
+                }
+                SliceResult::Redirect(map) => {
+                    self.install(map);
+                    self.traffic.retries.fetch_add(1, Ordering::Relaxed);
+                    queue.push(item);
+                }
+                SliceResult::Again => again(item, &mut in_flight),
+                // Not a retry: the refused reference changed nothing, so
+                // `item.sent` stays as it was.
+                SliceResult::Miss => {
+                    self.traffic.retries.fetch_add(1, Ordering::Relaxed);
+                    queue.push(item);
+                }
+                SliceResult::Lost => {
+                    item.sent = true;
+                    again(item, &mut in_flight);
+                }
             }
-            self.traffic
-                .retries
-                .fetch_add(next.len() as u64, Ordering::Relaxed);
             if Instant::now() >= deadline {
                 return Err(NodeError::Timeout {
                     what: format!("{:?} on table {:?}", req.op, req.table),
                     secs: self.timeout.as_secs(),
                 });
             }
-            if transient {
-                tokio::time::sleep(backoff).await;
-                backoff = (backoff * 2).min(Duration::from_millis(200));
-                // The map may have moved on without telling us (a server died).
-                let _ = self.refresh().await;
-            }
-            items = next;
         }
     }
 
