@@ -288,6 +288,8 @@ struct Inner {
     cache_keys_from: Option<usize>,
     /// Value compression, when on.
     compression: Option<Packing>,
+    /// Fires when the latest push has queued its first frames (see `send`).
+    push_gate: Mutex<Option<oneshot::Receiver<()>>>,
     net: Net,
     timeout: Duration,
     cancel: CancellationToken,
@@ -330,6 +332,7 @@ impl Worker {
             timeout: cfg.timeout,
             cache_keys_from: cfg.key_caching.then_some(cfg.min_cached_keys.max(3)),
             compression: cfg.compression,
+            push_gate: Mutex::new(None),
             net: cfg.net.clone(),
             cancel: CancellationToken::new(),
             traffic: Traffic::default(),
@@ -677,21 +680,40 @@ impl Worker {
         // The clock is the one current now, not when the task first runs:
         // the caller may advance it before then.
         req.clock.get_or_insert_with(|| self.clock());
+        let order = self.push_order(&req);
         let (tx, rx) = oneshot::channel();
         let inner = self.inner.clone();
         self.inner.rt.spawn(async move {
-            let _ = tx.send(inner.execute(req).await.map(|o| o.vals));
+            let _ = tx.send(inner.execute(req, order).await.map(|o| o.vals));
         });
         Handle { rx }
+    }
+
+    /// For a request that pushes: the signal of the push before it, and the
+    /// one this request gives the next once its frames are queued. Pushes
+    /// thus leave in the order they were made: a server keeps the highest
+    /// clock each worker pushed to a range, so a later clock arriving first
+    /// would make the earlier look like a duplicate.
+    #[allow(clippy::type_complexity)]
+    fn push_order(
+        &self,
+        req: &Request,
+    ) -> Option<(Option<oneshot::Receiver<()>>, oneshot::Sender<()>)> {
+        (req.op != Op::Pull).then(|| {
+            let (queued, next) = oneshot::channel();
+            let before = lock(&self.inner.push_gate).replace(next);
+            (before, queued)
+        })
     }
 
     /// Sends any request.
     pub fn send(&self, mut req: Request) -> Handle<Outcome> {
         req.clock.get_or_insert_with(|| self.clock());
+        let order = self.push_order(&req);
         let (tx, rx) = oneshot::channel();
         let inner = self.inner.clone();
         self.inner.rt.spawn(async move {
-            let _ = tx.send(inner.execute(req).await);
+            let _ = tx.send(inner.execute(req, order).await);
         });
         Handle { rx }
     }
@@ -728,6 +750,12 @@ struct Item {
     /// Transient failures so far (sets the pause before the next try).
     tries: u32,
 }
+
+/// A signal for the next push, shared by the parts of a request's first
+/// round: once the last part is dropped (its frame queued, or failed), the
+/// sender is dropped, which completes the next push's wait.
+#[derive(Clone)]
+struct Queued(#[allow(dead_code)] Arc<oneshot::Sender<()>>);
 
 /// A slice on its way: it ends with its result, or with none after a
 /// pause (then it is sliced again with the current map).
@@ -841,7 +869,21 @@ impl Inner {
         }
     }
 
-    async fn execute(self: Arc<Self>, req: Request) -> Result<Outcome, NodeError> {
+    async fn execute(
+        self: Arc<Self>,
+        req: Request,
+        order: Option<(Option<oneshot::Receiver<()>>, oneshot::Sender<()>)>,
+    ) -> Result<Outcome, NodeError> {
+        // Wait for the push before this one to have queued its frames; hold
+        // the signal for the next until this one has queued its own (a
+        // failure before that drops it, which also lets the next go).
+        let mut queued_signal = None;
+        if let Some((before, queued)) = order {
+            if let Some(before) = before {
+                let _ = before.await;
+            }
+            queued_signal = Some(queued);
+        }
         let spec = self.table(&req.table).await?;
         let dim = spec.dim as usize;
         let clock = req
@@ -924,6 +966,8 @@ impl Inner {
         loop {
             if !queue.is_empty() {
                 let map = lock(&self.map).clone();
+                // The first round's frames count down to the signal.
+                let countdown = queued_signal.take().map(|tx| Queued(Arc::new(tx)));
                 for item in std::mem::take(&mut queue) {
                     let item_keys = if dense {
                         &[][..]
@@ -984,8 +1028,9 @@ impl Inner {
                         };
                         let this = self.clone();
                         let map = map.clone();
+                        let queued = countdown.clone();
                         in_flight.push(Box::pin(async move {
-                            let r = this.send_slice(server, &map, frame).await;
+                            let r = this.send_slice(server, &map, frame, queued).await;
                             (sub, Some(r))
                         }));
                     }
@@ -1087,7 +1132,7 @@ impl Inner {
                 h.range = r;
                 let map = map.clone();
                 let this = self.clone();
-                async move { this.send_slice(server, &map, Frame::new(h)).await }
+                async move { this.send_slice(server, &map, Frame::new(h), None).await }
             });
             let results = join_all(sends).await;
             todo = Vec::new();
@@ -1142,11 +1187,15 @@ impl Inner {
             && h.flags & (FLAG_DENSE | FLAG_SCAN | FLAG_KEYREF) == 0
     }
 
+    /// Sends one slice and reads its reply. `queued` is dropped once the
+    /// frame is queued on its connection (or could not be), which is what
+    /// the next push waits for.
     async fn send_slice(
         &self,
         server: NodeId,
         map: &ClusterMap,
         frame: Frame,
+        queued: Option<Queued>,
     ) -> Result<SliceResult, NodeError> {
         let link = match self.link(server, map).await {
             Ok(l) => l,
@@ -1181,12 +1230,16 @@ impl Inner {
         self.traffic
             .bytes_sent
             .fetch_add(frame.encoded_len() as u64 + 4, Ordering::Relaxed);
-        let reply = match peer.request(frame).await {
-            Ok(r) => r,
-            Err(_) => {
-                lock(&self.servers).remove(&server);
-                return Ok(SliceResult::Lost);
+        let reply = match peer.send_request(frame).await {
+            Ok(pending) => {
+                drop(queued);
+                pending.await.ok()
             }
+            Err(_) => None,
+        };
+        let Some(reply) = reply else {
+            lock(&self.servers).remove(&server);
+            return Ok(SliceResult::Lost);
         };
         self.traffic
             .bytes_received
