@@ -111,6 +111,14 @@ impl State {
         }
     }
 
+    /// Takes node `id` on this connection and answers `Registered`.
+    fn welcome(&mut self, h: &Header, id: NodeId, out: &Outbox, me: &mut Option<NodeId>) -> Frame {
+        *me = Some(id);
+        self.conns.insert(id, out.clone());
+        let map = self.members.map().clone();
+        control_reply(h, MANAGER_ID, map.epoch, &Control::Registered { id, map })
+    }
+
     fn release(&mut self, released: Vec<Released>) {
         for r in released {
             let epoch = self.members.map().epoch;
@@ -258,16 +266,8 @@ fn handle(
         if let Control::Rejoin { id, role, addr } = msg {
             return match st.members.rejoin(id, role, &addr, now) {
                 Ok(()) => {
-                    *me = Some(id);
-                    st.conns.insert(id, out.clone());
                     tracing::info!(node = id, %role, "rejoined");
-                    let map = st.members.map().clone();
-                    Some(control_reply(
-                        h,
-                        MANAGER_ID,
-                        map.epoch,
-                        &Control::Registered { id, map },
-                    ))
+                    Some(st.welcome(h, id, out, me))
                 }
                 Err(e) => err(ErrorCode::Invalid, e.to_string()),
             };
@@ -277,19 +277,11 @@ fn handle(
         };
         return match st.members.register(role, &addr, now) {
             Ok(id) => {
-                *me = Some(id);
-                st.conns.insert(id, out.clone());
                 tracing::info!(node = id, %role, %addr, epoch = st.members.map().epoch, "registered");
                 if role != Role::Client {
                     st.broadcast();
                 }
-                let map = st.members.map().clone();
-                Some(control_reply(
-                    h,
-                    MANAGER_ID,
-                    map.epoch,
-                    &Control::Registered { id, map },
-                ))
+                Some(st.welcome(h, id, out, me))
             }
             Err(e) => err(ErrorCode::Invalid, e.to_string()),
         };

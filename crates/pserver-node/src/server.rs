@@ -919,17 +919,32 @@ impl State {
             },
         );
         f.header.range = r;
-        match self.forward(next, f) {
+        Ok(self.pass_on(next, f, &h, out, ok))
+    }
+
+    /// Forwards `frame` to `next` (the rest of a chain) and holds `ok`, the
+    /// answer to the request `h` that arrived on `out`, until the chain has
+    /// it; answers at once when `next` is not a live server.
+    fn pass_on(
+        &mut self,
+        next: NodeId,
+        frame: Frame,
+        h: &Header,
+        out: &Outbox,
+        ok: Frame,
+    ) -> Option<Frame> {
+        match self.forward(next, frame) {
             Some(rx) => {
+                let stale = self.stale_reply(h);
                 self.deferred.push(Deferred {
                     after: vec![rx],
                     to: out.clone(),
                     frame: ok,
-                    stale: self.stale_reply(&h),
+                    stale,
                 });
-                Ok(None)
+                None
             }
-            None => Ok(Some(ok)),
+            None => Some(ok),
         }
     }
 
@@ -1612,18 +1627,7 @@ impl State {
         }
         .to_bytes()
         .into();
-        match self.forward(next, f) {
-            Some(r) => {
-                self.deferred.push(Deferred {
-                    after: vec![r],
-                    to: out.clone(),
-                    frame: ok,
-                    stale: self.stale_reply(&h),
-                });
-                Ok(None)
-            }
-            None => Ok(Some(ok)),
-        }
+        Ok(self.pass_on(next, f, &h, out, ok))
     }
 
     /// Replaces the `[hash, count]` of a key-reference frame by the list it
