@@ -2,38 +2,12 @@
 //! started as `pserver` processes on loopback, driven by `pserver kv` and
 //! `pserver status` exactly as the README shows.
 
-use std::io::{BufRead, BufReader};
-use std::process::{Child, Command, Output, Stdio};
+use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-const BIN: &str = env!("CARGO_BIN_EXE_pserver");
+mod common;
 
-/// Kills its processes when the test ends, pass or fail.
-struct Procs(Vec<Child>);
-
-impl Drop for Procs {
-    fn drop(&mut self) {
-        for c in &mut self.0 {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
-}
-
-/// Starts `pserver ARGS` and returns it with the first stdout line.
-fn spawn(args: &[&str]) -> (Child, String) {
-    let mut child = Command::new(BIN)
-        .args(args)
-        .env("RUST_LOG", "warn")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("start pserver");
-    let mut line = String::new();
-    let stdout = child.stdout.take().unwrap();
-    BufReader::new(stdout).read_line(&mut line).unwrap();
-    (child, line.trim().to_string())
-}
+use common::{BIN, Procs, spawn};
 
 /// Runs `pserver ARGS` to completion, at most 30 s.
 fn run(args: &[&str]) -> Output {
@@ -84,11 +58,11 @@ fn cluster() -> (Procs, String) {
         .next()
         .expect("manager prints its address")
         .to_string();
-    let mut procs = Procs(vec![m]);
+    let mut procs = Procs(vec![(m, line.clone())]);
     for _ in 0..2 {
         let (s, line) = spawn(&["server", "--manager", &addr]);
         assert!(line.starts_with("server "), "{line}");
-        procs.0.push(s);
+        procs.0.push((s, line));
     }
     (procs, addr)
 }

@@ -5,40 +5,14 @@
 
 use pserver_core::UpdaterSpec;
 use pserver_node::worker::{TableOptions, Worker, WorkerConfig};
-use std::io::{BufRead, BufReader};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
-const BIN: &str = env!("CARGO_BIN_EXE_pserver");
+mod common;
 
-/// Kills its processes when the test ends, pass or fail.
-struct Procs(Vec<(Child, String)>);
-
-impl Drop for Procs {
-    fn drop(&mut self) {
-        for (c, _) in &mut self.0 {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
-}
-
-/// Starts `pserver ARGS` and returns it with the first stdout line.
-fn spawn(args: &[&str]) -> (Child, String) {
-    let mut child = Command::new(BIN)
-        .args(args)
-        .env("RUST_LOG", "off")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("start pserver");
-    let mut line = String::new();
-    let stdout = child.stdout.take().unwrap();
-    BufReader::new(stdout).read_line(&mut line).unwrap();
-    (child, line.trim().to_string())
-}
+use common::{BIN, Procs, spawn};
 
 async fn count_pushes(w: Worker, keys: Vec<u64>, stop: Arc<AtomicBool>) -> u64 {
     let mut acked = 0;
