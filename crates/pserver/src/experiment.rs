@@ -201,7 +201,7 @@ async fn filters(args: FiltersArgs) -> Result<()> {
         let r = one_run(&cfg, args.servers)
             .await
             .with_context(|| format!("filters {name}"))?;
-        // Servers send what workers receive (there is no replication yet).
+        // Servers send what workers receive (these runs have no replicas).
         let (w, s) = (r.bytes_sent, r.bytes_received);
         let (w0, s0) = *none.get_or_insert((w, s));
         println!(
