@@ -1,5 +1,6 @@
 //! `pserver`: one binary for every role of the parameter server.
 
+mod bench;
 mod demo;
 mod experiment;
 mod failover;
@@ -123,6 +124,12 @@ enum Cmd {
         #[arg(long)]
         json: bool,
     },
+    /// Measure push, pull and push-pull throughput and latency against a
+    /// cluster of processes, beside the loopback TCP ceilings of the same run.
+    Bench(bench::BenchArgs),
+    /// The other end of `pserver bench`'s ceiling measurements.
+    #[command(hide = true)]
+    BenchPeer(bench::PeerArgs),
     /// Write a checkpoint of every table into DIR (each server writes its
     /// ranges there, so DIR must be on a file system they all see; the
     /// manifest is written last). Take it between training runs.
@@ -287,6 +294,8 @@ async fn run(cli: Cli) -> Result<()> {
             Ok(())
         }
         Cmd::Restore { manager, dir } => restore(&manager, &dir).await,
+        Cmd::Bench(args) => bench::run(args).await,
+        Cmd::BenchPeer(args) => bench::peer(args).await,
         Cmd::Train(args) => train::run(args).await,
         Cmd::Predict(args) => train::predict(args).await,
         Cmd::Experiment(args) => experiment::run(args).await,

@@ -1,5 +1,8 @@
 //! Helpers shared by the tests that run `pserver` processes.
 
+// Each test binary uses some of these helpers, not all.
+#![allow(dead_code)]
+
 use std::io::{BufRead, BufReader};
 use std::process::{Child, Command, Stdio};
 
