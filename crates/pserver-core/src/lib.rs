@@ -8,6 +8,7 @@
 //! - [`spec`]: what a table is (dim, initializer, updater, consistency).
 //! - [`updater`]: the user-defined functions a server runs on a push.
 //! - [`store`]: a server's storage for one table.
+//! - [`rows`]: the inline hash table of key rows a store keeps.
 //! - [`clock`]: range vector clocks (consistency and duplicate rejection).
 //! - [`membership`]: the manager's state machine (registration, leases, barriers).
 //! - [`keycache`]: key caching: the key-list hash and a server's bounded cache of lists.
@@ -19,6 +20,7 @@ pub mod keycache;
 pub mod map;
 pub mod membership;
 pub mod ring;
+pub mod rows;
 pub mod spec;
 pub mod store;
 pub mod transition;

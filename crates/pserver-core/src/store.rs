@@ -1,17 +1,16 @@
 //! A server's storage for one table: sparse, hash-keyed, with each key's
 //! weights and optimizer state contiguous in one slab.
 //!
-//! Layout: `index` maps a key to a slot number; slot `s` occupies
-//! `slab[s * slot_width..][..slot_width]`, the first `dim` floats being the
-//! weights and the remaining `dim * state_len` the updater's state. Keeping a
-//! key's weights and state adjacent means one cache-friendly slice per key
-//! on push, and one `Vec` instead of a heap object per key.
+//! Layout: each key's slot is a row of [`Rows`], stored inline beside the
+//! key: the first `dim` floats are the weights and the remaining
+//! `dim * state_len` the updater's state. Keeping a key, its weights and its
+//! state adjacent means one cache line per key on push and pull, and one
+//! flat array instead of a heap object per key.
 
 use crate::key::{Key, KeyRange};
+use crate::rows::Rows;
 use crate::spec::{Init, TableSpec};
 use crate::updater::Updater;
-use rustc_hash::FxBuildHasher;
-use std::collections::HashMap;
 use std::sync::Arc;
 
 /// Why a push or pull was refused. Nothing is changed when one is returned.
@@ -55,8 +54,7 @@ pub struct Store {
     slot_width: usize,
     /// Floats per key in a push: `dim * push_len`.
     push_width: usize,
-    index: HashMap<Key, u32, FxBuildHasher>,
-    slab: Vec<f32>,
+    rows: Rows,
 }
 
 impl std::fmt::Debug for Store {
@@ -65,7 +63,7 @@ impl std::fmt::Debug for Store {
             .field("table", &self.spec.name)
             .field("dim", &self.dim)
             .field("slot_width", &self.slot_width)
-            .field("keys", &self.index.len())
+            .field("keys", &self.rows.len())
             .finish_non_exhaustive()
     }
 }
@@ -78,7 +76,7 @@ impl Store {
     /// slot cannot be allocated are then skipped on push.
     pub fn new(spec: TableSpec, updater: Arc<dyn Updater>) -> Store {
         let dim = spec.dim as usize;
-        // Saturating: an absurd width then fails allocation in `slot_for`
+        // Saturating: an absurd width then fails allocation in `Rows`
         // (and the key is skipped) instead of wrapping to a wrong layout.
         let slot_width = dim.saturating_mul(updater.state_len().saturating_add(1));
         let push_width = dim.saturating_mul(updater.push_len());
@@ -88,8 +86,7 @@ impl Store {
             dim,
             slot_width,
             push_width,
-            index: HashMap::with_hasher(FxBuildHasher),
-            slab: Vec::new(),
+            rows: Rows::new(slot_width),
         }
     }
 
@@ -128,7 +125,7 @@ impl Store {
                 index: i + 1,
             });
         }
-        Ok(self.apply_all(keys.iter().copied(), vals, apply))
+        Ok(self.apply_all(keys.len(), |i| keys[i], vals, apply))
     }
 
     /// Applies a push to every key of `range` (dense: no key list),
@@ -143,7 +140,9 @@ impl Store {
             .ok()
             .and_then(|n| n.checked_mul(self.push_width));
         self.check_vals(expected, vals)?;
-        Ok(self.apply_all(range.begin..range.end, vals, apply))
+        // `check_vals` passed, so the range's length fits a `usize`.
+        let n = vals.len().checked_div(self.push_width).unwrap_or(0);
+        Ok(self.apply_all(n, |i| range.begin + i as Key, vals, apply))
     }
 
     /// Appends `dim` weights per key to `out`; keys never pushed read as the
@@ -174,7 +173,7 @@ impl Store {
 
     /// Number of keys stored.
     pub fn len(&self) -> usize {
-        self.index.len()
+        self.rows.len()
     }
 
     /// True when no key is stored.
@@ -182,14 +181,9 @@ impl Store {
         self.len() == 0
     }
 
-    /// Approximate bytes held (index and slab).
+    /// Bytes allocated for keys, weights and state.
     pub fn memory_bytes(&self) -> usize {
-        // hashbrown spends one control byte per bucket beside each (key, slot).
-        let per_bucket = size_of::<Key>() + size_of::<u32>() + 1;
-        self.index
-            .capacity()
-            .saturating_mul(per_bucket)
-            .saturating_add(self.slab.capacity().saturating_mul(size_of::<f32>()))
+        self.rows.memory_bytes()
     }
 
     /// The stored keys in `range`, sorted, each with its whole slot:
@@ -197,10 +191,9 @@ impl Store {
     /// ([`Store::slot_width`] floats). For checkpoints and state transfer.
     pub fn entries_in(&self, range: KeyRange) -> Vec<(Key, &[f32])> {
         let mut entries: Vec<(Key, &[f32])> = self
-            .index
+            .rows
             .iter()
-            .filter(|(key, _)| range.contains(**key))
-            .filter_map(|(&key, &slot)| Some((key, self.slot(slot)?)))
+            .filter(|(key, _)| range.contains(*key))
             .collect();
         entries.sort_unstable_by_key(|(key, _)| *key);
         entries
@@ -212,7 +205,7 @@ impl Store {
     pub fn slots_of(&self, keys: &[Key]) -> Vec<f32> {
         let mut out = Vec::with_capacity(keys.len().saturating_mul(self.slot_width));
         for &key in keys {
-            match self.index.get(&key).and_then(|&s| self.slot(s)) {
+            match self.rows.get(key) {
                 Some(slot) => out.extend_from_slice(slot),
                 None => {
                     let start = out.len();
@@ -232,10 +225,7 @@ impl Store {
     /// allocated).
     pub fn restore(&mut self, key: Key, slot: &[f32]) -> Result<bool, StoreError> {
         self.check_vals(Some(self.slot_width), slot)?;
-        let Some(s) = self.slot_for(key) else {
-            return Ok(false);
-        };
-        let Some(dst) = self.slot_mut(s) else {
+        let Some(dst) = self.rows.get_or_insert(key, |_| {}) else {
             return Ok(false);
         };
         dst.copy_from_slice(slot);
@@ -261,82 +251,59 @@ impl Store {
         Ok(())
     }
 
-    /// Runs the updater on each key of `keys` where `apply(key)`, key `i`
-    /// taking `vals[i * push_width..][..push_width]`. The caller has checked
+    /// Runs the updater on each key `key_at(i)`, `i < n`, where
+    /// `apply(key)`, key `i` taking `vals[i * push_width..][..push_width]`. The caller has checked
     /// that `vals` holds exactly that many floats.
     fn apply_all(
         &mut self,
-        keys: impl Iterator<Item = Key>,
+        n: usize,
+        key_at: impl Fn(usize) -> Key,
         vals: &[f32],
         apply: impl Fn(Key) -> bool,
     ) -> usize {
-        let pw = self.push_width;
-        // Cloned once so the updater can be called while the slab is
-        // borrowed mutably.
-        let updater = Arc::clone(&self.updater);
+        let (pw, dim) = (self.push_width, self.dim);
+        let init = &self.spec.init;
         let mut applied = 0;
-        for (i, key) in keys.enumerate() {
+        for i in 0..n {
+            let key = key_at(i);
             if !apply(key) {
                 continue;
             }
             let Some(push) = vals.get(i * pw..i * pw + pw) else {
                 break;
             };
-            let Some(s) = self.slot_for(key) else {
-                continue;
-            };
-            let dim = self.dim;
-            let Some(slot) = self.slot_mut(s) else {
+            // A new key starts from its initial weights and zero state.
+            let Some(slot) = self
+                .rows
+                .get_or_insert(key, |s| initial(init, key, &mut s[..dim]))
+            else {
                 continue;
             };
             let (weights, state) = slot.split_at_mut(dim);
-            updater.apply(weights, state, push);
+            self.updater.apply(weights, state, push);
             applied += 1;
         }
         applied
     }
 
-    /// The slot of `key`, inserted (weights from the initializer, state zero)
-    /// if missing. `None` when the slab cannot grow or the slot numbers
-    /// (`u32`) are used up.
-    fn slot_for(&mut self, key: Key) -> Option<u32> {
-        if let Some(&s) = self.index.get(&key) {
-            return Some(s);
-        }
-        let s = u32::try_from(self.index.len()).ok()?;
-        let start = self.slab.len();
-        let end = start.checked_add(self.slot_width)?;
-        // `try_reserve` keeps amortized growth but reports failure instead
-        // of aborting, so an oversized slot skips the key.
-        self.slab.try_reserve(self.slot_width).ok()?;
-        self.slab.resize(end, 0.0);
-        if let Some(weights) = self.slab.get_mut(start..start + self.dim) {
-            initial(&self.spec.init, key, weights);
-        }
-        self.index.insert(key, s);
-        Some(s)
-    }
-
-    fn slot(&self, s: u32) -> Option<&[f32]> {
-        let start = (s as usize).checked_mul(self.slot_width)?;
-        self.slab.get(start..start.checked_add(self.slot_width)?)
-    }
-
-    fn slot_mut(&mut self, s: u32) -> Option<&mut [f32]> {
-        let start = (s as usize).checked_mul(self.slot_width)?;
-        self.slab
-            .get_mut(start..start.checked_add(self.slot_width)?)
-    }
-
+    /// Appends `key`'s weights to `out`.
+    #[inline]
     fn pull_one(&self, key: Key, out: &mut Vec<f32>) {
-        match self.index.get(&key).and_then(|&s| self.slot(s)) {
+        match self.rows.get(key) {
+            Some(slot) if self.dim == 1 => out.push(slot[0]),
             Some(slot) => out.extend_from_slice(&slot[..self.dim]),
-            None => {
-                let start = out.len();
-                out.resize(start + self.dim, 0.0);
-                initial(&self.spec.init, key, &mut out[start..]);
-            }
+            None => self.pull_initial(key, out),
         }
+    }
+
+    /// Appends the initial weights of `key`, which is not stored. Kept out
+    /// of line so the common case above stays small enough to inline.
+    #[cold]
+    #[inline(never)]
+    fn pull_initial(&self, key: Key, out: &mut Vec<f32>) {
+        let start = out.len();
+        out.resize(start + self.dim, 0.0);
+        initial(&self.spec.init, key, &mut out[start..]);
     }
 }
 

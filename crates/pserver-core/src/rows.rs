@@ -1,0 +1,366 @@
+//! A hash table from keys to fixed-width rows of floats, each row stored
+//! inline beside its key in one flat array.
+//!
+//! Why not `HashMap<Key, slot>` plus a slab: on a table much larger than the
+//! cache, that costs two cache misses per key (the index bucket, then the
+//! slab row), and hashbrown's control bytes and padding cost about 9 bytes a
+//! key beyond the content. Here a key and its row share one bucket, so a
+//! lookup of a present key usually touches one cache line, and a table of
+//! dim-1 AdaGrad rows (8-byte key + 8 bytes of floats) costs about 16 bytes
+//! divided by the load factor.
+//!
+//! Open addressing with linear probing; keys are never removed (a server's
+//! store only grows), so no tombstones are needed. The bucket of a key is
+//! Fibonacci hashing of the folded key, which spreads consecutive keys (dense
+//! ranges) evenly as well as random ones.
+//!
+//! Layout: bucket `b` is `cells[b * stride..][..stride]`: two cells holding
+//! the key's low and high 32 bits (as `f32::from_bits`, so the whole table is
+//! one `Vec<f32>` that updaters can borrow rows of without conversion), then
+//! `width` floats of row. An empty bucket holds [`EMPTY`] as its key; the one
+//! key equal to [`EMPTY`] lives in a side row.
+
+use crate::key::Key;
+
+/// The key value that marks an empty bucket. It is `KEY_END`, which no key
+/// range contains, but a row for it is still kept (aside) so the table
+/// accepts every `u64`.
+const EMPTY: Key = u64::MAX;
+
+/// Buckets of a table that has held at least one key, at the start.
+const MIN_BUCKETS: usize = 16;
+
+/// Grow when more than `LOAD_NUM / LOAD_DEN` of the buckets are full: linear
+/// probing's expected probe count climbs quickly past 0.8.
+const LOAD_NUM: usize = 4;
+const LOAD_DEN: usize = 5;
+
+/// 2^64 / golden ratio: Fibonacci hashing's multiplier.
+const GOLDEN: u64 = 0x9E37_79B9_7F4A_7C15;
+
+/// Keys to fixed-width rows of `f32`, stored inline. See the module docs.
+#[derive(Clone)]
+pub struct Rows {
+    cells: Vec<f32>,
+    /// Floats per row.
+    width: usize,
+    /// Cells per bucket: 2 for the key, then `width`.
+    stride: usize,
+    /// A power of two, or 0 before the first insert.
+    buckets: usize,
+    /// `64 - log2(buckets)`: the hash's top bits pick the bucket.
+    shift: u32,
+    /// Keys stored in buckets (not counting `aside`).
+    len: usize,
+    /// The row of key [`EMPTY`], which cannot live in a bucket.
+    aside: Option<Box<[f32]>>,
+}
+
+impl std::fmt::Debug for Rows {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Rows")
+            .field("width", &self.width)
+            .field("len", &self.len())
+            .field("buckets", &self.buckets)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Rows {
+    /// An empty table of rows of `width` floats. Allocates nothing yet.
+    pub fn new(width: usize) -> Rows {
+        Rows {
+            cells: Vec::new(),
+            width,
+            stride: width.saturating_add(2),
+            buckets: 0,
+            shift: 64,
+            len: 0,
+            aside: None,
+        }
+    }
+
+    /// Floats per row.
+    pub fn width(&self) -> usize {
+        self.width
+    }
+
+    /// Number of keys stored.
+    pub fn len(&self) -> usize {
+        self.len + usize::from(self.aside.is_some())
+    }
+
+    /// True when no key is stored.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Bytes allocated for rows and keys.
+    pub fn memory_bytes(&self) -> usize {
+        let aside = self.aside.as_ref().map_or(0, |r| r.len());
+        (self.cells.capacity() + aside).saturating_mul(size_of::<f32>())
+    }
+
+    /// The row of `key`, if stored.
+    #[inline]
+    pub fn get(&self, key: Key) -> Option<&[f32]> {
+        if key == EMPTY {
+            return self.aside.as_deref();
+        }
+        let Probe::Found(b) = self.find(key) else {
+            return None;
+        };
+        self.cells.get(self.row_range(b))
+    }
+
+    /// The row of `key` for writing, if stored.
+    #[inline]
+    pub fn get_mut(&mut self, key: Key) -> Option<&mut [f32]> {
+        if key == EMPTY {
+            return self.aside.as_deref_mut();
+        }
+        let Probe::Found(b) = self.find(key) else {
+            return None;
+        };
+        let r = self.row_range(b);
+        self.cells.get_mut(r)
+    }
+
+    /// The row of `key`, inserted first if missing: zeroed, then handed to
+    /// `init`. `None` only when memory for the table cannot be had (the
+    /// table is then unchanged), so a huge table fails softly instead of
+    /// aborting the process.
+    #[inline]
+    pub fn get_or_insert(&mut self, key: Key, init: impl FnOnce(&mut [f32])) -> Option<&mut [f32]> {
+        if key == EMPTY {
+            if self.aside.is_none() {
+                let mut row = Vec::new();
+                row.try_reserve_exact(self.width).ok()?;
+                row.resize(self.width, 0.0);
+                init(&mut row);
+                self.aside = Some(row.into_boxed_slice());
+            }
+            return self.aside.as_deref_mut();
+        }
+        let b = match self.find(key) {
+            Probe::Found(b) => b,
+            Probe::Vacant(b) if !self.full() => self.occupy(b, key, init)?,
+            Probe::Vacant(_) | Probe::NoRoom => {
+                self.grow()?;
+                let Probe::Vacant(b) = self.find(key) else {
+                    return None;
+                };
+                self.occupy(b, key, init)?
+            }
+        };
+        let r = self.row_range(b);
+        self.cells.get_mut(r)
+    }
+
+    /// Every stored key with its row, in no particular order.
+    pub fn iter(&self) -> impl Iterator<Item = (Key, &[f32])> + '_ {
+        let stride = self.stride.max(2);
+        let width = self.width;
+        self.cells
+            .chunks_exact(stride)
+            .filter_map(move |bucket| {
+                let key = key_of(bucket);
+                (key != EMPTY).then(|| (key, &bucket[2..2 + width]))
+            })
+            .chain(self.aside.as_deref().map(|row| (EMPTY, row)))
+    }
+
+    /// Where `key` is, or the empty bucket where it would go.
+    #[inline]
+    fn find(&self, key: Key) -> Probe {
+        if self.buckets == 0 {
+            return Probe::NoRoom;
+        }
+        let mask = self.buckets - 1;
+        let mut b = self.home(key);
+        // A load factor under 1 guarantees an empty bucket, so this ends;
+        // the bound only turns a broken invariant into a miss, not a hang.
+        for _ in 0..self.buckets {
+            let Some(bucket) = self.cells.get(b * self.stride..b * self.stride + 2) else {
+                return Probe::NoRoom;
+            };
+            match key_of(bucket) {
+                k if k == key => return Probe::Found(b),
+                EMPTY => return Probe::Vacant(b),
+                _ => b = (b + 1) & mask,
+            }
+        }
+        Probe::NoRoom
+    }
+
+    /// The first bucket probed for `key`.
+    #[inline]
+    fn home(&self, key: Key) -> usize {
+        // Folding the high half in first keeps keys that differ only in
+        // their top bits (say, per-table prefixes) from sharing a bucket.
+        ((key ^ (key >> 32)).wrapping_mul(GOLDEN) >> self.shift) as usize
+    }
+
+    /// Cells of bucket `b`'s row.
+    #[inline]
+    fn row_range(&self, b: usize) -> std::ops::Range<usize> {
+        let start = b * self.stride + 2;
+        start..start + self.width
+    }
+
+    /// Whether one more key would pass the load limit.
+    #[inline]
+    fn full(&self) -> bool {
+        self.buckets == 0 || (self.len + 1) * LOAD_DEN > self.buckets * LOAD_NUM
+    }
+
+    /// Writes `key` into empty bucket `b` (from [`Rows::find`], so in
+    /// bounds) with a zeroed row given to `init`.
+    #[inline]
+    fn occupy(&mut self, b: usize, key: Key, init: impl FnOnce(&mut [f32])) -> Option<usize> {
+        let start = b * self.stride;
+        let cells = self.cells.get_mut(start..start + self.stride)?;
+        cells[0] = f32::from_bits(key as u32);
+        cells[1] = f32::from_bits((key >> 32) as u32);
+        let row = &mut cells[2..];
+        row.fill(0.0);
+        init(row);
+        self.len += 1;
+        Some(b)
+    }
+
+    /// Doubles the buckets and re-inserts every key. `None` (and nothing
+    /// changed) when the bigger array cannot be allocated.
+    fn grow(&mut self) -> Option<()> {
+        let buckets = if self.buckets == 0 {
+            MIN_BUCKETS
+        } else {
+            self.buckets.checked_mul(2)?
+        };
+        let total = buckets.checked_mul(self.stride)?;
+        let mut cells = Vec::new();
+        cells.try_reserve_exact(total).ok()?;
+        cells.resize(total, f32::from_bits(u32::MAX));
+        let old = std::mem::replace(&mut self.cells, cells);
+        self.buckets = buckets;
+        self.shift = 64 - buckets.trailing_zeros();
+        for bucket in old.chunks_exact(self.stride) {
+            let key = key_of(bucket);
+            if key == EMPTY {
+                continue;
+            }
+            if let Probe::Vacant(b) = self.find(key) {
+                let start = b * self.stride;
+                if let Some(dst) = self.cells.get_mut(start..start + self.stride) {
+                    dst.copy_from_slice(bucket);
+                }
+            }
+        }
+        Some(())
+    }
+}
+
+/// What probing for a key found.
+enum Probe {
+    /// The key is in this bucket.
+    Found(usize),
+    /// The key is absent; this empty bucket is where it goes.
+    Vacant(usize),
+    /// No buckets yet (or, were the load invariant broken, none empty).
+    NoRoom,
+}
+
+/// The key in a bucket's first two cells.
+#[inline]
+fn key_of(bucket: &[f32]) -> Key {
+    u64::from(bucket[0].to_bits()) | (u64::from(bucket[1].to_bits()) << 32)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+    use std::collections::BTreeMap;
+
+    #[test]
+    fn insert_get_grow() {
+        let mut t = Rows::new(2);
+        assert!(t.is_empty());
+        assert_eq!(t.get(5), None);
+        for k in 0..10_000u64 {
+            let row = t.get_or_insert(k * 7, |r| r[0] = k as f32).expect("memory");
+            row[1] += 1.0;
+        }
+        assert_eq!(t.len(), 10_000);
+        for k in 0..10_000u64 {
+            assert_eq!(t.get(k * 7), Some(&[k as f32, 1.0][..]));
+        }
+        assert_eq!(t.get(3), None);
+        // Present keys are not re-initialized.
+        t.get_or_insert(14, |r| r[0] = -1.0).unwrap()[1] += 1.0;
+        assert_eq!(t.get(14), Some(&[2.0, 2.0][..]));
+        assert_eq!(t.iter().count(), 10_000);
+        // 10,000 keys at most 0.8 full: 16,384 buckets of 4 cells.
+        assert_eq!(t.memory_bytes(), 16_384 * 4 * 4);
+    }
+
+    #[test]
+    fn the_marker_key_and_zero_width() {
+        let mut t = Rows::new(1);
+        t.get_or_insert(u64::MAX, |r| r[0] = 3.0).unwrap();
+        t.get_or_insert(0, |_| {}).unwrap();
+        assert_eq!(t.len(), 2);
+        assert_eq!(t.get(u64::MAX), Some(&[3.0][..]));
+        t.get_mut(u64::MAX).unwrap()[0] = 4.0;
+        let mut all: Vec<_> = t.iter().map(|(k, r)| (k, r.to_vec())).collect();
+        all.sort_by_key(|e| e.0);
+        assert_eq!(all, [(0, vec![0.0]), (u64::MAX, vec![4.0])]);
+
+        let mut z = Rows::new(0);
+        z.get_or_insert(9, |_| {}).unwrap();
+        assert_eq!(z.get(9), Some(&[][..]));
+        assert_eq!(z.len(), 1);
+    }
+
+    #[test]
+    fn keys_whose_halves_look_like_nan_survive() {
+        // Key halves are stored as f32 bit patterns; NaN-shaped ones must
+        // come back bit for bit.
+        let mut t = Rows::new(1);
+        let keys = [
+            0x7FC0_0001_FFC0_0000u64,
+            0xFFFF_FFFF_0000_0000,
+            0x0000_0000_FFFF_FFFF,
+        ];
+        for &k in &keys {
+            t.get_or_insert(k, |r| r[0] = 1.0).unwrap();
+        }
+        for &k in &keys {
+            assert_eq!(t.get(k), Some(&[1.0][..]), "{k:x}");
+        }
+    }
+
+    proptest! {
+        #[test]
+        fn behaves_like_a_map(ops in prop::collection::vec((0u64..64, any::<bool>(), -4.0f32..4.0), 0..400),
+                              high in any::<u64>()) {
+            // Keys from a small set plus a shared high part: many collide in
+            // their home bucket and the table grows several times.
+            let mut t = Rows::new(1);
+            let mut model: BTreeMap<u64, f32> = BTreeMap::new();
+            for (k, write, v) in ops {
+                let key = (k << 40) ^ high;
+                if write {
+                    t.get_or_insert(key, |_| {}).unwrap()[0] += v;
+                    *model.entry(key).or_default() += v;
+                } else {
+                    prop_assert_eq!(t.get(key).map(|r| r[0]), model.get(&key).copied());
+                }
+            }
+            prop_assert_eq!(t.len(), model.len());
+            let mut all: Vec<(u64, f32)> = t.iter().map(|(k, r)| (k, r[0])).collect();
+            all.sort_by_key(|e| e.0);
+            prop_assert_eq!(all, model.into_iter().collect::<Vec<_>>());
+        }
+    }
+}
