@@ -54,7 +54,11 @@ pub struct Store {
     slot_width: usize,
     /// Floats per key in a push: `dim * push_len`.
     push_width: usize,
-    rows: Rows,
+    /// The keys, split by [`shard_of`] so that a large request can be
+    /// applied by several threads, each owning some shards.
+    shards: Vec<Rows>,
+    /// Threads a large request may use: a power of two dividing [`SHARDS`].
+    threads: usize,
 }
 
 impl std::fmt::Debug for Store {
@@ -63,7 +67,7 @@ impl std::fmt::Debug for Store {
             .field("table", &self.spec.name)
             .field("dim", &self.dim)
             .field("slot_width", &self.slot_width)
-            .field("keys", &self.rows.len())
+            .field("keys", &self.len())
             .finish_non_exhaustive()
     }
 }
@@ -86,8 +90,19 @@ impl Store {
             dim,
             slot_width,
             push_width,
-            rows: Rows::new(slot_width),
+            shards: (0..SHARDS).map(|_| Rows::new(slot_width)).collect(),
+            threads: 1,
         }
+    }
+
+    /// Lets requests of at least [`PARALLEL_MIN_KEYS`] keys use up to
+    /// `threads` threads (rounded down to a power of two, at most
+    /// [`SHARDS`]); 1, the default, keeps all work on the caller's thread.
+    /// The runtime passes the machine's cores; the core never asks.
+    pub fn with_threads(mut self, threads: usize) -> Store {
+        let t = threads.clamp(1, SHARDS);
+        self.threads = 1 << t.ilog2();
+        self
     }
 
     /// The table's spec.
@@ -115,7 +130,7 @@ impl Store {
         &mut self,
         keys: &[Key],
         vals: &[f32],
-        apply: impl Fn(Key) -> bool,
+        apply: impl Fn(Key) -> bool + Sync,
     ) -> Result<usize, StoreError> {
         let expected = keys.len().checked_mul(self.push_width);
         self.check_vals(expected, vals)?;
@@ -134,7 +149,7 @@ impl Store {
         &mut self,
         range: KeyRange,
         vals: &[f32],
-        apply: impl Fn(Key) -> bool,
+        apply: impl Fn(Key) -> bool + Sync,
     ) -> Result<usize, StoreError> {
         let expected = usize::try_from(range.len())
             .ok()
@@ -148,32 +163,20 @@ impl Store {
     /// Appends `dim` weights per key to `out`; keys never pushed read as the
     /// table's initializer (and are not stored).
     pub fn pull(&self, keys: &[Key], out: &mut Vec<f32>) {
-        out.reserve(keys.len().saturating_mul(self.dim));
-        for &key in keys {
-            self.pull_one(key, out);
-        }
+        self.fill_all(keys.len(), |i| keys[i], out);
     }
 
     /// Appends `dim` weights for every key of `range` to `out`.
     ///
     /// Appends `range.len() * dim` floats, so callers bound the range.
     pub fn pull_dense(&self, range: KeyRange, out: &mut Vec<f32>) {
-        if let Some(n) = usize::try_from(range.len())
-            .ok()
-            .and_then(|n| n.checked_mul(self.dim))
-        {
-            // Only a hint: `try_reserve` so an oversized range cannot abort
-            // here; growth below then happens (and fails) the ordinary way.
-            let _ = out.try_reserve(n);
-        }
-        for key in range.begin..range.end {
-            self.pull_one(key, out);
-        }
+        let n = usize::try_from(range.len()).unwrap_or(usize::MAX);
+        self.fill_all(n, |i| range.begin + i as Key, out);
     }
 
     /// Number of keys stored.
     pub fn len(&self) -> usize {
-        self.rows.len()
+        self.shards.iter().map(Rows::len).sum()
     }
 
     /// True when no key is stored.
@@ -183,7 +186,7 @@ impl Store {
 
     /// Bytes allocated for keys, weights and state.
     pub fn memory_bytes(&self) -> usize {
-        self.rows.memory_bytes()
+        self.shards.iter().map(Rows::memory_bytes).sum()
     }
 
     /// The stored keys in `range`, sorted, each with its whole slot:
@@ -191,8 +194,9 @@ impl Store {
     /// ([`Store::slot_width`] floats). For checkpoints and state transfer.
     pub fn entries_in(&self, range: KeyRange) -> Vec<(Key, &[f32])> {
         let mut entries: Vec<(Key, &[f32])> = self
-            .rows
+            .shards
             .iter()
+            .flat_map(Rows::iter)
             .filter(|(key, _)| range.contains(*key))
             .collect();
         entries.sort_unstable_by_key(|(key, _)| *key);
@@ -205,7 +209,7 @@ impl Store {
     pub fn slots_of(&self, keys: &[Key]) -> Vec<f32> {
         let mut out = Vec::with_capacity(keys.len().saturating_mul(self.slot_width));
         for &key in keys {
-            match self.rows.get(key) {
+            match self.row(key) {
                 Some(slot) => out.extend_from_slice(slot),
                 None => {
                     let start = out.len();
@@ -225,7 +229,7 @@ impl Store {
     /// allocated).
     pub fn restore(&mut self, key: Key, slot: &[f32]) -> Result<bool, StoreError> {
         self.check_vals(Some(self.slot_width), slot)?;
-        let Some(dst) = self.rows.get_or_insert(key, |_| {}) else {
+        let Some(dst) = self.shards[shard_of(key)].get_or_insert(key, |_| {}) else {
             return Ok(false);
         };
         dst.copy_from_slice(slot);
@@ -251,32 +255,183 @@ impl Store {
         Ok(())
     }
 
+    /// The stored slot of `key`.
+    #[inline]
+    fn row(&self, key: Key) -> Option<&[f32]> {
+        self.shards[shard_of(key)].get(key)
+    }
+
     /// Runs the updater on each key `key_at(i)`, `i < n`, where
-    /// `apply(key)`, key `i` taking `vals[i * push_width..][..push_width]`. The caller has checked
-    /// that `vals` holds exactly that many floats.
+    /// `apply(key)`, key `i` taking `vals[i * push_width..][..push_width]`.
+    /// The caller has checked that `vals` holds exactly that many floats.
+    /// Returns how many keys were applied.
     fn apply_all(
         &mut self,
         n: usize,
-        key_at: impl Fn(usize) -> Key,
+        key_at: impl Fn(usize) -> Key + Sync,
         vals: &[f32],
-        apply: impl Fn(Key) -> bool,
+        apply: impl Fn(Key) -> bool + Sync,
     ) -> usize {
-        let (pw, dim) = (self.push_width, self.dim);
-        let init = &self.spec.init;
+        let applier = Applier {
+            updater: &*self.updater,
+            init: &self.spec.init,
+            dim: self.dim,
+            push_width: self.push_width,
+            key_at: &key_at,
+            vals,
+            apply: &apply,
+            n,
+        };
+        if self.threads == 1 || n < PARALLEL_MIN_KEYS {
+            return applier.run(&mut self.shards, 0, SHARDS);
+        }
+        // Each thread owns a run of shards and applies the keys that fall
+        // in them; all scan the whole key list, which is cheap beside the
+        // table's cache misses they now take in parallel.
+        let per = SHARDS / self.threads;
+        let applier = &applier;
+        let (mut applied, refused) = std::thread::scope(|scope| {
+            let mut groups = self.shards.chunks_mut(per).enumerate();
+            let mut refused = Vec::new();
+            let mut spawned = Vec::new();
+            let Some((_, first)) = groups.next() else {
+                return (0, refused);
+            };
+            for (g, group) in groups {
+                let work = move || applier.run(group, g * per, per);
+                match std::thread::Builder::new().spawn_scoped(scope, work) {
+                    Ok(h) => spawned.push(h),
+                    Err(_) => refused.push(g),
+                }
+            }
+            let mut applied = applier.run(first, 0, per);
+            for h in spawned {
+                applied += h.join().unwrap_or_else(|e| std::panic::resume_unwind(e));
+            }
+            (applied, refused)
+        });
+        // Where the OS refused a thread, those shards are done here.
+        for g in refused {
+            if let Some(group) = self.shards.chunks_mut(per).nth(g) {
+                applied += applier.run(group, g * per, per);
+            }
+        }
+        applied
+    }
+
+    /// Appends the weights of keys `key_at(i)`, `i < n`, to `out`: read
+    /// from the table, or the initializer for keys not stored.
+    fn fill_all(&self, n: usize, key_at: impl Fn(usize) -> Key + Sync, out: &mut Vec<f32>) {
+        let dim = self.dim;
+        let start = out.len();
+        let Some(end) = n.checked_mul(dim).and_then(|t| t.checked_add(start)) else {
+            return;
+        };
+        out.resize(end, 0.0);
+        let threads = if n < PARALLEL_MIN_KEYS {
+            1
+        } else {
+            self.threads
+        };
+        // Reads need no ownership of shards: split the output by position.
+        let per = n.div_ceil(threads).max(1);
+        let chunk = per * dim.max(1);
+        let key_at = &key_at;
+        let refused = std::thread::scope(|scope| {
+            let mut parts = out[start..].chunks_mut(chunk).enumerate();
+            let mut refused = Vec::new();
+            let Some((_, first)) = parts.next() else {
+                return refused;
+            };
+            for (p, part) in parts {
+                let work = move || self.fill_part(p * per, part, key_at);
+                if std::thread::Builder::new()
+                    .spawn_scoped(scope, work)
+                    .is_err()
+                {
+                    refused.push(p);
+                }
+            }
+            self.fill_part(0, first, key_at);
+            refused
+        });
+        // Where the OS refused a thread, that part is filled here.
+        for p in refused {
+            if let Some(part) = out[start..].chunks_mut(chunk).nth(p) {
+                self.fill_part(p * per, part, key_at);
+            }
+        }
+    }
+
+    /// Fills `dst` with the weights of keys `key_at(first + j)` for each
+    /// `dim`-float chunk `j` of `dst`.
+    fn fill_part(&self, first: usize, dst: &mut [f32], key_at: &(impl Fn(usize) -> Key + Sync)) {
+        let dim = self.dim;
+        if dim == 0 {
+            return;
+        }
+        for (j, w) in dst.chunks_exact_mut(dim).enumerate() {
+            let key = key_at(first + j);
+            match self.row(key) {
+                Some(slot) if dim == 1 => w[0] = slot[0],
+                Some(slot) => w.copy_from_slice(&slot[..dim]),
+                None => initial(&self.spec.init, key, w),
+            }
+        }
+    }
+}
+
+/// Number of shards a store's keys are split into: enough for the threads
+/// of a large request on common machines.
+pub const SHARDS: usize = 8;
+
+/// Requests of fewer keys than this run on the caller's thread: starting a
+/// thread (~20 µs) only pays off over thousands of cache-missing keys.
+pub const PARALLEL_MIN_KEYS: usize = 16_384;
+
+/// The shard of `key`. A different mix from [`Rows`]' bucket hash, so keys
+/// of one shard still spread over all of its buckets.
+#[inline]
+fn shard_of(key: Key) -> usize {
+    ((key ^ (key >> 29)).wrapping_mul(0xD6E8_FEB8_6659_FD93) >> 61) as usize
+}
+
+/// One push's work, shared by the threads applying it.
+struct Applier<'a, K, A> {
+    updater: &'a dyn Updater,
+    init: &'a Init,
+    dim: usize,
+    push_width: usize,
+    key_at: &'a K,
+    vals: &'a [f32],
+    apply: &'a A,
+    n: usize,
+}
+
+impl<K: Fn(usize) -> Key + Sync, A: Fn(Key) -> bool + Sync> Applier<'_, K, A> {
+    /// Applies the keys whose shard is in `first..first + shards.len()`,
+    /// `shards` being those shards in order. Returns how many were applied.
+    fn run(&self, shards: &mut [Rows], first: usize, count: usize) -> usize {
+        let (pw, dim, init) = (self.push_width, self.dim, self.init);
+        let all = count == SHARDS;
         let mut applied = 0;
-        for i in 0..n {
-            let key = key_at(i);
-            if !apply(key) {
+        for i in 0..self.n {
+            let key = (self.key_at)(i);
+            let sh = shard_of(key);
+            if !all && !(first..first + count).contains(&sh) {
                 continue;
             }
-            let Some(push) = vals.get(i * pw..i * pw + pw) else {
+            if !(self.apply)(key) {
+                continue;
+            }
+            let Some(push) = self.vals.get(i * pw..i * pw + pw) else {
                 break;
             };
+            let Some(rows) = shards.get_mut(sh - first) else {
+                continue;
+            };
             // A new key starts from its initial weights and zero state.
-            let Some(slot) = self
-                .rows
-                .get_or_insert(key, |s| initial(init, key, &mut s[..dim]))
-            else {
+            let Some(slot) = rows.get_or_insert(key, |s| initial(init, key, &mut s[..dim])) else {
                 continue;
             };
             let (weights, state) = slot.split_at_mut(dim);
@@ -284,26 +439,6 @@ impl Store {
             applied += 1;
         }
         applied
-    }
-
-    /// Appends `key`'s weights to `out`.
-    #[inline]
-    fn pull_one(&self, key: Key, out: &mut Vec<f32>) {
-        match self.rows.get(key) {
-            Some(slot) if self.dim == 1 => out.push(slot[0]),
-            Some(slot) => out.extend_from_slice(&slot[..self.dim]),
-            None => self.pull_initial(key, out),
-        }
-    }
-
-    /// Appends the initial weights of `key`, which is not stored. Kept out
-    /// of line so the common case above stays small enough to inline.
-    #[cold]
-    #[inline(never)]
-    fn pull_initial(&self, key: Key, out: &mut Vec<f32>) {
-        let start = out.len();
-        out.resize(start + self.dim, 0.0);
-        initial(&self.spec.init, key, &mut out[start..]);
     }
 }
 
@@ -561,6 +696,58 @@ mod tests {
         assert!(
             (w[0] + 1.0).abs() < 1e-6 && (w[1] - 2.0).abs() < 1e-6,
             "{w:?}"
+        );
+    }
+
+    #[test]
+    fn threads_change_nothing_but_speed() {
+        let spec = UpdaterSpec::AdaGrad { lr: 0.5, eps: 1.0 };
+        let init = Init::Uniform {
+            scale: 0.1,
+            seed: 3,
+        };
+        let mut serial = store(2, init.clone(), spec.clone());
+        let mut parallel = store(2, init, spec).with_threads(4);
+        assert_eq!(parallel.threads, 4);
+        assert_eq!(
+            store(1, Init::Zero, UpdaterSpec::Add)
+                .with_threads(3)
+                .threads,
+            2
+        );
+        assert_eq!(
+            store(1, Init::Zero, UpdaterSpec::Add)
+                .with_threads(0)
+                .threads,
+            1
+        );
+        // Big enough to take the threaded paths, with gaps so some pulled
+        // keys are missing, and a filter that skips some pushed ones.
+        let n = PARALLEL_MIN_KEYS * 2 + 7;
+        let keys: Vec<Key> = (0..n as u64).map(|i| i * 3 + (i >> 4)).collect();
+        let vals: Vec<f32> = (0..n * 2).map(|i| (i % 13) as f32 - 6.0).collect();
+        let skip = |k: Key| !k.is_multiple_of(5);
+        for _ in 0..2 {
+            let a = serial.push(&keys, &vals, skip).unwrap();
+            let b = parallel.push(&keys, &vals, skip).unwrap();
+            assert_eq!(a, b);
+        }
+        let r = KeyRange::new(1_000, 1_000 + n as u64).unwrap();
+        assert_eq!(
+            serial.push_dense(r, &vals, all),
+            parallel.push_dense(r, &vals, all)
+        );
+        assert_eq!(serial.len(), parallel.len());
+        let probe: Vec<Key> = (0..n as u64 * 2).map(|i| i * 2).collect();
+        assert_eq!(pull(&serial, &probe), pull(&parallel, &probe));
+        let (mut a, mut b) = (vec![9.0], vec![9.0]);
+        serial.pull_dense(KeyRange::new(0, n as u64 + 5_000).unwrap(), &mut a);
+        parallel.pull_dense(KeyRange::new(0, n as u64 + 5_000).unwrap(), &mut b);
+        assert_eq!(a, b);
+        assert_eq!(a[0], 9.0);
+        assert_eq!(
+            serial.entries_in(KeyRange::ALL),
+            parallel.entries_in(KeyRange::ALL)
         );
     }
 

@@ -55,6 +55,9 @@ pub struct ServerConfig {
     pub replicate_after_aggregation: bool,
     /// How to listen and dial (TCP unless a test simulates the network).
     pub net: Net,
+    /// Threads one large push or pull may use on this server (see
+    /// [`Store::with_threads`]); the machine's cores by default.
+    pub apply_threads: usize,
 }
 
 /// Default of [`ServerConfig::key_cache_keys`]: 16 Mi keys, 128 MiB of keys.
@@ -71,6 +74,7 @@ impl ServerConfig {
             key_cache_keys: DEFAULT_KEY_CACHE_KEYS,
             replicate_after_aggregation: true,
             net: Net::tcp(),
+            apply_threads: std::thread::available_parallelism().map_or(1, |n| n.get()),
         }
     }
 }
@@ -243,6 +247,8 @@ struct State {
     tables: BTreeMap<u32, TableState>,
     waiting: Vec<Waiting>,
     registry: Registry,
+    /// [`ServerConfig::apply_threads`].
+    apply_threads: usize,
     limits: Limits,
     /// Key lists senders asked this server to remember.
     key_cache: KeyCache,
@@ -292,6 +298,7 @@ pub async fn start_server(cfg: ServerConfig) -> Result<ServerHandle, NodeError> 
         tables: BTreeMap::new(),
         waiting: Vec::new(),
         registry: cfg.registry.clone(),
+        apply_threads: cfg.apply_threads,
         limits: cfg.limits,
         key_cache: KeyCache::new(cfg.key_cache_keys),
         forwarders: HashMap::new(),
@@ -988,10 +995,11 @@ impl State {
     /// The state of the table `spec` names, created (empty) if new here.
     fn ensure_table(&mut self, spec: &TableSpec) -> &mut TableState {
         let registry = &self.registry;
+        let threads = self.apply_threads;
         self.tables.entry(spec.id).or_insert_with(|| TableState {
             store: registry
                 .build(&spec.updater)
-                .map(|u| Store::new(spec.clone(), u))
+                .map(|u| Store::new(spec.clone(), u).with_threads(threads))
                 .map_err(|e| e.to_string()),
             clock: RangeClock::new(KeyRange::ALL),
             pending: BTreeMap::new(),

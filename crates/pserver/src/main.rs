@@ -106,6 +106,10 @@ enum Cmd {
         /// Address to listen on (port 0 picks a free one).
         #[arg(long, default_value = "127.0.0.1:0")]
         listen: String,
+        /// Threads one large push or pull may use (default: the machine's
+        /// cores; 1 keeps each request on one thread).
+        #[arg(long)]
+        apply_threads: Option<usize>,
     },
     /// Create tables, push and pull from the command line.
     Kv {
@@ -262,9 +266,16 @@ async fn run(cli: Cli) -> Result<()> {
             m.shutdown();
             Ok(())
         }
-        Cmd::Server { manager, listen } => {
+        Cmd::Server {
+            manager,
+            listen,
+            apply_threads,
+        } => {
             let mut cfg = ServerConfig::new(manager);
             cfg.listen = listen;
+            if let Some(t) = apply_threads {
+                cfg.apply_threads = t;
+            }
             let s = start_server(cfg).await.context("starting the server")?;
             println!("server {} listening on {}", s.id(), s.addr());
             wait_for_stop(s.cancelled()).await;
