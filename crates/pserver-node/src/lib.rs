@@ -1,6 +1,8 @@
 //! pserver's runtime: manager, server and worker nodes over TCP, driving the
 //! I/O-free core in `pserver-core` with the wire format of `pserver-wire`.
 //!
+//! - [`net`]: the transport nodes dial and listen through (TCP by default).
+//! - [`auth`]: the cluster secret and the handshake every connection opens with.
 //! - [`conn`]: framed connections, request/reply matching.
 //! - [`manager`]: the manager node.
 //! - [`server`]: the server node.
@@ -27,6 +29,7 @@
 //! # Ok(()) }
 //! ```
 
+pub mod auth;
 pub mod conn;
 pub mod error;
 pub mod local;
