@@ -3,6 +3,7 @@
 //!
 //! - [`net`]: the transport nodes dial and listen through (TCP by default).
 //! - [`auth`]: the cluster secret and the handshake every connection opens with.
+//! - [`tls`]: mutually authenticated TLS with a cluster CA, and test certificates.
 //! - [`conn`]: framed connections, request/reply matching.
 //! - [`manager`]: the manager node.
 //! - [`server`]: the server node.
@@ -39,6 +40,7 @@ pub mod proto;
 pub mod replica;
 pub mod server;
 pub mod snapshot;
+pub mod tls;
 pub mod worker;
 
 pub use error::NodeError;
