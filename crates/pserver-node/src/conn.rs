@@ -69,6 +69,9 @@ where
                 return;
             }
         }
+        // Every sender is gone: close our side properly (a FIN on TCP; on
+        // TLS a close_notify, without which the peer sees a truncation).
+        let _ = tokio::io::AsyncWriteExt::shutdown(writer.get_mut()).await;
     });
     (reader, Outbox { tx })
 }

@@ -5,22 +5,83 @@ use pserver_core::keycache::key_list_hash;
 use pserver_core::membership::MembershipConfig;
 use pserver_core::{Consistency, KeyRange, Role, UpdaterSpec};
 use pserver_node::NodeError;
+use pserver_node::auth::{Secret, authenticated};
 use pserver_node::conn::Peer;
 use pserver_node::local::{LocalCluster, LocalConfig};
 use pserver_node::manager::{ManagerConfig, start_manager};
+use pserver_node::net::Net;
 use pserver_node::proto::control_request;
 use pserver_node::server::{ServerConfig, start_server};
+use pserver_node::tls;
 use pserver_node::worker::{Keys, Op, Request, TableOptions, Worker, WorkerConfig};
 use pserver_wire::header::{FLAG_CACHE_KEYS, FLAG_KEYREF, FLAG_RETRY};
 use pserver_wire::{Control, ErrorCode, Frame, Header, Kind, Limits, Packing};
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::time::timeout;
 
 /// Every test finishes within this or fails.
 const LIMIT: Duration = Duration::from_secs(60);
+
+/// The transport of every node and client in these tests: plain TCP, or,
+/// with `PSERVER_TEST_SECURE` set, the cluster secret's handshake inside
+/// mutually authenticated TLS, so the same tests show that the secure
+/// transport changes nothing else.
+fn net() -> Net {
+    static NET: OnceLock<Net> = OnceLock::new();
+    NET.get_or_init(|| {
+        if std::env::var_os("PSERVER_TEST_SECURE").is_none() {
+            return Net::tcp();
+        }
+        // `tls` reads the files at once, so the directory can go.
+        let dir = tempfile::tempdir().unwrap();
+        let files = tls::generate(dir.path(), &["127.0.0.1".into()]).unwrap();
+        authenticated(tls::tls(Net::tcp(), &files).unwrap(), Secret::random())
+    })
+    .clone()
+}
+
+/// A worker config on [`net`].
+fn worker_config(manager: String) -> WorkerConfig {
+    WorkerConfig {
+        net: net(),
+        ..WorkerConfig::new(manager)
+    }
+}
+
+/// A client config on [`net`].
+fn client_config(manager: String) -> WorkerConfig {
+    WorkerConfig {
+        net: net(),
+        ..WorkerConfig::client(manager)
+    }
+}
+
+/// A server config on [`net`].
+fn server_config(manager: String) -> ServerConfig {
+    ServerConfig {
+        net: net(),
+        ..ServerConfig::new(manager)
+    }
+}
+
+/// A manager config on [`net`].
+fn manager_config() -> ManagerConfig {
+    ManagerConfig {
+        net: net(),
+        ..ManagerConfig::default()
+    }
+}
+
+/// A local cluster config on [`net`].
+fn local_config() -> LocalConfig {
+    LocalConfig {
+        manager: manager_config(),
+        ..LocalConfig::default()
+    }
+}
 
 async fn cluster(servers: usize, lease_ms: u64) -> LocalCluster {
     LocalCluster::start(LocalConfig {
@@ -31,7 +92,7 @@ async fn cluster(servers: usize, lease_ms: u64) -> LocalCluster {
                 vnodes: 8,
                 lease_ms,
             },
-            ..ManagerConfig::default()
+            ..manager_config()
         },
         registry: Default::default(),
         replicate_after_aggregation: true,
@@ -41,13 +102,13 @@ async fn cluster(servers: usize, lease_ms: u64) -> LocalCluster {
 }
 
 async fn worker(c: &LocalCluster) -> Worker {
-    Worker::connect(WorkerConfig::new(c.manager_addr().to_string()))
+    Worker::connect(worker_config(c.manager_addr().to_string()))
         .await
         .unwrap()
 }
 
 async fn client(c: &LocalCluster) -> Worker {
-    Worker::connect(WorkerConfig::client(c.manager_addr().to_string()))
+    Worker::connect(client_config(c.manager_addr().to_string()))
         .await
         .unwrap()
 }
@@ -315,7 +376,9 @@ async fn per_call_consistency_overrides_the_table() {
 
 /// Sends one raw frame to `addr` and returns the reply.
 async fn raw(addr: &str, frame: Frame) -> Frame {
-    let (peer, _n) = Peer::connect(addr, Limits::default()).await.unwrap();
+    let (peer, _n) = Peer::connect_via(&net(), addr, Limits::default())
+        .await
+        .unwrap();
     peer.request(frame).await.unwrap()
 }
 
@@ -435,7 +498,7 @@ async fn malformed_frames_get_an_error_and_the_server_keeps_serving() {
             // Declares a 3 GiB frame.
             vec![0x00, 0x00, 0x00, 0xC0, 1, 2, 3],
         ] {
-            let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+            let mut s = net().connect(&addr.to_string()).await.unwrap();
             s.write_all(&garbage).await.unwrap();
             let mut buf = Vec::new();
             // The server answers with an error frame and closes.
@@ -495,9 +558,10 @@ async fn a_silent_node_is_declared_dead_within_its_lease() {
     timeout(LIMIT, async {
         let c = cluster(1, 200).await;
         // Register a worker by hand and never send a heartbeat.
-        let (peer, _n) = Peer::connect(&c.manager_addr().to_string(), Limits::default())
-            .await
-            .unwrap();
+        let (peer, _n) =
+            Peer::connect_via(&net(), &c.manager_addr().to_string(), Limits::default())
+                .await
+                .unwrap();
         let reply = peer
             .request(control_request(
                 0,
@@ -558,7 +622,7 @@ async fn user_updaters_run_on_the_servers() {
         let c = LocalCluster::start(LocalConfig {
             servers: 2,
             registry,
-            ..LocalConfig::default()
+            ..local_config()
         })
         .await
         .unwrap();
@@ -669,7 +733,7 @@ async fn scans_return_every_stored_key_in_order() {
 
 /// A worker of `c` with key caching on.
 async fn caching_worker(c: &LocalCluster, min_cached_keys: usize) -> Worker {
-    let mut cfg = WorkerConfig::new(c.manager_addr().to_string());
+    let mut cfg = worker_config(c.manager_addr().to_string());
     cfg.key_caching = true;
     cfg.min_cached_keys = min_cached_keys;
     Worker::connect(cfg).await.unwrap()
@@ -763,14 +827,14 @@ async fn a_tiny_key_cache_evicts_and_misses_are_resent() {
                 vnodes: 8,
                 lease_ms: 5000,
             },
-            ..ManagerConfig::default()
+            ..manager_config()
         })
         .await
         .unwrap();
-        let mut sc = ServerConfig::new(manager.addr().to_string());
+        let mut sc = server_config(manager.addr().to_string());
         sc.key_cache_keys = 100;
         let server = start_server(sc).await.unwrap();
-        let mut cfg = WorkerConfig::new(manager.addr().to_string());
+        let mut cfg = worker_config(manager.addr().to_string());
         cfg.key_caching = true;
         cfg.min_cached_keys = 3;
         let w = Worker::connect(cfg).await.unwrap();
@@ -979,7 +1043,7 @@ async fn a_request_carries_the_clock_current_when_it_was_made() {
 }
 
 async fn packing_client(c: &LocalCluster, packing: Packing) -> Worker {
-    let mut cfg = WorkerConfig::client(c.manager_addr().to_string());
+    let mut cfg = client_config(c.manager_addr().to_string());
     cfg.compression = Some(packing);
     Worker::connect(cfg).await.unwrap()
 }
@@ -1183,7 +1247,7 @@ async fn cluster_k(servers: usize, replicas: usize) -> LocalCluster {
                 vnodes: 8,
                 lease_ms: 2000,
             },
-            ..ManagerConfig::default()
+            ..manager_config()
         },
         registry: Default::default(),
         replicate_after_aggregation: true,
@@ -1226,7 +1290,7 @@ async fn join_and_drain_under_load(replicas: usize) {
     }
     tokio::time::sleep(Duration::from_millis(100)).await;
     // A third server joins the running cluster and takes over ranges.
-    let mut sc = ServerConfig::new(c.manager_addr().to_string());
+    let mut sc = server_config(c.manager_addr().to_string());
     sc.listen = "127.0.0.1:0".into();
     let joined = start_server(sc).await.unwrap();
     let id = joined.id();
@@ -1310,7 +1374,7 @@ async fn aggregation_through_join_and_drain(replicas: usize) {
     let la = tokio::spawn(aggregate_pushes(a.clone(), keys.clone(), clocks));
     let lb = tokio::spawn(aggregate_pushes(b.clone(), keys.clone(), clocks));
     tokio::time::sleep(Duration::from_millis(60)).await;
-    let mut sc = ServerConfig::new(c.manager_addr().to_string());
+    let mut sc = server_config(c.manager_addr().to_string());
     sc.listen = "127.0.0.1:0".into();
     let joined = start_server(sc).await.unwrap();
     tokio::time::sleep(Duration::from_millis(60)).await;
@@ -1350,17 +1414,15 @@ async fn a_restarted_manager_recovers_its_state_and_nodes_rejoin() {
                 lease_ms: 2000,
             },
             state_file: Some(state.clone()),
-            ..ManagerConfig::default()
+            ..manager_config()
         };
         let m = start_manager(config("127.0.0.1:0".into())).await.unwrap();
         let addr = m.addr().to_string();
         let mut servers = Vec::new();
         for _ in 0..2 {
-            servers.push(start_server(ServerConfig::new(addr.clone())).await.unwrap());
+            servers.push(start_server(server_config(addr.clone())).await.unwrap());
         }
-        let w = Worker::connect(WorkerConfig::client(addr.clone()))
-            .await
-            .unwrap();
+        let w = Worker::connect(client_config(addr.clone())).await.unwrap();
         w.create_table("d", TableOptions::new(1, UpdaterSpec::Add))
             .await
             .unwrap();
