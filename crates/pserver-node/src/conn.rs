@@ -8,7 +8,7 @@ use crate::error::NodeError;
 use crate::net::{BoxStream, Listener, Net};
 use futures_util::{SinkExt, StreamExt};
 use pserver_wire::codec::CodecError;
-use pserver_wire::{Frame, FrameCodec, Limits};
+use pserver_wire::{Control, ErrorCode, Frame, FrameCodec, Header, Kind, Limits};
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -142,6 +142,15 @@ impl Peer {
                             Some(tx) => {
                                 let _ = tx.send(frame);
                             }
+                            None if id == 0 && frame.header.kind == Kind::Error => {
+                                // Answers no request: the peer refused the
+                                // connection itself (a limit, say).
+                                let why = match frame.control_msg() {
+                                    Ok(Control::Error { message, .. }) => message,
+                                    _ => "an error frame".to_string(),
+                                };
+                                tracing::warn!(peer = %label, "the peer refused this connection: {why}");
+                            }
                             None => {
                                 if notice_tx.try_send(frame).is_err() {
                                     tracing::debug!(peer = %label, "notice dropped: receiver full or gone");
@@ -244,21 +253,35 @@ pub async fn bind(
 }
 
 /// Accepts connections until `cancel` fires, running `serve(stream, peer)`
-/// for each in its own task, itself stopped by `cancel`.
+/// for each in its own task, itself stopped by `cancel`. At most
+/// `limits.max_connections` are served at once: one more gets an error
+/// frame saying so and is closed, so a flood of connections cannot exhaust
+/// the node's memory or descriptors for its tasks.
 pub fn accept_loop<F, Fut>(
     mut listener: Box<dyn Listener>,
     cancel: tokio_util::sync::CancellationToken,
+    limits: Limits,
     serve: F,
 ) where
     F: Fn(BoxStream, String) -> Fut + Send + 'static,
     Fut: std::future::Future<Output = ()> + Send + 'static,
 {
+    let open = Arc::new(tokio::sync::Semaphore::new(limits.max_connections));
     tokio::spawn(async move {
         loop {
             tokio::select! {
                 _ = cancel.cancelled() => break,
                 accepted = listener.accept() => match accepted {
                     Ok((stream, peer)) => {
+                        let Ok(permit) = Arc::clone(&open).try_acquire_owned() else {
+                            tracing::warn!(
+                                %peer,
+                                limit = limits.max_connections,
+                                "refusing a connection: too many open"
+                            );
+                            tokio::spawn(refuse(stream, limits));
+                            continue;
+                        };
                         let conn = serve(stream, peer);
                         let token = cancel.clone();
                         tokio::spawn(async move {
@@ -266,6 +289,7 @@ pub fn accept_loop<F, Fut>(
                                 _ = token.cancelled() => {}
                                 _ = conn => {}
                             }
+                            drop(permit);
                         });
                     }
                     Err(e) => {
@@ -277,4 +301,23 @@ pub fn accept_loop<F, Fut>(
             }
         }
     });
+}
+
+/// Tells a connection over the limit why it is closed (an unsolicited
+/// error frame), then closes it.
+async fn refuse(stream: BoxStream, limits: Limits) {
+    let msg = Control::Error {
+        code: ErrorCode::Limit,
+        message: format!(
+            "this node already serves {} connections (its limit); try again later",
+            limits.max_connections
+        ),
+    };
+    let frame = Frame::control(Header::new(Kind::Error), &msg);
+    let mut w = FramedWrite::new(stream, FrameCodec::new(limits));
+    let send = async {
+        let _ = w.send(frame).await;
+        let _ = tokio::io::AsyncWriteExt::shutdown(w.get_mut()).await;
+    };
+    let _ = tokio::time::timeout(std::time::Duration::from_secs(1), send).await;
 }

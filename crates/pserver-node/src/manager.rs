@@ -162,7 +162,7 @@ pub async fn start_manager(cfg: ManagerConfig) -> Result<ManagerHandle, NodeErro
         cancel.clone(),
     ));
     let limits = cfg.limits;
-    accept_loop(listener, cancel.clone(), move |stream, peer| {
+    accept_loop(listener, cancel.clone(), limits, move |stream, peer| {
         serve(stream, peer, state.clone(), limits)
     });
     tracing::info!(%addr, "manager listening");

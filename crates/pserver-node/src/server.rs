@@ -405,7 +405,7 @@ pub async fn start_server(cfg: ServerConfig) -> Result<ServerHandle, NodeError> 
     });
 
     let limits = cfg.limits;
-    accept_loop(listener, cancel.clone(), move |stream, peer| {
+    accept_loop(listener, cancel.clone(), limits, move |stream, peer| {
         serve(stream, peer, state.clone(), limits)
     });
     tracing::info!(node = id, %addr, "server listening");

@@ -1603,3 +1603,57 @@ async fn pipelined_pushes_with_rising_clocks_all_apply() {
     .await
     .unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connections_over_the_limit_are_told_and_closed() {
+    timeout(LIMIT, async {
+        let manager = start_manager(manager_config()).await.unwrap();
+        let mut sc = server_config(manager.addr().to_string());
+        sc.limits.max_connections = 3;
+        let server = start_server(sc).await.unwrap();
+        let addr = server.addr().to_string();
+        let mut open = Vec::new();
+        for _ in 0..3 {
+            open.push(net().connect(&addr).await.unwrap());
+        }
+        // The fourth is answered with one error frame and closed.
+        let mut extra = net().connect(&addr).await.unwrap();
+        let mut buf = Vec::new();
+        timeout(Duration::from_secs(5), extra.read_to_end(&mut buf))
+            .await
+            .unwrap()
+            .unwrap();
+        let frame = Frame::decode(&buf[4..], &Limits::default()).unwrap();
+        assert_eq!(frame.header.kind, Kind::Error);
+        match frame.control_msg().unwrap() {
+            Control::Error { code, message } => {
+                assert_eq!(code, ErrorCode::Limit);
+                assert!(message.contains("3 connections"), "{message}");
+            }
+            other => panic!("{other:?}"),
+        }
+        // Closing one makes room again: a worker gets through and works.
+        drop(open.pop());
+        let w = Worker::connect(client_config(manager.addr().to_string()))
+            .await
+            .unwrap();
+        w.create_table("t", TableOptions::new(1, UpdaterSpec::Add))
+            .await
+            .unwrap();
+        let mut ok = false;
+        for _ in 0..50 {
+            if w.push("t", vec![1], vec![2.0]).await.is_ok() {
+                ok = true;
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        // (The server may take a moment to see the closed connection.)
+        assert!(ok, "a push got through once a connection closed");
+        assert_eq!(w.pull("t", vec![1]).await.unwrap(), [2.0]);
+        server.shutdown();
+        manager.shutdown();
+    })
+    .await
+    .unwrap();
+}

@@ -249,6 +249,7 @@ mod tests {
         let limits = Limits {
             max_frame: usize::MAX,
             max_keys: usize::MAX,
+            ..Limits::default()
         };
         let mut b = BytesMut::new();
         b.put_u32_le(u32::MAX);

@@ -13,13 +13,17 @@ use crate::message::Control;
 use crate::pack::{Packed, Packing};
 use bytes::{BufMut, Bytes, BytesMut};
 
-/// Bounds a decoder enforces before allocating.
+/// Bounds a node enforces on what peers send it: the decoder's before
+/// allocating, and the listener's on how many connections it serves.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Limits {
     /// Largest frame body in bytes (after the length prefix).
     pub max_frame: usize,
     /// Most keys in one frame.
     pub max_keys: usize,
+    /// Most connections a node serves at once; one more is answered with
+    /// an error frame and closed.
+    pub max_connections: usize,
 }
 
 impl Default for Limits {
@@ -27,6 +31,7 @@ impl Default for Limits {
         Limits {
             max_frame: 256 << 20,
             max_keys: 32 << 20,
+            max_connections: 1024,
         }
     }
 }
@@ -749,6 +754,7 @@ mod tests {
         let limits = Limits {
             max_frame: usize::MAX,
             max_keys: usize::MAX,
+            ..Limits::default()
         };
         let b = corrupt(|b| put_u32(b, 56, 3 + (1 << 29)));
         assert_eq!(

@@ -239,7 +239,7 @@ proptest! {
     #[test]
     fn decode_never_panics_on_mutated_frames(b in mutated(), small in any::<bool>()) {
         let limits = if small {
-            Limits { max_frame: 200, max_keys: 4 }
+            Limits { max_frame: 200, max_keys: 4, ..Limits::default() }
         } else {
             Limits::default()
         };

@@ -62,6 +62,7 @@ impl ManagerOpts {
         Ok(Limits {
             max_frame,
             max_keys: max_frame / 8,
+            ..Limits::default()
         })
     }
 
