@@ -1657,3 +1657,135 @@ async fn connections_over_the_limit_are_told_and_closed() {
     .await
     .unwrap();
 }
+
+/// The code of an error reply, or `None` for any other reply.
+fn error_code(reply: &Frame) -> Option<ErrorCode> {
+    match (reply.header.kind, reply.control_msg()) {
+        (Kind::Error, Ok(Control::Error { code, .. })) => Some(code),
+        _ => None,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hostile_frames_get_errors_and_change_no_table() {
+    timeout(LIMIT, async {
+        let c = cluster(1, 5000).await;
+        let w = client(&c).await;
+        let spec = w
+            .create_table("h", TableOptions::new(2, UpdaterSpec::Add))
+            .await
+            .unwrap();
+        let keys = spread(64);
+        let vals: Vec<f32> = (0..keys.len() * 2).map(|i| i as f32 * 0.5).collect();
+        w.push("h", keys.clone(), vals).await.unwrap();
+        let before = w.scan("h", KeyRange::ALL).await.unwrap();
+        let map = w.refresh().await.unwrap();
+        let server = map.nodes.iter().find(|n| n.role == Role::Server).unwrap();
+        let addr = server.addr.clone();
+        let part = map.partitions[0].clone();
+        let frame = |kind: Kind, keys: Vec<u64>, vals: Vec<f32>| {
+            let mut h = Header::new(kind);
+            h.sender = 777;
+            h.table = spec.id;
+            h.epoch = map.epoch;
+            h.clock = 1;
+            h.range = part.range;
+            Frame {
+                header: h,
+                keys,
+                vals,
+                ctrl: Default::default(),
+                packed: None,
+            }
+        };
+        let k = vec![keys[3], keys[9]];
+
+        let mut cases: Vec<(&str, Frame, ErrorCode)> = Vec::new();
+        cases.push((
+            "wrong width (3 values for 2 keys of dim 2)",
+            frame(Kind::Push, k.clone(), vec![1.0; 3]),
+            ErrorCode::WrongWidth,
+        ));
+        cases.push((
+            "a NaN",
+            frame(Kind::Push, k.clone(), vec![1.0, f32::NAN, 1.0, 1.0]),
+            ErrorCode::NotFinite,
+        ));
+        cases.push((
+            "an infinity",
+            frame(Kind::Push, k.clone(), vec![1.0, 1.0, f32::INFINITY, 1.0]),
+            ErrorCode::NotFinite,
+        ));
+        cases.push((
+            "unsorted keys",
+            frame(Kind::Push, vec![k[1], k[0]], vec![1.0; 4]),
+            ErrorCode::BadKeys,
+        ));
+        let mut unknown = frame(Kind::Push, k.clone(), vec![1.0; 4]);
+        unknown.header.table = 9999;
+        cases.push(("an unknown table", unknown, ErrorCode::UnknownTable));
+        let mut ahead = frame(Kind::Pull, k.clone(), vec![]);
+        ahead.header.epoch = map.epoch + 100;
+        cases.push(("an epoch from the future", ahead, ErrorCode::EpochAhead));
+        // A reply sent as if it were a request.
+        cases.push((
+            "a reply kind as a request",
+            frame(Kind::Reply, k.clone(), vec![1.0; 4]),
+            ErrorCode::Invalid,
+        ));
+        // A control message meant for the manager.
+        let mut misdirected = Frame::control(
+            Header::new(Kind::Control),
+            &Control::Barrier { name: "x".into() },
+        );
+        misdirected.header.epoch = map.epoch;
+        cases.push(("a manager's message", misdirected, ErrorCode::Invalid));
+
+        for (what, f, want) in cases {
+            let reply = raw(&addr, f).await;
+            assert_eq!(error_code(&reply), Some(want), "{what}: {reply:?}");
+            // The server keeps serving correct clients after each.
+            assert_eq!(w.scan("h", KeyRange::ALL).await.unwrap(), before, "{what}");
+        }
+
+        // A replayed push is applied once: the copy is refused.
+        let once = frame(Kind::Push, k.clone(), vec![1.0; 4]);
+        let r = raw(&addr, once.clone()).await;
+        assert_eq!(error_code(&r), None, "{r:?}");
+        let after_one = w.scan("h", KeyRange::ALL).await.unwrap();
+        let r = raw(&addr, once).await;
+        assert_eq!(error_code(&r), Some(ErrorCode::Duplicate));
+        assert_eq!(w.scan("h", KeyRange::ALL).await.unwrap(), after_one);
+
+        // Bytes that are no frame at all: truncated (the connection closes
+        // mid-frame), garbage, a declared 3 GiB body. No reply is owed to a
+        // truncated frame; the others get a Malformed error; none changes a
+        // table or stops the server.
+        for bytes in [
+            vec![200, 0, 0, 0, b'P', b'S'],
+            b"\x10\x00\x00\x00garbage-garbage!".to_vec(),
+            vec![0x00, 0x00, 0x00, 0xC0, 1, 2, 3],
+        ] {
+            let mut s = net().connect(&addr).await.unwrap();
+            s.write_all(&bytes).await.unwrap();
+            s.shutdown().await.unwrap();
+            let mut buf = Vec::new();
+            timeout(Duration::from_secs(5), s.read_to_end(&mut buf))
+                .await
+                .unwrap()
+                .unwrap();
+            if buf.len() > 4 {
+                let f = Frame::decode(&buf[4..], &Limits::default()).unwrap();
+                assert_eq!(error_code(&f), Some(ErrorCode::Malformed));
+            } else {
+                assert_eq!(bytes[0], 200, "only the truncated frame goes unanswered");
+            }
+        }
+        assert_eq!(w.scan("h", KeyRange::ALL).await.unwrap(), after_one);
+        // And it still takes correct pushes.
+        w.advance();
+        w.push("h", vec![keys[0]], vec![1.0, 1.0]).await.unwrap();
+    })
+    .await
+    .unwrap();
+}
