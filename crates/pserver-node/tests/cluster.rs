@@ -1700,46 +1700,47 @@ async fn hostile_frames_get_errors_and_change_no_table() {
         };
         let k = vec![keys[3], keys[9]];
 
-        let mut cases: Vec<(&str, Frame, ErrorCode)> = Vec::new();
-        cases.push((
-            "wrong width (3 values for 2 keys of dim 2)",
-            frame(Kind::Push, k.clone(), vec![1.0; 3]),
-            ErrorCode::WrongWidth,
-        ));
-        cases.push((
-            "a NaN",
-            frame(Kind::Push, k.clone(), vec![1.0, f32::NAN, 1.0, 1.0]),
-            ErrorCode::NotFinite,
-        ));
-        cases.push((
-            "an infinity",
-            frame(Kind::Push, k.clone(), vec![1.0, 1.0, f32::INFINITY, 1.0]),
-            ErrorCode::NotFinite,
-        ));
-        cases.push((
-            "unsorted keys",
-            frame(Kind::Push, vec![k[1], k[0]], vec![1.0; 4]),
-            ErrorCode::BadKeys,
-        ));
         let mut unknown = frame(Kind::Push, k.clone(), vec![1.0; 4]);
         unknown.header.table = 9999;
-        cases.push(("an unknown table", unknown, ErrorCode::UnknownTable));
         let mut ahead = frame(Kind::Pull, k.clone(), vec![]);
         ahead.header.epoch = map.epoch + 100;
-        cases.push(("an epoch from the future", ahead, ErrorCode::EpochAhead));
-        // A reply sent as if it were a request.
-        cases.push((
-            "a reply kind as a request",
-            frame(Kind::Reply, k.clone(), vec![1.0; 4]),
-            ErrorCode::Invalid,
-        ));
         // A control message meant for the manager.
         let mut misdirected = Frame::control(
             Header::new(Kind::Control),
             &Control::Barrier { name: "x".into() },
         );
         misdirected.header.epoch = map.epoch;
-        cases.push(("a manager's message", misdirected, ErrorCode::Invalid));
+        let cases = vec![
+            (
+                "wrong width (3 values for 2 keys of dim 2)",
+                frame(Kind::Push, k.clone(), vec![1.0; 3]),
+                ErrorCode::WrongWidth,
+            ),
+            (
+                "a NaN",
+                frame(Kind::Push, k.clone(), vec![1.0, f32::NAN, 1.0, 1.0]),
+                ErrorCode::NotFinite,
+            ),
+            (
+                "an infinity",
+                frame(Kind::Push, k.clone(), vec![1.0, 1.0, f32::INFINITY, 1.0]),
+                ErrorCode::NotFinite,
+            ),
+            (
+                "unsorted keys",
+                frame(Kind::Push, vec![k[1], k[0]], vec![1.0; 4]),
+                ErrorCode::BadKeys,
+            ),
+            ("an unknown table", unknown, ErrorCode::UnknownTable),
+            ("an epoch from the future", ahead, ErrorCode::EpochAhead),
+            // A reply sent as if it were a request.
+            (
+                "a reply kind as a request",
+                frame(Kind::Reply, k.clone(), vec![1.0; 4]),
+                ErrorCode::Invalid,
+            ),
+            ("a manager's message", misdirected, ErrorCode::Invalid),
+        ];
 
         for (what, f, want) in cases {
             let reply = raw(&addr, f).await;
