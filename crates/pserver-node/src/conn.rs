@@ -34,6 +34,11 @@ impl Outbox {
             .map_err(|_| NodeError::Closed("peer".into()))
     }
 
+    /// Whether `other` feeds the same connection.
+    pub fn same(&self, other: &Outbox) -> bool {
+        self.tx.same_channel(&other.tx)
+    }
+
     /// Queues a frame unless the queue is full or closed; returns whether it was queued.
     pub fn try_send(&self, frame: Frame) -> bool {
         self.tx.try_send(frame).is_ok()

@@ -1131,6 +1131,20 @@ impl State {
             r.header.flags = 0;
             return Ok(Some(r));
         }
+        // Pulls that cannot be answered yet wait in memory: bound them per
+        // connection, refusing before anything (a push-pull's push) applies.
+        if matches!(h.kind, Kind::Pull | Kind::PushPull) {
+            let waiting = self.waiting.iter().filter(|w| w.out.same(out)).count();
+            if waiting >= self.limits.max_waiting {
+                return Err((
+                    ErrorCode::Limit,
+                    format!(
+                        "{waiting} pulls already wait on this connection (the limit); \
+                         wait for their answers before sending more"
+                    ),
+                ));
+            }
+        }
         // From here on the frame carries its key list, whichever way it came,
         // and every check below applies to that list.
         let mut frame = self.resolve_keys(frame)?;

@@ -1790,3 +1790,55 @@ async fn hostile_frames_get_errors_and_change_no_table() {
     .await
     .unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn waiting_pulls_per_connection_are_bounded() {
+    timeout(LIMIT, async {
+        let mut cfg = local_config();
+        cfg.servers = 1;
+        cfg.manager.limits.max_waiting = 2;
+        let c = LocalCluster::start(cfg).await.unwrap();
+        let a = worker(&c).await;
+        let b = worker(&c).await;
+        a.create_table(
+            "s",
+            TableOptions::new(1, UpdaterSpec::Add).consistency(Consistency::Sequential),
+        )
+        .await
+        .unwrap();
+        b.refresh().await.unwrap();
+        let pull = || Request {
+            table: "s".into(),
+            op: Op::Pull,
+            keys: Keys::List(vec![10]),
+            vals: vec![],
+            clock: Some(1),
+            consistency: None,
+        };
+        a.set_clock(1);
+        a.push("s", vec![10], vec![1.0]).await.unwrap();
+        // b has not pushed clock 1, so these wait on the server.
+        let first = a.send(pull());
+        let second = a.send(pull());
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let third = timeout(Duration::from_secs(5), a.send(pull()))
+            .await
+            .expect("refused at once, not left waiting");
+        match third {
+            Err(NodeError::Remote { code, message, .. }) => {
+                assert_eq!(code, ErrorCode::Limit);
+                assert!(message.contains("wait"), "{message}");
+            }
+            other => panic!("{other:?}"),
+        }
+        // Once b catches up, the two waiting pulls are answered.
+        b.set_clock(1);
+        b.push("s", vec![10], vec![1.0]).await.unwrap();
+        for h in [first, second] {
+            let out = timeout(Duration::from_secs(5), h).await.unwrap().unwrap();
+            assert_eq!(out.vals, vec![2.0]);
+        }
+    })
+    .await
+    .unwrap();
+}

@@ -24,6 +24,9 @@ pub struct Limits {
     /// Most connections a node serves at once; one more is answered with
     /// an error frame and closed.
     pub max_connections: usize,
+    /// Most pulls one connection may have waiting on a server (for a
+    /// clock that other workers have not reached); one more is refused.
+    pub max_waiting: usize,
 }
 
 impl Default for Limits {
@@ -32,6 +35,7 @@ impl Default for Limits {
             max_frame: 256 << 20,
             max_keys: 32 << 20,
             max_connections: 1024,
+            max_waiting: 4096,
         }
     }
 }
