@@ -267,9 +267,11 @@ async fn race(consistency: Consistency, iters: u64) -> (Vec<(u64, u64)>, bool) {
             .await
             .unwrap();
         let vals = fast.pull("c", keys.clone()).await.unwrap();
-        let v = vals[0] as u64;
+        let v = vals.iter().fold(f32::INFINITY, |a, &b| a.min(b)) as u64;
+        // Eventual consistency may show a slow push that reached one server
+        // and not yet the other; the other models wait for whole clocks.
         assert!(
-            vals.iter().all(|&x| x as u64 == v),
+            consistency == Consistency::Eventual || vals.iter().all(|&x| x as u64 == v),
             "a pull mixes clocks: {vals:?}"
         );
         seen.push((t, v - t));
