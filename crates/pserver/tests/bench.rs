@@ -1,15 +1,114 @@
-//! `pserver bench` end to end with tiny sizes: it starts its processes,
-//! measures the ceilings and every case, and writes a complete report.
+//! `pserver bench` end to end with tiny sizes: every section of the report
+//! is there, and every figure follows from the counts it was computed from
+//! (and those counts from what the frames must weigh).
 
 mod common;
 
 use common::BIN;
+use pserver_wire::header::HEADER_LEN;
+use serde_json::Value;
 use std::process::Command;
 
+/// Bytes of `frames` frames carrying `keys` keys and `vals` floats in all,
+/// length prefixes included.
+fn frame_bytes(frames: u64, keys: u64, vals: u64) -> u64 {
+    frames * (HEADER_LEN as u64 + 4) + keys * 8 + vals * 4
+}
+
+fn f(v: &Value, name: &str) -> f64 {
+    v[name]
+        .as_f64()
+        .unwrap_or_else(|| panic!("{name} missing in {v}"))
+}
+
+fn u(v: &Value, name: &str) -> u64 {
+    v[name]
+        .as_u64()
+        .unwrap_or_else(|| panic!("{name} missing in {v}"))
+}
+
+/// The lower median, as the benchmark takes it.
+fn median(mut xs: Vec<f64>) -> f64 {
+    xs.sort_by(f64::total_cmp);
+    xs[(xs.len() - 1) / 2]
+}
+
+fn close(a: f64, b: f64) -> bool {
+    (a - b).abs() <= 1e-9 * a.abs().max(b.abs()).max(1e-12)
+}
+
+/// Checks one case: its medians come from its runs, its counts from its
+/// request size, its bytes from what its frames weigh.
+fn check_case(c: &Value, reps: usize, dense: bool, stream_gb: Option<f64>, rtt: f64) {
+    let runs = c["runs"].as_array().unwrap();
+    assert_eq!(runs.len(), reps, "{c}");
+    let keys_each = u(c, "keys");
+    let med = |g: &dyn Fn(&Value) -> f64| median(runs.iter().map(g).collect());
+    for r in runs {
+        let (requests, keys, frames) = (u(r, "requests"), u(r, "keys"), u(r, "frames"));
+        assert!(requests > 0 && f(r, "seconds") > 0.0, "{c}");
+        assert_eq!(keys, requests * keys_each, "{c}");
+        assert!(frames >= requests, "{c}");
+        // dim 1: a push sends one float per key, a pull gets one back; a
+        // dense request carries no key list.
+        let list = if dense { 0 } else { keys };
+        let (out, back) = match c["op"].as_str().unwrap() {
+            "push" => (keys, 0),
+            "pull" => (0, keys),
+            "push_pull" => (keys, keys),
+            op => panic!("op {op}"),
+        };
+        assert_eq!(u(r, "bytes_sent"), frame_bytes(frames, list, out), "{c}");
+        let replies = frame_bytes(frames, 0, back);
+        let got = u(r, "bytes_received");
+        assert!(got >= replies && got <= replies + 16 * frames, "{c}");
+        assert_eq!(u(r, "payload_bytes"), (out + back) * 4, "{c}");
+    }
+    let rate = |name: &'static str| med(&|r: &Value| f(r, name) / f(r, "seconds"));
+    assert!(close(f(c, "req_per_s"), rate("requests")), "{c}");
+    assert!(close(f(c, "keys_per_s"), rate("keys")), "{c}");
+    assert!(
+        close(f(c, "keys_per_s"), f(c, "req_per_s") * keys_each as f64),
+        "{c}"
+    );
+    let wire =
+        med(&|r: &Value| (f(r, "bytes_sent") + f(r, "bytes_received")) / f(r, "seconds") / 1e9);
+    assert!(close(f(c, "wire_gb_per_s"), wire), "{c}");
+    assert!(
+        close(f(c, "payload_gb_per_s"), rate("payload_bytes") / 1e9),
+        "{c}"
+    );
+    let (p50, p99, p999) = (f(c, "p50_us"), f(c, "p99_us"), f(c, "p999_us"));
+    assert!(p50 > 0.0 && p99 >= p50 && p999 >= p99, "{c}");
+    if u(c, "depth") == 1 {
+        assert!(close(f(c, "latency_vs_ceiling"), p50 / rtt), "{c}");
+    } else {
+        assert!(c["latency_vs_ceiling"].is_null(), "{c}");
+    }
+    match stream_gb {
+        Some(s) => {
+            assert!(
+                close(f(c, "wire_vs_stream"), f(c, "wire_gb_per_s") / s),
+                "{c}"
+            );
+            if dense {
+                assert!(
+                    close(f(c, "vs_stream"), f(c, "payload_gb_per_s") / s),
+                    "{c}"
+                );
+            } else {
+                assert!(c["vs_stream"].is_null(), "{c}");
+            }
+        }
+        None => assert!(c["wire_vs_stream"].is_null(), "{c}"),
+    }
+}
+
 #[test]
-fn bench_runs_every_case_and_writes_its_report() {
+fn bench_writes_every_section_with_consistent_figures() {
     let dir = tempfile::tempdir().unwrap();
     let json = dir.path().join("bench.json");
+    let reps = 3;
     let out = Command::new(BIN)
         .args([
             "bench",
@@ -18,51 +117,137 @@ fn bench_runs_every_case_and_writes_its_report() {
             "--depth",
             "1,4",
             "--duration-ms",
-            "100",
+            "30",
             "--reps",
-            "1",
+            &reps.to_string(),
+            "--preload",
+            "5000",
+            "--preload-from",
+            "64",
+            "--dense",
+            "4096",
+            "--cluster",
+            "2x2",
+            "--cluster-keys",
+            "256",
+            "--memory-keys",
+            "10000",
             "--json",
             json.to_str().unwrap(),
         ])
         .env("RUST_LOG", "off")
         .output()
         .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(
         out.status.success(),
-        "{}",
+        "{stdout}\n{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    let report: serde_json::Value = serde_json::from_slice(&std::fs::read(&json).unwrap()).unwrap();
-    let c = &report["ceilings"];
-    assert!(c["rtt_p50_us"].as_f64().unwrap() > 0.0);
-    assert!(c["stream_gb_per_s"].as_f64().unwrap() > 0.0);
-    let cases = report["cases"].as_array().unwrap();
-    // push, pull, push_pull at 1 key (depths 1 and 4) and at 64 keys.
-    assert_eq!(cases.len(), 9);
-    for case in cases {
-        let keys = case["keys"].as_f64().unwrap();
-        let req = case["req_per_s"].as_f64().unwrap();
-        assert!(req > 0.0, "{case}");
-        // Keys per second is requests per second times keys per request.
-        let kps = case["keys_per_s"].as_f64().unwrap();
-        assert!((kps - req * keys).abs() <= 1e-6 * kps.max(1.0), "{case}");
-        assert!(case["wire_gb_per_s"].as_f64().unwrap() > 0.0, "{case}");
-        let (p50, p99) = (
-            case["p50_us"].as_f64().unwrap(),
-            case["p99_us"].as_f64().unwrap(),
-        );
-        assert!(p50 > 0.0 && p99 >= p50, "{case}");
-        assert_eq!(
-            case["latency_vs_ceiling"].is_null(),
-            case["depth"].as_u64() != Some(1),
-            "{case}"
-        );
+    let report: Value = serde_json::from_slice(&std::fs::read(&json).unwrap()).unwrap();
+
+    let machine = &report["machine"];
+    assert!(u(machine, "cores") >= 1);
+    assert!(machine.get("cpu_model").is_some());
+    assert_eq!(u(&report, "reps"), reps as u64);
+
+    let ceilings = &report["ceilings"];
+    let rtt = f(ceilings, "rtt_p50_us");
+    let stream = f(ceilings, "stream_gb_per_s");
+    assert!(rtt > 0.0 && f(ceilings, "rtt_p99_us") >= rtt && stream > 0.0);
+
+    // Memory: AdaGrad of dim 1 is an 8-byte key and two floats.
+    let m = &report["memory"];
+    assert_eq!(u(m, "keys"), 10_000);
+    assert_eq!(f(m, "raw_bytes_per_key"), 16.0);
+    assert!(close(
+        f(m, "store_vs_raw"),
+        f(m, "store_bytes_per_key") / 16.0
+    ));
+
+    // Sparse: 1 key at depths 1 and 4, then 64 keys, each op; the table
+    // grows by what pushes stored, and by the preload before 64-key cases.
+    let sparse = report["sparse"].as_array().unwrap();
+    assert_eq!(sparse.len(), 9);
+    for c in sparse {
+        check_case(c, reps, false, Some(stream), rtt);
     }
-    // The same numbers are printed as a table.
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(stdout.contains("ceilings: TCP request"), "{stdout}");
+    assert_eq!(u(&sparse[0], "table_keys"), 0);
+    assert_eq!(u(&report["preload"], "keys"), 5000);
+    let big: Vec<&Value> = sparse.iter().filter(|c| u(c, "keys") == 64).collect();
+    let before = u(big[0], "table_keys");
+    assert!(before > 5000, "{}", big[0]);
+    // The 1-key pushes stored at most 64 lists of one key before it.
+    assert!(before <= 5000 + 64, "{}", big[0]);
+
+    let dense = &report["dense"];
+    assert_eq!(u(dense, "keys"), 4096);
+    let dense_cases = dense["cases"].as_array().unwrap();
+    assert_eq!(dense_cases.len(), 3);
+    for c in dense_cases {
+        check_case(c, reps, true, Some(stream), rtt);
+    }
+    assert_eq!(u(&dense_cases[1], "table_keys"), 4096);
+
+    let cluster = &report["cluster"];
+    assert_eq!((u(cluster, "servers"), u(cluster, "workers")), (2, 2));
+    let cluster_cases = cluster["cases"].as_array().unwrap();
+    assert_eq!(cluster_cases.len(), 3);
+    for c in cluster_cases {
+        assert_eq!(u(c, "workers"), 2);
+        check_case(c, reps, false, Some(stream), rtt);
+    }
+
+    // Pinned: every process of the pinned run on CPU 0; missing only where
+    // taskset cannot pin, and then with the reason.
+    let can_pin = Command::new("taskset")
+        .args(["-c", "0", "true"])
+        .status()
+        .is_ok_and(|s| s.success());
     assert_eq!(
-        stdout.lines().filter(|l| l.starts_with("| push")).count(),
-        6
+        report["pinned"].is_object(),
+        can_pin,
+        "{}",
+        report["pinned_skipped"]
     );
+    match report["pinned"].as_object() {
+        Some(_) => {
+            let p = &report["pinned"];
+            let cpus = p["cpus_allowed"].as_array().unwrap();
+            assert_eq!(cpus.len(), 4, "{p}");
+            assert!(cpus.iter().all(|c| c == "0"), "{p}");
+            let prtt = f(p, "rtt_p50_us");
+            let cases = p["cases"].as_array().unwrap();
+            assert_eq!(cases.len(), 3);
+            for c in cases {
+                check_case(c, reps, false, None, prtt);
+            }
+        }
+        None => assert!(report["pinned_skipped"].is_string(), "{report}"),
+    }
+    assert!(f(&report, "total_seconds") > 0.0);
+
+    // The same cases are printed as one table.
+    assert!(stdout.contains("ceilings: TCP request"), "{stdout}");
+    assert!(stdout.contains("bytes/key by the store"), "{stdout}");
+    let rows = stdout.lines().filter(|l| l.starts_with("| ")).count();
+    let pinned_rows = if report["pinned"].is_null() { 0 } else { 3 };
+    // Header + 9 sparse + 3 dense + 3 cluster + pinned.
+    assert_eq!(rows, 1 + 9 + 3 + 3 + pinned_rows, "{stdout}");
+}
+
+#[test]
+fn bad_flags_fail_at_once_with_a_clear_message() {
+    for (flags, says) in [
+        (&["--keys", "0"][..], "--keys"),
+        (&["--cluster", "2"][..], "--cluster"),
+        (&["--reps", "0"][..], "--reps"),
+        (&["--dense", "1000000000"][..], "--dense"),
+    ] {
+        let out = Command::new(BIN).arg("bench").args(flags).output().unwrap();
+        assert_eq!(out.status.code(), Some(1), "{flags:?}");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains(says), "{flags:?}: {err}");
+        assert!(out.stdout.is_empty(), "{flags:?}");
+    }
 }

@@ -1,0 +1,483 @@
+//! `pserver bench`: push, pull and push-pull throughput and latency against
+//! clusters of separate processes, beside the loopback ceilings measured in
+//! the same run (a raw TCP request with an 8-byte answer between two
+//! processes, one TCP stream's throughput), as medians of repetitions.
+//!
+//! A default run measures, in this order (issue #5's table):
+//! - the bytes per key of a 100M-key AdaGrad table, in this process
+//!   (`memory`), freed before anything else starts;
+//! - the ceilings against a peer process;
+//! - sparse requests of random sorted keys (1 key at each `--depth`, then
+//!   each `--keys` size), one server and this process as the worker; the
+//!   table is preloaded with 16M keys before the 1M-key cases;
+//! - a dense range of 16M floats;
+//! - 2 servers and 2 workers at once;
+//! - the round trip and 1-key requests with every process pinned to one
+//!   core (a child run under `taskset`).
+//!
+//! Progress goes to stderr as cases finish; the tables go to stdout at the
+//! end, and `--json` writes every figure with each repetition's counts.
+
+mod cases;
+mod keys;
+mod load;
+mod memory;
+mod pinned;
+mod procs;
+mod report;
+mod stats;
+
+use anyhow::{Context, Result, bail};
+use cases::{cluster_cases, dense_cases, sparse_cases};
+use clap::Args;
+use keys::KeyStream;
+use procs::{Ceilings, Procs, addr_of};
+use pserver_core::spec::MAX_DIM;
+use pserver_core::{NodeState, Role, UpdaterSpec};
+use pserver_node::worker::{TableOptions, Worker, WorkerConfig};
+use pserver_wire::Limits;
+use pserver_wire::header::HEADER_LEN;
+use report::{CaseReport, DenseReport, Machine, PreloadReport, Report, thousands};
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+/// `pserver bench` flags.
+#[derive(Args, Debug)]
+pub struct BenchArgs {
+    /// Keys per sparse request, comma-separated (random sorted u64 keys).
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "1,1024,65536,1048576,16777216"
+    )]
+    keys: Vec<usize>,
+    /// Requests in flight for 1-key requests, comma-separated (larger
+    /// requests go one at a time).
+    #[arg(long, value_delimiter = ',', default_value = "1,32")]
+    depth: Vec<usize>,
+    /// Floats per key.
+    #[arg(long, default_value_t = 1)]
+    dim: usize,
+    /// How long each repetition of a case runs, in ms (a request longer
+    /// than this still completes: each repetition has at least one).
+    #[arg(long, default_value_t = 1000)]
+    duration_ms: u64,
+    /// Repetitions of each case; the tables show medians.
+    #[arg(long, default_value_t = 3)]
+    reps: usize,
+    /// Distinct keys pushed into the sparse table before the first case of
+    /// at least --preload-from keys per request (0: no preload).
+    #[arg(long, default_value_t = 16_777_216)]
+    preload: u64,
+    /// The request size from which cases run against the preloaded table.
+    #[arg(long, default_value_t = 1_048_576)]
+    preload_from: usize,
+    /// Keys of the dense range pushed and pulled whole (0: no dense case).
+    #[arg(long, default_value_t = 16_777_216)]
+    dense: usize,
+    /// Servers x workers of the cluster case, e.g. 2x2 (off: no such case).
+    #[arg(long, default_value = "2x2")]
+    cluster: String,
+    /// Keys per request in the cluster case.
+    #[arg(long, default_value_t = 65_536)]
+    cluster_keys: usize,
+    /// Keys of the AdaGrad table weighed for bytes per key (0: skip).
+    #[arg(long, default_value_t = 100_000_000)]
+    memory_keys: u64,
+    /// Skip the figures with every process pinned to one core.
+    #[arg(long)]
+    no_pinned: bool,
+    /// Run the sparse and dense cases against this cluster instead of
+    /// starting a manager and a server.
+    #[arg(long)]
+    manager: Option<String>,
+    /// Write every figure as JSON.
+    #[arg(long)]
+    json: Option<PathBuf>,
+    /// Internal: run only the pinned part and print it as JSON (the parent
+    /// starts this under taskset).
+    #[arg(long, hide = true)]
+    pinned_only: bool,
+}
+
+/// `pserver bench-peer`: the other end of the ceiling measurements.
+#[derive(Args, Debug)]
+pub struct PeerArgs {}
+
+/// Runs the peer of the ceiling measurements.
+pub async fn peer(_args: PeerArgs) -> Result<()> {
+    procs::peer().await
+}
+
+/// Servers and workers of the cluster case.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Shape {
+    /// Server processes.
+    pub servers: usize,
+    /// Workers sending at once.
+    pub workers: usize,
+}
+
+/// Most servers or workers the cluster case starts on one machine.
+const MAX_NODES: usize = 16;
+
+/// Most requests in flight per worker.
+const MAX_DEPTH: usize = 4096;
+
+/// Parses `--cluster`: `SxW` or `off`.
+pub fn parse_shape(s: &str) -> Result<Option<Shape>> {
+    if s.eq_ignore_ascii_case("off") {
+        return Ok(None);
+    }
+    let bad = || format!("--cluster must be SERVERSxWORKERS (e.g. 2x2) or off, got {s:?}");
+    let (a, b) = s.split_once(['x', 'X']).with_context(bad)?;
+    let servers: usize = a.trim().parse().with_context(bad)?;
+    let workers: usize = b.trim().parse().with_context(bad)?;
+    if !(1..=MAX_NODES).contains(&servers) || !(1..=MAX_NODES).contains(&workers) {
+        bail!("--cluster: servers and workers must be in 1..={MAX_NODES}, got {s:?}");
+    }
+    Ok(Some(Shape { servers, workers }))
+}
+
+/// The validated settings of a run.
+#[derive(Clone, Debug)]
+pub struct Settings {
+    keys: Vec<usize>,
+    depths: Vec<usize>,
+    dim: usize,
+    duration: Duration,
+    reps: usize,
+    preload: u64,
+    preload_from: usize,
+    dense: usize,
+    cluster: Option<Shape>,
+    cluster_keys: usize,
+    memory_keys: u64,
+    pinned: bool,
+    manager: Option<String>,
+    json: Option<PathBuf>,
+    pinned_only: bool,
+}
+
+/// Checks that a request of `keys` keys fits one frame of the default
+/// limits, values and key list included (one server may own every key, so
+/// the worker may not split it).
+fn check_request(flag: &str, keys: usize, dim: usize, with_key_list: bool) -> Result<()> {
+    let limits = Limits::default();
+    let per_key = 4 * dim + if with_key_list { 8 } else { 0 };
+    let bytes = keys.saturating_mul(per_key).saturating_add(HEADER_LEN);
+    if keys == 0 || keys > limits.max_keys || bytes > limits.max_frame {
+        bail!(
+            "{flag}: {keys} keys of dim {dim} make a {bytes}-byte request; \
+             a request must have 1..={} keys and fit a {}-byte frame",
+            limits.max_keys,
+            limits.max_frame
+        );
+    }
+    Ok(())
+}
+
+impl Settings {
+    /// Validates the flags, so that a bad one fails before anything starts.
+    pub fn from_args(a: &BenchArgs) -> Result<Settings> {
+        if a.reps == 0 || a.reps > 1000 {
+            bail!("--reps must be in 1..=1000, got {}", a.reps);
+        }
+        if a.duration_ms == 0 || a.duration_ms > 600_000 {
+            bail!("--duration-ms must be in 1..=600000, got {}", a.duration_ms);
+        }
+        if a.dim == 0 || a.dim > MAX_DIM as usize {
+            bail!("--dim must be in 1..={MAX_DIM}, got {}", a.dim);
+        }
+        if a.keys.is_empty() {
+            bail!("--keys needs at least one size");
+        }
+        for &k in &a.keys {
+            check_request("--keys", k, a.dim, true)?;
+        }
+        if a.depth.is_empty() || a.depth.iter().any(|&d| d == 0 || d > MAX_DEPTH) {
+            bail!(
+                "--depth must list values in 1..={MAX_DEPTH}, got {:?}",
+                a.depth
+            );
+        }
+        if a.dense > 0 {
+            check_request("--dense", a.dense, a.dim, false)?;
+        }
+        let cluster = parse_shape(&a.cluster)?;
+        if cluster.is_some() {
+            check_request("--cluster-keys", a.cluster_keys, a.dim, true)?;
+        }
+        if a.preload > 1 << 32 {
+            bail!("--preload must be at most 2^32 keys, got {}", a.preload);
+        }
+        if a.memory_keys > u64::from(u32::MAX) {
+            bail!(
+                "--memory-keys must be at most {} (a store numbers its keys with u32), got {}",
+                u32::MAX,
+                a.memory_keys
+            );
+        }
+        Ok(Settings {
+            keys: a.keys.clone(),
+            depths: a.depth.clone(),
+            dim: a.dim,
+            duration: Duration::from_millis(a.duration_ms),
+            reps: a.reps,
+            preload: a.preload,
+            preload_from: a.preload_from,
+            dense: a.dense,
+            cluster,
+            cluster_keys: a.cluster_keys,
+            memory_keys: a.memory_keys,
+            pinned: !a.no_pinned,
+            manager: a.manager.clone(),
+            json: a.json.clone(),
+            pinned_only: a.pinned_only,
+        })
+    }
+}
+
+/// How long one request may take. The largest (16M keys) take seconds; a
+/// request still out after a minute is stuck, and the run should say so
+/// well within its time budget.
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// A client of the cluster at `manager`.
+async fn connect(manager: &str) -> Result<Worker> {
+    let cfg = WorkerConfig {
+        timeout: REQUEST_TIMEOUT,
+        ..WorkerConfig::client(manager.to_string())
+    };
+    Worker::connect(cfg)
+        .await
+        .with_context(|| format!("connecting to {manager}"))
+}
+
+/// Creates this run's table `bench-<what>-<pid>` of width `dim` (assign:
+/// the server stores what arrives, like ps-lite's benchmark).
+async fn create_table(w: &Worker, what: &str, dim: usize) -> Result<String> {
+    let name = format!("bench-{what}-{}", std::process::id());
+    let dim = u32::try_from(dim).context("--dim")?;
+    w.create_table(&name, TableOptions::new(dim, UpdaterSpec::Assign))
+        .await
+        .with_context(|| format!("creating table {name}"))?;
+    Ok(name)
+}
+
+/// Waits until the map has `servers` live servers each owning some keys
+/// (a server prints its address before the manager has placed it).
+async fn wait_for_servers(w: &Worker, servers: usize) -> Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let map = w.refresh().await?;
+        let live = map
+            .nodes
+            .iter()
+            .filter(|n| n.role == Role::Server && n.state == NodeState::Alive)
+            .filter(|n| map.partitions.iter().any(|p| p.primary == n.id))
+            .count();
+        if live >= servers {
+            return Ok(());
+        }
+        if Instant::now() >= deadline {
+            bail!("only {live} of {servers} servers joined the cluster within 20 s");
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Runs the benchmark and prints its tables.
+pub async fn run(args: BenchArgs) -> Result<()> {
+    let s = Settings::from_args(&args)?;
+    if s.pinned_only {
+        return pinned::child(&s).await;
+    }
+    if s.memory_keys > 0 {
+        memory::check_room(s.memory_keys)?;
+    }
+    let started = Instant::now();
+    let machine = Machine::current();
+    if !machine.release_build {
+        eprintln!("bench: warning: a debug build; use --release for meaningful figures");
+    }
+    let memory = match s.memory_keys {
+        0 => None,
+        n => {
+            progress(&format!("memory: filling a table of {} keys", thousands(n)));
+            let m = tokio::task::spawn_blocking(move || memory::measure(n))
+                .await
+                .context("the memory case")??;
+            progress(&memory_line(&m));
+            Some(m)
+        }
+    };
+    let mut stream = KeyStream::new(0x0062_656e_6368);
+    // The processes of this part stop at the end of the block, before the
+    // next parts start their own: each part has the machine to itself.
+    let one = {
+        let mut procs = Procs::default();
+        let result = one_server(&s, &mut procs, &mut stream).await;
+        result.map_err(|e| procs.explain(e))?
+    };
+    let cluster = match s.cluster {
+        Some(shape) => Some(cluster_cases(&s, shape, &one.ceilings, &mut stream).await?),
+        None => None,
+    };
+    let (pinned, pinned_skipped) = pinned_part(&s);
+    let report = Report {
+        machine,
+        reps: s.reps,
+        duration_ms: s.duration.as_millis() as u64,
+        dim: s.dim,
+        ceilings: one.ceilings,
+        memory,
+        preload: one.preload,
+        sparse: one.sparse,
+        dense: one.dense,
+        cluster,
+        pinned,
+        pinned_skipped,
+        total_seconds: started.elapsed().as_secs_f64(),
+    };
+    print_report(&report, &s);
+    if let Some(path) = &s.json {
+        std::fs::write(path, serde_json::to_vec_pretty(&report)?)
+            .with_context(|| format!("writing {}", path.display()))?;
+        println!("report written to {}", path.display());
+    }
+    Ok(())
+}
+
+/// The pinned part, or why it is missing. A failure loses only this part:
+/// the report keeps the rest and says why.
+fn pinned_part(s: &Settings) -> (Option<report::PinnedReport>, Option<String>) {
+    if !s.pinned {
+        return (None, Some("--no-pinned".to_string()));
+    }
+    progress("pinned: re-running under taskset -c 0");
+    let why = match pinned::run(s) {
+        Ok(Ok(p)) => return (Some(p), None),
+        Ok(Err(why)) => why,
+        Err(e) => format!("the pinned run failed: {e:#}"),
+    };
+    progress(&format!("pinned: skipped: {why}"));
+    (None, Some(why))
+}
+
+/// What the one-server part of a run measured.
+struct OneServer {
+    ceilings: Ceilings,
+    sparse: Vec<CaseReport>,
+    preload: Option<PreloadReport>,
+    dense: Option<DenseReport>,
+}
+
+/// The ceilings against a peer, then the sparse and dense cases against one
+/// server process (or the cluster at `--manager`), this process the worker.
+async fn one_server(s: &Settings, procs: &mut Procs, stream: &mut KeyStream) -> Result<OneServer> {
+    let peer = addr_of(&procs.start(&["bench-peer"])?)?;
+    let manager = match &s.manager {
+        Some(m) => m.clone(),
+        None => procs.start_cluster(1)?,
+    };
+    let w = connect(&manager).await?;
+    let ceilings = procs::ceilings(&peer, s.duration, s.reps, true).await?;
+    progress(&ceilings_line(&ceilings));
+    let (sparse, preload) = sparse_cases(&w, s, &ceilings, stream).await?;
+    let dense = match s.dense {
+        0 => None,
+        n => Some(dense_cases(&w, s, &ceilings, n).await?),
+    };
+    w.shutdown();
+    Ok(OneServer {
+        ceilings,
+        sparse,
+        preload,
+        dense,
+    })
+}
+
+/// A progress line on stderr (stdout gets the tables at the end).
+fn progress(line: &str) {
+    eprintln!("bench: {line}");
+}
+
+/// The memory case in one line.
+fn memory_line(m: &memory::MemoryReport) -> String {
+    let rss = match (m.rss_bytes_per_key, m.rss_vs_raw) {
+        (Some(b), Some(r)) => format!("{b:.1} bytes/key resident ({r:.2}x)"),
+        _ => "resident set unknown".into(),
+    };
+    format!(
+        "memory: {} keys of dim {} with {}: {:.1} bytes/key by the store ({:.2}x the {:.0} bytes of raw content), {rss}; filled in {:.1} s",
+        thousands(m.keys),
+        m.dim,
+        m.updater,
+        m.store_bytes_per_key,
+        m.store_vs_raw,
+        m.raw_bytes_per_key,
+        m.fill_seconds
+    )
+}
+
+/// The unpinned ceilings in one line.
+fn ceilings_line(c: &Ceilings) -> String {
+    format!(
+        "ceilings: TCP request + 8-byte answer p50 {:.1} us, p99 {:.1} us; one stream {:.2} GB/s",
+        c.rtt_p50_us,
+        c.rtt_p99_us,
+        c.stream_gb_per_s.unwrap_or(f64::NAN)
+    )
+}
+
+/// Prints the run's summary lines and its table.
+fn print_report(r: &Report, s: &Settings) {
+    println!(
+        "bench: {} cores ({}), {} build; {} ms per case, medians of {} runs, dim {}; {:.0} s in all",
+        r.machine.cores,
+        r.machine.cpu_model.as_deref().unwrap_or("unknown CPU"),
+        if r.machine.release_build {
+            "release"
+        } else {
+            "debug"
+        },
+        r.duration_ms,
+        r.reps,
+        r.dim,
+        r.total_seconds
+    );
+    if let Some(m) = &r.memory {
+        println!("{}", memory_line(m));
+    }
+    println!("{}", ceilings_line(&r.ceilings));
+    match (&r.pinned, &r.pinned_skipped) {
+        (Some(p), _) => println!(
+            "pinned ceiling (every process on CPU {}): TCP request + 8-byte answer p50 {:.1} us, p99 {:.1} us",
+            p.cpus_allowed.first().map_or("?", String::as_str),
+            p.rtt_p50_us,
+            p.rtt_p99_us
+        ),
+        (None, Some(why)) => println!("pinned: skipped ({why})"),
+        (None, None) => {}
+    }
+    if let Some(p) = &r.preload {
+        println!(
+            "sparse table preloaded with {} keys before the cases of {}+ keys ({:.1} s)",
+            thousands(p.keys),
+            thousands(p.before_keys as u64),
+            p.seconds
+        );
+    }
+    if s.manager.is_some() {
+        println!("sparse and dense cases ran against the cluster at --manager");
+    }
+    println!();
+    println!("{}", report::header());
+    for row in report::rows(r) {
+        println!("{row}");
+    }
+}
+
+#[cfg(test)]
+mod tests;
