@@ -329,17 +329,33 @@ pub async fn start_server(cfg: ServerConfig) -> Result<ServerHandle, NodeError> 
         cfg.limits,
         addr.to_string(),
     );
+    // Heartbeats go from their own task, which never waits for the state
+    // lock: a long request (a 16M-key push takes seconds) or a map being
+    // installed must not silence the server into being declared dead.
+    let link = Arc::new(Mutex::new(manager.clone()));
+    {
+        let (link, token) = (Arc::clone(&link), cancel.clone());
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(heartbeat);
+            loop {
+                tokio::select! {
+                    _ = token.cancelled() => break,
+                    _ = tick.tick() => {
+                        let peer = lock(&link).clone();
+                        // A failed send is noticed by the loop below, which
+                        // owns rejoining; the next tick uses the new link.
+                        let _ = peer.notify(control_request(id, 0, &Control::Heartbeat)).await;
+                    }
+                }
+            }
+        });
+    }
     tokio::spawn(async move {
         let (mut manager, mut notices) = (manager, notices);
-        let mut tick = tokio::time::interval(heartbeat);
         loop {
             let mut lost = false;
             tokio::select! {
                 _ = token.cancelled() => break,
-                _ = tick.tick() => {
-                    let hb = control_request(id, 0, &Control::Heartbeat);
-                    lost = manager.notify(hb).await.is_err();
-                }
                 notice = notices.recv() => match notice {
                     None => lost = true,
                     Some(frame) => match frame.control_msg() {
@@ -374,6 +390,7 @@ pub async fn start_server(cfg: ServerConfig) -> Result<ServerHandle, NodeError> 
                 match rejoin(&net, &manager_addr, limits, id, Role::Server, &my_addr).await {
                     Ok((peer, rx, map)) => {
                         tracing::info!(node = id, epoch = map.epoch, "rejoined the manager");
+                        *lock(&link) = peer.clone();
                         manager = peer;
                         notices = rx;
                         let out = lock(&st).apply_map(map);
@@ -489,10 +506,19 @@ where
                 // unpack is refused like any malformed request.
                 let replies = match frame.unpack() {
                     Ok(_) => {
-                        let (replies, deferred) = {
+                        let big = frame.keys.len().max(frame.vals.len()) >= BIG_REQUEST;
+                        let work = || {
                             let mut st = lock(&state);
                             let r = st.handle(frame, &out);
                             (r, std::mem::take(&mut st.deferred))
+                        };
+                        // A big request holds the state for a long time:
+                        // let the runtime hand this thread's other tasks
+                        // (heartbeats, writers) to another thread meanwhile.
+                        let (replies, deferred) = if big && multi_thread() {
+                            tokio::task::block_in_place(work)
+                        } else {
+                            work()
                         };
                         spawn_deferred(deferred);
                         replies
@@ -537,6 +563,16 @@ where
 
 /// A refused request: code and message.
 type Refusal = (ErrorCode, String);
+
+/// Keys or values from which a request counts as big (see `serve`).
+const BIG_REQUEST: usize = 1 << 16;
+
+/// Whether this task runs on a multi-threaded runtime, where
+/// `block_in_place` is allowed (it panics on a current-thread one).
+fn multi_thread() -> bool {
+    tokio::runtime::Handle::try_current()
+        .is_ok_and(|h| h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread)
+}
 
 fn store_refusal(e: StoreError) -> Refusal {
     let code = match e {

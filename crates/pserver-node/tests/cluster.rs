@@ -1849,3 +1849,39 @@ async fn waiting_pulls_per_connection_are_bounded() {
     .await
     .unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_server_busy_with_a_long_request_keeps_its_lease() {
+    timeout(LIMIT, async {
+        // A 400 ms lease, and pushes that each take the server longer.
+        let c = cluster(1, 400).await;
+        let w = client(&c).await;
+        w.create_table("big", TableOptions::new(1, UpdaterSpec::Add))
+            .await
+            .unwrap();
+        let keys: Vec<u64> = (0..1u64 << 21)
+            .map(|k| k.wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 1)
+            .collect();
+        let mut keys = keys;
+        keys.sort_unstable();
+        keys.dedup();
+        let vals = vec![1.0; keys.len()];
+        let t = std::time::Instant::now();
+        for _ in 0..3 {
+            w.advance();
+            w.push("big", keys.clone(), vals.clone()).await.unwrap();
+        }
+        let took = t.elapsed();
+        let map = w.refresh().await.unwrap();
+        let server = map.nodes.iter().find(|n| n.role == Role::Server).unwrap();
+        assert_eq!(
+            server.state,
+            pserver_core::NodeState::Alive,
+            "declared dead while busy ({took:?} for 3 pushes)"
+        );
+        assert_eq!(map.epoch, w.map().epoch);
+        assert_eq!(w.pull("big", vec![keys[7]]).await.unwrap(), [3.0]);
+    })
+    .await
+    .unwrap();
+}

@@ -12,13 +12,6 @@ use std::time::{Duration, Instant};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
-/// The lease of the clusters a benchmark starts, ms. A server applying a
-/// 16M-key push holds its state for seconds, and with the default 2 s lease
-/// its heartbeats come too late: the manager declares it dead mid-request.
-/// The benchmark measures throughput, not failure detection, so its
-/// clusters allow a long silence.
-pub const LEASE_MS: u64 = 60_000;
-
 /// Started processes; killed when dropped, so an error anywhere leaves
 /// nothing behind. Each one's stderr goes to a log file (removed with it)
 /// so that when one dies mid-run the error can say how.
@@ -47,10 +40,10 @@ impl Procs {
         Ok(line)
     }
 
-    /// Starts a manager and `servers` servers; returns the manager's address.
+    /// Starts a manager (default lease: a server busy with a 16M-key push
+    /// still heartbeats) and `servers` servers; returns the manager's address.
     pub fn start_cluster(&mut self, servers: usize) -> Result<String> {
-        let lease = LEASE_MS.to_string();
-        let line = self.start(&["manager", "--listen", "127.0.0.1:0", "--lease-ms", &lease])?;
+        let line = self.start(&["manager", "--listen", "127.0.0.1:0"])?;
         let manager = addr_of(&line)?;
         for _ in 0..servers {
             self.start(&["server", "--manager", &manager])?;
