@@ -40,6 +40,11 @@ fn close(a: f64, b: f64) -> bool {
 /// Checks one case: its medians come from its runs, its counts from its
 /// request size, its bytes from what its frames weigh.
 fn check_case(c: &Value, reps: usize, dense: bool, stream_gb: Option<f64>, rtt: f64) {
+    check_case_dim(c, reps, dense, stream_gb, rtt, 1)
+}
+
+/// [`check_case`] for a table of `dim` floats per key.
+fn check_case_dim(c: &Value, reps: usize, dense: bool, stream_gb: Option<f64>, rtt: f64, dim: u64) {
     let runs = c["runs"].as_array().unwrap();
     assert_eq!(runs.len(), reps, "{c}");
     let keys_each = u(c, "keys");
@@ -49,13 +54,13 @@ fn check_case(c: &Value, reps: usize, dense: bool, stream_gb: Option<f64>, rtt: 
         assert!(requests > 0 && f(r, "seconds") > 0.0, "{c}");
         assert_eq!(keys, requests * keys_each, "{c}");
         assert!(frames >= requests, "{c}");
-        // dim 1: a push sends one float per key, a pull gets one back; a
-        // dense request carries no key list.
+        // A push sends dim floats per key, a pull gets dim back; a dense
+        // request carries no key list.
         let list = if dense { 0 } else { keys };
         let (out, back) = match c["op"].as_str().unwrap() {
-            "push" => (keys, 0),
-            "pull" => (0, keys),
-            "push_pull" => (keys, keys),
+            "push" => (keys * dim, 0),
+            "pull" => (0, keys * dim),
+            "push_pull" => (keys * dim, keys * dim),
             op => panic!("op {op}"),
         };
         assert_eq!(u(r, "bytes_sent"), frame_bytes(frames, list, out), "{c}");
@@ -126,6 +131,8 @@ fn bench_writes_every_section_with_consistent_figures() {
             "64",
             "--dense",
             "4096",
+            "--dense-dim",
+            "2",
             "--cluster",
             "2x2",
             "--cluster-keys",
@@ -182,10 +189,11 @@ fn bench_writes_every_section_with_consistent_figures() {
 
     let dense = &report["dense"];
     assert_eq!(u(dense, "keys"), 4096);
+    assert_eq!(u(dense, "dim"), 2);
     let dense_cases = dense["cases"].as_array().unwrap();
     assert_eq!(dense_cases.len(), 3);
     for c in dense_cases {
-        check_case(c, reps, true, Some(stream), rtt);
+        check_case_dim(c, reps, true, Some(stream), rtt, 2);
     }
     assert_eq!(u(&dense_cases[1], "table_keys"), 4096);
 

@@ -121,14 +121,15 @@ pub async fn sparse_cases(
     Ok((cases, preloaded))
 }
 
-/// Push, pull and push-pull of the dense range `[0, n)`, whole.
+/// Push, pull and push-pull of the dense range `[0, n)`, whole, in a table
+/// of `--dense-dim` floats per key.
 pub async fn dense_cases(
     w: &Worker,
     s: &Settings,
     ceilings: &Ceilings,
     n: usize,
 ) -> Result<DenseReport> {
-    let table = create_table(w, "dense", s.dim).await?;
+    let table = create_table(w, "dense", s.dense_dim).await?;
     let range = KeyRange {
         begin: 0,
         end: n as u64,
@@ -139,7 +140,7 @@ pub async fn dense_cases(
         let case = Case {
             table: &table,
             op,
-            dim: s.dim,
+            dim: s.dense_dim,
             depth: 1,
         };
         let runs = repeat(w, &case, &mut Source::Range(range), s).await?;
@@ -158,7 +159,11 @@ pub async fn dense_cases(
         case_done("dense", &c);
         cases.push(c);
     }
-    Ok(DenseReport { keys: n, cases })
+    Ok(DenseReport {
+        keys: n,
+        dim: s.dense_dim,
+        cases,
+    })
 }
 
 /// One repetition of the cluster case: every worker runs the same case at

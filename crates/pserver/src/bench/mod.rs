@@ -73,8 +73,13 @@ pub struct BenchArgs {
     #[arg(long, default_value_t = 1_048_576)]
     preload_from: usize,
     /// Keys of the dense range pushed and pulled whole (0: no dense case).
-    #[arg(long, default_value_t = 16_777_216)]
+    /// With --dense-dim 4096 the default is 16M floats in 4,096 rows.
+    #[arg(long, default_value_t = 4096)]
     dense: usize,
+    /// Floats per key of the dense table: dense parameters (a layer's
+    /// weights) live as wide rows, one key per row.
+    #[arg(long, default_value_t = 4096)]
+    dense_dim: usize,
     /// Servers x workers of the cluster case, e.g. 2x2 (off: no such case).
     #[arg(long, default_value = "2x2")]
     cluster: String,
@@ -150,6 +155,7 @@ pub struct Settings {
     preload: u64,
     preload_from: usize,
     dense: usize,
+    dense_dim: usize,
     cluster: Option<Shape>,
     cluster_keys: usize,
     memory_keys: u64,
@@ -201,8 +207,11 @@ impl Settings {
                 a.depth
             );
         }
+        if a.dense_dim == 0 || a.dense_dim > MAX_DIM as usize {
+            bail!("--dense-dim must be in 1..={MAX_DIM}, got {}", a.dense_dim);
+        }
         if a.dense > 0 {
-            check_request("--dense", a.dense, a.dim, false)?;
+            check_request("--dense", a.dense, a.dense_dim, false)?;
         }
         let cluster = parse_shape(&a.cluster)?;
         if cluster.is_some() {
@@ -213,7 +222,7 @@ impl Settings {
         }
         if a.memory_keys > u64::from(u32::MAX) {
             bail!(
-                "--memory-keys must be at most {} (a store numbers its keys with u32), got {}",
+                "--memory-keys must be at most {}, got {}",
                 u32::MAX,
                 a.memory_keys
             );
@@ -227,6 +236,7 @@ impl Settings {
             preload: a.preload,
             preload_from: a.preload_from,
             dense: a.dense,
+            dense_dim: a.dense_dim,
             cluster,
             cluster_keys: a.cluster_keys,
             memory_keys: a.memory_keys,

@@ -139,6 +139,8 @@ pub struct PreloadReport {
 pub struct DenseReport {
     /// Keys in the range.
     pub keys: usize,
+    /// Floats per key.
+    pub dim: usize,
     /// Push, pull, push_pull of the whole range.
     pub cases: Vec<CaseReport>,
 }
@@ -276,7 +278,8 @@ pub fn row(label: &str, c: &CaseReport) -> String {
 pub fn rows(r: &Report) -> Vec<String> {
     let mut out: Vec<String> = r.sparse.iter().map(|c| row("1x1", c)).collect();
     if let Some(d) = &r.dense {
-        out.extend(d.cases.iter().map(|c| row("dense", c)));
+        let label = format!("dense, dim {}", d.dim);
+        out.extend(d.cases.iter().map(|c| row(&label, c)));
     }
     if let Some(cl) = &r.cluster {
         let label = format!("{}x{}", cl.servers, cl.workers);

@@ -32,7 +32,8 @@ fn defaults_cover_issue_5s_table() {
     let s = settings(&[]).unwrap();
     assert_eq!(s.keys, [1, 1024, 65536, 1 << 20, 1 << 24]);
     assert_eq!(s.depths, [1, 32]);
-    assert_eq!(s.dense, 1 << 24);
+    // 16M floats as 4,096 rows of 4,096.
+    assert_eq!(s.dense * s.dense_dim, 1 << 24);
     assert_eq!(
         s.cluster,
         Some(Shape {
@@ -62,6 +63,8 @@ fn bad_flags_are_refused_up_front() {
     refused(&["--depth", "0"], "--depth");
     refused(&["--dim", "0"], "--dim");
     refused(&["--dense", "100000000"], "--dense");
+    refused(&["--dense-dim", "0"], "--dense-dim");
+    refused(&["--dense-dim", "5000"], "--dense-dim");
     refused(&["--cluster", "2"], "--cluster");
     refused(&["--cluster", "0x2"], "--cluster");
     refused(&["--cluster", "axb"], "--cluster");
