@@ -89,6 +89,9 @@ pub struct TrainConfig {
     /// machine died (its computation stops and it stops heartbeating), to
     /// show that its shard is taken over and the run finishes.
     pub fail_worker: Option<(usize, Duration)>,
+    /// How the run's workers reach the cluster: the same transport (TLS,
+    /// the cluster secret) its nodes use.
+    pub net: pserver_node::net::Net,
 }
 
 /// Why a run failed.
@@ -280,11 +283,16 @@ pub async fn train(
     let mut workers = Vec::new();
     for _ in 0..cfg.workers {
         let mut wc = WorkerConfig::new(manager);
+        wc.net = cfg.net.clone();
         wc.key_caching = cfg.key_caching;
         wc.compression = cfg.compression;
         workers.push(Worker::connect(wc).await?);
     }
-    let observer = Worker::connect(WorkerConfig::client(manager)).await?;
+    let observer = Worker::connect(WorkerConfig {
+        net: cfg.net.clone(),
+        ..WorkerConfig::client(manager)
+    })
+    .await?;
     let stamp = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_millis())

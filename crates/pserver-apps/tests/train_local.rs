@@ -64,6 +64,7 @@ fn config(algo: Algo, train_path: &Path, test_path: &Path) -> TrainConfig {
         checkpoint_dir: None,
         checkpoint_every: 0,
         resume: false,
+        net: Default::default(),
     }
 }
 

@@ -282,6 +282,40 @@ fn nonce() -> io::Result<[u8; NONCE_LEN]> {
     Ok(n)
 }
 
+/// A peer that opened with a plain pserver frame (a client started without
+/// the secret) is answered in its own protocol, as a refusal of that
+/// frame's request, so its user reads why instead of "connection closed".
+async fn tell_plain_client(stream: &mut BoxStream, hello: &[u8]) {
+    // Length prefix (4 bytes), then the header: magic at 0, request id at 8.
+    let Some(id) = hello.get(12..20).and_then(|b| <[u8; 8]>::try_from(b).ok()) else {
+        return;
+    };
+    if hello.get(4..8) != Some(b"PSRV".as_slice()) {
+        return;
+    }
+    let mut h = pserver_wire::Header::new(pserver_wire::Kind::Error);
+    h.request_id = u64::from_le_bytes(id);
+    let refusal = pserver_wire::Control::Error {
+        code: pserver_wire::ErrorCode::Invalid,
+        message: format!(
+            "this cluster requires its secret: give the client --secret-file FILE \
+             (or set {SECRET_ENV})"
+        ),
+    };
+    let frame = pserver_wire::Frame::control(h, &refusal);
+    let mut out = bytes::BytesMut::new();
+    if tokio_util::codec::Encoder::encode(
+        &mut pserver_wire::FrameCodec::default(),
+        &frame,
+        &mut out,
+    )
+    .is_ok()
+    {
+        let _ = stream.write_all(&out).await;
+        let _ = stream.shutdown().await;
+    }
+}
+
 /// The dialing side: send a nonce, check the server's tag, send ours.
 async fn client_side(stream: &mut BoxStream, secret: &Secret) -> io::Result<()> {
     let client = nonce()?;
@@ -335,6 +369,7 @@ async fn server_side(stream: &mut BoxStream, secret: &Secret) -> io::Result<()> 
     stream.read_exact(&mut hello).await?;
     let (magic, client) = hello.split_at(MAGIC.len());
     if magic != MAGIC {
+        tell_plain_client(stream, &hello).await;
         return Err(io::Error::new(
             io::ErrorKind::PermissionDenied,
             "it did not start with the authentication handshake \

@@ -26,8 +26,15 @@ fn demo_keys() -> Vec<u64> {
     keys
 }
 
-/// Runs the demo with `workers` in-process workers for `iterations` at delay `tau`.
-pub async fn run(manager: &str, workers: usize, iterations: u64, tau: u64) -> Result<()> {
+/// Runs the demo with `workers` in-process workers (connecting over `net`)
+/// for `iterations` at delay `tau`.
+pub async fn run(
+    manager: &str,
+    net: &pserver_node::net::Net,
+    workers: usize,
+    iterations: u64,
+    tau: u64,
+) -> Result<()> {
     let consistency = if tau == 0 {
         Consistency::Sequential
     } else {
@@ -38,7 +45,13 @@ pub async fn run(manager: &str, workers: usize, iterations: u64, tau: u64) -> Re
     );
     let mut ws = Vec::new();
     for _ in 0..workers {
-        ws.push(Worker::connect(WorkerConfig::new(manager)).await?);
+        ws.push(
+            Worker::connect(WorkerConfig {
+                net: net.clone(),
+                ..WorkerConfig::new(manager)
+            })
+            .await?,
+        );
     }
     ws[0]
         .create_table(

@@ -127,6 +127,7 @@ fn flights(workers: usize, epochs: usize, key_caching: bool) -> Result<TrainConf
         checkpoint_dir: None,
         checkpoint_every: 0,
         resume: false,
+        net: Default::default(),
     })
 }
 

@@ -123,11 +123,14 @@ fn updater(
     }
 }
 
-/// Runs a `kv` subcommand against the manager at `manager`.
-pub async fn run(manager: &str, cmd: KvCmd) -> Result<()> {
-    let w = Worker::connect(WorkerConfig::client(manager))
-        .await
-        .with_context(|| format!("connecting to the manager at {manager}"))?;
+/// Runs a `kv` subcommand against the manager at `manager`, over `net`.
+pub async fn run(manager: &str, net: &pserver_node::net::Net, cmd: KvCmd) -> Result<()> {
+    let w = Worker::connect(WorkerConfig {
+        net: net.clone(),
+        ..WorkerConfig::client(manager)
+    })
+    .await
+    .with_context(|| format!("connecting to the manager at {manager}"))?;
     let result = run_with(&w, cmd).await;
     w.shutdown();
     result

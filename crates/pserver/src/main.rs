@@ -6,6 +6,7 @@ mod experiment;
 mod failover;
 mod kv;
 mod parse;
+mod security;
 mod status;
 mod train;
 
@@ -31,6 +32,8 @@ const DEFAULT_MANAGER: &str = "127.0.0.1:7070";
 struct Cli {
     #[command(subcommand)]
     cmd: Cmd,
+    #[command(flatten)]
+    security: security::SecurityArgs,
 }
 
 /// Placement and failure-detection settings of a manager.
@@ -48,6 +51,12 @@ struct ManagerOpts {
     /// Largest frame accepted, in MiB.
     #[arg(long, default_value_t = 256)]
     max_frame_mib: usize,
+    /// Most connections each node serves at once.
+    #[arg(long, default_value_t = 1024)]
+    max_connections: usize,
+    /// Most pulls one connection may have waiting on a server.
+    #[arg(long, default_value_t = 4096)]
+    max_waiting: usize,
 }
 
 impl ManagerOpts {
@@ -58,11 +67,15 @@ impl ManagerOpts {
                 self.max_frame_mib
             );
         }
+        if self.max_connections == 0 || self.max_waiting == 0 {
+            anyhow::bail!("--max-connections and --max-waiting must be at least 1");
+        }
         let max_frame = self.max_frame_mib << 20;
         Ok(Limits {
             max_frame,
             max_keys: max_frame / 8,
-            ..Limits::default()
+            max_connections: self.max_connections,
+            max_waiting: self.max_waiting,
         })
     }
 
@@ -111,6 +124,22 @@ enum Cmd {
         /// cores; 1 keeps each request on one thread).
         #[arg(long)]
         apply_threads: Option<usize>,
+        /// Most connections this server serves at once.
+        #[arg(long, default_value_t = 1024)]
+        max_connections: usize,
+        /// Most pulls one connection may have waiting here.
+        #[arg(long, default_value_t = 4096)]
+        max_waiting: usize,
+    },
+    /// Write a throwaway cluster CA and a node certificate for a test
+    /// cluster (ca.pem, ca.key, node.pem, node.key); then run every node
+    /// with --tls-cert DIR/node.pem --tls-key DIR/node.key --tls-ca DIR/ca.pem.
+    Certs {
+        /// Directory to write into (created if missing).
+        dir: std::path::PathBuf,
+        /// Names and addresses the node certificate is valid for.
+        #[arg(long, value_delimiter = ',', default_value = "127.0.0.1,localhost")]
+        hosts: Vec<String>,
     },
     /// Create tables, push and pull from the command line.
     Kv {
@@ -229,14 +258,33 @@ fn main() -> ExitCode {
 }
 
 async fn run(cli: Cli) -> Result<()> {
+    if let Cmd::Certs { dir, hosts } = &cli.cmd {
+        let files = pserver_node::tls::generate(dir, hosts)
+            .with_context(|| format!("writing certificates into {}", dir.display()))?;
+        println!(
+            "wrote a test CA and a node certificate for {} into {}; run each node with\n  \
+             --tls-cert {} --tls-key {} --tls-ca {}",
+            hosts.join(", "),
+            dir.display(),
+            files.cert.display(),
+            files.key.display(),
+            files.ca.display()
+        );
+        return Ok(());
+    }
+    let sec = cli.security.resolve()?;
+    let net = sec.net.clone();
     match cli.cmd {
+        Cmd::Certs { .. } => Ok(()),
         Cmd::Manager {
             listen,
             state,
             restore,
             opts,
         } => {
+            sec.check_listen(&listen)?;
             let mut cfg = opts.config(&listen)?;
+            cfg.net = net.clone();
             cfg.state_file = state;
             if let Some(dir) = &restore {
                 check_checkpoint(dir)?;
@@ -250,11 +298,11 @@ async fn run(cli: Cli) -> Result<()> {
                     // Once a server holds the key space, load the checkpoint;
                     // servers that join later get their ranges by hand-off.
                     let result = async {
-                        let w = client(&addr).await?;
+                        let w = client(&addr, &net).await?;
                         while w.refresh().await?.partitions.is_empty() {
                             tokio::time::sleep(Duration::from_millis(50)).await;
                         }
-                        crate::restore(&addr, &dir).await
+                        crate::restore(&addr, &net, &dir).await
                     }
                     .await;
                     if let Err(e) = result {
@@ -271,9 +319,18 @@ async fn run(cli: Cli) -> Result<()> {
             manager,
             listen,
             apply_threads,
+            max_connections,
+            max_waiting,
         } => {
+            sec.check_listen(&listen)?;
+            if max_connections == 0 || max_waiting == 0 {
+                anyhow::bail!("--max-connections and --max-waiting must be at least 1");
+            }
             let mut cfg = ServerConfig::new(manager);
             cfg.listen = listen;
+            cfg.net = net;
+            cfg.limits.max_connections = max_connections;
+            cfg.limits.max_waiting = max_waiting;
             if let Some(t) = apply_threads {
                 cfg.apply_threads = t;
             }
@@ -283,15 +340,15 @@ async fn run(cli: Cli) -> Result<()> {
             s.shutdown();
             Ok(())
         }
-        Cmd::Kv { manager, cmd } => kv::run(&manager, cmd).await,
-        Cmd::Status { manager, json } => status::run(&manager, json).await,
+        Cmd::Kv { manager, cmd } => kv::run(&manager, &net, cmd).await,
+        Cmd::Status { manager, json } => status::run(&manager, &net, json).await,
         Cmd::Drain {
             manager,
             node,
             timeout_s,
-        } => drain(&manager, node, Duration::from_secs(timeout_s)).await,
+        } => drain(&manager, &net, node, Duration::from_secs(timeout_s)).await,
         Cmd::Checkpoint { manager, dir } => {
-            let w = client(&manager).await?;
+            let w = client(&manager, &net).await?;
             let m = w
                 .checkpoint(&dir)
                 .await
@@ -305,10 +362,10 @@ async fn run(cli: Cli) -> Result<()> {
             );
             Ok(())
         }
-        Cmd::Restore { manager, dir } => restore(&manager, &dir).await,
-        Cmd::Bench(args) => bench::run(args).await,
+        Cmd::Restore { manager, dir } => restore(&manager, &net, &dir).await,
+        Cmd::Bench(args) => bench::run(args, &sec).await,
         Cmd::BenchPeer(args) => bench::peer(args).await,
-        Cmd::Train(args) => train::run(args).await,
+        Cmd::Train(args) => train::run(args, &sec).await,
         Cmd::Predict(args) => train::predict(args).await,
         Cmd::Experiment(args) => experiment::run(args).await,
         Cmd::Local {
@@ -320,9 +377,14 @@ async fn run(cli: Cli) -> Result<()> {
             exit,
             opts,
         } => {
+            // Other processes (pserver kv, status) may use this cluster:
+            // it runs with the configured security, not a private secret.
+            sec.check_listen(&listen)?;
+            let mut manager = opts.config(&listen)?;
+            manager.net = net.clone();
             let cluster = LocalCluster::start(LocalConfig {
                 servers,
-                manager: opts.config(&listen)?,
+                manager,
                 registry: Default::default(),
                 replicate_after_aggregation: true,
             })
@@ -336,6 +398,7 @@ async fn run(cli: Cli) -> Result<()> {
             if workers > 0 {
                 demo::run(
                     &cluster.manager_addr().to_string(),
+                    &net,
                     workers,
                     iterations,
                     tau,
@@ -384,11 +447,13 @@ async fn wait_for_stop(token: pserver_node::CancellationToken) {
 
 /// `pserver drain`: asks the manager to drain `node`, then waits until the
 /// map no longer places it on any range.
-async fn drain(manager: &str, node: u32, timeout: Duration) -> Result<()> {
-    let w =
-        pserver_node::worker::Worker::connect(pserver_node::worker::WorkerConfig::client(manager))
-            .await
-            .with_context(|| format!("connecting to the manager at {manager}"))?;
+async fn drain(
+    manager: &str,
+    net: &pserver_node::net::Net,
+    node: u32,
+    timeout: Duration,
+) -> Result<()> {
+    let w = client(manager, net).await?;
     w.drain(node)
         .await
         .with_context(|| format!("draining node {node}"))?;
@@ -412,11 +477,17 @@ async fn drain(manager: &str, node: u32, timeout: Duration) -> Result<()> {
     }
 }
 
-/// A client of the manager at `manager`.
-async fn client(manager: &str) -> Result<pserver_node::worker::Worker> {
-    pserver_node::worker::Worker::connect(pserver_node::worker::WorkerConfig::client(manager))
-        .await
-        .with_context(|| format!("connecting to the manager at {manager}"))
+/// A client of the manager at `manager`, over `net`.
+async fn client(
+    manager: &str,
+    net: &pserver_node::net::Net,
+) -> Result<pserver_node::worker::Worker> {
+    pserver_node::worker::Worker::connect(pserver_node::worker::WorkerConfig {
+        net: net.clone(),
+        ..pserver_node::worker::WorkerConfig::client(manager)
+    })
+    .await
+    .with_context(|| format!("connecting to the manager at {manager}"))
 }
 
 /// Reads and checks a whole checkpoint, refusing a damaged or partial one.
@@ -433,8 +504,8 @@ fn check_checkpoint(dir: &std::path::Path) -> Result<()> {
 }
 
 /// `pserver restore`: loads a checkpoint into the cluster at `manager`.
-async fn restore(manager: &str, dir: &std::path::Path) -> Result<()> {
-    let w = client(manager).await?;
+async fn restore(manager: &str, net: &pserver_node::net::Net, dir: &std::path::Path) -> Result<()> {
+    let w = client(manager, net).await?;
     let tables = w
         .restore(dir, &pserver_core::updater::Registry::new())
         .await

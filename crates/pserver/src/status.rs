@@ -82,11 +82,14 @@ fn view(map: &ClusterMap) -> StatusView {
     }
 }
 
-/// Prints the manager's status.
-pub async fn run(manager: &str, json: bool) -> Result<()> {
-    let w = Worker::connect(WorkerConfig::client(manager))
-        .await
-        .with_context(|| format!("connecting to the manager at {manager}"))?;
+/// Prints the manager's status (connecting over `net`).
+pub async fn run(manager: &str, net: &pserver_node::net::Net, json: bool) -> Result<()> {
+    let w = Worker::connect(WorkerConfig {
+        net: net.clone(),
+        ..WorkerConfig::client(manager)
+    })
+    .await
+    .with_context(|| format!("connecting to the manager at {manager}"))?;
     let map = w.refresh().await?;
     w.shutdown();
     let v = view(&map);

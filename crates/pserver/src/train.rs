@@ -185,8 +185,13 @@ fn format_of(name: FormatName, schema: Option<&Path>) -> Result<Format> {
     })
 }
 
-/// Runs `pserver train`.
-pub async fn run(args: TrainArgs) -> Result<()> {
+/// Runs `pserver train`. A local cluster runs on `sec.in_process()` (a
+/// fresh secret unless one is configured); `--manager` uses `sec.net`.
+pub async fn run(args: TrainArgs, sec: &crate::security::Security) -> Result<()> {
+    let net = match &args.manager {
+        Some(_) => sec.net.clone(),
+        None => sec.in_process(),
+    };
     let bundled_run = args.train.is_none();
     let train_path = args.train.clone().unwrap_or_else(|| bundled(FLIGHTS_DATA));
     let schema = match (&args.schema, bundled_run) {
@@ -227,6 +232,7 @@ pub async fn run(args: TrainArgs) -> Result<()> {
         checkpoint_dir: args.checkpoint_dir.clone(),
         checkpoint_every: args.checkpoint_every,
         resume: args.resume,
+        net: net.clone(),
     };
     cfg.validate()?;
     if args.servers == 0 {
@@ -250,6 +256,7 @@ pub async fn run(args: TrainArgs) -> Result<()> {
                 ..LocalConfig::default()
             };
             lc.manager.listen = "127.0.0.1:0".into();
+            lc.manager.net = net.clone();
             lc.manager.membership.replicas = args.replicas;
             lc.replicate_after_aggregation = !args.replicate_every_push;
             cluster = LocalCluster::start(lc)

@@ -208,7 +208,7 @@ pub async fn cluster_cases(
 ) -> Result<ClusterReport> {
     let label = format!("{}x{}", shape.servers, shape.workers);
     progress(&format!("{label}: starting {} servers", shape.servers));
-    let mut procs = Procs::default();
+    let mut procs = Procs::new(&s.child_args);
     let result = cluster_run(s, shape, ceilings, stream, &mut procs).await;
     result.map_err(|e| procs.explain(e))
 }
@@ -225,7 +225,7 @@ async fn cluster_run(
     let manager = procs.start_cluster(shape.servers)?;
     let mut workers = Vec::new();
     for _ in 0..shape.workers {
-        workers.push(connect(&manager).await?);
+        workers.push(connect(&manager, &s.net).await?);
     }
     wait_for_servers(&workers[0], shape.servers).await?;
     let table = create_table(&workers[0], "cluster", s.dim).await?;

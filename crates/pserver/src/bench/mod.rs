@@ -163,6 +163,10 @@ pub struct Settings {
     manager: Option<String>,
     json: Option<PathBuf>,
     pinned_only: bool,
+    /// How this process's workers connect (the security flags' transport).
+    net: pserver_node::net::Net,
+    /// The security flags, for the processes the run starts.
+    child_args: Vec<String>,
 }
 
 /// Checks that a request of `keys` keys fits one frame of the default
@@ -244,6 +248,8 @@ impl Settings {
             manager: a.manager.clone(),
             json: a.json.clone(),
             pinned_only: a.pinned_only,
+            net: Default::default(),
+            child_args: Vec::new(),
         })
     }
 }
@@ -253,10 +259,11 @@ impl Settings {
 /// well within its time budget.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(60);
 
-/// A client of the cluster at `manager`.
-async fn connect(manager: &str) -> Result<Worker> {
+/// A client of the cluster at `manager`, over `net`.
+async fn connect(manager: &str, net: &pserver_node::net::Net) -> Result<Worker> {
     let cfg = WorkerConfig {
         timeout: REQUEST_TIMEOUT,
+        net: net.clone(),
         ..WorkerConfig::client(manager.to_string())
     };
     Worker::connect(cfg)
@@ -297,9 +304,12 @@ async fn wait_for_servers(w: &Worker, servers: usize) -> Result<()> {
     }
 }
 
-/// Runs the benchmark and prints its tables.
-pub async fn run(args: BenchArgs) -> Result<()> {
-    let s = Settings::from_args(&args)?;
+/// Runs the benchmark and prints its tables. Its own processes and workers
+/// use the security flags of this process.
+pub async fn run(args: BenchArgs, sec: &crate::security::Security) -> Result<()> {
+    let mut s = Settings::from_args(&args)?;
+    s.net = sec.net.clone();
+    s.child_args = sec.child_args();
     if s.pinned_only {
         return pinned::child(&s).await;
     }
@@ -326,7 +336,7 @@ pub async fn run(args: BenchArgs) -> Result<()> {
     // The processes of this part stop at the end of the block, before the
     // next parts start their own: each part has the machine to itself.
     let one = {
-        let mut procs = Procs::default();
+        let mut procs = Procs::new(&s.child_args);
         let result = one_server(&s, &mut procs, &mut stream).await;
         result.map_err(|e| procs.explain(e))?
     };
@@ -391,7 +401,7 @@ async fn one_server(s: &Settings, procs: &mut Procs, stream: &mut KeyStream) -> 
         Some(m) => m.clone(),
         None => procs.start_cluster(1)?,
     };
-    let w = connect(&manager).await?;
+    let w = connect(&manager, &s.net).await?;
     let ceilings = procs::ceilings(&peer, s.duration, s.reps, true).await?;
     progress(&ceilings_line(&ceilings));
     let (sparse, preload) = sparse_cases(&w, s, &ceilings, stream).await?;

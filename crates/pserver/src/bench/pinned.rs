@@ -51,6 +51,7 @@ pub fn run(s: &Settings) -> Result<Result<PinnedReport, String>> {
             "--dim",
             &s.dim.to_string(),
         ])
+        .args(&s.child_args)
         .env("RUST_LOG", "off")
         .stderr(Stdio::piped())
         .output()
@@ -72,7 +73,7 @@ pub fn run(s: &Settings) -> Result<Result<PinnedReport, String>> {
 /// The child's side (`--pinned-only`): starts its own peer, manager and
 /// server (pinned like itself), measures, prints one JSON line.
 pub async fn child(s: &Settings) -> Result<()> {
-    let mut procs = Procs::default();
+    let mut procs = Procs::new(&s.child_args);
     let result = measure(s, &mut procs).await;
     let report = result.map_err(|e| procs.explain(e))?;
     drop(procs);
@@ -88,7 +89,7 @@ async fn measure(s: &Settings, procs: &mut Procs) -> Result<PinnedReport> {
     for pid in procs.pids() {
         cpus.push(cpus_allowed(Some(pid)).unwrap_or_else(|| "?".into()));
     }
-    let w = super::connect(&manager).await?;
+    let w = super::connect(&manager, &s.net).await?;
     let table = super::create_table(&w, "pinned", s.dim).await?;
     let ceilings = procs::ceilings(&peer, s.duration, s.reps, false).await?;
     let mut stream = KeyStream::new(0x7069_6e6e_6564);

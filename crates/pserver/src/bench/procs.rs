@@ -16,7 +16,11 @@ use tokio::net::TcpStream;
 /// nothing behind. Each one's stderr goes to a log file (removed with it)
 /// so that when one dies mid-run the error can say how.
 #[derive(Default)]
-pub struct Procs(Vec<Proc>);
+pub struct Procs {
+    started: Vec<Proc>,
+    /// Flags every child gets after its own (the security flags).
+    extra: Vec<String>,
+}
 
 /// One started process.
 struct Proc {
@@ -27,16 +31,26 @@ struct Proc {
 }
 
 impl Procs {
+    /// No processes yet; each one started gets `extra` after its own flags.
+    pub fn new(extra: &[String]) -> Procs {
+        Procs {
+            started: Vec::new(),
+            extra: extra.to_vec(),
+        }
+    }
+
     /// Starts `pserver ARGS`, keeps it, and returns its first line of output.
     pub fn start(&mut self, args: &[&str]) -> Result<String> {
         let role = args.first().copied().unwrap_or("pserver").to_string();
         let log = std::env::temp_dir().join(format!(
             "pserver-bench-{}-{}-{role}.log",
             std::process::id(),
-            self.0.len()
+            self.started.len()
         ));
-        let (child, line) = spawn(args, &log)?;
-        self.0.push(Proc { child, role, log });
+        let mut all: Vec<&str> = args.to_vec();
+        all.extend(self.extra.iter().map(String::as_str));
+        let (child, line) = spawn(&all, &log)?;
+        self.started.push(Proc { child, role, log });
         Ok(line)
     }
 
@@ -53,14 +67,14 @@ impl Procs {
 
     /// The process ids.
     pub fn pids(&self) -> Vec<u32> {
-        self.0.iter().map(|p| p.child.id()).collect()
+        self.started.iter().map(|p| p.child.id()).collect()
     }
 
     /// Adds to `err` which of these processes has exited, how, and the end
     /// of its log: a case that fails because a node died says so.
     pub fn explain(&mut self, err: anyhow::Error) -> anyhow::Error {
         let mut dead = Vec::new();
-        for p in &mut self.0 {
+        for p in &mut self.started {
             if let Ok(Some(status)) = p.child.try_wait() {
                 let log = std::fs::read_to_string(&p.log).unwrap_or_default();
                 let tail: Vec<&str> = log.lines().rev().take(5).collect();
@@ -88,7 +102,7 @@ impl Procs {
 
 impl Drop for Procs {
     fn drop(&mut self) {
-        for p in &mut self.0 {
+        for p in &mut self.started {
             let _ = p.child.kill();
             let _ = p.child.wait();
             let _ = std::fs::remove_file(&p.log);

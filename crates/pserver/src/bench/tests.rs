@@ -98,7 +98,9 @@ async fn cluster(servers: usize) -> (LocalCluster, Worker) {
     })
     .await
     .unwrap();
-    let w = connect(&c.manager_addr().to_string()).await.unwrap();
+    let w = connect(&c.manager_addr().to_string(), &Default::default())
+        .await
+        .unwrap();
     wait_for_servers(&w, servers).await.unwrap();
     (c, w)
 }
