@@ -139,6 +139,19 @@ impl Secret {
         Secret(Arc::new(hmac::Key::new(hmac::HMAC_SHA256, &bytes)))
     }
 
+    /// A fresh random secret as text (64 hex digits), for handing to child
+    /// processes in a file or `PSERVER_SECRET`.
+    pub fn random_text() -> Result<String, SecretError> {
+        let mut bytes = [0u8; 32];
+        SystemRandom::new()
+            .fill(&mut bytes)
+            .map_err(|_| SecretError::TooShort {
+                from: "the OS random generator (it failed)".into(),
+                len: 0,
+            })?;
+        Ok(bytes.iter().map(|b| format!("{b:02x}")).collect())
+    }
+
     /// The tag one side sends: the MAC of its role and both nonces.
     fn tag(&self, role: &[u8], client: &[u8], server: &[u8]) -> hmac::Tag {
         let mut ctx = hmac::Context::with_key(&self.0);

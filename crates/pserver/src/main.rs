@@ -7,6 +7,7 @@ mod failover;
 mod kv;
 mod parse;
 mod security;
+mod soak;
 mod status;
 mod train;
 
@@ -161,6 +162,10 @@ enum Cmd {
     /// Measure push, pull and push-pull throughput and latency against a
     /// cluster of processes, beside the loopback TCP ceilings of the same run.
     Bench(bench::BenchArgs),
+    /// A bounded load test: workers push and pull for a few minutes
+    /// against server processes; fails on any error or on server memory
+    /// that keeps growing once the key universe is stored.
+    Soak(soak::SoakArgs),
     /// The other end of `pserver bench`'s ceiling measurements.
     #[command(hide = true)]
     BenchPeer(bench::PeerArgs),
@@ -365,6 +370,7 @@ async fn run(cli: Cli) -> Result<()> {
         Cmd::Restore { manager, dir } => restore(&manager, &net, &dir).await,
         Cmd::Bench(args) => bench::run(args, &sec).await,
         Cmd::BenchPeer(args) => bench::peer(args).await,
+        Cmd::Soak(args) => soak::run(args, &sec).await,
         Cmd::Train(args) => train::run(args, &sec).await,
         Cmd::Predict(args) => train::predict(args).await,
         Cmd::Experiment(args) => experiment::run(args).await,

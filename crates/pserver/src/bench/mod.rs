@@ -23,7 +23,7 @@ mod keys;
 mod load;
 mod memory;
 mod pinned;
-mod procs;
+pub(crate) mod procs;
 mod report;
 mod stats;
 
