@@ -214,7 +214,7 @@ where
                 break;
             }
         };
-        let reply = handle(&state, &out, &mut me, &frame);
+        let reply = handle(&state, &out, &mut me, &frame, &limits);
         let close = matches!(&reply, Some(f) if f.header.kind == Kind::Error && me.is_none());
         if let Some(r) = reply {
             if out.send(r).await.is_err() {
@@ -246,6 +246,7 @@ fn handle(
     out: &Outbox,
     me: &mut Option<NodeId>,
     frame: &Frame,
+    limits: &Limits,
 ) -> Option<Frame> {
     let h = &frame.header;
     let mut st = lock(state);
@@ -309,6 +310,25 @@ fn handle(
                 servers: Vec::new(),
             }),
         )),
+        Control::CreateTable(spec) if spec.dim as usize > limits.max_dim => err(
+            ErrorCode::Limit,
+            format!(
+                "table {:?}: dim {} is over this cluster's limit of {} (the manager's --max-dim)",
+                spec.name, spec.dim, limits.max_dim
+            ),
+        ),
+        Control::CreateTable(spec)
+            if st.members.map().tables.len() >= limits.max_tables
+                && st.members.map().table(&spec.name).is_none() =>
+        {
+            err(
+                ErrorCode::Limit,
+                format!(
+                    "the cluster holds {} tables, its limit (the manager's --max-tables)",
+                    limits.max_tables
+                ),
+            )
+        }
         Control::CreateTable(spec) => match st.members.create_table(spec) {
             Ok((spec, new)) => {
                 if new {

@@ -1885,3 +1885,34 @@ async fn a_server_busy_with_a_long_request_keeps_its_lease() {
     .await
     .unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn table_count_and_width_limits_are_enforced_with_clear_errors() {
+    timeout(LIMIT, async {
+        let mut cfg = local_config();
+        cfg.servers = 1;
+        cfg.manager.limits.max_tables = 2;
+        cfg.manager.limits.max_dim = 8;
+        let c = LocalCluster::start(cfg).await.unwrap();
+        let w = client(&c).await;
+        let opts = |dim| TableOptions::new(dim, UpdaterSpec::Add);
+        let limit = |r: Result<_, NodeError>| match r {
+            Err(NodeError::Remote { code, message, .. }) => {
+                assert_eq!(code, ErrorCode::Limit, "{message}");
+                message
+            }
+            other => panic!("{other:?}"),
+        };
+        let m = limit(w.create_table("wide", opts(9)).await);
+        assert!(m.contains("--max-dim") && m.contains("8"), "{m}");
+        w.create_table("a", opts(8)).await.unwrap();
+        w.create_table("b", opts(1)).await.unwrap();
+        let m = limit(w.create_table("c", opts(1)).await);
+        assert!(m.contains("--max-tables"), "{m}");
+        // Asking again for a table that exists is no new table.
+        w.create_table("a", opts(8)).await.unwrap();
+        assert_eq!(w.refresh().await.unwrap().tables.len(), 2);
+    })
+    .await
+    .unwrap();
+}

@@ -27,6 +27,10 @@ pub struct Limits {
     /// Most pulls one connection may have waiting on a server (for a
     /// clock that other workers have not reached); one more is refused.
     pub max_waiting: usize,
+    /// Most tables a manager creates (at most the core's `MAX_TABLES`).
+    pub max_tables: usize,
+    /// Widest table a manager creates (at most the core's `MAX_DIM`).
+    pub max_dim: usize,
 }
 
 impl Default for Limits {
@@ -36,6 +40,8 @@ impl Default for Limits {
             max_keys: 32 << 20,
             max_connections: 1024,
             max_waiting: 4096,
+            max_tables: pserver_core::membership::MAX_TABLES,
+            max_dim: pserver_core::spec::MAX_DIM as usize,
         }
     }
 }

@@ -58,6 +58,12 @@ struct ManagerOpts {
     /// Most pulls one connection may have waiting on a server.
     #[arg(long, default_value_t = 4096)]
     max_waiting: usize,
+    /// Most tables the cluster holds.
+    #[arg(long, default_value_t = pserver_core::membership::MAX_TABLES)]
+    max_tables: usize,
+    /// Widest table (floats per key) the cluster creates.
+    #[arg(long, default_value_t = pserver_core::spec::MAX_DIM as usize)]
+    max_dim: usize,
 }
 
 impl ManagerOpts {
@@ -71,12 +77,25 @@ impl ManagerOpts {
         if self.max_connections == 0 || self.max_waiting == 0 {
             anyhow::bail!("--max-connections and --max-waiting must be at least 1");
         }
+        let (tables, dim) = (
+            pserver_core::membership::MAX_TABLES,
+            pserver_core::spec::MAX_DIM as usize,
+        );
+        if !(1..=tables).contains(&self.max_tables) || !(1..=dim).contains(&self.max_dim) {
+            anyhow::bail!(
+                "--max-tables must be in 1..={tables} and --max-dim in 1..={dim}, got {} and {}",
+                self.max_tables,
+                self.max_dim
+            );
+        }
         let max_frame = self.max_frame_mib << 20;
         Ok(Limits {
             max_frame,
             max_keys: max_frame / 8,
             max_connections: self.max_connections,
             max_waiting: self.max_waiting,
+            max_tables: self.max_tables,
+            max_dim: self.max_dim,
         })
     }
 
