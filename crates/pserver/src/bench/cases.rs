@@ -229,6 +229,12 @@ async fn cluster_run(
     }
     wait_for_servers(&workers[0], shape.servers).await?;
     let table = create_table(&workers[0], "cluster", s.dim).await?;
+    // Every worker starts from the map with the table and all servers, so
+    // no measured request is redirected (a redirect carries the whole map,
+    // bytes the figures would count).
+    for w in &workers {
+        w.refresh().await?;
+    }
     let mut pools: Vec<Pool> = (0..shape.workers)
         .map(|_| Pool::new(stream, s.cluster_keys))
         .collect();

@@ -279,6 +279,13 @@ async fn create_table(w: &Worker, what: &str, dim: usize) -> Result<String> {
     w.create_table(&name, TableOptions::new(dim, UpdaterSpec::Assign))
         .await
         .with_context(|| format!("creating table {name}"))?;
+    // One unmeasured pull of a key of every partition (it stores nothing):
+    // it returns once every server has the map with the table, so that no
+    // measured request is refused as ahead of a server's map and retried.
+    let firsts: Vec<u64> = w.map().partitions.iter().map(|p| p.range.begin).collect();
+    w.pull(&name, firsts)
+        .await
+        .with_context(|| format!("reaching the servers of table {name}"))?;
     Ok(name)
 }
 
