@@ -22,7 +22,7 @@
 //! only: on a network where someone can inject into a TCP stream, use TLS
 //! (which also encrypts) as well.
 
-use crate::net::{BoxStream, IoFuture, Listener, Net, Transport};
+use crate::net::{BoxStream, Handshake, IoFuture, Listener, Net, Transport, handshaking};
 use ring::hmac;
 use ring::rand::{SecureRandom, SystemRandom};
 use std::fmt;
@@ -32,7 +32,6 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::sync::mpsc;
 
 /// The first bytes of a handshake, both ways: a protocol name and version,
 /// so a peer speaking something else (or plain frames) is told apart.
@@ -49,11 +48,6 @@ pub const MIN_SECRET_LEN: usize = 16;
 /// one peer (each handshake runs in its own task), but a connection that
 /// stalls is dropped after this.
 pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
-
-/// Handshakes in progress at once on one listener; more connections wait
-/// in the kernel's backlog, so a flood of idle connections cannot pile up
-/// tasks and buffers.
-const MAX_PENDING_HANDSHAKES: usize = 256;
 
 /// Environment variable holding the secret itself (for containers that
 /// inject secrets that way). `--secret-file` is preferred.
@@ -208,81 +202,18 @@ impl Transport for Authenticated {
         let (inner, secret, addr) = (self.inner.clone(), self.secret.clone(), addr.to_string());
         Box::pin(async move {
             let (listener, local) = inner.bind(&addr).await?;
-            let (tx, rx) = mpsc::channel(16);
-            let task = tokio::spawn(accept_loop(listener, secret, tx));
+            let handshake = move |mut stream: BoxStream| -> Handshake {
+                let secret = secret.clone();
+                Box::pin(async move {
+                    server_side(&mut stream, &secret).await?;
+                    Ok(stream)
+                })
+            };
             Ok((
-                Box::new(AuthListener { rx, task }) as Box<dyn Listener>,
+                handshaking(listener, "authentication", HANDSHAKE_TIMEOUT, handshake),
                 local,
             ))
         })
-    }
-}
-
-/// Yields the connections whose handshake succeeded.
-struct AuthListener {
-    rx: mpsc::Receiver<io::Result<(BoxStream, String)>>,
-    task: tokio::task::JoinHandle<()>,
-}
-
-impl Drop for AuthListener {
-    fn drop(&mut self) {
-        // Stop accepting when the node stops listening.
-        self.task.abort();
-    }
-}
-
-impl Listener for AuthListener {
-    fn accept(&mut self) -> IoFuture<'_, (BoxStream, String)> {
-        Box::pin(async move {
-            match self.rx.recv().await {
-                Some(r) => r,
-                None => Err(io::Error::new(
-                    io::ErrorKind::BrokenPipe,
-                    "the listener stopped",
-                )),
-            }
-        })
-    }
-}
-
-/// Accepts connections and runs each one's handshake in its own task, so a
-/// slow or silent peer never holds up the others.
-async fn accept_loop(
-    mut listener: Box<dyn Listener>,
-    secret: Secret,
-    tx: mpsc::Sender<io::Result<(BoxStream, String)>>,
-) {
-    let permits = Arc::new(tokio::sync::Semaphore::new(MAX_PENDING_HANDSHAKES));
-    loop {
-        let Ok(permit) = Arc::clone(&permits).acquire_owned().await else {
-            return;
-        };
-        let accepted = listener.accept().await;
-        let (mut stream, peer) = match accepted {
-            Ok(c) => c,
-            Err(e) => {
-                if tx.send(Err(e)).await.is_err() {
-                    return;
-                }
-                continue;
-            }
-        };
-        let (secret, tx) = (secret.clone(), tx.clone());
-        tokio::spawn(async move {
-            let outcome =
-                tokio::time::timeout(HANDSHAKE_TIMEOUT, server_side(&mut stream, &secret)).await;
-            drop(permit);
-            match outcome {
-                Ok(Ok(())) => {
-                    let _ = tx.send(Ok((stream, peer))).await;
-                }
-                Ok(Err(e)) => tracing::warn!("refused a connection from {peer}: {e}"),
-                Err(_) => tracing::warn!(
-                    "refused a connection from {peer}: no authentication within {} s",
-                    HANDSHAKE_TIMEOUT.as_secs()
-                ),
-            }
-        });
     }
 }
 

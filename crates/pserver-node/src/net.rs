@@ -12,7 +12,9 @@ use std::io;
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::Arc;
+use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::sync::mpsc;
 
 /// A connected byte stream.
 pub trait Stream: AsyncRead + AsyncWrite + Send + Unpin + 'static {}
@@ -109,5 +111,103 @@ impl Listener for TcpListener {
             let _ = stream.set_nodelay(true);
             Ok((Box::new(stream) as BoxStream, peer.to_string()))
         })
+    }
+}
+
+/// A listener-side handshake in progress: the stream to use once it is
+/// done, or why the peer was refused.
+pub type Handshake = Pin<Box<dyn Future<Output = io::Result<BoxStream>> + Send>>;
+
+/// Handshakes in progress at once on one handshaking listener; further
+/// connections wait in the kernel's backlog, so a flood of idle ones cannot
+/// pile up tasks and buffers.
+pub const MAX_PENDING_HANDSHAKES: usize = 256;
+
+/// `inner`, yielding only connections whose `handshake` succeeded within
+/// `timeout`. Each handshake runs in its own task, so a slow or silent peer
+/// never holds up the others; a refused peer gets one log line naming
+/// `what` failed, and its connection is dropped. For transports that
+/// prove something before the first frame (the cluster secret, TLS).
+pub fn handshaking(
+    inner: Box<dyn Listener>,
+    what: &'static str,
+    timeout: Duration,
+    handshake: impl Fn(BoxStream) -> Handshake + Send + Sync + 'static,
+) -> Box<dyn Listener> {
+    let (tx, rx) = mpsc::channel(16);
+    let task = tokio::spawn(accept_handshakes(
+        inner,
+        what,
+        timeout,
+        Arc::new(handshake),
+        tx,
+    ));
+    Box::new(HandshakingListener { rx, task })
+}
+
+/// The listener [`handshaking`] returns.
+struct HandshakingListener {
+    rx: mpsc::Receiver<io::Result<(BoxStream, String)>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for HandshakingListener {
+    fn drop(&mut self) {
+        // Stop accepting when the node stops listening.
+        self.task.abort();
+    }
+}
+
+impl Listener for HandshakingListener {
+    fn accept(&mut self) -> IoFuture<'_, (BoxStream, String)> {
+        Box::pin(async move {
+            match self.rx.recv().await {
+                Some(r) => r,
+                None => Err(io::Error::new(
+                    io::ErrorKind::BrokenPipe,
+                    "the listener stopped",
+                )),
+            }
+        })
+    }
+}
+
+/// Accepts connections and runs each one's handshake in its own task.
+async fn accept_handshakes(
+    mut listener: Box<dyn Listener>,
+    what: &'static str,
+    timeout: Duration,
+    handshake: Arc<dyn Fn(BoxStream) -> Handshake + Send + Sync>,
+    tx: mpsc::Sender<io::Result<(BoxStream, String)>>,
+) {
+    let permits = Arc::new(tokio::sync::Semaphore::new(MAX_PENDING_HANDSHAKES));
+    loop {
+        let Ok(permit) = Arc::clone(&permits).acquire_owned().await else {
+            return;
+        };
+        let (stream, peer) = match listener.accept().await {
+            Ok(c) => c,
+            Err(e) => {
+                if tx.send(Err(e)).await.is_err() {
+                    return;
+                }
+                continue;
+            }
+        };
+        let (running, tx) = (handshake(stream), tx.clone());
+        tokio::spawn(async move {
+            let outcome = tokio::time::timeout(timeout, running).await;
+            drop(permit);
+            match outcome {
+                Ok(Ok(s)) => {
+                    let _ = tx.send(Ok((s, peer))).await;
+                }
+                Ok(Err(e)) => tracing::warn!("refused a connection from {peer}: {what}: {e}"),
+                Err(_) => tracing::warn!(
+                    "refused a connection from {peer}: no {what} within {} s",
+                    timeout.as_secs()
+                ),
+            }
+        });
     }
 }

@@ -7,7 +7,7 @@
 //! writes a throwaway CA and one node certificate for a test cluster
 //! (`pserver certs DIR`).
 
-use crate::net::{BoxStream, IoFuture, Listener, Net, Transport};
+use crate::net::{BoxStream, Handshake, IoFuture, Listener, Net, Transport, handshaking};
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
 use rustls::server::WebPkiClientVerifier;
@@ -17,14 +17,10 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
-use tokio::sync::mpsc;
 use tokio_rustls::{TlsAcceptor, TlsConnector};
 
 /// How long a peer has to complete the TLS handshake.
 pub const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
-
-/// TLS handshakes in progress at once on one listener.
-const MAX_PENDING_HANDSHAKES: usize = 256;
 
 /// The PEM files a node needs.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -160,78 +156,15 @@ impl Transport for Tls {
         let (inner, acceptor, addr) = (self.inner.clone(), self.acceptor.clone(), addr.to_string());
         Box::pin(async move {
             let (listener, local) = inner.bind(&addr).await?;
-            let (tx, rx) = mpsc::channel(16);
-            let task = tokio::spawn(accept_loop(listener, acceptor, tx));
+            let handshake = move |stream: BoxStream| -> Handshake {
+                let accepting = acceptor.accept(stream);
+                Box::pin(async move { Ok(Box::new(accepting.await?) as BoxStream) })
+            };
             Ok((
-                Box::new(TlsListener { rx, task }) as Box<dyn Listener>,
+                handshaking(listener, "TLS handshake", TLS_HANDSHAKE_TIMEOUT, handshake),
                 local,
             ))
         })
-    }
-}
-
-/// Yields the connections whose TLS handshake succeeded.
-struct TlsListener {
-    rx: mpsc::Receiver<io::Result<(BoxStream, String)>>,
-    task: tokio::task::JoinHandle<()>,
-}
-
-impl Drop for TlsListener {
-    fn drop(&mut self) {
-        self.task.abort();
-    }
-}
-
-impl Listener for TlsListener {
-    fn accept(&mut self) -> IoFuture<'_, (BoxStream, String)> {
-        Box::pin(async move {
-            match self.rx.recv().await {
-                Some(r) => r,
-                None => Err(io::Error::new(
-                    io::ErrorKind::BrokenPipe,
-                    "the listener stopped",
-                )),
-            }
-        })
-    }
-}
-
-/// Accepts connections and runs each TLS handshake in its own task.
-async fn accept_loop(
-    mut listener: Box<dyn Listener>,
-    acceptor: TlsAcceptor,
-    tx: mpsc::Sender<io::Result<(BoxStream, String)>>,
-) {
-    let permits = Arc::new(tokio::sync::Semaphore::new(MAX_PENDING_HANDSHAKES));
-    loop {
-        let Ok(permit) = Arc::clone(&permits).acquire_owned().await else {
-            return;
-        };
-        let (stream, peer) = match listener.accept().await {
-            Ok(c) => c,
-            Err(e) => {
-                if tx.send(Err(e)).await.is_err() {
-                    return;
-                }
-                continue;
-            }
-        };
-        let (acceptor, tx) = (acceptor.clone(), tx.clone());
-        tokio::spawn(async move {
-            let outcome =
-                tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await;
-            drop(permit);
-            match outcome {
-                Ok(Ok(s)) => {
-                    let _ = tx.send(Ok((Box::new(s) as BoxStream, peer))).await;
-                }
-                Ok(Err(e)) => tracing::warn!("refused a connection from {peer}: TLS: {e}"),
-                Err(_) => tracing::warn!(
-                    "refused a connection from {peer}: no TLS handshake within {} s",
-                    TLS_HANDSHAKE_TIMEOUT.as_secs()
-                ),
-            }
-        });
     }
 }
 

@@ -7,45 +7,13 @@ use pserver_core::{Consistency, Init, KeyRange, TableSpec, UpdaterSpec};
 use pserver_wire::{Control, Frame, FrameCodec, Header, Kind};
 use std::io::{Read, Write};
 use std::path::Path;
-use std::process::{Command, Output, Stdio};
-use std::time::{Duration, Instant};
+use std::process::Command;
+use std::time::Duration;
 use tokio_util::codec::Encoder;
 
 mod common;
 
-use common::{BIN, Procs, spawn};
-
-/// Runs `pserver ARGS` to completion, at most 30 s.
-fn run(args: &[&str]) -> Output {
-    let mut child = Command::new(BIN)
-        .args(args)
-        .env("RUST_LOG", "off")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("start pserver");
-    let start = Instant::now();
-    loop {
-        if child.try_wait().unwrap().is_some() {
-            return child.wait_with_output().unwrap();
-        }
-        if start.elapsed() > Duration::from_secs(30) {
-            let _ = child.kill();
-            panic!("pserver {args:?} did not finish in 30 s");
-        }
-        std::thread::sleep(Duration::from_millis(10));
-    }
-}
-
-fn ok(args: &[&str]) -> String {
-    let out = run(args);
-    assert!(
-        out.status.success(),
-        "pserver {args:?} failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8(out.stdout).unwrap()
-}
+use common::{BIN, Procs, ok, run, spawn};
 
 fn fails(args: &[&str]) -> String {
     let out = run(args);
