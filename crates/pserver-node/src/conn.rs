@@ -19,19 +19,37 @@ use tokio_util::codec::{FramedRead, FramedWrite};
 /// Frames queued per connection before senders wait.
 const OUTBOX_DEPTH: usize = 1024;
 
+/// Bytes of frames queued per connection before senders wait (a frame
+/// larger than this waits until the queue is empty). Bounds by size what
+/// `OUTBOX_DEPTH` bounds by count: a peer that sends requests for large
+/// replies and never reads them holds at most this much of a node's memory.
+pub const OUTBOX_BYTES: usize = 64 << 20;
+
+/// A frame in the queue, with its share of the byte budget (given back once
+/// it is written).
+type Queued = (Frame, tokio::sync::OwnedSemaphorePermit);
+
 /// A cloneable handle that queues frames for one connection's writer task.
 #[derive(Clone, Debug)]
 pub struct Outbox {
-    tx: mpsc::Sender<Frame>,
+    tx: mpsc::Sender<Queued>,
+    budget: Arc<tokio::sync::Semaphore>,
 }
 
 impl Outbox {
+    /// The budget share of `frame`: its encoded size, at most the whole.
+    fn share(frame: &Frame) -> u32 {
+        frame.encoded_len().clamp(1, OUTBOX_BYTES) as u32
+    }
+
     /// Queues a frame, waiting while the queue is full.
     pub async fn send(&self, frame: Frame) -> Result<(), NodeError> {
-        self.tx
-            .send(frame)
+        let closed = || NodeError::Closed("peer".into());
+        let permit = Arc::clone(&self.budget)
+            .acquire_many_owned(Outbox::share(&frame))
             .await
-            .map_err(|_| NodeError::Closed("peer".into()))
+            .map_err(|_| closed())?;
+        self.tx.send((frame, permit)).await.map_err(|_| closed())
     }
 
     /// Whether `other` feeds the same connection.
@@ -41,7 +59,11 @@ impl Outbox {
 
     /// Queues a frame unless the queue is full or closed; returns whether it was queued.
     pub fn try_send(&self, frame: Frame) -> bool {
-        self.tx.try_send(frame).is_ok()
+        let Ok(permit) = Arc::clone(&self.budget).try_acquire_many_owned(Outbox::share(&frame))
+        else {
+            return false;
+        };
+        self.tx.try_send((frame, permit)).is_ok()
     }
 }
 
@@ -57,15 +79,19 @@ where
     let (rd, wr) = tokio::io::split(stream);
     let reader = FramedRead::new(rd, FrameCodec::new(limits));
     let mut writer = FramedWrite::new(wr, FrameCodec::new(limits));
-    let (tx, mut rx) = mpsc::channel::<Frame>(OUTBOX_DEPTH);
+    let (tx, mut rx) = mpsc::channel::<Queued>(OUTBOX_DEPTH);
+    let budget = Arc::new(tokio::sync::Semaphore::new(OUTBOX_BYTES));
     tokio::spawn(async move {
-        while let Some(frame) = rx.recv().await {
+        let mut written = Vec::new();
+        while let Some((frame, permit)) = rx.recv().await {
             // Feed everything already queued, then flush once: one syscall
             // for a burst of small replies.
+            written.push(permit);
             if writer.feed(frame).await.is_err() {
                 return;
             }
-            while let Ok(more) = rx.try_recv() {
+            while let Ok((more, permit)) = rx.try_recv() {
+                written.push(permit);
                 if writer.feed(more).await.is_err() {
                     return;
                 }
@@ -73,12 +99,14 @@ where
             if SinkExt::<Frame>::flush(&mut writer).await.is_err() {
                 return;
             }
+            // Written: their bytes are free for the next frames.
+            written.clear();
         }
         // Every sender is gone: close our side properly (a FIN on TCP; on
         // TLS a close_notify, without which the peer sees a truncation).
         let _ = tokio::io::AsyncWriteExt::shutdown(writer.get_mut()).await;
     });
-    (reader, Outbox { tx })
+    (reader, Outbox { tx, budget })
 }
 
 type Pending = Arc<Mutex<HashMap<u64, oneshot::Sender<Frame>>>>;
@@ -325,4 +353,36 @@ async fn refuse(stream: BoxStream, limits: Limits) {
         let _ = tokio::io::AsyncWriteExt::shutdown(w.get_mut()).await;
     };
     let _ = tokio::time::timeout(std::time::Duration::from_secs(1), send).await;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    fn big_frame() -> Frame {
+        let mut f = Frame::new(Header::new(Kind::Reply));
+        f.vals = vec![1.0; OUTBOX_BYTES / 4 / 4];
+        f
+    }
+
+    #[tokio::test]
+    async fn a_peer_that_never_reads_holds_a_bounded_queue() {
+        // The other end never reads: the writer blocks on its first frame.
+        let (ours, _theirs) = tokio::io::duplex(1024);
+        let (_reader, out) = split(ours, Limits::default());
+        // Three quarter-budget frames fit (one being written, two queued)...
+        for _ in 0..3 {
+            tokio::time::timeout(Duration::from_secs(5), out.send(big_frame()))
+                .await
+                .expect("within the byte budget")
+                .unwrap();
+        }
+        // ...a fourth would pass the budget: it waits, and cannot be forced in.
+        assert!(!out.try_send(big_frame()));
+        let waited = tokio::time::timeout(Duration::from_millis(300), out.send(big_frame())).await;
+        assert!(waited.is_err(), "queued past the byte budget");
+        // Small frames are bounded by count as before, and still go.
+        assert!(out.try_send(Frame::new(Header::new(Kind::Reply))));
+    }
 }
