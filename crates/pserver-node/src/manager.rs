@@ -228,12 +228,16 @@ where
     if let Some(id) = me {
         let mut st = lock(&state);
         st.conns.remove(&id);
+        let role = st.members.map().node(id).map(|n| n.role);
         if st.members.disconnected(id) {
-            tracing::warn!(
-                node = id,
-                epoch = st.members.map().epoch,
-                "node disconnected"
-            );
+            let epoch = st.members.map().epoch;
+            // A worker closing its connection is how a job ends; a server
+            // doing so is news.
+            if role == Some(Role::Server) {
+                tracing::warn!(node = id, epoch, "server disconnected");
+            } else {
+                tracing::info!(node = id, epoch, "worker disconnected");
+            }
             st.broadcast();
             let released = st.members.release_ready();
             st.release(released);
