@@ -328,13 +328,12 @@ impl Store {
             return;
         };
         out.resize(end, 0.0);
-        let threads = if n < PARALLEL_MIN_KEYS {
-            1
-        } else {
-            self.threads
-        };
+        if self.threads == 1 || n < PARALLEL_MIN_KEYS {
+            self.fill_part(0, &mut out[start..], &key_at);
+            return;
+        }
         // Reads need no ownership of shards: split the output by position.
-        let per = n.div_ceil(threads).max(1);
+        let per = n.div_ceil(self.threads).max(1);
         let chunk = per * dim.max(1);
         let key_at = &key_at;
         let refused = std::thread::scope(|scope| {
