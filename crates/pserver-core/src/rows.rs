@@ -159,7 +159,7 @@ impl Rows {
 
     /// Every stored key with its row, in no particular order.
     pub fn iter(&self) -> impl Iterator<Item = (Key, &[f32])> + '_ {
-        let stride = self.stride.max(2);
+        let stride = self.stride;
         let width = self.width;
         self.cells
             .chunks_exact(stride)

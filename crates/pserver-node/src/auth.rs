@@ -22,7 +22,9 @@
 //! only: on a network where someone can inject into a TCP stream, use TLS
 //! (which also encrypts) as well.
 
-use crate::net::{BoxStream, Handshake, IoFuture, Listener, Net, Transport, handshaking};
+use crate::net::{
+    BoxStream, Handshake, IoFuture, Listener, Net, Transport, dial_handshake, handshaking,
+};
 use ring::hmac;
 use ring::rand::{SecureRandom, SystemRandom};
 use std::fmt;
@@ -181,20 +183,9 @@ impl Transport for Authenticated {
         let (inner, secret, addr) = (self.inner.clone(), self.secret.clone(), addr.to_string());
         Box::pin(async move {
             let mut stream = inner.connect(&addr).await?;
-            match tokio::time::timeout(HANDSHAKE_TIMEOUT, client_side(&mut stream, &secret)).await {
-                Ok(Ok(())) => Ok(stream),
-                Ok(Err(e)) => Err(io::Error::new(
-                    e.kind(),
-                    format!("authenticating to {addr}: {e}"),
-                )),
-                Err(_) => Err(io::Error::new(
-                    io::ErrorKind::TimedOut,
-                    format!(
-                        "authenticating to {addr}: no answer within {} s",
-                        HANDSHAKE_TIMEOUT.as_secs()
-                    ),
-                )),
-            }
+            let shake = client_side(&mut stream, &secret);
+            dial_handshake("authentication", &addr, HANDSHAKE_TIMEOUT, shake).await?;
+            Ok(stream)
         })
     }
 

@@ -211,3 +211,24 @@ async fn accept_handshakes(
         });
     }
 }
+
+/// Runs a dialing-side handshake with `addr` for at most `timeout`; errors
+/// say what failed with which peer (`"{what} with {addr}: ..."`).
+pub async fn dial_handshake<T>(
+    what: &str,
+    addr: &str,
+    timeout: Duration,
+    handshake: impl Future<Output = io::Result<T>>,
+) -> io::Result<T> {
+    match tokio::time::timeout(timeout, handshake).await {
+        Ok(Ok(t)) => Ok(t),
+        Ok(Err(e)) => Err(io::Error::new(e.kind(), format!("{what} with {addr}: {e}"))),
+        Err(_) => Err(io::Error::new(
+            io::ErrorKind::TimedOut,
+            format!(
+                "{what} with {addr}: no answer within {} s",
+                timeout.as_secs()
+            ),
+        )),
+    }
+}

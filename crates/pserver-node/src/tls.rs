@@ -7,7 +7,9 @@
 //! writes a throwaway CA and one node certificate for a test cluster
 //! (`pserver certs DIR`).
 
-use crate::net::{BoxStream, Handshake, IoFuture, Listener, Net, Transport, handshaking};
+use crate::net::{
+    BoxStream, Handshake, IoFuture, Listener, Net, Transport, dial_handshake, handshaking,
+};
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
 use rustls::server::WebPkiClientVerifier;
@@ -135,20 +137,8 @@ impl Transport for Tls {
             let name = server_name(&addr)?;
             let stream = inner.connect(&addr).await?;
             let handshake = connector.connect(name, stream);
-            match tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, handshake).await {
-                Ok(Ok(s)) => Ok(Box::new(s) as BoxStream),
-                Ok(Err(e)) => Err(io::Error::new(
-                    io::ErrorKind::PermissionDenied,
-                    format!("TLS with {addr}: {e}"),
-                )),
-                Err(_) => Err(io::Error::new(
-                    io::ErrorKind::TimedOut,
-                    format!(
-                        "TLS with {addr}: no handshake within {} s",
-                        TLS_HANDSHAKE_TIMEOUT.as_secs()
-                    ),
-                )),
-            }
+            let s = dial_handshake("TLS", &addr, TLS_HANDSHAKE_TIMEOUT, handshake).await?;
+            Ok(Box::new(s) as BoxStream)
         })
     }
 
