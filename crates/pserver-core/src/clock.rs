@@ -1,46 +1,115 @@
-//! Range vector clocks: for one table's partition on a server, the last clock
+//! Range vector clocks: for one table's partition on a server, the clocks
 //! each node pushed, per key segment. Segments split only where a push covers
 //! part of a segment and merge back when neighbours agree, so the state stays
 //! O(nodes x ranges).
 //!
-//! The same clocks reject duplicate pushes: a retried push carries the same
-//! clock, so it finds its clock already recorded and [`RangeClock::record`]
-//! reports nothing fresh.
+//! The same clocks reject duplicate pushes, exactly: per node and segment a
+//! clock keeps the highest clock recorded and which of the [`WINDOW`] clocks
+//! below it were recorded too. A retried push finds its clock recorded and is
+//! not applied again; a push that arrives after a later clock of the same
+//! node (a pipelined slice refused during a map change and resent) finds its
+//! clock unrecorded and is applied. Consistency reads the highest clock.
 
 use crate::key::{Key, KeyRange};
 use crate::map::NodeId;
+
+/// How many clocks below a node's highest a range clock remembers one by
+/// one. A push more than this far below cannot be told from a duplicate
+/// ([`RangeClock::unknowable`]): the server refuses it rather than guess.
+/// Workers keep fewer pushes than this in flight.
+pub const WINDOW: u64 = 64;
+
+/// One node's record over a segment: its highest clock and, as bits, which
+/// of the [`WINDOW`] clocks just below it were recorded (bit `i` is clock
+/// `max - 1 - i`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+struct Rec {
+    max: u64,
+    below: u64,
+}
+
+impl Rec {
+    /// Whether `clock` is recorded (0 always counts as recorded: pushes
+    /// need a clock of 1 or more).
+    fn has(&self, clock: u64) -> bool {
+        if clock == 0 || clock == self.max {
+            return true;
+        }
+        if clock > self.max {
+            return false;
+        }
+        let back = self.max - 1 - clock;
+        // Below the window: not known to be fresh, so not fresh.
+        back >= WINDOW || self.below & (1 << back) != 0
+    }
+
+    /// Records `clock`; true when it was not recorded before.
+    fn set(&mut self, clock: u64) -> bool {
+        if self.has(clock) {
+            return false;
+        }
+        if clock > self.max {
+            let shift = clock - self.max;
+            // The old maximum becomes bit `shift - 1`.
+            let moved = if shift >= WINDOW { 0 } else { self.below << shift };
+            let old_max = if self.max > 0 && shift <= WINDOW {
+                1u64 << (shift - 1)
+            } else {
+                0
+            };
+            self.below = moved | old_max;
+            self.max = clock;
+        } else {
+            self.below |= 1 << (self.max - 1 - clock);
+        }
+        true
+    }
+
+    /// Every recorded clock, highest first.
+    fn clocks(&self) -> impl Iterator<Item = u64> + '_ {
+        let max = self.max;
+        std::iter::once(max).chain(
+            (0..WINDOW)
+                .filter(move |i| self.below & (1 << i) != 0)
+                .map(move |i| max - 1 - i),
+        )
+    }
+}
 
 /// One run of keys `[begin, end)` that every node has pushed to alike.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 struct Segment {
     begin: Key,
     end: Key,
-    /// Clocks sorted by node, with no zero entries: an absent node reads as
-    /// 0, and keeping one spelling per state lets neighbours compare equal
-    /// with a plain `==` when deciding to merge.
-    clocks: Vec<(NodeId, u64)>,
+    /// Records sorted by node, with no empty entries: an absent node reads
+    /// as clock 0, and keeping one spelling per state lets neighbours
+    /// compare equal with a plain `==` when deciding to merge.
+    clocks: Vec<(NodeId, Rec)>,
 }
 
 impl Segment {
-    fn clock_of(&self, node: NodeId) -> u64 {
+    fn rec_of(&self, node: NodeId) -> Rec {
         self.clocks
             .binary_search_by_key(&node, |c| c.0)
-            .map_or(0, |i| self.clocks[i].1)
+            .map_or(Rec::default(), |i| self.clocks[i].1)
     }
 
-    /// Raises `node`'s clock to `clock`; true when it was below.
+    fn clock_of(&self, node: NodeId) -> u64 {
+        self.rec_of(node).max
+    }
+
+    /// Records `clock` for `node`; true when it was not recorded before.
     fn raise(&mut self, node: NodeId, clock: u64) -> bool {
         match self.clocks.binary_search_by_key(&node, |c| c.0) {
-            Ok(i) if self.clocks[i].1 < clock => {
-                self.clocks[i].1 = clock;
-                true
-            }
-            // Only a clock above 0 is stored, so zero entries never appear.
+            Ok(i) => self.clocks[i].1.set(clock),
+            // Only a clock above 0 is stored, so empty entries never appear.
             Err(i) if clock > 0 => {
-                self.clocks.insert(i, (node, clock));
+                let mut rec = Rec::default();
+                rec.set(clock);
+                self.clocks.insert(i, (node, rec));
                 true
             }
-            Ok(_) | Err(_) => false,
+            Err(_) => false,
         }
     }
 
@@ -96,10 +165,12 @@ impl RangeClock {
     }
 
     /// Records a push by `node` at `clock` over `r` (clipped to the clock's
-    /// range). Returns the sub-ranges of `r` (sorted, disjoint, merged) whose
-    /// recorded clock for `node` was below `clock`: only keys in those are to
-    /// be applied. Afterwards every segment of `r` records `max(old, clock)`
-    /// for `node`. An empty result means the whole push is a duplicate.
+    /// range). Returns the sub-ranges of `r` (sorted, disjoint, merged) where
+    /// `clock` was not yet recorded for `node`: only keys in those are to be
+    /// applied. Afterwards every segment of `r` has `clock` recorded, and its
+    /// highest clock for `node` is `max(old, clock)`. An empty result means
+    /// the whole push is a duplicate (or below the window: see
+    /// [`RangeClock::unknowable`]).
     ///
     /// An `r` that is empty or misses the clock's range returns nothing and
     /// changes nothing.
@@ -147,8 +218,8 @@ impl RangeClock {
     }
 
     /// What [`RangeClock::record`] would return, without recording: the
-    /// sub-ranges of `r` where `node`'s clock is below `clock`. Lets a server
-    /// check a push before the store accepts it, and record only then.
+    /// sub-ranges of `r` where `clock` is not recorded for `node`. Lets a
+    /// server check a push before the store accepts it, and record only then.
     pub fn fresh(&self, node: NodeId, r: KeyRange, clock: u64) -> Vec<KeyRange> {
         let Some(r) = self.range().intersect(&r) else {
             return Vec::new();
@@ -159,7 +230,7 @@ impl RangeClock {
             .iter()
             .take_while(|s| s.begin < r.end)
         {
-            if seg.clock_of(node) >= clock {
+            if seg.rec_of(node).has(clock) {
                 continue;
             }
             let part = KeyRange {
@@ -174,9 +245,26 @@ impl RangeClock {
         fresh
     }
 
-    /// Every non-zero record over `r`, as `(node, range, clock)` triples
-    /// that [`RangeClock::record`] replays: what a copy of the range must
-    /// carry so that its new holder refuses the same duplicates.
+    /// True when some segment of `r` has a clock of `node` more than
+    /// [`WINDOW`] above `clock`: whether `clock` was recorded there is no
+    /// longer known, so a push at it can be neither applied nor taken as
+    /// done.
+    pub fn unknowable(&self, node: NodeId, r: KeyRange, clock: u64) -> bool {
+        let Some(r) = self.range().intersect(&r) else {
+            return false;
+        };
+        let first = self.segments.partition_point(|s| s.end <= r.begin);
+        self.segments[first..]
+            .iter()
+            .take_while(|s| s.begin < r.end)
+            .any(|s| s.clock_of(node) > clock.saturating_add(WINDOW))
+    }
+
+    /// Every record over `r`, as `(node, range, clock)` triples that
+    /// [`RangeClock::record`] replays, in any order, into the same state:
+    /// each node's highest clock and every recorded clock of the window
+    /// below it. What a copy of the range must carry so that its new holder
+    /// refuses the same duplicates and applies the same late pushes.
     pub fn records_in(&self, r: KeyRange) -> Vec<(NodeId, KeyRange, u64)> {
         let Some(r) = self.range().intersect(&r) else {
             return Vec::new();
@@ -191,7 +279,9 @@ impl RangeClock {
                 begin: seg.begin.max(r.begin),
                 end: seg.end.min(r.end),
             };
-            out.extend(seg.clocks.iter().map(|&(n, c)| (n, part, c)));
+            for (n, rec) in &seg.clocks {
+                out.extend(rec.clocks().map(|c| (*n, part, c)));
+            }
         }
         out
     }
@@ -290,7 +380,7 @@ mod tests {
         for s in &c.segments {
             assert!(s.begin < s.end);
             assert!(s.clocks.windows(2).all(|w| w[0].0 < w[1].0));
-            assert!(s.clocks.iter().all(|c| c.1 > 0));
+            assert!(s.clocks.iter().all(|c| c.1.max > 0));
         }
         for w in c.segments.windows(2) {
             assert_eq!(w[0].end, w[1].begin);
@@ -353,10 +443,36 @@ mod tests {
         let mut c = RangeClock::new(kr(0, 100));
         assert_eq!(c.record(7, kr(0, 100), 3), vec![kr(0, 100)]);
         assert!(c.record(7, kr(0, 100), 3).is_empty(), "retry");
-        assert!(c.record(7, kr(10, 20), 2).is_empty(), "older");
         assert!(c.record(7, kr(10, 20), 0).is_empty(), "zero");
         assert_eq!(c.segments(), 1);
         assert_eq!(c.min_clock(kr(0, 100), &[7]), 3);
+    }
+
+    #[test]
+    fn clock_late_push_below_the_highest_is_applied_once() {
+        // A pipelined worker's clock 2 refused during a map change and
+        // resent after its clock 3 arrived: fresh once, then a duplicate.
+        let mut c = RangeClock::new(kr(0, 100));
+        assert_eq!(c.record(7, kr(0, 100), 3), vec![kr(0, 100)]);
+        assert_eq!(c.fresh(7, kr(10, 20), 2), vec![kr(10, 20)]);
+        assert_eq!(c.record(7, kr(10, 20), 2), vec![kr(10, 20)], "late");
+        assert!(c.record(7, kr(10, 20), 2).is_empty(), "late, again");
+        assert_eq!(c.record(7, kr(0, 100), 2), vec![kr(0, 10), kr(20, 100)]);
+        assert_eq!(c.segments(), 1, "the same records everywhere merge");
+        assert_eq!(c.min_clock(kr(0, 100), &[7]), 3, "consistency reads the highest");
+        // The window's edge: 64 below the highest is known, 65 is not.
+        c.record(7, kr(0, 100), 3 + WINDOW);
+        assert!(!c.unknowable(7, kr(0, 100), 3));
+        assert!(c.record(7, kr(0, 100), 3).is_empty(), "still remembered");
+        assert_eq!(c.record(7, kr(0, 100), 1 + WINDOW), vec![kr(0, 100)]);
+        c.record(7, kr(50, 100), 4 + WINDOW);
+        assert!(c.unknowable(7, kr(0, 100), 3));
+        assert!(!c.unknowable(7, kr(0, 50), 3));
+        assert!(c.fresh(7, kr(50, 100), 3).is_empty(), "below the window");
+        // A jump past the whole window forgets the old bits.
+        c.record(7, kr(0, 100), 1000);
+        assert!(c.unknowable(7, kr(0, 100), 900));
+        assert_eq!(c.record(7, kr(0, 100), 999), vec![kr(0, 100)]);
     }
 
     #[test]
@@ -366,9 +482,12 @@ mod tests {
         // Fresh on both sides of the already-recorded middle.
         assert_eq!(c.record(1, kr(0, 100), 5), vec![kr(0, 30), kr(60, 100)]);
         assert_eq!(c.segments(), 1);
-        // Adjacent fresh segments come back merged.
+        // Adjacent fresh segments come back merged; a clock below the
+        // highest that was never recorded is fresh there too.
         c.record(1, kr(30, 60), 7);
-        assert_eq!(c.record(1, kr(0, 100), 6), vec![kr(0, 30), kr(60, 100)]);
+        assert_eq!(c.record(1, kr(0, 100), 6), vec![kr(0, 100)]);
+        c.record(1, kr(30, 60), 9);
+        assert_eq!(c.record(1, kr(0, 100), 7), vec![kr(0, 30), kr(60, 100)]);
         assert_eq!(c.record(1, kr(0, 100), 8), vec![kr(0, 100)]);
         check_invariants(&c);
     }
@@ -416,20 +535,27 @@ mod tests {
     /// Key space of the model: small enough to track every key.
     const SPACE: Key = 64;
 
-    /// One clock per node per key: the obviously-right reference.
+    /// Every recorded clock per node per key: the obviously-right
+    /// reference. A clock is fresh when it is above 0, not recorded, and not
+    /// more than [`WINDOW`] below the highest recorded.
     struct Model {
         range: KeyRange,
-        clocks: Vec<[u64; 3]>,
+        clocks: Vec<[std::collections::BTreeSet<u64>; 3]>,
     }
 
     impl Model {
+        fn fresh_at(&self, k: Key, node: usize, clock: u64) -> bool {
+            let set = &self.clocks[k as usize][node];
+            let max = set.last().copied().unwrap_or(0);
+            clock > 0 && !set.contains(&clock) && clock.saturating_add(WINDOW) >= max
+        }
+
         fn record(&mut self, node: usize, r: KeyRange, clock: u64) -> Vec<KeyRange> {
             let mut fresh: Vec<KeyRange> = Vec::new();
             let (lo, hi) = (r.begin.max(self.range.begin), r.end.min(self.range.end));
             for k in lo..hi {
-                let c = &mut self.clocks[k as usize][node];
-                if *c < clock {
-                    *c = clock;
+                if self.fresh_at(k, node, clock) {
+                    self.clocks[k as usize][node].insert(clock);
                     match fresh.last_mut() {
                         Some(prev) if prev.end == k => prev.end = k + 1,
                         _ => fresh.push(kr(k, k + 1)),
@@ -439,17 +565,38 @@ mod tests {
             fresh
         }
 
+        /// What `record` would return, without recording.
+        fn clone_record(&self, node: usize, r: KeyRange, clock: u64) -> Vec<KeyRange> {
+            let mut copy = Model {
+                range: self.range,
+                clocks: self.clocks.clone(),
+            };
+            copy.record(node, r, clock)
+        }
+
+        fn unknowable(&self, node: usize, r: KeyRange, clock: u64) -> bool {
+            let (lo, hi) = (r.begin.max(self.range.begin), r.end.min(self.range.end));
+            (lo..hi).any(|k| {
+                let max = self.clocks[k as usize][node].last().copied().unwrap_or(0);
+                max > clock.saturating_add(WINDOW)
+            })
+        }
+
         fn min_clock(&self, r: KeyRange, nodes: &[usize]) -> u64 {
             let (lo, hi) = (r.begin.max(self.range.begin), r.end.min(self.range.end));
             (lo..hi)
-                .flat_map(|k| nodes.iter().map(move |&n| self.clocks[k as usize][n]))
+                .flat_map(|k| {
+                    nodes
+                        .iter()
+                        .map(move |&n| self.clocks[k as usize][n].last().copied().unwrap_or(0))
+                })
                 .min()
                 .unwrap_or(u64::MAX)
         }
 
         fn forget(&mut self, node: usize) {
             for c in &mut self.clocks {
-                c[node] = 0;
+                c[node].clear();
             }
         }
     }
@@ -463,6 +610,9 @@ mod tests {
     fn op() -> impl Strategy<Value = Op> {
         prop_oneof![
             12 => (0usize..3, 0..=SPACE + 4, 0..=SPACE + 4, 0u64..6)
+                .prop_map(|(n, a, b, c)| Op::Record(n, a, b, c)),
+            // Far apart, to cross the window's edge both ways.
+            3 => (0usize..3, 0..=SPACE + 4, 0..=SPACE + 4, 0u64..3 * WINDOW)
                 .prop_map(|(n, a, b, c)| Op::Record(n, a, b, c)),
             1 => (0usize..3).prop_map(Op::Forget),
         ]
@@ -483,13 +633,17 @@ mod tests {
         ) {
             let range = kr(bounds.0.min(bounds.1), bounds.0.max(bounds.1));
             let mut clock = RangeClock::new(range);
-            let mut model = Model { range, clocks: vec![[0; 3]; SPACE as usize] };
+            let mut model = Model { range, clocks: vec![Default::default(); SPACE as usize] };
             let mut records = 0usize;
             for op in ops {
                 match op {
                     Op::Record(n, a, b, c) => {
                         // Inverted ranges included: they must be no-ops.
                         let r = kr(a, b);
+                        if a <= b {
+                            prop_assert_eq!(clock.unknowable(IDS[n], r, c), model.unknowable(n, r, c));
+                            prop_assert_eq!(clock.fresh(IDS[n], r, c), model.clone_record(n, r, c));
+                        }
                         let got = clock.record(IDS[n], r, c);
                         let want = if a <= b { model.record(n, r, c) } else { Vec::new() };
                         prop_assert_eq!(got, want);
@@ -502,6 +656,11 @@ mod tests {
                 }
                 check_invariants(&clock);
                 prop_assert!(clock.segments() <= 2 * records + 1);
+                let mut copy = RangeClock::new(range);
+                for (n, r, c) in clock.records_in(KeyRange::ALL) {
+                    copy.record(n, r, c);
+                }
+                prop_assert_eq!(&copy.segments, &clock.segments, "records_in replays");
                 for &(a, b, mask) in &queries {
                     let nodes: Vec<usize> = (0..3).filter(|i| mask & (1 << i) != 0).collect();
                     let ids: Vec<NodeId> = nodes.iter().map(|&i| IDS[i]).collect();

@@ -9,8 +9,10 @@
 //! dim-1 AdaGrad rows (8-byte key + 8 bytes of floats) costs about 16 bytes
 //! divided by the load factor.
 //!
-//! Open addressing with linear probing; keys are never removed (a server's
-//! store only grows), so no tombstones are needed. The bucket of a key is
+//! Open addressing with linear probing; keys are never removed one by one,
+//! so no tombstones are needed: a server drops the keys of ranges it handed
+//! away all at once ([`Rows::retain`]), which rebuilds the table at the size
+//! the kept keys need, so the memory returns. The bucket of a key is
 //! Fibonacci hashing of the folded key, which spreads consecutive keys (dense
 //! ranges) evenly as well as random ones.
 //!
@@ -155,6 +157,46 @@ impl Rows {
         };
         let r = self.row_range(b);
         self.cells.get_mut(r)
+    }
+
+    /// Keeps only the keys for which `keep(key)` is true, rebuilding the
+    /// table at the size the kept keys need (so the memory of the dropped
+    /// ones returns). Returns how many keys were dropped. When memory for
+    /// the smaller table cannot be had, the table is left as it was and 0
+    /// is returned.
+    pub fn retain(&mut self, keep: impl Fn(Key) -> bool) -> usize {
+        let before = self.len();
+        let kept = self.iter().filter(|(k, _)| keep(*k)).count();
+        if kept == before {
+            return 0;
+        }
+        let mut fresh = Rows::new(self.width);
+        // Sized up front: one allocation, no regrowth while copying.
+        let mut buckets = if kept == 0 { 0 } else { MIN_BUCKETS };
+        while buckets > 0 && kept * LOAD_DEN > buckets * LOAD_NUM {
+            buckets *= 2;
+        }
+        if buckets > 0 {
+            let Some(total) = buckets.checked_mul(fresh.stride) else {
+                return 0;
+            };
+            let mut cells = Vec::new();
+            if cells.try_reserve_exact(total).is_err() {
+                return 0;
+            }
+            cells.resize(total, f32::from_bits(u32::MAX));
+            fresh.cells = cells;
+            fresh.buckets = buckets;
+            fresh.shift = 64 - buckets.trailing_zeros();
+        }
+        for (key, row) in self.iter().filter(|(k, _)| keep(*k)) {
+            match fresh.get_or_insert(key, |_| {}) {
+                Some(dst) => dst.copy_from_slice(row),
+                None => return 0,
+            }
+        }
+        *self = fresh;
+        before - kept
     }
 
     /// Every stored key with its row, in no particular order.
@@ -338,6 +380,30 @@ mod tests {
         for &k in &keys {
             assert_eq!(t.get(k), Some(&[1.0][..]), "{k:x}");
         }
+    }
+
+    #[test]
+    fn retain_drops_keys_and_returns_memory() {
+        let mut t = Rows::new(1);
+        for k in 0..10_000u64 {
+            t.get_or_insert(k, |r| r[0] = k as f32).unwrap();
+        }
+        t.get_or_insert(u64::MAX, |r| r[0] = -1.0).unwrap();
+        let big = t.memory_bytes();
+        assert_eq!(t.retain(|k| k < 100 || k == u64::MAX), 9_900);
+        assert_eq!(t.len(), 101);
+        assert!(t.memory_bytes() * 50 < big, "{} of {big}", t.memory_bytes());
+        for k in 0..100u64 {
+            assert_eq!(t.get(k), Some(&[k as f32][..]));
+        }
+        assert_eq!(t.get(100), None);
+        assert_eq!(t.get(u64::MAX), Some(&[-1.0][..]));
+        assert_eq!(t.retain(|_| true), 0);
+        assert_eq!(t.retain(|_| false), 101);
+        assert!(t.is_empty());
+        assert_eq!(t.memory_bytes(), 0);
+        t.get_or_insert(5, |r| r[0] = 5.0).unwrap();
+        assert_eq!(t.get(5), Some(&[5.0][..]), "usable after emptying");
     }
 
     proptest! {

@@ -203,6 +203,14 @@ impl Store {
         entries
     }
 
+    /// Drops every stored key outside `held` (ranges this server still
+    /// holds, as primary or replica), returning the memory they took.
+    /// Returns how many keys were dropped.
+    pub fn retain_ranges(&mut self, held: &[KeyRange]) -> usize {
+        let keep = |k: Key| held.iter().any(|r| r.contains(k));
+        self.shards.iter_mut().map(|rows| rows.retain(keep)).sum()
+    }
+
     /// The whole slots ([`Store::slot_width`] floats each) of `keys`, in
     /// order; a key not stored reads as its initial weights and zero state.
     /// What a primary forwards to its replicas after applying a push.

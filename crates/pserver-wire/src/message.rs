@@ -33,6 +33,10 @@ pub enum ErrorCode {
     /// does not hold (never sent, evicted, or the receiver restarted). Nothing
     /// was done: resend the frame with its keys.
     KeyCacheMiss,
+    /// A push's clock is so far below the sender's latest over its range
+    /// (more than the range clock's window) that the server can no longer
+    /// tell whether it was applied; nothing was done.
+    TooOld,
 }
 
 /// A control message.

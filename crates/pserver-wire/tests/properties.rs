@@ -493,6 +493,7 @@ fn every_error_code_round_trips() {
         Invalid,
         Internal,
         KeyCacheMiss,
+        TooOld,
     ] {
         let msg = Control::Error {
             code,
