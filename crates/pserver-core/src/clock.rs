@@ -51,7 +51,11 @@ impl Rec {
         if clock > self.max {
             let shift = clock - self.max;
             // The old maximum becomes bit `shift - 1`.
-            let moved = if shift >= WINDOW { 0 } else { self.below << shift };
+            let moved = if shift >= WINDOW {
+                0
+            } else {
+                self.below << shift
+            };
             let old_max = if self.max > 0 && shift <= WINDOW {
                 1u64 << (shift - 1)
             } else {
@@ -459,7 +463,11 @@ mod tests {
         assert!(c.record(7, kr(10, 20), 2).is_empty(), "late, again");
         assert_eq!(c.record(7, kr(0, 100), 2), vec![kr(0, 10), kr(20, 100)]);
         assert_eq!(c.segments(), 1, "the same records everywhere merge");
-        assert_eq!(c.min_clock(kr(0, 100), &[7]), 3, "consistency reads the highest");
+        assert_eq!(
+            c.min_clock(kr(0, 100), &[7]),
+            3,
+            "consistency reads the highest"
+        );
         // The window's edge: 64 below the highest is known, 65 is not.
         c.record(7, kr(0, 100), 3 + WINDOW);
         assert!(!c.unknowable(7, kr(0, 100), 3));

@@ -9,6 +9,7 @@
 //! - [`updater`]: the user-defined functions a server runs on a push.
 //! - [`store`]: a server's storage for one table.
 //! - [`rows`]: the inline hash table of key rows a store keeps.
+//! - [`table`]: one table on one server: store, range clock and unapplied sums, one push path.
 //! - [`clock`]: range vector clocks (consistency and duplicate rejection).
 //! - [`membership`]: the manager's state machine (registration, leases, barriers).
 //! - [`keycache`]: key caching: the key-list hash and a server's bounded cache of lists.
@@ -23,6 +24,7 @@ pub mod ring;
 pub mod rows;
 pub mod spec;
 pub mod store;
+pub mod table;
 pub mod transition;
 pub mod updater;
 

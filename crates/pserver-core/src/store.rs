@@ -132,6 +132,15 @@ impl Store {
         vals: &[f32],
         apply: impl Fn(Key) -> bool + Sync,
     ) -> Result<usize, StoreError> {
+        self.check_push(keys, vals)?;
+        Ok(self.apply_all(keys.len(), |i| keys[i], vals, apply))
+    }
+
+    /// The checks [`Store::push`] makes before changing anything: the value
+    /// count, finiteness, and sorted unique keys. For callers that keep a
+    /// push aside (an aggregating table sums it first) and must refuse it
+    /// on the same terms.
+    pub fn check_push(&self, keys: &[Key], vals: &[f32]) -> Result<(), StoreError> {
         let expected = keys.len().checked_mul(self.push_width);
         self.check_vals(expected, vals)?;
         if let Some(i) = keys.windows(2).position(|w| w[0] >= w[1]) {
@@ -140,7 +149,15 @@ impl Store {
                 index: i + 1,
             });
         }
-        Ok(self.apply_all(keys.len(), |i| keys[i], vals, apply))
+        Ok(())
+    }
+
+    /// The checks [`Store::push_dense`] makes before changing anything.
+    pub fn check_push_dense(&self, range: KeyRange, vals: &[f32]) -> Result<(), StoreError> {
+        let expected = usize::try_from(range.len())
+            .ok()
+            .and_then(|n| n.checked_mul(self.push_width));
+        self.check_vals(expected, vals)
     }
 
     /// Applies a push to every key of `range` (dense: no key list),
@@ -151,11 +168,8 @@ impl Store {
         vals: &[f32],
         apply: impl Fn(Key) -> bool + Sync,
     ) -> Result<usize, StoreError> {
-        let expected = usize::try_from(range.len())
-            .ok()
-            .and_then(|n| n.checked_mul(self.push_width));
-        self.check_vals(expected, vals)?;
-        // `check_vals` passed, so the range's length fits a `usize`.
+        self.check_push_dense(range, vals)?;
+        // The check passed, so the range's length fits a `usize`.
         let n = vals.len().checked_div(self.push_width).unwrap_or(0);
         Ok(self.apply_all(n, |i| range.begin + i as Key, vals, apply))
     }
