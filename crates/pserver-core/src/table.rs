@@ -729,7 +729,8 @@ mod tests {
     #[test]
     fn refused_pushes_change_nothing_not_even_the_clock() {
         let mut t = table(UpdaterSpec::Add, false);
-        let cases: Vec<(Push<'_>, fn(&TableError) -> bool)> = vec![
+        type Check = fn(&TableError) -> bool;
+        let cases: Vec<(Push<'_>, Check)> = vec![
             (push(7, 0, &[1], &[1.0]), |e| {
                 matches!(e, TableError::NoClock { .. })
             }),

@@ -23,12 +23,13 @@
 
 use crate::conn::Peer;
 use crate::net::Net;
+pub use crate::server::core::{Delivery, Ticket};
 use pserver_core::NodeId;
 use pserver_wire::{Control, ErrorCode, Frame, Kind, Limits};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::mpsc;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
@@ -39,25 +40,16 @@ pub const GIVE_UP: Duration = Duration::from_secs(3);
 /// Pause before resending after a refusal or a failed connection.
 const BACKOFF: Duration = Duration::from_millis(10);
 
-/// One queued change and who waits for it.
+/// One queued change and its ticket.
 struct Item {
     frame: Frame,
-    done: oneshot::Sender<Delivery>,
+    ticket: Ticket,
     /// How it went, once known.
     result: Delivery,
 }
 
-/// What became of a queued change.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Delivery {
-    /// The rest of the chain has it (or the target was given up on as dead,
-    /// and the replica replacing it will get a full copy).
-    Stored,
-    /// The target refused it as coming from a server that is no longer the
-    /// range's primary (`NotOwner`): the change must not be acknowledged;
-    /// the sender should retry at the current primary.
-    Stale,
-}
+/// Where a forwarder reports each change's fate: `(ticket, delivery)`.
+pub type Done = mpsc::UnboundedSender<(Ticket, Delivery)>;
 
 /// The ordered queue of changes to one target server.
 #[derive(Debug)]
@@ -77,9 +69,17 @@ impl Drop for Forwarder {
 }
 
 impl Forwarder {
-    /// Starts the task that sends to `target` at `addr`. It ends when the
-    /// forwarder is dropped and its queue is drained.
-    pub fn start(me: NodeId, target: NodeId, addr: String, limits: Limits, net: Net) -> Forwarder {
+    /// Starts the task that sends to `target` at `addr`, reporting each
+    /// change's fate on `done`. It ends when the forwarder is dropped and
+    /// its queue is drained.
+    pub fn start(
+        me: NodeId,
+        target: NodeId,
+        addr: String,
+        limits: Limits,
+        net: Net,
+        done: Done,
+    ) -> Forwarder {
         let (tx, rx) = mpsc::unbounded_channel();
         let cancel = CancellationToken::new();
         let abandoned = Arc::new(AtomicBool::new(false));
@@ -90,6 +90,7 @@ impl Forwarder {
             limits,
             net,
             rx,
+            done,
             cancel.clone(),
             abandoned.clone(),
         ));
@@ -108,20 +109,17 @@ impl Forwarder {
         drop(self);
     }
 
-    /// Queues `frame`. The receiver completes once the target (and the rest
-    /// of the chain) has it or refused it as stale ([`Delivery`]), or once
-    /// the target is given up on; it fails if the forwarder was dropped
-    /// without being abandoned (the server is stopping), and then the change
-    /// must not be acknowledged.
-    pub fn send(&self, frame: Frame) -> oneshot::Receiver<Delivery> {
-        let (done, rx) = oneshot::channel();
-        // A closed queue drops `done`, which fails the receiver.
+    /// Queues `frame` as `ticket`. Its fate is reported on the forwarder's
+    /// `done` channel once the target (and the rest of the chain) has it or
+    /// refused it as stale ([`Delivery`]), or once the target is given up
+    /// on; never if the forwarder was dropped without being abandoned (the
+    /// server is stopping), and then the change must not be acknowledged.
+    pub fn send(&self, ticket: Ticket, frame: Frame) {
         let _ = self.tx.send(Item {
             frame,
-            done,
+            ticket,
             result: Delivery::Stored,
         });
-        rx
     }
 
     /// True when the sending task has ended.
@@ -147,6 +145,7 @@ async fn run(
     limits: Limits,
     net: Net,
     mut rx: mpsc::UnboundedReceiver<Item>,
+    done: Done,
     cancel: CancellationToken,
     abandoned: Arc<AtomicBool>,
 ) {
@@ -231,9 +230,9 @@ async fn run(
                 pause(&cancel).await;
             }
         }
-        // Completes every waiter: replicated, refused as stale, or given up on.
+        // Reports every change: replicated, refused as stale, or given up on.
         for item in batch {
-            let _ = item.done.send(item.result);
+            let _ = done.send((item.ticket, item.result));
         }
     }
 }

@@ -1,0 +1,491 @@
+//! The data path: admitting pushes and pulls, applying pushes through the
+//! table, answering pulls now or when the consistency model allows.
+//!
+//! Key caching: a data frame flagged `FLAG_CACHE_KEYS` leaves its key list
+//! in the bounded [`KeyCache`](pserver_core::keycache::KeyCache); a later
+//! frame of the same sender and table may then carry only `[hash, count]`
+//! (`FLAG_KEYREF`), which is resolved to the list before any other check,
+//! or refused with `KeyCacheMiss`.
+
+use super::{ConnId, Held, Refusal, ServerCore, Ticket, Waiting};
+use crate::proto::{control_reply, error_reply, reply_header};
+use pserver_core::table::{Keys, Push, PushCtx, TableError};
+use pserver_core::{Consistency, KeyRange};
+use pserver_wire::header::{FLAG_CACHE_KEYS, FLAG_KEYREF, FLAG_PACK_REPLY, FLAG_RETRY, FLAG_SCAN};
+use pserver_wire::{Control, ErrorCode, Frame, Header, Kind};
+
+/// The wire's code for a table's refusal.
+pub(crate) fn table_refusal(e: TableError) -> Refusal {
+    use pserver_core::store::StoreError;
+    let code = match &e {
+        TableError::Store(StoreError::WrongWidth { .. }) => ErrorCode::WrongWidth,
+        TableError::Store(StoreError::NotFinite { .. }) | TableError::Overflow { .. } => {
+            ErrorCode::NotFinite
+        }
+        TableError::Store(StoreError::Unsorted { .. }) => ErrorCode::BadKeys,
+        TableError::NoClock { .. } => ErrorCode::Invalid,
+        TableError::Duplicate { .. } => ErrorCode::Duplicate,
+        TableError::TooOld { .. } => ErrorCode::TooOld,
+    };
+    (code, e.to_string())
+}
+
+impl ServerCore {
+    /// Checks epoch, table, ownership and keys of a data request.
+    pub(super) fn admit(&self, h: &Header, keys: &[u64]) -> Result<(), Refusal> {
+        if h.epoch < self.map.epoch {
+            return Err((ErrorCode::NotOwner, "stale epoch".into()));
+        }
+        if h.epoch > self.map.epoch {
+            return Err((
+                ErrorCode::EpochAhead,
+                format!(
+                    "request epoch {} is ahead of this server's {}",
+                    h.epoch, self.map.epoch
+                ),
+            ));
+        }
+        if !self.tables.contains_key(&h.table) {
+            return Err((
+                ErrorCode::UnknownTable,
+                format!("no table with id {}", h.table),
+            ));
+        }
+        let owned = self
+            .map
+            .partition_of(h.range.begin)
+            .map(|i| &self.map.partitions[i])
+            .is_some_and(|p| p.primary == self.id && p.range.covers(&h.range));
+        if h.range.is_empty() || !owned {
+            return Err((
+                ErrorCode::NotOwner,
+                format!("server {} is not primary for all of {}", self.id, h.range),
+            ));
+        }
+        if let Some((r, from, _)) = self.fence_waits.iter().find(|(r, _, since)| {
+            r.intersect(&h.range).is_some()
+                && self.now_ms.saturating_sub(*since) < super::FENCE_TIMEOUT_MS
+        }) {
+            return Err((
+                ErrorCode::EpochAhead,
+                format!("{r} is still being handed over from server {from}; retry"),
+            ));
+        }
+        if h.dense() {
+            if h.range.len() > self.cfg.limits.max_keys as u64 {
+                return Err((
+                    ErrorCode::Limit,
+                    format!(
+                        "dense range {} has more than {} keys",
+                        h.range, self.cfg.limits.max_keys
+                    ),
+                ));
+            }
+        } else {
+            if let Some(i) = keys.windows(2).position(|w| w[0] >= w[1]) {
+                return Err((
+                    ErrorCode::BadKeys,
+                    format!("keys are not sorted and unique at position {}", i + 1),
+                ));
+            }
+            if let (Some(&first), Some(&last)) = (keys.first(), keys.last()) {
+                if !h.range.contains(first) || !h.range.contains(last) {
+                    return Err((
+                        ErrorCode::BadKeys,
+                        format!("keys fall outside the request range {}", h.range),
+                    ));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// A redirect carrying the current map.
+    fn redirect(&self, h: &Header) -> Frame {
+        let mut r = Frame::control(
+            reply_header(h, Kind::Redirect, self.id, self.map.epoch),
+            &Control::Map((*self.map).clone()),
+        );
+        r.header.flags = 0;
+        r
+    }
+
+    /// A push, pull or push-pull: the reply to send now, or `None` when it
+    /// goes out later (after replication, or once the pull may be
+    /// answered).
+    pub(super) fn data(&mut self, frame: Frame, conn: ConnId) -> Result<Option<Frame>, Refusal> {
+        let h = frame.header;
+        if h.epoch < self.map.epoch {
+            return Ok(Some(self.redirect(&h)));
+        }
+        // Pulls that cannot be answered yet wait in memory: bound them per
+        // connection, refusing before anything (a push-pull's push) applies.
+        if matches!(h.kind, Kind::Pull | Kind::PushPull) {
+            let waiting = self.waiting.iter().filter(|w| w.conn == conn).count();
+            if waiting >= self.cfg.limits.max_waiting {
+                return Err((
+                    ErrorCode::Limit,
+                    format!(
+                        "{waiting} pulls already wait on this connection (the limit); \
+                         wait for their answers before sending more"
+                    ),
+                ));
+            }
+        }
+        // From here on the frame carries its key list, whichever way it came,
+        // and every check below applies to that list.
+        let mut frame = self.resolve_keys(frame)?;
+        self.admit(&frame.header, &frame.keys)?;
+        // Only after admission: a refused request changes nothing, and only
+        // lists this server would accept are worth naming later. The cache
+        // hashes the list itself; the sender never says how. The flag stays
+        // on the frame only if the list was kept, and is echoed on the
+        // reply so the sender refers to lists this server really holds.
+        let fh = frame.header;
+        let kept = fh.flags & FLAG_CACHE_KEYS != 0
+            && fh.flags & FLAG_SCAN == 0
+            && self
+                .key_cache
+                .insert(fh.sender, fh.table, &frame.keys)
+                .is_some();
+        if !kept {
+            frame.header.flags &= !FLAG_CACHE_KEYS;
+        }
+        let h = frame.header;
+        if h.flags & FLAG_SCAN != 0 {
+            return self.scan(&h).map(Some);
+        }
+        let mut ack = None;
+        let mut after: Vec<Ticket> = Vec::new();
+        // Replication after aggregation: a worker's push into an aggregating
+        // table with replicas is acknowledged once its clock's sum is
+        // applied and replicated, which is one message per clock.
+        let aggregated = self.aggregates(&h);
+        let hold = aggregated
+            && h.kind == Kind::Push
+            && self.cfg.replicate_after_aggregation
+            && self.has_replicas(h.range);
+        if matches!(h.kind, Kind::Push | Kind::PushPull) {
+            ack = Some(self.push(&frame)?);
+            if !hold {
+                after.extend(self.replicate_push(&frame, aggregated));
+            }
+        }
+        if h.kind == Kind::Push {
+            let (applied, duplicate) = ack.unwrap_or((0, 0));
+            let mut reply = control_reply(
+                &h,
+                self.id,
+                self.map.epoch,
+                &Control::PushAck { applied, duplicate },
+            );
+            reply.header.flags = h.flags & FLAG_CACHE_KEYS;
+            if hold {
+                return Ok(self.hold_ack(conn, &h, reply));
+            }
+            if after.is_empty() {
+                return Ok(Some(reply));
+            }
+            let stale = self.stale_reply(&h);
+            self.defer(conn, Some(reply), stale, &after);
+            return Ok(None);
+        }
+        let consistency = match h.kind {
+            Kind::Pull if !frame.ctrl.is_empty() => match frame.control_msg() {
+                Ok(Control::Consistency(c)) => Some(c),
+                Ok(other) => {
+                    return Err((
+                        ErrorCode::Invalid,
+                        format!("a pull carries Consistency, not {other:?}"),
+                    ));
+                }
+                Err(e) => return Err((ErrorCode::Malformed, e.to_string())),
+            },
+            _ => None,
+        };
+        let consistency = consistency.unwrap_or_else(|| {
+            self.map
+                .table_by_id(h.table)
+                .map(|t| t.consistency)
+                .unwrap_or(Consistency::Eventual)
+        });
+        frame.vals = Vec::new();
+        if let Some((applied, duplicate)) = ack {
+            frame.ctrl = Control::PushAck { applied, duplicate }.to_bytes().into();
+        } else {
+            frame.ctrl = bytes::Bytes::new();
+        }
+        if self.ready(&frame.header, consistency) {
+            let reply = self.answer_pull(&frame);
+            if after.is_empty() {
+                return Ok(Some(reply));
+            }
+            let stale = self.stale_reply(&h);
+            self.defer(conn, Some(reply), stale, &after);
+            Ok(None)
+        } else {
+            let ack = if after.is_empty() {
+                None
+            } else {
+                let stale = self.stale_reply(&h);
+                self.defer(conn, None, stale, &after)
+            };
+            self.waiting.push(Waiting {
+                frame,
+                conn,
+                consistency,
+                ack,
+            });
+            Ok(None)
+        }
+    }
+
+    /// True when the partition holding `range` has replicas in this map.
+    fn has_replicas(&self, range: KeyRange) -> bool {
+        self.map
+            .partition_of(range.begin)
+            .is_some_and(|i| !self.map.partitions[i].replicas.is_empty())
+    }
+
+    /// Keeps a push's acknowledgement with its clock's sum, to go out once
+    /// the sum is applied and replicated; returns it to send now when the
+    /// clock has nothing pending (a retry of a push applied long ago).
+    fn hold_ack(&mut self, conn: ConnId, h: &Header, reply: Frame) -> Option<Frame> {
+        let pending = self.table(h.table).is_some_and(|t| t.has_pending(h.clock));
+        let applied = self
+            .applied
+            .iter()
+            .any(|(t, a)| *t == h.table && a.clock == h.clock);
+        if !pending && !applied {
+            return Some(reply);
+        }
+        let stale = self.stale_reply(h);
+        self.held.entry((h.table, h.clock)).or_default().push(Held {
+            conn,
+            request: *h,
+            reply,
+            stale,
+        });
+        None
+    }
+
+    /// True when a push with header `h` goes into an aggregate rather than
+    /// straight through the updater.
+    pub(super) fn aggregates(&self, h: &Header) -> bool {
+        let aggregate = self.map.table_by_id(h.table).is_some_and(|t| t.aggregate);
+        aggregate && self.map.live_workers().contains(&h.sender)
+    }
+
+    /// Replaces the `[hash, count]` of a key-reference frame by the list it
+    /// names; other frames pass through. A miss is refused with
+    /// `KeyCacheMiss` before anything else happens, so the sender can resend
+    /// the keys and nothing is applied twice.
+    fn resolve_keys(&mut self, mut frame: Frame) -> Result<Frame, Refusal> {
+        if !frame.header.key_ref() {
+            return Ok(frame);
+        }
+        let h = frame.header;
+        // The decoder has checked the shape; refuse rather than trust it.
+        let (hash, count) = frame.key_ref().ok_or_else(|| {
+            (
+                ErrorCode::Malformed,
+                "a key reference carries exactly [hash, count]".to_string(),
+            )
+        })?;
+        let keys = self
+            .key_cache
+            .get(h.sender, h.table, hash, count)
+            .ok_or_else(|| {
+                (
+                    ErrorCode::KeyCacheMiss,
+                    format!(
+                        "no cached list {hash:#018x} of {count} keys from node {} in table {}",
+                        h.sender, h.table
+                    ),
+                )
+            })?;
+        frame.keys = keys.to_vec();
+        frame.header.flags &= !FLAG_KEYREF;
+        Ok(frame)
+    }
+
+    /// Applies a push (already admitted) through its table. Returns
+    /// (applied, duplicate) key counts.
+    pub(super) fn push(&mut self, frame: &Frame) -> Result<(u64, u64), Refusal> {
+        let h = &frame.header;
+        let gate = self.gate();
+        let workers = self.map.live_workers();
+        let table = match self.tables.get_mut(&h.table) {
+            Some(Ok(t)) => t,
+            Some(Err(e)) => return Err((ErrorCode::Invalid, e.clone())),
+            None => {
+                return Err((
+                    ErrorCode::UnknownTable,
+                    format!("no table with id {}", h.table),
+                ));
+            }
+        };
+        let push = Push {
+            sender: h.sender,
+            range: h.range,
+            clock: h.clock,
+            retry: h.flags & FLAG_RETRY != 0,
+            keys: if h.dense() {
+                Keys::Dense
+            } else {
+                Keys::List(&frame.keys)
+            },
+            vals: &frame.vals,
+        };
+        let ctx = PushCtx {
+            aggregate: table.spec().aggregate && workers.contains(&h.sender),
+            workers: &workers,
+            gate: gate.as_deref(),
+        };
+        let pushed = table.push(&push, ctx).map_err(table_refusal)?;
+        self.applied
+            .extend(pushed.flushed.into_iter().map(|a| (h.table, a)));
+        Ok((pushed.applied, pushed.duplicate))
+    }
+
+    /// Answers a scan: every stored key of the range with its weights.
+    fn scan(&self, h: &Header) -> Result<Frame, Refusal> {
+        let store = match self.tables.get(&h.table) {
+            Some(Ok(t)) => t.store(),
+            Some(Err(e)) => return Err((ErrorCode::Invalid, e.clone())),
+            None => {
+                return Err((
+                    ErrorCode::UnknownTable,
+                    format!("no table with id {}", h.table),
+                ));
+            }
+        };
+        let entries = store.entries_in(h.range);
+        if entries.len() > self.cfg.limits.max_keys {
+            return Err((
+                ErrorCode::Limit,
+                format!(
+                    "{} holds {} keys, over the {} a reply may carry; scan smaller ranges",
+                    h.range,
+                    entries.len(),
+                    self.cfg.limits.max_keys
+                ),
+            ));
+        }
+        let dim = store.spec().dim as usize;
+        let mut reply = Frame::new(reply_header(h, Kind::Reply, self.id, self.map.epoch));
+        reply.keys.reserve(entries.len());
+        reply.vals.reserve(entries.len() * dim);
+        for (k, slot) in entries {
+            reply.keys.push(k);
+            reply.vals.extend_from_slice(&slot[..dim]);
+        }
+        reply.header.flags = h.flags & FLAG_PACK_REPLY;
+        Ok(reply)
+    }
+
+    /// True when a pull at the header's clock may be answered now.
+    fn ready(&self, h: &Header, consistency: Consistency) -> bool {
+        let Some(need) = consistency.required_clock(h.clock) else {
+            return true;
+        };
+        match self.table(h.table) {
+            Some(t) => t.ready(h.range, need, &self.map.live_workers()),
+            None => true,
+        }
+    }
+
+    fn answer_pull(&self, frame: &Frame) -> Frame {
+        let h = &frame.header;
+        let mut reply = Frame::new(reply_header(h, Kind::Reply, self.id, self.map.epoch));
+        // Set only when this server kept the pull's key list (see `data`);
+        // `FLAG_PACK_REPLY` is taken off by the runtime, which packs.
+        reply.header.flags = h.flags & (FLAG_CACHE_KEYS | FLAG_PACK_REPLY);
+        reply.ctrl = frame.ctrl.clone();
+        match self.tables.get(&h.table) {
+            Some(Ok(t)) => {
+                let dim = t.spec().dim as usize;
+                if h.dense() {
+                    reply.vals.reserve(h.range.len() as usize * dim);
+                    t.pull_dense(h.range, &mut reply.vals);
+                } else {
+                    reply.vals.reserve(frame.keys.len() * dim);
+                    t.pull(&frame.keys, &mut reply.vals);
+                }
+                reply
+            }
+            Some(Err(e)) => error_reply(h, self.id, self.map.epoch, ErrorCode::Invalid, e.clone()),
+            None => error_reply(
+                h,
+                self.id,
+                self.map.epoch,
+                ErrorCode::UnknownTable,
+                format!("no table with id {}", h.table),
+            ),
+        }
+    }
+
+    /// Answers the waiting pulls (of `table`, or all) that may now be
+    /// answered; redirects those whose range this server no longer owns.
+    pub(super) fn recheck(&mut self, table: Option<u32>) {
+        let waiting = std::mem::take(&mut self.waiting);
+        for w in waiting {
+            let h = w.frame.header;
+            if table.is_some_and(|t| t != h.table) {
+                self.waiting.push(w);
+                continue;
+            }
+            let moved = h.epoch < self.map.epoch
+                && self
+                    .admit(
+                        &Header {
+                            epoch: self.map.epoch,
+                            ..h
+                        },
+                        &w.frame.keys,
+                    )
+                    .is_err();
+            if moved {
+                let r = self.redirect(&h);
+                // A redirect is no acknowledgement: nothing waits for the
+                // push part's replication any more.
+                if let Some(id) = w.ack {
+                    self.acks.remove(&id);
+                }
+                let mut r = r;
+                r.header.flags = 0;
+                self.send(w.conn, r);
+            } else if self.ready(&h, w.consistency) {
+                let reply = self.answer_pull(&w.frame);
+                match w.ack {
+                    Some(id) => self.complete_ack(id, reply),
+                    None => self.send(w.conn, reply),
+                }
+            } else {
+                self.waiting.push(w);
+            }
+        }
+    }
+
+    /// Releases the acks held for `(table, clock)`, each waiting on
+    /// `tickets`; as refusals when the sum was refused.
+    pub(super) fn release_held(
+        &mut self,
+        table: u32,
+        clock: u64,
+        tickets: &[Ticket],
+        refused: Option<&Refusal>,
+    ) {
+        for held in self.held.remove(&(table, clock)).unwrap_or_default() {
+            match refused {
+                Some(r) => {
+                    let f = self.error(&held.request, r.clone());
+                    self.send(held.conn, f);
+                }
+                None => {
+                    self.defer(held.conn, Some(held.reply), held.stale, tickets);
+                }
+            }
+        }
+    }
+}

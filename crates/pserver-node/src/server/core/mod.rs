@@ -1,0 +1,595 @@
+//! The server's decisions, as a state machine without I/O.
+//!
+//! [`ServerCore::step`] takes one [`Input`] (a frame from a connection, a
+//! new map, a replica's answer to a change, a closed connection) with the
+//! time, and returns [`Effect`]s as data: frames to send on connections,
+//! changes to queue for the next server of a chain, forwarders to abandon,
+//! a `Synced` report for the manager, checkpoint files to write. The
+//! runtime (`server::runtime`) carries them out and feeds the results back
+//! in; nothing here touches a socket, a task, a file or the clock, so the
+//! tests drive it with plain calls.
+//!
+//! Acknowledgements: a reply that must wait for replication is an *ack*
+//! waiting on *tickets*, one per change queued down a chain
+//! ([`Effect::Forward`]). [`Input::Delivered`] settles a ticket; when the
+//! last ticket of an ack is settled the reply goes out, or, if any ticket
+//! came back `Stale` (the chain no longer takes changes from this server),
+//! the ack's stale reply does, so the worker resends to the current
+//! primary. An aggregating table's pushes under replication after
+//! aggregation are *held* per clock until the clock's sum is applied and
+//! replicated once; the sum's tickets then release them. A ticket that is
+//! never settled (the server stops) releases nothing, so no ack leaves for
+//! a change the chain does not have.
+
+mod chain;
+mod data;
+mod fence;
+#[cfg(test)]
+mod tests;
+
+use crate::proto::{control_reply, control_request, error_reply};
+use crate::snapshot::RangePart;
+use pserver_core::keycache::KeyCache;
+use pserver_core::table::{Applied, Table};
+use pserver_core::updater::Registry;
+use pserver_core::{ClusterMap, Consistency, KeyRange, NodeId, NodeState, TableSpec};
+use pserver_wire::{Control, ErrorCode, Frame, Header, Kind, Limits};
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::Arc;
+
+/// A connection, as the runtime numbers them.
+pub type ConnId = u64;
+
+/// One change queued down a chain, as [`Effect::Forward`] numbers them.
+pub type Ticket = u64;
+
+/// What became of a change queued down a chain.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Delivery {
+    /// The rest of the chain has it (or the target was given up on as dead,
+    /// and the replica replacing it will get a full copy).
+    Stored,
+    /// The target refused it as coming from a server that is no longer the
+    /// range's primary (`NotOwner`): the change must not be acknowledged;
+    /// the sender should retry at the current primary.
+    Stale,
+}
+
+/// What the runtime hands the core.
+#[derive(Debug)]
+pub enum Input {
+    /// A frame read from connection `conn` (already unpacked).
+    Request {
+        /// The connection.
+        conn: ConnId,
+        /// The frame.
+        frame: Frame,
+    },
+    /// A map from the manager.
+    Map(ClusterMap),
+    /// The next server of a chain answered the change of `ticket`.
+    Delivered {
+        /// The change.
+        ticket: Ticket,
+        /// Its fate.
+        delivery: Delivery,
+    },
+    /// Connection `conn` closed: nothing more can be sent on it.
+    Closed(ConnId),
+}
+
+/// What the core asks the runtime to do.
+#[derive(Debug)]
+pub enum Effect {
+    /// Send `frame` on connection `conn` (dropped if it closed).
+    Send {
+        /// The connection.
+        conn: ConnId,
+        /// The frame; `FLAG_PACK_REPLY` asks for its values packed.
+        frame: Frame,
+    },
+    /// Queue `frame` for server `to` at `addr`, behind everything queued to
+    /// it before, and answer with [`Input::Delivered`] for `ticket` once it
+    /// is done. Frames to one server must leave in the order of these
+    /// effects.
+    Forward {
+        /// The next server of the chain.
+        to: NodeId,
+        /// Its address.
+        addr: String,
+        /// What to report the answer as.
+        ticket: Ticket,
+        /// The change.
+        frame: Frame,
+    },
+    /// Server `to` is dead: settle everything queued to it as `Stored`
+    /// (the replica replacing it gets a full copy) and drop its queue.
+    Abandon {
+        /// The server.
+        to: NodeId,
+    },
+    /// Tell the manager this server is synced at `epoch`: every copy the
+    /// map of that epoch called for has reached its chain.
+    Synced {
+        /// The map's epoch.
+        epoch: u64,
+    },
+    /// Write the checkpoint parts into `dir`, then answer `request` on
+    /// `conn` with the files written (or the error). The parts were copied
+    /// when the request arrived, so each is consistent.
+    Checkpoint {
+        /// The connection.
+        conn: ConnId,
+        /// The request's header (for the reply).
+        request: Header,
+        /// The checkpoint directory.
+        dir: String,
+        /// What to write.
+        parts: Vec<RangePart>,
+    },
+}
+
+/// A refused request: code and message.
+pub(crate) type Refusal = (ErrorCode, String);
+
+/// Longest a new primary holds a range back waiting for its old primary's
+/// fence, in ms. The fence travels behind the old primary's last changes,
+/// which normally takes milliseconds; past this the old primary is presumed
+/// stuck, and the manager will declare it dead within its lease anyway.
+pub const FENCE_TIMEOUT_MS: u64 = 5_000;
+
+/// How a server decides: the settings of `ServerConfig` the core needs.
+#[derive(Clone)]
+pub struct CoreConfig {
+    /// Frame and request limits.
+    pub limits: Limits,
+    /// User updaters this server can build.
+    pub registry: Registry,
+    /// Most keys the key cache holds (0: key caching off).
+    pub key_cache_keys: usize,
+    /// Replication after aggregation (see `ServerConfig`).
+    pub replicate_after_aggregation: bool,
+    /// Threads one large push or pull may use.
+    pub apply_threads: usize,
+}
+
+/// A reply waiting for tickets (and, for a waiting push-pull, for its
+/// pull to be answered: `frame` is `None` until then).
+struct Ack {
+    conn: ConnId,
+    frame: Option<Frame>,
+    /// Sent instead when a ticket came back `Stale`.
+    stale: Frame,
+    /// Tickets not yet settled.
+    waits: usize,
+    is_stale: bool,
+}
+
+/// An acknowledgement held with its clock's sum (replication after
+/// aggregation): sent once the sum is applied and replicated.
+struct Held {
+    conn: ConnId,
+    request: Header,
+    reply: Frame,
+    stale: Frame,
+}
+
+/// A pull waiting for slower workers.
+struct Waiting {
+    frame: Frame,
+    conn: ConnId,
+    consistency: Consistency,
+    /// The ack of its push part (a push-pull whose push is replicating).
+    ack: Option<u64>,
+}
+
+/// The server's state. See the module docs.
+pub struct ServerCore {
+    id: NodeId,
+    map: Arc<ClusterMap>,
+    /// `Err` holds why the updater could not be built; requests get it.
+    tables: BTreeMap<u32, Result<Table, String>>,
+    waiting: Vec<Waiting>,
+    cfg: CoreConfig,
+    key_cache: KeyCache,
+    /// Servers with a queue of changes from this one (see `Effect::Forward`).
+    linked: HashSet<NodeId>,
+    next_ticket: Ticket,
+    next_ack: u64,
+    acks: HashMap<u64, Ack>,
+    /// Ticket -> acks waiting on it.
+    ticket_acks: HashMap<Ticket, Vec<u64>>,
+    /// Per map epoch, the markers queued behind its copies still unsettled.
+    syncs: Vec<(u64, HashSet<Ticket>)>,
+    /// Acks held per (table, clock) until the clock's sum is replicated.
+    held: HashMap<(u32, u64), Vec<Held>>,
+    /// Ranges this server is primary of but holds back, until their old
+    /// primary's `Fence` arrives or [`FENCE_TIMEOUT_MS`] passes: (range,
+    /// old primary, since ms).
+    fence_waits: Vec<(KeyRange, NodeId, u64)>,
+    /// Fences that arrived before the map that needs them: (range, from).
+    fences_seen: Vec<(KeyRange, NodeId)>,
+    /// Sums just applied, to replicate and release at the end of the step.
+    applied: Vec<(u32, Applied)>,
+    /// The time of the input being handled, in ms.
+    now_ms: u64,
+    effects: Vec<Effect>,
+}
+
+impl ServerCore {
+    /// The core of server `id` before its first map.
+    pub fn new(id: NodeId, cfg: CoreConfig) -> ServerCore {
+        ServerCore {
+            id,
+            map: Arc::new(ClusterMap::empty(0, 1)),
+            tables: BTreeMap::new(),
+            waiting: Vec::new(),
+            key_cache: KeyCache::new(cfg.key_cache_keys),
+            cfg,
+            linked: HashSet::new(),
+            next_ticket: 1,
+            next_ack: 1,
+            acks: HashMap::new(),
+            ticket_acks: HashMap::new(),
+            syncs: Vec::new(),
+            held: HashMap::new(),
+            fence_waits: Vec::new(),
+            fences_seen: Vec::new(),
+            applied: Vec::new(),
+            now_ms: 0,
+            effects: Vec::new(),
+        }
+    }
+
+    /// This server's id.
+    pub fn id(&self) -> NodeId {
+        self.id
+    }
+
+    /// The map this server serves under.
+    pub fn map(&self) -> &ClusterMap {
+        &self.map
+    }
+
+    /// The table with id `id`, if this server has it and could build it.
+    pub fn table(&self, id: u32) -> Option<&Table> {
+        self.tables.get(&id).and_then(|t| t.as_ref().ok())
+    }
+
+    /// Handles one input at time `now_ms` and returns what to do.
+    pub fn step(&mut self, now_ms: u64, input: Input) -> Vec<Effect> {
+        self.now_ms = now_ms;
+        match input {
+            Input::Request { conn, frame } => self.request(conn, frame),
+            Input::Map(map) => self.apply_map(map),
+            Input::Delivered { ticket, delivery } => self.delivered(ticket, delivery),
+            Input::Closed(conn) => self.closed(conn),
+        }
+        self.release_applied();
+        std::mem::take(&mut self.effects)
+    }
+
+    /// The server is stopping: forgets every reply it still owes, so none
+    /// goes out for a change that may not be replicated (the senders see
+    /// their connections close and resend elsewhere).
+    pub fn stop(&mut self) {
+        self.acks.clear();
+        self.ticket_acks.clear();
+        self.held.clear();
+        self.waiting.clear();
+        self.syncs.clear();
+    }
+
+    fn send(&mut self, conn: ConnId, frame: Frame) {
+        self.effects.push(Effect::Send { conn, frame });
+    }
+
+    fn error(&self, h: &Header, (code, msg): Refusal) -> Frame {
+        error_reply(h, self.id, self.map.epoch, code, msg)
+    }
+
+    fn request(&mut self, conn: ConnId, frame: Frame) {
+        let h = frame.header;
+        let reply = match h.kind {
+            Kind::Push | Kind::Pull | Kind::PushPull => self.data(frame, conn),
+            Kind::Control => match frame.control_msg() {
+                Ok(Control::GetMap) => Ok(Some(control_reply(
+                    &h,
+                    self.id,
+                    self.map.epoch,
+                    &Control::Map((*self.map).clone()),
+                ))),
+                Ok(Control::Replicate { .. }) => self.replicate(frame, conn),
+                Ok(Control::Fence { .. }) => self.fenced(frame, conn),
+                Ok(Control::Snapshot { dir }) => self.snapshot(conn, &h, dir),
+                // A forwarder's marker: everything before it has arrived.
+                Ok(Control::Synced { .. }) => Ok(Some(control_reply(
+                    &h,
+                    self.id,
+                    self.map.epoch,
+                    &Control::Ok,
+                ))),
+                Ok(other) => Err((
+                    ErrorCode::Invalid,
+                    format!("a server does not take {other:?}"),
+                )),
+                Err(e) => Err((ErrorCode::Malformed, e.to_string())),
+            },
+            other => Err((
+                ErrorCode::Invalid,
+                format!("a server does not take {other:?} frames"),
+            )),
+        };
+        match reply {
+            Ok(Some(f)) => self.send(conn, f),
+            Ok(None) => {}
+            Err(r) => {
+                let f = self.error(&h, r);
+                self.send(conn, f);
+            }
+        }
+        if matches!(h.kind, Kind::Push | Kind::PushPull) && !self.waiting.is_empty() {
+            self.recheck(Some(h.table));
+        }
+    }
+
+    /// Copies every range this server is primary of, for every table, for
+    /// a checkpoint: the runtime writes the files.
+    fn snapshot(
+        &mut self,
+        conn: ConnId,
+        h: &Header,
+        dir: String,
+    ) -> Result<Option<Frame>, Refusal> {
+        let ranges: Vec<KeyRange> = self.map.primary_ranges(self.id);
+        let mut parts = Vec::new();
+        for t in self.tables.values().filter_map(|t| t.as_ref().ok()) {
+            let store = t.store();
+            for r in &ranges {
+                let entries = store.entries_in(*r);
+                parts.push(RangePart {
+                    table: store.spec().id,
+                    range: *r,
+                    slot_width: store.slot_width(),
+                    keys: entries.iter().map(|(k, _)| *k).collect(),
+                    slots: entries
+                        .iter()
+                        .flat_map(|(_, s)| s.iter().copied())
+                        .collect(),
+                    records: t.clock().records_in(*r),
+                });
+            }
+        }
+        self.effects.push(Effect::Checkpoint {
+            conn,
+            request: *h,
+            dir,
+            parts,
+        });
+        Ok(None)
+    }
+
+    /// The state of the table `spec` names, created (empty) if new here.
+    fn ensure_table(&mut self, spec: &TableSpec) -> &mut Result<Table, String> {
+        let registry = &self.cfg.registry;
+        let threads = self.cfg.apply_threads;
+        self.tables.entry(spec.id).or_insert_with(|| {
+            registry
+                .build(&spec.updater)
+                .map(|u| Table::new(spec.clone(), u, threads))
+                .map_err(|e| e.to_string())
+        })
+    }
+
+    /// Installs a newer map: creates tables, abandons queues to dead
+    /// servers, copies ranges to new replicas, fences hand-offs, drops what
+    /// this server no longer holds, and re-examines sums and waiting pulls.
+    fn apply_map(&mut self, map: ClusterMap) {
+        if map.epoch <= self.map.epoch && !self.map.partitions.is_empty() {
+            return;
+        }
+        for spec in &map.tables {
+            self.ensure_table(spec);
+        }
+        // A dead node's lists would only take room: its id is never reused.
+        for sender in self.key_cache.senders() {
+            if map.node(sender).is_some_and(|n| n.state == NodeState::Dead) {
+                self.key_cache.forget(sender);
+            }
+        }
+        let old = std::mem::replace(&mut self.map, Arc::new(map));
+        let mut gone: Vec<NodeId> = self
+            .linked
+            .iter()
+            .copied()
+            .filter(|id| {
+                self.map
+                    .node(*id)
+                    .is_none_or(|n| n.state == NodeState::Dead)
+            })
+            .collect();
+        gone.sort_unstable();
+        for &to in &gone {
+            self.linked.remove(&to);
+            self.effects.push(Effect::Abandon { to });
+        }
+        self.fill_new_replicas(&old, &gone);
+        self.fence(&old);
+        // A marker behind everything queued so far on each queue: when all
+        // are answered, every copy this map called for has arrived.
+        let epoch = self.map.epoch;
+        let mut targets: Vec<NodeId> = self.linked.iter().copied().collect();
+        targets.sort_unstable();
+        let mut markers = HashSet::new();
+        for to in targets {
+            let marker = control_request(self.id, epoch, &Control::Synced { epoch });
+            if let Some(t) = self.forward(to, marker) {
+                markers.insert(t);
+            }
+        }
+        if markers.is_empty() {
+            self.effects.push(Effect::Synced { epoch });
+        } else {
+            self.syncs.push((epoch, markers));
+        }
+        self.prune_pending();
+        self.drop_handed_away();
+        // Fewer live workers may complete waiting sums.
+        let workers = self.map.live_workers();
+        let gate = self.gate();
+        for (&id, t) in &mut self.tables {
+            if let Ok(t) = t {
+                let done = t.flush(&workers, gate.as_deref());
+                self.applied.extend(done.into_iter().map(|a| (id, a)));
+            }
+        }
+        self.recheck(None);
+    }
+
+    /// Drops the stored keys of ranges this server no longer holds as
+    /// primary or replica: they were handed away, and the new holders have
+    /// them. Only under a map where this server is alive and holds
+    /// something, so a map without servers never empties a store.
+    fn drop_handed_away(&mut self) {
+        let me = self.id;
+        let alive = self
+            .map
+            .node(me)
+            .is_some_and(|n| n.state == NodeState::Alive);
+        let held: Vec<KeyRange> = self
+            .map
+            .partitions
+            .iter()
+            .filter(|p| p.primary == me || p.replicas.contains(&me))
+            .map(|p| p.range)
+            .collect();
+        if !alive || held.is_empty() {
+            return;
+        }
+        for t in self.tables.values_mut().filter_map(|t| t.as_mut().ok()) {
+            let dropped = t.retain_ranges(&held);
+            if dropped > 0 {
+                tracing::debug!(node = me, table = %t.spec().name, dropped, "dropped keys handed away");
+            }
+        }
+    }
+
+    /// Which ranges decide when a sum is complete here: with replication
+    /// after aggregation, only those this server is primary of (`Some`):
+    /// the rest are copies a primary's `Flushed` will settle, and waiting
+    /// on them could wait on a primary that waits on this server. Without
+    /// it (`None`), every range: replicas sum forwarded pushes themselves.
+    fn gate(&self) -> Option<Vec<KeyRange>> {
+        self.cfg
+            .replicate_after_aggregation
+            .then(|| self.map.primary_ranges(self.id))
+    }
+
+    /// Registers a reply to send once `tickets` are all settled (and, when
+    /// `frame` is `None`, once [`ServerCore::complete_ack`] gives it).
+    /// Sends it now when there is nothing to wait for.
+    fn defer(
+        &mut self,
+        conn: ConnId,
+        frame: Option<Frame>,
+        stale: Frame,
+        tickets: &[Ticket],
+    ) -> Option<u64> {
+        if tickets.is_empty() {
+            if let Some(f) = frame {
+                self.send(conn, f);
+                return None;
+            }
+        }
+        let id = self.next_ack;
+        self.next_ack += 1;
+        for t in tickets {
+            self.ticket_acks.entry(*t).or_default().push(id);
+        }
+        self.acks.insert(
+            id,
+            Ack {
+                conn,
+                frame,
+                stale,
+                waits: tickets.len(),
+                is_stale: false,
+            },
+        );
+        Some(id)
+    }
+
+    /// Gives a deferred ack its reply (a waiting pull was answered).
+    fn complete_ack(&mut self, id: u64, frame: Frame) {
+        let Some(ack) = self.acks.get_mut(&id) else {
+            return;
+        };
+        ack.frame = Some(frame);
+        if ack.waits == 0 {
+            self.finish_ack(id);
+        }
+    }
+
+    fn finish_ack(&mut self, id: u64) {
+        if let Some(ack) = self.acks.remove(&id) {
+            let frame = if ack.is_stale {
+                Some(ack.stale)
+            } else {
+                ack.frame
+            };
+            if let Some(f) = frame {
+                self.send(ack.conn, f);
+            }
+        }
+    }
+
+    fn delivered(&mut self, ticket: Ticket, delivery: Delivery) {
+        for id in self.ticket_acks.remove(&ticket).unwrap_or_default() {
+            let Some(ack) = self.acks.get_mut(&id) else {
+                continue;
+            };
+            ack.waits = ack.waits.saturating_sub(1);
+            if delivery == Delivery::Stale {
+                ack.is_stale = true;
+            }
+            if ack.waits == 0 && ack.frame.is_some() {
+                self.finish_ack(id);
+            }
+        }
+        let mut synced = Vec::new();
+        self.syncs.retain_mut(|(epoch, waits)| {
+            waits.remove(&ticket);
+            if waits.is_empty() {
+                synced.push(*epoch);
+            }
+            !waits.is_empty()
+        });
+        for epoch in synced {
+            self.effects.push(Effect::Synced { epoch });
+        }
+    }
+
+    fn closed(&mut self, conn: ConnId) {
+        self.waiting.retain(|w| w.conn != conn);
+        self.acks.retain(|_, a| a.conn != conn);
+        for held in self.held.values_mut() {
+            held.retain(|h| h.conn != conn);
+        }
+        self.held.retain(|_, h| !h.is_empty());
+    }
+
+    /// The answer to a request whose change the chain refused as coming
+    /// from a server that is no longer the range's primary.
+    fn stale_reply(&self, h: &Header) -> Frame {
+        error_reply(
+            h,
+            self.id,
+            self.map.epoch,
+            ErrorCode::NotOwner,
+            format!(
+                "server {} is no longer the primary of {}; retry at the current one",
+                self.id, h.range
+            ),
+        )
+    }
+}

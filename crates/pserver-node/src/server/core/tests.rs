@@ -1,0 +1,1 @@
+//! Unit tests of the server core: inputs in, effects out.

@@ -1,0 +1,405 @@
+//! The server's runtime: carries out what [`ServerCore`] decides.
+//!
+//! One lock holds the core and the queues to the next servers of chains.
+//! Under it the runtime only steps the core and queues its `Forward`s and
+//! `Abandon`s (cheap, and it keeps each queue in the order the changes were
+//! made); replies, packing, `Synced` reports and checkpoint files happen
+//! after the lock is released.
+
+use super::core::{ConnId, CoreConfig, Delivery, Effect, Input, ServerCore, Ticket};
+use super::{ServerConfig, ServerHandle};
+use crate::conn::{Outbox, Peer, accept_loop, bind, lock, split};
+use crate::error::NodeError;
+use crate::net::Net;
+use crate::proto::{control_reply, control_request, error_reply, register, rejoin};
+use crate::replica::Forwarder;
+use futures_util::StreamExt;
+use pserver_core::{NodeId, NodeState, Role};
+use pserver_wire::header::FLAG_PACK_REPLY;
+use pserver_wire::{Control, ErrorCode, Frame, Header, Kind, Limits, Packing};
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+/// Keys or values from which a request counts as big (see `serve`).
+const BIG_REQUEST: usize = 1 << 16;
+
+/// The core and the queues its `Forward` effects fill.
+struct Node {
+    core: ServerCore,
+    forwarders: HashMap<NodeId, Forwarder>,
+}
+
+/// What every task of one server shares.
+struct Shared {
+    id: NodeId,
+    node: Mutex<Node>,
+    /// Open connections by the ids the core knows them by.
+    conns: Mutex<HashMap<ConnId, Outbox>>,
+    next_conn: AtomicU64,
+    /// Where forwarders report the fate of each change.
+    done: mpsc::UnboundedSender<(Ticket, Delivery)>,
+    /// The current link to the manager (replaced on rejoin).
+    manager: Mutex<Peer>,
+    net: Net,
+    limits: Limits,
+    /// Bytes of every frame queued to the next servers of chains.
+    replicated: Arc<AtomicU64>,
+    /// The core's clock starts here (tokio's clock, so simulations control it).
+    epoch: tokio::time::Instant,
+}
+
+impl Shared {
+    fn now_ms(&self) -> u64 {
+        self.epoch.elapsed().as_millis() as u64
+    }
+
+    /// Steps the core and queues its changes for the chains, under the
+    /// lock; returns the effects to carry out after it.
+    fn step(&self, inputs: impl IntoIterator<Item = Input>) -> Vec<Effect> {
+        let now = self.now_ms();
+        let mut node = lock(&self.node);
+        let mut rest = Vec::new();
+        for input in inputs {
+            for effect in node.core.step(now, input) {
+                match effect {
+                    Effect::Forward {
+                        to,
+                        addr,
+                        ticket,
+                        frame,
+                    } => {
+                        self.replicated
+                            .fetch_add(frame.encoded_len() as u64 + 4, Ordering::Relaxed);
+                        let fwd = node.forwarders.entry(to).or_insert_with(|| {
+                            Forwarder::start(
+                                self.id,
+                                to,
+                                addr,
+                                self.limits,
+                                self.net.clone(),
+                                self.done.clone(),
+                            )
+                        });
+                        fwd.send(ticket, frame);
+                    }
+                    Effect::Abandon { to } => {
+                        if let Some(f) = node.forwarders.remove(&to) {
+                            f.abandon();
+                        }
+                    }
+                    other => rest.push(other),
+                }
+            }
+        }
+        rest
+    }
+
+    /// Sends `frame` on connection `conn`, if it is still open, packing its
+    /// values when its request asked (`FLAG_PACK_REPLY`): here, outside the
+    /// lock, so compression does not hold up other connections.
+    async fn send(&self, conn: ConnId, mut frame: Frame) {
+        let Some(out) = lock(&self.conns).get(&conn).cloned() else {
+            return;
+        };
+        if frame.header.flags & FLAG_PACK_REPLY != 0 {
+            frame.header.flags &= !FLAG_PACK_REPLY;
+            frame.pack(Packing::Lossless);
+        }
+        let _ = out.send(frame).await;
+    }
+
+    /// Carries out the effects a step left for after the lock.
+    async fn carry_out(self: &Arc<Self>, effects: Vec<Effect>) {
+        for effect in effects {
+            match effect {
+                Effect::Send { conn, frame } => self.send(conn, frame).await,
+                Effect::Synced { epoch } => {
+                    let peer = lock(&self.manager).clone();
+                    let _ = peer
+                        .notify(control_request(self.id, epoch, &Control::Synced { epoch }))
+                        .await;
+                }
+                Effect::Checkpoint {
+                    conn,
+                    request,
+                    dir,
+                    parts,
+                } => {
+                    let shared = Arc::clone(self);
+                    // File I/O off the runtime's threads and outside the
+                    // lock: pushes and pulls go on while the files are
+                    // written (the parts were copied consistently).
+                    tokio::spawn(async move {
+                        let written = tokio::task::spawn_blocking(move || {
+                            let dir = std::path::Path::new(&dir);
+                            parts
+                                .iter()
+                                .map(|p| crate::snapshot::write_part(dir, p))
+                                .collect::<Result<Vec<_>, _>>()
+                        })
+                        .await;
+                        let epoch = lock(&shared.node).core.map().epoch;
+                        let reply = match written {
+                            Ok(Ok(files)) => control_reply(
+                                &request,
+                                shared.id,
+                                epoch,
+                                &Control::Snapshotted { files },
+                            ),
+                            Ok(Err(e)) => error_reply(
+                                &request,
+                                shared.id,
+                                epoch,
+                                ErrorCode::Internal,
+                                e.to_string(),
+                            ),
+                            Err(e) => error_reply(
+                                &request,
+                                shared.id,
+                                epoch,
+                                ErrorCode::Internal,
+                                format!("checkpoint writer failed: {e}"),
+                            ),
+                        };
+                        shared.send(conn, reply).await;
+                    });
+                }
+                // Carried out under the lock by `step`.
+                Effect::Forward { .. } | Effect::Abandon { .. } => {}
+            }
+        }
+    }
+
+    /// The server is stopping: every reply it still owes is forgotten, the
+    /// queues are dropped without settling anything, and connections close,
+    /// so that clients resend elsewhere instead of waiting for answers that
+    /// never come.
+    fn stop(&self) {
+        let mut node = lock(&self.node);
+        node.core.stop();
+        node.forwarders.clear();
+        drop(node);
+        lock(&self.conns).clear();
+    }
+}
+
+/// Starts a server: listens, registers with the manager and serves until
+/// shut down or dropped by the manager.
+pub async fn start_server(cfg: ServerConfig) -> Result<ServerHandle, NodeError> {
+    let (listener, addr) = bind(&cfg.net, &cfg.listen).await?;
+    let (manager, notices) = Peer::connect_via(&cfg.net, &cfg.manager, cfg.limits).await?;
+    let (id, map) = register(&manager, Role::Server, &addr.to_string()).await?;
+    let replicated = Arc::new(AtomicU64::new(0));
+    let core = ServerCore::new(
+        id,
+        CoreConfig {
+            limits: cfg.limits,
+            registry: cfg.registry.clone(),
+            key_cache_keys: cfg.key_cache_keys,
+            replicate_after_aggregation: cfg.replicate_after_aggregation,
+            apply_threads: cfg.apply_threads,
+        },
+    );
+    let (done, mut done_rx) = mpsc::unbounded_channel();
+    let shared = Arc::new(Shared {
+        id,
+        node: Mutex::new(Node {
+            core,
+            forwarders: HashMap::new(),
+        }),
+        conns: Mutex::new(HashMap::new()),
+        next_conn: AtomicU64::new(1),
+        done,
+        manager: Mutex::new(manager.clone()),
+        net: cfg.net.clone(),
+        limits: cfg.limits,
+        replicated: replicated.clone(),
+        epoch: tokio::time::Instant::now(),
+    });
+    let heartbeat = map.heartbeat_interval();
+    let effects = shared.step([Input::Map(map)]);
+    shared.carry_out(effects).await;
+    let cancel = CancellationToken::new();
+
+    // Answers from the chains, in batches: each settles its ticket.
+    {
+        let (shared, token) = (Arc::clone(&shared), cancel.clone());
+        tokio::spawn(async move {
+            loop {
+                let first = tokio::select! {
+                    _ = token.cancelled() => break,
+                    d = done_rx.recv() => match d {
+                        Some(d) => d,
+                        None => break,
+                    },
+                };
+                let mut batch = vec![first];
+                while let Ok(d) = done_rx.try_recv() {
+                    batch.push(d);
+                }
+                let inputs = batch
+                    .into_iter()
+                    .map(|(ticket, delivery)| Input::Delivered { ticket, delivery });
+                let effects = shared.step(inputs);
+                shared.carry_out(effects).await;
+            }
+        });
+    }
+
+    // Heartbeats go from their own task, which never waits for the state
+    // lock: a long request (a 16M-key push takes seconds) or a map being
+    // installed must not silence the server into being declared dead.
+    {
+        let (shared, token) = (Arc::clone(&shared), cancel.clone());
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(heartbeat);
+            loop {
+                tokio::select! {
+                    _ = token.cancelled() => break,
+                    _ = tick.tick() => {
+                        let peer = lock(&shared.manager).clone();
+                        // A failed send is noticed by the link task, which
+                        // owns rejoining; the next tick uses the new link.
+                        let _ = peer.notify(control_request(id, 0, &Control::Heartbeat)).await;
+                    }
+                }
+            }
+        });
+    }
+
+    // The link to the manager: maps in. A lost link is rejoined (the
+    // manager may have restarted); a manager that refuses this server, or
+    // stays away, ends it.
+    {
+        let (shared, token) = (Arc::clone(&shared), cancel.clone());
+        let (net, manager_addr, limits, my_addr) = (
+            cfg.net.clone(),
+            cfg.manager.clone(),
+            cfg.limits,
+            addr.to_string(),
+        );
+        tokio::spawn(async move {
+            let mut notices = notices;
+            loop {
+                let mut lost = false;
+                tokio::select! {
+                    _ = token.cancelled() => break,
+                    notice = notices.recv() => match notice {
+                        None => lost = true,
+                        Some(frame) => match frame.control_msg() {
+                            Ok(Control::Map(map)) => {
+                                let gone = map.node(id).is_none_or(|n| n.state == NodeState::Dead);
+                                // Replies this map released (acks of sums this
+                                // server no longer applies go back as NotOwner,
+                                // so their workers retry elsewhere) go out even
+                                // when the server is leaving.
+                                let effects = shared.step([Input::Map(map)]);
+                                shared.carry_out(effects).await;
+                                if gone {
+                                    // Drained (or declared dead while alive):
+                                    // another server holds its ranges now.
+                                    tracing::info!(node = id, "no longer in the map");
+                                    break;
+                                }
+                            }
+                            Ok(Control::Error { message, .. }) => {
+                                tracing::error!(node = id, %message, "manager refused this server");
+                                break;
+                            }
+                            _ => tracing::debug!(node = id, "ignored notice from manager"),
+                        },
+                    },
+                }
+                if lost {
+                    tracing::warn!(node = id, "lost the manager; rejoining");
+                    match rejoin(&net, &manager_addr, limits, id, Role::Server, &my_addr).await {
+                        Ok((peer, rx, map)) => {
+                            tracing::info!(node = id, epoch = map.epoch, "rejoined the manager");
+                            *lock(&shared.manager) = peer;
+                            notices = rx;
+                            let effects = shared.step([Input::Map(map)]);
+                            shared.carry_out(effects).await;
+                        }
+                        Err(e) => {
+                            tracing::error!(node = id, error = %e, "cannot rejoin the manager");
+                            break;
+                        }
+                    }
+                }
+            }
+            tracing::info!(node = id, "server stopping");
+            token.cancel();
+            shared.stop();
+        });
+    }
+
+    let limits = cfg.limits;
+    accept_loop(listener, cancel.clone(), limits, move |stream, peer| {
+        serve(stream, peer, Arc::clone(&shared))
+    });
+    tracing::info!(node = id, %addr, "server listening");
+    Ok(ServerHandle {
+        id,
+        addr,
+        cancel,
+        replicated,
+    })
+}
+
+/// Serves one connection: each frame is a step of the core.
+async fn serve<S>(stream: S, peer: String, shared: Arc<Shared>)
+where
+    S: AsyncRead + AsyncWrite + Send + 'static,
+{
+    let (mut reader, out) = split(stream, shared.limits);
+    let conn = shared.next_conn.fetch_add(1, Ordering::Relaxed);
+    lock(&shared.conns).insert(conn, out.clone());
+    let malformed = |h: &Header, why: String| {
+        let epoch = lock(&shared.node).core.map().epoch;
+        error_reply(h, shared.id, epoch, ErrorCode::Malformed, why)
+    };
+    while let Some(item) = reader.next().await {
+        match item {
+            Ok(mut frame) => {
+                // Unpacked before the lock; a section that does not unpack
+                // is refused like any malformed request.
+                if let Err(e) = frame.unpack() {
+                    let _ = out.send(malformed(&frame.header, e.to_string())).await;
+                    continue;
+                }
+                let big = frame.keys.len().max(frame.vals.len()) >= BIG_REQUEST;
+                let input = Input::Request { conn, frame };
+                // A big request holds the lock for a long time: let the
+                // runtime hand this thread's other tasks (heartbeats,
+                // writers) to another thread meanwhile.
+                let effects = if big && multi_thread() {
+                    tokio::task::block_in_place(|| shared.step([input]))
+                } else {
+                    shared.step([input])
+                };
+                shared.carry_out(effects).await;
+            }
+            Err(e) => {
+                tracing::warn!(%peer, error = %e, "bad frame; closing");
+                let _ = out
+                    .send(malformed(&Header::new(Kind::Error), e.to_string()))
+                    .await;
+                break;
+            }
+        }
+    }
+    lock(&shared.conns).remove(&conn);
+    let effects = shared.step([Input::Closed(conn)]);
+    shared.carry_out(effects).await;
+}
+
+/// Whether this task runs on a multi-threaded runtime, where
+/// `block_in_place` is allowed (it panics on a current-thread one).
+fn multi_thread() -> bool {
+    tokio::runtime::Handle::try_current()
+        .is_ok_and(|h| h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread)
+}
