@@ -3,6 +3,7 @@
 //! [`pserver_core::membership::Membership`]'s; this module does the I/O.
 
 use crate::conn::{Outbox, accept_loop, bind, lock, split};
+use crate::durable::{Disk, FileSystem};
 use crate::error::NodeError;
 use crate::net::Net;
 use crate::proto::{control_reply, error_reply};
@@ -33,9 +34,11 @@ pub struct ManagerConfig {
     /// How to listen (TCP unless a test simulates the network).
     pub net: Net,
     /// Where the manager keeps its state (map, tables, epoch, id counters)
-    /// across restarts: written after every change (temporary file, fsync,
-    /// rename), read at start. `None`: kept in memory only.
+    /// across restarts: written after every change (through `fs`), read at
+    /// start. `None`: kept in memory only.
     pub state_file: Option<std::path::PathBuf>,
+    /// How `state_file` is written: [`Disk`] unless a test injects failures.
+    pub fs: Arc<dyn FileSystem>,
 }
 
 impl Default for ManagerConfig {
@@ -46,6 +49,7 @@ impl Default for ManagerConfig {
             limits: Limits::default(),
             net: Net::tcp(),
             state_file: None,
+            fs: Arc::new(Disk::new()),
         }
     }
 }
@@ -81,6 +85,7 @@ struct State {
     waiters: BTreeMap<String, Vec<(NodeId, u64)>>,
     start: Instant,
     state_file: Option<std::path::PathBuf>,
+    fs: Arc<dyn FileSystem>,
 }
 
 impl State {
@@ -101,7 +106,7 @@ impl State {
         if let Some(path) = &self.state_file {
             // Saved before anyone hears of the change, so a restarted
             // manager never goes back on a map a node has seen.
-            if let Err(e) = save_state(path, &self.members.persisted()) {
+            if let Err(e) = save_state(&*self.fs, path, &self.members.persisted()) {
                 tracing::error!(path = %path.display(), error = %e, "cannot save the manager's state");
             }
         }
@@ -150,11 +155,12 @@ pub async fn start_manager(cfg: ManagerConfig) -> Result<ManagerHandle, NodeErro
         waiters: BTreeMap::new(),
         start: Instant::now(),
         state_file: cfg.state_file.clone(),
+        fs: cfg.fs.clone(),
     }));
     // The state as it starts (fresh or restored) is on disk before any node
     // hears of it.
     if let Some(path) = &cfg.state_file {
-        save_state(path, &lock(&state).members.persisted())?;
+        save_state(&*cfg.fs, path, &lock(&state).members.persisted())?;
     }
     tokio::spawn(lease_ticker(
         state.clone(),
@@ -387,9 +393,9 @@ fn handle(
 const STATE_MAGIC: &[u8; 8] = b"PSMGRST1";
 
 /// Writes the manager's state: magic, CRC32 of the body, body length, body
-/// (postcard), to a temporary file that is synced and renamed into place,
-/// so a crash leaves the old state or the new one, never half of one.
-fn save_state(path: &std::path::Path, p: &Persisted) -> Result<(), NodeError> {
+/// (postcard), through `fs` (atomically: a crash leaves the old state or
+/// the new one, never half of one).
+fn save_state(fs: &dyn FileSystem, path: &std::path::Path, p: &Persisted) -> Result<(), NodeError> {
     let body = postcard::to_allocvec(p).map_err(|e| NodeError::State {
         path: path.display().to_string(),
         why: e.to_string(),
@@ -399,25 +405,10 @@ fn save_state(path: &std::path::Path, p: &Persisted) -> Result<(), NodeError> {
     bytes.extend_from_slice(&crc32fast::hash(&body).to_le_bytes());
     bytes.extend_from_slice(&(body.len() as u64).to_le_bytes());
     bytes.extend_from_slice(&body);
-    let io = |e: std::io::Error| NodeError::State {
+    fs.write_atomic(path, &bytes).map_err(|e| NodeError::State {
         path: path.display().to_string(),
         why: e.to_string(),
-    };
-    let tmp = path.with_extension("tmp");
-    {
-        use std::io::Write;
-        let mut f = std::fs::File::create(&tmp).map_err(io)?;
-        f.write_all(&bytes).map_err(io)?;
-        f.sync_all().map_err(io)?;
-    }
-    std::fs::rename(&tmp, path).map_err(io)?;
-    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-        // The rename is durable once the directory is.
-        if let Ok(d) = std::fs::File::open(dir) {
-            let _ = d.sync_all();
-        }
-    }
-    Ok(())
+    })
 }
 
 /// Reads a state file written by [`save_state`]; `None` when there is none.
@@ -471,7 +462,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("manager.state");
         assert_eq!(load_state(&path).unwrap(), None);
-        save_state(&path, &saved()).unwrap();
+        save_state(&Disk::new(), &path, &saved()).unwrap();
         assert_eq!(load_state(&path).unwrap(), Some(saved()));
         let good = std::fs::read(&path).unwrap();
         for (what, bytes) in [
