@@ -517,6 +517,7 @@ fn load_state(path: &std::path::Path) -> Result<Option<Persisted>, NodeError> {
 mod tests {
     use super::*;
     use crate::conn::Peer;
+    use crate::durable::{Faulty, Step};
     use crate::proto::{control_request, register, reply_control};
     use crate::worker::TableOptions;
     use pserver_core::map::ClusterMap;
@@ -593,6 +594,49 @@ mod tests {
     fn refused_unsaved(e: &NodeError) -> bool {
         matches!(e, NodeError::Remote { code: ErrorCode::Internal, message, .. }
             if message.contains("manager.state"))
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_table_whose_state_cannot_be_synced_is_refused_and_not_made() {
+        tokio::time::timeout(Duration::from_secs(30), async {
+            let tmp = tempfile::tempdir().unwrap();
+            let path = tmp.path().join("manager.state");
+            let fs = Arc::new(Faulty::new());
+            let m = start_manager(ManagerConfig {
+                state_file: Some(path.clone()),
+                fs: fs.clone(),
+                ..ManagerConfig::default()
+            })
+            .await
+            .unwrap();
+            let addr = m.addr().to_string();
+            let (w, mut notices) = Peer::connect(&addr, Limits::default()).await.unwrap();
+            let (id, _) = register(&w, Role::Worker, "").await.unwrap();
+            let before = load_state(&path).unwrap();
+            fs.fail_at(Some(Step::SyncFile));
+            let e = ask(&w, id, &create("t")).await.unwrap_err();
+            assert!(refused_unsaved(&e), "{e}");
+            assert!(e.to_string().contains("syncing"), "{e}");
+            assert_eq!(load_state(&path).unwrap(), before);
+            assert_eq!(std::fs::read_dir(tmp.path()).unwrap().count(), 1);
+            assert_eq!(
+                next_map(&mut notices, Duration::from_millis(300)).await,
+                None
+            );
+            fs.fail_at(None);
+            assert!(matches!(
+                ask(&w, id, &create("t")).await.unwrap(),
+                Control::TableCreated(_)
+            ));
+            let map = next_map(&mut notices, Duration::from_secs(2))
+                .await
+                .unwrap();
+            assert!(map.table("t").is_some());
+            assert_eq!(load_state(&path).unwrap().map(|p| p.map), Some(map));
+            m.shutdown();
+        })
+        .await
+        .expect("the test finishes in time");
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
