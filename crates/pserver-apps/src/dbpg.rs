@@ -18,6 +18,7 @@ use crate::dataset::{Columns, Dataset};
 use crate::metrics::{logistic_loss, sigmoid};
 use crate::progress::{IterStats, Progress};
 use pserver_node::NodeError;
+use pserver_node::durable::{Disk, FileSystem};
 use pserver_node::worker::{Keys, Op, Request, Worker};
 use std::ops::Range;
 use std::sync::Arc;
@@ -269,15 +270,9 @@ async fn checkpoint(
         let at = dir.join(&name);
         w.checkpoint(&at).await?;
         // LATEST changes only once the checkpoint is whole.
-        let tmp = dir.join("LATEST.tmp");
-        let io = |e: std::io::Error| {
-            NodeError::BadRequest(format!("writing {}: {e}", dir.join(LATEST).display()))
-        };
-        std::fs::write(&tmp, format!("{name}\n")).map_err(io)?;
-        std::fs::File::open(&tmp)
-            .and_then(|f| f.sync_all())
-            .map_err(io)?;
-        std::fs::rename(&tmp, dir.join(LATEST)).map_err(io)?;
+        Disk::new()
+            .write_atomic(&dir.join(LATEST), format!("{name}\n").as_bytes())
+            .map_err(|e| NodeError::BadRequest(e.to_string()))?;
         let _ = progress.send(Progress::Checkpointed { epoch, dir: at });
     }
     w.barrier(&format!("{}-ckpt-{epoch}-done", cfg.table)).await

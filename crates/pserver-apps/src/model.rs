@@ -12,8 +12,9 @@
 //!   schema, training settings) and the counts and CRC of `weights.bin`,
 //!   for people and for the cross-check at load.
 //!
-//! Each file is written to a temporary name, synced, then renamed, so a
-//! crash leaves the old file or the new one, never half of one. The binary
+//! Each file is written through [`pserver_node::durable`] (a temporary
+//! name, synced, then renamed), so a crash leaves the old file or the new
+//! one, never half of one. The binary
 //! goes first and `model.json` last: the JSON names the CRC of the binary it
 //! belongs with, so a crash between the two renames is caught at load as a
 //! mismatch instead of silently pairing new weights with old metadata.
@@ -23,11 +24,11 @@
 //! [`ModelError`] naming the file; no input makes it panic.
 
 use crate::metrics::sigmoid;
+use pserver_node::durable::{Disk, DurableError, FileSystem};
 use serde::{Deserialize, Serialize};
-use std::fs::{self, File, OpenOptions};
-use std::io::{self, BufReader, BufWriter, Read, Write};
+use std::fs::{self, File};
+use std::io::{self, BufReader, Read, Write};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
 
 /// First eight bytes of `weights.bin`.
 pub const MAGIC: [u8; 8] = *b"PSMODEL1";
@@ -67,6 +68,10 @@ pub enum ModelError {
         /// The underlying error.
         source: io::Error,
     },
+    /// A file could not be written durably (the error names it and the
+    /// step that failed).
+    #[error(transparent)]
+    Write(#[from] DurableError),
     /// `weights.bin` does not start with [`MAGIC`].
     #[error("{}: not a pserver model (magic {found:02x?}, expected \"PSMODEL1\")", path.display())]
     BadMagic {
@@ -359,14 +364,10 @@ impl Model {
 
         let bin_path = dir.join(BIN_FILE);
         let mut crc = 0;
-        write_atomic(&bin_path, |w| {
-            crc = write_bin(w, self)?;
+        let fs = Disk::new();
+        fs.write_atomic_with(&bin_path, &mut |mut w| {
+            crc = write_bin(&mut w, self)?;
             Ok(())
-        })
-        .map_err(|source| ModelError::Io {
-            path: bin_path.clone(),
-            op: "write",
-            source,
         })?;
 
         let json_path = dir.join(JSON_FILE);
@@ -385,15 +386,11 @@ impl Model {
             path: json_path.clone(),
             source,
         })?;
-        write_atomic(&json_path, |w| {
+        fs.write_atomic_with(&json_path, &mut |w| {
             w.write_all(&text)?;
             w.write_all(b"\n")
-        })
-        .map_err(|source| ModelError::Io {
-            path: json_path,
-            op: "write",
-            source,
-        })
+        })?;
+        Ok(())
     }
 
     /// Loads the model saved in `dir`, checking both files and that they
@@ -681,62 +678,6 @@ fn read_bin(path: &Path) -> Result<Bin, ModelError> {
         crc: computed,
         bytes: actual,
     })
-}
-
-/// Replaces `path` with what `fill` writes, atomically: the bytes go to a
-/// fresh temporary file in the same directory (a rename is only atomic
-/// within one file system), which is synced and then renamed over `path`;
-/// the directory is synced too so the rename itself survives a crash.
-/// Readers see the old file or the new one, never a partial one. On failure
-/// the temporary file is removed and `path` is untouched.
-pub(crate) fn write_atomic(
-    path: &Path,
-    fill: impl FnOnce(&mut BufWriter<File>) -> io::Result<()>,
-) -> io::Result<()> {
-    // A per-process counter keeps concurrent writers of one path in one
-    // process from sharing a temporary file; the pid does the same across
-    // processes.
-    static NEXT: AtomicU64 = AtomicU64::new(0);
-    let name = path
-        .file_name()
-        .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "the path names no file"))?;
-    let dir = match path.parent() {
-        Some(d) if !d.as_os_str().is_empty() => d,
-        _ => Path::new("."),
-    };
-    let tmp = dir.join(format!(
-        ".{}.tmp-{}-{}",
-        name.to_string_lossy(),
-        std::process::id(),
-        NEXT.fetch_add(1, Ordering::Relaxed)
-    ));
-    let written = (|| {
-        let file = OpenOptions::new().write(true).create_new(true).open(&tmp)?;
-        let mut w = BufWriter::with_capacity(CHUNK, file);
-        fill(&mut w)?;
-        let file = w.into_inner().map_err(io::IntoInnerError::into_error)?;
-        file.sync_all()?;
-        drop(file);
-        fs::rename(&tmp, path)
-    })();
-    if let Err(e) = written {
-        let _ = fs::remove_file(&tmp);
-        return Err(e);
-    }
-    sync_dir(dir)
-}
-
-/// Makes a rename in `dir` durable (POSIX needs the directory synced).
-#[cfg(unix)]
-fn sync_dir(dir: &Path) -> io::Result<()> {
-    File::open(dir)?.sync_all()
-}
-
-/// Directories cannot be opened for syncing here; the rename is as durable
-/// as the platform makes it.
-#[cfg(not(unix))]
-fn sync_dir(_dir: &Path) -> io::Result<()> {
-    Ok(())
 }
 
 #[cfg(test)]
@@ -1069,20 +1010,6 @@ mod tests {
             assert!(ok(&e), "{text}: {e}");
             assert!(e.to_string().contains(JSON_FILE));
         }
-    }
-
-    #[test]
-    fn write_atomic_keeps_the_old_file_on_failure() {
-        let tmp = tempfile::tempdir().unwrap();
-        let path = tmp.path().join("f");
-        write_atomic(&path, |w| w.write_all(b"old")).unwrap();
-        let e = write_atomic(&path, |w| {
-            w.write_all(b"new, partial")?;
-            Err(io::Error::other("disk full"))
-        });
-        assert!(e.is_err());
-        assert_eq!(fs::read(&path).unwrap(), b"old");
-        assert_eq!(fs::read_dir(tmp.path()).unwrap().count(), 1);
     }
 
     fn model_strategy() -> impl Strategy<Value = Model> {

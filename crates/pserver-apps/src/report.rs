@@ -6,11 +6,11 @@
 //! written as JSON `null` and read back as NaN, so every report that can be
 //! written can be read.
 
-use crate::model::write_atomic;
 pub use crate::plot::CurvePoint;
 use crate::plot::finite_or_null;
+use pserver_node::durable::{Disk, DurableError, FileSystem};
 use serde::{Deserialize, Serialize};
-use std::io::{self, Write as _};
+use std::io;
 use std::path::{Path, PathBuf};
 
 /// Why a report could not be written or read.
@@ -26,6 +26,9 @@ pub enum ReportError {
         /// The underlying error.
         source: io::Error,
     },
+    /// A file could not be written durably.
+    #[error(transparent)]
+    Write(#[from] DurableError),
     /// The file is not a report.
     #[error("{}: invalid report: {source}", path.display())]
     Json {
@@ -179,15 +182,11 @@ impl Report {
             path: path.to_path_buf(),
             source,
         })?;
-        write_atomic(path, |w| {
+        Disk::new().write_atomic_with(path, &mut |w| {
             w.write_all(&text)?;
             w.write_all(b"\n")
-        })
-        .map_err(|source| ReportError::Io {
-            path: path.to_path_buf(),
-            op: "write",
-            source,
-        })
+        })?;
+        Ok(())
     }
 
     /// Reads a report written by [`Report::write_json`].
@@ -215,11 +214,7 @@ impl Report {
     /// Writes [`Report::svg`] to `path` atomically.
     pub fn write_svg(&self, path: &Path) -> Result<(), ReportError> {
         let text = self.svg();
-        write_atomic(path, |w| w.write_all(text.as_bytes())).map_err(|source| ReportError::Io {
-            path: path.to_path_buf(),
-            op: "write",
-            source,
-        })
+        Ok(Disk::new().write_atomic(path, text.as_bytes())?)
     }
 }
 
@@ -470,7 +465,7 @@ mod tests {
         let tmp = tempfile::tempdir().unwrap();
         let path = tmp.path().join("no/such/dir/run.json");
         let e = sample().write_json(&path).unwrap_err();
-        assert!(matches!(e, ReportError::Io { .. }));
+        assert!(matches!(e, ReportError::Write(_)));
         assert!(e.to_string().contains("run.json"));
         let bad = tmp.path().join("bad.json");
         std::fs::write(&bad, "{}").unwrap();

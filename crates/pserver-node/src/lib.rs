@@ -5,6 +5,7 @@
 //! - [`auth`]: the cluster secret and the handshake every connection opens with.
 //! - [`tls`]: mutually authenticated TLS with a cluster CA, and test certificates.
 //! - [`conn`]: framed connections, request/reply matching.
+//! - [`durable`]: atomic, durable file replacement, used by every writer.
 //! - [`manager`]: the manager node.
 //! - [`server`]: the server node.
 //! - [`worker`]: the client library the user's program (and the learning
@@ -32,6 +33,7 @@
 
 pub mod auth;
 pub mod conn;
+pub mod durable;
 pub mod error;
 pub mod local;
 pub mod manager;

@@ -3,6 +3,7 @@
 //! [`pserver_core::membership::Membership`]'s; this module does the I/O.
 
 use crate::conn::{Outbox, accept_loop, bind, lock, split};
+use crate::durable::{Disk, FileSystem};
 use crate::error::NodeError;
 use crate::net::Net;
 use crate::proto::{control_reply, error_reply};
@@ -33,9 +34,11 @@ pub struct ManagerConfig {
     /// How to listen (TCP unless a test simulates the network).
     pub net: Net,
     /// Where the manager keeps its state (map, tables, epoch, id counters)
-    /// across restarts: written after every change (temporary file, fsync,
-    /// rename), read at start. `None`: kept in memory only.
+    /// across restarts: written after every change (through `fs`), read at
+    /// start. `None`: kept in memory only.
     pub state_file: Option<std::path::PathBuf>,
+    /// How `state_file` is written: [`Disk`] unless a test injects failures.
+    pub fs: Arc<dyn FileSystem>,
 }
 
 impl Default for ManagerConfig {
@@ -46,6 +49,7 @@ impl Default for ManagerConfig {
             limits: Limits::default(),
             net: Net::tcp(),
             state_file: None,
+            fs: Arc::new(Disk::new()),
         }
     }
 }
@@ -81,6 +85,15 @@ struct State {
     waiters: BTreeMap<String, Vec<(NodeId, u64)>>,
     start: Instant,
     state_file: Option<std::path::PathBuf>,
+    fs: Arc<dyn FileSystem>,
+    /// The last map saved (and so the last one nodes may have seen): what
+    /// the manager shows while a newer one is not saved yet.
+    shown: pserver_core::map::ClusterMap,
+    /// The map changed but could not be saved, so no one has been told;
+    /// the lease ticker tries again.
+    unsaved: bool,
+    /// The last save error logged, so a failure that lasts is logged once.
+    save_error: Option<String>,
 }
 
 impl State {
@@ -88,40 +101,77 @@ impl State {
         self.start.elapsed().as_millis() as u64
     }
 
-    fn map_frame(&self) -> Frame {
-        let map = self.members.map();
-        let mut h = Header::new(Kind::Control);
-        h.epoch = map.epoch;
-        Frame::control(h, &Control::Map(map.clone()))
+    /// The epoch nodes may know: that of the last saved map.
+    fn epoch(&self) -> u64 {
+        self.shown.epoch
     }
 
-    /// Sends the map to every connected node. A node whose queue is full
-    /// learns the map from its next redirect instead.
-    fn broadcast(&self) {
+    /// Saves the state, then sends the map to every connected node. A node
+    /// whose queue is full learns the map from its next redirect instead.
+    ///
+    /// Nothing is sent unless the save succeeded, so a restarted manager
+    /// never goes back on a map a node has seen. A failed save is logged,
+    /// leaves the change pending (the ticker calls this again) and is
+    /// returned, so a request that caused the change can be refused.
+    fn broadcast(&mut self) -> Result<(), NodeError> {
         if let Some(path) = &self.state_file {
-            // Saved before anyone hears of the change, so a restarted
-            // manager never goes back on a map a node has seen.
-            if let Err(e) = save_state(path, &self.members.persisted()) {
-                tracing::error!(path = %path.display(), error = %e, "cannot save the manager's state");
+            if let Err(e) = save_state(&*self.fs, path, &self.members.persisted()) {
+                let why = e.to_string();
+                if self.save_error.as_ref() != Some(&why) {
+                    tracing::error!(error = %why, "cannot save the manager's state; the map is not sent until it is saved");
+                    self.save_error = Some(why);
+                }
+                self.unsaved = true;
+                return Err(e);
+            }
+            if self.save_error.take().is_some() {
+                tracing::info!(path = %path.display(), epoch = self.members.map().epoch, "manager state saved again; sending the map");
             }
         }
-        let frame = self.map_frame();
+        self.unsaved = false;
+        self.shown = self.members.map().clone();
+        let mut h = Header::new(Kind::Control);
+        h.epoch = self.shown.epoch;
+        let frame = Frame::control(h, &Control::Map(self.shown.clone()));
         for out in self.conns.values() {
             out.try_send(frame.clone());
         }
+        Ok(())
+    }
+
+    /// Makes a change a node asked for, saves and broadcasts it. A change
+    /// that cannot be saved is undone, so the request can be refused with
+    /// nothing changed (the caller may retry), instead of reported as done
+    /// while no one may learn of it.
+    fn change<T>(
+        &mut self,
+        apply: impl FnOnce(&mut Membership) -> Result<(T, bool), MembershipError>,
+    ) -> Result<Result<T, MembershipError>, NodeError> {
+        let before = (self.members.clone(), self.unsaved);
+        let (out, changed) = match apply(&mut self.members) {
+            Ok(v) => v,
+            Err(e) => return Ok(Err(e)),
+        };
+        if changed {
+            if let Err(e) = self.broadcast() {
+                (self.members, self.unsaved) = before;
+                return Err(e);
+            }
+        }
+        Ok(Ok(out))
     }
 
     /// Takes node `id` on this connection and answers `Registered`.
     fn welcome(&mut self, h: &Header, id: NodeId, out: &Outbox, me: &mut Option<NodeId>) -> Frame {
         *me = Some(id);
         self.conns.insert(id, out.clone());
-        let map = self.members.map().clone();
+        let map = self.shown.clone();
         control_reply(h, MANAGER_ID, map.epoch, &Control::Registered { id, map })
     }
 
     fn release(&mut self, released: Vec<Released>) {
         for r in released {
-            let epoch = self.members.map().epoch;
+            let epoch = self.epoch();
             for (node, req) in self.waiters.remove(&r.name).unwrap_or_default() {
                 if let Some(out) = self.conns.get(&node) {
                     let mut h = Header::new(Kind::Control);
@@ -144,17 +194,22 @@ pub async fn start_manager(cfg: ManagerConfig) -> Result<ManagerHandle, NodeErro
     };
     let (listener, addr) = bind(&cfg.net, &cfg.listen).await?;
     let cancel = CancellationToken::new();
+    let shown = members.map().clone();
     let state = Arc::new(Mutex::new(State {
         members,
         conns: BTreeMap::new(),
         waiters: BTreeMap::new(),
         start: Instant::now(),
         state_file: cfg.state_file.clone(),
+        fs: cfg.fs.clone(),
+        shown,
+        unsaved: false,
+        save_error: None,
     }));
     // The state as it starts (fresh or restored) is on disk before any node
     // hears of it.
     if let Some(path) = &cfg.state_file {
-        save_state(path, &lock(&state).members.persisted())?;
+        save_state(&*cfg.fs, path, &lock(&state).members.persisted())?;
     }
     tokio::spawn(lease_ticker(
         state.clone(),
@@ -181,11 +236,14 @@ async fn lease_ticker(state: Arc<Mutex<State>>, lease_ms: u64, cancel: Cancellat
         let mut st = lock(&state);
         let now = st.now_ms();
         let dead = st.members.expire(now);
+        // A failed save is logged inside and retried at the next tick.
         if !dead.is_empty() {
             tracing::warn!(?dead, epoch = st.members.map().epoch, "lease expired");
-            st.broadcast();
+            let _ = st.broadcast();
             let released = st.members.release_ready();
             st.release(released);
+        } else if st.unsaved {
+            let _ = st.broadcast();
         }
     }
 }
@@ -238,7 +296,8 @@ where
             } else {
                 tracing::info!(node = id, epoch, "worker disconnected");
             }
-            st.broadcast();
+            // A failure is logged inside and retried by the ticker.
+            let _ = st.broadcast();
             let released = st.members.release_ready();
             st.release(released);
         }
@@ -254,8 +313,17 @@ fn handle(
 ) -> Option<Frame> {
     let h = &frame.header;
     let mut st = lock(state);
-    let epoch = st.members.map().epoch;
+    let epoch = st.epoch();
     let err = |code, msg: String| Some(error_reply(h, MANAGER_ID, epoch, code, msg));
+    let unsaved = |e: NodeError| {
+        Some(error_reply(
+            h,
+            MANAGER_ID,
+            epoch,
+            ErrorCode::Internal,
+            format!("the manager cannot save this change, so it did not make it: {e}"),
+        ))
+    };
     if h.kind != Kind::Control {
         return err(
             ErrorCode::Invalid,
@@ -280,15 +348,14 @@ fn handle(
         let Control::Register { role, addr } = msg else {
             return err(ErrorCode::Invalid, "register first".into());
         };
-        return match st.members.register(role, &addr, now) {
-            Ok(id) => {
-                tracing::info!(node = id, %role, %addr, epoch = st.members.map().epoch, "registered");
-                if role != Role::Client {
-                    st.broadcast();
-                }
+        // Clients do not enter the map, so there is nothing to save.
+        return match st.change(|m| Ok((m.register(role, &addr, now)?, role != Role::Client))) {
+            Ok(Ok(id)) => {
+                tracing::info!(node = id, %role, %addr, epoch = st.epoch(), "registered");
                 Some(st.welcome(h, id, out, me))
             }
-            Err(e) => err(ErrorCode::Invalid, e.to_string()),
+            Ok(Err(e)) => err(ErrorCode::Invalid, e.to_string()),
+            Err(e) => unsaved(e),
         };
     };
     match msg {
@@ -303,14 +370,14 @@ fn handle(
             h,
             MANAGER_ID,
             epoch,
-            &Control::Map(st.members.map().clone()),
+            &Control::Map(st.shown.clone()),
         )),
         Control::Status => Some(control_reply(
             h,
             MANAGER_ID,
             epoch,
             &Control::StatusReply(Status {
-                map: st.members.map().clone(),
+                map: st.shown.clone(),
                 servers: Vec::new(),
             }),
         )),
@@ -333,40 +400,46 @@ fn handle(
                 ),
             )
         }
-        Control::CreateTable(spec) => match st.members.create_table(spec) {
-            Ok((spec, new)) => {
+        Control::CreateTable(spec) => match st.change(|m| {
+            let (spec, new) = m.create_table(spec)?;
+            Ok(((spec, new), new))
+        }) {
+            Ok(Ok((spec, new))) => {
                 if new {
                     tracing::info!(table = %spec.name, id = spec.id, dim = spec.dim, "table created");
-                    st.broadcast();
                 }
-                let epoch = st.members.map().epoch;
                 Some(control_reply(
                     h,
                     MANAGER_ID,
-                    epoch,
+                    st.epoch(),
                     &Control::TableCreated(spec),
                 ))
             }
-            Err(e @ MembershipError::TooManyTables) => err(ErrorCode::Limit, e.to_string()),
-            Err(e) => err(ErrorCode::Invalid, e.to_string()),
+            Ok(Err(e @ MembershipError::TooManyTables)) => err(ErrorCode::Limit, e.to_string()),
+            Ok(Err(e)) => err(ErrorCode::Invalid, e.to_string()),
+            Err(e) => unsaved(e),
         },
         Control::Synced { epoch: e } => {
             if st.members.synced(id, e) {
                 tracing::info!(epoch = st.members.map().epoch, "hand-off complete");
-                st.broadcast();
+                // The switch cannot be refused to anyone; a failed save
+                // is logged inside and retried by the ticker.
+                let _ = st.broadcast();
             }
             None
         }
-        Control::Drain { node } => match st.members.drain(node) {
-            Ok(changed) => {
+        Control::Drain { node } => match st.change(|m| {
+            let changed = m.drain(node)?;
+            Ok((changed, changed))
+        }) {
+            Ok(Ok(changed)) => {
                 if changed {
-                    tracing::info!(node, epoch = st.members.map().epoch, "draining");
-                    st.broadcast();
+                    tracing::info!(node, epoch = st.epoch(), "draining");
                 }
-                let epoch = st.members.map().epoch;
-                Some(control_reply(h, MANAGER_ID, epoch, &Control::Ok))
+                Some(control_reply(h, MANAGER_ID, st.epoch(), &Control::Ok))
             }
-            Err(e) => err(ErrorCode::Invalid, e.to_string()),
+            Ok(Err(e)) => err(ErrorCode::Invalid, e.to_string()),
+            Err(e) => unsaved(e),
         },
         Control::Barrier { name } => match st.members.barrier_enter(&name, id) {
             Ok(released) => {
@@ -387,9 +460,9 @@ fn handle(
 const STATE_MAGIC: &[u8; 8] = b"PSMGRST1";
 
 /// Writes the manager's state: magic, CRC32 of the body, body length, body
-/// (postcard), to a temporary file that is synced and renamed into place,
-/// so a crash leaves the old state or the new one, never half of one.
-fn save_state(path: &std::path::Path, p: &Persisted) -> Result<(), NodeError> {
+/// (postcard), through `fs` (atomically: a crash leaves the old state or
+/// the new one, never half of one).
+fn save_state(fs: &dyn FileSystem, path: &std::path::Path, p: &Persisted) -> Result<(), NodeError> {
     let body = postcard::to_allocvec(p).map_err(|e| NodeError::State {
         path: path.display().to_string(),
         why: e.to_string(),
@@ -399,25 +472,10 @@ fn save_state(path: &std::path::Path, p: &Persisted) -> Result<(), NodeError> {
     bytes.extend_from_slice(&crc32fast::hash(&body).to_le_bytes());
     bytes.extend_from_slice(&(body.len() as u64).to_le_bytes());
     bytes.extend_from_slice(&body);
-    let io = |e: std::io::Error| NodeError::State {
+    fs.write_atomic(path, &bytes).map_err(|e| NodeError::State {
         path: path.display().to_string(),
         why: e.to_string(),
-    };
-    let tmp = path.with_extension("tmp");
-    {
-        use std::io::Write;
-        let mut f = std::fs::File::create(&tmp).map_err(io)?;
-        f.write_all(&bytes).map_err(io)?;
-        f.sync_all().map_err(io)?;
-    }
-    std::fs::rename(&tmp, path).map_err(io)?;
-    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-        // The rename is durable once the directory is.
-        if let Ok(d) = std::fs::File::open(dir) {
-            let _ = d.sync_all();
-        }
-    }
-    Ok(())
+    })
 }
 
 /// Reads a state file written by [`save_state`]; `None` when there is none.
@@ -458,7 +516,14 @@ fn load_state(path: &std::path::Path) -> Result<Option<Persisted>, NodeError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::conn::Peer;
+    use crate::durable::{Faulty, Step};
+    use crate::proto::{control_request, register, reply_control};
+    use crate::worker::TableOptions;
+    use pserver_core::map::ClusterMap;
     use pserver_core::membership::MembershipConfig;
+    use pserver_core::{NodeState, TableSpec, UpdaterSpec};
+    use tokio::sync::mpsc;
 
     fn saved() -> Persisted {
         let mut m = Membership::new(MembershipConfig::default()).unwrap();
@@ -471,7 +536,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("manager.state");
         assert_eq!(load_state(&path).unwrap(), None);
-        save_state(&path, &saved()).unwrap();
+        save_state(&Disk::new(), &path, &saved()).unwrap();
         assert_eq!(load_state(&path).unwrap(), Some(saved()));
         let good = std::fs::read(&path).unwrap();
         for (what, bytes) in [
@@ -489,5 +554,179 @@ mod tests {
             let e = load_state(&path).unwrap_err().to_string();
             assert!(e.contains("manager.state"), "{what}: {e}");
         }
+    }
+
+    /// Asks the manager over `peer` as node `id`.
+    async fn ask(peer: &Peer, id: NodeId, msg: &Control) -> Result<Control, NodeError> {
+        let reply = peer.request(control_request(id, 0, msg)).await?;
+        reply_control(&reply, peer.label())
+    }
+
+    /// The next map broadcast on `notices` within `wait`, if one comes.
+    async fn next_map(notices: &mut mpsc::Receiver<Frame>, wait: Duration) -> Option<ClusterMap> {
+        let deadline = Instant::now() + wait;
+        loop {
+            match tokio::time::timeout_at(deadline, notices.recv()).await {
+                Ok(Some(f)) => {
+                    if let Ok(Control::Map(m)) = f.control_msg() {
+                        return Some(m);
+                    }
+                }
+                _ => return None,
+            }
+        }
+    }
+
+    fn create(name: &str) -> Control {
+        let o = TableOptions::new(1, UpdaterSpec::Add);
+        Control::CreateTable(TableSpec {
+            id: 0,
+            name: name.into(),
+            dim: o.dim,
+            init: o.init,
+            updater: o.updater,
+            consistency: o.consistency,
+            aggregate: o.aggregate,
+        })
+    }
+
+    /// Says whether `e` is the manager refusing for want of a save.
+    fn refused_unsaved(e: &NodeError) -> bool {
+        matches!(e, NodeError::Remote { code: ErrorCode::Internal, message, .. }
+            if message.contains("manager.state"))
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_table_whose_state_cannot_be_synced_is_refused_and_not_made() {
+        tokio::time::timeout(Duration::from_secs(30), async {
+            let tmp = tempfile::tempdir().unwrap();
+            let path = tmp.path().join("manager.state");
+            let fs = Arc::new(Faulty::new());
+            let m = start_manager(ManagerConfig {
+                state_file: Some(path.clone()),
+                fs: fs.clone(),
+                ..ManagerConfig::default()
+            })
+            .await
+            .unwrap();
+            let addr = m.addr().to_string();
+            let (w, mut notices) = Peer::connect(&addr, Limits::default()).await.unwrap();
+            let (id, _) = register(&w, Role::Worker, "").await.unwrap();
+            let before = load_state(&path).unwrap();
+            fs.fail_at(Some(Step::SyncFile));
+            let e = ask(&w, id, &create("t")).await.unwrap_err();
+            assert!(refused_unsaved(&e), "{e}");
+            assert!(e.to_string().contains("syncing"), "{e}");
+            assert_eq!(load_state(&path).unwrap(), before);
+            assert_eq!(std::fs::read_dir(tmp.path()).unwrap().count(), 1);
+            assert_eq!(
+                next_map(&mut notices, Duration::from_millis(300)).await,
+                None
+            );
+            fs.fail_at(None);
+            assert!(matches!(
+                ask(&w, id, &create("t")).await.unwrap(),
+                Control::TableCreated(_)
+            ));
+            let map = next_map(&mut notices, Duration::from_secs(2))
+                .await
+                .unwrap();
+            assert!(map.table("t").is_some());
+            assert_eq!(load_state(&path).unwrap().map(|p| p.map), Some(map));
+            m.shutdown();
+        })
+        .await
+        .expect("the test finishes in time");
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_map_that_cannot_be_saved_reaches_no_one_until_it_is() {
+        tokio::time::timeout(Duration::from_secs(60), async {
+            let tmp = tempfile::tempdir().unwrap();
+            let dir = tmp.path().join("state");
+            std::fs::create_dir(&dir).unwrap();
+            let path = dir.join("manager.state");
+            let lease_ms = 2000;
+            let m = start_manager(ManagerConfig {
+                state_file: Some(path.clone()),
+                membership: MembershipConfig {
+                    lease_ms,
+                    ..MembershipConfig::default()
+                },
+                ..ManagerConfig::default()
+            })
+            .await
+            .unwrap();
+            let addr = m.addr().to_string();
+            let limits = Limits::default();
+
+            // The watcher sees every broadcast, and heartbeats to stay alive.
+            let (watcher, mut notices) = Peer::connect(&addr, limits).await.unwrap();
+            let (wid, _) = register(&watcher, Role::Worker, "").await.unwrap();
+            let beat = watcher.clone();
+            tokio::spawn(async move {
+                while beat
+                    .notify(control_request(wid, 0, &Control::Heartbeat))
+                    .await
+                    .is_ok()
+                {
+                    tokio::time::sleep(Duration::from_millis(lease_ms / 8)).await;
+                }
+            });
+            // A worker that never heartbeats: its lease runs out while
+            // saves fail, a change the manager cannot refuse.
+            let (silent, _silent_notices) = Peer::connect(&addr, limits).await.unwrap();
+            let (sid, _) = register(&silent, Role::Worker, "").await.unwrap();
+            let saved = next_map(&mut notices, Duration::from_secs(2))
+                .await
+                .expect("the silent worker's arrival is broadcast");
+
+            // Saves fail from here: the directory vanishes (tests run as
+            // root, so permissions would not stop a write).
+            let gone = tmp.path().join("gone");
+            std::fs::rename(&dir, &gone).unwrap();
+            let unsent = next_map(&mut notices, Duration::from_millis(3 * lease_ms / 2)).await;
+            assert_eq!(unsent, None, "a map the manager could not save was sent");
+            // Requests whose change cannot be saved are refused, naming
+            // the file; nothing goes out for them either.
+            let (late, _late_notices) = Peer::connect(&addr, limits).await.unwrap();
+            let e = register(&late, Role::Server, "127.0.0.1:9")
+                .await
+                .unwrap_err();
+            assert!(refused_unsaved(&e), "{e}");
+            let e = ask(&watcher, wid, &create("t")).await.unwrap_err();
+            assert!(refused_unsaved(&e), "{e}");
+            assert_eq!(
+                next_map(&mut notices, Duration::from_millis(300)).await,
+                None
+            );
+            // Asked for the map, the manager answers with the saved one.
+            match ask(&watcher, wid, &Control::GetMap).await.unwrap() {
+                Control::Map(map) => assert_eq!(map, saved),
+                other => panic!("{other:?}"),
+            }
+
+            // Saves work again: the next tick saves the map and sends it.
+            std::fs::rename(&gone, &dir).unwrap();
+            let map = next_map(&mut notices, Duration::from_secs(5))
+                .await
+                .expect("the map goes out once saved");
+            assert!(map.epoch > saved.epoch);
+            assert_eq!(map.node(sid).map(|n| n.state), Some(NodeState::Dead));
+            assert!(map.table("t").is_none(), "a refused table was created");
+            assert_eq!(load_state(&path).unwrap().map(|p| p.map), Some(map));
+            // And changes are accepted again.
+            assert!(matches!(
+                ask(&watcher, wid, &create("t")).await.unwrap(),
+                Control::TableCreated(_)
+            ));
+            let map = next_map(&mut notices, Duration::from_secs(2))
+                .await
+                .unwrap();
+            assert!(map.table("t").is_some());
+            m.shutdown();
+        })
+        .await
+        .expect("the test finishes in time");
     }
 }

@@ -12,12 +12,12 @@
 //! every key exactly once, finite values, slot widths) before returning
 //! anything, so a bad checkpoint is never half loaded.
 
+use crate::durable::{Disk, DurableError, FileSystem};
 use pserver_core::key::{KEY_END, Key, KeyRange};
 use pserver_core::map::NodeId;
 use pserver_core::spec::TableSpec;
 use pserver_wire::message::SnapshotFile;
 use serde::{Deserialize, Serialize};
-use std::io::Write;
 use std::path::{Path, PathBuf};
 
 /// Name of the manifest in a checkpoint directory.
@@ -47,6 +47,9 @@ pub enum SnapshotError {
         /// What is wrong.
         why: String,
     },
+    /// A file could not be written durably.
+    #[error(transparent)]
+    Write(#[from] DurableError),
     /// The directory has no manifest: the checkpoint was never finished.
     #[error("{0}: no {MANIFEST}; the checkpoint is partial (never finished) or not a checkpoint")]
     Partial(PathBuf),
@@ -98,21 +101,9 @@ fn io(file: &Path) -> impl Fn(std::io::Error) -> SnapshotError + '_ {
     }
 }
 
-/// Writes `bytes` to `path` durably: temporary file, sync, rename, sync dir.
+/// Writes `bytes` to `path` durably (see [`crate::durable`]).
 fn write_durably(path: &Path, bytes: &[u8]) -> Result<(), SnapshotError> {
-    let tmp = path.with_extension("tmp");
-    {
-        let mut f = std::fs::File::create(&tmp).map_err(io(&tmp))?;
-        f.write_all(bytes).map_err(io(&tmp))?;
-        f.sync_all().map_err(io(&tmp))?;
-    }
-    std::fs::rename(&tmp, path).map_err(io(path))?;
-    if let Some(dir) = path.parent() {
-        if let Ok(d) = std::fs::File::open(dir) {
-            let _ = d.sync_all();
-        }
-    }
-    Ok(())
+    Ok(Disk::new().write_atomic(path, bytes)?)
 }
 
 /// The file name of a range file.

@@ -110,6 +110,7 @@ impl ManagerOpts {
             limits: self.limits()?,
             net: Default::default(),
             state_file: None,
+            ..ManagerConfig::default()
         })
     }
 }
