@@ -22,7 +22,7 @@ use pserver_node::worker::{Keys, Op, Request, TableOptions, Worker, WorkerConfig
 use serde::Serialize;
 use std::collections::BTreeMap;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 use tokio::task::JoinSet;
 
@@ -143,6 +143,11 @@ struct EventRun {
     errored_but_applied: u64,
     /// The errors the workers got, most frequent first.
     errors: Vec<Message>,
+    /// Pushes that failed with a clock sent before the event began: the
+    /// workers' own arrival changes the map too.
+    errored_before_event: u64,
+    /// Per worker, the last clock sent when the event began.
+    event_clocks: Vec<u64>,
     /// Clocks of failed pushes (the first few), per worker.
     failed_clocks: Vec<Vec<u64>>,
     /// Every key.
@@ -178,7 +183,14 @@ struct Tally {
 
 /// Keeps `depth` pushes in flight, push `k` at clock `k`, each adding +1 to
 /// every key, until `stop`; then waits for the ones in flight.
-async fn pipeline(w: Worker, keys: Arc<Vec<u64>>, depth: usize, stop: Arc<AtomicBool>) -> Tally {
+/// `sent` follows the last clock sent.
+async fn pipeline(
+    w: Worker,
+    keys: Arc<Vec<u64>>,
+    depth: usize,
+    stop: Arc<AtomicBool>,
+    sent: Arc<AtomicU64>,
+) -> Tally {
     let mut t = Tally::default();
     let mut inflight = JoinSet::new();
     let mut clock = 0u64;
@@ -195,6 +207,7 @@ async fn pipeline(w: Worker, keys: Arc<Vec<u64>>, depth: usize, stop: Arc<Atomic
                 consistency: None,
             });
             t.pushes += 1;
+            sent.store(clock, Ordering::Relaxed);
             inflight.spawn(async move { (clock, h.await) });
         }
         let Some(done) = inflight.join_next().await else {
@@ -212,9 +225,7 @@ async fn pipeline(w: Worker, keys: Arc<Vec<u64>>, depth: usize, stop: Arc<Atomic
             }
             Err(message) => {
                 t.errored += 1;
-                if t.failed_clocks.len() < MAX_FAILED_CLOCKS {
-                    t.failed_clocks.push(c);
-                }
+                t.failed_clocks.push(c);
                 let mut key = pattern(&message);
                 if t.errors.len() >= MAX_MESSAGES && !t.errors.contains_key(&key) {
                     key = "(other messages)".to_string();
@@ -375,11 +386,17 @@ async fn one(args: &FailoverArgs, depth: usize, event: Event, run: usize) -> Res
     for _ in 0..args.workers {
         workers.push(connect(WorkerConfig::new(manager.clone())).await?);
     }
+    let sent: Vec<Arc<AtomicU64>> = workers.iter().map(|_| Arc::default()).collect();
     let loops: Vec<_> = workers
         .iter()
-        .map(|w| tokio::spawn(pipeline(w.clone(), keys.clone(), depth, stop.clone())))
+        .zip(&sent)
+        .map(|(w, s)| {
+            let (keys, stop, s) = (keys.clone(), stop.clone(), s.clone());
+            tokio::spawn(pipeline(w.clone(), keys, depth, stop, s))
+        })
         .collect();
     tokio::time::sleep(Duration::from_millis(args.before_ms)).await;
+    let event_clocks: Vec<u64> = sent.iter().map(|s| s.load(Ordering::Relaxed)).collect();
     let at = Instant::now();
     let made = make(event, &mut procs, &manager, &setup, keys[0], args.replicas).await;
     let event_ms = at.elapsed().as_secs_f64() * 1e3;
@@ -466,7 +483,19 @@ async fn one(args: &FailoverArgs, depth: usize, event: Event, run: usize) -> Res
             .map(|k| k.deficit.clamp(0, k.errored as i64) as u64)
             .sum(),
         errors,
-        failed_clocks: tallies.into_iter().map(|t| t.failed_clocks).collect(),
+        errored_before_event: tallies
+            .iter()
+            .zip(&event_clocks)
+            .map(|(t, &e)| t.failed_clocks.iter().filter(|&&c| c <= e).count() as u64)
+            .sum(),
+        event_clocks,
+        failed_clocks: tallies
+            .into_iter()
+            .map(|mut t| {
+                t.failed_clocks.truncate(MAX_FAILED_CLOCKS);
+                t.failed_clocks
+            })
+            .collect(),
         per_key,
     })
 }
@@ -493,7 +522,7 @@ pub async fn run(args: &FailoverArgs, depth: usize) -> Result<()> {
         args.after_ms
     );
     println!(
-        "| event | run | event took | pushes acked | pushes errored | keys applied once | keys lost | lost | keys doubled | doubled | errored but applied |"
+        "| event | run | event took | pushes acked | pushes errored (before the event) | keys applied once | keys lost | lost | keys doubled | doubled | errored but applied |"
     );
     println!("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
     let mut all = Vec::new();
@@ -509,12 +538,13 @@ pub async fn run(args: &FailoverArgs, depth: usize) -> Result<()> {
                 .and_then(|r| r)
                 .with_context(|| format!("{} run {run}", event.name()))?;
             println!(
-                "| {} | {} | {:.0} ms | {} | {} | {} of {} | {} | {} | {} | {} | {} |",
+                "| {} | {} | {:.0} ms | {} | {} ({}) | {} of {} | {} | {} | {} | {} | {} |",
                 event.name(),
                 r.run,
                 r.event_ms,
                 r.acked,
                 r.errored,
+                r.errored_before_event,
                 r.applied_once_keys,
                 r.per_key.len(),
                 r.lost_keys,

@@ -106,11 +106,12 @@ fn check(report: &Value, workers: usize) {
                 })
                 .unwrap_or_default();
             failures.push(format!(
-                "{event} ({workers} worker(s) x 32 in flight): {} pushes acked, {} errored; \
+                "{event} ({workers} worker(s) x 32 in flight): {} pushes acked, {} errored ({} before the event); \
                  {} keys lost {} in all, {} keys doubled {} in all, {} of the errored applied anyway;\n  \
                  value - acked per key: {deficits:?}\n  errors: {errors:#?}",
                 n("acked"),
                 n("errored"),
+                n("errored_before_event"),
                 n("lost_keys"),
                 n("lost"),
                 n("doubled_keys"),
