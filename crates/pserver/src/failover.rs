@@ -9,6 +9,10 @@
 //! open: only the lease finds it). The figures: time from the signal to the
 //! manager's new map, and to the first acknowledged push on the victim's
 //! range; then every key is pulled and compared with the pushes acknowledged.
+//!
+//! With `--pipelined N` it measures something else, in `pipelined.rs`:
+//! whether pushes kept `N` in flight are applied exactly once through a
+//! SIGKILL, a join and a drain.
 
 use anyhow::{Context, Result, bail};
 use clap::{Args, ValueEnum};
@@ -38,29 +42,67 @@ pub enum Signal {
 pub struct FailoverArgs {
     /// Server processes.
     #[arg(long, default_value_t = 3)]
-    servers: usize,
+    pub(crate) servers: usize,
     /// Replicas per range (at least 1: without a replica a dead server's
     /// data is gone).
     #[arg(long, default_value_t = 1)]
-    replicas: usize,
+    pub(crate) replicas: usize,
     /// The manager's lease, in ms.
     #[arg(long, default_value_t = 2000)]
-    lease_ms: u64,
+    pub(crate) lease_ms: u64,
     /// How the victim is taken down.
     #[arg(long, value_enum, default_value = "kill")]
     signal: Signal,
-    /// Runs; the summary shows medians.
-    #[arg(long, default_value_t = 3)]
-    runs: usize,
+    /// Runs; the summary shows medians (default 3; with `--pipelined`, 1
+    /// per event).
+    #[arg(long)]
+    runs: Option<usize>,
     /// Client loops pushing to every key.
     #[arg(long, default_value_t = 2)]
     clients: usize,
-    /// Keys each client pushes to.
-    #[arg(long, default_value_t = 256)]
-    keys: u64,
+    /// Keys each client pushes to (default 256; with `--pipelined`, 64).
+    #[arg(long)]
+    keys: Option<u64>,
     /// Write every run as JSON.
     #[arg(long)]
-    json: Option<PathBuf>,
+    pub(crate) json: Option<PathBuf>,
+    /// Instead of timing recovery: keep N pushes in flight per worker (push
+    /// k at clock k, +1 to every key) through each of `--events`, and count
+    /// per key the acknowledged pushes lost or applied twice.
+    #[arg(long, value_name = "N")]
+    pipelined: Option<usize>,
+    /// With `--pipelined`: workers, each keeping N pushes in flight.
+    #[arg(long, default_value_t = 1)]
+    pub(crate) workers: usize,
+    /// With `--pipelined`: the map changes to go through, each on a fresh
+    /// cluster (kill: SIGKILL a server; join: start one more; drain:
+    /// `pserver drain` one).
+    #[arg(
+        long,
+        value_enum,
+        value_delimiter = ',',
+        default_value = "kill,join,drain"
+    )]
+    pub(crate) events: Vec<crate::pipelined::Event>,
+    /// With `--pipelined`: ms of load before each event.
+    #[arg(long, default_value_t = 1500)]
+    pub(crate) before_ms: u64,
+    /// With `--pipelined`: ms of load after each event has completed.
+    #[arg(long, default_value_t = 3000)]
+    pub(crate) after_ms: u64,
+}
+
+impl FailoverArgs {
+    /// Keys pushed to (`--keys`, or its default for the mode).
+    pub(crate) fn key_count(&self) -> u64 {
+        self.keys
+            .unwrap_or(if self.pipelined.is_some() { 64 } else { 256 })
+    }
+
+    /// Runs (`--runs`, or `default`).
+    pub(crate) fn run_count(&self, default: usize) -> usize {
+        self.runs.unwrap_or(default)
+    }
 }
 
 /// One run's figures.
@@ -82,7 +124,7 @@ struct Run {
 }
 
 /// Kills every process it holds when dropped, pass or fail.
-struct Procs(Vec<(Child, String)>);
+pub(crate) struct Procs(pub(crate) Vec<(Child, String)>);
 
 impl Drop for Procs {
     fn drop(&mut self) {
@@ -124,7 +166,7 @@ fn wait_stopped(pid: u32) {
 }
 
 /// Starts `pserver ARGS` and returns it with its first line of output.
-fn spawn(args: &[&str]) -> Result<(Child, String)> {
+pub(crate) fn spawn(args: &[&str]) -> Result<(Child, String)> {
     let exe = std::env::current_exe().context("finding the pserver binary")?;
     let mut child = Command::new(exe)
         .args(args)
@@ -201,8 +243,9 @@ async fn one_run(args: &FailoverArgs, run: usize) -> Result<Run> {
     setup
         .create_table("failover", TableOptions::new(1, UpdaterSpec::Add))
         .await?;
-    let step = u64::MAX / (args.keys + 2);
-    let keys: Vec<u64> = (1..=args.keys).map(|i| i * step).collect();
+    let n = args.key_count();
+    let step = u64::MAX / (n + 2);
+    let keys: Vec<u64> = (1..=n).map(|i| i * step).collect();
     let probe_key = keys[0] + 1;
     let map = setup.refresh().await?;
     let victim = map.partitions[map.partition_of(probe_key).context("no partition")?].primary;
@@ -294,8 +337,11 @@ pub async fn run(args: FailoverArgs) -> Result<()> {
             args.replicas
         );
     }
-    if args.runs == 0 || args.clients == 0 || args.keys == 0 {
+    if args.run_count(1) == 0 || args.clients == 0 || args.key_count() == 0 {
         bail!("--runs, --clients and --keys must be at least 1");
+    }
+    if let Some(depth) = args.pipelined {
+        return crate::pipelined::run(&args, depth).await;
     }
     println!(
         "failover experiment: {} server processes, {} replica(s), lease {} ms, SIG{}, {} clients x {} keys + a probe",
@@ -307,14 +353,14 @@ pub async fn run(args: FailoverArgs) -> Result<()> {
             Signal::Stop => "STOP",
         },
         args.clients,
-        args.keys
+        args.key_count()
     );
     println!(
         "| run | declared dead after | first push on its range after | of which after detection | vs the lease | pushes acked | keys wrong |"
     );
     println!("|---:|---:|---:|---:|---:|---:|---:|");
     let mut runs = Vec::new();
-    for i in 1..=args.runs {
+    for i in 1..=args.run_count(3) {
         let r = one_run(&args, i)
             .await
             .with_context(|| format!("failover run {i}"))?;

@@ -6,6 +6,7 @@ mod experiment;
 mod failover;
 mod kv;
 mod parse;
+mod pipelined;
 mod security;
 mod soak;
 mod status;
