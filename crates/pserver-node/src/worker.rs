@@ -512,9 +512,10 @@ impl Worker {
     /// Loads the checkpoint in `dir` into this cluster, whatever its number
     /// of servers: creates its tables (same names and specs; the table must
     /// not hold other data) and sends each range's slots to the range's
-    /// primary, which stores them and copies them down its chain. The whole
-    /// checkpoint is read and checked first; a damaged or partial one is
-    /// refused before anything changes. Returns the tables restored.
+    /// primary (`Control::Restore`), which stores them and copies them down
+    /// its chain. The whole checkpoint is read and checked first; a damaged
+    /// or partial one is refused before anything changes. Returns the
+    /// tables restored.
     pub async fn restore(
         &self,
         dir: &std::path::Path,
@@ -563,16 +564,10 @@ impl Worker {
                         });
                         f.keys = part.keys[at..end].to_vec();
                         f.vals = part.slots[at * w..end * w].to_vec();
+                        // The primary copies them down its own chain.
                         // Clock records name the old cluster's workers:
                         // they mean nothing here and are not carried over.
-                        f.ctrl = Control::Replicate {
-                            spec: spec.clone(),
-                            what: pserver_wire::message::Replica::Slots,
-                            records: Vec::new(),
-                            chain: p.replicas.clone(),
-                        }
-                        .to_bytes()
-                        .into();
+                        f.ctrl = Control::Restore { spec: spec.clone() }.to_bytes().into();
                         let link = self.inner.link(p.primary, &map).await?;
                         let reply = link.peer.request(f).await?;
                         reply_control(&reply, link.peer.label())?;

@@ -156,6 +156,15 @@ pub enum Control {
         /// The server.
         node: NodeId,
     },
+    /// A checkpoint's slots for the frame's keys (weights then optimizer
+    /// state), sent to the primary of the frame's range: it stores them
+    /// and copies them down its own chain. Clock records of the old
+    /// cluster are not carried over.
+    Restore {
+        /// The table (so a server that has not yet seen the map that
+        /// created it can still take the slots).
+        spec: TableSpec,
+    },
 }
 
 /// One range file of a checkpoint, as its manifest lists it.

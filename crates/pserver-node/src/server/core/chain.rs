@@ -6,14 +6,14 @@
 //! through one queue ([`Effect::Forward`](super::Effect::Forward)), filled in
 //! the order the changes were made.
 
-use super::data::table_refusal;
+use super::request::Replicate;
 use super::{ConnId, Effect, Refusal, ServerCore, Ticket};
 use crate::proto::control_reply;
 use pserver_core::table::{Keys, Push, PushCtx, TableError, subtract};
-use pserver_core::{ClusterMap, KeyRange, NodeId, NodeState};
+use pserver_core::{ClusterMap, KeyRange, NodeId, NodeState, Role, TableSpec};
 use pserver_wire::header::FLAG_DENSE;
 use pserver_wire::message::Replica;
-use pserver_wire::{Control, ErrorCode, Frame, Header, Kind};
+use pserver_wire::{Control, Frame, Header, Kind};
 
 impl ServerCore {
     /// Queues `frame` for server `to`; `None` when `to` is not a live
@@ -71,13 +71,11 @@ impl ServerCore {
                 Some(info) if info.state == NodeState::Dead => {}
                 Some(_) => out.push(n),
                 None if h.epoch > self.map.epoch => {
-                    return Err((
-                        ErrorCode::EpochAhead,
-                        format!(
-                            "server {n} is not in this server's map (epoch {} < {})",
-                            self.map.epoch, h.epoch
-                        ),
-                    ));
+                    return Err(Refusal::UnknownServer {
+                        node: n,
+                        have: self.map.epoch,
+                        got: h.epoch,
+                    });
                 }
                 None => {}
             }
@@ -148,7 +146,7 @@ impl ServerCore {
         for (table_id, a) in std::mem::take(&mut self.applied) {
             if let Some(e) = &a.refused {
                 tracing::error!(node = me, table = table_id, clock = a.clock, error = %e, "aggregated sum refused");
-                let r = table_refusal(TableError::Store(e.clone()));
+                let r = Refusal::Table(TableError::Store(e.clone()));
                 self.release_held(table_id, a.clock, &[], Some(&r));
                 continue;
             }
@@ -363,41 +361,18 @@ impl ServerCore {
     /// forwards it along the rest of the chain, and answers once that is done.
     pub(super) fn replicate(
         &mut self,
-        frame: Frame,
+        r: Replicate,
         conn: ConnId,
     ) -> Result<Option<Frame>, Refusal> {
-        let Ok(Control::Replicate {
+        let Replicate {
+            frame,
             spec,
             what,
             records,
             chain,
-        }) = frame.control_msg()
-        else {
-            return Err((ErrorCode::Malformed, "not a Replicate frame".into()));
-        };
+        } = r;
         let h = frame.header;
-        if spec.id != h.table {
-            return Err((
-                ErrorCode::Invalid,
-                format!(
-                    "replicated table {} is not the frame's {}",
-                    spec.id, h.table
-                ),
-            ));
-        }
-        // A server declared dead may still run (frozen, then resumed): its
-        // changes are refused, so it cannot acknowledge them, and its
-        // workers retry at the range's current primary.
-        if self
-            .map
-            .node(h.sender)
-            .is_some_and(|n| n.state == NodeState::Dead)
-        {
-            return Err((
-                ErrorCode::NotOwner,
-                format!("server {} was declared dead", h.sender),
-            ));
-        }
+        self.check_server(&h, "chain changes")?;
         // A change for a range this server no longer holds, from a sender
         // whose map is not newer: the sender is behind (the range has moved
         // on); refusing makes it send its client to the current primary.
@@ -408,20 +383,23 @@ impl ServerCore {
             p.primary == me || p.replicas.contains(&me)
         });
         if h.epoch <= self.map.epoch && !holds {
-            return Err((
-                ErrorCode::NotOwner,
-                format!(
-                    "server {me} does not hold {} at epoch {}",
-                    h.range, self.map.epoch
-                ),
-            ));
+            return Err(Refusal::NotHeld {
+                me,
+                range: h.range,
+                epoch: self.map.epoch,
+            });
         }
         let chain = self.reachable_chain(&h, chain)?;
         let workers = self.map.live_workers();
         let gate = self.gate();
         let table = match self.ensure_table(&spec) {
             Ok(t) => t,
-            Err(e) => return Err((ErrorCode::Invalid, e.clone())),
+            Err(e) => {
+                return Err(Refusal::TableUnusable {
+                    table: spec.id,
+                    why: e.clone(),
+                });
+            }
         };
         match what {
             Replica::Slots | Replica::Copy { .. } | Replica::Flushed { .. } => {
@@ -433,14 +411,10 @@ impl ServerCore {
                 if let Replica::Copy { reset: true } = what {
                     table.replica_reset(h.range);
                 }
-                table
-                    .replica_slots(&frame.keys, &frame.vals, &records)
-                    .map_err(table_refusal)?;
+                table.replica_slots(&frame.keys, &frame.vals, &records)?;
             }
             Replica::Pending { clock } => {
-                table
-                    .replica_pending(clock, h.range, &frame.keys, &frame.vals, &records)
-                    .map_err(table_refusal)?;
+                table.replica_pending(clock, h.range, &frame.keys, &frame.vals, &records)?;
             }
             Replica::Push { worker } => {
                 // The same push path as the primary's, summing it here.
@@ -462,7 +436,7 @@ impl ServerCore {
                     gate: gate.as_deref(),
                 };
                 // A forwarder's resend finds it summed: a success.
-                let pushed = table.push(&push, ctx).map_err(table_refusal)?;
+                let pushed = table.push(&push, ctx)?;
                 self.applied
                     .extend(pushed.flushed.into_iter().map(|a| (spec.id, a)));
             }
@@ -483,6 +457,95 @@ impl ServerCore {
             spec,
             what,
             records,
+            chain: rest.to_vec(),
+        }
+        .to_bytes()
+        .into();
+        Ok(self.pass_on(next, f, &h, conn, ok))
+    }
+}
+
+impl ServerCore {
+    /// Chain messages come only from servers: a live server of this map,
+    /// or one this map does not know yet when the sender's map is newer
+    /// (then it is refused for now, and its forwarder resends once the map
+    /// arrives). A server declared dead may still run (frozen, then
+    /// resumed): its changes are refused, so it cannot acknowledge them,
+    /// and its workers retry at the range's current primary.
+    pub(super) fn check_server(&self, h: &Header, what: &'static str) -> Result<(), Refusal> {
+        match self.map.node(h.sender) {
+            Some(n) if n.role != Role::Server => Err(Refusal::NotAServer(h.sender, what)),
+            Some(n) if n.state == NodeState::Dead => Err(Refusal::SenderDead(h.sender)),
+            Some(_) => Ok(()),
+            None if h.epoch > self.map.epoch => Err(Refusal::UnknownServer {
+                node: h.sender,
+                have: self.map.epoch,
+                got: h.epoch,
+            }),
+            None => Err(Refusal::NotAServer(h.sender, what)),
+        }
+    }
+
+    /// A checkpoint's slots for a range this server is primary of: checked
+    /// and stored, then copied down this server's own chain for the range;
+    /// answered once the chain has them.
+    pub(super) fn restore(
+        &mut self,
+        spec: TableSpec,
+        frame: Frame,
+        conn: ConnId,
+    ) -> Result<Option<Frame>, Refusal> {
+        let h = frame.header;
+        if h.epoch > self.map.epoch {
+            return Err(Refusal::EpochAhead {
+                got: h.epoch,
+                have: self.map.epoch,
+            });
+        }
+        let part = self
+            .map
+            .partition_of(h.range.begin)
+            .map(|i| self.map.partitions[i].clone())
+            .filter(|p| p.primary == self.id && p.range.covers(&h.range) && !h.range.is_empty());
+        let Some(part) = part else {
+            return Err(Refusal::NotPrimary {
+                me: self.id,
+                range: h.range,
+            });
+        };
+        if frame.keys.iter().any(|k| !h.range.contains(*k)) {
+            return Err(Refusal::OutsideRange(h.range));
+        }
+        if let Some(i) = frame.keys.windows(2).position(|w| w[0] >= w[1]) {
+            return Err(Refusal::Unsorted(i + 1));
+        }
+        let table = match self.ensure_table(&spec) {
+            Ok(t) => t,
+            Err(e) => {
+                return Err(Refusal::TableUnusable {
+                    table: spec.id,
+                    why: e.clone(),
+                });
+            }
+        };
+        table.replica_slots(&frame.keys, &frame.vals, &[])?;
+        let ok = control_reply(&h, self.id, self.map.epoch, &Control::Ok);
+        let Some((&next, rest)) = part.replicas.split_first() else {
+            return Ok(Some(ok));
+        };
+        let mut f = Frame::new(Header {
+            kind: Kind::Control,
+            flags: 0,
+            sender: self.id,
+            epoch: self.map.epoch,
+            ..h
+        });
+        f.keys = frame.keys;
+        f.vals = frame.vals;
+        f.ctrl = Control::Replicate {
+            spec,
+            what: Replica::Slots,
+            records: Vec::new(),
             chain: rest.to_vec(),
         }
         .to_bytes()

@@ -7,49 +7,28 @@
 //! (`FLAG_KEYREF`), which is resolved to the list before any other check,
 //! or refused with `KeyCacheMiss`.
 
+use super::request::{Data, Op};
 use super::{ConnId, Held, Refusal, ServerCore, Ticket, Waiting};
 use crate::proto::{control_reply, error_reply, reply_header};
-use pserver_core::table::{Keys, Push, PushCtx, TableError};
+use pserver_core::table::{Keys, Push, PushCtx};
 use pserver_core::{Consistency, KeyRange};
-use pserver_wire::header::{FLAG_CACHE_KEYS, FLAG_KEYREF, FLAG_PACK_REPLY, FLAG_RETRY, FLAG_SCAN};
+use pserver_wire::header::{FLAG_CACHE_KEYS, FLAG_KEYREF, FLAG_PACK_REPLY, FLAG_RETRY};
 use pserver_wire::{Control, ErrorCode, Frame, Header, Kind};
-
-/// The wire's code for a table's refusal.
-pub(crate) fn table_refusal(e: TableError) -> Refusal {
-    use pserver_core::store::StoreError;
-    let code = match &e {
-        TableError::Store(StoreError::WrongWidth { .. }) => ErrorCode::WrongWidth,
-        TableError::Store(StoreError::NotFinite { .. }) | TableError::Overflow { .. } => {
-            ErrorCode::NotFinite
-        }
-        TableError::Store(StoreError::Unsorted { .. }) => ErrorCode::BadKeys,
-        TableError::NoClock { .. } => ErrorCode::Invalid,
-        TableError::Duplicate { .. } => ErrorCode::Duplicate,
-        TableError::TooOld { .. } => ErrorCode::TooOld,
-    };
-    (code, e.to_string())
-}
 
 impl ServerCore {
     /// Checks epoch, table, ownership and keys of a data request.
     pub(super) fn admit(&self, h: &Header, keys: &[u64]) -> Result<(), Refusal> {
         if h.epoch < self.map.epoch {
-            return Err((ErrorCode::NotOwner, "stale epoch".into()));
+            return Err(Refusal::StaleEpoch);
         }
         if h.epoch > self.map.epoch {
-            return Err((
-                ErrorCode::EpochAhead,
-                format!(
-                    "request epoch {} is ahead of this server's {}",
-                    h.epoch, self.map.epoch
-                ),
-            ));
+            return Err(Refusal::EpochAhead {
+                got: h.epoch,
+                have: self.map.epoch,
+            });
         }
         if !self.tables.contains_key(&h.table) {
-            return Err((
-                ErrorCode::UnknownTable,
-                format!("no table with id {}", h.table),
-            ));
+            return Err(Refusal::UnknownTable(h.table));
         }
         let owned = self
             .map
@@ -57,43 +36,34 @@ impl ServerCore {
             .map(|i| &self.map.partitions[i])
             .is_some_and(|p| p.primary == self.id && p.range.covers(&h.range));
         if h.range.is_empty() || !owned {
-            return Err((
-                ErrorCode::NotOwner,
-                format!("server {} is not primary for all of {}", self.id, h.range),
-            ));
+            return Err(Refusal::NotPrimary {
+                me: self.id,
+                range: h.range,
+            });
         }
         if let Some((r, from, _)) = self.fence_waits.iter().find(|(r, _, since)| {
             r.intersect(&h.range).is_some()
                 && self.now_ms.saturating_sub(*since) < super::FENCE_TIMEOUT_MS
         }) {
-            return Err((
-                ErrorCode::EpochAhead,
-                format!("{r} is still being handed over from server {from}; retry"),
-            ));
+            return Err(Refusal::HandingOver {
+                range: *r,
+                from: *from,
+            });
         }
         if h.dense() {
             if h.range.len() > self.cfg.limits.max_keys as u64 {
-                return Err((
-                    ErrorCode::Limit,
-                    format!(
-                        "dense range {} has more than {} keys",
-                        h.range, self.cfg.limits.max_keys
-                    ),
-                ));
+                return Err(Refusal::DenseTooLarge {
+                    range: h.range,
+                    max: self.cfg.limits.max_keys,
+                });
             }
         } else {
             if let Some(i) = keys.windows(2).position(|w| w[0] >= w[1]) {
-                return Err((
-                    ErrorCode::BadKeys,
-                    format!("keys are not sorted and unique at position {}", i + 1),
-                ));
+                return Err(Refusal::Unsorted(i + 1));
             }
             if let (Some(&first), Some(&last)) = (keys.first(), keys.last()) {
                 if !h.range.contains(first) || !h.range.contains(last) {
-                    return Err((
-                        ErrorCode::BadKeys,
-                        format!("keys fall outside the request range {}", h.range),
-                    ));
+                    return Err(Refusal::OutsideRange(h.range));
                 }
             }
         }
@@ -113,23 +83,22 @@ impl ServerCore {
     /// A push, pull or push-pull: the reply to send now, or `None` when it
     /// goes out later (after replication, or once the pull may be
     /// answered).
-    pub(super) fn data(&mut self, frame: Frame, conn: ConnId) -> Result<Option<Frame>, Refusal> {
+    pub(super) fn data(&mut self, req: Data, conn: ConnId) -> Result<Option<Frame>, Refusal> {
+        let Data {
+            frame,
+            op,
+            consistency,
+        } = req;
         let h = frame.header;
         if h.epoch < self.map.epoch {
             return Ok(Some(self.redirect(&h)));
         }
         // Pulls that cannot be answered yet wait in memory: bound them per
         // connection, refusing before anything (a push-pull's push) applies.
-        if matches!(h.kind, Kind::Pull | Kind::PushPull) {
+        if op.waits() {
             let waiting = self.waiting.iter().filter(|w| w.conn == conn).count();
             if waiting >= self.cfg.limits.max_waiting {
-                return Err((
-                    ErrorCode::Limit,
-                    format!(
-                        "{waiting} pulls already wait on this connection (the limit); \
-                         wait for their answers before sending more"
-                    ),
-                ));
+                return Err(Refusal::TooManyWaiting(waiting));
             }
         }
         // From here on the frame carries its key list, whichever way it came,
@@ -143,7 +112,7 @@ impl ServerCore {
         // reply so the sender refers to lists this server really holds.
         let fh = frame.header;
         let kept = fh.flags & FLAG_CACHE_KEYS != 0
-            && fh.flags & FLAG_SCAN == 0
+            && op != Op::Scan
             && self
                 .key_cache
                 .insert(fh.sender, fh.table, &frame.keys)
@@ -152,7 +121,7 @@ impl ServerCore {
             frame.header.flags &= !FLAG_CACHE_KEYS;
         }
         let h = frame.header;
-        if h.flags & FLAG_SCAN != 0 {
+        if op == Op::Scan {
             return self.scan(&h).map(Some);
         }
         let mut ack = None;
@@ -162,16 +131,16 @@ impl ServerCore {
         // applied and replicated, which is one message per clock.
         let aggregated = self.aggregates(&h);
         let hold = aggregated
-            && h.kind == Kind::Push
+            && op == Op::Push
             && self.cfg.replicate_after_aggregation
             && self.has_replicas(h.range);
-        if matches!(h.kind, Kind::Push | Kind::PushPull) {
+        if op.pushes() {
             ack = Some(self.push(&frame)?);
             if !hold {
                 after.extend(self.replicate_push(&frame, aggregated));
             }
         }
-        if h.kind == Kind::Push {
+        if op == Op::Push {
             let (applied, duplicate) = ack.unwrap_or((0, 0));
             let mut reply = control_reply(
                 &h,
@@ -190,19 +159,6 @@ impl ServerCore {
             self.defer(conn, Some(reply), stale, &after);
             return Ok(None);
         }
-        let consistency = match h.kind {
-            Kind::Pull if !frame.ctrl.is_empty() => match frame.control_msg() {
-                Ok(Control::Consistency(c)) => Some(c),
-                Ok(other) => {
-                    return Err((
-                        ErrorCode::Invalid,
-                        format!("a pull carries Consistency, not {other:?}"),
-                    ));
-                }
-                Err(e) => return Err((ErrorCode::Malformed, e.to_string())),
-            },
-            _ => None,
-        };
         let consistency = consistency.unwrap_or_else(|| {
             self.map
                 .table_by_id(h.table)
@@ -286,24 +242,16 @@ impl ServerCore {
         }
         let h = frame.header;
         // The decoder has checked the shape; refuse rather than trust it.
-        let (hash, count) = frame.key_ref().ok_or_else(|| {
-            (
-                ErrorCode::Malformed,
-                "a key reference carries exactly [hash, count]".to_string(),
-            )
-        })?;
-        let keys = self
-            .key_cache
-            .get(h.sender, h.table, hash, count)
-            .ok_or_else(|| {
-                (
-                    ErrorCode::KeyCacheMiss,
-                    format!(
-                        "no cached list {hash:#018x} of {count} keys from node {} in table {}",
-                        h.sender, h.table
-                    ),
-                )
-            })?;
+        let (hash, count) = frame.key_ref().ok_or(Refusal::BadKeyRef)?;
+        let keys =
+            self.key_cache
+                .get(h.sender, h.table, hash, count)
+                .ok_or(Refusal::KeyCacheMiss {
+                    hash,
+                    count,
+                    sender: h.sender,
+                    table: h.table,
+                })?;
         frame.keys = keys.to_vec();
         frame.header.flags &= !FLAG_KEYREF;
         Ok(frame)
@@ -317,13 +265,13 @@ impl ServerCore {
         let workers = self.map.live_workers();
         let table = match self.tables.get_mut(&h.table) {
             Some(Ok(t)) => t,
-            Some(Err(e)) => return Err((ErrorCode::Invalid, e.clone())),
-            None => {
-                return Err((
-                    ErrorCode::UnknownTable,
-                    format!("no table with id {}", h.table),
-                ));
+            Some(Err(e)) => {
+                return Err(Refusal::TableUnusable {
+                    table: h.table,
+                    why: e.clone(),
+                });
             }
+            None => return Err(Refusal::UnknownTable(h.table)),
         };
         let push = Push {
             sender: h.sender,
@@ -342,7 +290,7 @@ impl ServerCore {
             workers: &workers,
             gate: gate.as_deref(),
         };
-        let pushed = table.push(&push, ctx).map_err(table_refusal)?;
+        let pushed = table.push(&push, ctx)?;
         self.applied
             .extend(pushed.flushed.into_iter().map(|a| (h.table, a)));
         Ok((pushed.applied, pushed.duplicate))
@@ -352,25 +300,21 @@ impl ServerCore {
     fn scan(&self, h: &Header) -> Result<Frame, Refusal> {
         let store = match self.tables.get(&h.table) {
             Some(Ok(t)) => t.store(),
-            Some(Err(e)) => return Err((ErrorCode::Invalid, e.clone())),
-            None => {
-                return Err((
-                    ErrorCode::UnknownTable,
-                    format!("no table with id {}", h.table),
-                ));
+            Some(Err(e)) => {
+                return Err(Refusal::TableUnusable {
+                    table: h.table,
+                    why: e.clone(),
+                });
             }
+            None => return Err(Refusal::UnknownTable(h.table)),
         };
         let entries = store.entries_in(h.range);
         if entries.len() > self.cfg.limits.max_keys {
-            return Err((
-                ErrorCode::Limit,
-                format!(
-                    "{} holds {} keys, over the {} a reply may carry; scan smaller ranges",
-                    h.range,
-                    entries.len(),
-                    self.cfg.limits.max_keys
-                ),
-            ));
+            return Err(Refusal::ScanTooLarge {
+                range: h.range,
+                keys: entries.len(),
+                max: self.cfg.limits.max_keys,
+            });
         }
         let dim = store.spec().dim as usize;
         let mut reply = Frame::new(reply_header(h, Kind::Reply, self.id, self.map.epoch));
@@ -479,7 +423,7 @@ impl ServerCore {
         for held in self.held.remove(&(table, clock)).unwrap_or_default() {
             match refused {
                 Some(r) => {
-                    let f = self.error(&held.request, r.clone());
+                    let f = self.error(&held.request, r);
                     self.send(held.conn, f);
                 }
                 None => {

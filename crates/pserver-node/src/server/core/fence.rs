@@ -11,7 +11,7 @@ use super::{ConnId, Refusal, ServerCore};
 use crate::proto::{control_reply, control_request};
 use pserver_core::table::subtract;
 use pserver_core::{ClusterMap, KeyRange, NodeId, NodeState};
-use pserver_wire::{Control, ErrorCode, Frame};
+use pserver_wire::{Control, Frame, Header};
 
 /// Fences remembered before the map that needs them arrives.
 const FENCES_SEEN: usize = 1024;
@@ -94,12 +94,15 @@ impl ServerCore {
     }
 
     /// A `Fence` arrived: forward it down its chain, release what it covers.
-    pub(super) fn fenced(&mut self, frame: Frame, conn: ConnId) -> Result<Option<Frame>, Refusal> {
-        let Ok(Control::Fence { from, chain }) = frame.control_msg() else {
-            return Err((ErrorCode::Malformed, "not a Fence frame".into()));
-        };
-        let h = frame.header;
-        let chain = self.reachable_chain(&h, chain)?;
+    pub(super) fn fenced(
+        &mut self,
+        h: &Header,
+        from: NodeId,
+        chain: Vec<NodeId>,
+        conn: ConnId,
+    ) -> Result<Option<Frame>, Refusal> {
+        self.check_server(h, "fences")?;
+        let chain = self.reachable_chain(h, chain)?;
         let r = h.range;
         let before = self.fence_waits.len();
         self.fence_waits = std::mem::take(&mut self.fence_waits)
@@ -115,7 +118,7 @@ impl ServerCore {
             let excess = self.fences_seen.len().saturating_sub(FENCES_SEEN);
             self.fences_seen.drain(..excess);
         }
-        let ok = control_reply(&h, self.id, self.map.epoch, &Control::Ok);
+        let ok = control_reply(h, self.id, self.map.epoch, &Control::Ok);
         let Some((&next, rest)) = chain.split_first() else {
             return Ok(Some(ok));
         };
@@ -128,6 +131,6 @@ impl ServerCore {
             },
         );
         f.header.range = r;
-        Ok(self.pass_on(next, f, &h, conn, ok))
+        Ok(self.pass_on(next, f, h, conn, ok))
     }
 }

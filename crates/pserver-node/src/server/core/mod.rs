@@ -24,8 +24,11 @@
 mod chain;
 mod data;
 mod fence;
+pub mod request;
 #[cfg(test)]
 mod tests;
+
+pub use request::{Refusal, Request};
 
 use crate::proto::{control_reply, control_request, error_reply};
 use crate::snapshot::RangePart;
@@ -128,9 +131,6 @@ pub enum Effect {
         parts: Vec<RangePart>,
     },
 }
-
-/// A refused request: code and message.
-pub(crate) type Refusal = (ErrorCode, String);
 
 /// Longest a new primary holds a range back waiting for its old primary's
 /// fence, in ms. The fence travels behind the old primary's last changes,
@@ -284,47 +284,42 @@ impl ServerCore {
         self.effects.push(Effect::Send { conn, frame });
     }
 
-    fn error(&self, h: &Header, (code, msg): Refusal) -> Frame {
-        error_reply(h, self.id, self.map.epoch, code, msg)
+    fn error(&self, h: &Header, r: &Refusal) -> Frame {
+        error_reply(h, self.id, self.map.epoch, r.code(), r.to_string())
     }
 
     fn request(&mut self, conn: ConnId, frame: Frame) {
         let h = frame.header;
-        let reply = match h.kind {
-            Kind::Push | Kind::Pull | Kind::PushPull => self.data(frame, conn),
-            Kind::Control => match frame.control_msg() {
-                Ok(Control::GetMap) => Ok(Some(control_reply(
-                    &h,
-                    self.id,
-                    self.map.epoch,
-                    &Control::Map((*self.map).clone()),
-                ))),
-                Ok(Control::Replicate { .. }) => self.replicate(frame, conn),
-                Ok(Control::Fence { .. }) => self.fenced(frame, conn),
-                Ok(Control::Snapshot { dir }) => self.snapshot(conn, &h, dir),
-                // A forwarder's marker: everything before it has arrived.
-                Ok(Control::Synced { .. }) => Ok(Some(control_reply(
-                    &h,
-                    self.id,
-                    self.map.epoch,
-                    &Control::Ok,
-                ))),
-                Ok(other) => Err((
-                    ErrorCode::Invalid,
-                    format!("a server does not take {other:?}"),
-                )),
-                Err(e) => Err((ErrorCode::Malformed, e.to_string())),
-            },
-            other => Err((
-                ErrorCode::Invalid,
-                format!("a server does not take {other:?} frames"),
-            )),
+        let reply = match Request::parse(frame) {
+            Err(r) => Err(r),
+            Ok(Request::Data(d)) => self.data(d, conn),
+            Ok(Request::Replicate(r)) => self.replicate(r, conn),
+            Ok(Request::Fence {
+                header,
+                from,
+                chain,
+            }) => self.fenced(&header, from, chain, conn),
+            Ok(Request::Restore { spec, frame }) => self.restore(spec, frame, conn),
+            Ok(Request::Snapshot { header, dir }) => self.snapshot(conn, &header, dir),
+            Ok(Request::GetMap(h)) => Ok(Some(control_reply(
+                &h,
+                self.id,
+                self.map.epoch,
+                &Control::Map((*self.map).clone()),
+            ))),
+            // A forwarder's marker: everything before it has arrived.
+            Ok(Request::Marker(h)) => Ok(Some(control_reply(
+                &h,
+                self.id,
+                self.map.epoch,
+                &Control::Ok,
+            ))),
         };
         match reply {
             Ok(Some(f)) => self.send(conn, f),
             Ok(None) => {}
             Err(r) => {
-                let f = self.error(&h, r);
+                let f = self.error(&h, &r);
                 self.send(conn, f);
             }
         }

@@ -835,3 +835,101 @@ fn stop_forgets_every_owed_reply() {
     );
     assert!(sent(&e).is_empty());
 }
+
+fn replicate_frame(
+    sender: NodeId,
+    epoch: u64,
+    range: KeyRange,
+    keys: &[u64],
+    vals: &[f32],
+) -> Frame {
+    let mut f = Frame::new(header(Kind::Control, sender, epoch, 1, range));
+    f.keys = keys.to_vec();
+    f.vals = vals.to_vec();
+    f.ctrl = Control::Replicate {
+        spec: spec(false, Consistency::Eventual),
+        what: Replica::Slots,
+        records: vec![],
+        chain: vec![],
+    }
+    .to_bytes()
+    .into();
+    f
+}
+
+#[test]
+fn only_servers_send_chain_changes_and_fences() {
+    let mut c = core_with(2, chained(5, spec(false, Consistency::Eventual)));
+    // A worker (10) and a client unknown to the map (42) may not write
+    // slots or fence ranges; a server of a newer map is told to retry.
+    for sender in [10, 42] {
+        let e = req(&mut c, replicate_frame(sender, 5, LOW, &[1], &[9.0]));
+        assert_eq!(code(only(&e)), Some(ErrorCode::Invalid), "sender {sender}");
+        let mut fence = control_request(
+            sender,
+            5,
+            &Control::Fence {
+                from: 1,
+                chain: vec![],
+            },
+        );
+        fence.header.range = LOW;
+        assert_eq!(code(only(&req(&mut c, fence))), Some(ErrorCode::Invalid));
+    }
+    assert_eq!(value(&c, 1), 0.0);
+    let e = req(&mut c, replicate_frame(42, 6, LOW, &[1], &[9.0]));
+    assert_eq!(code(only(&e)), Some(ErrorCode::EpochAhead));
+    let e = req(&mut c, replicate_frame(1, 5, LOW, &[1], &[9.0]));
+    assert_eq!(only(&e).header.kind, Kind::Reply);
+    assert_eq!(value(&c, 1), 9.0);
+}
+
+#[test]
+fn a_restore_is_stored_by_the_primary_and_copied_down_its_own_chain() {
+    let mut c = core_with(1, chained(5, spec(false, Consistency::Eventual)));
+    let restore = |range: KeyRange, keys: &[u64], vals: &[f32]| {
+        let mut f = Frame::new(header(Kind::Control, 10, 5, 0, range));
+        f.keys = keys.to_vec();
+        f.vals = vals.to_vec();
+        f.ctrl = Control::Restore {
+            spec: spec(false, Consistency::Eventual),
+        }
+        .to_bytes()
+        .into();
+        f
+    };
+    // Not primary of HIGH; keys outside the range; a bad slot.
+    let bad = [
+        (restore(HIGH, &[MID + 1], &[1.0]), ErrorCode::NotOwner),
+        (restore(LOW, &[MID + 1], &[1.0]), ErrorCode::BadKeys),
+        (restore(LOW, &[2, 1], &[1.0, 1.0]), ErrorCode::BadKeys),
+        (restore(LOW, &[1], &[f32::NAN]), ErrorCode::NotFinite),
+        (restore(LOW, &[1], &[]), ErrorCode::WrongWidth),
+    ];
+    for (f, want) in bad {
+        assert_eq!(code(only(&req(&mut c, f))), Some(want));
+    }
+    assert_eq!(value(&c, 1), 0.0);
+    let e = req(&mut c, restore(LOW, &[1, 2], &[3.0, 4.0]));
+    assert!(sent(&e).is_empty());
+    let fw = forwards(&e);
+    assert_eq!(fw.len(), 1);
+    assert_eq!(fw[0].0, 2, "this server's own replica");
+    assert!(matches!(
+        fw[0].2.control_msg(),
+        Ok(Control::Replicate {
+            what: Replica::Slots,
+            ..
+        })
+    ));
+    assert_eq!(fw[0].2.header.sender, 1);
+    assert_eq!((value(&c, 1), value(&c, 2)), (3.0, 4.0));
+    let e = c.step(
+        2,
+        Input::Delivered {
+            ticket: fw[0].1,
+            delivery: Delivery::Stored,
+        },
+    );
+    assert_eq!(only(&e).header.kind, Kind::Reply);
+}
