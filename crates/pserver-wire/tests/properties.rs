@@ -430,8 +430,9 @@ fn every_control() -> Vec<Control> {
                 crc: 7,
             }],
         },
+        Control::Restore { spec: table() },
     ];
-    let mut seen = [false; 21];
+    let mut seen = [false; 22];
     for c in &all {
         let i = match c {
             Control::Register { .. } => 0,
@@ -455,6 +456,7 @@ fn every_control() -> Vec<Control> {
             Control::Rejoin { .. } => 18,
             Control::Snapshot { .. } => 19,
             Control::Snapshotted { .. } => 20,
+            Control::Restore { .. } => 21,
         };
         seen[i] = true;
     }
