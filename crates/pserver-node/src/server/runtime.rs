@@ -6,7 +6,9 @@
 //! made); replies, packing, `Synced` reports and checkpoint files happen
 //! after the lock is released.
 
-use super::core::{ConnId, CoreConfig, Delivery, Effect, Input, ServerCore, Ticket};
+use super::core::{
+    ConnId, CoreConfig, Delivery, Effect, Input, LEND_FROM, ServerCore, Ticket, Work,
+};
 use super::{ServerConfig, ServerHandle};
 use crate::conn::{Outbox, Peer, accept_loop, bind, lock, split};
 use crate::error::NodeError;
@@ -112,8 +114,29 @@ impl Shared {
         let _ = out.send(frame).await;
     }
 
-    /// Carries out the effects a step left for after the lock.
+    /// Carries out the effects a step left for after the lock; work on lent
+    /// tables runs here, and what the core does once it returns is carried
+    /// out in turn.
     async fn carry_out(self: &Arc<Self>, effects: Vec<Effect>) {
+        let mut effects = effects;
+        loop {
+            let mut works = Vec::new();
+            self.carry_out_once(effects, &mut works).await;
+            if works.is_empty() {
+                return;
+            }
+            let mut back = Vec::new();
+            for work in works {
+                match run_work(work).await {
+                    Some(w) => back.push(Input::Applied(Box::new(w))),
+                    None => tracing::error!(node = self.id, "work on a lent table failed"),
+                }
+            }
+            effects = self.step(back);
+        }
+    }
+
+    async fn carry_out_once(self: &Arc<Self>, effects: Vec<Effect>, works: &mut Vec<Work>) {
         for effect in effects {
             match effect {
                 Effect::Send { conn, frame } => self.send(conn, frame).await,
@@ -168,6 +191,7 @@ impl Shared {
                         shared.send(conn, reply).await;
                     });
                 }
+                Effect::Apply(work) => works.push(*work),
                 // Carried out under the lock by `step`.
                 Effect::Forward { .. } | Effect::Abandon { .. } => {}
             }
@@ -202,6 +226,7 @@ pub async fn start_server(cfg: ServerConfig) -> Result<ServerHandle, NodeError> 
             key_cache_keys: cfg.key_cache_keys,
             replicate_after_aggregation: cfg.replicate_after_aggregation,
             apply_threads: cfg.apply_threads,
+            lend_from: LEND_FROM,
         },
     );
     let (done, mut done_rx) = mpsc::unbounded_channel();
@@ -395,6 +420,17 @@ where
     lock(&shared.conns).remove(&conn);
     let effects = shared.step([Input::Closed(conn)]);
     shared.carry_out(effects).await;
+}
+
+/// Runs work on a lent table off the runtime's threads (on a current-thread
+/// runtime, as in simulations, in place). `None` if it panicked, which
+/// loses the table: a bug, logged by the caller.
+async fn run_work(work: Work) -> Option<Work> {
+    if multi_thread() {
+        tokio::task::spawn_blocking(move || work.run()).await.ok()
+    } else {
+        Some(work.run())
+    }
 }
 
 /// Whether this task runs on a multi-threaded runtime, where

@@ -89,7 +89,12 @@ impl ServerCore {
     /// must wait for (nothing without replicas). A push found to be a
     /// duplicate is sent too, as an empty change: it queues behind the
     /// original's replication, so its ack cannot overtake it.
-    pub(super) fn replicate_push(&mut self, frame: &Frame, aggregated: bool) -> Option<Ticket> {
+    pub(super) fn replicate_push(
+        &mut self,
+        frame: &Frame,
+        aggregated: bool,
+        slots: Option<Vec<f32>>,
+    ) -> Option<Ticket> {
         let h = frame.header;
         let chain = self
             .map
@@ -117,7 +122,8 @@ impl ServerCore {
             } else {
                 frame.keys.clone()
             };
-            f.vals = store.slots_of(&f.keys);
+            // Computed already when the push ran on a lent table.
+            f.vals = slots.unwrap_or_else(|| store.slots_of(&f.keys));
             Replica::Slots
         };
         let records = if aggregated {

@@ -124,8 +124,6 @@ impl ServerCore {
         if op == Op::Scan {
             return self.scan(&h).map(Some);
         }
-        let mut ack = None;
-        let mut after: Vec<Ticket> = Vec::new();
         // Replication after aggregation: a worker's push into an aggregating
         // table with replicas is acknowledged once its clock's sum is
         // applied and replicated, which is one message per clock.
@@ -134,14 +132,56 @@ impl ServerCore {
             && op == Op::Push
             && self.cfg.replicate_after_aggregation
             && self.has_replicas(h.range);
-        if op.pushes() {
-            ack = Some(self.push(&frame)?);
-            if !hold {
-                after.extend(self.replicate_push(&frame, aggregated));
-            }
+        let consistency = consistency.unwrap_or_else(|| {
+            self.map
+                .table_by_id(h.table)
+                .map(|t| t.consistency)
+                .unwrap_or(Consistency::Eventual)
+        });
+        let plan = Plan {
+            frame,
+            op,
+            consistency,
+            aggregated,
+            hold,
+        };
+        if self.lends(&plan) {
+            return self.lend(conn, plan).map(|()| None);
+        }
+        let pushed = if op.pushes() {
+            Some(self.push(&plan.frame)?)
+        } else {
+            None
+        };
+        Ok(self.after_push(conn, plan, pushed, None, None))
+    }
+
+    /// The rest of a data request once its push part (if any) is applied:
+    /// replication, the acknowledgement, and the pull part, answered now or
+    /// parked. `slots` and `pulled` are what a lent table's work already
+    /// computed (the push's resulting slots to replicate, the pull's reply).
+    pub(super) fn after_push(
+        &mut self,
+        conn: ConnId,
+        plan: Plan,
+        pushed: Option<(u64, u64)>,
+        slots: Option<Vec<f32>>,
+        pulled: Option<Frame>,
+    ) -> Option<Frame> {
+        let Plan {
+            mut frame,
+            op,
+            consistency,
+            aggregated,
+            hold,
+        } = plan;
+        let h = frame.header;
+        let mut after: Vec<Ticket> = Vec::new();
+        if op.pushes() && !hold {
+            after.extend(self.replicate_push(&frame, aggregated, slots));
         }
         if op == Op::Push {
-            let (applied, duplicate) = ack.unwrap_or((0, 0));
+            let (applied, duplicate) = pushed.unwrap_or((0, 0));
             let mut reply = control_reply(
                 &h,
                 self.id,
@@ -150,35 +190,29 @@ impl ServerCore {
             );
             reply.header.flags = h.flags & FLAG_CACHE_KEYS;
             if hold {
-                return Ok(self.hold_ack(conn, &h, reply));
+                return self.hold_ack(conn, &h, reply);
             }
             if after.is_empty() {
-                return Ok(Some(reply));
+                return Some(reply);
             }
             let stale = self.stale_reply(&h);
             self.defer(conn, Some(reply), stale, &after);
-            return Ok(None);
+            return None;
         }
-        let consistency = consistency.unwrap_or_else(|| {
-            self.map
-                .table_by_id(h.table)
-                .map(|t| t.consistency)
-                .unwrap_or(Consistency::Eventual)
-        });
         frame.vals = Vec::new();
-        if let Some((applied, duplicate)) = ack {
-            frame.ctrl = Control::PushAck { applied, duplicate }.to_bytes().into();
-        } else {
-            frame.ctrl = bytes::Bytes::new();
-        }
-        if self.ready(&frame.header, consistency) {
-            let reply = self.answer_pull(&frame);
+        frame.ctrl = pull_ctrl(pushed);
+        let reply = match pulled {
+            Some(r) => Some(r),
+            None if self.ready(&frame.header, consistency) => Some(self.answer_pull(&frame)),
+            None => None,
+        };
+        if let Some(reply) = reply {
             if after.is_empty() {
-                return Ok(Some(reply));
+                return Some(reply);
             }
             let stale = self.stale_reply(&h);
             self.defer(conn, Some(reply), stale, &after);
-            Ok(None)
+            None
         } else {
             let ack = if after.is_empty() {
                 None
@@ -192,7 +226,7 @@ impl ServerCore {
                 consistency,
                 ack,
             });
-            Ok(None)
+            None
         }
     }
 
@@ -273,18 +307,7 @@ impl ServerCore {
             }
             None => return Err(Refusal::UnknownTable(h.table)),
         };
-        let push = Push {
-            sender: h.sender,
-            range: h.range,
-            clock: h.clock,
-            retry: h.flags & FLAG_RETRY != 0,
-            keys: if h.dense() {
-                Keys::Dense
-            } else {
-                Keys::List(&frame.keys)
-            },
-            vals: &frame.vals,
-        };
+        let push = as_push(frame);
         let ctx = PushCtx {
             aggregate: table.spec().aggregate && workers.contains(&h.sender),
             workers: &workers,
@@ -341,23 +364,8 @@ impl ServerCore {
 
     fn answer_pull(&self, frame: &Frame) -> Frame {
         let h = &frame.header;
-        let mut reply = Frame::new(reply_header(h, Kind::Reply, self.id, self.map.epoch));
-        // Set only when this server kept the pull's key list (see `data`);
-        // `FLAG_PACK_REPLY` is taken off by the runtime, which packs.
-        reply.header.flags = h.flags & (FLAG_CACHE_KEYS | FLAG_PACK_REPLY);
-        reply.ctrl = frame.ctrl.clone();
         match self.tables.get(&h.table) {
-            Some(Ok(t)) => {
-                let dim = t.spec().dim as usize;
-                if h.dense() {
-                    reply.vals.reserve(h.range.len() as usize * dim);
-                    t.pull_dense(h.range, &mut reply.vals);
-                } else {
-                    reply.vals.reserve(frame.keys.len() * dim);
-                    t.pull(&frame.keys, &mut reply.vals);
-                }
-                reply
-            }
+            Some(Ok(t)) => pull_reply(t, frame, self.id, self.map.epoch),
             Some(Err(e)) => error_reply(h, self.id, self.map.epoch, ErrorCode::Invalid, e.clone()),
             None => error_reply(
                 h,
@@ -375,7 +383,7 @@ impl ServerCore {
         let waiting = std::mem::take(&mut self.waiting);
         for w in waiting {
             let h = w.frame.header;
-            if table.is_some_and(|t| t != h.table) {
+            if table.is_some_and(|t| t != h.table) || self.lent.contains(&h.table) {
                 self.waiting.push(w);
                 continue;
             }
@@ -431,5 +439,69 @@ impl ServerCore {
                 }
             }
         }
+    }
+}
+
+/// A data request admitted and decided on, before its push is applied.
+#[derive(Debug)]
+pub(crate) struct Plan {
+    /// The frame, its key list resolved.
+    pub(crate) frame: Frame,
+    pub(crate) op: Op,
+    /// The consistency model its pull part waits by.
+    pub(crate) consistency: Consistency,
+    /// Its push goes into the clock's sum.
+    pub(crate) aggregated: bool,
+    /// Its ack is held until the clock's sum is replicated.
+    pub(crate) hold: bool,
+}
+
+/// The control section a pull's reply carries: the push part's ack, if any.
+pub(crate) fn pull_ctrl(pushed: Option<(u64, u64)>) -> bytes::Bytes {
+    match pushed {
+        Some((applied, duplicate)) => Control::PushAck { applied, duplicate }.to_bytes().into(),
+        None => bytes::Bytes::new(),
+    }
+}
+
+/// The reply to pull `frame` (its control section already set): the
+/// weights of its keys, or of its dense range, in order.
+pub(crate) fn pull_reply(
+    t: &pserver_core::table::Table,
+    frame: &Frame,
+    me: pserver_core::NodeId,
+    epoch: u64,
+) -> Frame {
+    let h = &frame.header;
+    let mut reply = Frame::new(reply_header(h, Kind::Reply, me, epoch));
+    // Set only when this server kept the pull's key list (see `data`);
+    // `FLAG_PACK_REPLY` is taken off by the runtime, which packs.
+    reply.header.flags = h.flags & (FLAG_CACHE_KEYS | FLAG_PACK_REPLY);
+    reply.ctrl = frame.ctrl.clone();
+    let dim = t.spec().dim as usize;
+    if h.dense() {
+        reply.vals.reserve(h.range.len() as usize * dim);
+        t.pull_dense(h.range, &mut reply.vals);
+    } else {
+        reply.vals.reserve(frame.keys.len() * dim);
+        t.pull(&frame.keys, &mut reply.vals);
+    }
+    reply
+}
+
+/// The table's view of a push frame.
+pub(crate) fn as_push(frame: &Frame) -> Push<'_> {
+    let h = &frame.header;
+    Push {
+        sender: h.sender,
+        range: h.range,
+        clock: h.clock,
+        retry: h.flags & FLAG_RETRY != 0,
+        keys: if h.dense() {
+            Keys::Dense
+        } else {
+            Keys::List(&frame.keys)
+        },
+        vals: &frame.vals,
     }
 }

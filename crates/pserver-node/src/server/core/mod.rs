@@ -24,10 +24,12 @@
 mod chain;
 mod data;
 mod fence;
+mod lend;
 pub mod request;
 #[cfg(test)]
 mod tests;
 
+pub use lend::Work;
 pub use request::{Refusal, Request};
 
 use crate::proto::{control_reply, control_request, error_reply};
@@ -37,7 +39,7 @@ use pserver_core::table::{Applied, Table};
 use pserver_core::updater::Registry;
 use pserver_core::{ClusterMap, Consistency, KeyRange, NodeId, NodeState, TableSpec};
 use pserver_wire::{Control, ErrorCode, Frame, Header, Kind, Limits};
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::sync::Arc;
 
 /// A connection, as the runtime numbers them.
@@ -79,6 +81,8 @@ pub enum Input {
     },
     /// Connection `conn` closed: nothing more can be sent on it.
     Closed(ConnId),
+    /// A lent table comes back with its work done ([`Effect::Apply`]).
+    Applied(Box<Work>),
 }
 
 /// What the core asks the runtime to do.
@@ -117,6 +121,9 @@ pub enum Effect {
         /// The map's epoch.
         epoch: u64,
     },
+    /// Run [`Work::run`] without the core's lock (it holds a lent table and
+    /// may take long), then hand it back as [`Input::Applied`].
+    Apply(Box<Work>),
     /// Write the checkpoint parts into `dir`, then answer `request` on
     /// `conn` with the files written (or the error). The parts were copied
     /// when the request arrived, so each is consistent.
@@ -151,7 +158,14 @@ pub struct CoreConfig {
     pub replicate_after_aggregation: bool,
     /// Threads one large push or pull may use.
     pub apply_threads: usize,
+    /// Keys (or values) from which a push or pull runs on a lent table,
+    /// outside the core (see [`Work`]).
+    pub lend_from: usize,
 }
+
+/// Default of [`CoreConfig::lend_from`]: requests of 64Ki keys or values
+/// take milliseconds or more to apply.
+pub const LEND_FROM: usize = 1 << 16;
 
 /// A reply waiting for tickets (and, for a waiting push-pull, for its
 /// pull to be answered: `frame` is `None` until then).
@@ -211,6 +225,10 @@ pub struct ServerCore {
     fences_seen: Vec<(KeyRange, NodeId)>,
     /// Sums just applied, to replicate and release at the end of the step.
     applied: Vec<(u32, Applied)>,
+    /// Tables lent to the runtime ([`Work`]).
+    lent: HashSet<u32>,
+    /// Inputs waiting for lent tables, in arrival order.
+    later: VecDeque<lend::Later>,
     /// The time of the input being handled, in ms.
     now_ms: u64,
     effects: Vec<Effect>,
@@ -236,6 +254,8 @@ impl ServerCore {
             fence_waits: Vec::new(),
             fences_seen: Vec::new(),
             applied: Vec::new(),
+            lent: HashSet::new(),
+            later: VecDeque::new(),
             now_ms: 0,
             effects: Vec::new(),
         }
@@ -261,9 +281,13 @@ impl ServerCore {
         self.now_ms = now_ms;
         match input {
             Input::Request { conn, frame } => self.request(conn, frame),
+            Input::Map(map) if self.must_wait(Some(None)) => {
+                self.later.push_back(lend::Later::Map(map));
+            }
             Input::Map(map) => self.apply_map(map),
             Input::Delivered { ticket, delivery } => self.delivered(ticket, delivery),
             Input::Closed(conn) => self.closed(conn),
+            Input::Applied(work) => self.applied(*work),
         }
         self.release_applied();
         std::mem::take(&mut self.effects)
@@ -278,6 +302,7 @@ impl ServerCore {
         self.held.clear();
         self.waiting.clear();
         self.syncs.clear();
+        self.later.clear();
     }
 
     fn send(&mut self, conn: ConnId, frame: Frame) {
@@ -290,25 +315,45 @@ impl ServerCore {
 
     fn request(&mut self, conn: ConnId, frame: Frame) {
         let h = frame.header;
-        let reply = match Request::parse(frame) {
-            Err(r) => Err(r),
-            Ok(Request::Data(d)) => self.data(d, conn),
-            Ok(Request::Replicate(r)) => self.replicate(r, conn),
-            Ok(Request::Fence {
+        match Request::parse(frame) {
+            Err(r) => {
+                let f = self.error(&h, &r);
+                self.send(conn, f);
+            }
+            Ok(r) if self.must_wait(lend::request_touches(&r)) => {
+                self.later.push_back(lend::Later::Request(conn, r));
+            }
+            Ok(r) => self.request_parsed(conn, r),
+        }
+    }
+
+    /// Handles a parsed request whose tables are here.
+    fn request_parsed(&mut self, conn: ConnId, r: Request) {
+        let h = match &r {
+            Request::Data(d) => d.frame.header,
+            Request::Replicate(c) => c.frame.header,
+            Request::Restore { frame, .. } => frame.header,
+            Request::Fence { header, .. } | Request::Snapshot { header, .. } => *header,
+            Request::Marker(h) | Request::GetMap(h) => *h,
+        };
+        let reply = match r {
+            Request::Data(d) => self.data(d, conn),
+            Request::Replicate(r) => self.replicate(r, conn),
+            Request::Fence {
                 header,
                 from,
                 chain,
-            }) => self.fenced(&header, from, chain, conn),
-            Ok(Request::Restore { spec, frame }) => self.restore(spec, frame, conn),
-            Ok(Request::Snapshot { header, dir }) => self.snapshot(conn, &header, dir),
-            Ok(Request::GetMap(h)) => Ok(Some(control_reply(
+            } => self.fenced(&header, from, chain, conn),
+            Request::Restore { spec, frame } => self.restore(spec, frame, conn),
+            Request::Snapshot { header, dir } => self.snapshot(conn, &header, dir),
+            Request::GetMap(h) => Ok(Some(control_reply(
                 &h,
                 self.id,
                 self.map.epoch,
                 &Control::Map((*self.map).clone()),
             ))),
             // A forwarder's marker: everything before it has arrived.
-            Ok(Request::Marker(h)) => Ok(Some(control_reply(
+            Request::Marker(h) => Ok(Some(control_reply(
                 &h,
                 self.id,
                 self.map.epoch,
@@ -323,7 +368,11 @@ impl ServerCore {
                 self.send(conn, f);
             }
         }
-        if matches!(h.kind, Kind::Push | Kind::PushPull) && !self.waiting.is_empty() {
+        // A push lent its table out is rechecked when the table returns.
+        if matches!(h.kind, Kind::Push | Kind::PushPull)
+            && !self.waiting.is_empty()
+            && !self.lent.contains(&h.table)
+        {
             self.recheck(Some(h.table));
         }
     }

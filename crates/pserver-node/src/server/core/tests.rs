@@ -28,6 +28,7 @@ fn cfg() -> CoreConfig {
         key_cache_keys: 1 << 10,
         replicate_after_aggregation: true,
         apply_threads: 1,
+        lend_from: usize::MAX,
     }
 }
 
@@ -932,4 +933,115 @@ fn a_restore_is_stored_by_the_primary_and_copied_down_its_own_chain() {
         },
     );
     assert_eq!(only(&e).header.kind, Kind::Reply);
+}
+
+/// A core that lends tables for requests of 4 keys or more, with tables
+/// 1 and 2.
+fn lender(m: impl FnOnce(TableSpec) -> ClusterMap) -> ServerCore {
+    let mut m = m(spec(false, Consistency::Eventual));
+    let mut other = spec(false, Consistency::Eventual);
+    other.id = 2;
+    other.name = "u".into();
+    m.tables.push(other);
+    let mut c = ServerCore::new(
+        1,
+        CoreConfig {
+            lend_from: 4,
+            ..cfg()
+        },
+    );
+    c.step(0, Input::Map(m));
+    c
+}
+
+fn lent_work(effects: Vec<Effect>) -> (Vec<Effect>, Option<Box<Work>>) {
+    let mut work = None;
+    let mut rest = Vec::new();
+    for e in effects {
+        match e {
+            Effect::Apply(w) => work = Some(w),
+            other => rest.push(other),
+        }
+    }
+    (rest, work)
+}
+
+#[test]
+fn a_big_push_runs_on_a_lent_table_while_other_tables_are_served() {
+    let mut c = lender(solo);
+    let keys = [1u64, 2, 3, 4];
+    let (rest, work) = lent_work(req(&mut c, push(10, 1, &keys, &[1.0; 4])));
+    assert!(
+        rest.is_empty(),
+        "no reply before the work is done: {rest:?}"
+    );
+    let work = work.expect("the table is lent");
+    assert_eq!(work.keys(), 4);
+    // Another table is served meanwhile.
+    let mut other = push(10, 1, &[9], &[5.0]);
+    other.header.table = 2;
+    assert_eq!(acked(only(&req(&mut c, other))), (1, 0));
+    // The lent table's requests, and the next map, wait in order.
+    assert!(req(&mut c, pull(10, 0, &[1])).is_empty());
+    let mut next = solo(spec(false, Consistency::Eventual));
+    next.epoch = 6;
+    next.tables.push(TableSpec {
+        id: 2,
+        name: "u".into(),
+        ..spec(false, Consistency::Eventual)
+    });
+    assert!(c.step(2, Input::Map(next)).is_empty());
+    let mut small_other = pull(10, 0, &[9]);
+    small_other.header.table = 2;
+    assert!(
+        req(&mut c, small_other).is_empty(),
+        "behind the waiting map"
+    );
+    let e = c.step(3, Input::Applied(Box::new(work.run())));
+    let s = sent(&e);
+    assert_eq!(s.len(), 3, "{e:?}");
+    assert_eq!(acked(s[0]), (4, 0));
+    assert_eq!(s[1].vals, [1.0], "the pull saw the push before it");
+    // It ran after the map, so its old epoch is redirected.
+    assert_eq!(s[2].header.kind, Kind::Redirect);
+    assert_eq!(c.map().epoch, 6);
+}
+
+#[test]
+fn a_refused_push_on_a_lent_table_changes_nothing() {
+    let mut c = lender(solo);
+    let (_, work) = lent_work(req(&mut c, push(10, 1, &[1, 2, 3, 4], &[1.0; 3])));
+    let e = c.step(2, Input::Applied(Box::new(work.unwrap().run())));
+    assert_eq!(code(only(&e)), Some(ErrorCode::WrongWidth));
+    assert_eq!(value(&c, 1), 0.0);
+    let (_, work) = lent_work(req(&mut c, push(10, 1, &[1, 2, 3, 4], &[1.0; 4])));
+    let e = c.step(3, Input::Applied(Box::new(work.unwrap().run())));
+    assert_eq!(acked(only(&e)), (4, 0), "the same clock, once it is valid");
+}
+
+#[test]
+fn a_lent_push_is_replicated_with_its_slots_and_a_lent_pull_answered() {
+    let mut c = lender(|t| chained(5, t));
+    let mut p = push(10, 1, &[1, 2, 3, 4], &[1.0, 2.0, 3.0, 4.0]);
+    p.header.range = LOW;
+    let (_, work) = lent_work(req(&mut c, p));
+    let e = c.step(2, Input::Applied(Box::new(work.unwrap().run())));
+    assert!(sent(&e).is_empty());
+    let fw = forwards(&e);
+    assert_eq!(fw.len(), 1);
+    assert_eq!(fw[0].2.vals, [1.0, 2.0, 3.0, 4.0]);
+    let e = c.step(
+        3,
+        Input::Delivered {
+            ticket: fw[0].1,
+            delivery: Delivery::Stored,
+        },
+    );
+    assert_eq!(acked(only(&e)), (4, 0));
+    let mut q = pull(10, 0, &[1, 2, 3, 4]);
+    q.header.range = LOW;
+    let (rest, work) = lent_work(req(&mut c, q));
+    assert!(rest.is_empty());
+    let e = c.step(4, Input::Applied(Box::new(work.unwrap().run())));
+    assert_eq!(only(&e).vals, [1.0, 2.0, 3.0, 4.0]);
 }
