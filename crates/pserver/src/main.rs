@@ -7,6 +7,7 @@ mod failover;
 mod kv;
 mod parse;
 mod pipelined;
+mod relay;
 mod security;
 mod soak;
 mod status;
@@ -190,6 +191,10 @@ enum Cmd {
     /// The other end of `pserver bench`'s ceiling measurements.
     #[command(hide = true)]
     BenchPeer(bench::PeerArgs),
+    /// A TCP relay that delays, stalls and resets the connections it
+    /// carries (a slow, lossy link for tests; see relay.rs).
+    #[command(hide = true)]
+    Relay(relay::RelayArgs),
     /// Write a checkpoint of every table into DIR (each server writes its
     /// ranges there, so DIR must be on a file system they all see; the
     /// manifest is written last). Take it between training runs.
@@ -284,6 +289,10 @@ fn main() -> ExitCode {
 }
 
 async fn run(cli: Cli) -> Result<()> {
+    if let Cmd::Relay(args) = cli.cmd {
+        // Bytes only: no cluster security applies to a relay.
+        return relay::run(args).await;
+    }
     if let Cmd::Certs { dir, hosts } = &cli.cmd {
         let files = pserver_node::tls::generate(dir, hosts)
             .with_context(|| format!("writing certificates into {}", dir.display()))?;
@@ -301,7 +310,7 @@ async fn run(cli: Cli) -> Result<()> {
     let sec = cli.security.resolve()?;
     let net = sec.net.clone();
     match cli.cmd {
-        Cmd::Certs { .. } => Ok(()),
+        Cmd::Certs { .. } | Cmd::Relay(_) => Ok(()),
         Cmd::Manager {
             listen,
             state,
