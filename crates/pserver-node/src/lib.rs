@@ -43,6 +43,7 @@ pub mod replica;
 pub mod server;
 pub mod snapshot;
 pub mod tls;
+mod window;
 pub mod worker;
 
 pub use error::NodeError;

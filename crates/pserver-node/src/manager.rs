@@ -362,7 +362,11 @@ fn handle(
         Control::Heartbeat => {
             let now = st.now_ms();
             match st.members.heartbeat(id, now) {
-                Ok(()) => None,
+                // Answered when asked (a request id): servers time their
+                // own lease by these answers (see `server::core`).
+                Ok(()) => {
+                    (h.request_id != 0).then(|| control_reply(h, MANAGER_ID, epoch, &Control::Ok))
+                }
                 Err(e) => err(ErrorCode::Invalid, e.to_string()),
             }
         }

@@ -290,6 +290,8 @@ struct Inner {
     compression: Option<Packing>,
     /// Fires when the latest push has queued its first frames (see `send`).
     push_gate: Mutex<Option<oneshot::Receiver<()>>>,
+    /// The clocks of the pushes in flight, kept within the servers' window.
+    in_flight: Arc<crate::window::ClockWindow>,
     net: Net,
     timeout: Duration,
     cancel: CancellationToken,
@@ -333,6 +335,7 @@ impl Worker {
             cache_keys_from: cfg.key_caching.then_some(cfg.min_cached_keys.max(3)),
             compression: cfg.compression,
             push_gate: Mutex::new(None),
+            in_flight: Arc::default(),
             net: cfg.net.clone(),
             cancel: CancellationToken::new(),
             traffic: Traffic::default(),
@@ -879,6 +882,25 @@ impl Inner {
             }
             queued_signal = Some(queued);
         }
+        // Pushes complete out of order: keep the clocks in flight within
+        // the window the servers remember, so that a slice resent late is
+        // still recognised as applied or not.
+        let _in_flight = if req.op != Op::Pull {
+            let clock = req
+                .clock
+                .unwrap_or_else(|| self.clock.load(Ordering::SeqCst));
+            match tokio::time::timeout(self.timeout, self.in_flight.enter(clock)).await {
+                Ok(place) => Some(place),
+                Err(_) => {
+                    return Err(NodeError::Timeout {
+                        what: format!("room for clock {clock} among the pushes in flight"),
+                        secs: self.timeout.as_secs(),
+                    });
+                }
+            }
+        } else {
+            None
+        };
         let spec = self.table(&req.table).await?;
         let dim = spec.dim as usize;
         let clock = req

@@ -52,6 +52,10 @@ struct Shared {
     replicated: Arc<AtomicU64>,
     /// The core's clock starts here (tokio's clock, so simulations control it).
     epoch: tokio::time::Instant,
+    /// When the manager last answered (ms on the core's clock): a
+    /// heartbeat's answer or a map. Kept outside the lock, so heartbeats
+    /// never wait for it.
+    contact_ms: AtomicU64,
 }
 
 impl Shared {
@@ -64,6 +68,8 @@ impl Shared {
     fn step(&self, inputs: impl IntoIterator<Item = Input>) -> Vec<Effect> {
         let now = self.now_ms();
         let mut node = lock(&self.node);
+        node.core
+            .manager_seen(self.contact_ms.load(Ordering::Relaxed));
         let mut rest = Vec::new();
         for input in inputs {
             for effect in node.core.step(now, input) {
@@ -244,6 +250,7 @@ pub async fn start_server(cfg: ServerConfig) -> Result<ServerHandle, NodeError> 
         limits: cfg.limits,
         replicated: replicated.clone(),
         epoch: tokio::time::Instant::now(),
+        contact_ms: AtomicU64::new(0),
     });
     let heartbeat = map.heartbeat_interval();
     let effects = shared.step([Input::Map(map)]);
@@ -287,9 +294,25 @@ pub async fn start_server(cfg: ServerConfig) -> Result<ServerHandle, NodeError> 
                     _ = token.cancelled() => break,
                     _ = tick.tick() => {
                         let peer = lock(&shared.manager).clone();
-                        // A failed send is noticed by the link task, which
-                        // owns rejoining; the next tick uses the new link.
-                        let _ = peer.notify(control_request(id, 0, &Control::Heartbeat)).await;
+                        let sent = shared.now_ms();
+                        // Asked as a request: the answer renews this
+                        // server's own view of its lease. A failed link is
+                        // noticed by the link task, which owns rejoining;
+                        // the next tick uses the new link.
+                        let beat = control_request(id, 0, &Control::Heartbeat);
+                        if let Ok(answer) = peer.send_request(beat).await {
+                            // Awaited aside, so a slow answer never delays
+                            // the next heartbeat.
+                            let shared = Arc::clone(&shared);
+                            tokio::spawn(async move {
+                                let answer = tokio::time::timeout(heartbeat * 2, answer).await;
+                                if let Ok(Ok(reply)) = answer {
+                                    if reply.header.kind == Kind::Reply {
+                                        shared.contact_ms.fetch_max(sent, Ordering::Relaxed);
+                                    }
+                                }
+                            });
+                        }
                     }
                 }
             }
@@ -317,6 +340,7 @@ pub async fn start_server(cfg: ServerConfig) -> Result<ServerHandle, NodeError> 
                         None => lost = true,
                         Some(frame) => match frame.control_msg() {
                             Ok(Control::Map(map)) => {
+                                shared.contact_ms.fetch_max(shared.now_ms(), Ordering::Relaxed);
                                 let gone = map.node(id).is_none_or(|n| n.state == NodeState::Dead);
                                 // Replies this map released (acks of sums this
                                 // server no longer applies go back as NotOwner,
@@ -346,6 +370,9 @@ pub async fn start_server(cfg: ServerConfig) -> Result<ServerHandle, NodeError> 
                             tracing::info!(node = id, epoch = map.epoch, "rejoined the manager");
                             *lock(&shared.manager) = peer;
                             notices = rx;
+                            shared
+                                .contact_ms
+                                .fetch_max(shared.now_ms(), Ordering::Relaxed);
                             let effects = shared.step([Input::Map(map)]);
                             shared.carry_out(effects).await;
                         }

@@ -508,6 +508,7 @@ impl ServerCore {
                 have: self.map.epoch,
             });
         }
+        self.check_lease()?;
         let part = self
             .map
             .partition_of(h.range.begin)

@@ -27,6 +27,7 @@ impl ServerCore {
                 have: self.map.epoch,
             });
         }
+        self.check_lease()?;
         if !self.tables.contains_key(&h.table) {
             return Err(Refusal::UnknownTable(h.table));
         }
@@ -66,6 +67,26 @@ impl ServerCore {
                     return Err(Refusal::OutsideRange(h.range));
                 }
             }
+        }
+        Ok(())
+    }
+
+    /// Refuses data while this server's own view of its lease has lapsed:
+    /// the manager declares a server dead after three quarters of the
+    /// lease in silence, and this server stops at half, so a server cut
+    /// off from the manager never serves a range another server was given.
+    pub(super) fn check_lease(&self) -> Result<(), Refusal> {
+        let Some(seen) = self.manager_seen_ms else {
+            return Ok(());
+        };
+        let silent_ms = self.now_ms.saturating_sub(seen);
+        let half_ms = self.map.lease_ms / 2;
+        if silent_ms > half_ms {
+            return Err(Refusal::LeaseLapsed {
+                me: self.id,
+                silent_ms,
+                half_ms,
+            });
         }
         Ok(())
     }

@@ -225,6 +225,10 @@ pub struct ServerCore {
     fences_seen: Vec<(KeyRange, NodeId)>,
     /// Sums just applied, to replicate and release at the end of the step.
     applied: Vec<(u32, Applied)>,
+    /// When the manager last answered this server (ms), if the runtime
+    /// tracks it: past half the lease without an answer this server may
+    /// have been declared dead, and serves no data (see `admit`).
+    manager_seen_ms: Option<u64>,
     /// Tables lent to the runtime ([`Work`]).
     lent: HashSet<u32>,
     /// Inputs waiting for lent tables, in arrival order.
@@ -254,6 +258,7 @@ impl ServerCore {
             fence_waits: Vec::new(),
             fences_seen: Vec::new(),
             applied: Vec::new(),
+            manager_seen_ms: None,
             lent: HashSet::new(),
             later: VecDeque::new(),
             now_ms: 0,
@@ -274,6 +279,12 @@ impl ServerCore {
     /// The table with id `id`, if this server has it and could build it.
     pub fn table(&self, id: u32) -> Option<&Table> {
         self.tables.get(&id).and_then(|t| t.as_ref().ok())
+    }
+
+    /// The manager answered this server at `ms` (a heartbeat's answer or a
+    /// map). Until it is called the core does not time its lease.
+    pub fn manager_seen(&mut self, ms: u64) {
+        self.manager_seen_ms = Some(self.manager_seen_ms.map_or(ms, |m| m.max(ms)));
     }
 
     /// Handles one input at time `now_ms` and returns what to do.

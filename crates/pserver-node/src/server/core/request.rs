@@ -231,6 +231,21 @@ pub enum Refusal {
         /// The request's range.
         range: KeyRange,
     },
+    /// This server has not heard from the manager for over half its lease:
+    /// it may have been declared dead and its ranges given to others, so it
+    /// serves nothing until it hears again.
+    #[error(
+        "server {me} has not heard from the manager for {silent_ms} ms (half the lease is \
+         {half_ms} ms): it may have been replaced; retry at the current primary"
+    )]
+    LeaseLapsed {
+        /// This server.
+        me: NodeId,
+        /// Since the last answer.
+        silent_ms: u64,
+        /// Half the lease.
+        half_ms: u64,
+    },
     /// The range is being handed over to this server: retry shortly.
     #[error("{range} is still being handed over from server {from}; retry")]
     HandingOver {
@@ -331,6 +346,7 @@ impl Refusal {
             | Refusal::SenderDead(_)
             | Refusal::NotHeld { .. } => ErrorCode::NotOwner,
             Refusal::EpochAhead { .. }
+            | Refusal::LeaseLapsed { .. }
             | Refusal::HandingOver { .. }
             | Refusal::UnknownServer { .. } => ErrorCode::EpochAhead,
             Refusal::UnknownTable(_) => ErrorCode::UnknownTable,

@@ -1045,3 +1045,34 @@ fn a_lent_push_is_replicated_with_its_slots_and_a_lent_pull_answered() {
     let e = c.step(4, Input::Applied(Box::new(work.unwrap().run())));
     assert_eq!(only(&e).vals, [1.0, 2.0, 3.0, 4.0]);
 }
+
+#[test]
+fn a_server_that_has_not_heard_the_manager_for_half_its_lease_serves_nothing() {
+    let mut c = core_with(1, solo(spec(false, Consistency::Eventual)));
+    req(&mut c, push(10, 1, &[1], &[1.0]));
+    c.manager_seen(1_000);
+    let lease = c.map().lease_ms;
+    let at = |c: &mut ServerCore, now: u64, f: Frame| {
+        c.step(
+            now,
+            Input::Request {
+                conn: CONN,
+                frame: f,
+            },
+        )
+    };
+    // Within half the lease: served.
+    let e = at(&mut c, 1_000 + lease / 2, pull(10, 0, &[1]));
+    assert_eq!(only(&e).vals, [1.0]);
+    // Past it: pulls and pushes are refused for now (the worker retries,
+    // and finds the range's new primary once the map moves it).
+    let e = at(&mut c, 1_001 + lease / 2, pull(10, 0, &[1]));
+    assert_eq!(code(only(&e)), Some(ErrorCode::EpochAhead));
+    let e = at(&mut c, 1_001 + lease / 2, push(10, 2, &[1], &[1.0]));
+    assert_eq!(code(only(&e)), Some(ErrorCode::EpochAhead));
+    assert_eq!(value(&c, 1), 1.0);
+    // A later answer from the manager: served again.
+    c.manager_seen(lease);
+    let e = at(&mut c, lease + 10, push(10, 2, &[1], &[1.0]));
+    assert_eq!(acked(only(&e)), (1, 0));
+}
