@@ -109,7 +109,7 @@ impl Work {
 /// An input that waits for lent tables to come back.
 #[derive(Debug)]
 pub(super) enum Later {
-    Request(ConnId, Request),
+    Request(ConnId, Box<Request>),
     Map(ClusterMap),
 }
 
@@ -259,7 +259,7 @@ impl ServerCore {
             }
             match self.later.pop_front() {
                 Some(Later::Map(m)) => self.apply_map(m),
-                Some(Later::Request(conn, r)) => self.request_parsed(conn, r),
+                Some(Later::Request(conn, r)) => self.request_parsed(conn, *r),
                 None => return,
             }
         }

@@ -332,7 +332,7 @@ impl ServerCore {
                 self.send(conn, f);
             }
             Ok(r) if self.must_wait(lend::request_touches(&r)) => {
-                self.later.push_back(lend::Later::Request(conn, r));
+                self.later.push_back(lend::Later::Request(conn, Box::new(r)));
             }
             Ok(r) => self.request_parsed(conn, r),
         }
