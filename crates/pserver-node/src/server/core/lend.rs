@@ -17,15 +17,31 @@
 use super::data::{Plan, as_push, pull_ctrl, pull_reply};
 use super::request::{Op, Request};
 use super::{ConnId, Effect, Refusal, ServerCore};
+use crate::snapshot::RangePart;
 use pserver_core::table::{PushCtx, Table, TableError};
 use pserver_core::{ClusterMap, KeyRange, NodeId};
-use pserver_wire::Frame;
+use pserver_wire::{Frame, Header};
 
-/// A data request on a table lent to the runtime. See the module docs.
+/// Work on a table lent to the runtime. See the module docs.
 #[derive(Debug)]
 pub struct Work {
     table_id: u32,
     table: Table,
+    job: Job,
+}
+
+/// What to do with a lent table.
+#[derive(Debug)]
+enum Job {
+    /// A data request's push and pull parts.
+    Data(Box<DataJob>),
+    /// Copy the table's ranges for a checkpoint.
+    Copy(Snap),
+}
+
+/// A big data request.
+#[derive(Debug)]
+struct DataJob {
     conn: ConnId,
     plan: Plan,
     /// This server and its map's epoch, for the reply's header.
@@ -41,7 +57,21 @@ pub struct Work {
     result: Option<Outcome>,
 }
 
-/// What the work did.
+/// A checkpoint on its way through the tables, one lent at a time.
+#[derive(Debug)]
+pub(super) struct Snap {
+    pub(super) conn: ConnId,
+    pub(super) request: Header,
+    pub(super) dir: String,
+    /// This server's primary ranges when the checkpoint began.
+    pub(super) ranges: Vec<KeyRange>,
+    /// Tables still to copy.
+    pub(super) tables: Vec<u32>,
+    /// What is copied so far.
+    pub(super) parts: Vec<RangePart>,
+}
+
+/// What a data job did.
 #[derive(Debug)]
 struct Outcome {
     pushed: Option<Result<pserver_core::table::Pushed, TableError>>,
@@ -50,15 +80,51 @@ struct Outcome {
 }
 
 impl Work {
-    /// Keys in the request (for the runtime's choice of thread).
-    pub fn keys(&self) -> usize {
-        self.plan.frame.keys.len().max(self.plan.frame.vals.len())
+    /// Keys or values the work goes over (for the runtime's choice of
+    /// thread).
+    pub fn size(&self) -> usize {
+        match &self.job {
+            Job::Data(d) => d.plan.frame.keys.len().max(d.plan.frame.vals.len()),
+            Job::Copy(_) => self.table.store().len(),
+        }
     }
 
-    /// Applies the push part and reads the pull part: all of the request
-    /// that needs the table and nothing else. Call it once, without the
-    /// core's lock, then give the work back with `Input::Applied`.
+    /// Does all of the work that needs the table and nothing else. Call it
+    /// once, without the core's lock, then give the work back with
+    /// `Input::Applied`.
     pub fn run(mut self) -> Work {
+        match &mut self.job {
+            Job::Data(d) => d.result = Some(d.run(&mut self.table)),
+            Job::Copy(snap) => snap.copy(self.table_id, &self.table),
+        }
+        self
+    }
+}
+
+impl Snap {
+    /// Copies table `id`'s part of every range of the checkpoint.
+    fn copy(&mut self, id: u32, t: &Table) {
+        let store = t.store();
+        for r in &self.ranges {
+            let entries = store.entries_in(*r);
+            self.parts.push(RangePart {
+                table: id,
+                range: *r,
+                slot_width: store.slot_width(),
+                keys: entries.iter().map(|(k, _)| *k).collect(),
+                slots: entries
+                    .iter()
+                    .flat_map(|(_, s)| s.iter().copied())
+                    .collect(),
+                records: t.clock().records_in(*r),
+            });
+        }
+    }
+}
+
+impl DataJob {
+    /// Applies the push part and reads the pull part.
+    fn run(&mut self, table: &mut Table) -> Outcome {
         let frame = &mut self.plan.frame;
         let h = frame.header;
         let mut outcome = Outcome {
@@ -72,14 +138,14 @@ impl Work {
                 workers: &self.workers,
                 gate: self.gate.as_deref(),
             };
-            let pushed = self.table.push(&as_push(frame), ctx);
+            let pushed = table.push(&as_push(frame), ctx);
             if pushed.is_ok() && self.slots {
                 let keys: Vec<u64> = if h.dense() {
                     (h.range.begin..h.range.end).collect()
                 } else {
                     frame.keys.clone()
                 };
-                outcome.slots = Some(self.table.store().slots_of(&keys));
+                outcome.slots = Some(table.store().slots_of(&keys));
             }
             outcome.pushed = Some(pushed);
         }
@@ -87,7 +153,7 @@ impl Work {
         if self.plan.op.waits() && !refused {
             let ready = self
                 .need
-                .is_none_or(|need| self.table.ready(h.range, need, &self.workers));
+                .is_none_or(|need| table.ready(h.range, need, &self.workers));
             if ready {
                 let ack = outcome
                     .pushed
@@ -97,12 +163,11 @@ impl Work {
                 let mut q = Frame::new(h);
                 q.keys = std::mem::take(&mut frame.keys);
                 q.ctrl = pull_ctrl(ack);
-                outcome.pulled = Some(pull_reply(&self.table, &q, self.me, self.epoch));
+                outcome.pulled = Some(pull_reply(table, &q, self.me, self.epoch));
                 frame.keys = q.keys;
             }
         }
-        self.result = Some(outcome);
-        self
+        outcome
     }
 }
 
@@ -111,6 +176,8 @@ impl Work {
 pub(super) enum Later {
     Request(ConnId, Box<Request>),
     Map(ClusterMap),
+    /// A checkpoint waiting for its next table.
+    Copy(Snap),
 }
 
 impl Later {
@@ -119,6 +186,7 @@ impl Later {
         match self {
             Later::Map(_) => Some(None),
             Later::Request(_, r) => request_touches(r),
+            Later::Copy(snap) => Some(snap.tables.first().copied()),
         }
     }
 }
@@ -131,8 +199,9 @@ pub(super) fn request_touches(r: &Request) -> Option<Option<u32>> {
         Request::Data(d) => Some(Some(d.frame.header.table)),
         Request::Replicate(c) => Some(Some(c.frame.header.table)),
         Request::Restore { frame, .. } => Some(Some(frame.header.table)),
-        Request::Snapshot { .. } | Request::Marker(_) => Some(None),
-        Request::Fence { .. } | Request::GetMap(_) => None,
+        Request::Marker(_) => Some(None),
+        // A checkpoint lends its tables one at a time (`copy_next`).
+        Request::Snapshot { .. } | Request::Fence { .. } | Request::GetMap(_) => None,
     }
 }
 
@@ -169,9 +238,7 @@ impl ServerCore {
             None
         };
         self.lent.insert(h.table);
-        self.effects.push(Effect::Apply(Box::new(Work {
-            table_id: h.table,
-            table,
+        let job = DataJob {
             conn,
             plan,
             me: self.id,
@@ -181,8 +248,54 @@ impl ServerCore {
             need,
             slots,
             result: None,
+        };
+        self.effects.push(Effect::Apply(Box::new(Work {
+            table_id: h.table,
+            table,
+            job: Job::Data(Box::new(job)),
         })));
         Ok(())
+    }
+
+    /// Takes the checkpoint on to its next table: lends it for the copy,
+    /// or waits in the queue while it is lent; once every table is copied,
+    /// the runtime writes the files.
+    pub(super) fn copy_next(&mut self, mut snap: Snap) {
+        loop {
+            let Some(&next) = snap.tables.first() else {
+                self.effects.push(Effect::Checkpoint {
+                    conn: snap.conn,
+                    request: snap.request,
+                    dir: snap.dir,
+                    parts: snap.parts,
+                });
+                return;
+            };
+            if self.must_wait(Some(Some(next))) {
+                self.later.push_back(Later::Copy(snap));
+                return;
+            }
+            snap.tables.remove(0);
+            // A table whose updater cannot be built holds nothing; a small
+            // one is copied here at once.
+            match self.tables.get(&next) {
+                Some(Ok(t)) if t.store().len() < self.cfg.lend_from => {
+                    snap.copy(next, t);
+                    continue;
+                }
+                Some(Ok(_)) => {}
+                _ => continue,
+            }
+            if let Some(Ok(table)) = self.tables.remove(&next) {
+                self.lent.insert(next);
+                self.effects.push(Effect::Apply(Box::new(Work {
+                    table_id: next,
+                    table,
+                    job: Job::Copy(snap),
+                })));
+                return;
+            }
+        }
     }
 
     /// A lent table comes back with its work done: the request goes on as
@@ -191,13 +304,21 @@ impl ServerCore {
         let Work {
             table_id,
             table,
-            conn,
-            plan,
-            result,
-            ..
+            job,
         } = work;
         self.tables.insert(table_id, Ok(table));
         self.lent.remove(&table_id);
+        match job {
+            Job::Copy(snap) => self.copy_next(snap),
+            Job::Data(d) => self.data_applied(table_id, *d),
+        }
+        self.drain_later();
+    }
+
+    fn data_applied(&mut self, table_id: u32, d: DataJob) {
+        let DataJob {
+            conn, plan, result, ..
+        } = d;
         let outcome = result.unwrap_or(Outcome {
             pushed: None,
             slots: None,
@@ -209,7 +330,6 @@ impl ServerCore {
             Some(Err(e)) => {
                 let f = self.error(&h, &Refusal::Table(e));
                 self.send(conn, f);
-                self.drain_later();
                 return;
             }
             Some(Ok(p)) => {
@@ -225,7 +345,6 @@ impl ServerCore {
         if op.pushes() && !self.waiting.is_empty() {
             self.recheck(Some(table_id));
         }
-        self.drain_later();
     }
 
     /// Whether `touches` must wait: its table is lent, or it touches every
@@ -260,6 +379,7 @@ impl ServerCore {
             match self.later.pop_front() {
                 Some(Later::Map(m)) => self.apply_map(m),
                 Some(Later::Request(conn, r)) => self.request_parsed(conn, *r),
+                Some(Later::Copy(snap)) => self.copy_next(snap),
                 None => return,
             }
         }

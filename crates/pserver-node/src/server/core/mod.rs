@@ -332,7 +332,8 @@ impl ServerCore {
                 self.send(conn, f);
             }
             Ok(r) if self.must_wait(lend::request_touches(&r)) => {
-                self.later.push_back(lend::Later::Request(conn, Box::new(r)));
+                self.later
+                    .push_back(lend::Later::Request(conn, Box::new(r)));
             }
             Ok(r) => self.request_parsed(conn, r),
         }
@@ -389,38 +390,23 @@ impl ServerCore {
     }
 
     /// Copies every range this server is primary of, for every table, for
-    /// a checkpoint: the runtime writes the files.
+    /// a checkpoint (each table lent in turn, so the others are served
+    /// meanwhile); the runtime then writes the files.
     fn snapshot(
         &mut self,
         conn: ConnId,
         h: &Header,
         dir: String,
     ) -> Result<Option<Frame>, Refusal> {
-        let ranges: Vec<KeyRange> = self.map.primary_ranges(self.id);
-        let mut parts = Vec::new();
-        for t in self.tables.values().filter_map(|t| t.as_ref().ok()) {
-            let store = t.store();
-            for r in &ranges {
-                let entries = store.entries_in(*r);
-                parts.push(RangePart {
-                    table: store.spec().id,
-                    range: *r,
-                    slot_width: store.slot_width(),
-                    keys: entries.iter().map(|(k, _)| *k).collect(),
-                    slots: entries
-                        .iter()
-                        .flat_map(|(_, s)| s.iter().copied())
-                        .collect(),
-                    records: t.clock().records_in(*r),
-                });
-            }
-        }
-        self.effects.push(Effect::Checkpoint {
+        let snap = lend::Snap {
             conn,
             request: *h,
             dir,
-            parts,
-        });
+            ranges: self.map.primary_ranges(self.id),
+            tables: self.tables.keys().copied().collect(),
+            parts: Vec::new(),
+        };
+        self.copy_next(snap);
         Ok(None)
     }
 

@@ -976,7 +976,7 @@ fn a_big_push_runs_on_a_lent_table_while_other_tables_are_served() {
         "no reply before the work is done: {rest:?}"
     );
     let work = work.expect("the table is lent");
-    assert_eq!(work.keys(), 4);
+    assert_eq!(work.size(), 4);
     // Another table is served meanwhile.
     let mut other = push(10, 1, &[9], &[5.0]);
     other.header.table = 2;
@@ -1075,4 +1075,42 @@ fn a_server_that_has_not_heard_the_manager_for_half_its_lease_serves_nothing() {
     c.manager_seen(lease);
     let e = at(&mut c, lease + 10, push(10, 2, &[1], &[1.0]));
     assert_eq!(acked(only(&e)), (1, 0));
+}
+
+#[test]
+fn a_checkpoint_lends_its_big_tables_one_at_a_time() {
+    let mut c = lender(solo);
+    let (_, work) = lent_work(req(&mut c, push(10, 1, &[1, 2, 3, 4], &[1.0; 4])));
+    c.step(2, Input::Applied(Box::new(work.unwrap().run())));
+    let f = Frame::control(
+        header(Kind::Control, 10, 5, 0, KeyRange::ALL),
+        &Control::Snapshot { dir: "/d".into() },
+    );
+    let (rest, work) = lent_work(req(&mut c, f));
+    assert!(rest.is_empty());
+    let work = work.expect("table 1 is lent for its copy");
+    // Table 2 is served while table 1 is copied; table 1 waits.
+    let mut other = push(10, 1, &[9], &[5.0]);
+    other.header.table = 2;
+    assert_eq!(acked(only(&req(&mut c, other))), (1, 0));
+    assert!(req(&mut c, push(10, 2, &[1], &[1.0])).is_empty());
+    let e = c.step(3, Input::Applied(Box::new(work.run())));
+    let parts = e
+        .iter()
+        .find_map(|x| match x {
+            Effect::Checkpoint { parts, .. } => Some(parts),
+            _ => None,
+        })
+        .expect("the files to write");
+    let got: Vec<(u32, Vec<u64>, Vec<f32>)> = parts
+        .iter()
+        .map(|p| (p.table, p.keys.clone(), p.slots.clone()))
+        .collect();
+    assert_eq!(
+        got,
+        [(1, vec![1, 2, 3, 4], vec![1.0; 4]), (2, vec![9], vec![5.0])],
+        "table 1 as of the checkpoint"
+    );
+    assert_eq!(acked(only(&e)), (1, 0), "the waiting push after the copy");
+    assert_eq!(value(&c, 1), 2.0);
 }
