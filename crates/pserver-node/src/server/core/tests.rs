@@ -1114,3 +1114,128 @@ fn a_checkpoint_lends_its_big_tables_one_at_a_time() {
     assert_eq!(acked(only(&e)), (1, 0), "the waiting push after the copy");
     assert_eq!(value(&c, 1), 2.0);
 }
+
+/// A chain change to server 2 (replica of LOW under `chained`) from 1.
+fn change(
+    what: Replica,
+    clock: u64,
+    keys: &[u64],
+    vals: &[f32],
+    records: Vec<(NodeId, KeyRange, u64)>,
+) -> Frame {
+    let mut f = Frame::new(header(Kind::Control, 1, 5, clock, LOW));
+    f.keys = keys.to_vec();
+    f.vals = vals.to_vec();
+    f.ctrl = Control::Replicate {
+        spec: spec(true, Consistency::Sequential),
+        what,
+        records,
+        chain: vec![],
+    }
+    .to_bytes()
+    .into();
+    f
+}
+
+#[test]
+fn a_replica_takes_every_kind_of_change() {
+    // Server 2 replicates LOW (primary 1) and is primary of HIGH.
+    let mut c = core_with(2, chained(5, spec(true, Consistency::Sequential)));
+    let ok = |c: &mut ServerCore, f: Frame| {
+        let e = req(c, f);
+        assert_eq!(only(&e).header.kind, Kind::Reply, "{e:?}");
+    };
+    // Slots: stored as they are, records replayed.
+    ok(
+        &mut c,
+        change(Replica::Slots, 1, &[1], &[4.0], vec![(10, LOW, 1)]),
+    );
+    assert_eq!(value(&c, 1), 4.0);
+    // A worker's raw push to an aggregating table: summed, not applied (the
+    // replica does not decide LOW's sums: its primary does).
+    ok(
+        &mut c,
+        change(Replica::Push { worker: 10 }, 2, &[1], &[1.0], vec![]),
+    );
+    ok(
+        &mut c,
+        change(Replica::Push { worker: 10 }, 2, &[1], &[1.0], vec![]),
+    );
+    assert!(c.table(T).unwrap().has_pending(2), "summed once (a resend)");
+    assert_eq!(value(&c, 1), 4.0);
+    // The primary's applied sum: stored, and the raw part dropped.
+    ok(
+        &mut c,
+        change(
+            Replica::Flushed { clock: 2 },
+            2,
+            &[1],
+            &[5.0],
+            vec![(10, LOW, 2), (11, LOW, 2)],
+        ),
+    );
+    assert!(!c.table(T).unwrap().has_pending(2));
+    assert_eq!(value(&c, 1), 5.0);
+    // A copy: its first piece resets the sums of its range; a pending
+    // piece sets them.
+    ok(
+        &mut c,
+        change(Replica::Pending { clock: 3 }, 0, &[1], &[2.0], vec![]),
+    );
+    ok(
+        &mut c,
+        change(
+            Replica::Copy { reset: true },
+            0,
+            &[1, 2],
+            &[6.0, 7.0],
+            vec![(10, LOW, 3)],
+        ),
+    );
+    assert!(
+        c.table(T).unwrap().pending()[&3]
+            .sums_in(KeyRange::ALL)
+            .0
+            .is_empty()
+    );
+    ok(
+        &mut c,
+        change(Replica::Pending { clock: 3 }, 0, &[1], &[2.0], vec![]),
+    );
+    assert_eq!(
+        c.table(T).unwrap().pending()[&3].sums_in(KeyRange::ALL),
+        (vec![1], vec![2.0])
+    );
+    assert_eq!((value(&c, 1), value(&c, 2)), (6.0, 7.0));
+    // Refusals, each changing nothing: bad width, a range it does not
+    // hold from a sender no newer than it, a mismatched table.
+    let mut wrong = change(Replica::Slots, 1, &[1], &[1.0, 2.0], vec![]);
+    assert_eq!(
+        code(only(&req(&mut c, wrong.clone()))),
+        Some(ErrorCode::WrongWidth)
+    );
+    wrong = change(Replica::Pending { clock: 4 }, 0, &[1], &[], vec![]);
+    assert_eq!(code(only(&req(&mut c, wrong))), Some(ErrorCode::WrongWidth));
+    let mut elsewhere = change(Replica::Slots, 1, &[MID + 1], &[1.0], vec![]);
+    elsewhere.header.range = HIGH;
+    elsewhere.header.sender = 3;
+    let e = req(&mut c, elsewhere);
+    assert_eq!(
+        only(&e).header.kind,
+        Kind::Reply,
+        "server 2 holds HIGH: taken"
+    );
+    let m = map(
+        6,
+        &[],
+        vec![part(KeyRange::ALL, 1, &[3])],
+        spec(true, Consistency::Sequential),
+    );
+    c.step(2, Input::Map(m));
+    let gone = change(Replica::Slots, 1, &[1], &[9.0], vec![]);
+    assert_eq!(code(only(&req(&mut c, gone))), Some(ErrorCode::NotOwner));
+    let mut mismatch = change(Replica::Slots, 1, &[1], &[9.0], vec![]);
+    mismatch.header.table = 9;
+    mismatch.header.epoch = 6;
+    assert_eq!(code(only(&req(&mut c, mismatch))), Some(ErrorCode::Invalid));
+}
