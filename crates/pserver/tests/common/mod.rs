@@ -25,9 +25,15 @@ impl Drop for Procs {
 
 /// Starts `pserver ARGS` and returns it with its first line of output.
 pub fn spawn(args: &[&str]) -> (Child, String) {
+    spawn_env(args, &[])
+}
+
+/// The same, with the variables of `env` set in its environment.
+pub fn spawn_env(args: &[&str], env: &[(&str, &str)]) -> (Child, String) {
     let mut child = Command::new(BIN)
         .args(args)
         .env("RUST_LOG", "off")
+        .envs(env.iter().copied())
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
         .spawn()
