@@ -3,8 +3,10 @@
 //! One lock holds the core and the queues to the next servers of chains.
 //! Under it the runtime only steps the core and queues its `Forward`s and
 //! `Abandon`s (cheap, and it keeps each queue in the order the changes were
-//! made); replies, packing, `Synced` reports and checkpoint files happen
-//! after the lock is released.
+//! made); replies, packing, `Synced` reports, checkpoint files and work on
+//! lent tables happen after the lock is released. The lock is tokio's:
+//! a task waiting for it yields its thread, so a long step (a map that
+//! copies millions of keys to new replicas) never stops the heartbeats.
 
 use super::core::{
     ConnId, CoreConfig, Delivery, Effect, Input, LEND_FROM, ServerCore, Ticket, Work,
@@ -38,7 +40,10 @@ struct Node {
 /// What every task of one server shares.
 struct Shared {
     id: NodeId,
-    node: Mutex<Node>,
+    node: tokio::sync::Mutex<Node>,
+    /// The core's map epoch after the latest step, for errors sent without
+    /// the lock.
+    map_epoch: AtomicU64,
     /// Open connections by the ids the core knows them by.
     conns: Mutex<HashMap<ConnId, Outbox>>,
     next_conn: AtomicU64,
@@ -64,10 +69,20 @@ impl Shared {
     }
 
     /// Steps the core and queues its changes for the chains, under the
-    /// lock; returns the effects to carry out after it.
-    fn step(&self, inputs: impl IntoIterator<Item = Input>) -> Vec<Effect> {
+    /// lock; returns the effects to carry out after it. A `long` step (a
+    /// map, a big request) lets the runtime move this thread's other tasks
+    /// elsewhere meanwhile.
+    async fn step(&self, inputs: impl IntoIterator<Item = Input>, long: bool) -> Vec<Effect> {
+        let mut node = self.node.lock().await;
+        if long && multi_thread() {
+            tokio::task::block_in_place(|| self.step_locked(&mut node, inputs))
+        } else {
+            self.step_locked(&mut node, inputs)
+        }
+    }
+
+    fn step_locked(&self, node: &mut Node, inputs: impl IntoIterator<Item = Input>) -> Vec<Effect> {
         let now = self.now_ms();
-        let mut node = lock(&self.node);
         node.core
             .manager_seen(self.contact_ms.load(Ordering::Relaxed));
         let mut rest = Vec::new();
@@ -103,6 +118,8 @@ impl Shared {
                 }
             }
         }
+        self.map_epoch
+            .store(node.core.map().epoch, Ordering::Relaxed);
         rest
     }
 
@@ -138,7 +155,7 @@ impl Shared {
                     None => tracing::error!(node = self.id, "work on a lent table failed"),
                 }
             }
-            effects = self.step(back);
+            effects = self.step(back, false).await;
         }
     }
 
@@ -171,7 +188,7 @@ impl Shared {
                                 .collect::<Result<Vec<_>, _>>()
                         })
                         .await;
-                        let epoch = lock(&shared.node).core.map().epoch;
+                        let epoch = shared.map_epoch.load(Ordering::Relaxed);
                         let reply = match written {
                             Ok(Ok(files)) => control_reply(
                                 &request,
@@ -208,8 +225,8 @@ impl Shared {
     /// queues are dropped without settling anything, and connections close,
     /// so that clients resend elsewhere instead of waiting for answers that
     /// never come.
-    fn stop(&self) {
-        let mut node = lock(&self.node);
+    async fn stop(&self) {
+        let mut node = self.node.lock().await;
         node.core.stop();
         node.forwarders.clear();
         drop(node);
@@ -238,10 +255,11 @@ pub async fn start_server(cfg: ServerConfig) -> Result<ServerHandle, NodeError> 
     let (done, mut done_rx) = mpsc::unbounded_channel();
     let shared = Arc::new(Shared {
         id,
-        node: Mutex::new(Node {
+        node: tokio::sync::Mutex::new(Node {
             core,
             forwarders: HashMap::new(),
         }),
+        map_epoch: AtomicU64::new(0),
         conns: Mutex::new(HashMap::new()),
         next_conn: AtomicU64::new(1),
         done,
@@ -253,7 +271,7 @@ pub async fn start_server(cfg: ServerConfig) -> Result<ServerHandle, NodeError> 
         contact_ms: AtomicU64::new(0),
     });
     let heartbeat = map.heartbeat_interval();
-    let effects = shared.step([Input::Map(map)]);
+    let effects = shared.step([Input::Map(map)], true).await;
     shared.carry_out(effects).await;
     let cancel = CancellationToken::new();
 
@@ -276,7 +294,7 @@ pub async fn start_server(cfg: ServerConfig) -> Result<ServerHandle, NodeError> 
                 let inputs = batch
                     .into_iter()
                     .map(|(ticket, delivery)| Input::Delivered { ticket, delivery });
-                let effects = shared.step(inputs);
+                let effects = shared.step(inputs, false).await;
                 shared.carry_out(effects).await;
             }
         });
@@ -346,7 +364,7 @@ pub async fn start_server(cfg: ServerConfig) -> Result<ServerHandle, NodeError> 
                                 // server no longer applies go back as NotOwner,
                                 // so their workers retry elsewhere) go out even
                                 // when the server is leaving.
-                                let effects = shared.step([Input::Map(map)]);
+                                let effects = shared.step([Input::Map(map)], true).await;
                                 shared.carry_out(effects).await;
                                 if gone {
                                     // Drained (or declared dead while alive):
@@ -373,7 +391,7 @@ pub async fn start_server(cfg: ServerConfig) -> Result<ServerHandle, NodeError> 
                             shared
                                 .contact_ms
                                 .fetch_max(shared.now_ms(), Ordering::Relaxed);
-                            let effects = shared.step([Input::Map(map)]);
+                            let effects = shared.step([Input::Map(map)], true).await;
                             shared.carry_out(effects).await;
                         }
                         Err(e) => {
@@ -385,7 +403,7 @@ pub async fn start_server(cfg: ServerConfig) -> Result<ServerHandle, NodeError> 
             }
             tracing::info!(node = id, "server stopping");
             token.cancel();
-            shared.stop();
+            shared.stop().await;
         });
     }
 
@@ -411,7 +429,7 @@ where
     let conn = shared.next_conn.fetch_add(1, Ordering::Relaxed);
     lock(&shared.conns).insert(conn, out.clone());
     let malformed = |h: &Header, why: String| {
-        let epoch = lock(&shared.node).core.map().epoch;
+        let epoch = shared.map_epoch.load(Ordering::Relaxed);
         error_reply(h, shared.id, epoch, ErrorCode::Malformed, why)
     };
     while let Some(item) = reader.next().await {
@@ -425,14 +443,9 @@ where
                 }
                 let big = frame.keys.len().max(frame.vals.len()) >= BIG_REQUEST;
                 let input = Input::Request { conn, frame };
-                // A big request holds the lock for a long time: let the
-                // runtime hand this thread's other tasks (heartbeats,
-                // writers) to another thread meanwhile.
-                let effects = if big && multi_thread() {
-                    tokio::task::block_in_place(|| shared.step([input]))
-                } else {
-                    shared.step([input])
-                };
+                // A big request's admission (checking millions of keys)
+                // takes a while even though its table is lent for the rest.
+                let effects = shared.step([input], big).await;
                 shared.carry_out(effects).await;
             }
             Err(e) => {
@@ -445,7 +458,7 @@ where
         }
     }
     lock(&shared.conns).remove(&conn);
-    let effects = shared.step([Input::Closed(conn)]);
+    let effects = shared.step([Input::Closed(conn)], false).await;
     shared.carry_out(effects).await;
 }
 
