@@ -136,6 +136,26 @@ impl Store {
         Ok(self.apply_all(keys.len(), |i| keys[i], vals, apply))
     }
 
+    /// [`Store::push`] or [`Store::push_dense`] (`keys: None`) for a push
+    /// that already passed [`Store::check_push`] (or `check_push_dense`):
+    /// the table checks once, before deduplicating, and applies without
+    /// checking again.
+    pub(crate) fn push_checked(
+        &mut self,
+        keys: Option<&[Key]>,
+        range: KeyRange,
+        vals: &[f32],
+        apply: impl Fn(Key) -> bool + Sync,
+    ) -> usize {
+        match keys {
+            Some(keys) => self.apply_all(keys.len(), |i| keys[i], vals, apply),
+            None => {
+                let n = vals.len().checked_div(self.push_width).unwrap_or(0);
+                self.apply_all(n, |i| range.begin + i as Key, vals, apply)
+            }
+        }
+    }
+
     /// The checks [`Store::push`] makes before changing anything: the value
     /// count, finiteness, and sorted unique keys. For callers that keep a
     /// push aside (an aggregating table sums it first) and must refuse it

@@ -352,11 +352,12 @@ impl Table {
         let applied = if ctx.aggregate {
             self.sum(p, &in_fresh)?
         } else {
-            // The checks above passed, so the store applies it whole.
-            match p.keys {
-                Keys::List(keys) => self.store.push(keys, p.vals, in_fresh)?,
-                Keys::Dense => self.store.push_dense(p.range, p.vals, in_fresh)?,
-            }
+            // The checks above passed: the store applies it whole.
+            let keys = match p.keys {
+                Keys::List(keys) => Some(keys),
+                Keys::Dense => None,
+            };
+            self.store.push_checked(keys, p.range, p.vals, in_fresh)
         };
         self.clock.record(p.sender, p.range, p.clock);
         let flushed = if ctx.aggregate {
