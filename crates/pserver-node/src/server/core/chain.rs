@@ -131,14 +131,7 @@ impl ServerCore {
         } else {
             vec![(h.sender, h.range, h.clock)]
         };
-        f.ctrl = Control::Replicate {
-            spec,
-            what,
-            records,
-            chain: rest.to_vec(),
-        }
-        .to_bytes()
-        .into();
+        f.ctrl = replicate_ctrl(spec, what, records, rest.to_vec());
         self.forward(next, f)
     }
 
@@ -193,14 +186,12 @@ impl ServerCore {
                         .into_iter()
                         .filter(|&(_, _, c)| c <= a.clock)
                         .collect();
-                    f.ctrl = Control::Replicate {
-                        spec: spec.clone(),
-                        what: Replica::Flushed { clock: a.clock },
+                    f.ctrl = replicate_ctrl(
+                        spec.clone(),
+                        Replica::Flushed { clock: a.clock },
                         records,
-                        chain: p.replicas[1..].to_vec(),
-                    }
-                    .to_bytes()
-                    .into();
+                        p.replicas[1..].to_vec(),
+                    );
                     frames.push((p.replicas[0], f));
                 }
                 for (to, f) in frames {
@@ -272,14 +263,12 @@ impl ServerCore {
                     });
                     f.keys = chunk.iter().map(|(k, _)| *k).collect();
                     f.vals = chunk.iter().flat_map(|(_, s)| s.iter().copied()).collect();
-                    f.ctrl = Control::Replicate {
-                        spec: spec.clone(),
-                        what: Replica::Copy { reset: i == 0 },
-                        records: if i == 0 { records.clone() } else { Vec::new() },
-                        chain: rest.to_vec(),
-                    }
-                    .to_bytes()
-                    .into();
+                    f.ctrl = replicate_ctrl(
+                        spec.clone(),
+                        Replica::Copy { reset: i == 0 },
+                        if i == 0 { records.clone() } else { Vec::new() },
+                        rest.to_vec(),
+                    );
                     copies.push((next, f));
                 }
                 // Sums not yet applied, so that the range's new holders
@@ -303,14 +292,12 @@ impl ServerCore {
                             keys_sent = true;
                             (f.keys, f.vals) = agg.sums_in(p.range);
                         }
-                        f.ctrl = Control::Replicate {
-                            spec: spec.clone(),
-                            what: Replica::Pending { clock },
-                            records: Vec::new(),
-                            chain: rest.to_vec(),
-                        }
-                        .to_bytes()
-                        .into();
+                        f.ctrl = replicate_ctrl(
+                            spec.clone(),
+                            Replica::Pending { clock },
+                            Vec::new(),
+                            rest.to_vec(),
+                        );
                         copies.push((next, f));
                     }
                 }
@@ -336,13 +323,7 @@ impl ServerCore {
     /// the range's primary, which has their pushes from its copy.
     pub(super) fn prune_pending(&mut self) {
         let me = self.id;
-        let held: Vec<KeyRange> = self
-            .map
-            .partitions
-            .iter()
-            .filter(|p| p.primary == me || p.replicas.contains(&me))
-            .map(|p| p.range)
-            .collect();
+        let held = self.held_ranges();
         let map = self.map.clone();
         let primary_of_all = |r: &KeyRange| {
             map.partitions_overlapping(*r)
@@ -459,14 +440,7 @@ impl ServerCore {
         };
         let mut f = frame;
         f.header.sender = self.id;
-        f.ctrl = Control::Replicate {
-            spec,
-            what,
-            records,
-            chain: rest.to_vec(),
-        }
-        .to_bytes()
-        .into();
+        f.ctrl = replicate_ctrl(spec, what, records, rest.to_vec());
         Ok(self.pass_on(next, f, &h, conn, ok))
     }
 }
@@ -549,16 +523,26 @@ impl ServerCore {
         });
         f.keys = frame.keys;
         f.vals = frame.vals;
-        f.ctrl = Control::Replicate {
-            spec,
-            what: Replica::Slots,
-            records: Vec::new(),
-            chain: rest.to_vec(),
-        }
-        .to_bytes()
-        .into();
+        f.ctrl = replicate_ctrl(spec, Replica::Slots, Vec::new(), rest.to_vec());
         Ok(self.pass_on(next, f, &h, conn, ok))
     }
+}
+
+/// The control section of a chain change.
+fn replicate_ctrl(
+    spec: TableSpec,
+    what: Replica,
+    records: Vec<(NodeId, KeyRange, u64)>,
+    chain: Vec<NodeId>,
+) -> bytes::Bytes {
+    Control::Replicate {
+        spec,
+        what,
+        records,
+        chain,
+    }
+    .to_bytes()
+    .into()
 }
 
 /// The parts of `r` outside every range of `cuts`.

@@ -497,13 +497,7 @@ impl ServerCore {
             .map
             .node(me)
             .is_some_and(|n| n.state == NodeState::Alive);
-        let held: Vec<KeyRange> = self
-            .map
-            .partitions
-            .iter()
-            .filter(|p| p.primary == me || p.replicas.contains(&me))
-            .map(|p| p.range)
-            .collect();
+        let held = self.held_ranges();
         if !alive || held.is_empty() {
             return;
         }
@@ -513,6 +507,17 @@ impl ServerCore {
                 tracing::debug!(node = me, table = %t.spec().name, dropped, "dropped keys handed away");
             }
         }
+    }
+
+    /// The ranges this server holds under its map, as primary or replica.
+    fn held_ranges(&self) -> Vec<KeyRange> {
+        let me = self.id;
+        self.map
+            .partitions
+            .iter()
+            .filter(|p| p.primary == me || p.replicas.contains(&me))
+            .map(|p| p.range)
+            .collect()
     }
 
     /// Which ranges decide when a sum is complete here: with replication
