@@ -542,48 +542,78 @@ impl Worker {
                 aggregate: old.aggregate,
             };
             let spec = self.create_table(&old.name, opts).await?;
-            let map = self.refresh().await?;
             for part in ckpt.parts.iter().filter(|p| p.table == old.id) {
-                let w = part.slot_width;
-                for i in map.partitions_overlapping(part.range) {
-                    let p = &map.partitions[i];
-                    let Some(piece) = p.range.intersect(&part.range) else {
-                        continue;
-                    };
-                    let lo = part.keys.partition_point(|k| *k < piece.begin);
-                    let hi = part.keys.partition_point(|k| *k < piece.end);
-                    // Bounded frames; an empty piece still goes, once.
-                    let step = (self.inner.limits.max_frame / 2 / (8 + 4 * w.max(1))).max(1);
-                    let mut at = lo;
-                    loop {
-                        let end = (at + step).min(hi);
-                        let mut f = Frame::new(Header {
-                            kind: Kind::Control,
-                            sender: self.inner.id,
-                            table: spec.id,
-                            epoch: map.epoch,
-                            range: piece,
-                            ..Header::new(Kind::Control)
-                        });
-                        f.keys = part.keys[at..end].to_vec();
-                        f.vals = part.slots[at * w..end * w].to_vec();
-                        // The primary copies them down its own chain.
-                        // Clock records name the old cluster's workers:
-                        // they mean nothing here and are not carried over.
-                        f.ctrl = Control::Restore { spec: spec.clone() }.to_bytes().into();
-                        let link = self.inner.link(p.primary, &map).await?;
-                        let reply = link.peer.request(f).await?;
-                        reply_control(&reply, link.peer.label())?;
-                        at = end;
-                        if at >= hi {
-                            break;
-                        }
-                    }
-                }
+                self.restore_part(&spec, part).await?;
             }
             restored.push(spec);
         }
         Ok(restored)
+    }
+
+    /// Sends one checkpoint part to the primaries of its pieces under the
+    /// current map. A piece refused for a passing reason (the map moved on,
+    /// a hand-off holds the range back) sends the whole part again under
+    /// the newer map, until the timeout: slots are absolute, so a piece
+    /// stored twice is stored once.
+    async fn restore_part(
+        &self,
+        spec: &TableSpec,
+        part: &crate::snapshot::RangePart,
+    ) -> Result<(), NodeError> {
+        let deadline = Instant::now() + self.inner.timeout;
+        loop {
+            match self.restore_part_once(spec, part).await {
+                Err(e) if e.is_transient() && Instant::now() < deadline => {
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+                done => return done,
+            }
+        }
+    }
+
+    async fn restore_part_once(
+        &self,
+        spec: &TableSpec,
+        part: &crate::snapshot::RangePart,
+    ) -> Result<(), NodeError> {
+        let map = self.refresh().await?;
+        let w = part.slot_width;
+        for i in map.partitions_overlapping(part.range) {
+            let p = &map.partitions[i];
+            let Some(piece) = p.range.intersect(&part.range) else {
+                continue;
+            };
+            let lo = part.keys.partition_point(|k| *k < piece.begin);
+            let hi = part.keys.partition_point(|k| *k < piece.end);
+            // Bounded frames; an empty piece still goes, once.
+            let step = (self.inner.limits.max_frame / 2 / (8 + 4 * w.max(1))).max(1);
+            let mut at = lo;
+            loop {
+                let end = (at + step).min(hi);
+                let mut f = Frame::new(Header {
+                    kind: Kind::Control,
+                    sender: self.inner.id,
+                    table: spec.id,
+                    epoch: map.epoch,
+                    range: piece,
+                    ..Header::new(Kind::Control)
+                });
+                f.keys = part.keys[at..end].to_vec();
+                f.vals = part.slots[at * w..end * w].to_vec();
+                // The primary copies them down its own chain. Clock records
+                // name the old cluster's workers: they mean nothing here
+                // and are not carried over.
+                f.ctrl = Control::Restore { spec: spec.clone() }.to_bytes().into();
+                let link = self.inner.link(p.primary, &map).await?;
+                let reply = link.peer.request(f).await?;
+                reply_control(&reply, link.peer.label())?;
+                at = end;
+                if at >= hi {
+                    break;
+                }
+            }
+        }
+        Ok(())
     }
 
     /// Asks the manager to drain server `node`: its ranges move to the other

@@ -320,10 +320,11 @@ pub async fn start_server(cfg: ServerConfig) -> Result<ServerHandle, NodeError> 
                         let beat = control_request(id, 0, &Control::Heartbeat);
                         if let Ok(answer) = peer.send_request(beat).await {
                             // Awaited aside, so a slow answer never delays
-                            // the next heartbeat.
+                            // the next heartbeat; a late one (a busy
+                            // manager) still counts, for when it was sent.
                             let shared = Arc::clone(&shared);
                             tokio::spawn(async move {
-                                let answer = tokio::time::timeout(heartbeat * 2, answer).await;
+                                let answer = tokio::time::timeout(heartbeat * 8, answer).await;
                                 if let Ok(Ok(reply)) = answer {
                                     if reply.header.kind == Kind::Reply {
                                         shared.contact_ms.fetch_max(sent, Ordering::Relaxed);
