@@ -513,8 +513,8 @@ impl Worker {
     }
 
     /// Loads the checkpoint in `dir` into this cluster, whatever its number
-    /// of servers: creates its tables (same names and specs; the table must
-    /// not hold other data) and sends each range's slots to the range's
+    /// of servers: creates its tables (same names and specs; a table that
+    /// exists already and holds keys is refused, before anything changes) and sends each range's slots to the range's
     /// primary (`Control::Restore`), which stores them and copies them down
     /// its chain. The whole checkpoint is read and checked first; a damaged
     /// or partial one is refused before anything changes. Returns the
@@ -532,6 +532,30 @@ impl Worker {
         };
         let ckpt =
             crate::snapshot::load(dir, width).map_err(|e| NodeError::BadRequest(e.to_string()))?;
+        // A table that exists already must be empty: restoring into it
+        // would merge the checkpoint with what it holds. Checked for every
+        // table before anything changes.
+        let map = self.refresh().await?;
+        for old in &ckpt.manifest.tables {
+            if map.table(&old.name).is_none() {
+                continue;
+            }
+            let held = match self.scan(&old.name, KeyRange::ALL).await {
+                Ok((keys, _)) if keys.is_empty() => continue,
+                Ok((keys, _)) => keys.len().to_string(),
+                // Too many keys to list in one reply: certainly not empty.
+                Err(NodeError::Remote {
+                    code: ErrorCode::Limit,
+                    ..
+                }) => "too many".to_string(),
+                Err(e) => return Err(e),
+            };
+            return Err(NodeError::BadRequest(format!(
+                "table {:?} already holds {held} keys; a checkpoint is restored into empty \
+                 tables only (restore into a fresh cluster, or under other names)",
+                old.name
+            )));
+        }
         let mut restored = Vec::new();
         for old in &ckpt.manifest.tables {
             let opts = TableOptions {

@@ -443,6 +443,19 @@ fn a_checkpoint_taken_on_three_servers_restores_on_two() {
         primaries.dedup();
         assert_eq!(primaries.len(), 2);
     });
+    // Restoring again into the now populated table is refused, naming it,
+    // and changes nothing (issue #16: it used to merge silently).
+    let out = Command::new(BIN)
+        .args(["restore", "--manager", &manager, ckpt])
+        .env("RUST_LOG", "off")
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success(),
+        "a restore into a populated table succeeded"
+    );
+    assert!(err.contains("\"n\" already holds 200 keys"), "{err}");
     // A damaged checkpoint stops the manager before it starts.
     let manifest = std::path::Path::new(ckpt).join("MANIFEST.json");
     std::fs::write(&manifest, b"{ not json").unwrap();
