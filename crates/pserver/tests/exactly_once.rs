@@ -8,12 +8,9 @@
 //! each push before the next.
 
 use serde_json::Value;
-use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 mod common;
-
-use common::BIN;
 
 /// Runs the experiment with `workers` workers and returns its JSON report;
 /// kills it after 60 s.
@@ -45,23 +42,7 @@ fn experiment(workers: usize) -> Value {
         "--json",
         json.to_str().unwrap(),
     ];
-    let mut child = Command::new(BIN)
-        .args(args)
-        .env("RUST_LOG", "off")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("start pserver");
-    let start = Instant::now();
-    while child.try_wait().unwrap().is_none() {
-        if start.elapsed() > Duration::from_secs(60) {
-            let _ = child.kill();
-            let _ = child.wait();
-            panic!("pserver {args:?} did not finish in 60 s");
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    let out = child.wait_with_output().unwrap();
+    let out = common::run_within(&args, Duration::from_secs(60));
     assert!(
         out.status.success(),
         "pserver {args:?} failed: {}{}",

@@ -28,9 +28,6 @@ use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
-/// Keys or values from which a request counts as big (see `serve`).
-const BIG_REQUEST: usize = 1 << 16;
-
 /// The core and the queues its `Forward` effects fill.
 struct Node {
     core: ServerCore,
@@ -442,7 +439,7 @@ where
                     let _ = out.send(malformed(&frame.header, e.to_string())).await;
                     continue;
                 }
-                let big = frame.keys.len().max(frame.vals.len()) >= BIG_REQUEST;
+                let big = frame.keys.len().max(frame.vals.len()) >= LEND_FROM;
                 let input = Input::Request { conn, frame };
                 // A big request's admission (checking millions of keys)
                 // takes a while even though its table is lent for the rest.

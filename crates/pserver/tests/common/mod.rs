@@ -46,6 +46,11 @@ pub fn spawn_env(args: &[&str], env: &[(&str, &str)]) -> (Child, String) {
 
 /// Runs `pserver ARGS` to completion, at most 30 s.
 pub fn run(args: &[&str]) -> Output {
+    run_within(args, Duration::from_secs(30))
+}
+
+/// Runs `pserver ARGS` to completion, at most `limit`.
+pub fn run_within(args: &[&str], limit: Duration) -> Output {
     let mut child = Command::new(BIN)
         .args(args)
         .env("RUST_LOG", "off")
@@ -58,9 +63,9 @@ pub fn run(args: &[&str]) -> Output {
         if child.try_wait().unwrap().is_some() {
             return child.wait_with_output().unwrap();
         }
-        if start.elapsed() > Duration::from_secs(30) {
+        if start.elapsed() > limit {
             let _ = child.kill();
-            panic!("pserver {args:?} did not finish in 30 s");
+            panic!("pserver {args:?} did not finish in {limit:?}");
         }
         std::thread::sleep(Duration::from_millis(10));
     }

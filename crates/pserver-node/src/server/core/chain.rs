@@ -379,15 +379,7 @@ impl ServerCore {
         let chain = self.reachable_chain(&h, chain)?;
         let workers = self.map.live_workers();
         let gate = self.gate();
-        let table = match self.ensure_table(&spec) {
-            Ok(t) => t,
-            Err(e) => {
-                return Err(Refusal::TableUnusable {
-                    table: spec.id,
-                    why: e.clone(),
-                });
-            }
-        };
+        let table = self.table_for(&spec)?;
         match what {
             Replica::Slots | Replica::Copy { .. } | Replica::Flushed { .. } => {
                 if let Replica::Flushed { clock } = what {
@@ -500,15 +492,7 @@ impl ServerCore {
         if let Some(i) = frame.keys.windows(2).position(|w| w[0] >= w[1]) {
             return Err(Refusal::Unsorted(i + 1));
         }
-        let table = match self.ensure_table(&spec) {
-            Ok(t) => t,
-            Err(e) => {
-                return Err(Refusal::TableUnusable {
-                    table: spec.id,
-                    why: e.clone(),
-                });
-            }
-        };
+        let table = self.table_for(&spec)?;
         table.replica_slots(&frame.keys, &frame.vals, &[])?;
         let ok = control_reply(&h, self.id, self.map.epoch, &Control::Ok);
         let Some((&next, rest)) = part.replicas.split_first() else {

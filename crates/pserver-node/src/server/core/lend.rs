@@ -80,8 +80,8 @@ struct Outcome {
 }
 
 impl Work {
-    /// Keys or values the work goes over (for the runtime's choice of
-    /// thread).
+    /// Keys or values the work goes over: a data request's keys or values,
+    /// or the keys a copy reads.
     pub fn size(&self) -> usize {
         match &self.job {
             Job::Data(d) => d.plan.frame.keys.len().max(d.plan.frame.vals.len()),
@@ -196,9 +196,9 @@ impl Later {
 /// before it), `None` no table.
 pub(super) fn request_touches(r: &Request) -> Option<Option<u32>> {
     match r {
-        Request::Data(d) => Some(Some(d.frame.header.table)),
-        Request::Replicate(c) => Some(Some(c.frame.header.table)),
-        Request::Restore { frame, .. } => Some(Some(frame.header.table)),
+        Request::Data(_) | Request::Replicate(_) | Request::Restore { .. } => {
+            Some(Some(r.header().table))
+        }
         Request::Marker(_) => Some(None),
         // A checkpoint lends its tables one at a time (`copy_next`).
         Request::Snapshot { .. } | Request::Fence { .. } | Request::GetMap(_) => None,

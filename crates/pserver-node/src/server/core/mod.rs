@@ -341,13 +341,7 @@ impl ServerCore {
 
     /// Handles a parsed request whose tables are here.
     fn request_parsed(&mut self, conn: ConnId, r: Request) {
-        let h = match &r {
-            Request::Data(d) => d.frame.header,
-            Request::Replicate(c) => c.frame.header,
-            Request::Restore { frame, .. } => frame.header,
-            Request::Fence { header, .. } | Request::Snapshot { header, .. } => *header,
-            Request::Marker(h) | Request::GetMap(h) => *h,
-        };
+        let h = r.header();
         let reply = match r {
             Request::Data(d) => self.data(d, conn),
             Request::Replicate(r) => self.replicate(r, conn),
@@ -420,6 +414,19 @@ impl ServerCore {
                 .map(|u| Table::new(spec.clone(), u, threads))
                 .map_err(|e| e.to_string())
         })
+    }
+
+    /// The table `spec` names, created (empty) if new here; refused when
+    /// its updater cannot be built. For changes that may arrive before the
+    /// map that created the table (chain changes, restores).
+    fn table_for(&mut self, spec: &TableSpec) -> Result<&mut Table, Refusal> {
+        match self.ensure_table(spec) {
+            Ok(t) => Ok(t),
+            Err(e) => Err(Refusal::TableUnusable {
+                table: spec.id,
+                why: e.clone(),
+            }),
+        }
     }
 
     /// Installs a newer map: creates tables, abandons queues to dead

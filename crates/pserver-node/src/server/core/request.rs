@@ -102,6 +102,17 @@ pub struct Replicate {
 }
 
 impl Request {
+    /// The header of the frame it was parsed from.
+    pub fn header(&self) -> Header {
+        match self {
+            Request::Data(d) => d.frame.header,
+            Request::Replicate(c) => c.frame.header,
+            Request::Restore { frame, .. } => frame.header,
+            Request::Fence { header, .. } | Request::Snapshot { header, .. } => *header,
+            Request::Marker(h) | Request::GetMap(h) => *h,
+        }
+    }
+
     /// Parses a frame. The error is the refusal to send back.
     pub fn parse(frame: Frame) -> Result<Request, Refusal> {
         let h = frame.header;
