@@ -1,0 +1,311 @@
+//! Pushes, pulls, every refusal, waits, key caching, the server's own lease.
+
+use super::*;
+
+#[test]
+fn push_then_pull() {
+    let mut c = core_with(1, solo(spec(false, Consistency::Eventual)));
+    let e = req(&mut c, push(10, 1, &[3, 9], &[1.0, 2.0]));
+    assert_eq!(acked(only(&e)), (2, 0));
+    let e = req(&mut c, pull(10, 0, &[3, 9, 12]));
+    let r = only(&e);
+    assert_eq!(r.header.kind, Kind::Reply);
+    assert_eq!(r.header.request_id, 99);
+    assert_eq!(r.vals, [1.0, 2.0, 0.0]);
+}
+
+#[test]
+fn every_refusal_changes_nothing() {
+    let m = solo(spec(false, Consistency::Eventual));
+    let mut c = core_with(1, m.clone());
+    req(&mut c, push(10, 3, &[1], &[1.0]));
+    let with = |f: fn(&mut Frame)| {
+        let mut p = push(10, 4, &[1], &[1.0]);
+        f(&mut p);
+        p
+    };
+    let cases: Vec<(&str, Frame, ErrorCode)> = vec![
+        (
+            "epoch ahead",
+            with(|p| p.header.epoch = 6),
+            ErrorCode::EpochAhead,
+        ),
+        (
+            "unknown table",
+            with(|p| p.header.table = 9),
+            ErrorCode::UnknownTable,
+        ),
+        (
+            "empty range",
+            with(|p| p.header.range = KeyRange { begin: 4, end: 4 }),
+            ErrorCode::NotOwner,
+        ),
+        (
+            "unsorted",
+            with(|p| {
+                p.keys = vec![5, 2];
+                p.vals = vec![1.0, 1.0];
+            }),
+            ErrorCode::BadKeys,
+        ),
+        (
+            "outside its range",
+            with(|p| p.header.range = KeyRange { begin: 2, end: 9 }),
+            ErrorCode::BadKeys,
+        ),
+        (
+            "wrong width",
+            with(|p| p.vals = vec![1.0, 2.0]),
+            ErrorCode::WrongWidth,
+        ),
+        (
+            "NaN",
+            with(|p| p.vals = vec![f32::NAN]),
+            ErrorCode::NotFinite,
+        ),
+        (
+            "infinite",
+            with(|p| p.vals = vec![f32::INFINITY]),
+            ErrorCode::NotFinite,
+        ),
+        ("clock 0", with(|p| p.header.clock = 0), ErrorCode::Invalid),
+        (
+            "duplicate",
+            with(|p| p.header.clock = 3),
+            ErrorCode::Duplicate,
+        ),
+        (
+            "dense over the limit",
+            with(|p| {
+                p.header.flags = FLAG_DENSE;
+                p.keys.clear();
+                p.header.range = KeyRange {
+                    begin: 0,
+                    end: 1 << 21,
+                };
+            }),
+            ErrorCode::Limit,
+        ),
+        (
+            "key list not cached",
+            with(|p| {
+                p.header.flags = FLAG_KEYREF;
+                p.keys = vec![0xabc, 1];
+            }),
+            ErrorCode::KeyCacheMiss,
+        ),
+        (
+            "a reply as a request",
+            with(|p| p.header.kind = Kind::Reply),
+            ErrorCode::Invalid,
+        ),
+        (
+            "a manager's message",
+            {
+                let mut f = Frame::control(
+                    header(Kind::Control, 10, 5, 0, KeyRange::ALL),
+                    &Control::Heartbeat,
+                );
+                f.header.table = 0;
+                f
+            },
+            ErrorCode::Invalid,
+        ),
+        (
+            "garbage control bytes",
+            {
+                let mut f = Frame::new(header(Kind::Control, 10, 5, 0, KeyRange::ALL));
+                f.ctrl = bytes::Bytes::from_static(&[0xff, 0xff, 0xff]);
+                f
+            },
+            ErrorCode::Malformed,
+        ),
+        (
+            "a pull carrying no Consistency",
+            {
+                let mut f = pull(10, 1, &[1]);
+                f.ctrl = Control::Heartbeat.to_bytes().into();
+                f
+            },
+            ErrorCode::Invalid,
+        ),
+    ];
+    for (what, frame, want) in cases {
+        let e = req(&mut c, frame);
+        assert_eq!(code(only(&e)), Some(want), "{what}: {e:?}");
+        assert_eq!(value(&c, 1), 1.0, "{what} changed the table");
+        assert!(forwards(&e).is_empty(), "{what}");
+    }
+    // Worker 11 far below its own window is TooOld.
+    req(&mut c, push(11, 200, &[2], &[1.0]));
+    let e = req(&mut c, push(11, 100, &[2], &[1.0]));
+    assert_eq!(code(only(&e)), Some(ErrorCode::TooOld));
+    assert_eq!(value(&c, 2), 1.0);
+    // A stale epoch is redirected with the map.
+    let mut old = push(10, 9, &[1], &[1.0]);
+    old.header.epoch = 4;
+    let e = req(&mut c, old);
+    let r = only(&e);
+    assert_eq!(r.header.kind, Kind::Redirect);
+    assert!(matches!(r.control_msg(), Ok(Control::Map(got)) if got == m));
+    assert_eq!(value(&c, 1), 1.0);
+}
+
+#[test]
+fn a_late_pipelined_push_is_applied_once() {
+    let mut c = core_with(1, solo(spec(false, Consistency::Eventual)));
+    for clock in [2, 3, 1] {
+        let e = req(&mut c, push(10, clock, &[1], &[1.0]));
+        assert_eq!(acked(only(&e)), (1, 0), "clock {clock}");
+    }
+    let mut again = push(10, 1, &[1], &[1.0]);
+    again.header.flags = FLAG_RETRY;
+    assert_eq!(acked(only(&req(&mut c, again))), (0, 1));
+    assert_eq!(value(&c, 1), 3.0);
+}
+
+#[test]
+fn an_overflowing_sum_is_refused_to_its_sender() {
+    let mut c = core_with(1, solo(spec(true, Consistency::Sequential)));
+    let e = req(&mut c, push(10, 1, &[1], &[f32::MAX]));
+    assert_eq!(acked(only(&e)), (1, 0));
+    let e = req(&mut c, push(11, 1, &[1], &[f32::MAX]));
+    assert_eq!(code(only(&e)), Some(ErrorCode::NotFinite));
+    // The clock waits for a push worker 11 can make.
+    let e = req(&mut c, pull(10, 1, &[1]));
+    assert!(sent(&e).is_empty(), "the pull waits");
+    let e = req(&mut c, push(11, 1, &[1], &[-1.0]));
+    let s = sent(&e);
+    assert_eq!(s.len(), 2, "the ack, then the waiting pull: {e:?}");
+    assert_eq!(acked(s[0]), (1, 0));
+    assert_eq!(s[1].vals, [f32::MAX - 1.0]);
+}
+
+#[test]
+fn pulls_wait_for_the_slowest_worker_and_are_bounded() {
+    let mut c = core_with(1, solo(spec(false, Consistency::Bounded(1))));
+    req(&mut c, push(10, 1, &[1], &[1.0]));
+    req(&mut c, push(10, 2, &[1], &[1.0]));
+    // Clock 3 with tau 1 needs every worker at 2; worker 11 is at 0.
+    for _ in 0..4 {
+        assert!(sent(&req(&mut c, pull(10, 3, &[1]))).is_empty());
+    }
+    let e = req(&mut c, pull(10, 3, &[1]));
+    assert_eq!(code(only(&e)), Some(ErrorCode::Limit));
+    req(&mut c, push(11, 1, &[2], &[1.0]));
+    let e = req(&mut c, push(11, 2, &[2], &[1.0]));
+    let s = sent(&e);
+    assert_eq!(s.len(), 5, "the ack and the four pulls");
+    assert!(s[1..].iter().all(|f| f.vals == [2.0]));
+}
+
+#[test]
+fn a_closed_connection_drops_its_waiting_pulls() {
+    let mut c = core_with(1, solo(spec(false, Consistency::Sequential)));
+    assert!(sent(&req(&mut c, pull(10, 1, &[1]))).is_empty());
+    c.step(2, Input::Closed(CONN));
+    req(&mut c, push(10, 1, &[1], &[1.0]));
+    let e = req(&mut c, push(11, 1, &[1], &[1.0]));
+    assert_eq!(sent(&e).len(), 1, "only the ack: {e:?}");
+}
+
+#[test]
+fn a_moved_range_redirects_its_waiting_pulls() {
+    let mut c = core_with(1, solo(spec(false, Consistency::Sequential)));
+    assert!(sent(&req(&mut c, pull(10, 1, &[1]))).is_empty());
+    let moved = map(
+        6,
+        &[],
+        vec![part(LOW, 2, &[]), part(HIGH, 1, &[])],
+        spec(false, Consistency::Sequential),
+    );
+    let e = c.step(2, Input::Map(moved));
+    let r = only(&e);
+    assert_eq!(r.header.kind, Kind::Redirect);
+}
+
+#[test]
+fn key_caching_resolves_references_after_a_kept_list() {
+    let mut c = core_with(1, solo(spec(false, Consistency::Eventual)));
+    let keys = [3u64, 5, 8];
+    let mut p = push(10, 1, &keys, &[1.0; 3]);
+    p.header.flags = FLAG_CACHE_KEYS;
+    let e = req(&mut c, p);
+    let r = only(&e);
+    assert_ne!(
+        r.header.flags & FLAG_CACHE_KEYS,
+        0,
+        "the server says it kept the list"
+    );
+    let hash = pserver_core::keycache::key_list_hash(&keys);
+    let mut q = push(10, 2, &[hash, 3], &[1.0; 3]);
+    q.header.flags = FLAG_KEYREF;
+    assert_eq!(acked(only(&req(&mut c, q))), (3, 0));
+    assert_eq!(value(&c, 8), 2.0);
+}
+
+#[test]
+fn dense_push_pull_and_scan() {
+    let mut c = core_with(1, solo(spec(false, Consistency::Eventual)));
+    let r = KeyRange { begin: 10, end: 14 };
+    let mut p = Frame::new(header(Kind::Push, 10, 5, 1, r));
+    p.header.flags = FLAG_DENSE;
+    p.vals = vec![1.0, 2.0, 3.0, 4.0];
+    assert_eq!(acked(only(&req(&mut c, p))), (4, 0));
+    let mut q = Frame::new(header(Kind::Pull, 10, 5, 0, r));
+    q.header.flags = FLAG_DENSE;
+    assert_eq!(only(&req(&mut c, q)).vals, [1.0, 2.0, 3.0, 4.0]);
+    let mut s = Frame::new(header(Kind::Pull, 10, 5, 0, KeyRange::ALL));
+    s.header.flags = FLAG_SCAN;
+    let e = req(&mut c, s);
+    assert_eq!(only(&e).keys, [10, 11, 12, 13]);
+}
+
+#[test]
+fn stop_forgets_every_owed_reply() {
+    let mut c = core_with(1, chained(5, spec(false, Consistency::Eventual)));
+    let mut p = push(10, 1, &[1], &[1.0]);
+    p.header.range = LOW;
+    let e = req(&mut c, p);
+    let (_, ticket, _) = forwards(&e)[0];
+    c.stop();
+    let e = c.step(
+        2,
+        Input::Delivered {
+            ticket,
+            delivery: Delivery::Stored,
+        },
+    );
+    assert!(sent(&e).is_empty());
+}
+
+#[test]
+fn a_server_that_has_not_heard_the_manager_for_half_its_lease_serves_nothing() {
+    let mut c = core_with(1, solo(spec(false, Consistency::Eventual)));
+    req(&mut c, push(10, 1, &[1], &[1.0]));
+    c.manager_seen(1_000);
+    let lease = c.map().lease_ms;
+    let at = |c: &mut ServerCore, now: u64, f: Frame| {
+        c.step(
+            now,
+            Input::Request {
+                conn: CONN,
+                frame: f,
+            },
+        )
+    };
+    // Within half the lease: served.
+    let e = at(&mut c, 1_000 + lease / 2, pull(10, 0, &[1]));
+    assert_eq!(only(&e).vals, [1.0]);
+    // Past it: pulls and pushes are refused for now (the worker retries,
+    // and finds the range's new primary once the map moves it).
+    let e = at(&mut c, 1_001 + lease / 2, pull(10, 0, &[1]));
+    assert_eq!(code(only(&e)), Some(ErrorCode::EpochAhead));
+    let e = at(&mut c, 1_001 + lease / 2, push(10, 2, &[1], &[1.0]));
+    assert_eq!(code(only(&e)), Some(ErrorCode::EpochAhead));
+    assert_eq!(value(&c, 1), 1.0);
+    // A later answer from the manager: served again.
+    c.manager_seen(lease);
+    let e = at(&mut c, lease + 10, push(10, 2, &[1], &[1.0]));
+    assert_eq!(acked(only(&e)), (1, 0));
+}

@@ -1,0 +1,157 @@
+//! Map changes: fences, copies to new replicas with their markers, handed-away keys.
+
+use super::*;
+
+#[test]
+fn a_new_primary_waits_for_the_old_ones_fence() {
+    // Server 2 takes LOW from server 1, which is alive (a drain).
+    let before = chained(5, spec(false, Consistency::Eventual));
+    let after = map(
+        6,
+        &[],
+        vec![part(LOW, 2, &[3]), part(HIGH, 2, &[3])],
+        spec(false, Consistency::Eventual),
+    );
+    let mut c = core_with(2, before);
+    c.step(10, Input::Map(after.clone()));
+    let mut p = push(10, 1, &[1], &[1.0]);
+    p.header.epoch = 6;
+    p.header.range = LOW;
+    let e = c.step(
+        20,
+        Input::Request {
+            conn: CONN,
+            frame: p.clone(),
+        },
+    );
+    assert_eq!(code(only(&e)), Some(ErrorCode::EpochAhead));
+    // The fence arrives from server 1: LOW is served.
+    let mut fence = control_request(
+        1,
+        6,
+        &Control::Fence {
+            from: 1,
+            chain: vec![],
+        },
+    );
+    fence.header.range = LOW;
+    let e = c.step(
+        30,
+        Input::Request {
+            conn: 8,
+            frame: fence,
+        },
+    );
+    assert_eq!(only(&e).header.kind, Kind::Reply);
+    let e = c.step(
+        40,
+        Input::Request {
+            conn: CONN,
+            frame: p.clone(),
+        },
+    );
+    assert!(sent(&e).is_empty(), "queued for the replica");
+    assert_eq!(forwards(&e).len(), 1);
+
+    // Without the fence the range is served once the timeout passes.
+    let mut d = core_with(2, chained(5, spec(false, Consistency::Eventual)));
+    d.step(10, Input::Map(after));
+    let e = d.step(
+        10 + FENCE_TIMEOUT_MS - 1,
+        Input::Request {
+            conn: CONN,
+            frame: p.clone(),
+        },
+    );
+    assert_eq!(code(only(&e)), Some(ErrorCode::EpochAhead));
+    let e = d.step(
+        10 + FENCE_TIMEOUT_MS,
+        Input::Request {
+            conn: CONN,
+            frame: p,
+        },
+    );
+    assert_eq!(forwards(&e).len(), 1);
+}
+
+#[test]
+fn the_old_primary_fences_the_ranges_it_hands_over() {
+    let mut c = core_with(1, chained(5, spec(false, Consistency::Eventual)));
+    let after = map(
+        6,
+        &[],
+        vec![part(LOW, 2, &[3]), part(HIGH, 2, &[3])],
+        spec(false, Consistency::Eventual),
+    );
+    let e = c.step(2, Input::Map(after));
+    let fences: Vec<_> = forwards(&e)
+        .into_iter()
+        .filter(|(_, _, f)| matches!(f.control_msg(), Ok(Control::Fence { from: 1, .. })))
+        .collect();
+    assert_eq!(fences.len(), 1);
+    assert_eq!((fences[0].0, fences[0].2.header.range), (2, LOW));
+}
+
+#[test]
+fn a_map_change_copies_to_new_replicas_and_reports_synced_after() {
+    let mut c = core_with(1, solo(spec(false, Consistency::Eventual)));
+    assert!(
+        c.step(1, Input::Map(solo(spec(false, Consistency::Eventual))))
+            .is_empty(),
+        "an old map changes nothing"
+    );
+    req(&mut c, push(10, 1, &[1, MID + 1], &[1.0, 2.0]));
+    let mut m = map(
+        6,
+        &[],
+        vec![part(KeyRange::ALL, 1, &[2])],
+        spec(false, Consistency::Eventual),
+    );
+    m.epoch = 6;
+    let e = c.step(2, Input::Map(m));
+    let fw = forwards(&e);
+    let copy = fw
+        .iter()
+        .find(|(_, _, f)| {
+            matches!(
+                f.control_msg(),
+                Ok(Control::Replicate {
+                    what: Replica::Copy { reset: true },
+                    ..
+                })
+            )
+        })
+        .expect("a copy");
+    assert_eq!(copy.0, 2);
+    assert_eq!(copy.2.keys, [1, MID + 1]);
+    let marker = fw
+        .iter()
+        .find(|(_, _, f)| matches!(f.control_msg(), Ok(Control::Synced { epoch: 6 })))
+        .expect("a marker behind the copy");
+    assert!(marker.1 > copy.1, "the marker queues behind the copy");
+    assert!(!e.iter().any(|x| matches!(x, Effect::Synced { .. })));
+    let e = c.step(
+        3,
+        Input::Delivered {
+            ticket: marker.1,
+            delivery: Delivery::Stored,
+        },
+    );
+    assert!(matches!(e[..], [Effect::Synced { epoch: 6 }]), "{e:?}");
+}
+
+#[test]
+fn keys_of_ranges_handed_away_are_dropped() {
+    let mut c = core_with(1, solo(spec(false, Consistency::Eventual)));
+    req(&mut c, push(10, 1, &[1, 2, MID + 1], &[1.0, 1.0, 1.0]));
+    assert_eq!(c.table(T).unwrap().store().len(), 3);
+    let m = map(
+        6,
+        &[],
+        vec![part(LOW, 2, &[]), part(HIGH, 1, &[])],
+        spec(false, Consistency::Eventual),
+    );
+    c.step(2, Input::Map(m));
+    assert_eq!(c.table(T).unwrap().store().len(), 1);
+    assert_eq!(value(&c, MID + 1), 1.0);
+}
