@@ -1,0 +1,613 @@
+//! The worker client library: push, pull and push-pull on named tables, by key
+//! list or key range. Each call returns a [`Handle`] at once; `wait()` (or
+//! `.await`) gives the result. Requests are sliced by partition, sent to the
+//! owning servers concurrently, and the replies merged in key order. A
+//! redirect refreshes the map and resends only the affected slices; resent
+//! pushes carry a retry flag so the servers' range clocks apply them once.
+//!
+//! With [`WorkerConfig::key_caching`] on, a slice whose key list the server
+//! is believed to hold goes out as `[hash, count]` (`FLAG_KEYREF`) instead of
+//! the keys; a slice sent in full asks the server to keep its list
+//! (`FLAG_CACHE_KEYS`). A server that no longer holds the list refuses the
+//! frame without doing anything (`KeyCacheMiss`) and the slice is resent in
+//! full, so caching never changes what a request does, only its bytes.
+
+mod checkpoint;
+mod send;
+
+use crate::conn::{Peer, lock};
+use crate::error::NodeError;
+use crate::net::Net;
+use crate::proto::{control_request, register, rejoin, reply_control};
+use futures_util::StreamExt;
+use futures_util::future::join_all;
+use futures_util::stream::FuturesUnordered;
+use pserver_core::keycache::key_list_hash;
+use pserver_core::{
+    ClusterMap, Consistency, Init, KEY_END, KeyRange, NodeId, Role, TableSpec, UpdaterSpec,
+};
+/// How values are packed on the wire (see [`WorkerConfig::compression`]).
+pub use pserver_wire::Packing;
+use pserver_wire::header::{
+    FLAG_CACHE_KEYS, FLAG_DENSE, FLAG_KEYREF, FLAG_PACK_REPLY, FLAG_RETRY, FLAG_SCAN,
+};
+use pserver_wire::{Control, ErrorCode, Frame, Header, Kind, Limits};
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::future::{Future, IntoFuture};
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tokio::sync::oneshot;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+/// How to connect a worker (or an ad-hoc client).
+#[derive(Clone, Debug)]
+pub struct WorkerConfig {
+    /// The manager's address.
+    pub manager: String,
+    /// `Worker` (counted by consistency and barriers) or `Client` (never waited for).
+    pub role: Role,
+    /// Frame limits.
+    pub limits: Limits,
+    /// How long one request may take, retries and consistency waits included.
+    pub timeout: Duration,
+    /// Send a key list a server already holds as a 16-byte reference (the
+    /// paper's key caching). Off by default: servers of an older build
+    /// refuse the flags it uses.
+    pub key_caching: bool,
+    /// Slices with fewer keys than this are always sent in full: a short
+    /// list costs little and would only take room in the servers' caches.
+    /// (Lists of two keys or fewer are never cached: the reference is as long.)
+    pub min_cached_keys: usize,
+    /// Pack the values this worker sends (lossless, or fixed point with
+    /// random rounding) and ask servers to pack their replies losslessly.
+    /// Off by default, like key caching.
+    pub compression: Option<Packing>,
+    /// How to dial (TCP unless a test simulates the network).
+    pub net: Net,
+}
+
+/// Default of [`WorkerConfig::min_cached_keys`].
+pub const DEFAULT_MIN_CACHED_KEYS: usize = 16;
+
+/// Key lists remembered as held per server connection: past this many, the
+/// oldest is forgotten (and sent in full, so cached again, next time).
+const KNOWN_LISTS_PER_SERVER: usize = 1 << 16;
+
+impl WorkerConfig {
+    /// A worker of the manager at `manager`.
+    pub fn new(manager: impl Into<String>) -> WorkerConfig {
+        WorkerConfig {
+            manager: manager.into(),
+            role: Role::Worker,
+            limits: Limits::default(),
+            timeout: Duration::from_secs(120),
+            key_caching: false,
+            min_cached_keys: DEFAULT_MIN_CACHED_KEYS,
+            compression: None,
+            net: Net::tcp(),
+        }
+    }
+
+    /// The same, as an ad-hoc client.
+    pub fn client(manager: impl Into<String>) -> WorkerConfig {
+        WorkerConfig {
+            role: Role::Client,
+            ..WorkerConfig::new(manager)
+        }
+    }
+}
+
+/// What a table is created with; see [`TableSpec`].
+#[derive(Clone, Debug, PartialEq)]
+pub struct TableOptions {
+    /// Floats per key.
+    pub dim: u32,
+    /// How unpushed keys read.
+    pub init: Init,
+    /// What servers do with a push.
+    pub updater: UpdaterSpec,
+    /// Default consistency of pulls.
+    pub consistency: Consistency,
+    /// Sum each clock's pushes from every live worker, then apply once.
+    pub aggregate: bool,
+}
+
+impl TableOptions {
+    /// A table of width `dim` with `updater`, zero-initialized, eventual consistency.
+    pub fn new(dim: u32, updater: UpdaterSpec) -> TableOptions {
+        TableOptions {
+            dim,
+            init: Init::Zero,
+            updater,
+            consistency: Consistency::Eventual,
+            aggregate: false,
+        }
+    }
+
+    /// Sums each clock's pushes from every live worker before the updater runs.
+    pub fn aggregate(mut self, on: bool) -> TableOptions {
+        self.aggregate = on;
+        self
+    }
+
+    /// Sets the default consistency.
+    pub fn consistency(mut self, c: Consistency) -> TableOptions {
+        self.consistency = c;
+        self
+    }
+
+    /// Sets the initializer.
+    pub fn init(mut self, init: Init) -> TableOptions {
+        self.init = init;
+        self
+    }
+}
+
+/// Which keys a request covers.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Keys {
+    /// Sorted, unique keys.
+    List(Vec<u64>),
+    /// Every key of a range (dense: no key list on the wire).
+    Range(KeyRange),
+}
+
+/// What a request does.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Op {
+    /// Apply values through the table's updater.
+    Push,
+    /// Read values.
+    Pull,
+    /// Push, then read the same keys.
+    PushPull,
+}
+
+/// A fully described request; the `push`/`pull` methods build these.
+#[derive(Clone, Debug)]
+pub struct Request {
+    /// Table name.
+    pub table: String,
+    /// What to do.
+    pub op: Op,
+    /// Which keys.
+    pub keys: Keys,
+    /// Pushed values, `keys x dim x push width` (empty for a pull).
+    pub vals: Vec<f32>,
+    /// Clock to send; `None` uses the worker's current clock.
+    pub clock: Option<u64>,
+    /// Overrides the table's consistency for this pull.
+    pub consistency: Option<Consistency>,
+}
+
+/// The outcome of a request.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Outcome {
+    /// Pulled values, `dim` per key in key order (empty for a push).
+    pub vals: Vec<f32>,
+    /// Keys the servers applied.
+    pub applied: u64,
+    /// Keys skipped as already applied at this clock (retries).
+    pub duplicate: u64,
+}
+
+/// The pending result of a request. `wait()` blocks the calling thread (do not
+/// call it from async code; `.await` the handle there instead).
+#[must_use = "a handle does nothing unless waited for"]
+pub struct Handle<T> {
+    rx: oneshot::Receiver<Result<T, NodeError>>,
+}
+
+impl<T> Handle<T> {
+    /// Blocks until the request completes.
+    pub fn wait(self) -> Result<T, NodeError> {
+        self.rx.blocking_recv().map_err(|_| NodeError::Abandoned)?
+    }
+}
+
+impl<T: Send + 'static> IntoFuture for Handle<T> {
+    type Output = Result<T, NodeError>;
+    type IntoFuture = Pin<Box<dyn Future<Output = Self::Output> + Send>>;
+
+    fn into_future(self) -> Self::IntoFuture {
+        Box::pin(async move { self.rx.await.map_err(|_| NodeError::Abandoned)? })
+    }
+}
+
+/// Bytes and requests this worker moved.
+#[derive(Debug, Default)]
+pub struct Traffic {
+    /// Bytes of frames sent.
+    pub bytes_sent: AtomicU64,
+    /// Bytes of frames received.
+    pub bytes_received: AtomicU64,
+    /// Frames sent to servers.
+    pub requests: AtomicU64,
+    /// Slices resent after a redirect, a failure or a key-cache miss.
+    pub retries: AtomicU64,
+    /// Key bytes not sent because a key list went as a reference:
+    /// `count * 8 - 16` per `FLAG_KEYREF` frame the server answered other
+    /// than with a miss (a miss is resent in full and saves nothing); plus
+    /// value bytes saved by packing what this worker sent.
+    pub bytes_saved: AtomicU64,
+    /// Value bytes the servers did not send because they packed their replies.
+    pub bytes_saved_received: AtomicU64,
+}
+
+/// Key lists (table, hash) a server is believed to hold, oldest first.
+/// Bounded; a wrong belief costs one refused frame and a resend.
+#[derive(Debug, Default)]
+struct KnownLists {
+    set: HashSet<(u32, u64)>,
+    order: VecDeque<(u32, u64)>,
+}
+
+impl KnownLists {
+    fn contains(&self, table: u32, hash: u64) -> bool {
+        self.set.contains(&(table, hash))
+    }
+
+    fn learn(&mut self, table: u32, hash: u64) {
+        if !self.set.insert((table, hash)) {
+            return;
+        }
+        self.order.push_back((table, hash));
+        while self.order.len() > KNOWN_LISTS_PER_SERVER {
+            if let Some(old) = self.order.pop_front() {
+                self.set.remove(&old);
+            }
+        }
+    }
+
+    fn forget(&mut self, table: u32, hash: u64) {
+        if self.set.remove(&(table, hash)) {
+            // Linear, but only after a miss, which a working cache makes rare.
+            self.order.retain(|&e| e != (table, hash));
+        }
+    }
+}
+
+/// A connection to a server and what that server holds of this worker's
+/// key lists. The two live and die together: a new connection may be to a
+/// restarted server with an empty cache, so it starts knowing nothing.
+#[derive(Clone, Debug)]
+struct Link {
+    peer: Peer,
+    known: Arc<Mutex<KnownLists>>,
+}
+
+struct Inner {
+    id: NodeId,
+    /// The link to the manager; replaced when it is rejoined.
+    manager: Mutex<Peer>,
+    map: Mutex<Arc<ClusterMap>>,
+    servers: Mutex<HashMap<NodeId, Link>>,
+    clock: AtomicU64,
+    limits: Limits,
+    /// Key caching on, and the shortest list it applies to (at least 3).
+    cache_keys_from: Option<usize>,
+    /// Value compression, when on.
+    compression: Option<Packing>,
+    /// Fires when the latest push has queued its first frames (see `send`).
+    push_gate: Mutex<Option<oneshot::Receiver<()>>>,
+    /// The clocks of the pushes in flight, kept within the servers' window.
+    in_flight: Arc<crate::window::ClockWindow>,
+    net: Net,
+    timeout: Duration,
+    cancel: CancellationToken,
+    traffic: Traffic,
+    rt: tokio::runtime::Handle,
+}
+
+/// A connection of the user's program to the cluster. Cheap to clone.
+#[derive(Clone)]
+pub struct Worker {
+    inner: Arc<Inner>,
+}
+
+impl Inner {
+    /// The current link to the manager.
+    fn manager(&self) -> Peer {
+        lock(&self.manager).clone()
+    }
+}
+
+impl Drop for Inner {
+    fn drop(&mut self) {
+        self.cancel.cancel();
+    }
+}
+
+impl Worker {
+    /// Registers with the manager and fetches the map.
+    pub async fn connect(cfg: WorkerConfig) -> Result<Worker, NodeError> {
+        let (manager, mut notices) = Peer::connect_via(&cfg.net, &cfg.manager, cfg.limits).await?;
+        let (id, map) = register(&manager, cfg.role, "").await?;
+        let heartbeat = map.heartbeat_interval();
+        let inner = Arc::new(Inner {
+            id,
+            manager: Mutex::new(manager.clone()),
+            map: Mutex::new(Arc::new(map)),
+            servers: Mutex::new(HashMap::new()),
+            clock: AtomicU64::new(1),
+            limits: cfg.limits,
+            timeout: cfg.timeout,
+            cache_keys_from: cfg.key_caching.then_some(cfg.min_cached_keys.max(3)),
+            compression: cfg.compression,
+            push_gate: Mutex::new(None),
+            in_flight: Arc::default(),
+            net: cfg.net.clone(),
+            cancel: CancellationToken::new(),
+            traffic: Traffic::default(),
+            rt: tokio::runtime::Handle::current(),
+        });
+        // Heartbeats out, maps in; holds only a weak reference so dropping
+        // the last Worker ends it.
+        let weak = Arc::downgrade(&inner);
+        let cancel = inner.cancel.clone();
+        let mut peer = manager;
+        let (net, addr, limits, role) =
+            (cfg.net.clone(), cfg.manager.clone(), cfg.limits, cfg.role);
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(heartbeat);
+            loop {
+                let mut lost = false;
+                tokio::select! {
+                    _ = cancel.cancelled() => break,
+                    _ = tick.tick() => {
+                        lost = peer.notify(control_request(id, 0, &Control::Heartbeat)).await.is_err();
+                    }
+                    n = notices.recv() => match n {
+                        None => lost = true,
+                        Some(frame) => {
+                            if let (Ok(Control::Map(map)), Some(inner)) = (frame.control_msg(), weak.upgrade()) {
+                                inner.install(map);
+                            }
+                        }
+                    }
+                }
+                if lost {
+                    // The manager restarted, or the link broke: rejoin with
+                    // the same id, so clocks and barriers still count this
+                    // worker. Requests in flight to servers go on meanwhile.
+                    match rejoin(&net, &addr, limits, id, role, "").await {
+                        Ok((p, rx, map)) => {
+                            let Some(inner) = weak.upgrade() else { break };
+                            *lock(&inner.manager) = p.clone();
+                            inner.install(map);
+                            peer = p;
+                            notices = rx;
+                        }
+                        Err(e) => {
+                            tracing::warn!(node = id, error = %e, "cannot rejoin the manager");
+                            break;
+                        }
+                    }
+                }
+            }
+        });
+        Ok(Worker { inner })
+    }
+
+    /// This node's id.
+    pub fn id(&self) -> NodeId {
+        self.inner.id
+    }
+
+    /// The cluster map as last seen.
+    pub fn map(&self) -> Arc<ClusterMap> {
+        lock(&self.inner.map).clone()
+    }
+
+    /// Bytes and requests moved so far.
+    pub fn traffic(&self) -> &Traffic {
+        &self.inner.traffic
+    }
+
+    /// The clock sent with the next request.
+    pub fn clock(&self) -> u64 {
+        self.inner.clock.load(Ordering::SeqCst)
+    }
+
+    /// Sets the clock sent with later requests.
+    pub fn set_clock(&self, clock: u64) {
+        self.inner.clock.store(clock, Ordering::SeqCst);
+    }
+
+    /// Moves to the next clock (iteration) and returns it.
+    pub fn advance(&self) -> u64 {
+        self.inner.clock.fetch_add(1, Ordering::SeqCst) + 1
+    }
+
+    /// Fetches the current map from the manager.
+    pub async fn refresh(&self) -> Result<Arc<ClusterMap>, NodeError> {
+        self.inner.refresh().await
+    }
+
+    /// Creates a table (or returns the existing one if it has the same spec).
+    pub async fn create_table(
+        &self,
+        name: &str,
+        opts: TableOptions,
+    ) -> Result<TableSpec, NodeError> {
+        let msg = Control::CreateTable(TableSpec {
+            id: 0,
+            name: name.to_string(),
+            dim: opts.dim,
+            init: opts.init,
+            updater: opts.updater,
+            consistency: opts.consistency,
+            aggregate: opts.aggregate,
+        });
+        let reply = self
+            .inner
+            .manager()
+            .request(control_request(self.inner.id, 0, &msg))
+            .await?;
+        match reply_control(&reply, self.inner.manager().label())? {
+            Control::TableCreated(spec) => {
+                self.inner.refresh().await?;
+                Ok(spec)
+            }
+            other => Err(NodeError::Protocol {
+                peer: self.inner.manager().label().to_string(),
+                what: format!("expected TableCreated, got {other:?}"),
+            }),
+        }
+    }
+
+    /// The spec of a table, refreshing the map once if it is not known yet.
+    pub async fn table(&self, name: &str) -> Result<TableSpec, NodeError> {
+        self.inner.table(name).await
+    }
+
+    /// Asks the manager to drain server `node`: its ranges move to the other
+    /// servers (bulk copy, then the changes made meanwhile, then the map
+    /// switch), after which it exits. Returns once the drain has started.
+    pub async fn drain(&self, node: NodeId) -> Result<(), NodeError> {
+        let reply = self
+            .inner
+            .manager()
+            .request(control_request(self.inner.id, 0, &Control::Drain { node }))
+            .await?;
+        reply_control(&reply, self.inner.manager().label()).map(|_| ())
+    }
+
+    /// Waits until every live worker has entered barrier `name`.
+    pub async fn barrier(&self, name: &str) -> Result<(), NodeError> {
+        let reply = self
+            .inner
+            .manager()
+            .request(control_request(
+                self.inner.id,
+                0,
+                &Control::Barrier {
+                    name: name.to_string(),
+                },
+            ))
+            .await?;
+        reply_control(&reply, self.inner.manager().label()).map(|_| ())
+    }
+
+    /// Pushes `vals` for sorted, unique `keys` at the current clock.
+    pub fn push(&self, table: &str, keys: Vec<u64>, vals: Vec<f32>) -> Handle<Outcome> {
+        self.send(Request {
+            table: table.into(),
+            op: Op::Push,
+            keys: Keys::List(keys),
+            vals,
+            clock: None,
+            consistency: None,
+        })
+    }
+
+    /// Pulls the values of sorted, unique `keys` (`dim` floats per key).
+    pub fn pull(&self, table: &str, keys: Vec<u64>) -> Handle<Vec<f32>> {
+        self.values(Request {
+            table: table.into(),
+            op: Op::Pull,
+            keys: Keys::List(keys),
+            vals: Vec::new(),
+            clock: None,
+            consistency: None,
+        })
+    }
+
+    /// Pushes, then pulls the same keys once the push is applied.
+    pub fn push_pull(&self, table: &str, keys: Vec<u64>, vals: Vec<f32>) -> Handle<Vec<f32>> {
+        self.values(Request {
+            table: table.into(),
+            op: Op::PushPull,
+            keys: Keys::List(keys),
+            vals,
+            clock: None,
+            consistency: None,
+        })
+    }
+
+    /// Pushes values for every key of `range`.
+    pub fn push_range(&self, table: &str, range: KeyRange, vals: Vec<f32>) -> Handle<Outcome> {
+        self.send(Request {
+            table: table.into(),
+            op: Op::Push,
+            keys: Keys::Range(range),
+            vals,
+            clock: None,
+            consistency: None,
+        })
+    }
+
+    /// Pulls every key of `range`.
+    pub fn pull_range(&self, table: &str, range: KeyRange) -> Handle<Vec<f32>> {
+        self.values(Request {
+            table: table.into(),
+            op: Op::Pull,
+            keys: Keys::Range(range),
+            vals: Vec::new(),
+            clock: None,
+            consistency: None,
+        })
+    }
+
+    fn values(&self, mut req: Request) -> Handle<Vec<f32>> {
+        // The clock is the one current now, not when the task first runs:
+        // the caller may advance it before then.
+        req.clock.get_or_insert_with(|| self.clock());
+        let order = self.push_order(&req);
+        let (tx, rx) = oneshot::channel();
+        let inner = self.inner.clone();
+        self.inner.rt.spawn(async move {
+            let _ = tx.send(inner.execute(req, order).await.map(|o| o.vals));
+        });
+        Handle { rx }
+    }
+
+    /// For a request that pushes: the signal of the push before it, and the
+    /// one this request gives the next once its frames are queued. Pushes
+    /// thus leave in the order they were made: a server keeps the highest
+    /// clock each worker pushed to a range, so a later clock arriving first
+    /// would make the earlier look like a duplicate.
+    #[allow(clippy::type_complexity)]
+    fn push_order(
+        &self,
+        req: &Request,
+    ) -> Option<(Option<oneshot::Receiver<()>>, oneshot::Sender<()>)> {
+        (req.op != Op::Pull).then(|| {
+            let (queued, next) = oneshot::channel();
+            let before = lock(&self.inner.push_gate).replace(next);
+            (before, queued)
+        })
+    }
+
+    /// Sends any request.
+    pub fn send(&self, mut req: Request) -> Handle<Outcome> {
+        req.clock.get_or_insert_with(|| self.clock());
+        let order = self.push_order(&req);
+        let (tx, rx) = oneshot::channel();
+        let inner = self.inner.clone();
+        self.inner.rt.spawn(async move {
+            let _ = tx.send(inner.execute(req, order).await);
+        });
+        Handle { rx }
+    }
+
+    /// Reads every stored key of `range` with its weights (`dim` per key),
+    /// in key order. Keys never pushed are not stored and not returned.
+    pub fn scan(&self, table: &str, range: KeyRange) -> Handle<(Vec<u64>, Vec<f32>)> {
+        let (tx, rx) = oneshot::channel();
+        let inner = self.inner.clone();
+        let table = table.to_string();
+        self.inner.rt.spawn(async move {
+            let _ = tx.send(inner.scan(table, range).await);
+        });
+        Handle { rx }
+    }
+
+    /// Leaves the cluster: closes the link to the manager.
+    pub fn shutdown(&self) {
+        self.inner.cancel.cancel();
+    }
+}

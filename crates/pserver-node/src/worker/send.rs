@@ -1,0 +1,627 @@
+//! How a request travels: sliced by partition, each slice sent to its
+//! primary and retried on its own (redirects re-sliced with the newer map,
+//! passing refusals after a growing pause, lost ones as retries), key lists
+//! replaced by references where the server holds them, and the replies
+//! merged in key order.
+
+use super::*;
+
+/// A piece of a request still to be done.
+#[derive(Clone, Debug)]
+struct Item {
+    range: KeyRange,
+    /// Offset of the item's first key in the request (key list index, or
+    /// key minus the request range's begin for dense requests).
+    first: usize,
+    /// Keys in the item.
+    count: usize,
+    /// Sent before: it may have been applied, so a resend is a retry.
+    sent: bool,
+    /// Transient failures so far (sets the pause before the next try).
+    tries: u32,
+}
+
+/// A signal for the next push, shared by the parts of a request's first
+/// round: once the last part is dropped (its frame queued, or failed), the
+/// sender is dropped, which completes the next push's wait.
+#[derive(Clone)]
+struct Queued(#[allow(dead_code)] Arc<oneshot::Sender<()>>);
+
+/// A slice on its way: it ends with its result, or with none after a
+/// pause (then it is sliced again with the current map).
+type SliceFuture<'a> =
+    Pin<Box<dyn Future<Output = (Item, Option<Result<SliceResult, NodeError>>)> + Send + 'a>>;
+
+/// Waits before a slice goes again (2 ms doubling to 200 ms), then hands it
+/// back with no result: the caller refreshes the map and resends it.
+async fn pause<E>(item: Item) -> (Item, Option<Result<SliceResult, E>>) {
+    let ms = (2u64 << item.tries.min(7)).min(200);
+    tokio::time::sleep(Duration::from_millis(ms)).await;
+    (item, None)
+}
+
+enum SliceResult {
+    Done {
+        keys: Vec<u64>,
+        vals: Vec<f32>,
+        applied: u64,
+        duplicate: u64,
+    },
+    Redirect(ClusterMap),
+    /// Not done, nothing changed: send again after a pause.
+    Again,
+    /// The connection failed, or the server refused it after it may have
+    /// applied it: resent as a retry.
+    Lost,
+    /// The server no longer holds the key list a reference named; it did
+    /// nothing, and the slice goes again at once with its keys.
+    Miss,
+}
+
+impl Inner {
+    pub(super) fn install(&self, map: ClusterMap) {
+        let mut cur = lock(&self.map);
+        if map.epoch > cur.epoch {
+            // Requests in flight to a server now declared dead fail at once
+            // and are resent to the range's new primary, even when the dead
+            // server's socket stays open (frozen, or cut off) and would
+            // never answer.
+            let mut servers = lock(&self.servers);
+            servers.retain(|id, link| {
+                let alive = map
+                    .node(*id)
+                    .is_some_and(|n| n.state != pserver_core::NodeState::Dead);
+                if !alive {
+                    link.peer.close();
+                }
+                alive
+            });
+            drop(servers);
+            *cur = Arc::new(map);
+        }
+    }
+
+    pub(super) async fn refresh(&self) -> Result<Arc<ClusterMap>, NodeError> {
+        let reply = self
+            .manager()
+            .request(control_request(self.id, 0, &Control::GetMap))
+            .await?;
+        match reply_control(&reply, self.manager().label())? {
+            Control::Map(map) => {
+                self.install(map);
+                Ok(lock(&self.map).clone())
+            }
+            other => Err(NodeError::Protocol {
+                peer: self.manager().label().to_string(),
+                what: format!("expected Map, got {other:?}"),
+            }),
+        }
+    }
+
+    pub(super) async fn table(&self, name: &str) -> Result<TableSpec, NodeError> {
+        if let Some(t) = lock(&self.map).table(name) {
+            return Ok(t.clone());
+        }
+        let map = self.refresh().await?;
+        map.table(name)
+            .cloned()
+            .ok_or_else(|| NodeError::UnknownTable(name.to_string()))
+    }
+
+    pub(super) async fn link(&self, node: NodeId, map: &ClusterMap) -> Result<Link, NodeError> {
+        if let Some(l) = lock(&self.servers).get(&node) {
+            if !l.peer.is_closed() {
+                return Ok(l.clone());
+            }
+        }
+        let addr = map
+            .node(node)
+            .map(|n| n.addr.clone())
+            .ok_or_else(|| NodeError::Protocol {
+                peer: "map".into(),
+                what: format!("partition names unknown node {node}"),
+            })?;
+        let (peer, _notices) = Peer::connect_via(&self.net, &addr, self.limits).await?;
+        let mut servers = lock(&self.servers);
+        match servers.get(&node) {
+            // Slices sent at once race to connect; the first link stays, so
+            // that what each slice learns about the server's key cache lands
+            // in the one set every later slice reads.
+            Some(l) if !l.peer.is_closed() => Ok(l.clone()),
+            _ => {
+                let link = Link {
+                    peer,
+                    known: Arc::default(),
+                };
+                servers.insert(node, link.clone());
+                Ok(link)
+            }
+        }
+    }
+
+    pub(super) async fn execute(
+        self: Arc<Self>,
+        req: Request,
+        order: Option<(Option<oneshot::Receiver<()>>, oneshot::Sender<()>)>,
+    ) -> Result<Outcome, NodeError> {
+        // Wait for the push before this one to have queued its frames; hold
+        // the signal for the next until this one has queued its own (a
+        // failure before that drops it, which also lets the next go).
+        let mut queued_signal = None;
+        if let Some((before, queued)) = order {
+            if let Some(before) = before {
+                let _ = before.await;
+            }
+            queued_signal = Some(queued);
+        }
+        // Pushes complete out of order: keep the clocks in flight within
+        // the window the servers remember, so that a slice resent late is
+        // still recognised as applied or not.
+        let _in_flight = if req.op != Op::Pull {
+            let clock = req
+                .clock
+                .unwrap_or_else(|| self.clock.load(Ordering::SeqCst));
+            match tokio::time::timeout(self.timeout, self.in_flight.enter(clock)).await {
+                Ok(place) => Some(place),
+                Err(_) => {
+                    return Err(NodeError::Timeout {
+                        what: format!("room for clock {clock} among the pushes in flight"),
+                        secs: self.timeout.as_secs(),
+                    });
+                }
+            }
+        } else {
+            None
+        };
+        let spec = self.table(&req.table).await?;
+        let dim = spec.dim as usize;
+        let clock = req
+            .clock
+            .unwrap_or_else(|| self.clock.load(Ordering::SeqCst));
+        let (range, n, dense) = match &req.keys {
+            Keys::List(keys) => {
+                if let Some(i) = keys.windows(2).position(|w| w[0] >= w[1]) {
+                    return Err(NodeError::BadRequest(format!(
+                        "keys must be sorted and unique; position {} is not",
+                        i + 1
+                    )));
+                }
+                if keys.last() == Some(&KEY_END) {
+                    return Err(NodeError::BadRequest(format!("key {KEY_END} is reserved")));
+                }
+                (KeyRange::ALL, keys.len(), false)
+            }
+            Keys::Range(r) => {
+                if r.is_empty() {
+                    return Err(NodeError::BadRequest(format!("range {r} is empty")));
+                }
+                if r.len() > self.limits.max_keys as u64 {
+                    return Err(NodeError::BadRequest(format!(
+                        "range {r} has more than {} keys",
+                        self.limits.max_keys
+                    )));
+                }
+                (*r, r.len() as usize, true)
+            }
+        };
+        let pushes = req.op != Op::Pull;
+        let width = if !pushes || n == 0 {
+            0
+        } else if !req.vals.len().is_multiple_of(n) || req.vals.is_empty() {
+            return Err(NodeError::BadRequest(format!(
+                "{} values do not divide evenly over {n} keys",
+                req.vals.len()
+            )));
+        } else {
+            req.vals.len() / n
+        };
+        if !pushes && !req.vals.is_empty() {
+            return Err(NodeError::BadRequest("a pull carries no values".into()));
+        }
+        let keys: &[u64] = match &req.keys {
+            Keys::List(k) => k,
+            Keys::Range(_) => &[],
+        };
+        let kind = match req.op {
+            Op::Push => Kind::Push,
+            Op::Pull => Kind::Pull,
+            Op::PushPull => Kind::PushPull,
+        };
+        let ctrl = match (req.op, req.consistency) {
+            (Op::Pull, Some(c)) => Control::Consistency(c).to_bytes().into(),
+            _ => bytes::Bytes::new(),
+        };
+        let mut out = Outcome {
+            vals: if req.op == Op::Push {
+                Vec::new()
+            } else {
+                vec![0.0; n * dim]
+            },
+            ..Outcome::default()
+        };
+        // Every slice goes and retries on its own: a slice held by a server
+        // (an aggregating table acknowledges a push once every worker's push
+        // of the clock is in) must not hold back the resend of another slice
+        // of the same request, which that very sum may be waiting for.
+        let mut queue = vec![Item {
+            range,
+            first: 0,
+            count: n,
+            sent: false,
+            tries: 0,
+        }];
+        let deadline = Instant::now() + self.timeout;
+        let mut in_flight: FuturesUnordered<SliceFuture<'_>> = FuturesUnordered::new();
+        loop {
+            if !queue.is_empty() {
+                let map = lock(&self.map).clone();
+                // The first round's frames count down to the signal.
+                let countdown = queued_signal.take().map(|tx| Queued(Arc::new(tx)));
+                for item in std::mem::take(&mut queue) {
+                    let item_keys = if dense {
+                        &[][..]
+                    } else {
+                        &keys[item.first..item.first + item.count]
+                    };
+                    let slices = map.slice(item.range, item_keys);
+                    if slices.is_empty() {
+                        // The map names no live server; fail now unless the
+                        // manager already knows better.
+                        if self.refresh().await?.partitions.is_empty() {
+                            return Err(NodeError::NoServer(item.range));
+                        }
+                        in_flight.push(Box::pin(pause(item)));
+                        continue;
+                    }
+                    for s in slices {
+                        // A pull needs no message where it has no keys (a
+                        // push does: its empty slices advance range clocks).
+                        if req.op == Op::Pull && !dense && s.keys.is_empty() {
+                            continue;
+                        }
+                        let (first, count) = if dense {
+                            (
+                                (s.range.begin - range.begin) as usize,
+                                s.range.len() as usize,
+                            )
+                        } else {
+                            (item.first + s.keys.start, s.keys.len())
+                        };
+                        let sub = Item {
+                            range: s.range,
+                            first,
+                            count,
+                            sent: item.sent,
+                            tries: item.tries,
+                        };
+                        let server = map.partitions[s.partition].primary;
+                        let mut h = Header::new(kind);
+                        h.flags = if dense { FLAG_DENSE } else { 0 }
+                            | if sub.sent { FLAG_RETRY } else { 0 };
+                        h.sender = self.id;
+                        h.table = spec.id;
+                        h.epoch = map.epoch;
+                        h.clock = clock;
+                        h.range = sub.range;
+                        let frame = Frame {
+                            header: h,
+                            keys: if dense {
+                                Vec::new()
+                            } else {
+                                keys[sub.first..sub.first + sub.count].to_vec()
+                            },
+                            vals: req.vals[sub.first * width..(sub.first + sub.count) * width]
+                                .to_vec(),
+                            ctrl: ctrl.clone(),
+                            packed: None,
+                        };
+                        let this = self.clone();
+                        let map = map.clone();
+                        let queued = countdown.clone();
+                        in_flight.push(Box::pin(async move {
+                            let r = this.send_slice(server, &map, frame, queued).await;
+                            (sub, Some(r))
+                        }));
+                    }
+                }
+            }
+            let Some((mut item, step)) = in_flight.next().await else {
+                return Ok(out);
+            };
+            let Some(res) = step else {
+                // Back from a pause: the map may have moved on without
+                // telling us (a server died).
+                let _ = self.refresh().await;
+                queue.push(item);
+                continue;
+            };
+            let again = |mut item: Item, in_flight: &mut FuturesUnordered<_>| {
+                self.traffic.retries.fetch_add(1, Ordering::Relaxed);
+                item.tries += 1;
+                in_flight.push(Box::pin(pause(item)) as Pin<Box<dyn Future<Output = _> + Send>>);
+            };
+            match res? {
+                SliceResult::Done {
+                    vals,
+                    keys: _,
+                    applied,
+                    duplicate,
+                } => {
+                    out.applied += applied;
+                    out.duplicate += duplicate;
+                    if req.op != Op::Push {
+                        if vals.len() != item.count * dim {
+                            return Err(NodeError::Protocol {
+                                peer: format!("server for {}", item.range),
+                                what: format!(
+                                    "{} values for {} keys of dim {dim}",
+                                    vals.len(),
+                                    item.count
+                                ),
+                            });
+                        }
+                        out.vals[item.first * dim..(item.first + item.count) * dim]
+                            .copy_from_slice(&vals);
+                    }
+                    continue;
+                }
+                SliceResult::Redirect(map) => {
+                    self.install(map);
+                    self.traffic.retries.fetch_add(1, Ordering::Relaxed);
+                    queue.push(item);
+                }
+                SliceResult::Again => again(item, &mut in_flight),
+                // Not a retry: the refused reference changed nothing, so
+                // `item.sent` stays as it was.
+                SliceResult::Miss => {
+                    self.traffic.retries.fetch_add(1, Ordering::Relaxed);
+                    queue.push(item);
+                }
+                SliceResult::Lost => {
+                    item.sent = true;
+                    again(item, &mut in_flight);
+                }
+            }
+            if Instant::now() >= deadline {
+                return Err(NodeError::Timeout {
+                    what: format!("{:?} on table {:?}", req.op, req.table),
+                    secs: self.timeout.as_secs(),
+                });
+            }
+        }
+    }
+
+    pub(super) async fn scan(
+        self: Arc<Self>,
+        table: String,
+        range: KeyRange,
+    ) -> Result<(Vec<u64>, Vec<f32>), NodeError> {
+        let spec = self.table(&table).await?;
+        let mut todo = vec![range];
+        let mut parts: Vec<(u64, Vec<u64>, Vec<f32>)> = Vec::new();
+        let deadline = Instant::now() + self.timeout;
+        while !todo.is_empty() {
+            let map = lock(&self.map).clone();
+            let mut subs = Vec::new();
+            for r in &todo {
+                let slices = map.slice(*r, &[]);
+                if slices.is_empty() && self.refresh().await?.partitions.is_empty() {
+                    return Err(NodeError::NoServer(*r));
+                }
+                for s in slices {
+                    subs.push((s.range, map.partitions[s.partition].primary));
+                }
+            }
+            let sends = subs.iter().map(|&(r, server)| {
+                let mut h = Header::new(Kind::Pull);
+                h.flags = FLAG_SCAN;
+                h.sender = self.id;
+                h.table = spec.id;
+                h.epoch = map.epoch;
+                h.range = r;
+                let map = map.clone();
+                let this = self.clone();
+                async move { this.send_slice(server, &map, Frame::new(h), None).await }
+            });
+            let results = join_all(sends).await;
+            todo = Vec::new();
+            for ((r, _), res) in subs.into_iter().zip(results) {
+                match res? {
+                    SliceResult::Done { keys, vals, .. } => {
+                        if vals.len() != keys.len() * spec.dim as usize
+                            || keys.iter().any(|k| !r.contains(*k))
+                        {
+                            return Err(NodeError::Protocol {
+                                peer: format!("server for {r}"),
+                                what: "scan reply does not match its range".into(),
+                            });
+                        }
+                        parts.push((r.begin, keys, vals));
+                    }
+                    SliceResult::Redirect(m) => {
+                        self.install(m);
+                        todo.push(r);
+                    }
+                    SliceResult::Again | SliceResult::Lost | SliceResult::Miss => todo.push(r),
+                }
+            }
+            if !todo.is_empty() {
+                if Instant::now() >= deadline {
+                    return Err(NodeError::Timeout {
+                        what: format!("scan of table {table:?}"),
+                        secs: self.timeout.as_secs(),
+                    });
+                }
+                tokio::time::sleep(Duration::from_millis(5)).await;
+                let _ = self.refresh().await;
+            }
+        }
+        parts.sort_unstable_by_key(|p| p.0);
+        let mut keys = Vec::new();
+        let mut vals = Vec::new();
+        for (_, k, v) in parts {
+            keys.extend(k);
+            vals.extend(v);
+        }
+        Ok((keys, vals))
+    }
+
+    /// True when `frame`'s key list should be cached: caching is on and the
+    /// frame is a data request with a long enough key list.
+    fn caches(&self, frame: &Frame) -> bool {
+        let h = &frame.header;
+        self.cache_keys_from
+            .is_some_and(|min| frame.keys.len() >= min)
+            && matches!(h.kind, Kind::Push | Kind::Pull | Kind::PushPull)
+            && h.flags & (FLAG_DENSE | FLAG_SCAN | FLAG_KEYREF) == 0
+    }
+
+    /// Sends one slice and reads its reply. `queued` is dropped once the
+    /// frame is queued on its connection (or could not be), which is what
+    /// the next push waits for.
+    async fn send_slice(
+        &self,
+        server: NodeId,
+        map: &ClusterMap,
+        frame: Frame,
+        queued: Option<Queued>,
+    ) -> Result<SliceResult, NodeError> {
+        let link = match self.link(server, map).await {
+            Ok(l) => l,
+            Err(e) if e.is_transient() => return Ok(SliceResult::Again),
+            Err(e) => return Err(e),
+        };
+        let peer = &link.peer;
+        let table = frame.header.table;
+        let mut frame = frame;
+        // Key caching: the list's hash, and whether a reference replaced it.
+        let mut cached = None;
+        if self.caches(&frame) {
+            let hash = key_list_hash(&frame.keys);
+            let count = frame.keys.len() as u64;
+            if lock(&link.known).contains(table, hash) {
+                frame.keys = vec![hash, count];
+                frame.header.flags |= FLAG_KEYREF;
+                cached = Some((hash, Some(count)));
+            } else {
+                frame.header.flags |= FLAG_CACHE_KEYS;
+                cached = Some((hash, None));
+            }
+        }
+        if let Some(packing) = self.compression {
+            if matches!(frame.header.kind, Kind::Pull | Kind::PushPull) {
+                frame.header.flags |= FLAG_PACK_REPLY;
+            }
+            let saved = frame.pack(packing);
+            self.traffic.bytes_saved.fetch_add(saved, Ordering::Relaxed);
+        }
+        self.traffic.requests.fetch_add(1, Ordering::Relaxed);
+        self.traffic
+            .bytes_sent
+            .fetch_add(frame.encoded_len() as u64 + 4, Ordering::Relaxed);
+        let reply = match peer.send_request(frame).await {
+            Ok(pending) => {
+                drop(queued);
+                pending.await.ok()
+            }
+            Err(_) => None,
+        };
+        let Some(reply) = reply else {
+            lock(&self.servers).remove(&server);
+            return Ok(SliceResult::Lost);
+        };
+        self.traffic
+            .bytes_received
+            .fetch_add(reply.encoded_len() as u64 + 4, Ordering::Relaxed);
+        let mut reply = reply;
+        if let Some(p) = &reply.packed {
+            let saved = (p.count as usize * 4).saturating_sub(p.bytes.len());
+            self.traffic
+                .bytes_saved_received
+                .fetch_add(saved as u64, Ordering::Relaxed);
+        }
+        reply.unpack().map_err(|e| NodeError::Protocol {
+            peer: peer.label().to_string(),
+            what: e.to_string(),
+        })?;
+        match cached {
+            Some((hash, Some(_))) if is_key_cache_miss(&reply) => {
+                // Evicted, or the server restarted. It did nothing, so the
+                // slice is resent, in full now that the hash is forgotten.
+                lock(&link.known).forget(table, hash);
+                return Ok(SliceResult::Miss);
+            }
+            Some((_, Some(count))) => {
+                let saved = (count * 8).saturating_sub(16);
+                self.traffic.bytes_saved.fetch_add(saved, Ordering::Relaxed);
+            }
+            Some((hash, None))
+                if reply.header.kind == Kind::Reply
+                    && reply.header.flags & FLAG_CACHE_KEYS != 0 =>
+            {
+                // The server says it kept the list.
+                lock(&link.known).learn(table, hash);
+            }
+            _ => {}
+        }
+        match reply.header.kind {
+            Kind::Redirect => match reply.control_msg() {
+                Ok(Control::Map(m)) => Ok(SliceResult::Redirect(m)),
+                _ => Err(NodeError::Protocol {
+                    peer: peer.label().to_string(),
+                    what: "redirect without a map".into(),
+                }),
+            },
+            Kind::Error => match reply_control(&reply, peer.label()) {
+                Err(NodeError::Remote {
+                    code: ErrorCode::EpochAhead,
+                    ..
+                }) => Ok(SliceResult::Again),
+                // Possibly applied there before its chain refused it (the
+                // server lost the range meanwhile): resent as a retry, so a
+                // new primary that has it counts it as done.
+                Err(NodeError::Remote {
+                    code: ErrorCode::NotOwner,
+                    ..
+                }) => Ok(SliceResult::Lost),
+                Err(e) => Err(e),
+                Ok(_) => Err(NodeError::Protocol {
+                    peer: peer.label().to_string(),
+                    what: "error frame without an error".into(),
+                }),
+            },
+            Kind::Reply => {
+                let (applied, duplicate) = if reply.ctrl.is_empty() {
+                    (0, 0)
+                } else {
+                    match reply.control_msg() {
+                        Ok(Control::PushAck { applied, duplicate }) => (applied, duplicate),
+                        _ => (0, 0),
+                    }
+                };
+                Ok(SliceResult::Done {
+                    keys: reply.keys,
+                    vals: reply.vals,
+                    applied,
+                    duplicate,
+                })
+            }
+            other => Err(NodeError::Protocol {
+                peer: peer.label().to_string(),
+                what: format!("{other:?} frame as a reply"),
+            }),
+        }
+    }
+}
+
+/// True when `reply` refuses a key reference the server does not hold.
+fn is_key_cache_miss(reply: &Frame) -> bool {
+    reply.header.kind == Kind::Error
+        && matches!(
+            reply.control_msg(),
+            Ok(Control::Error {
+                code: ErrorCode::KeyCacheMiss,
+                ..
+            })
+        )
+}
