@@ -111,6 +111,7 @@ fn empty(updater: UpdaterSpec) -> Store {
         updater,
         consistency: Consistency::Eventual,
         aggregate: false,
+        job: None,
     };
     spec.validate().expect("benchmark spec is valid");
     let built = Registry::new()

@@ -53,6 +53,39 @@ impl fmt::Display for NodeState {
     }
 }
 
+/// Which worker group a worker counts in: consistency, aggregation and
+/// barriers of a table count the live workers of the table's group only,
+/// so jobs that share a cluster never wait on each other.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+pub enum Group {
+    /// Workers and tables outside any job (what the worker library makes
+    /// unless told otherwise): they count one another, as before jobs.
+    #[default]
+    Default,
+    /// A worker process waiting for a task (`pserver worker`): counted by
+    /// no table and no barrier until a scheduler gives it a job.
+    Idle,
+    /// The workers of one training job (its name).
+    Job(String),
+}
+
+impl Group {
+    /// The group of a table of job `job` (`None`: the default group).
+    pub fn of_table(job: Option<&str>) -> Group {
+        job.map_or(Group::Default, |j| Group::Job(j.to_string()))
+    }
+}
+
+impl fmt::Display for Group {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Group::Default => f.write_str("-"),
+            Group::Idle => f.write_str("idle"),
+            Group::Job(j) => write!(f, "job {j}"),
+        }
+    }
+}
+
 /// One node as the map records it.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct NodeInfo {
@@ -60,10 +93,19 @@ pub struct NodeInfo {
     pub id: NodeId,
     /// Its role.
     pub role: Role,
-    /// Address it accepts connections on (servers), or where it connected from.
+    /// Address it accepts connections on: a server's for data, a worker
+    /// process's for tasks (empty for workers of the library that take
+    /// none).
     pub addr: String,
     /// Believed up or not.
     pub state: NodeState,
+    /// The worker group a worker counts in ([`Group::Default`] for servers).
+    #[serde(default)]
+    pub group: Group,
+    /// What the worker says it is doing (its job's data shard), for people
+    /// reading `pserver status`; empty when it says nothing.
+    #[serde(default)]
+    pub task: String,
 }
 
 /// A key range with the server that owns it and the servers that replicate it.
@@ -145,6 +187,21 @@ impl ClusterMap {
     /// Ids of live workers, sorted.
     pub fn live_workers(&self) -> Vec<NodeId> {
         self.live(Role::Worker).map(|n| n.id).collect()
+    }
+
+    /// Ids of the live workers of `group`, sorted: those a table of that
+    /// group (or a barrier) waits for.
+    pub fn group_workers(&self, group: &Group) -> Vec<NodeId> {
+        self.live(Role::Worker)
+            .filter(|n| n.group == *group)
+            .map(|n| n.id)
+            .collect()
+    }
+
+    /// Ids of the live workers a table counts in its consistency and
+    /// aggregation: its job's, sorted.
+    pub fn workers_of(&self, table: &TableSpec) -> Vec<NodeId> {
+        self.group_workers(&table.group())
     }
 
     /// Index of the partition holding `key`.

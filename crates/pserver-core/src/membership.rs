@@ -3,7 +3,7 @@
 //! Time comes in as milliseconds from the caller (the runtime reads its clock;
 //! tests pass numbers), so every transition is deterministic.
 
-use crate::map::{ClusterMap, NodeId, NodeInfo, NodeState, Role};
+use crate::map::{ClusterMap, Group, NodeId, NodeInfo, NodeState, Role};
 use crate::ring;
 use crate::spec::{SpecError, TableSpec};
 use std::collections::{BTreeMap, BTreeSet};
@@ -67,9 +67,33 @@ pub enum MembershipError {
     /// Too many tables.
     #[error("the cluster holds the maximum of {MAX_TABLES} tables")]
     TooManyTables,
-    /// Only workers take part in barriers.
-    #[error("node {0} is not a live worker and cannot enter a barrier")]
+    /// Only workers of a group take part in barriers.
+    #[error("node {0} is not a live worker of a group and cannot enter a barrier")]
     NotWorker(NodeId),
+    /// Only live workers change groups.
+    #[error("node {0} is not a live worker and cannot join a job")]
+    NotAWorker(NodeId),
+    /// A worker of one job was asked into another.
+    #[error("worker {node} is in job {job:?}; it must finish (go idle) before joining another")]
+    OtherJob {
+        /// The worker.
+        node: NodeId,
+        /// The job it is in.
+        job: String,
+    },
+    /// The job's name is taken by another live scheduler.
+    #[error(
+        "job {job:?} is already run by node {by}; one scheduler per job (wait for it to end, or pick another --job)"
+    )]
+    JobClaimed {
+        /// The job.
+        job: String,
+        /// The node holding it.
+        by: NodeId,
+    },
+    /// A job name that breaks the naming rule.
+    #[error("job name {0:?} is invalid: use 1-128 letters, digits, '_', '-' or '.'")]
+    BadJob(String),
     /// A drain that would leave no server, or of a node that is no live server.
     #[error("cannot drain node {node}: {why}")]
     Drain {
@@ -92,7 +116,11 @@ pub struct Membership {
     clients: BTreeMap<NodeId, u64>,
     next_id: NodeId,
     next_table: u32,
-    barriers: BTreeMap<String, BTreeSet<NodeId>>,
+    /// Barriers by group and name: each counts its group's live workers.
+    barriers: BTreeMap<(Group, String), BTreeSet<NodeId>>,
+    /// Claimed jobs and their schedulers; a claim ends when its holder
+    /// leaves (is declared dead, or, a client, disconnects or falls silent).
+    jobs: BTreeMap<String, NodeId>,
     /// Servers draining: alive and serving, but placed on no range once the
     /// hand-off completes; then declared gone, which tells them to exit.
     leaving: BTreeSet<NodeId>,
@@ -125,9 +153,11 @@ pub struct Persisted {
     pub next_table: u32,
 }
 
-/// A barrier every live worker has entered: reply to these nodes.
+/// A barrier every live worker of its group has entered: reply to these nodes.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Released {
+    /// The group whose barrier it is.
+    pub group: Group,
     /// The barrier's name.
     pub name: String,
     /// The nodes waiting in it.
@@ -165,6 +195,7 @@ impl Membership {
             next_id: 1,
             next_table: 1,
             barriers: BTreeMap::new(),
+            jobs: BTreeMap::new(),
             leaving: BTreeSet::new(),
             target: None,
             synced: BTreeMap::new(),
@@ -259,16 +290,28 @@ impl Membership {
     }
 
     /// Registers a node and returns its id. Servers and workers enter the map
-    /// (the epoch goes up); clients do not.
+    /// (the epoch goes up); clients do not. A worker starts in `group`
+    /// (servers and clients are in none: theirs is ignored).
     pub fn register(
         &mut self,
         role: Role,
         addr: &str,
+        group: Group,
         now_ms: u64,
     ) -> Result<NodeId, MembershipError> {
         if role == Role::Server && addr.is_empty() {
             return Err(MembershipError::NoAddress);
         }
+        if let Group::Job(j) = &group {
+            if !crate::spec::valid_job_name(j) {
+                return Err(MembershipError::BadJob(j.clone()));
+            }
+        }
+        let group = if role == Role::Worker {
+            group
+        } else {
+            Group::Default
+        };
         let id = self.next_id;
         self.next_id += 1;
         if role == Role::Client {
@@ -280,6 +323,8 @@ impl Membership {
             role,
             addr: addr.to_string(),
             state: NodeState::Alive,
+            group,
+            task: String::new(),
         });
         self.last_seen.insert(id, now_ms);
         self.changed(role == Role::Server);
@@ -305,10 +350,77 @@ impl Membership {
     /// The node's connection closed: a client is forgotten, a server or
     /// worker is declared dead. Returns true when the map changed.
     pub fn disconnected(&mut self, id: NodeId) -> bool {
+        self.jobs.retain(|_, by| *by != id);
         if self.clients.remove(&id).is_some() {
             return false;
         }
         self.declare_dead(&[id])
+    }
+
+    /// Worker `id` moves to `group` (a scheduler gave it a job, or its job
+    /// ended: [`Group::Idle`]) and says what it works on. A worker of one
+    /// job must go idle before it joins another, so two schedulers can never
+    /// share one. Returns true when the map changed.
+    pub fn join(&mut self, id: NodeId, group: Group, task: &str) -> Result<bool, MembershipError> {
+        if let Group::Job(j) = &group {
+            if !crate::spec::valid_job_name(j) {
+                return Err(MembershipError::BadJob(j.clone()));
+            }
+        }
+        let Ok(i) = self.map.nodes.binary_search_by_key(&id, |n| n.id) else {
+            return Err(MembershipError::NotAWorker(id));
+        };
+        let node = &mut self.map.nodes[i];
+        if node.role != Role::Worker || node.state != NodeState::Alive {
+            return Err(MembershipError::NotAWorker(id));
+        }
+        if let (Group::Job(now), Group::Job(next)) = (&node.group, &group) {
+            if now != next {
+                return Err(MembershipError::OtherJob {
+                    node: id,
+                    job: now.clone(),
+                });
+            }
+        }
+        if node.group == group && node.task == task {
+            return Ok(false);
+        }
+        node.group = group;
+        node.task = task.to_string();
+        self.changed(false);
+        Ok(true)
+    }
+
+    /// Node `by` (a job's scheduler) claims job `job`: refused while
+    /// another node that is still here holds it. Claiming again is fine.
+    pub fn claim_job(&mut self, job: &str, by: NodeId) -> Result<(), MembershipError> {
+        if !crate::spec::valid_job_name(job) {
+            return Err(MembershipError::BadJob(job.to_string()));
+        }
+        if let Some(&holder) = self.jobs.get(job) {
+            if holder != by && self.is_here(holder) {
+                return Err(MembershipError::JobClaimed {
+                    job: job.to_string(),
+                    by: holder,
+                });
+            }
+        }
+        self.jobs.insert(job.to_string(), by);
+        Ok(())
+    }
+
+    /// Claimed jobs and their schedulers.
+    pub fn jobs(&self) -> impl Iterator<Item = (&str, NodeId)> {
+        self.jobs.iter().map(|(j, by)| (j.as_str(), *by))
+    }
+
+    /// Whether node `id` is a connected client or a live node of the map.
+    fn is_here(&self, id: NodeId) -> bool {
+        self.clients.contains_key(&id)
+            || self
+                .map
+                .node(id)
+                .is_some_and(|n| n.state == NodeState::Alive)
     }
 
     /// Declares dead every node silent for more than [`silence_limit_ms`]
@@ -326,6 +438,11 @@ impl Membership {
         self.clients
             .retain(|_, t| now_ms.saturating_sub(*t) <= lease.saturating_mul(4));
         self.declare_dead(&late);
+        let jobs = std::mem::take(&mut self.jobs);
+        self.jobs = jobs
+            .into_iter()
+            .filter(|(_, by)| self.is_here(*by))
+            .collect();
         late
     }
 
@@ -519,39 +636,52 @@ impl Membership {
         Ok((spec, true))
     }
 
-    /// `node` enters barrier `name`. Returns the barrier to release when every
-    /// live worker is now in it.
+    /// `node` enters barrier `name` of its group. Returns the barrier to
+    /// release when every live worker of the group is now in it.
     pub fn barrier_enter(
         &mut self,
         name: &str,
         node: NodeId,
     ) -> Result<Option<Released>, MembershipError> {
-        match self.map.node(node) {
-            Some(n) if n.role == Role::Worker && n.state == NodeState::Alive => {}
+        let group = match self.map.node(node) {
+            Some(n)
+                if n.role == Role::Worker
+                    && n.state == NodeState::Alive
+                    && n.group != Group::Idle =>
+            {
+                n.group.clone()
+            }
             _ => return Err(MembershipError::NotWorker(node)),
-        }
+        };
         self.barriers
-            .entry(name.to_string())
+            .entry((group, name.to_string()))
             .or_default()
             .insert(node);
         Ok(self.release_ready().into_iter().next())
     }
 
-    /// Barriers that every live worker has entered (call after workers die).
+    /// Barriers that every live worker of their group has entered (call
+    /// after workers die or change groups).
     pub fn release_ready(&mut self) -> Vec<Released> {
-        let live: BTreeSet<NodeId> = self.map.live_workers().into_iter().collect();
-        let ready: Vec<String> = self
+        let ready: Vec<(Group, String)> = self
             .barriers
             .iter()
-            .filter(|(_, entered)| live.is_subset(entered))
-            .map(|(name, _)| name.clone())
+            .filter(|((group, _), entered)| {
+                self.map
+                    .group_workers(group)
+                    .iter()
+                    .all(|w| entered.contains(w))
+            })
+            .map(|(key, _)| key.clone())
             .collect();
         ready
             .into_iter()
-            .filter_map(|name| {
-                self.barriers
-                    .remove(&name)
-                    .map(|nodes| Released { name, nodes })
+            .filter_map(|key| {
+                self.barriers.remove(&key).map(|nodes| Released {
+                    group: key.0,
+                    name: key.1,
+                    nodes,
+                })
             })
             .collect()
     }
@@ -572,6 +702,7 @@ mod tests {
             updater: UpdaterSpec::Add,
             consistency: Consistency::Eventual,
             aggregate: false,
+            job: None,
         }
     }
 
@@ -599,18 +730,22 @@ mod tests {
     #[test]
     fn servers_change_the_map_clients_do_not() {
         let mut m = mgr();
-        let s1 = m.register(Role::Server, "127.0.0.1:1", 0).unwrap();
+        let s1 = m
+            .register(Role::Server, "127.0.0.1:1", Group::Default, 0)
+            .unwrap();
         assert_eq!(m.map().epoch, 1);
-        let s2 = m.register(Role::Server, "127.0.0.1:2", 0).unwrap();
+        let s2 = m
+            .register(Role::Server, "127.0.0.1:2", Group::Default, 0)
+            .unwrap();
         assert_eq!(m.map().epoch, 2);
         assert!(m.map().partitions.iter().any(|p| p.primary == s1));
         assert!(m.map().partitions.iter().any(|p| p.primary == s2));
-        let c = m.register(Role::Client, "", 0).unwrap();
+        let c = m.register(Role::Client, "", Group::Default, 0).unwrap();
         assert_eq!(m.map().epoch, 2);
         assert!(m.map().node(c).is_none());
         assert!(m.heartbeat(c, 5).is_ok());
         assert_eq!(
-            m.register(Role::Server, "", 0),
+            m.register(Role::Server, "", Group::Default, 0),
             Err(MembershipError::NoAddress)
         );
     }
@@ -618,8 +753,8 @@ mod tests {
     #[test]
     fn lease_expiry_marks_dead_and_moves_ranges() {
         let mut m = mgr();
-        let s1 = m.register(Role::Server, "a", 0).unwrap();
-        let s2 = m.register(Role::Server, "b", 0).unwrap();
+        let s1 = m.register(Role::Server, "a", Group::Default, 0).unwrap();
+        let s2 = m.register(Role::Server, "b", Group::Default, 0).unwrap();
         m.heartbeat(s1, 50).unwrap();
         // Silent for three quarters of the lease (75 ms) is alive; longer is dead.
         assert!(m.expire(75).is_empty());
@@ -653,8 +788,8 @@ mod tests {
     #[test]
     fn barriers_release_when_all_live_workers_entered() {
         let mut m = mgr();
-        let w1 = m.register(Role::Worker, "", 0).unwrap();
-        let w2 = m.register(Role::Worker, "", 0).unwrap();
+        let w1 = m.register(Role::Worker, "", Group::Default, 0).unwrap();
+        let w2 = m.register(Role::Worker, "", Group::Default, 0).unwrap();
         assert_eq!(m.barrier_enter("b", w1).unwrap(), None);
         let r = m.barrier_enter("b", w2).unwrap().unwrap();
         assert_eq!(r.nodes, [w1, w2].into_iter().collect());
@@ -668,6 +803,105 @@ mod tests {
             m.barrier_enter("d", w2),
             Err(MembershipError::NotWorker(w2))
         );
+    }
+
+    #[test]
+    fn barriers_count_the_workers_of_their_group() {
+        let mut m = mgr();
+        let job = |j: &str| Group::Job(j.into());
+        let a1 = m.register(Role::Worker, "", job("a"), 0).unwrap();
+        let a2 = m.register(Role::Worker, "", job("a"), 0).unwrap();
+        let b1 = m.register(Role::Worker, "", job("b"), 0).unwrap();
+        let idle = m.register(Role::Worker, "h:1", Group::Idle, 0).unwrap();
+        // Job b's one worker is its whole barrier, whatever job a does.
+        let r = m.barrier_enter("start", b1).unwrap().unwrap();
+        assert_eq!(r.group, job("b"));
+        assert_eq!(m.barrier_enter("start", a1).unwrap(), None);
+        // An idle worker joining job a counts from then on.
+        assert!(m.join(idle, job("a"), "shard 3").unwrap());
+        assert_eq!(m.barrier_enter("start", a2).unwrap(), None);
+        let r = m.barrier_enter("start", idle).unwrap().unwrap();
+        assert_eq!(r.nodes, [a1, a2, idle].into_iter().collect());
+        // A worker going idle releases its old group's barrier.
+        assert_eq!(m.barrier_enter("end", a1).unwrap(), None);
+        assert_eq!(m.barrier_enter("end", a2).unwrap(), None);
+        m.join(idle, Group::Idle, "").unwrap();
+        let r = m.release_ready();
+        assert_eq!(r.len(), 1);
+        assert_eq!(r[0].nodes, [a1, a2].into_iter().collect());
+        // Idle workers are in no barrier.
+        assert_eq!(
+            m.barrier_enter("x", idle),
+            Err(MembershipError::NotWorker(idle))
+        );
+    }
+
+    #[test]
+    fn joins_keep_a_worker_to_one_job_and_show_in_the_map() {
+        let mut m = mgr();
+        let s = m.register(Role::Server, "s", Group::Default, 0).unwrap();
+        let w = m.register(Role::Worker, "h:1", Group::Idle, 0).unwrap();
+        let epoch = m.map().epoch;
+        assert!(m.join(w, Group::Job("a".into()), "shard 1 of 3").unwrap());
+        assert_eq!(m.map().epoch, epoch + 1);
+        let n = m.map().node(w).unwrap();
+        assert_eq!(
+            (&n.group, n.task.as_str()),
+            (&Group::Job("a".into()), "shard 1 of 3")
+        );
+        // The same again changes nothing.
+        assert!(!m.join(w, Group::Job("a".into()), "shard 1 of 3").unwrap());
+        assert_eq!(
+            m.join(w, Group::Job("b".into()), ""),
+            Err(MembershipError::OtherJob {
+                node: w,
+                job: "a".into()
+            })
+        );
+        assert!(m.join(w, Group::Idle, "").unwrap());
+        assert!(m.join(w, Group::Job("b".into()), "").unwrap());
+        assert_eq!(
+            m.join(s, Group::Idle, ""),
+            Err(MembershipError::NotAWorker(s))
+        );
+        assert!(matches!(
+            m.join(w, Group::Job("no spaces".into()), ""),
+            Err(MembershipError::BadJob(_))
+        ));
+        // The map counts a table's job's workers only.
+        let mut t = spec_of("t", 1);
+        t.job = Some("b".into());
+        assert_eq!(m.map().workers_of(&t), [w]);
+        t.job = Some("a".into());
+        assert!(m.map().workers_of(&t).is_empty());
+    }
+
+    #[test]
+    fn one_scheduler_per_job_until_it_leaves() {
+        let mut m = mgr();
+        let c1 = m.register(Role::Client, "", Group::Default, 0).unwrap();
+        let c2 = m.register(Role::Client, "", Group::Default, 0).unwrap();
+        m.claim_job("a", c1).unwrap();
+        m.claim_job("a", c1).unwrap();
+        assert_eq!(
+            m.claim_job("a", c2),
+            Err(MembershipError::JobClaimed {
+                job: "a".into(),
+                by: c1
+            })
+        );
+        m.claim_job("b", c2).unwrap();
+        assert_eq!(m.jobs().collect::<Vec<_>>(), [("a", c1), ("b", c2)]);
+        // Its scheduler gone, the job may be claimed again (a restarted
+        // scheduler resuming it).
+        m.disconnected(c1);
+        m.claim_job("a", c2).unwrap();
+        // A silent client's claims go with it.
+        let c3 = m.register(Role::Client, "", Group::Default, 10).unwrap();
+        m.claim_job("c", c3).unwrap();
+        m.heartbeat(c2, 100_000).unwrap();
+        m.expire(100_000);
+        assert_eq!(m.jobs().map(|(j, _)| j).collect::<Vec<_>>(), ["a", "b"]);
     }
 
     fn unreplicated() -> Membership {
@@ -694,10 +928,10 @@ mod tests {
     #[test]
     fn a_server_joining_a_cluster_with_tables_takes_ranges_in_two_phases() {
         let mut m = unreplicated();
-        let s1 = m.register(Role::Server, "a", 0).unwrap();
-        let s2 = m.register(Role::Server, "b", 0).unwrap();
+        let s1 = m.register(Role::Server, "a", Group::Default, 0).unwrap();
+        let s2 = m.register(Role::Server, "b", Group::Default, 0).unwrap();
         m.create_table(spec_of("w", 1)).unwrap();
-        let s3 = m.register(Role::Server, "c", 0).unwrap();
+        let s3 = m.register(Role::Server, "c", Group::Default, 0).unwrap();
         // Phase one: s3 only joins chains; s1 and s2 still serve everything.
         assert!(m.handing_off());
         assert_eq!(primaries(&m), BTreeSet::from([s1, s2]));
@@ -717,8 +951,8 @@ mod tests {
     #[test]
     fn without_tables_a_join_switches_at_once() {
         let mut m = unreplicated();
-        let s1 = m.register(Role::Server, "a", 0).unwrap();
-        let s2 = m.register(Role::Server, "b", 0).unwrap();
+        let s1 = m.register(Role::Server, "a", Group::Default, 0).unwrap();
+        let s2 = m.register(Role::Server, "b", Group::Default, 0).unwrap();
         assert!(!m.handing_off());
         assert_eq!(primaries(&m), BTreeSet::from([s1, s2]));
     }
@@ -726,9 +960,9 @@ mod tests {
     #[test]
     fn a_drained_server_hands_off_then_is_told_to_go() {
         let mut m = mgr();
-        let s1 = m.register(Role::Server, "a", 0).unwrap();
-        let s2 = m.register(Role::Server, "b", 0).unwrap();
-        let s3 = m.register(Role::Server, "c", 0).unwrap();
+        let s1 = m.register(Role::Server, "a", Group::Default, 0).unwrap();
+        let s2 = m.register(Role::Server, "b", Group::Default, 0).unwrap();
+        let s3 = m.register(Role::Server, "c", Group::Default, 0).unwrap();
         m.create_table(spec_of("w", 1)).unwrap();
         assert!(m.drain(s2).unwrap());
         assert!(!m.drain(s2).unwrap(), "draining twice changes nothing");
@@ -747,8 +981,8 @@ mod tests {
         assert_eq!(primaries(&m), BTreeSet::from([s1, s3]));
 
         let mut m = unreplicated();
-        let s1 = m.register(Role::Server, "a", 0).unwrap();
-        let s2 = m.register(Role::Server, "b", 0).unwrap();
+        let s1 = m.register(Role::Server, "a", Group::Default, 0).unwrap();
+        let s2 = m.register(Role::Server, "b", Group::Default, 0).unwrap();
         m.create_table(spec_of("w", 1)).unwrap();
         assert!(m.drain(s2).unwrap());
         // No replica holds s2's ranges: it keeps serving while it copies.
@@ -768,10 +1002,10 @@ mod tests {
     #[test]
     fn a_death_during_a_hand_off_replans_from_what_is_left() {
         let mut m = unreplicated();
-        let s1 = m.register(Role::Server, "a", 0).unwrap();
-        let s2 = m.register(Role::Server, "b", 0).unwrap();
+        let s1 = m.register(Role::Server, "a", Group::Default, 0).unwrap();
+        let s2 = m.register(Role::Server, "b", Group::Default, 0).unwrap();
         m.create_table(spec_of("w", 1)).unwrap();
-        let s3 = m.register(Role::Server, "c", 0).unwrap();
+        let s3 = m.register(Role::Server, "c", Group::Default, 0).unwrap();
         assert!(m.handing_off());
         // The joiner dies before the copies are done: back to s1 and s2.
         assert!(m.disconnected(s3));
@@ -783,16 +1017,16 @@ mod tests {
     #[test]
     fn a_restored_manager_keeps_the_map_and_takes_its_nodes_back() {
         let mut m = mgr();
-        let s1 = m.register(Role::Server, "a", 0).unwrap();
-        let s2 = m.register(Role::Server, "b", 0).unwrap();
-        let w = m.register(Role::Worker, "", 0).unwrap();
-        let c = m.register(Role::Client, "", 0).unwrap();
+        let s1 = m.register(Role::Server, "a", Group::Default, 0).unwrap();
+        let s2 = m.register(Role::Server, "b", Group::Default, 0).unwrap();
+        let w = m.register(Role::Worker, "", Group::Default, 0).unwrap();
+        let c = m.register(Role::Client, "", Group::Default, 0).unwrap();
         m.create_table(spec_of("w", 1)).unwrap();
         let saved = m.persisted();
         let mut r = Membership::restore(*m.config(), saved.clone(), 1000).unwrap();
         assert_eq!(r.map(), m.map());
         // Ids go on where they stopped.
-        let w2 = r.register(Role::Worker, "", 1000).unwrap();
+        let w2 = r.register(Role::Worker, "", Group::Default, 1000).unwrap();
         assert!(w2 > c);
         assert_eq!(r.create_table(spec_of("v", 1)).unwrap().0.id, 2);
         // Known nodes come back; others do not.

@@ -153,11 +153,28 @@ pub struct TableSpec {
     /// once on the sum (the paper's aggregation; what the proximal step of
     /// block proximal gradient needs). Pushes from clients apply at once.
     pub aggregate: bool,
+    /// The training job the table belongs to: its consistency, aggregation
+    /// and barriers count the live workers of that job's group only
+    /// ([`crate::map::Group`]); `None` is the default group.
+    #[serde(default)]
+    pub job: Option<String>,
+}
+
+/// Whether `name` may name a job: the rule of table names.
+pub fn valid_job_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= MAX_TABLE_NAME
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.'))
 }
 
 /// Why a table spec was refused.
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
 pub enum SpecError {
+    /// The job name breaks the rule of table names.
+    #[error("job name {0:?} is invalid: use 1-128 letters, digits, '_', '-' or '.'")]
+    BadJob(String),
     /// The name is empty, too long, or has characters other than
     /// letters, digits, `_`, `-` and `.`.
     #[error("table name {0:?} is invalid: use 1-128 letters, digits, '_', '-' or '.'")]
@@ -183,6 +200,11 @@ pub enum SpecError {
 }
 
 impl TableSpec {
+    /// The worker group the table counts.
+    pub fn group(&self) -> crate::map::Group {
+        crate::map::Group::of_table(self.job.as_deref())
+    }
+
     /// Checks the name, width and hyper-parameters.
     pub fn validate(&self) -> Result<(), SpecError> {
         let name_ok = !self.name.is_empty()
@@ -193,6 +215,11 @@ impl TableSpec {
                 .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.'));
         if !name_ok {
             return Err(SpecError::BadName(self.name.clone()));
+        }
+        if let Some(job) = &self.job {
+            if !valid_job_name(job) {
+                return Err(SpecError::BadJob(job.clone()));
+            }
         }
         if self.dim == 0 || self.dim > MAX_DIM {
             return Err(SpecError::BadDim {
@@ -262,6 +289,7 @@ mod tests {
             updater,
             consistency: Consistency::Eventual,
             aggregate: false,
+            job: None,
         }
     }
 

@@ -532,6 +532,7 @@ mod tests {
                 updater,
                 consistency: Consistency::Eventual,
                 aggregate: false,
+                job: None,
             },
             u,
         )

@@ -672,6 +672,7 @@ mod tests {
             updater,
             consistency: Consistency::Eventual,
             aggregate,
+            job: None,
         };
         Table::new(spec, u, 1)
     }

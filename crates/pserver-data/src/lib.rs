@@ -65,7 +65,7 @@ pub enum Format {
 /// Which share of the data lines a reader keeps: line `n` (0-based among
 /// data lines) iff `n % count == index`. Works on compressed input, and the
 /// shards of `count` readers partition the file.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
 pub struct Shard {
     /// This reader's share, `< count`.
     pub index: usize,
@@ -138,7 +138,7 @@ impl Default for ReadOptions {
 /// Every data line (not the CSV header, blank lines or LIBSVM comment
 /// lines) is counted in `lines`, and in exactly one of the others:
 /// `lines == examples + skipped + bad + elsewhere`.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct ReadStats {
     /// Data lines read (for CSV: records, which may span lines).
     pub lines: u64,
@@ -157,7 +157,7 @@ pub struct ReadStats {
 }
 
 /// A malformed line that was skipped.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct BadLine {
     /// The file.
     pub path: String,

@@ -8,7 +8,7 @@ use crate::error::NodeError;
 use crate::net::Net;
 use crate::proto::{control_reply, error_reply};
 use futures_util::StreamExt;
-use pserver_core::map::MANAGER_ID;
+use pserver_core::map::{Group, MANAGER_ID};
 use pserver_core::membership::Persisted;
 use pserver_core::membership::{Membership, MembershipConfig, MembershipError, Released};
 use pserver_core::{NodeId, Role};
@@ -82,7 +82,7 @@ struct State {
     members: Membership,
     conns: BTreeMap<NodeId, Outbox>,
     /// Barrier name -> (node, request id) waiting in it.
-    waiters: BTreeMap<String, Vec<(NodeId, u64)>>,
+    waiters: BTreeMap<(Group, String), Vec<(NodeId, u64)>>,
     start: Instant,
     state_file: Option<std::path::PathBuf>,
     fs: Arc<dyn FileSystem>,
@@ -172,7 +172,7 @@ impl State {
     fn release(&mut self, released: Vec<Released>) {
         for r in released {
             let epoch = self.epoch();
-            for (node, req) in self.waiters.remove(&r.name).unwrap_or_default() {
+            for (node, req) in self.waiters.remove(&(r.group, r.name)).unwrap_or_default() {
                 if let Some(out) = self.conns.get(&node) {
                     let mut h = Header::new(Kind::Control);
                     h.request_id = req;
@@ -345,11 +345,12 @@ fn handle(
                 Err(e) => err(ErrorCode::Invalid, e.to_string()),
             };
         }
-        let Control::Register { role, addr } = msg else {
+        let Control::Register { role, addr, group } = msg else {
             return err(ErrorCode::Invalid, "register first".into());
         };
         // Clients do not enter the map, so there is nothing to save.
-        return match st.change(|m| Ok((m.register(role, &addr, now)?, role != Role::Client))) {
+        return match st.change(|m| Ok((m.register(role, &addr, group, now)?, role != Role::Client)))
+        {
             Ok(Ok(id)) => {
                 tracing::info!(node = id, %role, %addr, epoch = st.epoch(), "registered");
                 Some(st.welcome(h, id, out, me))
@@ -383,6 +384,11 @@ fn handle(
             &Control::StatusReply(Status {
                 map: st.shown.clone(),
                 servers: Vec::new(),
+                jobs: st
+                    .members
+                    .jobs()
+                    .map(|(j, by)| (j.to_string(), by))
+                    .collect(),
             }),
         )),
         Control::CreateTable(spec) if spec.dim as usize > limits.max_dim => err(
@@ -445,11 +451,50 @@ fn handle(
             Ok(Err(e)) => err(ErrorCode::Invalid, e.to_string()),
             Err(e) => unsaved(e),
         },
-        Control::Barrier { name } => match st.members.barrier_enter(&name, id) {
-            Ok(released) => {
-                st.waiters.entry(name).or_default().push((id, h.request_id));
-                st.release(released.into_iter().collect());
-                None
+        Control::Barrier { name } => {
+            let group = st
+                .members
+                .map()
+                .node(id)
+                .map(|n| n.group.clone())
+                .unwrap_or_default();
+            match st.members.barrier_enter(&name, id) {
+                Ok(released) => {
+                    st.waiters
+                        .entry((group, name))
+                        .or_default()
+                        .push((id, h.request_id));
+                    st.release(released.into_iter().collect());
+                    None
+                }
+                Err(e) => err(ErrorCode::Invalid, e.to_string()),
+            }
+        }
+        Control::Join { group, task } => match st.change(|m| {
+            let changed = m.join(id, group.clone(), &task)?;
+            Ok((changed, changed))
+        }) {
+            Ok(Ok(changed)) => {
+                if changed {
+                    tracing::info!(node = id, %group, %task, epoch = st.epoch(), "worker joined");
+                }
+                // A worker leaving a group may complete its barriers.
+                let released = st.members.release_ready();
+                st.release(released);
+                Some(control_reply(
+                    h,
+                    MANAGER_ID,
+                    st.epoch(),
+                    &Control::Map(st.shown.clone()),
+                ))
+            }
+            Ok(Err(e)) => err(ErrorCode::Invalid, e.to_string()),
+            Err(e) => unsaved(e),
+        },
+        Control::ClaimJob { job } => match st.members.claim_job(&job, id) {
+            Ok(()) => {
+                tracing::info!(node = id, %job, "job claimed");
+                Some(control_reply(h, MANAGER_ID, epoch, &Control::Ok))
             }
             Err(e) => err(ErrorCode::Invalid, e.to_string()),
         },
@@ -531,7 +576,8 @@ mod tests {
 
     fn saved() -> Persisted {
         let mut m = Membership::new(MembershipConfig::default()).unwrap();
-        m.register(Role::Server, "127.0.0.1:1", 0).unwrap();
+        m.register(Role::Server, "127.0.0.1:1", Group::Default, 0)
+            .unwrap();
         m.persisted()
     }
 
@@ -591,6 +637,7 @@ mod tests {
             updater: o.updater,
             consistency: o.consistency,
             aggregate: o.aggregate,
+            job: None,
         })
     }
 
@@ -615,7 +662,9 @@ mod tests {
             .unwrap();
             let addr = m.addr().to_string();
             let (w, mut notices) = Peer::connect(&addr, Limits::default()).await.unwrap();
-            let (id, _) = register(&w, Role::Worker, "").await.unwrap();
+            let (id, _) = register(&w, Role::Worker, "", Group::Default)
+                .await
+                .unwrap();
             let before = load_state(&path).unwrap();
             fs.fail_at(Some(Step::SyncFile));
             let e = ask(&w, id, &create("t")).await.unwrap_err();
@@ -666,7 +715,9 @@ mod tests {
 
             // The watcher sees every broadcast, and heartbeats to stay alive.
             let (watcher, mut notices) = Peer::connect(&addr, limits).await.unwrap();
-            let (wid, _) = register(&watcher, Role::Worker, "").await.unwrap();
+            let (wid, _) = register(&watcher, Role::Worker, "", Group::Default)
+                .await
+                .unwrap();
             let beat = watcher.clone();
             tokio::spawn(async move {
                 while beat
@@ -680,7 +731,9 @@ mod tests {
             // A worker that never heartbeats: its lease runs out while
             // saves fail, a change the manager cannot refuse.
             let (silent, _silent_notices) = Peer::connect(&addr, limits).await.unwrap();
-            let (sid, _) = register(&silent, Role::Worker, "").await.unwrap();
+            let (sid, _) = register(&silent, Role::Worker, "", Group::Default)
+                .await
+                .unwrap();
             let saved = next_map(&mut notices, Duration::from_secs(2))
                 .await
                 .expect("the silent worker's arrival is broadcast");
@@ -694,7 +747,7 @@ mod tests {
             // Requests whose change cannot be saved are refused, naming
             // the file; nothing goes out for them either.
             let (late, _late_notices) = Peer::connect(&addr, limits).await.unwrap();
-            let e = register(&late, Role::Server, "127.0.0.1:9")
+            let e = register(&late, Role::Server, "127.0.0.1:9", Group::Default)
                 .await
                 .unwrap_err();
             assert!(refused_unsaved(&e), "{e}");

@@ -2,6 +2,7 @@
 
 use crate::conn::Peer;
 use crate::error::NodeError;
+use pserver_core::map::Group;
 use pserver_core::{ClusterMap, NodeId, Role};
 use pserver_wire::{Control, ErrorCode, Frame, Header, Kind};
 
@@ -72,10 +73,12 @@ pub async fn register(
     manager: &Peer,
     role: Role,
     addr: &str,
+    group: Group,
 ) -> Result<(NodeId, ClusterMap), NodeError> {
     let msg = Control::Register {
         role,
         addr: addr.to_string(),
+        group,
     };
     let reply = manager.request(control_request(0, 0, &msg)).await?;
     match reply_control(&reply, manager.label())? {

@@ -352,6 +352,7 @@ mod tests {
             updater: UpdaterSpec::Add,
             consistency: Consistency::Eventual,
             aggregate: false,
+            job: None,
         }
     }
 

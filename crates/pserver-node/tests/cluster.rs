@@ -571,6 +571,7 @@ async fn a_silent_node_is_declared_dead_within_its_lease() {
                 &Control::Register {
                     role: Role::Worker,
                     addr: String::new(),
+                    group: pserver_core::map::Group::Default,
                 },
             ))
             .await

@@ -19,7 +19,7 @@
 use bytes::BytesMut;
 use divan::Bencher;
 use divan::counter::{BytesCount, ItemsCount};
-use pserver_core::map::{NodeId, NodeInfo, NodeState, Role};
+use pserver_core::map::{Group, NodeId, NodeInfo, NodeState, Role};
 use pserver_core::ring::place;
 use pserver_core::{ClusterMap, Consistency, Init, KEY_END, TableSpec, UpdaterSpec};
 use pserver_wire::header::Header;
@@ -261,6 +261,8 @@ mod control {
             role,
             addr: format!("127.0.0.1:{}", 7000 + id),
             state: NodeState::Alive,
+            group: Group::Default,
+            task: String::new(),
         };
         let server_ids: Vec<NodeId> = (1..=servers).collect();
         let mut map = ClusterMap::empty(2, 16);
@@ -286,6 +288,7 @@ mod control {
             updater,
             consistency: Consistency::Bounded(2),
             aggregate: false,
+            job: None,
         })
         .collect();
         round_trip(bencher, &Control::Map(map));

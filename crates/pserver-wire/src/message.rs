@@ -1,5 +1,6 @@
 //! Control messages, postcard-encoded in a frame's control section.
 
+use pserver_core::map::Group;
 use pserver_core::{ClusterMap, Consistency, KeyRange, NodeId, Role, TableSpec};
 use serde::{Deserialize, Serialize};
 
@@ -46,8 +47,11 @@ pub enum Control {
     Register {
         /// What the node is.
         role: Role,
-        /// Address it accepts connections on ("" for workers and clients).
+        /// Address it accepts connections on ("" for clients, and for
+        /// workers that take no tasks).
         addr: String,
+        /// The worker group a worker starts in.
+        group: Group,
     },
     /// The manager's answer to `Register`.
     Registered {
@@ -165,6 +169,21 @@ pub enum Control {
         /// created it can still take the slots).
         spec: TableSpec,
     },
+    /// A worker moves to another group (a scheduler gave it a job, or the
+    /// job ended) and says what it works on; answered with the new map.
+    Join {
+        /// The group.
+        group: Group,
+        /// What it works on, for `pserver status`.
+        task: String,
+    },
+    /// A job's scheduler claims the job's name: one scheduler per job.
+    /// Answered `Ok`, or refused while another live node holds it; the
+    /// claim ends when its holder leaves.
+    ClaimJob {
+        /// The job.
+        job: String,
+    },
 }
 
 /// One range file of a checkpoint, as its manifest lists it.
@@ -231,6 +250,8 @@ pub struct Status {
     pub map: ClusterMap,
     /// Per server: keys stored per table, as last reported (may be empty).
     pub servers: Vec<ServerStats>,
+    /// Claimed jobs and the node (scheduler) holding each.
+    pub jobs: Vec<(String, NodeId)>,
 }
 
 /// A server's counters as reported with its heartbeat.

@@ -5,6 +5,7 @@
 use bytes::{BufMut, Bytes, BytesMut};
 use proptest::prelude::*;
 use proptest::sample::Index;
+use pserver_core::map::Group;
 use pserver_core::{
     ClusterMap, Consistency, Init, KeyRange, NodeInfo, NodeState, Partition, Role, TableSpec,
     UpdaterSpec,
@@ -290,12 +291,16 @@ fn map() -> ClusterMap {
                 role: Role::Server,
                 addr: "127.0.0.1:7001".into(),
                 state: NodeState::Alive,
+                group: Group::Default,
+                task: String::new(),
             },
             NodeInfo {
                 id: 2,
                 role: Role::Worker,
                 addr: String::new(),
                 state: NodeState::Dead,
+                group: Group::Default,
+                task: String::new(),
             },
         ],
         partitions: vec![Partition {
@@ -327,6 +332,7 @@ fn table() -> TableSpec {
         },
         consistency: Consistency::Bounded(3),
         aggregate: true,
+        job: None,
     }
 }
 
@@ -335,8 +341,9 @@ fn table() -> TableSpec {
 fn every_control() -> Vec<Control> {
     let all = vec![
         Control::Register {
-            role: Role::Server,
+            role: Role::Worker,
             addr: "10.0.0.1:7000".into(),
+            group: Group::Job("ctr-1".into()),
         },
         Control::Registered { id: 5, map: map() },
         Control::Heartbeat,
@@ -353,6 +360,7 @@ fn every_control() -> Vec<Control> {
             },
             consistency: Consistency::Eventual,
             aggregate: false,
+            job: None,
         }),
         Control::TableCreated(table()),
         Control::Barrier {
@@ -366,6 +374,7 @@ fn every_control() -> Vec<Control> {
                 keys: vec![(1, 1000)],
                 bytes: 8000,
             }],
+            jobs: vec![("ctr-1".into(), 9)],
         }),
         Control::Consistency(Consistency::Sequential),
         Control::PushAck {
@@ -431,8 +440,15 @@ fn every_control() -> Vec<Control> {
             }],
         },
         Control::Restore { spec: table() },
+        Control::Join {
+            group: Group::Idle,
+            task: "shard 2 of 3".into(),
+        },
+        Control::ClaimJob {
+            job: "ctr-1".into(),
+        },
     ];
-    let mut seen = [false; 22];
+    let mut seen = [false; 24];
     for c in &all {
         let i = match c {
             Control::Register { .. } => 0,
@@ -457,6 +473,8 @@ fn every_control() -> Vec<Control> {
             Control::Snapshot { .. } => 19,
             Control::Snapshotted { .. } => 20,
             Control::Restore { .. } => 21,
+            Control::Join { .. } => 22,
+            Control::ClaimJob { .. } => 23,
         };
         seen[i] = true;
     }

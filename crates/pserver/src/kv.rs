@@ -159,6 +159,7 @@ async fn run_with(w: &Worker, cmd: KvCmd) -> Result<()> {
                 updater: updater(u, lr, eps, alpha, beta, eta, l1, l2),
                 consistency: parse::consistency(&consistency)?,
                 aggregate,
+                job: None,
             };
             let spec = w.create_table(&name, opts).await?;
             println!(

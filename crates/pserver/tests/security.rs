@@ -132,6 +132,7 @@ fn only_clients_with_the_secret_get_in() {
         updater: UpdaterSpec::Assign,
         consistency: Consistency::Eventual,
         aggregate: false,
+        job: None,
     };
     let create = Frame::control(Header::new(Kind::Control), &Control::CreateTable(spec));
     refused(&raw(m, create));

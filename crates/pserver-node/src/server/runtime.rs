@@ -18,6 +18,7 @@ use crate::net::Net;
 use crate::proto::{control_reply, control_request, error_reply, register, rejoin};
 use crate::replica::Forwarder;
 use futures_util::StreamExt;
+use pserver_core::map::Group;
 use pserver_core::{NodeId, NodeState, Role};
 use pserver_wire::header::FLAG_PACK_REPLY;
 use pserver_wire::{Control, ErrorCode, Frame, Header, Kind, Limits, Packing};
@@ -236,7 +237,7 @@ impl Shared {
 pub async fn start_server(cfg: ServerConfig) -> Result<ServerHandle, NodeError> {
     let (listener, addr) = bind(&cfg.net, &cfg.listen).await?;
     let (manager, notices) = Peer::connect_via(&cfg.net, &cfg.manager, cfg.limits).await?;
-    let (id, map) = register(&manager, Role::Server, &addr.to_string()).await?;
+    let (id, map) = register(&manager, Role::Server, &addr.to_string(), Group::Default).await?;
     let replicated = Arc::new(AtomicU64::new(0));
     let core = ServerCore::new(
         id,

@@ -113,6 +113,7 @@ impl Worker {
                 updater: old.updater.clone(),
                 consistency: old.consistency,
                 aggregate: old.aggregate,
+                job: old.job.clone(),
             };
             let spec = self.create_table(&old.name, opts).await?;
             for part in ckpt.parts.iter().filter(|p| p.table == old.id) {

@@ -23,6 +23,7 @@ use futures_util::StreamExt;
 use futures_util::future::join_all;
 use futures_util::stream::FuturesUnordered;
 use pserver_core::keycache::key_list_hash;
+pub use pserver_core::map::Group;
 use pserver_core::{
     ClusterMap, Consistency, Init, KEY_END, KeyRange, NodeId, Role, TableSpec, UpdaterSpec,
 };
@@ -67,6 +68,12 @@ pub struct WorkerConfig {
     pub compression: Option<Packing>,
     /// How to dial (TCP unless a test simulates the network).
     pub net: Net,
+    /// The worker group it starts in (a worker process waiting for tasks
+    /// starts [`Group::Idle`]; see [`Worker::join`]).
+    pub group: Group,
+    /// The address it takes tasks on, as the map shows it to schedulers
+    /// (empty: it takes none).
+    pub addr: String,
 }
 
 /// Default of [`WorkerConfig::min_cached_keys`].
@@ -88,6 +95,8 @@ impl WorkerConfig {
             min_cached_keys: DEFAULT_MIN_CACHED_KEYS,
             compression: None,
             net: Net::tcp(),
+            group: Group::Default,
+            addr: String::new(),
         }
     }
 
@@ -113,6 +122,9 @@ pub struct TableOptions {
     pub consistency: Consistency,
     /// Sum each clock's pushes from every live worker, then apply once.
     pub aggregate: bool,
+    /// The job whose workers the table counts; `None` takes the creating
+    /// worker's job, if it is in one.
+    pub job: Option<String>,
 }
 
 impl TableOptions {
@@ -124,6 +136,7 @@ impl TableOptions {
             updater,
             consistency: Consistency::Eventual,
             aggregate: false,
+            job: None,
         }
     }
 
@@ -142,6 +155,12 @@ impl TableOptions {
     /// Sets the initializer.
     pub fn init(mut self, init: Init) -> TableOptions {
         self.init = init;
+        self
+    }
+
+    /// Makes the table count the workers of job `job` only.
+    pub fn job(mut self, job: impl Into<String>) -> TableOptions {
+        self.job = Some(job.into());
         self
     }
 }
@@ -270,6 +289,15 @@ impl KnownLists {
     }
 }
 
+/// Which filters a worker's requests go through.
+#[derive(Clone, Copy, Debug)]
+struct Filters {
+    /// Key caching on, and the shortest list it applies to (at least 3).
+    cache_keys_from: Option<usize>,
+    /// Value compression, when on.
+    compression: Option<Packing>,
+}
+
 /// A connection to a server and what that server holds of this worker's
 /// key lists. The two live and die together: a new connection may be to a
 /// restarted server with an empty cache, so it starts knowing nothing.
@@ -287,10 +315,11 @@ struct Inner {
     servers: Mutex<HashMap<NodeId, Link>>,
     clock: AtomicU64,
     limits: Limits,
-    /// Key caching on, and the shortest list it applies to (at least 3).
-    cache_keys_from: Option<usize>,
-    /// Value compression, when on.
-    compression: Option<Packing>,
+    /// The filters on this worker's requests (a worker process changes
+    /// them per job).
+    filters: Mutex<Filters>,
+    /// The shortest key list key caching applies to (at least 3).
+    min_cached_keys: usize,
     /// Fires when the latest push has queued its first frames (see `send`).
     push_gate: Mutex<Option<oneshot::Receiver<()>>>,
     /// The clocks of the pushes in flight, kept within the servers' window.
@@ -325,7 +354,7 @@ impl Worker {
     /// Registers with the manager and fetches the map.
     pub async fn connect(cfg: WorkerConfig) -> Result<Worker, NodeError> {
         let (manager, mut notices) = Peer::connect_via(&cfg.net, &cfg.manager, cfg.limits).await?;
-        let (id, map) = register(&manager, cfg.role, "").await?;
+        let (id, map) = register(&manager, cfg.role, &cfg.addr, cfg.group.clone()).await?;
         let heartbeat = map.heartbeat_interval();
         let inner = Arc::new(Inner {
             id,
@@ -335,8 +364,11 @@ impl Worker {
             clock: AtomicU64::new(1),
             limits: cfg.limits,
             timeout: cfg.timeout,
-            cache_keys_from: cfg.key_caching.then_some(cfg.min_cached_keys.max(3)),
-            compression: cfg.compression,
+            filters: Mutex::new(Filters {
+                cache_keys_from: cfg.key_caching.then_some(cfg.min_cached_keys.max(3)),
+                compression: cfg.compression,
+            }),
+            min_cached_keys: cfg.min_cached_keys.max(3),
             push_gate: Mutex::new(None),
             in_flight: Arc::default(),
             net: cfg.net.clone(),
@@ -349,8 +381,13 @@ impl Worker {
         let weak = Arc::downgrade(&inner);
         let cancel = inner.cancel.clone();
         let mut peer = manager;
-        let (net, addr, limits, role) =
-            (cfg.net.clone(), cfg.manager.clone(), cfg.limits, cfg.role);
+        let (net, addr, limits, role, my_addr) = (
+            cfg.net.clone(),
+            cfg.manager.clone(),
+            cfg.limits,
+            cfg.role,
+            cfg.addr.clone(),
+        );
         tokio::spawn(async move {
             let mut tick = tokio::time::interval(heartbeat);
             loop {
@@ -373,7 +410,7 @@ impl Worker {
                     // The manager restarted, or the link broke: rejoin with
                     // the same id, so clocks and barriers still count this
                     // worker. Requests in flight to servers go on meanwhile.
-                    match rejoin(&net, &addr, limits, id, role, "").await {
+                    match rejoin(&net, &addr, limits, id, role, &my_addr).await {
                         Ok((p, rx, map)) => {
                             let Some(inner) = weak.upgrade() else { break };
                             *lock(&inner.manager) = p.clone();
@@ -427,12 +464,82 @@ impl Worker {
         self.inner.refresh().await
     }
 
+    /// Turns key caching and value compression on or off for later
+    /// requests (see [`WorkerConfig::key_caching`] and
+    /// [`WorkerConfig::compression`]).
+    pub fn set_filters(&self, key_caching: bool, compression: Option<Packing>) {
+        *lock(&self.inner.filters) = Filters {
+            cache_keys_from: key_caching.then_some(self.inner.min_cached_keys),
+            compression,
+        };
+    }
+
+    /// This worker's group as the map last seen shows it.
+    pub fn group(&self) -> Group {
+        self.map()
+            .node(self.inner.id)
+            .map(|n| n.group.clone())
+            .unwrap_or_default()
+    }
+
+    /// Moves this worker to `group` (a job's, or back to idle) and tells
+    /// the map what it works on (`task`, shown by `pserver status`).
+    /// Returns once this worker has the map that says so, so its next
+    /// requests carry an epoch at which servers count it in the group. A
+    /// worker in one job cannot join another before going idle.
+    pub async fn join(&self, group: Group, task: &str) -> Result<Arc<ClusterMap>, NodeError> {
+        let msg = Control::Join {
+            group,
+            task: task.to_string(),
+        };
+        let reply = self
+            .inner
+            .manager()
+            .request(control_request(self.inner.id, 0, &msg))
+            .await?;
+        match reply_control(&reply, self.inner.manager().label())? {
+            Control::Map(map) => {
+                self.inner.install(map);
+                Ok(self.map())
+            }
+            other => Err(NodeError::Protocol {
+                peer: self.inner.manager().label().to_string(),
+                what: format!("expected Map, got {other:?}"),
+            }),
+        }
+    }
+
+    /// Claims job `job` for this node, its scheduler: refused while another
+    /// node that is still here holds it. The claim ends when this node
+    /// leaves the cluster.
+    pub async fn claim_job(&self, job: &str) -> Result<(), NodeError> {
+        let msg = Control::ClaimJob {
+            job: job.to_string(),
+        };
+        let reply = self
+            .inner
+            .manager()
+            .request(control_request(self.inner.id, 0, &msg))
+            .await?;
+        match reply_control(&reply, self.inner.manager().label())? {
+            Control::Ok => Ok(()),
+            other => Err(NodeError::Protocol {
+                peer: self.inner.manager().label().to_string(),
+                what: format!("expected Ok, got {other:?}"),
+            }),
+        }
+    }
+
     /// Creates a table (or returns the existing one if it has the same spec).
     pub async fn create_table(
         &self,
         name: &str,
         opts: TableOptions,
     ) -> Result<TableSpec, NodeError> {
+        let job = opts.job.or_else(|| match self.group() {
+            Group::Job(j) => Some(j),
+            _ => None,
+        });
         let msg = Control::CreateTable(TableSpec {
             id: 0,
             name: name.to_string(),
@@ -441,6 +548,7 @@ impl Worker {
             updater: opts.updater,
             consistency: opts.consistency,
             aggregate: opts.aggregate,
+            job,
         });
         let reply = self
             .inner

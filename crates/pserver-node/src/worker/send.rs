@@ -470,7 +470,8 @@ impl Inner {
     /// frame is a data request with a long enough key list.
     fn caches(&self, frame: &Frame) -> bool {
         let h = &frame.header;
-        self.cache_keys_from
+        lock(&self.filters)
+            .cache_keys_from
             .is_some_and(|min| frame.keys.len() >= min)
             && matches!(h.kind, Kind::Push | Kind::Pull | Kind::PushPull)
             && h.flags & (FLAG_DENSE | FLAG_SCAN | FLAG_KEYREF) == 0
@@ -508,7 +509,8 @@ impl Inner {
                 cached = Some((hash, None));
             }
         }
-        if let Some(packing) = self.compression {
+        let compression = lock(&self.filters).compression;
+        if let Some(packing) = compression {
             if matches!(frame.header.kind, Kind::Pull | Kind::PushPull) {
                 frame.header.flags |= FLAG_PACK_REPLY;
             }

@@ -89,6 +89,7 @@ fn adagrad_store() -> Result<Store> {
         updater,
         consistency: Consistency::Eventual,
         aggregate: false,
+        job: None,
     };
     Ok(Store::new(spec, built))
 }

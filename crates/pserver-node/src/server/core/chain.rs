@@ -377,7 +377,7 @@ impl ServerCore {
             });
         }
         let chain = self.reachable_chain(&h, chain)?;
-        let workers = self.map.live_workers();
+        let workers = self.map.workers_of(&spec);
         let gate = self.gate();
         let table = self.table_for(&spec)?;
         match what {

@@ -10,6 +10,7 @@
 use super::request::{Data, Op};
 use super::{ConnId, Held, Refusal, ServerCore, Ticket, Waiting};
 use crate::proto::{control_reply, error_reply, reply_header};
+use pserver_core::map::Role;
 use pserver_core::table::{Keys, Push, PushCtx};
 use pserver_core::{Consistency, KeyRange};
 use pserver_wire::header::{FLAG_CACHE_KEYS, FLAG_KEYREF, FLAG_PACK_REPLY, FLAG_RETRY};
@@ -71,6 +72,26 @@ impl ServerCore {
         Ok(())
     }
 
+    /// Refuses a push from a worker outside the table's group: the table's
+    /// consistency and sums do not count it, so its pushes would land
+    /// outside every clock the job waits for (a worker given to another
+    /// job, or an idle one). Clients are not in the map and may push.
+    fn check_group(&self, h: &Header) -> Result<(), Refusal> {
+        let (Some(node), Some(table)) = (self.map.node(h.sender), self.map.table_by_id(h.table))
+        else {
+            return Ok(());
+        };
+        if node.role != Role::Worker || node.group == table.group() {
+            return Ok(());
+        }
+        Err(Refusal::OtherGroup {
+            sender: h.sender,
+            group: node.group.clone(),
+            table: table.name.clone(),
+            table_group: table.group(),
+        })
+    }
+
     /// Refuses data while this server's own view of its lease has lapsed:
     /// the manager declares a server dead after three quarters of the
     /// lease in silence, and this server stops at half, so a server cut
@@ -126,6 +147,9 @@ impl ServerCore {
         // and every check below applies to that list.
         let mut frame = self.resolve_keys(frame)?;
         self.admit(&frame.header, &frame.keys)?;
+        if op.pushes() {
+            self.check_group(&frame.header)?;
+        }
         // Only after admission: a refused request changes nothing, and only
         // lists this server would accept are worth naming later. The cache
         // hashes the list itself; the sender never says how. The flag stays
@@ -283,8 +307,9 @@ impl ServerCore {
     /// True when a push with header `h` goes into an aggregate rather than
     /// straight through the updater.
     pub(super) fn aggregates(&self, h: &Header) -> bool {
-        let aggregate = self.map.table_by_id(h.table).is_some_and(|t| t.aggregate);
-        aggregate && self.map.live_workers().contains(&h.sender)
+        self.map
+            .table_by_id(h.table)
+            .is_some_and(|t| t.aggregate && self.map.workers_of(t).contains(&h.sender))
     }
 
     /// Replaces the `[hash, count]` of a key-reference frame by the list it
@@ -317,7 +342,6 @@ impl ServerCore {
     pub(super) fn push(&mut self, frame: &Frame) -> Result<(u64, u64), Refusal> {
         let h = &frame.header;
         let gate = self.gate();
-        let workers = self.map.live_workers();
         let table = match self.tables.get_mut(&h.table) {
             Some(Ok(t)) => t,
             Some(Err(e)) => {
@@ -329,6 +353,7 @@ impl ServerCore {
             None => return Err(Refusal::UnknownTable(h.table)),
         };
         let push = as_push(frame);
+        let workers = self.map.workers_of(table.spec());
         let ctx = PushCtx {
             aggregate: table.spec().aggregate && workers.contains(&h.sender),
             workers: &workers,
@@ -378,7 +403,7 @@ impl ServerCore {
             return true;
         };
         match self.table(h.table) {
-            Some(t) => t.ready(h.range, need, &self.map.live_workers()),
+            Some(t) => t.ready(h.range, need, &self.map.workers_of(t.spec())),
             None => true,
         }
     }

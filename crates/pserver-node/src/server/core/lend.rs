@@ -243,7 +243,7 @@ impl ServerCore {
             plan,
             me: self.id,
             epoch: self.map.epoch,
-            workers: self.map.live_workers(),
+            workers: self.map.workers_of(table.spec()),
             gate: self.gate(),
             need,
             slots,

@@ -482,11 +482,11 @@ impl ServerCore {
         }
         self.prune_pending();
         self.drop_handed_away();
-        // Fewer live workers may complete waiting sums.
-        let workers = self.map.live_workers();
+        // Fewer live workers in a table's group may complete its waiting sums.
         let gate = self.gate();
         for (&id, t) in &mut self.tables {
             if let Ok(t) = t {
+                let workers = self.map.workers_of(t.spec());
                 let done = t.flush(&workers, gate.as_deref());
                 self.applied.extend(done.into_iter().map(|a| (id, a)));
             }

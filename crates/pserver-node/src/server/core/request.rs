@@ -7,6 +7,7 @@
 //! and clients), chain (changes, fences and markers from other servers),
 //! and admin (the map, checkpoints, restores).
 
+use pserver_core::map::Group;
 use pserver_core::table::TableError;
 use pserver_core::{Consistency, KeyRange, NodeId, TableSpec};
 use pserver_wire::header::FLAG_SCAN;
@@ -212,6 +213,20 @@ pub enum Refusal {
         /// The header's.
         frame: u32,
     },
+    /// A worker pushed to a table of another worker group (job).
+    #[error(
+        "worker {sender} ({group}) may not push to table {table:?} of {table_group}: a table counts the workers of its own job only"
+    )]
+    OtherGroup {
+        /// The worker.
+        sender: NodeId,
+        /// Its group.
+        group: Group,
+        /// The table's name.
+        table: String,
+        /// The table's group.
+        table_group: Group,
+    },
     /// The sender's map is older than this server's.
     #[error("stale epoch")]
     StaleEpoch,
@@ -351,6 +366,7 @@ impl Refusal {
             | Refusal::NotConsistency(_)
             | Refusal::TableMismatch { .. }
             | Refusal::TableUnusable { .. }
+            | Refusal::OtherGroup { .. }
             | Refusal::NotAServer(..) => ErrorCode::Invalid,
             Refusal::StaleEpoch
             | Refusal::NotPrimary { .. }

@@ -309,3 +309,59 @@ fn a_server_that_has_not_heard_the_manager_for_half_its_lease_serves_nothing() {
     let e = at(&mut c, lease + 10, push(10, 2, &[1], &[1.0]));
     assert_eq!(acked(only(&e)), (1, 0));
 }
+
+/// Worker 10 in job `a`, worker 11 in job `b`, table `t` of job `a`.
+fn two_jobs(table: TableSpec) -> ClusterMap {
+    let mut m = solo(TableSpec {
+        job: Some("a".into()),
+        ..table
+    });
+    for n in &mut m.nodes {
+        n.group = match n.id {
+            10 => Group::Job("a".into()),
+            11 => Group::Job("b".into()),
+            _ => Group::Default,
+        };
+    }
+    m
+}
+
+#[test]
+fn a_jobs_table_waits_for_its_own_workers_only() {
+    // Sequential: worker 10's pull at clock 1 needs only worker 10's push
+    // (worker 11 is another job's and never pushes here).
+    let mut c = core_with(1, two_jobs(spec(false, Consistency::Sequential)));
+    assert!(sent(&req(&mut c, pull(10, 1, &[1]))).is_empty());
+    let e = req(&mut c, push(10, 1, &[1], &[1.0]));
+    let s = sent(&e);
+    assert_eq!(s.len(), 2, "the ack and the pull: {e:?}");
+    assert_eq!(s[1].vals, [1.0]);
+}
+
+#[test]
+fn a_jobs_sums_complete_with_its_own_workers() {
+    let mut c = core_with(1, two_jobs(spec(true, Consistency::Sequential)));
+    req(&mut c, push(10, 1, &[1], &[2.0]));
+    // Applied: worker 10 is the job's only worker.
+    assert_eq!(only(&req(&mut c, pull(10, 0, &[1]))).vals, [2.0]);
+}
+
+#[test]
+fn a_worker_of_another_job_may_not_push_and_changes_nothing() {
+    let mut c = core_with(1, two_jobs(spec(false, Consistency::Eventual)));
+    let e = req(&mut c, push(11, 1, &[1], &[5.0]));
+    let f = only(&e);
+    assert_eq!(code(f), Some(ErrorCode::Invalid));
+    let Ok(Control::Error { message, .. }) = f.control_msg() else {
+        panic!("{f:?}")
+    };
+    assert!(
+        message.contains("job b") && message.contains("job a"),
+        "{message}"
+    );
+    // It may still read.
+    assert_eq!(only(&req(&mut c, pull(11, 0, &[1]))).vals, [0.0]);
+    // Pulls of the job's own worker are not held back by it either.
+    req(&mut c, push(10, 1, &[1], &[1.0]));
+    assert_eq!(only(&req(&mut c, pull(10, 0, &[1]))).vals, [1.0]);
+}

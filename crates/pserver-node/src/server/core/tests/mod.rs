@@ -13,6 +13,7 @@ mod chain;
 mod data;
 mod lend;
 mod maps;
+use pserver_core::map::Group;
 use pserver_core::{Init, KEY_END, NodeInfo, Partition, Role, UpdaterSpec};
 use pserver_wire::header::{FLAG_CACHE_KEYS, FLAG_DENSE, FLAG_KEYREF, FLAG_RETRY, FLAG_SCAN};
 use pserver_wire::message::Replica;
@@ -50,6 +51,7 @@ pub(super) fn spec(aggregate: bool, consistency: Consistency) -> TableSpec {
         updater: UpdaterSpec::Add,
         consistency,
         aggregate,
+        job: None,
     }
 }
 
@@ -59,6 +61,8 @@ pub(super) fn node(id: NodeId, role: Role, state: NodeState) -> NodeInfo {
         role,
         addr: format!("s{id}"),
         state,
+        group: Group::Default,
+        task: String::new(),
     }
 }
 
