@@ -8,22 +8,23 @@
 //! clock and runs the proximal L1/L2 step once on the sums (the `prox`
 //! updater). A worker then pulls the block of iteration `t - tau`, which the
 //! bounded delay guarantees is complete, and folds the change into its
-//! margins. With `tau = 0` this is exact block coordinate descent.
+//! margins. With `tau = 0` this is exact block coordinate descent. With
+//! `tau >= 1` that pull is sent an iteration early and the push is not
+//! waited for, so the worker computes while its messages travel.
 //!
 //! `h_k` is the separable upper bound `sum_i p_i (1 - p_i) x_ik^2 c_i`, with
 //! `c_i` the number of row `i`'s features in the block, so a unit step never
 //! overshoots however the block's features are correlated.
 
 use crate::dataset::{Columns, Dataset};
+use crate::job::proto::StepStats;
 use crate::metrics::{logistic_loss, sigmoid};
-use crate::progress::{IterStats, Progress};
 use pserver_node::NodeError;
-use pserver_node::durable::{Disk, FileSystem};
-use pserver_node::worker::{Keys, Op, Request, Worker};
+use pserver_node::worker::{Handle, Keys, Op, Outcome, Request, Worker};
+use std::collections::VecDeque;
 use std::ops::Range;
 use std::sync::Arc;
-use std::time::Instant;
-use tokio::sync::mpsc::{UnboundedReceiver, UnboundedSender};
+use std::time::{Duration, Instant};
 
 /// What one worker needs to know to run the algorithm.
 #[derive(Clone, Debug)]
@@ -32,8 +33,6 @@ pub struct DbpgConfig {
     pub table: String,
     /// Number of key-range blocks.
     pub blocks: usize,
-    /// Passes over all blocks.
-    pub epochs: usize,
     /// Bounded delay.
     pub tau: u64,
     /// L1 strength, for the KKT filter.
@@ -42,13 +41,13 @@ pub struct DbpgConfig {
     pub kkt: Option<f32>,
     /// Number of workers (the KKT filter scales local gradients by it).
     pub workers: usize,
-    /// Epochs already done (a run resumed from a checkpoint): the weights
-    /// are pulled at start, and iterations go on from there.
-    pub start_epoch: usize,
-    /// Write a checkpoint into `.0/epoch-E` every `.1` epochs (at a
-    /// barrier, so it holds every worker's pushes up to that clock and none
-    /// after), and point `.0/LATEST` at it.
-    pub checkpoint: Option<(std::path::PathBuf, usize)>,
+    /// Iterations already in the weights when this run started (a resumed
+    /// run): their blocks are never pulled by clock.
+    pub first: u64,
+    /// The run's last iteration.
+    pub total: u64,
+    /// Added to every clock sent (see `JobSpec::clock_base`).
+    pub clock_base: u64,
 }
 
 /// The file in a checkpoint directory naming the latest complete checkpoint.
@@ -102,47 +101,56 @@ impl Part {
     }
 }
 
-/// Runs the worker's iterations on `data` and reports each on `progress`.
-/// Shards received on `adopt` (those of workers that died) are taken on
-/// from the next iteration: their weights are pulled, their margins
-/// computed, and their gradients summed with this worker's own into its one
-/// push per clock.
-pub async fn run_worker(
-    w: &Worker,
-    index: usize,
-    data: Arc<Dataset>,
-    cfg: &DbpgConfig,
-    progress: &UnboundedSender<Progress>,
-    mut adopt: UnboundedReceiver<Arc<Dataset>>,
-) -> Result<(), NodeError> {
-    let mut parts = vec![Part::new(data, cfg.blocks)];
-    let first = (cfg.blocks * cfg.start_epoch) as u64;
-    if first > 0 {
-        // Resumed: start from the weights as the checkpoint left them.
-        let now = w
-            .send(Request {
-                table: cfg.table.clone(),
-                op: Op::Pull,
-                keys: Keys::List(parts[0].data.keys.clone()),
-                vals: Vec::new(),
-                clock: Some(0),
-                consistency: None,
-            })
-            .await?
-            .vals;
-        parts[0].set_weights(now);
-    }
-    let total = (cfg.blocks * cfg.epochs) as u64;
-    let block_of = |t: u64| ((t - 1) % cfg.blocks as u64) as usize;
+/// A pull of one block in flight: the parts it was asked for (parts are
+/// only ever appended to, or replaced all at once, which drops these).
+struct Pending {
+    block: usize,
+    /// The iteration whose update it brings.
+    iteration: u64,
+    parts: usize,
+    keys: Vec<u64>,
+    pull: Handle<Outcome>,
+}
 
-    for t in first + 1..=total {
-        while let Ok(d) = adopt.try_recv() {
-            let mut part = Part::new(d, cfg.blocks);
-            // The weights as they stand (clock 0: no wait); later pulls
-            // fold in the changes like this worker's own shard's.
+/// One worker's side of the algorithm, one iteration at a time, with its
+/// messages in flight between iterations: the push of iteration `t` is not
+/// waited for, and the pull that iteration `t + 1` needs (the block of
+/// iteration `t + 1 - tau`, updated by every worker) was sent during
+/// iteration `t - 1`, so it travels while this worker computes. With
+/// `tau = 0` nothing can overlap: each iteration waits for the one before.
+pub struct DbpgWorker {
+    cfg: DbpgConfig,
+    parts: Vec<Part>,
+    pulls: VecDeque<Pending>,
+}
+
+impl DbpgWorker {
+    /// A worker with no data yet.
+    pub fn new(cfg: DbpgConfig) -> DbpgWorker {
+        DbpgWorker {
+            cfg,
+            parts: Vec::new(),
+            pulls: VecDeque::new(),
+        }
+    }
+
+    /// Rows held.
+    pub fn rows(&self) -> usize {
+        self.parts.iter().map(|p| p.data.rows()).sum()
+    }
+
+    fn block_of(&self, t: u64) -> usize {
+        ((t - 1) % self.cfg.blocks as u64) as usize
+    }
+
+    /// A part on `data`, starting from the weights as they stand (clock 0:
+    /// no wait), unless the table is known to be empty.
+    async fn part(&self, w: &Worker, data: Arc<Dataset>, fresh: bool) -> Result<Part, NodeError> {
+        let mut part = Part::new(data, self.cfg.blocks);
+        if !fresh && !part.data.keys.is_empty() {
             let now = w
                 .send(Request {
-                    table: cfg.table.clone(),
+                    table: self.cfg.table.clone(),
                     op: Op::Pull,
                     keys: Keys::List(part.data.keys.clone()),
                     vals: Vec::new(),
@@ -152,20 +160,67 @@ pub async fn run_worker(
                 .await?
                 .vals;
             part.set_weights(now);
-            let _ = progress.send(Progress::Adopted {
-                worker: index,
-                rows: part.data.rows(),
-            });
-            parts.push(part);
         }
+        Ok(part)
+    }
+
+    /// Replaces every part by one on `data` (pulls in flight are dropped:
+    /// the part starts from the weights as they stand). `fresh`: the
+    /// table is new and empty, nothing to pull.
+    pub async fn set_data(
+        &mut self,
+        w: &Worker,
+        data: Arc<Dataset>,
+        fresh: bool,
+    ) -> Result<(), NodeError> {
+        let part = self.part(w, data, fresh).await?;
+        self.pulls.clear();
+        self.parts = vec![part];
+        Ok(())
+    }
+
+    /// Adds a part (a lost worker's shard), from the weights as they stand;
+    /// its gradients are summed with this worker's own into one push.
+    pub async fn add_data(&mut self, w: &Worker, data: Arc<Dataset>) -> Result<(), NodeError> {
+        let part = self.part(w, data, false).await?;
+        self.parts.push(part);
+        Ok(())
+    }
+
+    /// Runs iteration `t`: folds in the pulls it needs, computes the
+    /// block's gradient, sends the push (returned, not waited for) and the
+    /// pull a later iteration needs. `slow` is added to the computation (a
+    /// slowed worker in tests).
+    pub async fn iterate(
+        &mut self,
+        w: &Worker,
+        t: u64,
+        slow: Duration,
+    ) -> Result<(StepStats, Handle<Outcome>), NodeError> {
+        let cfg = self.cfg.clone();
+        // Iteration t needs every block update up to t - 1 - tau.
+        let waited = Instant::now();
+        while let Some(p) = self
+            .pulls
+            .front()
+            .filter(|p| p.iteration + cfg.tau < t)
+            .is_some()
+            .then(|| self.pulls.pop_front())
+            .flatten()
+        {
+            let fresh = p.pull.await?.vals;
+            self.fold(p.block, p.parts, &p.keys, &fresh);
+        }
+        let mut wait = waited.elapsed();
+
         let busy = Instant::now();
-        let j = block_of(t);
+        let j = self.block_of(t);
         let mut loss = 0.0;
         let mut rows = 0;
         let mut filtered = 0;
         // Per part: sorted keys of the block with (g, h); then merged by key.
         let mut merged: Vec<(u64, f64, f64, bool)> = Vec::new();
-        for part in &mut parts {
+        for part in &mut self.parts {
             rows += part.data.rows();
             for (r, m) in part.margins.iter().enumerate() {
                 part.p[r] = sigmoid(*m);
@@ -183,7 +238,7 @@ pub async fn run_worker(
                 merged.push((part.data.keys[k], g, h, part.weights[k] == 0.0));
             }
         }
-        if parts.len() > 1 {
+        if self.parts.len() > 1 {
             merged.sort_unstable_by_key(|e| e.0);
             merged.dedup_by(|next, prev| {
                 let same = next.0 == prev.0;
@@ -209,119 +264,91 @@ pub async fn run_worker(
             vals.push(g as f32);
             vals.push(h as f32);
         }
+        if !slow.is_zero() {
+            tokio::time::sleep(slow).await;
+        }
         let pushed = keys.len();
         let busy = busy.elapsed();
 
         // Every partition gets this clock, empty slices included, so pulls
         // that wait on any range see the iteration done.
-        let waited = Instant::now();
-        // The push and the pull travel together: the pull's wait is on the
-        // other workers' clocks, not on this push's acknowledgement.
-        w.set_clock(t);
+        let sent = Instant::now();
+        w.set_clock(cfg.clock_base + t);
         let push = w.push(&cfg.table, keys, vals);
-        // Blocks of iterations before a resume are in the weights pulled at
-        // start (and nobody pushed their clocks in this cluster).
-        if let Some(s) = t.checked_sub(cfg.tau).filter(|&s| s > first) {
-            pull_block(w, cfg, &mut parts, block_of(s), t).await?;
+        // The pull of the block of iteration s, at clock s + tau (answered
+        // once every worker of the job pushed s), is needed before
+        // iteration s + tau + 1: send it now, one iteration early, unless
+        // tau is 0 (then it can only go after this push). Blocks before a
+        // resume are in the weights pulled at start.
+        let s = if cfg.tau == 0 { t } else { t + 1 - cfg.tau };
+        if s >= 1 && s > cfg.first && s + cfg.tau < cfg.total {
+            self.send_pull(w, s);
         }
-        push.await?;
-        let wait = waited.elapsed();
-        let _ = progress.send(Progress::Iter(IterStats {
-            worker: index,
+        wait += sent.elapsed();
+        let stats = StepStats {
             iteration: t,
             loss,
             rows,
             pushed,
             filtered,
-            busy,
-            wait,
-        }));
-        if let Some((dir, every)) = &cfg.checkpoint {
-            let epoch = (t / cfg.blocks as u64) as usize;
-            if t.is_multiple_of(cfg.blocks as u64)
-                && *every > 0
-                && epoch.is_multiple_of(*every)
-                && t < total
-            {
-                checkpoint(w, index, cfg, dir, epoch, progress).await?;
-            }
+            busy_us: busy.as_micros() as u64,
+            wait_us: wait.as_micros() as u64,
+        };
+        Ok((stats, push))
+    }
+
+    /// Sends the pull of the block of iteration `s` (the union of the
+    /// parts' keys of it) at clock `s + tau`.
+    fn send_pull(&mut self, w: &Worker, s: u64) {
+        let j = self.block_of(s);
+        let mut keys: Vec<u64> = Vec::new();
+        for part in &self.parts {
+            keys.extend_from_slice(&part.data.keys[part.bounds[j]..part.bounds[j + 1]]);
         }
-    }
-    // No final pulls: every push is acknowledged after its clock's
-    // aggregate is applied, so the table is complete once all workers return.
-    Ok(())
-}
-
-/// Every worker stops at a barrier after epoch `epoch` (its pushes are all
-/// acknowledged, so every sum up to this clock is applied and none after);
-/// worker 0 writes the checkpoint and points `LATEST` at it; a second
-/// barrier lets everyone go on.
-async fn checkpoint(
-    w: &Worker,
-    index: usize,
-    cfg: &DbpgConfig,
-    dir: &std::path::Path,
-    epoch: usize,
-    progress: &UnboundedSender<Progress>,
-) -> Result<(), NodeError> {
-    w.barrier(&format!("{}-ckpt-{epoch}", cfg.table)).await?;
-    if index == 0 {
-        let name = format!("epoch-{epoch}");
-        let at = dir.join(&name);
-        w.checkpoint(&at).await?;
-        // LATEST changes only once the checkpoint is whole.
-        Disk::new()
-            .write_atomic(&dir.join(LATEST), format!("{name}\n").as_bytes())
-            .map_err(|e| NodeError::BadRequest(e.to_string()))?;
-        let _ = progress.send(Progress::Checkpointed { epoch, dir: at });
-    }
-    w.barrier(&format!("{}-ckpt-{epoch}-done", cfg.table)).await
-}
-
-/// Pulls block `j` at `clock` (the union of the parts' keys) and folds the
-/// weight changes into each part's margins.
-async fn pull_block(
-    w: &Worker,
-    cfg: &DbpgConfig,
-    parts: &mut [Part],
-    j: usize,
-    clock: u64,
-) -> Result<(), NodeError> {
-    let mut keys: Vec<u64> = Vec::new();
-    for part in parts.iter() {
-        keys.extend_from_slice(&part.data.keys[part.bounds[j]..part.bounds[j + 1]]);
-    }
-    if parts.len() > 1 {
-        keys.sort_unstable();
-        keys.dedup();
-    }
-    if keys.is_empty() {
-        return Ok(());
-    }
-    let fresh = w
-        .send(Request {
-            table: cfg.table.clone(),
+        if self.parts.len() > 1 {
+            keys.sort_unstable();
+            keys.dedup();
+        }
+        if keys.is_empty() {
+            return;
+        }
+        let pull = w.send(Request {
+            table: self.cfg.table.clone(),
             op: Op::Pull,
             keys: Keys::List(keys.clone()),
             vals: Vec::new(),
-            clock: Some(clock),
+            clock: Some(self.cfg.clock_base + s + self.cfg.tau),
             consistency: None,
-        })
-        .await?
-        .vals;
-    if let [only] = parts {
-        only.fold(j, &fresh);
-        return Ok(());
+        });
+        self.pulls.push_back(Pending {
+            block: j,
+            iteration: s,
+            parts: self.parts.len(),
+            keys,
+            pull,
+        });
     }
-    for part in parts.iter_mut() {
-        let block = &part.data.keys[part.bounds[j]..part.bounds[j + 1]];
-        let mine: Vec<f32> = block
-            .iter()
-            .map(|k| keys.binary_search(k).map_or(0.0, |i| fresh[i]))
-            .collect();
-        part.fold(j, &mine);
+
+    /// Folds pulled weights of block `j` (for `keys`) into the first
+    /// `parts` parts' margins.
+    fn fold(&mut self, j: usize, parts: usize, keys: &[u64], fresh: &[f32]) {
+        let n = parts.min(self.parts.len());
+        if let [only] = &mut self.parts[..n] {
+            only.fold(j, fresh);
+            return;
+        }
+        for part in &mut self.parts[..n] {
+            let block = &part.data.keys[part.bounds[j]..part.bounds[j + 1]];
+            let current = &part.weights[part.bounds[j]..part.bounds[j + 1]];
+            // Every key of these parts' block was asked for.
+            let mine: Vec<f32> = block
+                .iter()
+                .zip(current)
+                .map(|(k, w)| keys.binary_search(k).map_or(*w, |i| fresh[i]))
+                .collect();
+            part.fold(j, &mine);
+        }
     }
-    Ok(())
 }
 
 /// The gradient `g_k` and curvature bound `h_k` of the summed logistic loss

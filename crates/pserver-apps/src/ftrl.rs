@@ -5,11 +5,11 @@
 //! lets workers run ahead of each other.
 
 use crate::dataset::Dataset;
+use crate::job::proto::StepStats;
 use crate::metrics::{logistic_loss, sigmoid};
-use crate::progress::{IterStats, Progress};
 use pserver_node::NodeError;
 use pserver_node::worker::{Keys, Op, Request, Worker};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 use tokio::sync::mpsc::UnboundedSender;
 
 /// What one worker needs to know.
@@ -17,27 +17,30 @@ use tokio::sync::mpsc::UnboundedSender;
 pub struct FtrlConfig {
     /// The weights table (updater `ftrl`).
     pub table: String,
-    /// Passes over the data.
-    pub epochs: usize,
     /// Minibatches per epoch, the same on every worker so that clocks line
     /// up (a worker with fewer rows pushes smaller batches).
     pub batches: usize,
+    /// Added to every clock sent (see `JobSpec::clock_base`).
+    pub clock_base: u64,
 }
 
-/// Runs the worker's minibatches on `data` and reports each on `progress`.
-pub async fn run_worker(
+/// Runs epoch `epoch` (from 1) of the worker's minibatches on `data`: the
+/// clocks of minibatches `(epoch - 1) * batches + 1 ..= epoch * batches`.
+/// Reports each minibatch on `progress`; `slow` is added to each.
+pub async fn run_epoch(
     w: &Worker,
-    index: usize,
     data: &Dataset,
     cfg: &FtrlConfig,
-    progress: &UnboundedSender<Progress>,
+    epoch: u64,
+    slow: Duration,
+    progress: &UnboundedSender<StepStats>,
 ) -> Result<(), NodeError> {
     let n = data.rows();
     let batches = cfg.batches.max(1);
     // Column -> position in the current batch's key list, or u32::MAX.
     let mut slot = vec![u32::MAX; data.keys.len()];
-    let mut clock = 0u64;
-    for _epoch in 0..cfg.epochs {
+    let mut clock = (epoch - 1) * batches as u64;
+    {
         for b in 0..batches {
             let busy_start = Instant::now();
             let rows = (n * b / batches)..(n * (b + 1) / batches);
@@ -60,7 +63,7 @@ pub async fn run_worker(
             let mut busy = busy_start.elapsed();
 
             clock += 1;
-            w.set_clock(clock);
+            w.set_clock(cfg.clock_base + clock);
             let waited = Instant::now();
             let weights = if keys.is_empty() {
                 Vec::new()
@@ -70,7 +73,7 @@ pub async fn run_worker(
                     op: Op::Pull,
                     keys: Keys::List(keys.clone()),
                     vals: Vec::new(),
-                    clock: Some(clock - 1),
+                    clock: Some(cfg.clock_base + clock - 1),
                     consistency: None,
                 })
                 .await?
@@ -99,22 +102,24 @@ pub async fn run_worker(
             for &c in &cols {
                 slot[c as usize] = u32::MAX;
             }
+            if !slow.is_zero() {
+                tokio::time::sleep(slow).await;
+            }
             busy += compute.elapsed();
 
             let waited = Instant::now();
             let pushed = keys.len();
             w.push(&cfg.table, keys, grad).await?;
             wait += waited.elapsed();
-            let _ = progress.send(Progress::Iter(IterStats {
-                worker: index,
+            let _ = progress.send(StepStats {
                 iteration: clock,
                 loss,
                 rows: rows.len(),
                 pushed,
                 filtered: 0,
-                busy,
-                wait,
-            }));
+                busy_us: busy.as_micros() as u64,
+                wait_us: wait.as_micros() as u64,
+            });
         }
     }
     Ok(())

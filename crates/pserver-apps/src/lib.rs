@@ -14,6 +14,7 @@
 pub mod dataset;
 pub mod dbpg;
 pub mod ftrl;
+pub mod job;
 pub mod metrics;
 pub mod model;
 pub mod plot;

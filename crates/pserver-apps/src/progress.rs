@@ -57,6 +57,14 @@ pub enum Progress {
         /// Where.
         dir: std::path::PathBuf,
     },
+    /// A worker process joined the running job (its share starts with the
+    /// next epoch).
+    Joined {
+        /// Its slot in the job.
+        worker: usize,
+        /// Its node id.
+        node: u32,
+    },
     /// A worker took on the shard of one that was lost.
     Adopted {
         /// The worker that took it.

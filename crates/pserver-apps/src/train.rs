@@ -3,54 +3,43 @@
 //! and collect the model and the figures of the run.
 
 use crate::dataset::{Builder, Dataset};
-use crate::dbpg::{self, DbpgConfig};
-use crate::ftrl::{self, FtrlConfig};
+use crate::dbpg;
+pub use crate::job::DataFormat;
+use crate::job::agent::{Agent, AgentConfig};
+pub use crate::job::proto::Algo;
+use crate::job::scheduler::{self, Pool};
 use crate::metrics::{Metrics, sigmoid};
 use crate::model::Model;
 use crate::progress::Progress;
-use pserver_core::{Consistency, KeyRange, UpdaterSpec};
 use pserver_data::{Format, ReadOptions, ReadStats, Shard, Split};
 use pserver_node::NodeError;
-use pserver_node::worker::{Packing, TableOptions, Worker, WorkerConfig};
-use std::collections::BTreeMap;
+use pserver_node::worker::{Packing, Worker};
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 use tokio::sync::mpsc::UnboundedSender;
-
-/// Which learning algorithm.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Algo {
-    /// Delayed block proximal gradient, L1/L2 proximal step on the servers.
-    Dbpg,
-    /// Asynchronous minibatch SGD with FTRL-Proximal on the servers.
-    Ftrl,
-}
-
-impl Algo {
-    /// Its name on the command line.
-    pub fn name(&self) -> &'static str {
-        match self {
-            Algo::Dbpg => "dbpg",
-            Algo::Ftrl => "ftrl",
-        }
-    }
-}
 
 /// Everything a run needs.
 #[derive(Clone, Debug)]
 pub struct TrainConfig {
     /// Algorithm.
     pub algo: Algo,
-    /// Training data.
+    /// Training data: a file, or a glob naming several (each worker
+    /// expands it on its own file system, or reads its own `--data`).
     pub train: PathBuf,
-    /// Test data; `None` takes the schema's held-out split of `train`.
+    /// Test data, read by the scheduler; `None` takes the schema's
+    /// held-out split of `train`.
     pub test: Option<PathBuf>,
     /// How to read both.
-    pub format: Format,
-    /// Workers to run.
+    pub format: DataFormat,
+    /// Workers to run (in this process: [`train`]; as worker processes:
+    /// the number a remote job starts with).
     pub workers: usize,
+    /// The job's name (its worker group, its table, the name its scheduler
+    /// claims); `None`: the algorithm and a time stamp.
+    pub job: Option<String>,
+    /// Slow worker 0's every step by this many ms (a test's slow worker).
+    pub slow_worker_ms: u64,
     /// Bounded delay (0: sequential).
     pub tau: u64,
     /// L1 strength.
@@ -85,9 +74,10 @@ pub struct TrainConfig {
     /// (its table is restored into the cluster and training goes on from
     /// the epoch after it), instead of from zero.
     pub resume: bool,
-    /// Fault injection: stop worker `.0` this long into training, as if its
-    /// machine died (its computation stops and it stops heartbeating), to
-    /// show that its shard is taken over and the run finishes.
+    /// Fault injection: stop in-process worker `.0` this long into
+    /// training, as if its machine died (its link closes and it stops
+    /// heartbeating), to show that its shard is taken over and the run
+    /// finishes.
     pub fail_worker: Option<(usize, Duration)>,
     /// How the run's workers reach the cluster: the same transport (TLS,
     /// the cluster secret) its nodes use.
@@ -135,7 +125,8 @@ pub struct RunResult {
     pub bytes_sent: u64,
     /// Bytes the workers received.
     pub bytes_received: u64,
-    /// Bytes the KKT filter kept off the wire (16 per coordinate: key, g, h).
+    /// Bytes the filters kept off the wire (KKT: 16 per coordinate, key,
+    /// g and h; key caching and compression as the workers counted).
     pub bytes_saved: u64,
     /// Fraction of worker time spent in push/pull (consistency waits included).
     pub wait_fraction: f64,
@@ -184,22 +175,39 @@ impl TrainConfig {
         if (self.checkpoint_every > 0 || self.resume) && self.algo != Algo::Dbpg {
             return bad("checkpoints during training are for --algo dbpg");
         }
-        if self.test.is_none() && !matches!(self.format, Format::Csv(_)) {
+        if self.test.is_none() && !matches!(self.format, DataFormat::Csv(_)) {
             return bad("--test is needed unless a CSV schema defines a held-out split");
+        }
+        if let Some(j) = &self.job {
+            if !pserver_core::spec::valid_job_name(j) {
+                return bad("--job must be 1-128 letters, digits, '_', '-' or '.'");
+            }
         }
         Ok(())
     }
 
-    fn splits(&self) -> (Split, Split) {
-        match self.test {
-            Some(_) => (Split::All, Split::All),
-            None => (Split::Train, Split::Test),
+    /// The job's name.
+    pub fn job_name(&self) -> String {
+        self.job.clone().unwrap_or_else(|| {
+            let stamp = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_millis())
+                .unwrap_or(0);
+            format!("{}-{stamp}", self.algo.name())
+        })
+    }
+
+    /// Steps of the whole run: DBPG iterations, or FTRL epochs.
+    pub fn steps(&self) -> u64 {
+        match self.algo {
+            Algo::Dbpg => (self.blocks * self.epochs) as u64,
+            Algo::Ftrl => self.epochs as u64,
         }
     }
 }
 
 /// Loads one shard into a dataset (blocking; run it off the async threads).
-fn load(
+pub(crate) fn load(
     path: &std::path::Path,
     format: &Format,
     shard: Shard,
@@ -221,368 +229,41 @@ fn load(
     Ok((b.build(), reader.stats().clone()))
 }
 
-/// Runs training against the manager at `manager`. Events go to `progress`.
+/// Runs training against the manager at `manager` with `cfg.workers`
+/// worker processes' worth of workers started in this process (each a
+/// [`Agent`] on loopback, driven by the job's scheduler over its link like
+/// a remote one). Events go to `progress`.
 pub async fn train(
     manager: &str,
     cfg: &TrainConfig,
     progress: UnboundedSender<Progress>,
 ) -> Result<RunResult, TrainError> {
     cfg.validate()?;
-    let loading = Instant::now();
-    let (train_split, test_split) = cfg.splits();
-    let test_path = cfg.test.clone().unwrap_or_else(|| cfg.train.clone());
-
-    // Every worker reads only its shard; the test set is read beside them.
-    let mut loads = Vec::new();
-    for i in 0..cfg.workers {
-        let (path, format) = (cfg.train.clone(), cfg.format.clone());
-        let shard = Shard {
-            index: i,
-            count: cfg.workers,
-        };
-        loads.push(tokio::task::spawn_blocking(move || {
-            load(&path, &format, shard, train_split)
-        }));
-    }
-    let format = cfg.format.clone();
-    let test_load = tokio::task::spawn_blocking(move || {
-        load(
-            &test_path,
-            &format,
-            Shard { index: 0, count: 1 },
-            test_split,
-        )
-    });
-    let mut shards = Vec::new();
-    let mut bad = Vec::new();
-    for (i, l) in loads.into_iter().enumerate() {
-        let (d, stats) = l
-            .await
-            .map_err(|e| TrainError::Worker(i, e.to_string()))??;
-        let _ = progress.send(Progress::Loaded {
-            worker: i,
-            rows: d.rows(),
-        });
-        bad.push(stats);
-        shards.push(Arc::new(d));
-    }
-    let (test, test_stats) = test_load
-        .await
-        .map_err(|e| TrainError::Worker(usize::MAX, e.to_string()))??;
-    bad.push(test_stats);
-    let train_rows: usize = shards.iter().map(|d| d.rows()).sum();
-    if train_rows == 0 {
-        return Err(TrainError::Empty(cfg.train.display().to_string()));
-    }
-    if test.rows() == 0 {
-        return Err(TrainError::Empty("the test set".into()));
-    }
-    let load_seconds = loading.elapsed().as_secs_f64();
-
-    // Workers register before anyone pushes, so every clock counts them all.
-    let mut workers = Vec::new();
+    let mut agents = Vec::new();
     for _ in 0..cfg.workers {
-        let mut wc = WorkerConfig::new(manager);
-        wc.net = cfg.net.clone();
-        wc.key_caching = cfg.key_caching;
-        wc.compression = cfg.compression;
-        workers.push(Worker::connect(wc).await?);
+        let a = Agent::start(AgentConfig {
+            manager: manager.to_string(),
+            listen: "127.0.0.1:0".into(),
+            advertise: None,
+            data: Vec::new(),
+            net: cfg.net.clone(),
+        })
+        .await
+        .map_err(|e| TrainError::Config(e.to_string()))?;
+        agents.push(Arc::new(a));
     }
-    let observer = Worker::connect(WorkerConfig {
-        net: cfg.net.clone(),
-        ..WorkerConfig::client(manager)
-    })
-    .await?;
-    let stamp = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis())
-        .unwrap_or(0);
-    let mut table = format!("{}-{stamp}", cfg.algo.name());
-    // A resumed run continues the checkpoint's table from its epoch.
-    let mut start_epoch = 0;
-    if let (true, Some(dir), Algo::Dbpg) = (cfg.resume, &cfg.checkpoint_dir, cfg.algo) {
-        if let Some((epoch, at)) = latest_checkpoint(dir)? {
-            let restored = observer
-                .restore(&at, &pserver_core::updater::Registry::new())
-                .await?;
-            let Some(t) = restored.first() else {
-                return Err(TrainError::Config(format!(
-                    "the checkpoint {} holds no table",
-                    at.display()
-                )));
-            };
-            table = t.name.clone();
-            start_epoch = epoch.min(cfg.epochs);
-            let _ = progress.send(Progress::Resumed { epoch, dir: at });
-        }
+    let r = scheduler::run(manager, cfg, Pool::Local(agents.clone()), progress).await;
+    for a in &agents {
+        a.kill();
     }
-    let consistency = if cfg.tau == 0 {
-        Consistency::Sequential
-    } else {
-        Consistency::Bounded(cfg.tau)
-    };
-    let opts = match cfg.algo {
-        // Up to tau other blocks move on margins this worker has not seen
-        // yet; a step of 1 / (tau + 1) keeps their sum within the bound
-        // (the delay-dependent step of Li et al., NIPS 2014).
-        Algo::Dbpg => TableOptions::new(
-            1,
-            UpdaterSpec::Prox {
-                eta: 1.0 / (cfg.tau as f32 + 1.0),
-                l1: cfg.l1,
-                l2: cfg.l2,
-                eps: 1e-6,
-            },
-        )
-        .aggregate(true),
-        Algo::Ftrl => TableOptions::new(
-            1,
-            UpdaterSpec::Ftrl {
-                alpha: cfg.alpha,
-                beta: cfg.beta,
-                l1: cfg.l1,
-                l2: cfg.l2,
-            },
-        ),
-    }
-    .consistency(consistency);
-    if start_epoch == 0 {
-        workers[0].create_table(&table, opts).await?;
-    }
-    for w in &workers {
-        w.refresh().await?;
-    }
-
-    let (itx, mut irx) = tokio::sync::mpsc::unbounded_channel();
-    let (done_tx, mut done_rx) = tokio::sync::mpsc::unbounded_channel();
-    let started = Instant::now();
-    let max_rows = shards.iter().map(|d| d.rows()).max().unwrap_or(0);
-    let mut tasks = Vec::new();
-    // Where a lost worker's shard goes: each worker's adoption queue.
-    let mut adopt_tx = Vec::new();
-    for (i, (w, data)) in workers
-        .iter()
-        .cloned()
-        .zip(shards.iter().cloned())
-        .enumerate()
-    {
-        let tx = itx.clone();
-        let table = table.clone();
-        let cfg = cfg.clone();
-        let (atx, arx) = tokio::sync::mpsc::unbounded_channel();
-        adopt_tx.push(atx);
-        let done = done_tx.clone();
-        tasks.push(tokio::spawn(async move {
-            let r = run_one(w, i, data, table, cfg, max_rows, start_epoch, tx, arx).await;
-            let _ = done.send((i, r));
-        }));
-    }
-    drop(done_tx);
-
-    drop(itx);
-
-    // Gather the workers' reports into the objective curve, and score the
-    // test set now and then, until every worker is done.
-    let test = Arc::new(test);
-    let mut test_curve = Vec::new();
-    let mut curve = Vec::new();
-    let mut partial: BTreeMap<u64, (f64, usize, usize)> = BTreeMap::new();
-    let (mut busy, mut wait) = (Duration::ZERO, Duration::ZERO);
-    let mut filtered = 0u64;
-    let mut tick = tokio::time::interval(cfg.eval_every.unwrap_or(Duration::from_secs(3600)));
-    tick.tick().await;
-    let mut alive = vec![true; cfg.workers];
-    let mut rows_of: Vec<usize> = shards.iter().map(|d| d.rows()).collect();
-    let mut fail = cfg
-        .fail_worker
-        .filter(|(i, _)| *i < cfg.workers)
-        .map(|(i, after)| (i, tokio::time::Instant::now() + after));
-    // A worker that fails (or is made to) is shut down, so the manager
-    // declares it dead and clocks stop waiting for it, and its shard goes
-    // to the live worker with the fewest rows.
-    let lose = |i: usize,
-                why: String,
-                alive: &mut Vec<bool>,
-                rows_of: &mut Vec<usize>|
-     -> Result<(), TrainError> {
-        if !std::mem::replace(&mut alive[i], false) {
-            return Ok(());
-        }
-        workers[i].shutdown();
-        let _ = progress.send(Progress::WorkerLost {
-            worker: i,
-            why: why.clone(),
-        });
-        let Some(to) = (0..alive.len())
-            .filter(|&j| alive[j])
-            .min_by_key(|&j| rows_of[j])
-        else {
-            return Err(TrainError::Worker(i, format!("{why}; no worker is left")));
-        };
-        rows_of[to] += rows_of[i];
-        let _ = adopt_tx[to].send(shards[i].clone());
-        Ok(())
-    };
-    loop {
-        tokio::select! {
-            ev = irx.recv() => match ev {
-                None => break,
-                Some(Progress::Iter(st)) => {
-                    busy += st.busy;
-                    wait += st.wait;
-                    filtered += st.filtered as u64;
-                    let e = partial.entry(st.iteration).or_default();
-                    e.0 += st.loss;
-                    e.1 += st.rows;
-                    e.2 += 1;
-                    let _ = progress.send(Progress::Iter(st));
-                }
-                Some(other) => { let _ = progress.send(other); }
-            },
-            Some((i, r)) = done_rx.recv() => {
-                if let Err(e) = r {
-                    lose(i, e.to_string(), &mut alive, &mut rows_of)?;
-                }
-            }
-            _ = async {
-                match fail {
-                    Some((_, at)) => tokio::time::sleep_until(at).await,
-                    None => std::future::pending().await,
-                }
-            } => {
-                if let Some((i, _)) = fail.take() {
-                    tasks[i].abort();
-                    lose(i, "stopped by --fail-worker-after-ms (fault injection)".into(), &mut alive, &mut rows_of)?;
-                }
-            }
-            _ = tick.tick(), if cfg.eval_every.is_some() => {
-                let m = score(&observer, &table, &test).await?;
-                let seconds = started.elapsed().as_secs_f64();
-                let _ = progress.send(Progress::Test { seconds, auc: m.auc, logloss: m.logloss });
-                test_curve.push((seconds, m.auc, m.logloss));
-            }
-        }
-        // Iterations every live worker has reported: the objective. A lost
-        // worker's last iterations complete with the others' reports.
-        let live = alive.iter().filter(|a| **a).count().max(1);
-        let complete: Vec<u64> = partial
-            .iter()
-            .take_while(|(_, e)| e.2 >= live)
-            .map(|(t, _)| *t)
-            .collect();
-        for t in complete {
-            if let Some((loss, rows, _)) = partial.remove(&t) {
-                let seconds = started.elapsed().as_secs_f64();
-                let objective = loss / rows.max(1) as f64;
-                curve.push((seconds, t, objective));
-                let _ = progress.send(Progress::Objective {
-                    seconds,
-                    iteration: t,
-                    objective,
-                });
-            }
-        }
-    }
-    for (i, t) in tasks.into_iter().enumerate() {
-        match t.await {
-            Ok(()) => {}
-            // Stopped on purpose; its shard was handed on.
-            Err(e) if e.is_cancelled() && !alive[i] => {}
-            Err(e) => return Err(TrainError::Worker(i, e.to_string())),
-        }
-    }
-    let train_seconds = started.elapsed().as_secs_f64();
-
-    let (keys, weights) = observer.scan(&table, KeyRange::ALL).await?;
-    let nnz = weights.iter().filter(|w| **w != 0.0).count();
-    let model = Model::new(table.clone(), 1, keys, weights);
-    let final_metrics = evaluate(&model, &test);
-    test_curve.push((train_seconds, final_metrics.auc, final_metrics.logloss));
-
-    let sum = |f: fn(&pserver_node::worker::Traffic) -> &std::sync::atomic::AtomicU64| -> u64 {
-        workers
-            .iter()
-            .map(|w| f(w.traffic()).load(Ordering::Relaxed))
-            .sum()
-    };
-    let bytes_sent = sum(|t| &t.bytes_sent);
-    let bytes_received = sum(|t| &t.bytes_received);
-    let key_bytes_saved = sum(|t| &t.bytes_saved) + sum(|t| &t.bytes_saved_received);
-    for w in &workers {
-        w.shutdown();
-    }
-    observer.shutdown();
-    Ok(RunResult {
-        test: final_metrics,
-        nnz,
-        model,
-        train_rows,
-        bad,
-        train_seconds,
-        load_seconds,
-        bytes_sent,
-        bytes_received,
-        // The KKT filter keeps a key and two floats per coordinate off the
-        // wire; key caching, the key lists it replaced by hashes;
-        // compression, value bytes both ways.
-        bytes_saved: filtered * 16 + key_bytes_saved,
-        wait_fraction: wait.as_secs_f64() / (wait + busy).as_secs_f64().max(1e-9),
-        curve,
-        test_curve,
-        table,
-    })
-}
-
-/// One worker's whole run: the start barrier, then its algorithm on its
-/// shard (DBPG also takes on shards sent on `adopt`).
-#[allow(clippy::too_many_arguments)]
-async fn run_one(
-    w: Worker,
-    i: usize,
-    data: Arc<Dataset>,
-    table: String,
-    cfg: TrainConfig,
-    max_rows: usize,
-    start_epoch: usize,
-    tx: UnboundedSender<Progress>,
-    adopt: tokio::sync::mpsc::UnboundedReceiver<Arc<Dataset>>,
-) -> Result<(), NodeError> {
-    w.barrier(&format!("{table}-start")).await?;
-    match cfg.algo {
-        Algo::Dbpg => {
-            let c = DbpgConfig {
-                table,
-                blocks: cfg.blocks,
-                epochs: cfg.epochs,
-                tau: cfg.tau,
-                l1: cfg.l1,
-                kkt: cfg.kkt,
-                workers: cfg.workers,
-                start_epoch,
-                checkpoint: cfg
-                    .checkpoint_dir
-                    .clone()
-                    .filter(|_| cfg.checkpoint_every > 0)
-                    .map(|d| (d, cfg.checkpoint_every)),
-            };
-            dbpg::run_worker(&w, i, data, &c, &tx, adopt).await
-        }
-        // FTRL's workers are asynchronous and independent: a lost worker's
-        // shard is not taken over, the others carry on without it.
-        Algo::Ftrl => {
-            let c = FtrlConfig {
-                table,
-                epochs: cfg.epochs,
-                batches: max_rows.div_ceil(cfg.batch),
-            };
-            ftrl::run_worker(&w, i, &data, &c, &tx).await
-        }
-    }
+    r
 }
 
 /// The newest whole checkpoint under `dir` (named by its `LATEST` file):
 /// its epoch and directory; `None` when there is none yet.
-fn latest_checkpoint(dir: &std::path::Path) -> Result<Option<(usize, PathBuf)>, TrainError> {
+pub(crate) fn latest_checkpoint(
+    dir: &std::path::Path,
+) -> Result<Option<(usize, PathBuf)>, TrainError> {
     let latest = dir.join(dbpg::LATEST);
     let name = match std::fs::read_to_string(&latest) {
         Ok(n) => n.trim().to_string(),
@@ -607,7 +288,7 @@ fn latest_checkpoint(dir: &std::path::Path) -> Result<Option<(usize, PathBuf)>, 
 }
 
 /// Pulls the weights of the test set's keys and scores it.
-async fn score(w: &Worker, table: &str, test: &Dataset) -> Result<Metrics, TrainError> {
+pub(crate) async fn score(w: &Worker, table: &str, test: &Dataset) -> Result<Metrics, TrainError> {
     let weights = w.pull(table, test.keys.clone()).await?;
     let p: Vec<f32> = test
         .margins(&weights)

@@ -2,8 +2,7 @@
 //! a synthetic problem, bad input lines are reported, and the saved model
 //! scores like the cluster did.
 
-use pserver_apps::train::{Algo, TrainConfig, evaluate, train};
-use pserver_data::Format;
+use pserver_apps::train::{Algo, DataFormat, TrainConfig, evaluate, train};
 use pserver_node::local::{LocalCluster, LocalConfig};
 use pserver_node::server::{ServerConfig, start_server};
 use pserver_node::worker::{Worker, WorkerConfig};
@@ -46,8 +45,10 @@ fn config(algo: Algo, train_path: &Path, test_path: &Path) -> TrainConfig {
         algo,
         train: train_path.to_path_buf(),
         test: Some(test_path.to_path_buf()),
-        format: Format::Libsvm,
+        format: DataFormat::Libsvm,
         workers: 2,
+        job: None,
+        slow_worker_ms: 0,
         tau: 1,
         l1: 0.1,
         l2: 0.1,
@@ -96,7 +97,8 @@ async fn run(algo: Algo) {
     r.model.save(&dirm).unwrap();
     let back = pserver_apps::model::Model::load(&dirm).unwrap();
     let (test, _) = {
-        let mut reader = pserver_data::open(&te, &Format::Libsvm, &Default::default()).unwrap();
+        let mut reader =
+            pserver_data::open(&te, &pserver_data::Format::Libsvm, &Default::default()).unwrap();
         let mut b = pserver_apps::dataset::Builder::new();
         for ex in reader.by_ref() {
             b.add(ex.label, &ex.keys, &ex.vals);

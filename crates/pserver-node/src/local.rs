@@ -76,6 +76,15 @@ impl LocalCluster {
             .sum()
     }
 
+    /// Stops every node and gives their tasks a moment to end while the
+    /// runtime still runs: a program that returns right after a
+    /// [`LocalCluster::shutdown`] may drop the runtime under a task still
+    /// winding down (one back from `block_in_place` then finds no timer).
+    pub async fn stop(&self) {
+        self.shutdown();
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+
     /// Stops every node.
     pub fn shutdown(&self) {
         for s in &self.servers {

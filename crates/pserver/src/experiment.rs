@@ -11,13 +11,12 @@ use crate::train::{FLIGHTS_DATA, FLIGHTS_SCHEMA, bundled};
 use anyhow::{Context, Result, bail};
 use clap::{Args, Subcommand};
 use pserver_apps::report::format_bytes;
+use pserver_apps::train::DataFormat;
 use pserver_apps::train::{Algo, RunResult, TrainConfig, train};
-use pserver_data::Format;
 use pserver_node::local::{LocalCluster, LocalConfig};
 use pserver_node::worker::Packing;
 use serde::Serialize;
 use std::path::PathBuf;
-use std::sync::Arc;
 use std::time::Duration;
 
 /// Key-range blocks (`pserver train --blocks`). These constants are `pserver
@@ -100,15 +99,16 @@ fn flights(workers: usize, epochs: usize, key_caching: bool) -> Result<TrainConf
             data.display()
         );
     }
-    let schema = Arc::new(
-        pserver_data::load_schema(&schema_path)
-            .with_context(|| format!("loading the schema {}", schema_path.display()))?,
-    );
+    // Checked here so a broken schema is one clear line before anything runs.
+    pserver_data::load_schema(&schema_path)
+        .with_context(|| format!("loading the schema {}", schema_path.display()))?;
     Ok(TrainConfig {
         algo: Algo::Dbpg,
         train: data,
         test: None,
-        format: Format::Csv(schema),
+        format: DataFormat::Csv(schema_path),
+        job: None,
+        slow_worker_ms: 0,
         workers,
         tau: 0,
         l1: L1,

@@ -15,6 +15,7 @@ mod train;
 
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
+use pserver_apps::job::agent::{Agent, AgentConfig};
 use pserver_core::membership::MembershipConfig;
 use pserver_node::local::{LocalCluster, LocalConfig};
 use pserver_node::manager::{ManagerConfig, start_manager};
@@ -172,6 +173,26 @@ enum Cmd {
         #[command(subcommand)]
         cmd: kv::KvCmd,
     },
+    /// Run a worker process: join the cluster as an idle worker and run
+    /// the tasks of whichever job's scheduler (`pserver train --manager
+    /// ADDR --remote-workers N`) takes it, one job at a time, on data it
+    /// reads from this machine.
+    Worker {
+        /// The manager's address.
+        #[arg(long, default_value = DEFAULT_MANAGER)]
+        manager: String,
+        /// Address to take tasks on (port 0 picks a free one).
+        #[arg(long, default_value = "127.0.0.1:0")]
+        listen: String,
+        /// The address schedulers dial, if not the one bound (say, when
+        /// listening on 0.0.0.0).
+        #[arg(long)]
+        advertise: Option<String>,
+        /// Files this worker reads (repeatable; globs such as
+        /// 'part-*.gz' allowed); without it, the files the job names.
+        #[arg(long)]
+        data: Vec<String>,
+    },
     /// Show nodes, their state and ranges, tables and the epoch.
     Status {
         /// The manager's address.
@@ -262,7 +283,7 @@ enum Cmd {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let default_level = match cli.cmd {
-        Cmd::Manager { .. } | Cmd::Server { .. } => "info",
+        Cmd::Manager { .. } | Cmd::Server { .. } | Cmd::Worker { .. } => "info",
         _ => "warn",
     };
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
@@ -377,6 +398,38 @@ async fn run(cli: Cli) -> Result<()> {
         }
         Cmd::Kv { manager, cmd } => kv::run(&manager, &net, cmd).await,
         Cmd::Status { manager, json } => status::run(&manager, &net, json).await,
+        Cmd::Worker {
+            manager,
+            listen,
+            advertise,
+            data,
+        } => {
+            sec.check_listen(&listen)?;
+            let mut agent = Agent::start(AgentConfig {
+                manager: manager.clone(),
+                listen,
+                advertise,
+                data,
+                net,
+            })
+            .await
+            .with_context(|| format!("starting a worker of the manager at {manager}"))?;
+            tracing::info!(
+                node = agent.id(),
+                addr = agent.addr(),
+                "worker process ready; waiting for a job"
+            );
+            println!(
+                "worker {} takes tasks on {}; waiting for a job",
+                agent.id(),
+                agent.addr()
+            );
+            tokio::select! {
+                _ = agent.wait() => {}
+                _ = tokio::signal::ctrl_c() => agent.kill(),
+            }
+            Ok(())
+        }
         Cmd::Drain {
             manager,
             node,

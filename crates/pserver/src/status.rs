@@ -1,6 +1,7 @@
 //! `pserver status`: what the manager knows, for people or as JSON.
 
 use anyhow::{Context, Result};
+use pserver_core::map::Group;
 use pserver_core::{ClusterMap, KEY_END, Role};
 use pserver_node::worker::{Worker, WorkerConfig};
 use serde::Serialize;
@@ -16,6 +17,12 @@ struct NodeView {
     ranges: Vec<[u64; 2]>,
     /// Fraction of the key space it is primary for.
     share: f64,
+    /// A worker's job (`idle`: waiting for one; absent: none).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    job: Option<String>,
+    /// What a worker says it works on (its data shard).
+    #[serde(skip_serializing_if = "String::is_empty")]
+    task: String,
 }
 
 /// One table in the status report.
@@ -26,6 +33,9 @@ struct TableView {
     dim: u32,
     updater: String,
     consistency: String,
+    /// The job whose workers it counts.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    job: Option<String>,
 }
 
 /// The whole report.
@@ -59,6 +69,12 @@ fn view(map: &ClusterMap) -> StatusView {
                 addr: n.addr.clone(),
                 ranges,
                 share: owned as f64 / KEY_END as f64,
+                job: match (&n.role, &n.group) {
+                    (Role::Worker, Group::Idle) => Some("idle".into()),
+                    (Role::Worker, Group::Job(j)) => Some(j.clone()),
+                    _ => None,
+                },
+                task: n.task.clone(),
             }
         })
         .collect();
@@ -71,6 +87,7 @@ fn view(map: &ClusterMap) -> StatusView {
             dim: t.dim,
             updater: t.updater.name().to_string(),
             consistency: t.consistency.to_string(),
+            job: t.job.clone(),
         })
         .collect();
     StatusView {
@@ -102,12 +119,17 @@ pub async fn run(manager: &str, net: &pserver_node::net::Net, json: bool) -> Res
         v.epoch, v.replicas, v.vnodes
     );
     println!(
-        "{:>4}  {:<7} {:<6} {:<22} {:>7} {:>7}",
+        "{:>4}  {:<7} {:<6} {:<22} {:>7} {:>7}  job / task",
         "id", "role", "state", "addr", "ranges", "share"
     );
     for n in &v.nodes {
-        println!(
-            "{:>4}  {:<7} {:<6} {:<22} {:>7} {:>6.1}%",
+        let work = match (&n.job, n.task.as_str()) {
+            (Some(j), "") => j.clone(),
+            (Some(j), t) => format!("{j}: {t}"),
+            (None, _) => String::new(),
+        };
+        let line = format!(
+            "{:>4}  {:<7} {:<6} {:<22} {:>7} {:>6.1}%  {work}",
             n.id,
             n.role,
             n.state,
@@ -115,19 +137,26 @@ pub async fn run(manager: &str, net: &pserver_node::net::Net, json: bool) -> Res
             n.ranges.len(),
             n.share * 100.0
         );
+        println!("{}", line.trim_end());
     }
     if v.tables.is_empty() {
         println!("no tables");
     } else {
         println!(
-            "{:>4}  {:<20} {:>5} {:<8} consistency",
-            "id", "table", "dim", "updater"
+            "{:>4}  {:<20} {:>5} {:<8} {:<14} job",
+            "id", "table", "dim", "updater", "consistency"
         );
         for t in &v.tables {
-            println!(
-                "{:>4}  {:<20} {:>5} {:<8} {}",
-                t.id, t.name, t.dim, t.updater, t.consistency
+            let line = format!(
+                "{:>4}  {:<20} {:>5} {:<8} {:<14} {}",
+                t.id,
+                t.name,
+                t.dim,
+                t.updater,
+                t.consistency,
+                t.job.as_deref().unwrap_or("")
             );
+            println!("{}", line.trim_end());
         }
     }
     Ok(())

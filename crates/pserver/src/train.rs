@@ -5,15 +5,15 @@
 use anyhow::{Context, Result, bail};
 use clap::{Args, ValueEnum};
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
+use pserver_apps::job::scheduler::{self, Pool};
 use pserver_apps::model::Model;
 use pserver_apps::progress::Progress;
 use pserver_apps::report::{Report, merge_curve};
-use pserver_apps::train::{Algo, RunResult, TrainConfig, train};
+use pserver_apps::train::{Algo, DataFormat, RunResult, TrainConfig, train};
 use pserver_data::Format;
 use pserver_node::local::{LocalCluster, LocalConfig};
 use std::io::{IsTerminal, Write};
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 use std::time::Duration;
 
 /// The bundled data set, relative to the repository root.
@@ -104,6 +104,28 @@ pub struct TrainArgs {
     /// Join this manager's cluster instead of starting a local one.
     #[arg(long)]
     manager: Option<String>,
+    /// Run the job on this many worker processes of the cluster
+    /// (`pserver worker --manager ...`) instead of workers in this
+    /// process: this command is then the job's task scheduler. Needs
+    /// --manager.
+    #[arg(long)]
+    remote_workers: Option<usize>,
+    /// Most worker processes the job takes: idle ones that appear during
+    /// the run join it from the next epoch (default: --remote-workers).
+    #[arg(long)]
+    max_workers: Option<usize>,
+    /// How long to wait for --remote-workers idle worker processes.
+    #[arg(long, default_value_t = 60)]
+    wait_workers_secs: u64,
+    /// The job's name: its worker group, its table, and what its scheduler
+    /// claims at the manager (one scheduler per job). Default: the
+    /// algorithm and a time stamp.
+    #[arg(long)]
+    job: Option<String>,
+    /// Slow the job's first worker by this many ms per step (to show that
+    /// a slow job does not hold another back).
+    #[arg(long, default_value_t = 0)]
+    slow_worker_ms: u64,
     /// Write every figure and the curve as JSON.
     #[arg(long)]
     report: Option<PathBuf>,
@@ -175,12 +197,18 @@ pub(crate) fn bundled(rel: &str) -> PathBuf {
 }
 
 fn format_of(name: FormatName, schema: Option<&Path>) -> Result<Format> {
+    data_format(name, schema)?.load().map_err(Into::into)
+}
+
+/// The format as a job names it (a CSV schema by its path, which every
+/// worker reads).
+fn data_format(name: FormatName, schema: Option<&Path>) -> Result<DataFormat> {
     Ok(match name {
-        FormatName::Libsvm => Format::Libsvm,
-        FormatName::Criteo => Format::Criteo,
+        FormatName::Libsvm => DataFormat::Libsvm,
+        FormatName::Criteo => DataFormat::Criteo,
         FormatName::Csv => {
             let path = schema.context("--format csv needs --schema FILE")?;
-            Format::Csv(Arc::new(pserver_data::load_schema(path)?))
+            DataFormat::Csv(std::path::absolute(path).unwrap_or_else(|_| path.to_path_buf()))
         }
     })
 }
@@ -204,7 +232,19 @@ pub async fn run(args: TrainArgs, sec: &crate::security::Security) -> Result<()>
     } else {
         FormatName::Libsvm
     });
-    let format = format_of(fname, schema.as_deref())?;
+    let format = data_format(fname, schema.as_deref())?;
+    // Checked here, so a bad schema is one clear line before anything runs.
+    format.load()?;
+    if args.remote_workers.is_some() && args.manager.is_none() {
+        bail!("--remote-workers needs --manager: worker processes join a cluster's manager");
+    }
+    if args.remote_workers == Some(0) {
+        bail!("--remote-workers must be at least 1");
+    }
+    if args.fail_worker_after_ms.is_some() && args.remote_workers.is_some() {
+        bail!("--fail-worker-after-ms stops an in-process worker; kill a worker process instead");
+    }
+    let workers = args.remote_workers.unwrap_or(args.workers);
     let cfg = TrainConfig {
         algo: match args.algo {
             AlgoName::Dbpg => Algo::Dbpg,
@@ -213,7 +253,9 @@ pub async fn run(args: TrainArgs, sec: &crate::security::Security) -> Result<()>
         train: train_path.clone(),
         test: args.test.clone(),
         format,
-        workers: args.workers,
+        workers,
+        job: args.job.clone(),
+        slow_worker_ms: args.slow_worker_ms,
         tau: args.tau,
         l1: args.l1,
         l2: args.l2,
@@ -270,10 +312,11 @@ pub async fn run(args: TrainArgs, sec: &crate::security::Security) -> Result<()>
         "training {} on {} ({} workers, {}; tau {}, l1 {}, l2 {}) via manager {}",
         args.algo_name(),
         train_path.display(),
-        args.workers,
-        match &args.manager {
-            Some(_) => "existing cluster".to_string(),
-            None => format!("local cluster of {} servers", args.servers),
+        workers,
+        match (&args.manager, args.remote_workers) {
+            (Some(_), Some(_)) => "worker processes of an existing cluster".to_string(),
+            (Some(_), None) => "existing cluster".to_string(),
+            (None, _) => format!("local cluster of {} servers", args.servers),
         },
         args.tau,
         args.l1,
@@ -287,16 +330,30 @@ pub async fn run(args: TrainArgs, sec: &crate::security::Security) -> Result<()>
         Algo::Ftrl => 0,
     };
     let ui = tokio::spawn(show_progress(rx, total, cfg.workers));
-    let result = train(&manager, &cfg, tx).await;
+    let result = match args.remote_workers {
+        None => train(&manager, &cfg, tx).await,
+        Some(min) => {
+            let pool = Pool::Remote {
+                min,
+                max: args.max_workers.unwrap_or(min).max(min),
+                wait: Duration::from_secs(args.wait_workers_secs),
+            };
+            scheduler::run(&manager, &cfg, pool, tx).await
+        }
+    };
     let _ = ui.await;
+    let replicated = local.map(|c| c.replicated_bytes());
+    if let Some(c) = local {
+        c.stop().await;
+    }
     let result = result?;
     report_bad_lines(&result);
     let report = report_of(&args, &cfg, &result);
     print!("{}", report.table());
-    if let Some(c) = local.filter(|_| args.replicas > 0) {
+    if let Some(bytes) = replicated.filter(|_| args.replicas > 0) {
         println!(
             "  bytes replicated  {} (servers to their replicas)",
-            pserver_apps::report::format_bytes(c.replicated_bytes())
+            pserver_apps::report::format_bytes(bytes)
         );
     }
     if let Some(path) = &args.report {
@@ -402,7 +459,12 @@ async fn show_progress(
                 bar.suspend(|| println!("  worker {worker} lost: {why}"));
             }
             Progress::Adopted { worker, rows } => {
-                bar.suspend(|| println!("  worker {worker} took over its {rows} rows"));
+                bar.suspend(|| println!("  worker {worker} now holds {rows} rows"));
+            }
+            Progress::Joined { worker, node } => {
+                bar.suspend(|| {
+                    println!("  worker {worker} (node {node}) joined; it takes a share from the next epoch")
+                });
             }
             Progress::Checkpointed { epoch, dir } => {
                 bar.suspend(|| println!("  checkpoint after epoch {epoch}: {}", dir.display()));

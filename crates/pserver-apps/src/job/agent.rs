@@ -1,0 +1,474 @@
+//! A worker process (`pserver worker`): registers as an idle worker with
+//! the address it takes tasks on, and runs one job at a time for whichever
+//! scheduler offers one, reading its units from its own file system.
+
+use super::link::{self, LinkError, Receiver, Sender};
+use super::proto::{Algo, FileInfo, FromWorker, JobSpec, StepStats, ToWorker};
+use super::{Unit, describe};
+use crate::dataset::{Builder, Dataset};
+use crate::dbpg::{DbpgConfig, DbpgWorker};
+use crate::ftrl::{self, FtrlConfig};
+use pserver_data::{ReadOptions, ReadStats, Split};
+use pserver_node::NodeError;
+use pserver_node::net::Net;
+use pserver_node::worker::{Group, Outcome, Worker, WorkerConfig};
+use std::collections::BTreeSet;
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+/// How a worker process starts.
+#[derive(Clone, Debug)]
+pub struct AgentConfig {
+    /// The manager.
+    pub manager: String,
+    /// Where to take tasks (`host:port`; port 0 picks one).
+    pub listen: String,
+    /// The address schedulers dial, if not the one bound (behind NAT, or
+    /// bound to 0.0.0.0).
+    pub advertise: Option<String>,
+    /// The files (paths or globs) this worker may read; empty: whatever
+    /// the job names.
+    pub data: Vec<String>,
+    /// The cluster's transport.
+    pub net: Net,
+}
+
+/// Why a worker process could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum AgentError {
+    /// The cluster refused or failed.
+    #[error(transparent)]
+    Node(#[from] NodeError),
+    /// It could not listen.
+    #[error("listening for tasks on {addr}: {source}")]
+    Listen {
+        /// The address.
+        addr: String,
+        /// What failed.
+        source: std::io::Error,
+    },
+    /// A `--data` pattern is not a valid glob.
+    #[error("--data {pattern:?}: {why}")]
+    Pattern {
+        /// The pattern.
+        pattern: String,
+        /// What is wrong.
+        why: String,
+    },
+}
+
+/// A running worker process.
+pub struct Agent {
+    worker: Worker,
+    addr: String,
+    cancel: CancellationToken,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Agent {
+    /// Registers as an idle worker and starts taking tasks.
+    pub async fn start(cfg: AgentConfig) -> Result<Agent, AgentError> {
+        for p in &cfg.data {
+            glob::Pattern::new(p).map_err(|e| AgentError::Pattern {
+                pattern: p.clone(),
+                why: e.to_string(),
+            })?;
+        }
+        let (mut listener, bound) =
+            cfg.net
+                .bind(&cfg.listen)
+                .await
+                .map_err(|source| AgentError::Listen {
+                    addr: cfg.listen.clone(),
+                    source,
+                })?;
+        let addr = cfg.advertise.clone().unwrap_or_else(|| bound.to_string());
+        let worker = Worker::connect(WorkerConfig {
+            group: Group::Idle,
+            addr: addr.clone(),
+            net: cfg.net.clone(),
+            ..WorkerConfig::new(cfg.manager.clone())
+        })
+        .await?;
+        let cancel = CancellationToken::new();
+        let busy: Arc<Mutex<Option<String>>> = Arc::default();
+        let (w, c, data) = (worker.clone(), cancel.clone(), Arc::new(cfg.data));
+        let task = tokio::spawn(async move {
+            loop {
+                let conn = tokio::select! {
+                    _ = c.cancelled() => break,
+                    conn = listener.accept() => conn,
+                };
+                let Ok((stream, peer)) = conn else {
+                    tracing::warn!("accepting a scheduler's connection failed");
+                    continue;
+                };
+                let (tx, rx) = link::split::<FromWorker, ToWorker>(stream, &peer);
+                let (w, busy, data, c) = (w.clone(), busy.clone(), data.clone(), c.clone());
+                tokio::spawn(async move {
+                    tokio::select! {
+                        _ = c.cancelled() => {}
+                        r = session(&w, tx, rx, &busy, &data) => {
+                            if let Err(e) = r {
+                                tracing::warn!(error = %e, %peer, "job link ended");
+                            }
+                        }
+                    }
+                });
+            }
+        });
+        Ok(Agent {
+            worker,
+            addr,
+            cancel,
+            task,
+        })
+    }
+
+    /// Its node id.
+    pub fn id(&self) -> u32 {
+        self.worker.id()
+    }
+
+    /// The address it takes tasks on.
+    pub fn addr(&self) -> &str {
+        &self.addr
+    }
+
+    /// Stops at once, as if the process died: tasks end, links close, and
+    /// the manager declares it dead (its connection closes).
+    pub fn kill(&self) {
+        self.cancel.cancel();
+        self.task.abort();
+        self.worker.shutdown();
+    }
+
+    /// Runs until [`Agent::kill`] (or forever).
+    pub async fn wait(&mut self) {
+        let _ = (&mut self.task).await;
+    }
+}
+
+/// Why a job ended on this worker.
+#[derive(Debug, thiserror::Error)]
+enum SessionError {
+    #[error(transparent)]
+    Link(#[from] LinkError),
+    #[error("{0}")]
+    Failed(String),
+}
+
+/// One scheduler's connection: an offer, then (if taken) the job.
+async fn session(
+    w: &Worker,
+    mut tx: Sender<FromWorker>,
+    mut rx: Receiver<ToWorker>,
+    busy: &Mutex<Option<String>>,
+    data: &[String],
+) -> Result<(), SessionError> {
+    let Some(first) = rx.recv().await else {
+        return Ok(());
+    };
+    let ToWorker::Offer { job, train } = first? else {
+        tx.send(&FromWorker::Refused {
+            why: "expected an offer first".into(),
+        })
+        .await?;
+        return Ok(());
+    };
+    let taken = {
+        let mut b = busy.lock().unwrap_or_else(|e| e.into_inner());
+        match b.as_ref() {
+            Some(other) => Err(format!("worker {} is running job {other:?}", w.id())),
+            None => {
+                *b = Some(job.clone());
+                Ok(())
+            }
+        }
+    };
+    if let Err(why) = taken {
+        tx.send(&FromWorker::Refused { why }).await?;
+        return Ok(());
+    }
+    let patterns = if data.is_empty() { &train[..] } else { data };
+    let r = match readable(patterns) {
+        Ok(files) => {
+            tx.send(&FromWorker::Files { id: w.id(), files }).await?;
+            run_job(w, &mut tx, &mut rx).await
+        }
+        Err(why) => {
+            tx.send(&FromWorker::Refused { why }).await?;
+            Ok(())
+        }
+    };
+    // Whatever happened, this worker is free again.
+    if let Err(e) = w.join(Group::Idle, "").await {
+        tracing::warn!(error = %e, "could not go idle");
+    }
+    *busy.lock().unwrap_or_else(|e| e.into_inner()) = None;
+    if let Err(SessionError::Failed(what)) = &r {
+        let _ = tx.send(&FromWorker::Failed { what: what.clone() }).await;
+    }
+    r
+}
+
+/// The files matching `patterns` (paths or globs), with their sizes.
+fn readable(patterns: &[String]) -> Result<Vec<FileInfo>, String> {
+    let mut out = BTreeSet::new();
+    for p in patterns {
+        let paths = glob::glob(p).map_err(|e| format!("{p:?}: {e}"))?;
+        for entry in paths.flatten() {
+            if let Ok(meta) = std::fs::metadata(&entry) {
+                if meta.is_file() {
+                    out.insert((entry.display().to_string(), meta.len()));
+                }
+            }
+        }
+        // A plain path that does not exist is offered anyway, so loading it
+        // fails with the file named (a glob matching nothing offers nothing).
+        if !p.contains(['*', '?', '[']) && !std::path::Path::new(p).exists() {
+            out.insert((p.clone(), 0));
+        }
+    }
+    Ok(out
+        .into_iter()
+        .map(|(path, bytes)| FileInfo { path, bytes })
+        .collect())
+}
+
+/// Loads `units` into one dataset (blocking: run it off the async threads).
+fn load(units: &[Unit], spec: &JobSpec, id: u32) -> Result<(Dataset, Vec<ReadStats>), String> {
+    let format = spec
+        .format
+        .load()
+        .map_err(|e| format!("worker {id}: {e}"))?;
+    let mut b = Builder::new();
+    let mut stats = Vec::new();
+    for u in units {
+        let opts = ReadOptions {
+            shard: u.shard(),
+            split: if spec.train_split {
+                Split::Train
+            } else {
+                Split::All
+            },
+            ..ReadOptions::default()
+        };
+        let fail = |e: &dyn std::fmt::Display| format!("worker {id}: reading {}: {e}", u.path);
+        let mut reader = pserver_data::open(std::path::Path::new(&u.path), &format, &opts)
+            .map_err(|e| fail(&e))?;
+        for ex in reader.by_ref() {
+            b.add(ex.label, &ex.keys, &ex.vals);
+        }
+        if let Some(e) = reader.error() {
+            return Err(fail(e));
+        }
+        stats.push(reader.stats().clone());
+    }
+    Ok((b.build(), stats))
+}
+
+async fn load_async(
+    units: Vec<Unit>,
+    spec: &JobSpec,
+    id: u32,
+) -> Result<(Arc<Dataset>, Vec<ReadStats>), SessionError> {
+    let spec = spec.clone();
+    tokio::task::spawn_blocking(move || load(&units, &spec, id))
+        .await
+        .map_err(|e| SessionError::Failed(format!("worker {id}: loading failed: {e}")))?
+        .map(|(d, s)| (Arc::new(d), s))
+        .map_err(SessionError::Failed)
+}
+
+/// Bytes sent, received and kept off the wire so far.
+fn traffic(w: &Worker) -> (u64, u64, u64) {
+    let t = w.traffic();
+    (
+        t.bytes_sent.load(Ordering::Relaxed),
+        t.bytes_received.load(Ordering::Relaxed),
+        t.bytes_saved.load(Ordering::Relaxed) + t.bytes_saved_received.load(Ordering::Relaxed),
+    )
+}
+
+/// The algorithm's state on this worker.
+enum Runner {
+    Dbpg(DbpgWorker),
+    Ftrl { cfg: FtrlConfig, data: Arc<Dataset> },
+}
+
+/// Runs a job after the offer: start, steps, reassignments, finish.
+async fn run_job(
+    w: &Worker,
+    tx: &mut Sender<FromWorker>,
+    rx: &mut Receiver<ToWorker>,
+) -> Result<(), SessionError> {
+    let id = w.id();
+    // The worker outlives jobs: report this job's bytes only.
+    let before = traffic(w);
+    let Some(msg) = rx.recv().await else {
+        return Ok(());
+    };
+    let ToWorker::Start { spec, units, from } = msg? else {
+        return Err(SessionError::Failed(format!(
+            "worker {id}: expected the job's start"
+        )));
+    };
+    let node = |e: NodeError| SessionError::Failed(format!("worker {id}: {e}"));
+    w.set_filters(spec.key_caching, spec.compression);
+    w.join(Group::Job(spec.job.clone()), &describe(&units))
+        .await
+        .map_err(node)?;
+    // Joining a running job: the job's sums and pulls count this worker
+    // from now on, so it says at once that it has pushed every clock
+    // before its first (an empty push over every key), and nothing waits
+    // for clocks it was never given.
+    if from > spec.first + 1 {
+        w.set_clock(spec.last_clock(from - 1));
+        let keys: Vec<u64> = Vec::new();
+        w.push(&spec.table, keys, Vec::new()).await.map_err(node)?;
+    }
+    let mut held = units.clone();
+    let (data, stats) = load_async(units, &spec, id).await?;
+    let fresh = from == 1 && spec.first == 0;
+    let mut runner = match spec.algo {
+        Algo::Dbpg => {
+            let mut d = DbpgWorker::new(DbpgConfig {
+                table: spec.table.clone(),
+                blocks: spec.blocks,
+                tau: spec.tau,
+                l1: spec.l1,
+                kkt: spec.kkt,
+                workers: spec.workers,
+                first: spec.first,
+                total: spec.steps,
+                clock_base: spec.clock_base,
+            });
+            d.set_data(w, data.clone(), fresh).await.map_err(node)?;
+            Runner::Dbpg(d)
+        }
+        Algo::Ftrl => Runner::Ftrl {
+            cfg: FtrlConfig {
+                table: spec.table.clone(),
+                batches: spec.batches,
+                clock_base: spec.clock_base,
+            },
+            data: data.clone(),
+        },
+    };
+    tx.send(&FromWorker::Loaded {
+        rows: data.rows(),
+        stats,
+    })
+    .await?;
+
+    let slow = Duration::from_millis(spec.slow_ms);
+    // Acknowledged steps come back here (pushes complete in the background).
+    let (ack_tx, mut ack_rx) = mpsc::unbounded_channel::<(u64, Result<Outcome, NodeError>)>();
+    let mut acked = BTreeSet::new();
+    let mut reported = from - 1;
+    loop {
+        let msg = tokio::select! {
+            m = rx.recv() => m,
+            Some((t, r)) = ack_rx.recv() => {
+                r.map_err(|e| SessionError::Failed(format!("worker {id}: the push of step {t}: {e}")))?;
+                acked.insert(t);
+                while acked.remove(&(reported + 1)) {
+                    reported += 1;
+                    tx.send(&FromWorker::Done(reported)).await?;
+                }
+                continue;
+            }
+        };
+        let Some(msg) = msg else {
+            // The scheduler is gone: the job ends here.
+            return Ok(());
+        };
+        match msg? {
+            ToWorker::Step { step: t, batches } => match &mut runner {
+                Runner::Dbpg(d) => {
+                    let (stats, push) = d.iterate(w, t, slow).await.map_err(node)?;
+                    tx.send(&FromWorker::Iter(stats)).await?;
+                    let ack = ack_tx.clone();
+                    tokio::spawn(async move {
+                        let _ = ack.send((t, push.await));
+                    });
+                }
+                Runner::Ftrl { cfg, data } => {
+                    cfg.batches = batches.max(1);
+                    let (stx, mut srx) = mpsc::unbounded_channel::<StepStats>();
+                    ftrl::run_epoch(w, data, cfg, t, slow, &stx)
+                        .await
+                        .map_err(node)?;
+                    drop(stx);
+                    while let Some(s) = srx.recv().await {
+                        tx.send(&FromWorker::Iter(s)).await?;
+                    }
+                    let _ = ack_tx.send((t, Ok(Outcome::default())));
+                }
+            },
+            ToWorker::Reassign { units, .. } if units == held => {
+                tx.send(&FromWorker::Loaded {
+                    rows: 0,
+                    stats: Vec::new(),
+                })
+                .await?;
+            }
+            ToWorker::Reassign { from: _, units } => {
+                // Only the units it gains are read when it keeps all it
+                // had (a lost worker's shard); otherwise all anew. FTRL's
+                // minibatches must line up with the other workers' clocks,
+                // so it always holds one dataset.
+                let grows =
+                    matches!(runner, Runner::Dbpg(_)) && held.iter().all(|u| units.contains(u));
+                let read = if grows {
+                    units
+                        .iter()
+                        .filter(|u| !held.contains(u))
+                        .cloned()
+                        .collect()
+                } else {
+                    units.clone()
+                };
+                let (data, stats) = load_async(read, &spec, id).await?;
+                let rows = match &mut runner {
+                    Runner::Dbpg(d) => {
+                        if grows {
+                            d.add_data(w, data).await.map_err(node)?;
+                        } else {
+                            d.set_data(w, data, false).await.map_err(node)?;
+                        }
+                        d.rows()
+                    }
+                    Runner::Ftrl { data: mine, .. } => {
+                        *mine = data;
+                        mine.rows()
+                    }
+                };
+                held = units;
+                w.join(Group::Job(spec.job.clone()), &describe(&held))
+                    .await
+                    .map_err(node)?;
+                tx.send(&FromWorker::Loaded { rows, stats }).await?;
+            }
+            ToWorker::Finish => {
+                let now = traffic(w);
+                tx.send(&FromWorker::Traffic {
+                    sent: now.0 - before.0,
+                    received: now.1 - before.1,
+                    saved: now.2 - before.2,
+                })
+                .await?;
+                return Ok(());
+            }
+            ToWorker::Offer { .. } | ToWorker::Start { .. } => {
+                return Err(SessionError::Failed(format!(
+                    "worker {id}: the job was started twice"
+                )));
+            }
+        }
+    }
+}

@@ -1,0 +1,849 @@
+//! A job's task scheduler (Algorithm 3 of the paper, between processes):
+//! claims the job, gathers worker processes, splits the data among them,
+//! creates the table, issues the steps, tracks every worker, hands a lost
+//! worker's data on, takes in workers that join, writes checkpoints,
+//! scores the test set, and collects the run's figures.
+
+use super::link::{self, Sender};
+use super::proto::{Algo, FileInfo, FromWorker, JobSpec, ToWorker};
+use super::shards::{Assignment, Slot};
+use super::{Unit, agent::Agent};
+use crate::dataset::Dataset;
+use crate::progress::{IterStats, Progress};
+use crate::train::{RunResult, TrainConfig, TrainError, evaluate, load, score};
+use crate::{dbpg, model::Model};
+use pserver_core::{KeyRange, NodeState, Role, UpdaterSpec};
+use pserver_data::Split;
+use pserver_node::durable::{Disk, FileSystem};
+use pserver_node::worker::{Group, TableOptions, Worker, WorkerConfig};
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tokio::sync::mpsc::{self, UnboundedSender};
+
+/// Which worker processes a job runs on.
+pub enum Pool {
+    /// These, started in this process by the caller (`pserver train`
+    /// without `--remote-workers`); `fail_worker` stops one of them.
+    Local(Vec<Arc<Agent>>),
+    /// Idle worker processes of the cluster: at least `min` to start,
+    /// waiting up to `wait` for them; up to `max` (workers that become
+    /// idle during the run join it from the next epoch).
+    Remote {
+        /// Workers to start with.
+        min: usize,
+        /// Most workers the job takes.
+        max: usize,
+        /// How long to wait for `min`.
+        wait: Duration,
+    },
+}
+
+/// What the scheduler knows of one worker.
+struct Member {
+    id: u32,
+    addr: String,
+    tx: Sender<ToWorker>,
+    /// Steps acknowledged.
+    done: u64,
+    /// The first step it was given.
+    from: u64,
+    alive: bool,
+}
+
+/// A worker taken in during the run: it starts at `from` (an epoch's first
+/// step); the others' units change there too.
+struct Joining {
+    from: u64,
+    changed: Vec<Slot>,
+}
+
+/// What came from a worker's link.
+enum Event {
+    Msg(Slot, FromWorker),
+    Closed(Slot, String),
+}
+
+/// How often the scheduler reads the map (to see workers die or idle ones
+/// appear).
+const MAP_EVERY: Duration = Duration::from_millis(250);
+
+/// How long a worker may take to answer an offer.
+const OFFER_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Runs job `cfg` against the manager at `manager` on the workers of `pool`.
+pub async fn run(
+    manager: &str,
+    cfg: &TrainConfig,
+    pool: Pool,
+    progress: UnboundedSender<Progress>,
+) -> Result<RunResult, TrainError> {
+    cfg.validate()?;
+    let loading = Instant::now();
+    let observer = Worker::connect(WorkerConfig {
+        net: cfg.net.clone(),
+        ..WorkerConfig::client(manager)
+    })
+    .await?;
+    let job = match resumed_table(cfg)? {
+        Some(t) if cfg.job.as_ref().is_some_and(|j| *j != t) => {
+            return Err(TrainError::Config(format!(
+                "--resume: the checkpoint holds job {t:?}'s table, not job {:?}'s",
+                cfg.job.as_deref().unwrap_or_default()
+            )));
+        }
+        Some(t) => t,
+        None => cfg.job_name(),
+    };
+    observer.claim_job(&job).await?;
+
+    // The test set is the scheduler's, read here; training data never is.
+    let test = load_test(cfg).await?;
+
+    let (events_tx, mut events) = mpsc::unbounded_channel::<Event>();
+    let mut s = Sched {
+        cfg: cfg.clone(),
+        job: job.clone(),
+        observer,
+        members: Vec::new(),
+        events_tx,
+        progress: progress.clone(),
+        tried: BTreeSet::new(),
+        agents: Vec::new(),
+        batches: 0,
+    };
+    let (min, max) = match &pool {
+        Pool::Local(agents) => (agents.len(), agents.len()),
+        Pool::Remote { min, max, .. } => (*min, *max),
+    };
+    let offers = match pool {
+        Pool::Local(agents) => {
+            let mut offers = BTreeMap::new();
+            for a in &agents {
+                let (slot, files) = s
+                    .offer(a.id(), a.addr())
+                    .await?
+                    .map_err(|why| TrainError::Config(format!("worker {}: {why}", a.id())))?;
+                offers.insert(slot, files);
+            }
+            s.agents = agents;
+            offers
+        }
+        Pool::Remote { min, wait, .. } => s.gather(manager, min, wait).await?,
+    };
+    let named = cfg.train.display().to_string();
+    let mut assignment = Assignment::new(&offers, &named)
+        .map_err(|e| TrainError::Config(format!("{e}; the job names {named}")))?;
+
+    // The table, new or resumed.
+    let (first, clock_base) = s.table(&progress).await?;
+    for m in &mut s.members {
+        m.done = first;
+        m.from = first + 1;
+    }
+    let spec = s.spec(first, clock_base, s.members.len());
+    for slot in 0..s.members.len() {
+        let units = assignment.units.get(&slot).cloned().unwrap_or_default();
+        let spec = s.spec_for(&spec, slot);
+        s.send(
+            slot,
+            ToWorker::Start {
+                spec,
+                units,
+                from: first + 1,
+            },
+        )
+        .await;
+    }
+    // Every worker loads its units (or the job fails, naming the file).
+    let mut loaded = BTreeSet::new();
+    let mut bad = Vec::new();
+    let mut train_rows = 0;
+    let mut max_rows = 0;
+    while loaded.len() < s.live() {
+        match events.recv().await {
+            Some(Event::Msg(slot, FromWorker::Loaded { rows, stats })) => {
+                loaded.insert(slot);
+                train_rows += rows;
+                max_rows = max_rows.max(rows);
+                bad.extend(stats);
+                let _ = progress.send(Progress::Loaded { worker: slot, rows });
+            }
+            Some(Event::Msg(_, FromWorker::Failed { what })) => {
+                return Err(TrainError::Config(what));
+            }
+            Some(Event::Closed(slot, why)) => {
+                return Err(TrainError::Worker(
+                    slot,
+                    format!("worker {} left while loading: {why}", s.members[slot].id),
+                ));
+            }
+            Some(Event::Msg(..)) => {}
+            None => return Err(TrainError::Config("every worker link closed".into())),
+        }
+    }
+    if train_rows == 0 {
+        return Err(TrainError::Empty(named));
+    }
+    s.batches = max_rows.div_ceil(cfg.batch).max(1);
+    let load_seconds = loading.elapsed().as_secs_f64();
+
+    // The steps.
+    let started = Instant::now();
+    let total = spec.steps;
+    let window = match cfg.algo {
+        Algo::Dbpg => cfg.tau + 3,
+        Algo::Ftrl => 1,
+    };
+    let epoch_steps = match cfg.algo {
+        Algo::Dbpg => cfg.blocks as u64,
+        Algo::Ftrl => 1,
+    };
+    let checkpoint_at = |t: u64| -> Option<usize> {
+        let every = cfg.checkpoint_every as u64;
+        (cfg.algo == Algo::Dbpg
+            && every > 0
+            && cfg.checkpoint_dir.is_some()
+            && t > first
+            && t.is_multiple_of(epoch_steps)
+            && (t / epoch_steps).is_multiple_of(every)
+            && t < total)
+            .then_some((t / epoch_steps) as usize)
+    };
+    let mut issued = first;
+    let mut written: BTreeSet<u64> = BTreeSet::new();
+    let mut joining: Option<Joining> = None;
+    let mut partial: BTreeMap<u64, (f64, usize, usize)> = BTreeMap::new();
+    let (mut curve, mut test_curve) = (Vec::new(), Vec::new());
+    let (mut busy, mut wait, mut filtered) = (0u64, 0u64, 0u64);
+    let mut traffic = (0u64, 0u64, 0u64);
+    let mut map_tick = tokio::time::interval(MAP_EVERY);
+    let mut eval_tick = tokio::time::interval(cfg.eval_every.unwrap_or(Duration::from_secs(3600)));
+    eval_tick.tick().await;
+    let mut fail = cfg
+        .fail_worker
+        .filter(|(i, _)| *i < s.agents.len())
+        .map(|(i, after)| (i, tokio::time::Instant::now() + after));
+    loop {
+        // Issue what the window allows: a step goes once every live worker
+        // acknowledged the step `window` before it, and never past a
+        // checkpoint not yet written.
+        loop {
+            let next = issued + 1;
+            let slowest = s.slowest();
+            let gated = checkpoint_at(issued).is_some_and(|_| !written.contains(&issued));
+            if next > total || gated || slowest + window < next {
+                break;
+            }
+            if let Some(j) = joining.as_ref().filter(|j| j.from == next) {
+                for &slot in &j.changed {
+                    let units = assignment.units.get(&slot).cloned().unwrap_or_default();
+                    s.send(slot, ToWorker::Reassign { from: next, units }).await;
+                }
+                joining = None;
+            }
+            for slot in 0..s.members.len() {
+                if s.members[slot].alive && s.members[slot].from <= next {
+                    let batches = s.batches;
+                    s.send(
+                        slot,
+                        ToWorker::Step {
+                            step: next,
+                            batches,
+                        },
+                    )
+                    .await;
+                }
+            }
+            issued = next;
+        }
+        if s.live() == 0 {
+            return Err(TrainError::Config(
+                "every worker of the job was lost; start more with `pserver worker`".into(),
+            ));
+        }
+        if s.slowest() >= total {
+            break;
+        }
+        if let Some(epoch) = checkpoint_at(issued).filter(|_| !written.contains(&issued)) {
+            if s.slowest() >= issued {
+                s.checkpoint(epoch, &progress).await?;
+                written.insert(issued);
+                continue;
+            }
+        }
+        tokio::select! {
+            ev = events.recv() => {
+                let Some(ev) = ev else { break };
+                match ev {
+                    Event::Msg(slot, msg) => match msg {
+                        FromWorker::Iter(st) => {
+                            busy += st.busy_us;
+                            wait += st.wait_us;
+                            filtered += st.filtered as u64;
+                            let e = partial.entry(st.iteration).or_default();
+                            e.0 += st.loss;
+                            e.1 += st.rows;
+                            e.2 += 1;
+                            let _ = progress.send(Progress::Iter(IterStats {
+                                worker: slot,
+                                iteration: st.iteration,
+                                loss: st.loss,
+                                rows: st.rows,
+                                pushed: st.pushed,
+                                filtered: st.filtered,
+                                busy: Duration::from_micros(st.busy_us),
+                                wait: Duration::from_micros(st.wait_us),
+                            }));
+                        }
+                        FromWorker::Done(t) => {
+                            let m = &mut s.members[slot];
+                            m.done = m.done.max(t);
+                        }
+                        FromWorker::Loaded { rows, stats } => {
+                            bad.extend(stats);
+                            let _ = progress.send(Progress::Adopted { worker: slot, rows });
+                        }
+                        FromWorker::Failed { what } => {
+                            s.lose(slot, what, &mut assignment, issued, &mut joining).await?;
+                        }
+                        FromWorker::Traffic { sent, received, saved } => {
+                            traffic.0 += sent;
+                            traffic.1 += received;
+                            traffic.2 += saved;
+                        }
+                        FromWorker::Files { .. } | FromWorker::Refused { .. } => {}
+                    },
+                    Event::Closed(slot, why) => {
+                        s.lose(slot, why, &mut assignment, issued, &mut joining).await?;
+                    }
+                }
+            }
+            _ = map_tick.tick() => {
+                let map = s.observer.refresh().await?;
+                for slot in 0..s.members.len() {
+                    let dead = s.members[slot].alive
+                        && map.node(s.members[slot].id).is_none_or(|n| n.state == NodeState::Dead);
+                    if dead {
+                        s.lose(slot, "the manager declared it dead".into(), &mut assignment, issued, &mut joining).await?;
+                    }
+                }
+                // Idle workers join (up to the maximum) from the next epoch.
+                if joining.is_none() && s.live() < max && matches!(s.agents.as_slice(), []) {
+                    if let Some((slot, files)) = s.take_idle(&map).await {
+                        let from = (issued / epoch_steps + 1) * epoch_steps + 1;
+                        if from <= total {
+                            let changed = assignment.join(slot, &files);
+                            let units = assignment.units.get(&slot).cloned().unwrap_or_default();
+                            let spec = s.spec_for(&s.spec(first, clock_base, min), slot);
+                            s.members[slot].from = from;
+                            s.members[slot].done = from - 1;
+                            s.send(slot, ToWorker::Start { spec, units, from }).await;
+                            let changed = changed.into_iter().filter(|c| *c != slot).collect();
+                            joining = Some(Joining { from, changed });
+                        } else {
+                            s.send(slot, ToWorker::Finish).await;
+                            s.members[slot].alive = false;
+                        }
+                    }
+                }
+            }
+            _ = eval_tick.tick(), if cfg.eval_every.is_some() => {
+                let m = score(&s.observer, &s.cfg_table(), &test).await?;
+                let seconds = started.elapsed().as_secs_f64();
+                let _ = progress.send(Progress::Test { seconds, auc: m.auc, logloss: m.logloss });
+                test_curve.push((seconds, m.auc, m.logloss));
+            }
+            _ = async {
+                match fail {
+                    Some((_, at)) => tokio::time::sleep_until(at).await,
+                    None => std::future::pending().await,
+                }
+            } => {
+                if let Some((i, _)) = fail.take() {
+                    s.agents[i].kill();
+                }
+            }
+        }
+        // Iterations every live worker has reported: the objective.
+        let live = s.live().max(1);
+        let complete: Vec<u64> = partial
+            .iter()
+            .take_while(|(_, e)| e.2 >= live)
+            .map(|(t, _)| *t)
+            .collect();
+        for t in complete {
+            if let Some((loss, rows, _)) = partial.remove(&t) {
+                let seconds = started.elapsed().as_secs_f64();
+                let objective = loss / rows.max(1) as f64;
+                curve.push((seconds, t, objective));
+                let _ = progress.send(Progress::Objective {
+                    seconds,
+                    iteration: t,
+                    objective,
+                });
+            }
+        }
+    }
+    let train_seconds = started.elapsed().as_secs_f64();
+    if !assignment.orphans.is_empty() {
+        tracing::warn!(
+            units = %super::describe(&assignment.orphans),
+            "no live worker could read these units after their worker was lost"
+        );
+    }
+
+    // Every worker says what it moved, then goes idle.
+    for slot in 0..s.members.len() {
+        if s.members[slot].alive {
+            s.send(slot, ToWorker::Finish).await;
+        }
+    }
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    let mut told = 0;
+    while told < s.live() {
+        match tokio::time::timeout_at(deadline, events.recv()).await {
+            Ok(Some(Event::Msg(
+                _,
+                FromWorker::Traffic {
+                    sent,
+                    received,
+                    saved,
+                },
+            ))) => {
+                traffic.0 += sent;
+                traffic.1 += received;
+                traffic.2 += saved;
+                told += 1;
+            }
+            Ok(Some(_)) => {}
+            Ok(None) | Err(_) => break,
+        }
+    }
+
+    let table = s.cfg_table();
+    let (keys, weights) = s.observer.scan(&table, KeyRange::ALL).await?;
+    let nnz = weights.iter().filter(|w| **w != 0.0).count();
+    let model = Model::new(table.clone(), 1, keys, weights);
+    let final_metrics = evaluate(&model, &test);
+    test_curve.push((train_seconds, final_metrics.auc, final_metrics.logloss));
+    s.observer.shutdown();
+    Ok(RunResult {
+        test: final_metrics,
+        nnz,
+        model,
+        train_rows,
+        bad,
+        train_seconds,
+        load_seconds,
+        bytes_sent: traffic.0,
+        bytes_received: traffic.1,
+        // The KKT filter keeps a key and two floats per coordinate off the
+        // wire; key caching and compression report their own.
+        bytes_saved: filtered * 16 + traffic.2,
+        wait_fraction: wait as f64 / (wait + busy).max(1) as f64,
+        curve,
+        test_curve,
+        table,
+    })
+}
+
+/// The table (and so the job) of the checkpoint a `--resume` goes on from.
+fn resumed_table(cfg: &TrainConfig) -> Result<Option<String>, TrainError> {
+    let (true, Some(dir), Algo::Dbpg) = (cfg.resume, &cfg.checkpoint_dir, cfg.algo) else {
+        return Ok(None);
+    };
+    let Some((_, at)) = crate::train::latest_checkpoint(dir)? else {
+        return Ok(None);
+    };
+    let path = at.join(pserver_node::snapshot::MANIFEST);
+    let bad = |why: String| TrainError::Config(format!("reading {}: {why}", path.display()));
+    let text = std::fs::read(&path).map_err(|e| bad(e.to_string()))?;
+    let m: pserver_node::snapshot::Manifest =
+        serde_json::from_slice(&text).map_err(|e| bad(e.to_string()))?;
+    match m.tables.as_slice() {
+        [t] => Ok(Some(t.name.clone())),
+        _ => Err(bad(format!(
+            "a training checkpoint holds one table, this one {}",
+            m.tables.len()
+        ))),
+    }
+}
+
+/// The test set: `--test`, or the held-out lines of the training file.
+async fn load_test(cfg: &TrainConfig) -> Result<Dataset, TrainError> {
+    let (path, split) = match &cfg.test {
+        Some(p) => (p.clone(), Split::All),
+        None => (cfg.train.clone(), Split::Test),
+    };
+    if cfg.test.is_none() && !path.exists() {
+        return Err(TrainError::Config(format!(
+            "the scheduler scores the test set itself: give --test (it cannot read {} here)",
+            path.display()
+        )));
+    }
+    let format = cfg.format.load()?;
+    let (test, _) = tokio::task::spawn_blocking(move || {
+        load(
+            &path,
+            &format,
+            pserver_data::Shard { index: 0, count: 1 },
+            split,
+        )
+    })
+    .await
+    .map_err(|e| TrainError::Worker(usize::MAX, e.to_string()))??;
+    if test.rows() == 0 {
+        return Err(TrainError::Empty("the test set".into()));
+    }
+    Ok(test)
+}
+
+/// The scheduler's state between steps.
+struct Sched {
+    cfg: TrainConfig,
+    job: String,
+    observer: Worker,
+    members: Vec<Member>,
+    events_tx: mpsc::UnboundedSender<Event>,
+    progress: UnboundedSender<Progress>,
+    /// Workers already offered this job (each once).
+    tried: BTreeSet<u32>,
+    /// Workers started by the caller in this process.
+    agents: Vec<Arc<Agent>>,
+    /// FTRL's minibatches per epoch, once known.
+    batches: usize,
+}
+
+impl Sched {
+    fn cfg_table(&self) -> String {
+        self.job.clone()
+    }
+
+    fn live(&self) -> usize {
+        self.members.iter().filter(|m| m.alive).count()
+    }
+
+    /// The lowest step every live worker has acknowledged.
+    fn slowest(&self) -> u64 {
+        self.members
+            .iter()
+            .filter(|m| m.alive)
+            .map(|m| m.done)
+            .min()
+            .unwrap_or(0)
+    }
+
+    /// Sends `msg` to `slot`; a failure shows up as the link closing.
+    async fn send(&mut self, slot: Slot, msg: ToWorker) {
+        let m = &mut self.members[slot];
+        if !m.alive {
+            return;
+        }
+        if let Err(e) = m.tx.send(&msg).await {
+            let _ = self.events_tx.send(Event::Closed(slot, e.to_string()));
+        }
+    }
+
+    /// Offers the job to worker `id` at `addr`: its slot and the files it
+    /// can read, or why it will not take the job.
+    async fn offer(
+        &mut self,
+        id: u32,
+        addr: &str,
+    ) -> Result<Result<(Slot, Vec<FileInfo>), String>, TrainError> {
+        self.tried.insert(id);
+        let dialed = tokio::time::timeout(
+            OFFER_TIMEOUT,
+            link::dial::<ToWorker, FromWorker>(&self.cfg.net, addr),
+        )
+        .await;
+        let (mut tx, mut rx) = match dialed {
+            Ok(Ok(l)) => l,
+            Ok(Err(e)) => return Ok(Err(e.to_string())),
+            Err(_) => return Ok(Err(format!("no answer from {addr}"))),
+        };
+        let offer = ToWorker::Offer {
+            job: self.job.clone(),
+            train: vec![self.cfg.train.display().to_string()],
+        };
+        if let Err(e) = tx.send(&offer).await {
+            return Ok(Err(e.to_string()));
+        }
+        let answer = match tokio::time::timeout(OFFER_TIMEOUT, rx.recv()).await {
+            Ok(Some(Ok(a))) => a,
+            Ok(Some(Err(e))) => return Ok(Err(e.to_string())),
+            Ok(None) => return Ok(Err("it closed the link".into())),
+            Err(_) => return Ok(Err(format!("no answer from {addr}"))),
+        };
+        let files = match answer {
+            FromWorker::Files { files, .. } => files,
+            FromWorker::Refused { why } => return Ok(Err(why)),
+            other => return Ok(Err(format!("unexpected answer {other:?}"))),
+        };
+        let slot = self.members.len();
+        let events = self.events_tx.clone();
+        tokio::spawn(async move {
+            loop {
+                match rx.recv().await {
+                    Some(Ok(m)) => {
+                        if events.send(Event::Msg(slot, m)).is_err() {
+                            break;
+                        }
+                    }
+                    Some(Err(e)) => {
+                        let _ = events.send(Event::Closed(slot, e.to_string()));
+                        break;
+                    }
+                    None => {
+                        let _ = events.send(Event::Closed(slot, "its link closed".into()));
+                        break;
+                    }
+                }
+            }
+        });
+        self.members.push(Member {
+            id,
+            addr: addr.to_string(),
+            tx,
+            done: 0,
+            from: 1,
+            alive: true,
+        });
+        Ok(Ok((slot, files)))
+    }
+
+    /// Waits for `min` idle workers of the cluster that take the job.
+    async fn gather(
+        &mut self,
+        manager: &str,
+        min: usize,
+        wait: Duration,
+    ) -> Result<BTreeMap<Slot, Vec<FileInfo>>, TrainError> {
+        let deadline = Instant::now() + wait;
+        let mut offers = BTreeMap::new();
+        let mut refusals = Vec::new();
+        loop {
+            let map = self.observer.refresh().await?;
+            for n in map.live(Role::Worker) {
+                if offers.len() >= min {
+                    break;
+                }
+                if n.group != Group::Idle || n.addr.is_empty() || self.tried.contains(&n.id) {
+                    continue;
+                }
+                match self.offer(n.id, &n.addr).await? {
+                    Ok((slot, files)) => {
+                        offers.insert(slot, files);
+                    }
+                    Err(why) => refusals.push(format!("worker {}: {why}", n.id)),
+                }
+            }
+            if offers.len() >= min {
+                return Ok(offers);
+            }
+            if Instant::now() >= deadline {
+                let mut msg = format!(
+                    "waiting for {min} worker processes: {} took the job within {} s; start more with `pserver worker --manager {manager}`",
+                    offers.len(),
+                    wait.as_secs()
+                );
+                if !refusals.is_empty() {
+                    msg.push_str(&format!(" (refused: {})", refusals.join("; ")));
+                }
+                return Err(TrainError::Config(msg));
+            }
+            tokio::time::sleep(MAP_EVERY).await;
+        }
+    }
+
+    /// Offers the job to one idle worker of `map` not tried yet.
+    async fn take_idle(&mut self, map: &pserver_core::ClusterMap) -> Option<(Slot, Vec<FileInfo>)> {
+        let idle: Vec<(u32, String)> = map
+            .live(Role::Worker)
+            .filter(|n| n.group == Group::Idle && !n.addr.is_empty() && !self.tried.contains(&n.id))
+            .map(|n| (n.id, n.addr.clone()))
+            .collect();
+        for (id, addr) in idle {
+            if let Ok(Ok(taken)) = self.offer(id, &addr).await {
+                let _ = self.progress.send(Progress::Joined {
+                    worker: taken.0,
+                    node: id,
+                });
+                return Some(taken);
+            }
+        }
+        None
+    }
+
+    /// Worker `slot` is lost: its units go to the others from the next
+    /// step not yet issued.
+    async fn lose(
+        &mut self,
+        slot: Slot,
+        why: String,
+        assignment: &mut Assignment,
+        issued: u64,
+        joining: &mut Option<Joining>,
+    ) -> Result<(), TrainError> {
+        if !std::mem::replace(&mut self.members[slot].alive, false) {
+            return Ok(());
+        }
+        let m = &self.members[slot];
+        let _ = self.progress.send(Progress::WorkerLost {
+            worker: slot,
+            why: format!("worker {} at {}: {why}", m.id, m.addr),
+        });
+        if let Some(j) = joining.as_mut() {
+            j.changed.retain(|c| *c != slot);
+        }
+        let changed = assignment.lose(slot);
+        for to in changed {
+            let units: Vec<Unit> = assignment.units.get(&to).cloned().unwrap_or_default();
+            self.send(
+                to,
+                ToWorker::Reassign {
+                    from: issued + 1,
+                    units,
+                },
+            )
+            .await;
+        }
+        Ok(())
+    }
+
+    /// The job's settings.
+    fn spec(&self, first: u64, clock_base: u64, workers: usize) -> JobSpec {
+        let cfg = &self.cfg;
+        JobSpec {
+            job: self.job.clone(),
+            table: self.cfg_table(),
+            algo: cfg.algo,
+            format: cfg.format.clone(),
+            train_split: cfg.test.is_none(),
+            blocks: cfg.blocks,
+            tau: cfg.tau,
+            l1: cfg.l1,
+            kkt: cfg.kkt,
+            workers,
+            batches: self.batches,
+            steps: cfg.steps(),
+            first,
+            clock_base,
+            key_caching: cfg.key_caching,
+            compression: cfg.compression,
+            slow_ms: 0,
+        }
+    }
+
+    /// The settings as worker `slot` gets them (the slowed one of a test).
+    fn spec_for(&self, spec: &JobSpec, slot: Slot) -> JobSpec {
+        let mut spec = spec.clone();
+        if self.cfg.slow_worker_ms > 0 && slot == 0 {
+            spec.slow_ms = self.cfg.slow_worker_ms;
+        }
+        spec
+    }
+
+    /// Creates the job's table, or resumes it: the steps already done and
+    /// the clock base.
+    async fn table(
+        &mut self,
+        progress: &UnboundedSender<Progress>,
+    ) -> Result<(u64, u64), TrainError> {
+        let cfg = self.cfg.clone();
+        let table = self.cfg_table();
+        if let (true, Some(dir), Algo::Dbpg) = (cfg.resume, &cfg.checkpoint_dir, cfg.algo) {
+            if let Some((epoch, at)) = crate::train::latest_checkpoint(dir)? {
+                // A table still in the cluster goes on as it stands (it is
+                // at least as far as the checkpoint); else the checkpoint
+                // is restored.
+                let map = self.observer.refresh().await?;
+                if map.table(&table).is_none() {
+                    let restored = self
+                        .observer
+                        .restore(&at, &pserver_core::updater::Registry::new())
+                        .await?;
+                    if !restored.iter().any(|t| t.name == table) {
+                        return Err(TrainError::Config(format!(
+                            "the checkpoint {} holds no table {table:?} (this job's)",
+                            at.display()
+                        )));
+                    }
+                }
+                let _ = progress.send(Progress::Resumed { epoch, dir: at });
+                let first = (epoch.min(cfg.epochs) * cfg.blocks) as u64;
+                // Above every clock an earlier run of the job pushed.
+                let base = std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map(|d| d.as_millis() as u64)
+                    .unwrap_or(1)
+                    * 1000;
+                return Ok((first, base));
+            }
+        }
+        let consistency = if cfg.tau == 0 {
+            pserver_core::Consistency::Sequential
+        } else {
+            pserver_core::Consistency::Bounded(cfg.tau)
+        };
+        let opts = match cfg.algo {
+            // Up to tau other blocks move on margins this worker has not
+            // seen yet; a step of 1 / (tau + 1) keeps their sum within the
+            // bound (the delay-dependent step of Li et al., NIPS 2014).
+            Algo::Dbpg => TableOptions::new(
+                1,
+                UpdaterSpec::Prox {
+                    eta: 1.0 / (cfg.tau as f32 + 1.0),
+                    l1: cfg.l1,
+                    l2: cfg.l2,
+                    eps: 1e-6,
+                },
+            )
+            .aggregate(true),
+            Algo::Ftrl => TableOptions::new(
+                1,
+                UpdaterSpec::Ftrl {
+                    alpha: cfg.alpha,
+                    beta: cfg.beta,
+                    l1: cfg.l1,
+                    l2: cfg.l2,
+                },
+            ),
+        }
+        .consistency(consistency)
+        .job(self.job.clone());
+        let map = self.observer.refresh().await?;
+        if map.table(&table).is_some() {
+            return Err(TrainError::Config(format!(
+                "table {table:?} exists already: job {:?} ran on this cluster before; pick another --job, or --resume it with its --checkpoint-dir",
+                self.job
+            )));
+        }
+        self.observer.create_table(&table, opts).await?;
+        Ok((0, 0))
+    }
+
+    /// Writes the checkpoint after epoch `epoch`: every worker has
+    /// acknowledged the epoch's last step and none was given a later one,
+    /// so every sum up to it is applied and none after.
+    async fn checkpoint(
+        &mut self,
+        epoch: usize,
+        progress: &UnboundedSender<Progress>,
+    ) -> Result<(), TrainError> {
+        let Some(dir) = self.cfg.checkpoint_dir.clone() else {
+            return Ok(());
+        };
+        let name = format!("epoch-{epoch}");
+        let at: PathBuf = dir.join(&name);
+        self.observer.checkpoint(&at).await?;
+        // LATEST changes only once the checkpoint is whole.
+        Disk::new()
+            .write_atomic(&dir.join(dbpg::LATEST), format!("{name}\n").as_bytes())
+            .map_err(|e| TrainError::Config(e.to_string()))?;
+        let _ = progress.send(Progress::Checkpointed { epoch, dir: at });
+        Ok(())
+    }
+}
