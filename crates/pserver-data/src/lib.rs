@@ -29,6 +29,7 @@ pub mod hash;
 mod reader;
 pub mod schema;
 mod source;
+pub mod synth;
 mod text;
 
 pub use error::DataError;
