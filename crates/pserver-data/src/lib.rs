@@ -19,6 +19,9 @@
 //! # Ok(()) }
 //! ```
 //!
+//! [`synth`] goes the other way: it writes synthetic click data of any
+//! size, with a known true model, as gzip LIBSVM files.
+//!
 //! Keys are `u64` below `u64::MAX`, spread uniformly over the key space,
 //! since servers own ranges of a ring of raw keys; the hash is fixed forever
 //! (see [`hash`]).
@@ -29,6 +32,7 @@ pub mod hash;
 mod reader;
 pub mod schema;
 mod source;
+pub mod synth;
 mod text;
 
 pub use error::DataError;

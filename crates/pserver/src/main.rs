@@ -4,6 +4,7 @@ mod bench;
 mod demo;
 mod experiment;
 mod failover;
+mod r#gen;
 mod kv;
 mod parse;
 mod pipelined;
@@ -254,6 +255,9 @@ enum Cmd {
     Predict(train::PredictArgs),
     /// Re-run an experiment of the papers on this machine and print its table.
     Experiment(experiment::ExperimentArgs),
+    /// Write a synthetic click data set with a known true model (gzip
+    /// LIBSVM files and meta.json with the Bayes log-loss floor).
+    Gen(r#gen::GenArgs),
     /// Start a whole cluster on this machine: a manager and servers, and
     /// optionally workers running a demo job.
     Local {
@@ -310,6 +314,10 @@ fn main() -> ExitCode {
 }
 
 async fn run(cli: Cli) -> Result<()> {
+    if let Cmd::Gen(args) = cli.cmd {
+        // Local files only: no cluster, so no security flags apply.
+        return r#gen::run(args);
+    }
     if let Cmd::Relay(args) = cli.cmd {
         // Bytes only: no cluster security applies to a relay.
         return relay::run(args).await;
@@ -331,7 +339,7 @@ async fn run(cli: Cli) -> Result<()> {
     let sec = cli.security.resolve()?;
     let net = sec.net.clone();
     match cli.cmd {
-        Cmd::Certs { .. } | Cmd::Relay(_) => Ok(()),
+        Cmd::Certs { .. } | Cmd::Relay(_) | Cmd::Gen(_) => Ok(()),
         Cmd::Manager {
             listen,
             state,
