@@ -433,7 +433,7 @@ async fn run(cli: Cli) -> Result<()> {
                 agent.addr()
             );
             tokio::select! {
-                _ = agent.wait() => {}
+                r = agent.wait() => r?,
                 _ = tokio::signal::ctrl_c() => agent.kill(),
             }
             Ok(())

@@ -50,6 +50,9 @@ pub enum AgentError {
         /// What failed.
         source: std::io::Error,
     },
+    /// The worker lost the manager for good.
+    #[error("worker {0} lost the manager (it could not rejoin); stopping")]
+    Lost(u32),
     /// A `--data` pattern is not a valid glob.
     #[error("--data {pattern:?}: {why}")]
     Pattern {
@@ -146,9 +149,16 @@ impl Agent {
         self.worker.shutdown();
     }
 
-    /// Runs until [`Agent::kill`] (or forever).
-    pub async fn wait(&mut self) {
-        let _ = (&mut self.task).await;
+    /// Runs until [`Agent::kill`], or until the worker has lost the
+    /// manager for good (then says so).
+    pub async fn wait(&mut self) -> Result<(), AgentError> {
+        tokio::select! {
+            _ = &mut self.task => Ok(()),
+            _ = self.worker.lost() => {
+                self.kill();
+                Err(AgentError::Lost(self.worker.id()))
+            }
+        }
     }
 }
 

@@ -327,6 +327,9 @@ struct Inner {
     net: Net,
     timeout: Duration,
     cancel: CancellationToken,
+    /// Cancelled once this worker has lost the manager for good (it could
+    /// not rejoin): its lease is gone, so nothing it does counts any more.
+    lost: CancellationToken,
     traffic: Traffic,
     rt: tokio::runtime::Handle,
 }
@@ -373,6 +376,7 @@ impl Worker {
             in_flight: Arc::default(),
             net: cfg.net.clone(),
             cancel: CancellationToken::new(),
+            lost: CancellationToken::new(),
             traffic: Traffic::default(),
             rt: tokio::runtime::Handle::current(),
         });
@@ -380,6 +384,7 @@ impl Worker {
         // the last Worker ends it.
         let weak = Arc::downgrade(&inner);
         let cancel = inner.cancel.clone();
+        let gone = inner.lost.clone();
         let mut peer = manager;
         let (net, addr, limits, role, my_addr) = (
             cfg.net.clone(),
@@ -395,7 +400,25 @@ impl Worker {
                 tokio::select! {
                     _ = cancel.cancelled() => break,
                     _ = tick.tick() => {
-                        lost = peer.notify(control_request(id, 0, &Control::Heartbeat)).await.is_err();
+                        // Asked, not just sent: a manager that declared this
+                        // node dead (it was frozen, or cut off) says so, and
+                        // a worker that goes on as if nothing happened would
+                        // count for nothing.
+                        let ask = peer.request(control_request(id, 0, &Control::Heartbeat));
+                        match tokio::time::timeout(heartbeat * 4, ask).await {
+                            Ok(Ok(reply)) => {
+                                if let Err(NodeError::Remote { code: ErrorCode::Invalid, message, .. }) =
+                                    reply_control(&reply, peer.label())
+                                {
+                                    tracing::warn!(node = id, %message, "the manager no longer counts this worker");
+                                    gone.cancel();
+                                    break;
+                                }
+                            }
+                            Ok(Err(_)) => lost = true,
+                            // A slow answer is not a lost manager.
+                            Err(_) => {}
+                        }
                     }
                     n = notices.recv() => match n {
                         None => lost = true,
@@ -420,6 +443,7 @@ impl Worker {
                         }
                         Err(e) => {
                             tracing::warn!(node = id, error = %e, "cannot rejoin the manager");
+                            gone.cancel();
                             break;
                         }
                     }
@@ -717,5 +741,13 @@ impl Worker {
     /// Leaves the cluster: closes the link to the manager.
     pub fn shutdown(&self) {
         self.inner.cancel.cancel();
+    }
+
+    /// Completes once this worker has lost the manager for good: it could
+    /// not rejoin (the manager declared it dead, forgot it, or stayed away
+    /// past [`crate::proto::REJOIN_FOR`]). A long-running worker process
+    /// should then stop.
+    pub async fn lost(&self) {
+        self.inner.lost.cancelled().await;
     }
 }
