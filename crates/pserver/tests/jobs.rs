@@ -418,3 +418,58 @@ fn a_scheduler_killed_mid_job_is_resumed_and_the_workers_carry_on() {
     );
     assert!(auc(&report) >= 0.80, "{lines:#?}");
 }
+
+#[test]
+fn a_frozen_worker_is_dropped_by_its_lease_and_exits_when_it_wakes() {
+    let (mut procs, manager) = cluster(2);
+    let ids: Vec<u32> = (0..3).map(|_| worker(&mut procs, &manager, &[])).collect();
+    let mut s = Scheduler::start(
+        &manager,
+        &["--remote-workers", "3", "--job", "frozen", "--epochs", "6"],
+    );
+    for _ in 0..3 {
+        s.wait_for("loaded", Duration::from_secs(60));
+    }
+    let pid = |id: u32, procs: &Procs| {
+        procs
+            .0
+            .iter()
+            .find(|(_, l)| l.starts_with(&format!("worker {id} ")))
+            .unwrap()
+            .0
+            .id()
+            .to_string()
+    };
+    let frozen = pid(ids[1], &procs);
+    let sig = |s: &str| {
+        assert!(
+            Command::new("kill")
+                .args([s, &frozen])
+                .status()
+                .unwrap()
+                .success()
+        );
+    };
+    sig("-STOP");
+    // Its link stays open: the manager's lease (1 s) tells the scheduler.
+    let lost = s.wait_for("lost", Duration::from_secs(60));
+    assert!(lost.contains("declared it dead"), "{lost}");
+    let (ok, lines) = s.finish(Duration::from_secs(120));
+    assert!(ok, "{lines:#?}");
+    sig("-CONT");
+    // Woken, it hears it no longer counts and stops.
+    let (child, _) = procs
+        .0
+        .iter_mut()
+        .find(|(_, l)| l.starts_with(&format!("worker {} ", ids[1])))
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            assert!(!status.success());
+            break;
+        }
+        assert!(Instant::now() < deadline, "the woken worker did not stop");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
