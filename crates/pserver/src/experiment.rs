@@ -54,6 +54,9 @@ enum ExperimentCmd {
     /// Kill (or freeze) a server under load: time until it is declared
     /// dead and until its range takes pushes again; no acknowledged push lost.
     Failover(crate::failover::FailoverArgs),
+    /// Two jobs on one cluster of processes, one slowed on purpose: the
+    /// fast job's iterations per second, alone and beside it.
+    Jobs(crate::jobs_experiment::JobsArgs),
 }
 
 /// `pserver experiment tau` flags.
@@ -90,7 +93,7 @@ struct TauArgs {
 /// The run `pserver train` makes on the bundled data, at tau 0, without
 /// scoring during training (it would steal the cores the workers are timed
 /// on; the final score is taken after the clock stops).
-fn flights(workers: usize, epochs: usize, key_caching: bool) -> Result<TrainConfig> {
+pub(crate) fn flights(workers: usize, epochs: usize, key_caching: bool) -> Result<TrainConfig> {
     let data = bundled(FLIGHTS_DATA);
     let schema_path = bundled(FLIGHTS_SCHEMA);
     if !data.exists() {
@@ -224,6 +227,7 @@ pub async fn run(args: ExperimentArgs) -> Result<()> {
         ExperimentCmd::Tau(a) => tau(a).await,
         ExperimentCmd::Filters(a) => filters(a).await,
         ExperimentCmd::Failover(a) => crate::failover::run(a).await,
+        ExperimentCmd::Jobs(a) => crate::jobs_experiment::run(a).await,
     }
 }
 

@@ -5,6 +5,7 @@ mod demo;
 mod experiment;
 mod failover;
 mod r#gen;
+mod jobs_experiment;
 mod kv;
 mod parse;
 mod pipelined;

@@ -112,6 +112,7 @@ pub async fn run(
         tried: BTreeSet::new(),
         agents: Vec::new(),
         batches: 0,
+        readers: Vec::new(),
     };
     let (min, max) = match &pool {
         Pool::Local(agents) => (agents.len(), agents.len()),
@@ -514,6 +515,18 @@ struct Sched {
     agents: Vec<Arc<Agent>>,
     /// FTRL's minibatches per epoch, once known.
     batches: usize,
+    /// The tasks reading the workers' links: they hold the links' read
+    /// halves, so they end with the scheduler (a dropped or aborted
+    /// scheduler closes its links, and its workers go idle).
+    readers: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl Drop for Sched {
+    fn drop(&mut self) {
+        for r in &self.readers {
+            r.abort();
+        }
+    }
 }
 
 impl Sched {
@@ -584,7 +597,7 @@ impl Sched {
         };
         let slot = self.members.len();
         let events = self.events_tx.clone();
-        tokio::spawn(async move {
+        let reader = tokio::spawn(async move {
             loop {
                 match rx.recv().await {
                     Some(Ok(m)) => {
@@ -603,6 +616,7 @@ impl Sched {
                 }
             }
         });
+        self.readers.push(reader);
         self.members.push(Member {
             id,
             addr: addr.to_string(),

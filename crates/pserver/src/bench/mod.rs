@@ -25,7 +25,7 @@ mod memory;
 mod pinned;
 pub(crate) mod procs;
 mod report;
-mod stats;
+pub(crate) mod stats;
 
 use anyhow::{Context, Result, bail};
 use cases::{cluster_cases, dense_cases, sparse_cases};
