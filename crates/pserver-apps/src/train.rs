@@ -84,6 +84,14 @@ pub struct TrainConfig {
     pub net: pserver_node::net::Net,
 }
 
+/// Most key-range blocks a run may ask for: far more than any data set's
+/// use, few enough that every worker's block bounds (8 bytes a block) stay
+/// small before the data can say how many features there are.
+pub const MAX_BLOCKS: usize = 1 << 20;
+
+/// Most workers one job may have.
+pub const MAX_WORKERS: usize = 1024;
+
 /// Why a run failed.
 #[derive(Debug, thiserror::Error)]
 pub enum TrainError {
@@ -148,8 +156,13 @@ impl TrainConfig {
         if self.epochs == 0 {
             return bad("--epochs must be at least 1");
         }
-        if self.blocks == 0 {
-            return bad("--blocks must be at least 1");
+        if self.blocks == 0 || self.blocks > MAX_BLOCKS {
+            return bad(&format!("--blocks must be in 1..={MAX_BLOCKS}"));
+        }
+        if self.workers > MAX_WORKERS {
+            return bad(&format!(
+                "--workers must be at most {MAX_WORKERS}: each is a connection set and a shard in memory (for more, run `pserver worker` processes and --remote-workers)"
+            ));
         }
         if self.batch == 0 {
             return bad("--batch must be at least 1");

@@ -21,6 +21,12 @@ pub(crate) const FLIGHTS_DATA: &str = "data/nycflights13/flights.csv.gz";
 /// Its schema.
 pub(crate) const FLIGHTS_SCHEMA: &str = "data/nycflights13/flights.toml";
 
+/// Most workers `pserver train` runs in its own process.
+const MAX_LOCAL_WORKERS: usize = 64;
+
+/// The lease of the cluster `pserver train` starts in its own process.
+const LOCAL_LEASE_MS: u64 = 10_000;
+
 /// Input formats.
 #[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
 pub enum FormatName {
@@ -244,6 +250,12 @@ pub async fn run(args: TrainArgs, sec: &crate::security::Security) -> Result<()>
     if args.fail_worker_after_ms.is_some() && args.remote_workers.is_some() {
         bail!("--fail-worker-after-ms stops an in-process worker; kill a worker process instead");
     }
+    if args.remote_workers.is_none() && args.workers > MAX_LOCAL_WORKERS {
+        bail!(
+            "--workers {} is more than the {MAX_LOCAL_WORKERS} workers one process runs well; run `pserver worker` processes and --remote-workers for more",
+            args.workers
+        );
+    }
     let workers = args.remote_workers.unwrap_or(args.workers);
     let cfg = TrainConfig {
         algo: match args.algo {
@@ -299,6 +311,11 @@ pub async fn run(args: TrainArgs, sec: &crate::security::Security) -> Result<()>
             };
             lc.manager.listen = "127.0.0.1:0".into();
             lc.manager.net = net.clone();
+            // Every node shares this process's cores with the workers'
+            // loading and computing: a lease long enough that a busy
+            // machine never has its own cluster declared dead. (A lost
+            // in-process worker is seen by its link, not its lease.)
+            lc.manager.membership.lease_ms = LOCAL_LEASE_MS;
             lc.manager.membership.replicas = args.replicas;
             lc.replicate_after_aggregation = !args.replicate_every_push;
             cluster = LocalCluster::start(lc)

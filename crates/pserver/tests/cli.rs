@@ -304,3 +304,48 @@ fn train_and_predict_on_libsvm_files_it_has_never_seen() {
     let e = fails(&["predict", "--model", &p("nope"), "--data", &p("b.svm")]);
     assert!(e.contains("nope"), "{e}");
 }
+
+/// Issue #16 (7): sizes that cannot work are refused in one line, quickly,
+/// before anything allocates for them (they used to abort on a 32 GB
+/// allocation, take minutes, or end with "no live server holds keys").
+#[test]
+fn train_refuses_sizes_that_cannot_work() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = |n: &str| dir.path().join(n).to_str().unwrap().to_string();
+    libsvm(dir.path().join("a.svm").as_path(), 3000, 7, None);
+    libsvm(dir.path().join("b.svm").as_path(), 300, 8, None);
+    let small = |extra: &[&str]| {
+        let mut a = vec![
+            "train",
+            "--train",
+            &p("a.svm"),
+            "--test",
+            &p("b.svm"),
+            "--format",
+            "libsvm",
+        ]
+        .into_iter()
+        .map(String::from)
+        .collect::<Vec<_>>();
+        a.extend(extra.iter().map(|s| s.to_string()));
+        a
+    };
+    let started = std::time::Instant::now();
+    let e = fails(&["train", "--blocks", "4000000000"]);
+    assert!(e.contains("--blocks must be in 1..="), "{e}");
+    let args = small(&["--blocks", "1000000"]);
+    let e = fails(&args.iter().map(String::as_str).collect::<Vec<_>>());
+    assert!(
+        e.contains("more than the training data has features"),
+        "{e}"
+    );
+    let e = fails(&["train", "--workers", "500"]);
+    assert!(e.contains("--remote-workers"), "{e}");
+    let e = fails(&["train", "--remote-workers", "2"]);
+    assert!(e.contains("needs --manager"), "{e}");
+    assert!(
+        started.elapsed() < std::time::Duration::from_secs(25),
+        "{:?}",
+        started.elapsed()
+    );
+}

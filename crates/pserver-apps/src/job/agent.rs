@@ -371,6 +371,7 @@ async fn run_job(
     };
     tx.send(&FromWorker::Loaded {
         rows: data.rows(),
+        keys: data.keys.len(),
         stats,
     })
     .await?;
@@ -423,6 +424,7 @@ async fn run_job(
             ToWorker::Reassign { units, .. } if units == held => {
                 tx.send(&FromWorker::Loaded {
                     rows: 0,
+                    keys: 0,
                     stats: Vec::new(),
                 })
                 .await?;
@@ -444,6 +446,7 @@ async fn run_job(
                     units.clone()
                 };
                 let (data, stats) = load_async(read, &spec, id).await?;
+                let keys = data.keys.len();
                 let rows = match &mut runner {
                     Runner::Dbpg(d) => {
                         if grows {
@@ -462,7 +465,7 @@ async fn run_job(
                 w.join(Group::Job(spec.job.clone()), &describe(&held))
                     .await
                     .map_err(node)?;
-                tx.send(&FromWorker::Loaded { rows, stats }).await?;
+                tx.send(&FromWorker::Loaded { rows, keys, stats }).await?;
             }
             ToWorker::Finish => {
                 let now = traffic(w);

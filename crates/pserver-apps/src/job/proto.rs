@@ -176,6 +176,8 @@ pub enum FromWorker {
     Loaded {
         /// Rows it now holds.
         rows: usize,
+        /// Distinct features (keys) of the units it loaded.
+        keys: usize,
         /// What its readers counted (bad lines with the first few).
         stats: Vec<pserver_data::ReadStats>,
     },

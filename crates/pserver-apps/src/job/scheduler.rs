@@ -162,11 +162,14 @@ pub async fn run(
     let mut bad = Vec::new();
     let mut train_rows = 0;
     let mut max_rows = 0;
+    // The workers' distinct keys summed: at least the data's features.
+    let mut features = 0;
     while loaded.len() < s.live() {
         match events.recv().await {
-            Some(Event::Msg(slot, FromWorker::Loaded { rows, stats })) => {
+            Some(Event::Msg(slot, FromWorker::Loaded { rows, keys, stats })) => {
                 loaded.insert(slot);
                 train_rows += rows;
+                features += keys;
                 max_rows = max_rows.max(rows);
                 bad.extend(stats);
                 let _ = progress.send(Progress::Loaded { worker: slot, rows });
@@ -186,6 +189,12 @@ pub async fn run(
     }
     if train_rows == 0 {
         return Err(TrainError::Empty(named));
+    }
+    if cfg.algo == Algo::Dbpg && cfg.blocks > features {
+        return Err(TrainError::Config(format!(
+            "--blocks {} is more than the training data has features (at most {features}): blocks are key ranges of features, so use fewer",
+            cfg.blocks
+        )));
     }
     s.batches = max_rows.div_ceil(cfg.batch).max(1);
     let load_seconds = loading.elapsed().as_secs_f64();
@@ -302,7 +311,7 @@ pub async fn run(
                             let m = &mut s.members[slot];
                             m.done = m.done.max(t);
                         }
-                        FromWorker::Loaded { rows, stats } => {
+                        FromWorker::Loaded { rows, stats, .. } => {
                             bad.extend(stats);
                             let _ = progress.send(Progress::Adopted { worker: slot, rows });
                         }
