@@ -12,24 +12,24 @@ use std::sync::Arc;
 #[non_exhaustive]
 pub enum DataError {
     /// The file could not be opened (missing, permissions, ...).
-    #[error("{path}: cannot open: {source}")]
+    // The OS's words are part of the message, not a `source`: one line,
+    // said once, however the error is printed (`{e}` or anyhow's `{e:#}`).
+    #[error("{path}: cannot open: {os}")]
     Open {
         /// The file.
         path: String,
         /// What the OS said.
-        #[source]
-        source: Arc<std::io::Error>,
+        os: Arc<std::io::Error>,
     },
     /// Reading failed part way; `line` is the 1-based line being read.
-    #[error("{path}:{line}: read error: {source}")]
+    #[error("{path}:{line}: read error: {os}")]
     Io {
         /// The file.
         path: String,
         /// 1-based line number being read when it failed.
         line: u64,
         /// What the OS said.
-        #[source]
-        source: Arc<std::io::Error>,
+        os: Arc<std::io::Error>,
     },
     /// The schema is wrong; `message` names the TOML key at fault.
     #[error("{path}: {message}")]

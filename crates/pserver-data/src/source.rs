@@ -26,7 +26,7 @@ pub(crate) fn open_bytes(path: &Path) -> Result<(Box<dyn Read + Send>, Encoding)
     let shown = path.display().to_string();
     let mut file = File::open(path).map_err(|e| DataError::Open {
         path: shown.clone(),
-        source: Arc::new(e),
+        os: Arc::new(e),
     })?;
     // Peek with a loop rather than trusting one read to return 4 bytes
     // (pipes and FIFOs may return fewer), then put the bytes back in front.
@@ -41,7 +41,7 @@ pub(crate) fn open_bytes(path: &Path) -> Result<(Box<dyn Read + Send>, Encoding)
                 return Err(DataError::Io {
                     path: shown,
                     line: 1,
-                    source: Arc::new(e),
+                    os: Arc::new(e),
                 });
             }
         }
@@ -267,7 +267,7 @@ impl Lines {
             DataError::Io {
                 path: path.to_string(),
                 line: self.line_no,
-                source: Arc::new(e),
+                os: Arc::new(e),
             }
         }
     }

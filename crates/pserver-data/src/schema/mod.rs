@@ -337,7 +337,7 @@ impl Schema {
 pub fn load_schema(path: &Path) -> Result<Schema, DataError> {
     let text = std::fs::read_to_string(path).map_err(|e| DataError::Open {
         path: path.display().to_string(),
-        source: Arc::new(e),
+        os: Arc::new(e),
     })?;
     Schema::parse(&text, path)
 }
