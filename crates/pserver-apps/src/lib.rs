@@ -5,6 +5,7 @@
 //! - [`dbpg`]: delayed block proximal gradient, a worker's side.
 //! - [`ftrl`]: asynchronous SGD with FTRL-Proximal, a worker's side.
 //! - [`train`]: a whole run: load shards, run workers, score, collect.
+//! - [`tune`]: `--tune`: `l1`/`l2` chosen on a validation split by a warm-started path.
 //! - [`progress`]: what a run reports while it goes.
 //! - [`metrics`]: log-loss, AUC, accuracy.
 //! - [`plot`]: the convergence curve as SVG.
@@ -21,3 +22,4 @@ pub mod plot;
 pub mod progress;
 pub mod report;
 pub mod train;
+pub mod tune;

@@ -90,4 +90,23 @@ pub enum Progress {
         /// Test log-loss.
         logloss: f64,
     },
+    /// A point of a `--tune` path is done (scored on the validation set).
+    Tuned {
+        /// Its index on the path.
+        point: usize,
+        /// Points on the path.
+        points: usize,
+        /// Its L1 strength.
+        l1: f32,
+        /// Its L2 strength.
+        l2: f32,
+        /// Epochs it ran.
+        epochs: usize,
+        /// Whether it started from an earlier point's weights.
+        warm: bool,
+        /// Validation log-loss.
+        logloss: f64,
+        /// Validation AUC.
+        auc: f64,
+    },
 }

@@ -103,6 +103,9 @@ pub struct Report {
     pub wait_fraction: f64,
     /// Objective and test scores against time, in time order.
     pub curve: Vec<CurvePoint>,
+    /// `--tune`: the choice and the validation curve (absent otherwise).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tune: Option<crate::tune::TuneReport>,
 }
 
 impl Report {
@@ -389,6 +392,7 @@ mod tests {
             bytes_received: 45_600_000,
             bytes_saved: 789_000,
             wait_fraction: 0.123,
+            tune: None,
             curve: merge_curve(
                 &[(0.5, 1, 0.69), (1.0, 2, 0.5), (2.0, 3, 0.45)],
                 &[(1.0, 0.78, 0.48), (1.5, 0.79, 0.47)],

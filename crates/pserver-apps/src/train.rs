@@ -252,6 +252,19 @@ pub async fn train(
     progress: UnboundedSender<Progress>,
 ) -> Result<RunResult, TrainError> {
     cfg.validate()?;
+    let agents = local_agents(manager, cfg).await?;
+    let r = scheduler::run(manager, cfg, Pool::Local(agents.clone()), progress).await;
+    for a in &agents {
+        a.kill();
+    }
+    r
+}
+
+/// `cfg.workers` worker agents on loopback, in this process.
+pub(crate) async fn local_agents(
+    manager: &str,
+    cfg: &TrainConfig,
+) -> Result<Vec<Arc<Agent>>, TrainError> {
     let mut agents = Vec::new();
     for _ in 0..cfg.workers {
         let a = Agent::start(AgentConfig {
@@ -265,11 +278,7 @@ pub async fn train(
         .map_err(|e| TrainError::Config(e.to_string()))?;
         agents.push(Arc::new(a));
     }
-    let r = scheduler::run(manager, cfg, Pool::Local(agents.clone()), progress).await;
-    for a in &agents {
-        a.kill();
-    }
-    r
+    Ok(agents)
 }
 
 /// The newest whole checkpoint under `dir` (named by its `LATEST` file):

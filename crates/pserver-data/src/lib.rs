@@ -108,6 +108,27 @@ pub struct Holdout {
     pub seed: u64,
 }
 
+/// A second seeded holdout carved out of the lines the first one keeps (a
+/// validation split of the training part): of the lines the shard and
+/// [`ReadOptions::split`] keep, line `n` is a validation line iff
+/// [`hash::in_test`]`(n, seed ^ VALIDATION_SALT, fraction)`. The salt makes
+/// its draws independent of a schema split with the same seed, so the
+/// validation lines are a `fraction` of the training lines, never of the
+/// test lines.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Validation {
+    /// Fraction of the kept lines that are validation lines, in `[0, 1]`.
+    pub fraction: f64,
+    /// Seed.
+    pub seed: u64,
+    /// Which side to keep: `Train` (the lines not in validation), `Test`
+    /// (the validation lines), or `All`.
+    pub keep: Split,
+}
+
+/// Mixed into [`Validation::seed`] (see there).
+pub const VALIDATION_SALT: u64 = 0x5641_4c49_4441_5445; // "VALIDATE"
+
 /// Options of [`open`].
 #[derive(Clone, Debug)]
 pub struct ReadOptions {
@@ -118,6 +139,8 @@ pub struct ReadOptions {
     /// The holdout; `None` takes the CSV schema's `[split]`, if any. Set it
     /// to split LIBSVM or Criteo files, or to override a schema's.
     pub holdout: Option<Holdout>,
+    /// A validation split inside what `split` keeps; `None`: none.
+    pub validation: Option<Validation>,
     /// Add the bias feature [`BIAS_KEY`] (value 1) to every example.
     pub bias: bool,
     /// Longest line (or CSV record) read; a longer one is a bad line. Keeps
@@ -131,6 +154,7 @@ impl Default for ReadOptions {
             shard: Shard::default(),
             split: Split::All,
             holdout: None,
+            validation: None,
             bias: true,
             max_line_bytes: 16 << 20,
         }

@@ -5,7 +5,10 @@ use crate::hash::{BIAS_KEY, in_test};
 use crate::schema::Plan;
 use crate::source::{LineRead, Lines, open_lines};
 use crate::text::{Criteo, libsvm_is_data, parse_libsvm};
-use crate::{BadLine, DataError, Example, Format, Holdout, ReadOptions, ReadStats, Split};
+use crate::{
+    BadLine, DataError, Example, Format, Holdout, ReadOptions, ReadStats, Split, VALIDATION_SALT,
+    Validation,
+};
 use std::io;
 use std::path::Path;
 
@@ -109,6 +112,7 @@ struct Selector {
     shard_count: u64,
     split: Split,
     holdout: Option<Holdout>,
+    validation: Option<Validation>,
 }
 
 impl Selector {
@@ -117,10 +121,20 @@ impl Selector {
         if n % self.shard_count != self.shard_index {
             return false;
         }
-        match (self.split, self.holdout) {
+        let outer = match (self.split, self.holdout) {
             (Split::All, _) | (_, None) => true,
             (s, Some(h)) => in_test(n, h.seed, h.test_fraction) == (s == Split::Test),
-        }
+        };
+        outer
+            && match self.validation {
+                None
+                | Some(Validation {
+                    keep: Split::All, ..
+                }) => true,
+                Some(v) => {
+                    in_test(n, v.seed ^ VALIDATION_SALT, v.fraction) == (v.keep == Split::Test)
+                }
+            }
     }
 }
 
@@ -200,6 +214,14 @@ impl Reader {
                 )));
             }
         }
+        if let Some(v) = opts.validation {
+            if !(0.0..=1.0).contains(&v.fraction) {
+                return Err(DataError::options(format!(
+                    "validation fraction {} is not within [0, 1]",
+                    v.fraction
+                )));
+            }
+        }
         if opts.split != Split::All && holdout.is_none() {
             return Err(DataError::options(format!(
                 "{:?} split asked for {shown}, but no holdout is defined (set ReadOptions::holdout, or [split] in the schema)",
@@ -234,6 +256,7 @@ impl Reader {
                 shard_count: opts.shard.count as u64,
                 split: opts.split,
                 holdout,
+                validation: opts.validation,
             },
             bias: opts.bias,
             max_line,

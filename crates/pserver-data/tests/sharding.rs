@@ -182,3 +182,79 @@ fn a_csv_schema_split_is_used_and_can_be_overridden() {
     assert_eq!(count(Split::Test, none), 0);
     assert_eq!(count(Split::Train, none), 2000);
 }
+
+#[test]
+fn a_validation_split_is_carved_out_of_the_training_part_only() {
+    use pserver_data::Validation;
+    let dir = tempfile::tempdir().unwrap();
+    let p = numbered(dir.path(), false);
+    // The schema-like test split and a validation split with the same seed:
+    // the salt keeps their draws independent.
+    let holdout = Some(Holdout {
+        test_fraction: 0.25,
+        seed: 7,
+    });
+    let lines = |split, keep: Option<Split>| {
+        let opts = ReadOptions {
+            split,
+            holdout,
+            validation: keep.map(|keep| Validation {
+                fraction: 0.2,
+                seed: 7,
+                keep,
+            }),
+            ..ReadOptions::default()
+        };
+        ids(&read(&p, &Format::Libsvm, &opts).0)
+            .into_iter()
+            .collect::<HashSet<u64>>()
+    };
+    let test = lines(Split::Test, None);
+    let train = lines(Split::Train, None);
+    let fit = lines(Split::Train, Some(Split::Train));
+    let valid = lines(Split::Train, Some(Split::Test));
+    assert_eq!(lines(Split::Train, Some(Split::All)), train);
+    // Validation and tuning-train lines partition the training lines.
+    assert!(fit.is_disjoint(&valid));
+    assert_eq!(fit.union(&valid).copied().collect::<HashSet<_>>(), train);
+    // No test line is ever a validation line, and the share is close to
+    // the fraction.
+    assert!(valid.is_disjoint(&test));
+    let share = valid.len() as f64 / train.len() as f64;
+    assert!((0.16..0.24).contains(&share), "{share}");
+    // Deterministic, and independent of sharding.
+    assert_eq!(lines(Split::Train, Some(Split::Test)), valid);
+    let mut sharded = HashSet::new();
+    for index in 0..3 {
+        let opts = ReadOptions {
+            shard: Shard { index, count: 3 },
+            split: Split::Train,
+            holdout,
+            validation: Some(Validation {
+                fraction: 0.2,
+                seed: 7,
+                keep: Split::Test,
+            }),
+            ..ReadOptions::default()
+        };
+        sharded.extend(ids(&read(&p, &Format::Libsvm, &opts).0));
+    }
+    assert_eq!(sharded, valid);
+    // A bad fraction is refused.
+    let m = match pserver_data::open(
+        &p,
+        &Format::Libsvm,
+        &ReadOptions {
+            validation: Some(Validation {
+                fraction: 1.5,
+                seed: 1,
+                keep: Split::Test,
+            }),
+            ..ReadOptions::default()
+        },
+    ) {
+        Err(DataError::Options { message }) => message,
+        other => panic!("{other:?}"),
+    };
+    assert!(m.contains("validation fraction"), "{m}");
+}

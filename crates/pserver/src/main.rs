@@ -251,7 +251,7 @@ enum Cmd {
     },
     /// Train sparse logistic regression (the main job): by default on the
     /// bundled flights data, on a local cluster of 2 servers and 2 workers.
-    Train(train::TrainArgs),
+    Train(Box<train::TrainArgs>),
     /// Score data with a model saved by `train --save`: one probability per line.
     Predict(train::PredictArgs),
     /// Re-run an experiment of the papers on this machine and print its table.
@@ -463,7 +463,7 @@ async fn run(cli: Cli) -> Result<()> {
         Cmd::Bench(args) => bench::run(args, &sec).await,
         Cmd::BenchPeer(args) => bench::peer(args).await,
         Cmd::Soak(args) => soak::run(args, &sec).await,
-        Cmd::Train(args) => train::run(args, &sec).await,
+        Cmd::Train(args) => train::run(*args, &sec).await,
         Cmd::Predict(args) => train::predict(args).await,
         Cmd::Experiment(args) => experiment::run(args).await,
         Cmd::Local {

@@ -164,6 +164,28 @@ pub struct TrainArgs {
     /// whole-cluster restart), instead of starting from zero.
     #[arg(long)]
     resume: bool,
+    /// Pick --l1 and --l2 on a seeded validation split of the training
+    /// data (a warm-started path over --tune-l1 x --tune-l2, strong to weak),
+    /// print the choice and the validation curve, then train on all the
+    /// training data with them (dbpg).
+    #[arg(long)]
+    tune: bool,
+    /// --tune's L1 values (comma-separated; default 4,1,0).
+    #[arg(long, value_delimiter = ',', allow_hyphen_values = true)]
+    tune_l1: Option<Vec<f32>>,
+    /// --tune's L2 values (comma-separated; default 256,64,16,4,1,0.25).
+    #[arg(long, value_delimiter = ',', allow_hyphen_values = true)]
+    tune_l2: Option<Vec<f32>>,
+    /// Share of the training lines --tune validates on, in (0, 1).
+    #[arg(long, default_value_t = 0.2, allow_hyphen_values = true)]
+    tune_fraction: f64,
+    /// Seed of --tune's validation split.
+    #[arg(long, default_value_t = 1)]
+    tune_seed: u64,
+    /// Epochs of each warm-started point of --tune's path (its first point
+    /// runs --epochs from zero).
+    #[arg(long, default_value_t = 3)]
+    tune_epochs: usize,
     /// Score the test set every this many milliseconds while training (0: only at the end).
     #[arg(long, default_value_t = 200)]
     eval_every_ms: u64,
@@ -289,6 +311,21 @@ pub async fn run(args: TrainArgs, sec: &crate::security::Security) -> Result<()>
         net: net.clone(),
     };
     cfg.validate()?;
+    let tune = args.tune.then(|| {
+        let d = pserver_apps::tune::TuneConfig::default();
+        pserver_apps::tune::TuneConfig {
+            l1: args.tune_l1.clone().unwrap_or(d.l1),
+            l2: args.tune_l2.clone().unwrap_or(d.l2),
+            fraction: args.tune_fraction,
+            seed: args.tune_seed,
+            epochs: args.tune_epochs,
+        }
+    });
+    if let Some(t) = &tune {
+        t.validate(&cfg)?;
+    } else if args.tune_l1.is_some() || args.tune_l2.is_some() {
+        bail!("--tune-l1 and --tune-l2 are --tune's grid: give --tune too");
+    }
     if args.servers == 0 {
         bail!("--servers must be at least 1");
     }
@@ -336,8 +373,16 @@ pub async fn run(args: TrainArgs, sec: &crate::security::Security) -> Result<()>
             (None, _) => format!("local cluster of {} servers", args.servers),
         },
         args.tau,
-        args.l1,
-        args.l2,
+        if args.tune {
+            "by --tune".to_string()
+        } else {
+            args.l1.to_string()
+        },
+        if args.tune {
+            "by --tune".to_string()
+        } else {
+            args.l2.to_string()
+        },
         manager
     );
 
@@ -347,15 +392,24 @@ pub async fn run(args: TrainArgs, sec: &crate::security::Security) -> Result<()>
         Algo::Ftrl => 0,
     };
     let ui = tokio::spawn(show_progress(rx, total, cfg.workers));
-    let result = match args.remote_workers {
-        None => train(&manager, &cfg, tx).await,
-        Some(min) => {
-            let pool = Pool::Remote {
-                min,
-                max: args.max_workers.unwrap_or(min).max(min),
-                wait: Duration::from_secs(args.wait_workers_secs),
+    let pool = |min: usize| Pool::Remote {
+        min,
+        max: args.max_workers.unwrap_or(min).max(min),
+        wait: Duration::from_secs(args.wait_workers_secs),
+    };
+    let mut tuned = None;
+    let result = match (&tune, args.remote_workers) {
+        (None, None) => train(&manager, &cfg, tx).await,
+        (None, Some(min)) => scheduler::run(&manager, &cfg, pool(min), tx).await,
+        (Some(t), remote) => {
+            let r = match remote {
+                None => pserver_apps::tune::train(&manager, &cfg, t, tx).await,
+                Some(min) => pserver_apps::tune::run(&manager, &cfg, t, pool(min), tx).await,
             };
-            scheduler::run(&manager, &cfg, pool, tx).await
+            r.map(|r| {
+                tuned = Some(r.report);
+                r.result
+            })
         }
     };
     let _ = ui.await;
@@ -365,7 +419,13 @@ pub async fn run(args: TrainArgs, sec: &crate::security::Security) -> Result<()>
     }
     let result = result?;
     report_bad_lines(&result);
-    let report = report_of(&args, &cfg, &result);
+    let mut report = report_of(&args, &cfg, &result);
+    if let Some(t) = tuned {
+        print!("{}", tune_table(&t));
+        report.l1 = t.l1;
+        report.l2 = t.l2;
+        report.tune = Some(t);
+    }
     print!("{}", report.table());
     if let Some(bytes) = replicated.filter(|_| args.replicas > 0) {
         println!(
@@ -486,12 +546,63 @@ async fn show_progress(
             Progress::Checkpointed { epoch, dir } => {
                 bar.suspend(|| println!("  checkpoint after epoch {epoch}: {}", dir.display()));
             }
+            Progress::Tuned {
+                point,
+                points,
+                l1,
+                l2,
+                epochs,
+                warm,
+                logloss,
+                auc,
+            } => {
+                bar.suspend(|| {
+                    println!(
+                        "  tune {}/{points}: l1 {l1} l2 {l2} ({epochs} epochs{})  validation log-loss {logloss:.5}  AUC {auc:.4}",
+                        point + 1,
+                        if warm { ", warm" } else { ", from zero" }
+                    )
+                });
+            }
             Progress::Resumed { epoch, dir } => {
                 println!("  resuming after epoch {epoch} from {}", dir.display());
             }
         }
     }
     bar.finish_and_clear();
+}
+
+/// `--tune`'s choice and validation curve.
+fn tune_table(t: &pserver_apps::tune::TuneReport) -> String {
+    let mut out = format!(
+        "tune: {} points on a validation split of {:.0} % of the training lines (seed {}; {} rows fit, {} validate) in {:.1} s\n",
+        t.points.len(),
+        t.fraction * 100.0,
+        t.seed,
+        t.fit_rows,
+        t.validation_rows,
+        t.seconds
+    );
+    out.push_str("      l1        l2  epochs  start    val log-loss  val AUC   non-zero\n");
+    for (i, p) in t.points.iter().enumerate() {
+        out.push_str(&format!(
+            "{:>8} {:>9} {:>7}  {:<5}  {:>13.5}  {:>7.4}  {:>9}{}\n",
+            p.l1,
+            p.l2,
+            p.epochs,
+            p.warm_from
+                .map_or("zero".to_string(), |w| format!("#{}", w + 1)),
+            p.logloss,
+            p.auc,
+            p.nnz,
+            if i == t.chosen { "  <- chosen" } else { "" }
+        ));
+    }
+    out.push_str(&format!(
+        "chosen: --l1 {} --l2 {}; trained on all the training data:\n",
+        t.l1, t.l2
+    ));
+    out
 }
 
 fn report_bad_lines(r: &RunResult) {
@@ -537,6 +648,7 @@ fn report_of(args: &TrainArgs, cfg: &TrainConfig, r: &RunResult) -> Report {
         bytes_saved: r.bytes_saved,
         wait_fraction: r.wait_fraction,
         curve: merge_curve(&r.curve, &r.test_curve),
+        tune: None,
     }
 }
 

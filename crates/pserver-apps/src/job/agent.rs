@@ -265,6 +265,7 @@ fn load(units: &[Unit], spec: &JobSpec, id: u32) -> Result<(Dataset, Vec<ReadSta
             } else {
                 Split::All
             },
+            validation: spec.validation.map(|v| v.read()),
             ..ReadOptions::default()
         };
         let fail = |e: &dyn std::fmt::Display| format!("worker {id}: reading {}: {e}", u.path);
@@ -343,7 +344,8 @@ async fn run_job(
     }
     let mut held = units.clone();
     let (data, stats) = load_async(units, &spec, id).await?;
-    let fresh = from == 1 && spec.first == 0;
+    // A warm-started table already holds weights: pull them.
+    let fresh = from == 1 && spec.first == 0 && !spec.warm;
     let mut runner = match spec.algo {
         Algo::Dbpg => {
             let mut d = DbpgWorker::new(DbpgConfig {

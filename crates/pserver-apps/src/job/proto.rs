@@ -75,6 +75,48 @@ pub struct JobSpec {
     pub compression: Option<pserver_node::worker::Packing>,
     /// Slow every step by this long (a test's slow worker; 0 normally).
     pub slow_ms: u64,
+    /// A validation split of the training part (`--tune`): workers keep the
+    /// side it names; `None`: every training line.
+    pub validation: Option<ValidationSplit>,
+    /// Start from the weights the table holds (a warm start: the scheduler
+    /// filled the new table before `Start`), not from zero.
+    pub warm: bool,
+}
+
+/// A seeded validation split carved out of the training lines (see
+/// [`pserver_data::Validation`]), and which side a reader keeps.
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ValidationSplit {
+    /// Fraction of the training lines that validate, in `(0, 1)`.
+    pub fraction: f64,
+    /// Seed.
+    pub seed: u64,
+    /// Keep the validation lines (the scheduler, scoring) rather than the
+    /// others (the workers, fitting).
+    pub keep_validation: bool,
+}
+
+impl ValidationSplit {
+    /// The same split, keeping the other side.
+    pub fn other_side(self) -> ValidationSplit {
+        ValidationSplit {
+            keep_validation: !self.keep_validation,
+            ..self
+        }
+    }
+
+    /// As the reader takes it.
+    pub fn read(&self) -> pserver_data::Validation {
+        pserver_data::Validation {
+            fraction: self.fraction,
+            seed: self.seed,
+            keep: if self.keep_validation {
+                pserver_data::Split::Test
+            } else {
+                pserver_data::Split::Train
+            },
+        }
+    }
 }
 
 impl JobSpec {

@@ -5,7 +5,7 @@
 //! scores the test set, and collects the run's figures.
 
 use super::link::{self, Sender};
-use super::proto::{Algo, FileInfo, FromWorker, JobSpec, ToWorker};
+use super::proto::{Algo, FileInfo, FromWorker, JobSpec, ToWorker, ValidationSplit};
 use super::shards::{Assignment, Slot};
 use super::{Unit, agent::Agent};
 use crate::dataset::Dataset;
@@ -38,6 +38,34 @@ pub enum Pool {
         /// How long to wait for `min`.
         wait: Duration,
     },
+}
+
+impl Pool {
+    /// The same workers again, for another run (a `--tune` path runs one
+    /// job per grid point on one pool).
+    pub fn again(&self) -> Pool {
+        match self {
+            Pool::Local(agents) => Pool::Local(agents.clone()),
+            Pool::Remote { min, max, wait } => Pool::Remote {
+                min: *min,
+                max: *max,
+                wait: *wait,
+            },
+        }
+    }
+}
+
+/// What a run does besides the plain job: the points of a `--tune` path.
+#[derive(Clone, Debug, Default)]
+pub struct RunExtra {
+    /// Workers fit on the tuning-train side of this split and the
+    /// scheduler scores its validation side in place of the test set,
+    /// which this run never reads. The side named here is ignored: each
+    /// keeps its own.
+    pub validation: Option<ValidationSplit>,
+    /// Fill the new table with these weights before the first step, so
+    /// the workers start from them (a warm start).
+    pub warm: Option<Arc<Model>>,
 }
 
 /// What the scheduler knows of one worker.
@@ -79,6 +107,18 @@ pub async fn run(
     pool: Pool,
     progress: UnboundedSender<Progress>,
 ) -> Result<RunResult, TrainError> {
+    run_with(manager, cfg, pool, progress, &RunExtra::default()).await
+}
+
+/// [`run`], with a validation split and a warm start ([`RunExtra`]): the
+/// result's test figures are then the validation set's.
+pub async fn run_with(
+    manager: &str,
+    cfg: &TrainConfig,
+    pool: Pool,
+    progress: UnboundedSender<Progress>,
+    extra: &RunExtra,
+) -> Result<RunResult, TrainError> {
     cfg.validate()?;
     let loading = Instant::now();
     let observer = Worker::connect(WorkerConfig {
@@ -98,8 +138,12 @@ pub async fn run(
     };
     observer.claim_job(&job).await?;
 
-    // The test set is the scheduler's, read here; training data never is.
-    let test = load_test(cfg).await?;
+    // The test set is the scheduler's, read here; training data never is
+    // (but for a tuning run's validation lines, which it scores instead).
+    let test = match extra.validation {
+        Some(v) => load_validation(cfg, v).await?,
+        None => load_test(cfg).await?,
+    };
 
     let (events_tx, mut events) = mpsc::unbounded_channel::<Event>();
     let mut s = Sched {
@@ -113,6 +157,7 @@ pub async fn run(
         agents: Vec::new(),
         batches: 0,
         readers: Vec::new(),
+        extra: extra.clone(),
     };
     let (min, max) = match &pool {
         Pool::Local(agents) => (agents.len(), agents.len()),
@@ -122,10 +167,21 @@ pub async fn run(
         Pool::Local(agents) => {
             let mut offers = BTreeMap::new();
             for a in &agents {
-                let (slot, files) = s
-                    .offer(a.id(), a.addr())
-                    .await?
-                    .map_err(|why| TrainError::Config(format!("worker {}: {why}", a.id())))?;
+                // An agent of this process that just ran another job (a
+                // `--tune` path's previous point) frees itself a moment
+                // after its last answer: a refusal is retried a while.
+                let deadline = Instant::now() + OFFER_TIMEOUT;
+                let (slot, files) = loop {
+                    match s.offer(a.id(), a.addr()).await? {
+                        Ok(taken) => break taken,
+                        Err(_) if Instant::now() < deadline => {
+                            tokio::time::sleep(Duration::from_millis(20)).await;
+                        }
+                        Err(why) => {
+                            return Err(TrainError::Config(format!("worker {}: {why}", a.id())));
+                        }
+                    }
+                };
                 offers.insert(slot, files);
             }
             s.agents = agents;
@@ -510,6 +566,63 @@ async fn load_test(cfg: &TrainConfig) -> Result<Dataset, TrainError> {
     Ok(test)
 }
 
+/// A tuning run's validation set: the validation side of the split, out
+/// of the training part of every training file (a glob is expanded here),
+/// read by the scheduler like the test set.
+async fn load_validation(cfg: &TrainConfig, v: ValidationSplit) -> Result<Dataset, TrainError> {
+    let named = cfg.train.display().to_string();
+    let paths: Vec<PathBuf> = if named.contains(['*', '?', '[']) {
+        glob::glob(&named)
+            .map_err(|e| TrainError::Config(format!("{named:?}: {e}")))?
+            .flatten()
+            .filter(|p| p.is_file())
+            .collect()
+    } else {
+        vec![cfg.train.clone()]
+    };
+    if paths.is_empty() || paths.iter().any(|p| !p.exists()) {
+        return Err(TrainError::Config(format!(
+            "--tune: the scheduler scores the validation lines itself, and cannot read {named} here"
+        )));
+    }
+    let format = cfg.format.load()?;
+    let opts = pserver_data::ReadOptions {
+        // The schema's training part when it is also the test set's source.
+        split: if cfg.test.is_none() {
+            Split::Train
+        } else {
+            Split::All
+        },
+        validation: Some(
+            ValidationSplit {
+                keep_validation: true,
+                ..v
+            }
+            .read(),
+        ),
+        ..pserver_data::ReadOptions::default()
+    };
+    let valid = tokio::task::spawn_blocking(move || -> Result<Dataset, TrainError> {
+        let mut b = crate::dataset::Builder::new();
+        for p in &paths {
+            let mut reader = pserver_data::open(p, &format, &opts)?;
+            for ex in reader.by_ref() {
+                b.add(ex.label, &ex.keys, &ex.vals);
+            }
+            if let Some(e) = reader.error() {
+                return Err(TrainError::Data(e.clone()));
+            }
+        }
+        Ok(b.build())
+    })
+    .await
+    .map_err(|e| TrainError::Worker(usize::MAX, e.to_string()))??;
+    if valid.rows() == 0 {
+        return Err(TrainError::Empty("the validation split".into()));
+    }
+    Ok(valid)
+}
+
 /// The scheduler's state between steps.
 struct Sched {
     cfg: TrainConfig,
@@ -528,6 +641,8 @@ struct Sched {
     /// halves, so they end with the scheduler (a dropped or aborted
     /// scheduler closes its links, and its workers go idle).
     readers: Vec<tokio::task::JoinHandle<()>>,
+    /// A tuning run's validation split and warm start.
+    extra: RunExtra,
 }
 
 impl Drop for Sched {
@@ -757,6 +872,11 @@ impl Sched {
             key_caching: cfg.key_caching,
             compression: cfg.compression,
             slow_ms: 0,
+            validation: self.extra.validation.map(|v| ValidationSplit {
+                keep_validation: false,
+                ..v
+            }),
+            warm: self.extra.warm.is_some(),
         }
     }
 
@@ -821,7 +941,7 @@ impl Sched {
                     eta: 1.0 / (cfg.tau as f32 + 1.0),
                     l1: cfg.l1,
                     l2: cfg.l2,
-                    eps: 1e-6,
+                    eps: crate::tune::PROX_EPS,
                 },
             )
             .aggregate(true),
@@ -845,7 +965,42 @@ impl Sched {
             )));
         }
         self.observer.create_table(&table, opts).await?;
+        if let Some(m) = self.extra.warm.clone() {
+            self.warm_start(&table, &m).await?;
+        }
         Ok((0, 0))
+    }
+
+    /// Fills the new (empty) table with `m`'s non-zero weights: one push
+    /// from this client, applied at once (a client's push to an
+    /// aggregating table is not summed), of the `(g, h)` pair that takes
+    /// each weight from 0 to its value under the table's proximal step
+    /// ([`crate::tune::warm_push`]). DBPG only.
+    async fn warm_start(&mut self, table: &str, m: &Model) -> Result<(), TrainError> {
+        let eta = 1.0 / (self.cfg.tau as f32 + 1.0);
+        let mut kw: Vec<(u64, f32)> = m
+            .keys
+            .iter()
+            .zip(m.weights.iter().step_by(m.dim.max(1) as usize))
+            .filter(|(_, w)| **w != 0.0)
+            .map(|(k, w)| (*k, *w))
+            .collect();
+        if kw.is_empty() {
+            return Ok(());
+        }
+        kw.sort_unstable_by_key(|(k, _)| *k);
+        kw.dedup_by_key(|(k, _)| *k);
+        let keys: Vec<u64> = kw.iter().map(|(k, _)| *k).collect();
+        let vals: Vec<f32> = kw
+            .iter()
+            .flat_map(|(_, w)| {
+                crate::tune::warm_push(*w, eta, self.cfg.l1, self.cfg.l2, crate::tune::PROX_EPS)
+            })
+            .collect();
+        // Pushes need a clock >= 1; this client pushes once per table.
+        self.observer.set_clock(self.observer.clock().max(1));
+        self.observer.push(table, keys, vals).await?;
+        Ok(())
     }
 
     /// Writes the checkpoint after epoch `epoch`: every worker has
