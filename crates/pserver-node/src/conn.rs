@@ -15,6 +15,7 @@ use std::sync::{Arc, Mutex};
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::codec::{FramedRead, FramedWrite};
+use tokio_util::sync::CancellationToken;
 
 /// Frames queued per connection before senders wait.
 const OUTBOX_DEPTH: usize = 1024;
@@ -34,6 +35,13 @@ type Queued = (Frame, tokio::sync::OwnedSemaphorePermit);
 pub struct Outbox {
     tx: mpsc::Sender<Queued>,
     budget: Arc<tokio::sync::Semaphore>,
+    /// What the peer accepts: a frame beyond it is refused here, before it
+    /// is queued, so its sender hears why at once.
+    limits: Limits,
+    /// Cancelled when the writer task ends (the stream failed, or every
+    /// sender is gone), so a reader of the same connection stops waiting
+    /// for replies to frames that will never leave.
+    writer_gone: CancellationToken,
 }
 
 impl Outbox {
@@ -42,8 +50,11 @@ impl Outbox {
         frame.encoded_len().clamp(1, OUTBOX_BYTES) as u32
     }
 
-    /// Queues a frame, waiting while the queue is full.
+    /// Queues a frame, waiting while the queue is full. A frame the peer
+    /// would refuse (over the frame limit, say) is not queued: the error
+    /// says why ([`NodeError::Unsendable`]) and the connection goes on.
     pub async fn send(&self, frame: Frame) -> Result<(), NodeError> {
+        frame.check(&self.limits).map_err(unsendable)?;
         let closed = || NodeError::Closed("peer".into());
         let permit = Arc::clone(&self.budget)
             .acquire_many_owned(Outbox::share(&frame))
@@ -57,18 +68,70 @@ impl Outbox {
         self.tx.same_channel(&other.tx)
     }
 
-    /// Queues a frame unless the queue is full or closed; returns whether it was queued.
+    /// Queues a frame unless the queue is full or closed, or the peer would
+    /// refuse the frame; returns whether it was queued.
     pub fn try_send(&self, frame: Frame) -> bool {
+        if let Err(e) = frame.check(&self.limits) {
+            tracing::warn!(error = %e, "a frame was not sent: the peer would refuse it");
+            return false;
+        }
         let Ok(permit) = Arc::clone(&self.budget).try_acquire_many_owned(Outbox::share(&frame))
         else {
             return false;
         };
         self.tx.try_send((frame, permit)).is_ok()
     }
+
+    /// Completes once the writer task has ended: nothing queued from then
+    /// on is sent.
+    pub async fn writer_gone(&self) {
+        self.writer_gone.cancelled().await
+    }
 }
 
-/// The reading half of a connection, yielding frames.
-pub type Reader<S> = FramedRead<tokio::io::ReadHalf<S>, FrameCodec>;
+/// The error for a frame `Frame::check` refuses.
+fn unsendable(why: pserver_wire::WireError) -> NodeError {
+    NodeError::Unsendable {
+        peer: "peer".into(),
+        why,
+    }
+}
+
+/// The reading half of a connection, yielding frames. It goes on after a
+/// [`CodecError::Oversized`] (the codec skips that frame's body), so the
+/// reader may answer the refused frame and read the next one; after any
+/// other error it ends.
+pub struct Reader<S> {
+    inner: FramedRead<tokio::io::ReadHalf<S>, FrameCodec>,
+    /// An oversized frame was just reported: `FramedRead` ends its stream
+    /// once after any decoder error, which here is no end.
+    resume: bool,
+}
+
+impl<S: AsyncRead> futures_util::Stream for Reader<S> {
+    type Item = Result<Frame, CodecError>;
+
+    fn poll_next(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Self::Item>> {
+        use std::task::Poll;
+        let this = self.get_mut();
+        loop {
+            match this.inner.poll_next_unpin(cx) {
+                Poll::Ready(Some(Err(e @ CodecError::Oversized { .. }))) => {
+                    this.resume = true;
+                    return Poll::Ready(Some(Err(e)));
+                }
+                Poll::Ready(None) if this.resume => this.resume = false,
+                other => {
+                    this.resume = false;
+                    return other;
+                }
+            }
+        }
+    }
+}
 
 /// Splits a stream into a frame reader and an [`Outbox`] whose writer task
 /// runs until every outbox clone is dropped or the stream fails.
@@ -77,22 +140,29 @@ where
     S: AsyncRead + AsyncWrite + Send + 'static,
 {
     let (rd, wr) = tokio::io::split(stream);
-    let reader = FramedRead::new(rd, FrameCodec::new(limits));
+    let reader = Reader {
+        inner: FramedRead::new(rd, FrameCodec::new(limits)),
+        resume: false,
+    };
     let mut writer = FramedWrite::new(wr, FrameCodec::new(limits));
     let (tx, mut rx) = mpsc::channel::<Queued>(OUTBOX_DEPTH);
     let budget = Arc::new(tokio::sync::Semaphore::new(OUTBOX_BYTES));
+    let writer_gone = CancellationToken::new();
+    let gone = writer_gone.clone().drop_guard();
     tokio::spawn(async move {
+        // Whatever ends this task tells the reader side.
+        let _gone = gone;
         let mut written = Vec::new();
         while let Some((frame, permit)) = rx.recv().await {
             // Feed everything already queued, then flush once: one syscall
             // for a burst of small replies.
             written.push(permit);
-            if writer.feed(frame).await.is_err() {
+            if !feed(&mut writer, frame).await {
                 return;
             }
             while let Ok((more, permit)) = rx.try_recv() {
                 written.push(permit);
-                if writer.feed(more).await.is_err() {
+                if !feed(&mut writer, more).await {
                     return;
                 }
             }
@@ -106,7 +176,36 @@ where
         // TLS a close_notify, without which the peer sees a truncation).
         let _ = tokio::io::AsyncWriteExt::shutdown(writer.get_mut()).await;
     });
-    (reader, Outbox { tx, budget })
+    (
+        reader,
+        Outbox {
+            tx,
+            budget,
+            limits,
+            writer_gone,
+        },
+    )
+}
+
+/// Feeds one frame to the writer; false once the stream has failed. A frame
+/// the codec refuses (the outbox checks first, so only a bug gets here) is
+/// dropped with a log line: the codec writes nothing for it, so the stream
+/// is still in step and the frames behind it still go.
+async fn feed<W: AsyncWrite + Unpin>(
+    writer: &mut FramedWrite<W, FrameCodec>,
+    frame: Frame,
+) -> bool {
+    match writer.feed(frame).await {
+        Ok(()) => true,
+        Err(CodecError::Io(e)) => {
+            tracing::debug!(error = %e, "connection failed while writing");
+            false
+        }
+        Err(e) => {
+            tracing::error!(error = %e, "a frame was dropped: it breaks the wire's limits");
+            true
+        }
+    }
 }
 
 type Pending = Arc<Mutex<HashMap<u64, oneshot::Sender<Frame>>>>;
@@ -165,8 +264,23 @@ impl Peer {
             label: label.into(),
         };
         let label = peer.label.clone();
+        // The token, not an outbox clone: a clone here would keep the
+        // writer (and so the connection) open after the last `Peer` is gone.
+        let writer_gone = peer.out.writer_gone.clone();
         tokio::spawn(async move {
-            while let Some(item) = reader.next().await {
+            loop {
+                let item = tokio::select! {
+                    item = reader.next() => match item {
+                        Some(item) => item,
+                        None => break,
+                    },
+                    // The writer failed: requests queued behind the failure
+                    // will never be answered.
+                    _ = writer_gone.cancelled() => {
+                        tracing::debug!(peer = %label, "connection failed while writing");
+                        break;
+                    }
+                };
                 match item {
                     Ok(frame) => {
                         let id = frame.header.request_id;
@@ -189,6 +303,24 @@ impl Peer {
                                     tracing::debug!(peer = %label, "notice dropped: receiver full or gone");
                                 }
                             }
+                        }
+                    }
+                    Err(CodecError::Oversized { header, bytes, max }) => {
+                        // A reply bigger than this node takes: its request
+                        // fails saying so, and the connection goes on (the
+                        // codec skips the body).
+                        let waiter = lock(&pending).remove(&header.request_id);
+                        if let Some(tx) = waiter {
+                            let _ = tx.send(crate::proto::error_reply(
+                                &header,
+                                header.sender,
+                                header.epoch,
+                                ErrorCode::Limit,
+                                format!(
+                                    "its reply of {bytes} bytes is over this node's frame \
+                                     limit of {max} bytes; split the request into smaller ones"
+                                ),
+                            ));
                         }
                     }
                     Err(CodecError::Wire(e)) => {
@@ -251,9 +383,9 @@ impl Peer {
             lock(&self.pending).remove(&id);
             return Err(NodeError::Closed(self.label.to_string()));
         }
-        if self.out.send(frame).await.is_err() {
+        if let Err(e) = self.out.send(frame).await {
             lock(&self.pending).remove(&id);
-            return Err(NodeError::Closed(self.label.to_string()));
+            return Err(self.named(e));
         }
         Ok(rx)
     }
@@ -261,10 +393,18 @@ impl Peer {
     /// Sends a frame that expects no reply (request id 0).
     pub async fn notify(&self, mut frame: Frame) -> Result<(), NodeError> {
         frame.header.request_id = 0;
-        self.out
-            .send(frame)
-            .await
-            .map_err(|_| NodeError::Closed(self.label.to_string()))
+        self.out.send(frame).await.map_err(|e| self.named(e))
+    }
+
+    /// An outbox's error, naming this peer.
+    fn named(&self, e: NodeError) -> NodeError {
+        match e {
+            NodeError::Unsendable { why, .. } => NodeError::Unsendable {
+                peer: self.label.to_string(),
+                why,
+            },
+            _ => NodeError::Closed(self.label.to_string()),
+        }
     }
 }
 
@@ -364,6 +504,144 @@ mod tests {
         let mut f = Frame::new(Header::new(Kind::Reply));
         f.vals = vec![1.0; OUTBOX_BYTES / 4 / 4];
         f
+    }
+
+    /// Limits with frames of at most `bytes`.
+    fn small(bytes: usize) -> Limits {
+        Limits {
+            max_frame: bytes,
+            ..Limits::default()
+        }
+    }
+
+    /// A request of `n` values.
+    fn request(n: usize) -> Frame {
+        let mut f = Frame::new(Header::new(Kind::Push));
+        f.vals = vec![1.0; n];
+        f
+    }
+
+    /// Answers every frame on `stream` with a reply of `reply_vals(request)`
+    /// values, under `limits`.
+    fn answer<S>(stream: S, limits: Limits, reply_vals: fn(&Frame) -> usize)
+    where
+        S: AsyncRead + AsyncWrite + Send + 'static,
+    {
+        let (mut reader, out) = split(stream, limits);
+        tokio::spawn(async move {
+            while let Some(Ok(f)) = reader.next().await {
+                let mut r = Frame::new(Header {
+                    request_id: f.header.request_id,
+                    ..Header::new(Kind::Reply)
+                });
+                r.vals = vec![2.0; reply_vals(&f)];
+                let _ = out.send(r).await;
+            }
+        });
+    }
+
+    #[tokio::test]
+    async fn a_frame_over_the_limit_is_refused_and_the_connection_goes_on() {
+        let (ours, theirs) = tokio::io::duplex(1 << 16);
+        answer(theirs, Limits::default(), |_| 1);
+        let (peer, _notices) = Peer::from_stream(ours, "them", small(1000));
+        let e = tokio::time::timeout(Duration::from_secs(5), peer.request(request(1000)))
+            .await
+            .expect("refused at once, not left waiting")
+            .unwrap_err();
+        assert!(matches!(e, NodeError::Unsendable { .. }), "{e}");
+        let msg = e.to_string();
+        assert!(
+            msg.contains("them") && msg.contains("1000") && msg.contains("split"),
+            "{msg}"
+        );
+        // Frames after it still go and are answered.
+        let reply = tokio::time::timeout(Duration::from_secs(5), peer.request(request(10)))
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(reply.vals, [2.0]);
+    }
+
+    #[tokio::test]
+    async fn a_reply_over_the_limit_fails_its_request_only() {
+        let (ours, theirs) = tokio::io::duplex(1 << 16);
+        // The other side takes big frames; it answers a request of one
+        // value with 5000, too many for this side's 4000-byte frames.
+        answer(theirs, Limits::default(), |f| {
+            if f.vals.len() == 1 { 5000 } else { 1 }
+        });
+        let (peer, _notices) = Peer::from_stream(ours, "them", small(4000));
+        let reply = tokio::time::timeout(Duration::from_secs(5), peer.request(request(1)))
+            .await
+            .expect("the oversized reply ends the wait")
+            .unwrap();
+        let e = crate::proto::reply_control(&reply, "them").unwrap_err();
+        assert!(
+            matches!(
+                &e,
+                NodeError::Remote {
+                    code: ErrorCode::Limit,
+                    ..
+                }
+            ),
+            "{e}"
+        );
+        assert!(e.to_string().contains("4000"), "{e}");
+        // The connection is still in step: the next reply is read.
+        let reply = tokio::time::timeout(Duration::from_secs(5), peer.request(request(2)))
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(reply.vals, [2.0]);
+        assert!(!peer.is_closed());
+    }
+
+    /// A stream whose reads never complete and whose writes fail: the
+    /// peer's socket broke in a way only writing notices.
+    struct BrokenWrites;
+
+    impl AsyncRead for BrokenWrites {
+        fn poll_read(
+            self: std::pin::Pin<&mut Self>,
+            _: &mut std::task::Context<'_>,
+            _: &mut tokio::io::ReadBuf<'_>,
+        ) -> std::task::Poll<std::io::Result<()>> {
+            std::task::Poll::Pending
+        }
+    }
+
+    impl AsyncWrite for BrokenWrites {
+        fn poll_write(
+            self: std::pin::Pin<&mut Self>,
+            _: &mut std::task::Context<'_>,
+            _: &[u8],
+        ) -> std::task::Poll<std::io::Result<usize>> {
+            std::task::Poll::Ready(Err(std::io::ErrorKind::BrokenPipe.into()))
+        }
+        fn poll_flush(
+            self: std::pin::Pin<&mut Self>,
+            _: &mut std::task::Context<'_>,
+        ) -> std::task::Poll<std::io::Result<()>> {
+            std::task::Poll::Ready(Ok(()))
+        }
+        fn poll_shutdown(
+            self: std::pin::Pin<&mut Self>,
+            _: &mut std::task::Context<'_>,
+        ) -> std::task::Poll<std::io::Result<()>> {
+            std::task::Poll::Ready(Ok(()))
+        }
+    }
+
+    #[tokio::test]
+    async fn a_failed_writer_fails_the_requests_waiting() {
+        let (peer, _notices) = Peer::from_stream(BrokenWrites, "them", Limits::default());
+        let e = tokio::time::timeout(Duration::from_secs(5), peer.request(request(1)))
+            .await
+            .expect("not left waiting for a reply to a frame that never left")
+            .unwrap_err();
+        assert!(matches!(e, NodeError::Closed(_)), "{e}");
+        assert!(peer.is_closed());
     }
 
     #[tokio::test]
