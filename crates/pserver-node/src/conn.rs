@@ -9,9 +9,10 @@ use crate::net::{BoxStream, Listener, Net};
 use futures_util::{SinkExt, StreamExt};
 use pserver_wire::codec::CodecError;
 use pserver_wire::{Control, ErrorCode, Frame, FrameCodec, Header, Kind, Limits};
-use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::collections::{BTreeMap, HashMap};
+use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::codec::{FramedRead, FramedWrite};
@@ -219,6 +220,9 @@ pub struct Peer {
     pending: Pending,
     next_id: Arc<AtomicU64>,
     closed: Arc<AtomicBool>,
+    /// The error frame with which the peer refused this connection (a
+    /// limit), if it did: what every request on it fails with.
+    refusal: Arc<Mutex<Option<Frame>>>,
     label: Arc<str>,
 }
 
@@ -255,12 +259,14 @@ impl Peer {
         let (mut reader, out) = split(stream, limits);
         let pending: Pending = Arc::default();
         let closed = Arc::new(AtomicBool::new(false));
+        let refusal: Arc<Mutex<Option<Frame>>> = Arc::default();
         let (notice_tx, notice_rx) = mpsc::channel(64);
         let peer = Peer {
             out,
             pending: pending.clone(),
             next_id: Arc::new(AtomicU64::new(1)),
             closed: closed.clone(),
+            refusal: refusal.clone(),
             label: label.into(),
         };
         let label = peer.label.clone();
@@ -291,12 +297,21 @@ impl Peer {
                             }
                             None if id == 0 && frame.header.kind == Kind::Error => {
                                 // Answers no request: the peer refused the
-                                // connection itself (a limit, say).
+                                // connection itself (a limit, say) and
+                                // closes it. Every request waiting fails
+                                // with its reason, not as merely closed.
                                 let why = match frame.control_msg() {
                                     Ok(Control::Error { message, .. }) => message,
                                     _ => "an error frame".to_string(),
                                 };
                                 tracing::warn!(peer = %label, "the peer refused this connection: {why}");
+                                *lock(&refusal) = Some(frame.clone());
+                                let waiting: Vec<_> = lock(&pending).drain().collect();
+                                for (id, tx) in waiting {
+                                    let mut refusal = frame.clone();
+                                    refusal.header.request_id = id;
+                                    let _ = tx.send(refusal);
+                                }
                             }
                             None => {
                                 if notice_tx.try_send(frame).is_err() {
@@ -362,9 +377,20 @@ impl Peer {
     /// Sends `frame` (its request id is set here) and waits for the reply.
     pub async fn request(&self, frame: Frame) -> Result<Frame, NodeError> {
         let reply = self.send_request(frame).await?;
-        reply
-            .await
-            .map_err(|_| NodeError::Closed(self.label.to_string()))
+        match reply.await {
+            Ok(reply) => Ok(reply),
+            // The peer may have refused the connection before this
+            // request was sent: its refusal is the answer.
+            Err(_) => self
+                .refusal()
+                .ok_or_else(|| NodeError::Closed(self.label.to_string())),
+        }
+    }
+
+    /// The error frame with which the peer refused this connection, if it
+    /// did (it was at a limit); requests on it are answered with it.
+    pub fn refusal(&self) -> Option<Frame> {
+        lock(&self.refusal).clone()
     }
 
     /// Queues `frame` as a request and returns the receiver of its reply
@@ -381,6 +407,12 @@ impl Peer {
         lock(&self.pending).insert(id, tx);
         if self.is_closed() {
             lock(&self.pending).remove(&id);
+            if let Some(refusal) = self.refusal() {
+                // Answered at once, with the refusal.
+                let (tx, rx) = oneshot::channel();
+                let _ = tx.send(refusal);
+                return Ok(rx);
+            }
             return Err(NodeError::Closed(self.label.to_string()));
         }
         if let Err(e) = self.out.send(frame).await {
@@ -425,11 +457,143 @@ pub async fn bind(
     })
 }
 
+/// How long a new connection has to send the start of its first frame
+/// (its length prefix and header) before it is closed: a real client sends
+/// its first request at once, a silent connection only takes room.
+pub const FIRST_FRAME_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// The same while the node serves more than three quarters of
+/// `Limits::max_connections`.
+pub const PRESSED_FIRST_FRAME_TIMEOUT: Duration = Duration::from_secs(1);
+
+/// How far a served connection is into its first frame, as its stream has
+/// seen it (shared with the accept loop, which decides by it).
+#[derive(Debug, Default)]
+struct FirstFrame(AtomicU8);
+
+impl FirstFrame {
+    /// Its length prefix and header have arrived.
+    const HEADER: u8 = 1;
+    /// All of it has.
+    const WHOLE: u8 = 2;
+
+    fn reached(&self, stage: u8) -> bool {
+        self.0.load(Ordering::Relaxed) >= stage
+    }
+}
+
+/// A served connection's stream, watched until its first frame is whole:
+/// the accept loop may end it meanwhile (`kill`), which ends its reads as
+/// if the peer had closed, so the node's own code for a closed connection
+/// cleans up after it. Past its first frame it is a plain stream.
+struct Watched {
+    inner: BoxStream,
+    first: Arc<FirstFrame>,
+    /// Bytes of the first frame read so far, and its declared length.
+    read: u64,
+    prefix: [u8; 4],
+    /// Fires to end the connection; `None` once it can no longer be ended.
+    kill: Option<std::pin::Pin<Box<tokio_util::sync::WaitForCancellationFutureOwned>>>,
+    killed: bool,
+}
+
+impl Watched {
+    /// Counts `n` bytes just read, which begin with `head`, into the
+    /// first frame.
+    fn account(&mut self, n: usize, head: &[u8]) {
+        for (i, b) in head.iter().enumerate() {
+            if let Some(p) = self.prefix.get_mut(self.read as usize + i) {
+                *p = *b;
+            }
+        }
+        self.read += n as u64;
+        if self.read < 4 {
+            return;
+        }
+        let len = u64::from(u32::from_le_bytes(self.prefix));
+        let header = 4 + len.min(pserver_wire::header::HEADER_LEN as u64);
+        if self.read >= 4 + len {
+            self.first.0.store(FirstFrame::WHOLE, Ordering::Relaxed);
+            self.kill = None;
+        } else if self.read >= header {
+            self.first.0.store(FirstFrame::HEADER, Ordering::Relaxed);
+        }
+    }
+}
+
+impl AsyncRead for Watched {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        use std::future::Future;
+        let this = &mut *self;
+        if let Some(kill) = &mut this.kill {
+            if kill.as_mut().poll(cx).is_ready() {
+                this.killed = true;
+                this.kill = None;
+            }
+        }
+        if this.killed {
+            // As if the peer had closed.
+            return std::task::Poll::Ready(Ok(()));
+        }
+        let before = buf.filled().len();
+        let polled = std::pin::Pin::new(&mut this.inner).poll_read(cx, buf);
+        if this.kill.is_some() && matches!(polled, std::task::Poll::Ready(Ok(()))) {
+            let new = &buf.filled()[before..];
+            let mut head = [0; 4];
+            let k = new.len().min(4);
+            head[..k].copy_from_slice(&new[..k]);
+            this.account(new.len(), &head[..k]);
+        }
+        polled
+    }
+}
+
+impl AsyncWrite for Watched {
+    fn poll_write(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        std::pin::Pin::new(&mut self.inner).poll_write(cx, buf)
+    }
+
+    fn poll_flush(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
+
+/// The connections an accept loop serves, oldest first: how far each is
+/// into its first frame, and its `kill`.
+#[derive(Default)]
+struct Served {
+    next: u64,
+    conns: BTreeMap<u64, (Arc<FirstFrame>, CancellationToken)>,
+}
+
 /// Accepts connections until `cancel` fires, running `serve(stream, peer)`
 /// for each in its own task, itself stopped by `cancel`. At most
-/// `limits.max_connections` are served at once: one more gets an error
-/// frame saying so and is closed, so a flood of connections cannot exhaust
-/// the node's memory or descriptors for its tasks.
+/// `limits.max_connections` are served at once. A connection that has not
+/// sent the start of its first frame within [`FIRST_FRAME_TIMEOUT`]
+/// ([`PRESSED_FIRST_FRAME_TIMEOUT`] while over three quarters of the limit
+/// are served) is closed; at the limit, a newcomer closes the oldest
+/// connection that has not yet sent a whole frame, and only when every
+/// connection has is the newcomer refused, with an error frame saying so.
+/// So silent connections cannot keep real clients out, and a flood of
+/// connections cannot exhaust the node's memory or descriptors.
 pub fn accept_loop<F, Fut>(
     mut listener: Box<dyn Listener>,
     cancel: tokio_util::sync::CancellationToken,
@@ -439,41 +603,111 @@ pub fn accept_loop<F, Fut>(
     F: Fn(BoxStream, String) -> Fut + Send + 'static,
     Fut: std::future::Future<Output = ()> + Send + 'static,
 {
-    let open = Arc::new(tokio::sync::Semaphore::new(limits.max_connections));
+    let served = Arc::new(Mutex::new(Served::default()));
+    let max = limits.max_connections;
+    let throttle = Arc::new(crate::net::Throttle::new());
     tokio::spawn(async move {
         loop {
             tokio::select! {
                 _ = cancel.cancelled() => break,
                 accepted = listener.accept() => match accepted {
                     Ok((stream, peer)) => {
-                        let Ok(permit) = Arc::clone(&open).try_acquire_owned() else {
-                            tracing::warn!(
-                                %peer,
-                                limit = limits.max_connections,
-                                "refusing a connection: too many open"
-                            );
-                            tokio::spawn(refuse(stream, limits));
-                            continue;
+                        let (id, first, kill) = {
+                            let mut s = lock(&served);
+                            if s.conns.len() >= max {
+                                let silent = s
+                                    .conns
+                                    .iter()
+                                    .find(|(_, (first, _))| !first.reached(FirstFrame::WHOLE))
+                                    .map(|(id, _)| *id);
+                                let Some((_, old)) = silent.and_then(|id| s.conns.remove(&id)) else {
+                                    drop(s);
+                                    throttle.warn(format_args!(
+                                        "refused a connection from {peer}: {max} connections \
+                                         (the limit) are open and busy"
+                                    ));
+                                    tokio::spawn(refuse(stream, limits));
+                                    continue;
+                                };
+                                old.cancel();
+                                throttle.warn(format_args!(
+                                    "closed a connection that had sent no whole frame: {max} \
+                                     connections (the limit) are open and another came ({peer})"
+                                ));
+                            }
+                            let (id, first, kill) =
+                                (s.next, Arc::new(FirstFrame::default()), CancellationToken::new());
+                            s.next += 1;
+                            s.conns.insert(id, (Arc::clone(&first), kill.clone()));
+                            (id, first, kill)
                         };
-                        let conn = serve(stream, peer);
-                        let token = cancel.clone();
+                        let watched = Watched {
+                            inner: stream,
+                            first: Arc::clone(&first),
+                            read: 0,
+                            prefix: [0; 4],
+                            kill: Some(Box::pin(kill.clone().cancelled_owned())),
+                            killed: false,
+                        };
+                        let conn = serve(Box::new(watched), peer);
+                        let (token, served) = (cancel.clone(), Arc::clone(&served));
                         tokio::spawn(async move {
+                            tokio::pin!(conn);
+                            let pressed = || lock(&served).conns.len() > max.saturating_mul(3) / 4;
                             tokio::select! {
                                 _ = token.cancelled() => {}
-                                _ = conn => {}
+                                _ = &mut conn => {}
+                                _ = first_frame_due(&first, pressed) => {
+                                    // Ends its reads; `serve` cleans up as
+                                    // for any closed connection.
+                                    kill.cancel();
+                                    tokio::select! {
+                                        _ = token.cancelled() => {}
+                                        _ = &mut conn => {}
+                                    }
+                                }
                             }
-                            drop(permit);
+                            lock(&served).conns.remove(&id);
                         });
                     }
                     Err(e) => {
-                        // Out of descriptors, say: back off instead of spinning.
+                        // Out of descriptors, say: a silent connection's
+                        // is the one to give back; and back off instead of
+                        // spinning.
+                        if e.kind() != std::io::ErrorKind::ConnectionAborted {
+                            let mut s = lock(&served);
+                            let silent = s
+                                .conns
+                                .iter()
+                                .find(|(_, (first, _))| !first.reached(FirstFrame::WHOLE))
+                                .map(|(id, _)| *id);
+                            if let Some((_, old)) = silent.and_then(|id| s.conns.remove(&id)) {
+                                old.cancel();
+                            }
+                        }
                         tracing::warn!(error = %e, "accept failed");
-                        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+                        tokio::time::sleep(Duration::from_millis(10)).await;
                     }
                 },
             }
         }
     });
+}
+
+/// Completes when a connection is due to be closed for not having sent
+/// the start of its first frame: after [`PRESSED_FIRST_FRAME_TIMEOUT`] if
+/// the node is `pressed` then, else after [`FIRST_FRAME_TIMEOUT`]. Never,
+/// once the start has arrived.
+async fn first_frame_due(first: &FirstFrame, pressed: impl Fn() -> bool) {
+    tokio::time::sleep(PRESSED_FIRST_FRAME_TIMEOUT).await;
+    if !first.reached(FirstFrame::HEADER) && pressed() {
+        return;
+    }
+    tokio::time::sleep(FIRST_FRAME_TIMEOUT.saturating_sub(PRESSED_FIRST_FRAME_TIMEOUT)).await;
+    if !first.reached(FirstFrame::HEADER) {
+        return;
+    }
+    std::future::pending::<()>().await
 }
 
 /// Tells a connection over the limit why it is closed (an unsolicited

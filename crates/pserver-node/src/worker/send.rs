@@ -555,7 +555,9 @@ impl Inner {
         let reply = match peer.send_request(frame).await {
             Ok(pending) => {
                 drop(queued);
-                pending.await.ok()
+                // A server that refused the connection (at its limit of
+                // connections) answers with why, not merely closed.
+                pending.await.ok().or_else(|| peer.refusal())
             }
             // Never left, and would not the next time either.
             Err(e @ NodeError::Unsendable { .. }) => return Err(e),
