@@ -225,14 +225,10 @@ struct InProgress {
 }
 
 impl InProgress {
-    /// Drops the oldest handshake in progress; false if there is none.
-    fn drop_oldest(&mut self) -> bool {
-        match self.running.pop_first() {
-            Some((_, stop)) => {
-                stop.cancel();
-                true
-            }
-            None => false,
+    /// Drops the oldest handshake in progress, if any.
+    fn drop_oldest(&mut self) {
+        if let Some((_, stop)) = self.running.pop_first() {
+            stop.cancel();
         }
     }
 }
@@ -245,6 +241,7 @@ pub(crate) struct Throttle {
 }
 
 impl Throttle {
+    /// A throttle that has logged nothing yet.
     pub(crate) fn new() -> Throttle {
         Throttle {
             count: Default::default(),
@@ -329,7 +326,8 @@ async fn accept_handshakes(
                     MAX_PENDING_HANDSHAKES / 2
                 )),
                 _ = stop.cancelled() => Err(format!(
-                    "dropped unfinished: {MAX_PENDING_HANDSHAKES} newer connections were handshaking"
+                    "dropped before its {what} finished: {MAX_PENDING_HANDSHAKES} were in \
+                     progress (the most) when a newer connection came"
                 )),
             };
             lock(&in_progress).running.remove(&id);
