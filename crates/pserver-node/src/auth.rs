@@ -437,6 +437,37 @@ mod tests {
         assert!(matches!(got, Ok(Ok(_))));
     }
 
+    #[tokio::test]
+    async fn a_flood_of_silent_peers_does_not_block_others() {
+        let k = secret("0123456789abcdef-same");
+        let server = authenticated(Net::tcp(), k.clone());
+        let (mut listener, addr) = server.bind("127.0.0.1:0").await.unwrap();
+        // More silent connections than handshakes may be in progress.
+        let n = crate::net::MAX_PENDING_HANDSHAKES + 44;
+        let mut silent = Vec::new();
+        for _ in 0..n {
+            silent.push(tokio::net::TcpStream::connect(addr).await.unwrap());
+        }
+        // A real peer still gets through at once...
+        let t0 = std::time::Instant::now();
+        let client = authenticated(Net::tcp(), k);
+        let dialed =
+            tokio::time::timeout(Duration::from_secs(2), client.connect(&addr.to_string()))
+                .await
+                .expect("not queued behind the silent ones");
+        assert!(dialed.is_ok());
+        let got = tokio::time::timeout(Duration::from_secs(1), listener.accept()).await;
+        assert!(matches!(got, Ok(Ok(_))));
+        assert!(t0.elapsed() < Duration::from_secs(2), "{:?}", t0.elapsed());
+        // ...because the oldest silent ones were dropped to make room.
+        let mut buf = [0u8; 8];
+        let n = tokio::time::timeout(Duration::from_secs(1), silent[0].read(&mut buf))
+            .await
+            .expect("the oldest silent connection was closed")
+            .unwrap_or(0);
+        assert_eq!(n, 0);
+    }
+
     #[test]
     fn secrets_are_checked_and_never_printed() {
         assert!(matches!(

@@ -9,12 +9,14 @@ use crate::net::{BoxStream, Listener, Net};
 use futures_util::{SinkExt, StreamExt};
 use pserver_wire::codec::CodecError;
 use pserver_wire::{Control, ErrorCode, Frame, FrameCodec, Header, Kind, Limits};
-use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::collections::{BTreeMap, HashMap};
+use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::codec::{FramedRead, FramedWrite};
+use tokio_util::sync::CancellationToken;
 
 /// Frames queued per connection before senders wait.
 const OUTBOX_DEPTH: usize = 1024;
@@ -34,6 +36,13 @@ type Queued = (Frame, tokio::sync::OwnedSemaphorePermit);
 pub struct Outbox {
     tx: mpsc::Sender<Queued>,
     budget: Arc<tokio::sync::Semaphore>,
+    /// What the peer accepts: a frame beyond it is refused here, before it
+    /// is queued, so its sender hears why at once.
+    limits: Limits,
+    /// Cancelled when the writer task ends (the stream failed, or every
+    /// sender is gone), so a reader of the same connection stops waiting
+    /// for replies to frames that will never leave.
+    writer_gone: CancellationToken,
 }
 
 impl Outbox {
@@ -42,8 +51,11 @@ impl Outbox {
         frame.encoded_len().clamp(1, OUTBOX_BYTES) as u32
     }
 
-    /// Queues a frame, waiting while the queue is full.
+    /// Queues a frame, waiting while the queue is full. A frame the peer
+    /// would refuse (over the frame limit, say) is not queued: the error
+    /// says why ([`NodeError::Unsendable`]) and the connection goes on.
     pub async fn send(&self, frame: Frame) -> Result<(), NodeError> {
+        frame.check(&self.limits).map_err(unsendable)?;
         let closed = || NodeError::Closed("peer".into());
         let permit = Arc::clone(&self.budget)
             .acquire_many_owned(Outbox::share(&frame))
@@ -57,18 +69,70 @@ impl Outbox {
         self.tx.same_channel(&other.tx)
     }
 
-    /// Queues a frame unless the queue is full or closed; returns whether it was queued.
+    /// Queues a frame unless the queue is full or closed, or the peer would
+    /// refuse the frame; returns whether it was queued.
     pub fn try_send(&self, frame: Frame) -> bool {
+        if let Err(e) = frame.check(&self.limits) {
+            tracing::warn!(error = %e, "a frame was not sent: the peer would refuse it");
+            return false;
+        }
         let Ok(permit) = Arc::clone(&self.budget).try_acquire_many_owned(Outbox::share(&frame))
         else {
             return false;
         };
         self.tx.try_send((frame, permit)).is_ok()
     }
+
+    /// Completes once the writer task has ended: nothing queued from then
+    /// on is sent.
+    pub async fn writer_gone(&self) {
+        self.writer_gone.cancelled().await
+    }
 }
 
-/// The reading half of a connection, yielding frames.
-pub type Reader<S> = FramedRead<tokio::io::ReadHalf<S>, FrameCodec>;
+/// The error for a frame `Frame::check` refuses.
+fn unsendable(why: pserver_wire::WireError) -> NodeError {
+    NodeError::Unsendable {
+        peer: "peer".into(),
+        why,
+    }
+}
+
+/// The reading half of a connection, yielding frames. It goes on after a
+/// [`CodecError::Oversized`] (the codec skips that frame's body), so the
+/// reader may answer the refused frame and read the next one; after any
+/// other error it ends.
+pub struct Reader<S> {
+    inner: FramedRead<tokio::io::ReadHalf<S>, FrameCodec>,
+    /// An oversized frame was just reported: `FramedRead` ends its stream
+    /// once after any decoder error, which here is no end.
+    resume: bool,
+}
+
+impl<S: AsyncRead> futures_util::Stream for Reader<S> {
+    type Item = Result<Frame, CodecError>;
+
+    fn poll_next(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Self::Item>> {
+        use std::task::Poll;
+        let this = self.get_mut();
+        loop {
+            match this.inner.poll_next_unpin(cx) {
+                Poll::Ready(Some(Err(e @ CodecError::Oversized { .. }))) => {
+                    this.resume = true;
+                    return Poll::Ready(Some(Err(e)));
+                }
+                Poll::Ready(None) if this.resume => this.resume = false,
+                other => {
+                    this.resume = false;
+                    return other;
+                }
+            }
+        }
+    }
+}
 
 /// Splits a stream into a frame reader and an [`Outbox`] whose writer task
 /// runs until every outbox clone is dropped or the stream fails.
@@ -77,22 +141,29 @@ where
     S: AsyncRead + AsyncWrite + Send + 'static,
 {
     let (rd, wr) = tokio::io::split(stream);
-    let reader = FramedRead::new(rd, FrameCodec::new(limits));
+    let reader = Reader {
+        inner: FramedRead::new(rd, FrameCodec::new(limits)),
+        resume: false,
+    };
     let mut writer = FramedWrite::new(wr, FrameCodec::new(limits));
     let (tx, mut rx) = mpsc::channel::<Queued>(OUTBOX_DEPTH);
     let budget = Arc::new(tokio::sync::Semaphore::new(OUTBOX_BYTES));
+    let writer_gone = CancellationToken::new();
+    let gone = writer_gone.clone().drop_guard();
     tokio::spawn(async move {
+        // Whatever ends this task tells the reader side.
+        let _gone = gone;
         let mut written = Vec::new();
         while let Some((frame, permit)) = rx.recv().await {
             // Feed everything already queued, then flush once: one syscall
             // for a burst of small replies.
             written.push(permit);
-            if writer.feed(frame).await.is_err() {
+            if !feed(&mut writer, frame).await {
                 return;
             }
             while let Ok((more, permit)) = rx.try_recv() {
                 written.push(permit);
-                if writer.feed(more).await.is_err() {
+                if !feed(&mut writer, more).await {
                     return;
                 }
             }
@@ -106,7 +177,36 @@ where
         // TLS a close_notify, without which the peer sees a truncation).
         let _ = tokio::io::AsyncWriteExt::shutdown(writer.get_mut()).await;
     });
-    (reader, Outbox { tx, budget })
+    (
+        reader,
+        Outbox {
+            tx,
+            budget,
+            limits,
+            writer_gone,
+        },
+    )
+}
+
+/// Feeds one frame to the writer; false once the stream has failed. A frame
+/// the codec refuses (the outbox checks first, so only a bug gets here) is
+/// dropped with a log line: the codec writes nothing for it, so the stream
+/// is still in step and the frames behind it still go.
+async fn feed<W: AsyncWrite + Unpin>(
+    writer: &mut FramedWrite<W, FrameCodec>,
+    frame: Frame,
+) -> bool {
+    match writer.feed(frame).await {
+        Ok(()) => true,
+        Err(CodecError::Io(e)) => {
+            tracing::debug!(error = %e, "connection failed while writing");
+            false
+        }
+        Err(e) => {
+            tracing::error!(error = %e, "a frame was dropped: it breaks the wire's limits");
+            true
+        }
+    }
 }
 
 type Pending = Arc<Mutex<HashMap<u64, oneshot::Sender<Frame>>>>;
@@ -120,6 +220,9 @@ pub struct Peer {
     pending: Pending,
     next_id: Arc<AtomicU64>,
     closed: Arc<AtomicBool>,
+    /// The error frame with which the peer refused this connection (a
+    /// limit), if it did: what every request on it fails with.
+    refusal: Arc<Mutex<Option<Frame>>>,
     label: Arc<str>,
 }
 
@@ -156,17 +259,34 @@ impl Peer {
         let (mut reader, out) = split(stream, limits);
         let pending: Pending = Arc::default();
         let closed = Arc::new(AtomicBool::new(false));
+        let refusal: Arc<Mutex<Option<Frame>>> = Arc::default();
         let (notice_tx, notice_rx) = mpsc::channel(64);
         let peer = Peer {
             out,
             pending: pending.clone(),
             next_id: Arc::new(AtomicU64::new(1)),
             closed: closed.clone(),
+            refusal: refusal.clone(),
             label: label.into(),
         };
         let label = peer.label.clone();
+        // The token, not an outbox clone: a clone here would keep the
+        // writer (and so the connection) open after the last `Peer` is gone.
+        let writer_gone = peer.out.writer_gone.clone();
         tokio::spawn(async move {
-            while let Some(item) = reader.next().await {
+            loop {
+                let item = tokio::select! {
+                    item = reader.next() => match item {
+                        Some(item) => item,
+                        None => break,
+                    },
+                    // The writer failed: requests queued behind the failure
+                    // will never be answered.
+                    _ = writer_gone.cancelled() => {
+                        tracing::debug!(peer = %label, "connection failed while writing");
+                        break;
+                    }
+                };
                 match item {
                     Ok(frame) => {
                         let id = frame.header.request_id;
@@ -177,18 +297,45 @@ impl Peer {
                             }
                             None if id == 0 && frame.header.kind == Kind::Error => {
                                 // Answers no request: the peer refused the
-                                // connection itself (a limit, say).
+                                // connection itself (a limit, say) and
+                                // closes it. Every request waiting fails
+                                // with its reason, not as merely closed.
                                 let why = match frame.control_msg() {
                                     Ok(Control::Error { message, .. }) => message,
                                     _ => "an error frame".to_string(),
                                 };
                                 tracing::warn!(peer = %label, "the peer refused this connection: {why}");
+                                *lock(&refusal) = Some(frame.clone());
+                                let waiting: Vec<_> = lock(&pending).drain().collect();
+                                for (id, tx) in waiting {
+                                    let mut refusal = frame.clone();
+                                    refusal.header.request_id = id;
+                                    let _ = tx.send(refusal);
+                                }
                             }
                             None => {
                                 if notice_tx.try_send(frame).is_err() {
                                     tracing::debug!(peer = %label, "notice dropped: receiver full or gone");
                                 }
                             }
+                        }
+                    }
+                    Err(CodecError::Oversized { header, bytes, max }) => {
+                        // A reply bigger than this node takes: its request
+                        // fails saying so, and the connection goes on (the
+                        // codec skips the body).
+                        let waiter = lock(&pending).remove(&header.request_id);
+                        if let Some(tx) = waiter {
+                            let _ = tx.send(crate::proto::error_reply(
+                                &header,
+                                header.sender,
+                                header.epoch,
+                                ErrorCode::Limit,
+                                format!(
+                                    "its reply of {bytes} bytes is over this node's frame \
+                                     limit of {max} bytes; split the request into smaller ones"
+                                ),
+                            ));
                         }
                     }
                     Err(CodecError::Wire(e)) => {
@@ -230,9 +377,20 @@ impl Peer {
     /// Sends `frame` (its request id is set here) and waits for the reply.
     pub async fn request(&self, frame: Frame) -> Result<Frame, NodeError> {
         let reply = self.send_request(frame).await?;
-        reply
-            .await
-            .map_err(|_| NodeError::Closed(self.label.to_string()))
+        match reply.await {
+            Ok(reply) => Ok(reply),
+            // The peer may have refused the connection before this
+            // request was sent: its refusal is the answer.
+            Err(_) => self
+                .refusal()
+                .ok_or_else(|| NodeError::Closed(self.label.to_string())),
+        }
+    }
+
+    /// The error frame with which the peer refused this connection, if it
+    /// did (it was at a limit); requests on it are answered with it.
+    pub fn refusal(&self) -> Option<Frame> {
+        lock(&self.refusal).clone()
     }
 
     /// Queues `frame` as a request and returns the receiver of its reply
@@ -249,11 +407,17 @@ impl Peer {
         lock(&self.pending).insert(id, tx);
         if self.is_closed() {
             lock(&self.pending).remove(&id);
+            if let Some(refusal) = self.refusal() {
+                // Answered at once, with the refusal.
+                let (tx, rx) = oneshot::channel();
+                let _ = tx.send(refusal);
+                return Ok(rx);
+            }
             return Err(NodeError::Closed(self.label.to_string()));
         }
-        if self.out.send(frame).await.is_err() {
+        if let Err(e) = self.out.send(frame).await {
             lock(&self.pending).remove(&id);
-            return Err(NodeError::Closed(self.label.to_string()));
+            return Err(self.named(e));
         }
         Ok(rx)
     }
@@ -261,10 +425,18 @@ impl Peer {
     /// Sends a frame that expects no reply (request id 0).
     pub async fn notify(&self, mut frame: Frame) -> Result<(), NodeError> {
         frame.header.request_id = 0;
-        self.out
-            .send(frame)
-            .await
-            .map_err(|_| NodeError::Closed(self.label.to_string()))
+        self.out.send(frame).await.map_err(|e| self.named(e))
+    }
+
+    /// An outbox's error, naming this peer.
+    fn named(&self, e: NodeError) -> NodeError {
+        match e {
+            NodeError::Unsendable { why, .. } => NodeError::Unsendable {
+                peer: self.label.to_string(),
+                why,
+            },
+            _ => NodeError::Closed(self.label.to_string()),
+        }
     }
 }
 
@@ -285,11 +457,143 @@ pub async fn bind(
     })
 }
 
+/// How long a new connection has to send the start of its first frame
+/// (its length prefix and header) before it is closed: a real client sends
+/// its first request at once, a silent connection only takes room.
+pub const FIRST_FRAME_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// The same while the node serves more than three quarters of
+/// `Limits::max_connections`.
+pub const PRESSED_FIRST_FRAME_TIMEOUT: Duration = Duration::from_secs(1);
+
+/// How far a served connection is into its first frame, as its stream has
+/// seen it (shared with the accept loop, which decides by it).
+#[derive(Debug, Default)]
+struct FirstFrame(AtomicU8);
+
+impl FirstFrame {
+    /// Its length prefix and header have arrived.
+    const HEADER: u8 = 1;
+    /// All of it has.
+    const WHOLE: u8 = 2;
+
+    fn reached(&self, stage: u8) -> bool {
+        self.0.load(Ordering::Relaxed) >= stage
+    }
+}
+
+/// A served connection's stream, watched until its first frame is whole:
+/// the accept loop may end it meanwhile (`kill`), which ends its reads as
+/// if the peer had closed, so the node's own code for a closed connection
+/// cleans up after it. Past its first frame it is a plain stream.
+struct Watched {
+    inner: BoxStream,
+    first: Arc<FirstFrame>,
+    /// Bytes of the first frame read so far, and its declared length.
+    read: u64,
+    prefix: [u8; 4],
+    /// Fires to end the connection; `None` once it can no longer be ended.
+    kill: Option<std::pin::Pin<Box<tokio_util::sync::WaitForCancellationFutureOwned>>>,
+    killed: bool,
+}
+
+impl Watched {
+    /// Counts `n` bytes just read, which begin with `head`, into the
+    /// first frame.
+    fn account(&mut self, n: usize, head: &[u8]) {
+        for (i, b) in head.iter().enumerate() {
+            if let Some(p) = self.prefix.get_mut(self.read as usize + i) {
+                *p = *b;
+            }
+        }
+        self.read += n as u64;
+        if self.read < 4 {
+            return;
+        }
+        let len = u64::from(u32::from_le_bytes(self.prefix));
+        let header = 4 + len.min(pserver_wire::header::HEADER_LEN as u64);
+        if self.read >= 4 + len {
+            self.first.0.store(FirstFrame::WHOLE, Ordering::Relaxed);
+            self.kill = None;
+        } else if self.read >= header {
+            self.first.0.store(FirstFrame::HEADER, Ordering::Relaxed);
+        }
+    }
+}
+
+impl AsyncRead for Watched {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        use std::future::Future;
+        let this = &mut *self;
+        if let Some(kill) = &mut this.kill {
+            if kill.as_mut().poll(cx).is_ready() {
+                this.killed = true;
+                this.kill = None;
+            }
+        }
+        if this.killed {
+            // As if the peer had closed.
+            return std::task::Poll::Ready(Ok(()));
+        }
+        let before = buf.filled().len();
+        let polled = std::pin::Pin::new(&mut this.inner).poll_read(cx, buf);
+        if this.kill.is_some() && matches!(polled, std::task::Poll::Ready(Ok(()))) {
+            let new = &buf.filled()[before..];
+            let mut head = [0; 4];
+            let k = new.len().min(4);
+            head[..k].copy_from_slice(&new[..k]);
+            this.account(new.len(), &head[..k]);
+        }
+        polled
+    }
+}
+
+impl AsyncWrite for Watched {
+    fn poll_write(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        std::pin::Pin::new(&mut self.inner).poll_write(cx, buf)
+    }
+
+    fn poll_flush(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
+
+/// The connections an accept loop serves, oldest first: how far each is
+/// into its first frame, and its `kill`.
+#[derive(Default)]
+struct Served {
+    next: u64,
+    conns: BTreeMap<u64, (Arc<FirstFrame>, CancellationToken)>,
+}
+
 /// Accepts connections until `cancel` fires, running `serve(stream, peer)`
 /// for each in its own task, itself stopped by `cancel`. At most
-/// `limits.max_connections` are served at once: one more gets an error
-/// frame saying so and is closed, so a flood of connections cannot exhaust
-/// the node's memory or descriptors for its tasks.
+/// `limits.max_connections` are served at once. A connection that has not
+/// sent the start of its first frame within [`FIRST_FRAME_TIMEOUT`]
+/// ([`PRESSED_FIRST_FRAME_TIMEOUT`] while over three quarters of the limit
+/// are served) is closed; at the limit, a newcomer closes the oldest
+/// connection that has not yet sent a whole frame, and only when every
+/// connection has is the newcomer refused, with an error frame saying so.
+/// So silent connections cannot keep real clients out, and a flood of
+/// connections cannot exhaust the node's memory or descriptors.
 pub fn accept_loop<F, Fut>(
     mut listener: Box<dyn Listener>,
     cancel: tokio_util::sync::CancellationToken,
@@ -299,41 +603,111 @@ pub fn accept_loop<F, Fut>(
     F: Fn(BoxStream, String) -> Fut + Send + 'static,
     Fut: std::future::Future<Output = ()> + Send + 'static,
 {
-    let open = Arc::new(tokio::sync::Semaphore::new(limits.max_connections));
+    let served = Arc::new(Mutex::new(Served::default()));
+    let max = limits.max_connections;
+    let throttle = Arc::new(crate::net::Throttle::new());
     tokio::spawn(async move {
         loop {
             tokio::select! {
                 _ = cancel.cancelled() => break,
                 accepted = listener.accept() => match accepted {
                     Ok((stream, peer)) => {
-                        let Ok(permit) = Arc::clone(&open).try_acquire_owned() else {
-                            tracing::warn!(
-                                %peer,
-                                limit = limits.max_connections,
-                                "refusing a connection: too many open"
-                            );
-                            tokio::spawn(refuse(stream, limits));
-                            continue;
+                        let (id, first, kill) = {
+                            let mut s = lock(&served);
+                            if s.conns.len() >= max {
+                                let silent = s
+                                    .conns
+                                    .iter()
+                                    .find(|(_, (first, _))| !first.reached(FirstFrame::WHOLE))
+                                    .map(|(id, _)| *id);
+                                let Some((_, old)) = silent.and_then(|id| s.conns.remove(&id)) else {
+                                    drop(s);
+                                    throttle.warn(format_args!(
+                                        "refused a connection from {peer}: {max} connections \
+                                         (the limit) are open and busy"
+                                    ));
+                                    tokio::spawn(refuse(stream, limits));
+                                    continue;
+                                };
+                                old.cancel();
+                                throttle.warn(format_args!(
+                                    "closed a connection that had sent no whole frame: {max} \
+                                     connections (the limit) are open and another came ({peer})"
+                                ));
+                            }
+                            let (id, first, kill) =
+                                (s.next, Arc::new(FirstFrame::default()), CancellationToken::new());
+                            s.next += 1;
+                            s.conns.insert(id, (Arc::clone(&first), kill.clone()));
+                            (id, first, kill)
                         };
-                        let conn = serve(stream, peer);
-                        let token = cancel.clone();
+                        let watched = Watched {
+                            inner: stream,
+                            first: Arc::clone(&first),
+                            read: 0,
+                            prefix: [0; 4],
+                            kill: Some(Box::pin(kill.clone().cancelled_owned())),
+                            killed: false,
+                        };
+                        let conn = serve(Box::new(watched), peer);
+                        let (token, served) = (cancel.clone(), Arc::clone(&served));
                         tokio::spawn(async move {
+                            tokio::pin!(conn);
+                            let pressed = || lock(&served).conns.len() > max.saturating_mul(3) / 4;
                             tokio::select! {
                                 _ = token.cancelled() => {}
-                                _ = conn => {}
+                                _ = &mut conn => {}
+                                _ = first_frame_due(&first, pressed) => {
+                                    // Ends its reads; `serve` cleans up as
+                                    // for any closed connection.
+                                    kill.cancel();
+                                    tokio::select! {
+                                        _ = token.cancelled() => {}
+                                        _ = &mut conn => {}
+                                    }
+                                }
                             }
-                            drop(permit);
+                            lock(&served).conns.remove(&id);
                         });
                     }
                     Err(e) => {
-                        // Out of descriptors, say: back off instead of spinning.
+                        // Out of descriptors, say: a silent connection's
+                        // is the one to give back; and back off instead of
+                        // spinning.
+                        if e.kind() != std::io::ErrorKind::ConnectionAborted {
+                            let mut s = lock(&served);
+                            let silent = s
+                                .conns
+                                .iter()
+                                .find(|(_, (first, _))| !first.reached(FirstFrame::WHOLE))
+                                .map(|(id, _)| *id);
+                            if let Some((_, old)) = silent.and_then(|id| s.conns.remove(&id)) {
+                                old.cancel();
+                            }
+                        }
                         tracing::warn!(error = %e, "accept failed");
-                        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+                        tokio::time::sleep(Duration::from_millis(10)).await;
                     }
                 },
             }
         }
     });
+}
+
+/// Completes when a connection is due to be closed for not having sent
+/// the start of its first frame: after [`PRESSED_FIRST_FRAME_TIMEOUT`] if
+/// the node is `pressed` then, else after [`FIRST_FRAME_TIMEOUT`]. Never,
+/// once the start has arrived.
+async fn first_frame_due(first: &FirstFrame, pressed: impl Fn() -> bool) {
+    tokio::time::sleep(PRESSED_FIRST_FRAME_TIMEOUT).await;
+    if !first.reached(FirstFrame::HEADER) && pressed() {
+        return;
+    }
+    tokio::time::sleep(FIRST_FRAME_TIMEOUT.saturating_sub(PRESSED_FIRST_FRAME_TIMEOUT)).await;
+    if !first.reached(FirstFrame::HEADER) {
+        return;
+    }
+    std::future::pending::<()>().await
 }
 
 /// Tells a connection over the limit why it is closed (an unsolicited
@@ -364,6 +738,144 @@ mod tests {
         let mut f = Frame::new(Header::new(Kind::Reply));
         f.vals = vec![1.0; OUTBOX_BYTES / 4 / 4];
         f
+    }
+
+    /// Limits with frames of at most `bytes`.
+    fn small(bytes: usize) -> Limits {
+        Limits {
+            max_frame: bytes,
+            ..Limits::default()
+        }
+    }
+
+    /// A request of `n` values.
+    fn request(n: usize) -> Frame {
+        let mut f = Frame::new(Header::new(Kind::Push));
+        f.vals = vec![1.0; n];
+        f
+    }
+
+    /// Answers every frame on `stream` with a reply of `reply_vals(request)`
+    /// values, under `limits`.
+    fn answer<S>(stream: S, limits: Limits, reply_vals: fn(&Frame) -> usize)
+    where
+        S: AsyncRead + AsyncWrite + Send + 'static,
+    {
+        let (mut reader, out) = split(stream, limits);
+        tokio::spawn(async move {
+            while let Some(Ok(f)) = reader.next().await {
+                let mut r = Frame::new(Header {
+                    request_id: f.header.request_id,
+                    ..Header::new(Kind::Reply)
+                });
+                r.vals = vec![2.0; reply_vals(&f)];
+                let _ = out.send(r).await;
+            }
+        });
+    }
+
+    #[tokio::test]
+    async fn a_frame_over_the_limit_is_refused_and_the_connection_goes_on() {
+        let (ours, theirs) = tokio::io::duplex(1 << 16);
+        answer(theirs, Limits::default(), |_| 1);
+        let (peer, _notices) = Peer::from_stream(ours, "them", small(1000));
+        let e = tokio::time::timeout(Duration::from_secs(5), peer.request(request(1000)))
+            .await
+            .expect("refused at once, not left waiting")
+            .unwrap_err();
+        assert!(matches!(e, NodeError::Unsendable { .. }), "{e}");
+        let msg = e.to_string();
+        assert!(
+            msg.contains("them") && msg.contains("1000") && msg.contains("split"),
+            "{msg}"
+        );
+        // Frames after it still go and are answered.
+        let reply = tokio::time::timeout(Duration::from_secs(5), peer.request(request(10)))
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(reply.vals, [2.0]);
+    }
+
+    #[tokio::test]
+    async fn a_reply_over_the_limit_fails_its_request_only() {
+        let (ours, theirs) = tokio::io::duplex(1 << 16);
+        // The other side takes big frames; it answers a request of one
+        // value with 5000, too many for this side's 4000-byte frames.
+        answer(theirs, Limits::default(), |f| {
+            if f.vals.len() == 1 { 5000 } else { 1 }
+        });
+        let (peer, _notices) = Peer::from_stream(ours, "them", small(4000));
+        let reply = tokio::time::timeout(Duration::from_secs(5), peer.request(request(1)))
+            .await
+            .expect("the oversized reply ends the wait")
+            .unwrap();
+        let e = crate::proto::reply_control(&reply, "them").unwrap_err();
+        assert!(
+            matches!(
+                &e,
+                NodeError::Remote {
+                    code: ErrorCode::Limit,
+                    ..
+                }
+            ),
+            "{e}"
+        );
+        assert!(e.to_string().contains("4000"), "{e}");
+        // The connection is still in step: the next reply is read.
+        let reply = tokio::time::timeout(Duration::from_secs(5), peer.request(request(2)))
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(reply.vals, [2.0]);
+        assert!(!peer.is_closed());
+    }
+
+    /// A stream whose reads never complete and whose writes fail: the
+    /// peer's socket broke in a way only writing notices.
+    struct BrokenWrites;
+
+    impl AsyncRead for BrokenWrites {
+        fn poll_read(
+            self: std::pin::Pin<&mut Self>,
+            _: &mut std::task::Context<'_>,
+            _: &mut tokio::io::ReadBuf<'_>,
+        ) -> std::task::Poll<std::io::Result<()>> {
+            std::task::Poll::Pending
+        }
+    }
+
+    impl AsyncWrite for BrokenWrites {
+        fn poll_write(
+            self: std::pin::Pin<&mut Self>,
+            _: &mut std::task::Context<'_>,
+            _: &[u8],
+        ) -> std::task::Poll<std::io::Result<usize>> {
+            std::task::Poll::Ready(Err(std::io::ErrorKind::BrokenPipe.into()))
+        }
+        fn poll_flush(
+            self: std::pin::Pin<&mut Self>,
+            _: &mut std::task::Context<'_>,
+        ) -> std::task::Poll<std::io::Result<()>> {
+            std::task::Poll::Ready(Ok(()))
+        }
+        fn poll_shutdown(
+            self: std::pin::Pin<&mut Self>,
+            _: &mut std::task::Context<'_>,
+        ) -> std::task::Poll<std::io::Result<()>> {
+            std::task::Poll::Ready(Ok(()))
+        }
+    }
+
+    #[tokio::test]
+    async fn a_failed_writer_fails_the_requests_waiting() {
+        let (peer, _notices) = Peer::from_stream(BrokenWrites, "them", Limits::default());
+        let e = tokio::time::timeout(Duration::from_secs(5), peer.request(request(1)))
+            .await
+            .expect("not left waiting for a reply to a frame that never left")
+            .unwrap_err();
+        assert!(matches!(e, NodeError::Closed(_)), "{e}");
+        assert!(peer.is_closed());
     }
 
     #[tokio::test]

@@ -34,6 +34,15 @@ pub enum NodeError {
     /// The connection closed before a reply came.
     #[error("connection to {0} closed")]
     Closed(String),
+    /// A frame was not sent because the peer would refuse it (over the
+    /// frame limit, say); nothing of it left.
+    #[error("cannot send a frame to {peer}: {why}; split the request into smaller ones")]
+    Unsendable {
+        /// Whom it was for.
+        peer: String,
+        /// Which limit it breaks.
+        why: pserver_wire::WireError,
+    },
     /// The peer refused the request.
     #[error("{peer} refused the request ({code:?}): {message}")]
     Remote {

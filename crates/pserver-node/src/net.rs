@@ -95,11 +95,45 @@ impl Transport for Tcp {
     fn bind(&self, addr: &str) -> IoFuture<'static, (Box<dyn Listener>, SocketAddr)> {
         let addr = addr.to_string();
         Box::pin(async move {
-            let listener = tokio::net::TcpListener::bind(&addr).await?;
+            let listener = listen(&addr).await?;
             let local = listener.local_addr()?;
             Ok((Box::new(TcpListener(listener)) as Box<dyn Listener>, local))
         })
     }
+}
+
+/// Connections the kernel completes and queues for a listener before it
+/// drops new ones (it caps this at `net.core.somaxconn`). Tokio's
+/// default, 128, overflows under a burst of connections (a flood, or many
+/// workers starting at once): a dropped SYN costs a real client a second
+/// before it is sent again.
+const BACKLOG: u32 = 4096;
+
+/// Listens on the first address `addr` resolves to that can be bound, with
+/// a [`BACKLOG`] long queue.
+async fn listen(addr: &str) -> io::Result<tokio::net::TcpListener> {
+    let mut last = None;
+    for a in tokio::net::lookup_host(addr).await? {
+        let socket = if a.is_ipv4() {
+            tokio::net::TcpSocket::new_v4()?
+        } else {
+            tokio::net::TcpSocket::new_v6()?
+        };
+        // As the standard library does: a restarted node can listen again
+        // at once, without waiting for the old port's TIME_WAIT.
+        #[cfg(unix)]
+        socket.set_reuseaddr(true)?;
+        match socket.bind(a).and_then(|()| socket.listen(BACKLOG)) {
+            Ok(l) => return Ok(l),
+            Err(e) => last = Some(e),
+        }
+    }
+    Err(last.unwrap_or_else(|| {
+        io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!("{addr} resolves to no address"),
+        )
+    }))
 }
 
 struct TcpListener(tokio::net::TcpListener);
@@ -118,16 +152,27 @@ impl Listener for TcpListener {
 /// done, or why the peer was refused.
 pub type Handshake = Pin<Box<dyn Future<Output = io::Result<BoxStream>> + Send>>;
 
-/// Handshakes in progress at once on one handshaking listener; further
-/// connections wait in the kernel's backlog, so a flood of idle ones cannot
-/// pile up tasks and buffers.
+/// Handshakes in progress at once on one handshaking listener (their own
+/// budget, apart from the node's connections): a connection past it makes
+/// room by dropping the oldest handshake still in progress, so a flood of
+/// silent connections cannot keep a real peer waiting behind it, and the
+/// listener never stops accepting (a backlog in the kernel would queue
+/// real peers behind silent ones).
 pub const MAX_PENDING_HANDSHAKES: usize = 256;
 
+/// How long a handshake may take while more than half of
+/// [`MAX_PENDING_HANDSHAKES`] are in progress (a real peer completes it
+/// in a round trip or two; under a flood, silent ones go sooner).
+pub const PRESSED_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(1);
+
 /// `inner`, yielding only connections whose `handshake` succeeded within
-/// `timeout`. Each handshake runs in its own task, so a slow or silent peer
-/// never holds up the others; a refused peer gets one log line naming
-/// `what` failed, and its connection is dropped. For transports that
-/// prove something before the first frame (the cluster secret, TLS).
+/// `timeout` (within [`PRESSED_HANDSHAKE_TIMEOUT`] under pressure). Each
+/// handshake runs in its own task, so a slow or silent peer never holds up
+/// the others; at most [`MAX_PENDING_HANDSHAKES`] run at once, the oldest
+/// dropped for a newcomer. A refused or dropped peer's connection is
+/// closed, and logged (naming `what` failed; under a flood, a count once
+/// a second). For transports that prove something before the first frame
+/// (the cluster secret, TLS).
 pub fn handshaking(
     inner: Box<dyn Listener>,
     what: &'static str,
@@ -172,6 +217,60 @@ impl Listener for HandshakingListener {
     }
 }
 
+/// The handshakes in progress, oldest first: each one's signal to give up.
+#[derive(Default)]
+struct InProgress {
+    next: u64,
+    running: std::collections::BTreeMap<u64, tokio_util::sync::CancellationToken>,
+}
+
+impl InProgress {
+    /// Drops the oldest handshake in progress, if any.
+    fn drop_oldest(&mut self) {
+        if let Some((_, stop)) = self.running.pop_first() {
+            stop.cancel();
+        }
+    }
+}
+
+/// Warnings about peers refused in a flood, at most one line a second
+/// (with the count of those not logged), instead of one line each.
+pub(crate) struct Throttle {
+    count: std::sync::atomic::AtomicU64,
+    since: std::sync::Mutex<tokio::time::Instant>,
+}
+
+impl Throttle {
+    /// A throttle that has logged nothing yet.
+    pub(crate) fn new() -> Throttle {
+        Throttle {
+            count: Default::default(),
+            // So that the first warning is logged at once.
+            since: std::sync::Mutex::new(
+                tokio::time::Instant::now()
+                    .checked_sub(Duration::from_secs(1))
+                    .unwrap_or_else(tokio::time::Instant::now),
+            ),
+        }
+    }
+
+    /// Logs `line` if no warning was logged in the last second (saying
+    /// how many were not), else counts it into the next line logged.
+    pub(crate) fn warn(&self, line: fmt::Arguments<'_>) {
+        use std::sync::atomic::Ordering::Relaxed;
+        let mut since = crate::conn::lock(&self.since);
+        if since.elapsed() < Duration::from_secs(1) {
+            self.count.fetch_add(1, Relaxed);
+            return;
+        }
+        *since = tokio::time::Instant::now();
+        match self.count.swap(0, Relaxed) {
+            0 => tracing::warn!("{line}"),
+            more => tracing::warn!("{line} (and {more} more like it since the last such line)"),
+        }
+    }
+}
+
 /// Accepts connections and runs each one's handshake in its own task.
 async fn accept_handshakes(
     mut listener: Box<dyn Listener>,
@@ -180,33 +279,70 @@ async fn accept_handshakes(
     handshake: Arc<dyn Fn(BoxStream) -> Handshake + Send + Sync>,
     tx: mpsc::Sender<io::Result<(BoxStream, String)>>,
 ) {
-    let permits = Arc::new(tokio::sync::Semaphore::new(MAX_PENDING_HANDSHAKES));
+    let in_progress = Arc::new(std::sync::Mutex::new(InProgress::default()));
+    let refusals = Arc::new(Throttle::new());
+    use crate::conn::lock;
     loop {
-        let Ok(permit) = Arc::clone(&permits).acquire_owned().await else {
-            return;
-        };
         let (stream, peer) = match listener.accept().await {
             Ok(c) => c,
             Err(e) => {
+                // Out of descriptors, most likely: a silent handshake's is
+                // the one to give back.
+                if e.kind() != io::ErrorKind::ConnectionAborted {
+                    lock(&in_progress).drop_oldest();
+                }
                 if tx.send(Err(e)).await.is_err() {
                     return;
                 }
                 continue;
             }
         };
+        let stop = tokio_util::sync::CancellationToken::new();
+        let id = {
+            let mut p = lock(&in_progress);
+            if p.running.len() >= MAX_PENDING_HANDSHAKES {
+                p.drop_oldest();
+            }
+            let id = p.next;
+            p.next += 1;
+            p.running.insert(id, stop.clone());
+            id
+        };
         let (running, tx) = (handshake(stream), tx.clone());
+        let (in_progress, refusals) = (Arc::clone(&in_progress), Arc::clone(&refusals));
         tokio::spawn(async move {
-            let outcome = tokio::time::timeout(timeout, running).await;
-            drop(permit);
+            let pressed = async {
+                tokio::time::sleep(PRESSED_HANDSHAKE_TIMEOUT).await;
+                if lock(&in_progress).running.len() <= MAX_PENDING_HANDSHAKES / 2 {
+                    std::future::pending::<()>().await;
+                }
+            };
+            let outcome = tokio::select! {
+                done = running => Ok(done),
+                _ = tokio::time::sleep(timeout) => Err(format!("no {what} within {} s", timeout.as_secs())),
+                _ = pressed => Err(format!(
+                    "no {what} within {} s while over {} were in progress",
+                    PRESSED_HANDSHAKE_TIMEOUT.as_secs(),
+                    MAX_PENDING_HANDSHAKES / 2
+                )),
+                _ = stop.cancelled() => Err(format!(
+                    "dropped before its {what} finished: {MAX_PENDING_HANDSHAKES} were in \
+                     progress (the most) when a newer connection came"
+                )),
+            };
+            lock(&in_progress).running.remove(&id);
             match outcome {
                 Ok(Ok(s)) => {
                     let _ = tx.send(Ok((s, peer))).await;
                 }
-                Ok(Err(e)) => tracing::warn!("refused a connection from {peer}: {what}: {e}"),
-                Err(_) => tracing::warn!(
-                    "refused a connection from {peer}: no {what} within {} s",
-                    timeout.as_secs()
-                ),
+                Ok(Err(e)) => {
+                    refusals.warn(format_args!(
+                        "refused a connection from {peer}: {what}: {e}"
+                    ));
+                }
+                Err(why) => {
+                    refusals.warn(format_args!("refused a connection from {peer}: {why}"));
+                }
             }
         });
     }

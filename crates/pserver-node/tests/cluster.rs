@@ -1620,9 +1620,18 @@ async fn connections_over_the_limit_are_told_and_closed() {
         sc.limits.max_connections = 3;
         let server = start_server(sc).await.unwrap();
         let addr = server.addr().to_string();
+        // Three connections that each got an answer: busy, not silent.
         let mut open = Vec::new();
         for _ in 0..3 {
-            open.push(net().connect(&addr).await.unwrap());
+            let (peer, notices) = Peer::connect_via(&net(), &addr, Limits::default())
+                .await
+                .unwrap();
+            let reply = peer
+                .request(control_request(0, 0, &Control::GetMap))
+                .await
+                .unwrap();
+            assert_ne!(reply.header.kind, Kind::Error);
+            open.push((peer, notices));
         }
         // The fourth is answered with one error frame and closed.
         let mut extra = net().connect(&addr).await.unwrap();
@@ -1640,14 +1649,27 @@ async fn connections_over_the_limit_are_told_and_closed() {
             }
             other => panic!("{other:?}"),
         }
-        // Closing one makes room again: a worker gets through and works.
-        drop(open.pop());
+        // A worker refused so hears the limit, not a closed connection.
         let w = Worker::connect(client_config(manager.addr().to_string()))
             .await
             .unwrap();
         w.create_table("t", TableOptions::new(1, UpdaterSpec::Add))
             .await
             .unwrap();
+        let e = w.push("t", vec![1], vec![2.0]).await.unwrap_err();
+        assert!(
+            matches!(
+                &e,
+                NodeError::Remote {
+                    code: ErrorCode::Limit,
+                    ..
+                }
+            ),
+            "{e}"
+        );
+        assert!(e.to_string().contains("3 connections"), "{e}");
+        // Closing one makes room again: the worker gets through and works.
+        drop(open.pop());
         let mut ok = false;
         for _ in 0..50 {
             if w.push("t", vec![1], vec![2.0]).await.is_ok() {
@@ -1659,6 +1681,56 @@ async fn connections_over_the_limit_are_told_and_closed() {
         // (The server may take a moment to see the closed connection.)
         assert!(ok, "a push got through once a connection closed");
         assert_eq!(w.pull("t", vec![1]).await.unwrap(), [2.0]);
+        server.shutdown();
+        manager.shutdown();
+    })
+    .await
+    .unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn silent_connections_make_room_for_real_ones() {
+    timeout(LIMIT, async {
+        let manager = start_manager(manager_config()).await.unwrap();
+        let mut sc = server_config(manager.addr().to_string());
+        sc.limits.max_connections = 3;
+        let server = start_server(sc).await.unwrap();
+        let addr = server.addr().to_string();
+        // Three connections that never send a frame fill the limit...
+        let mut silent = Vec::new();
+        for _ in 0..3 {
+            silent.push(net().connect(&addr).await.unwrap());
+        }
+        // ...yet a worker gets in at once: the oldest silent one goes.
+        let w = Worker::connect(client_config(manager.addr().to_string()))
+            .await
+            .unwrap();
+        w.create_table("t", TableOptions::new(1, UpdaterSpec::Add))
+            .await
+            .unwrap();
+        w.push("t", vec![1], vec![2.0]).await.unwrap();
+        assert_eq!(w.pull("t", vec![1]).await.unwrap(), [2.0]);
+        let mut buf = [0u8; 16];
+        let n = timeout(Duration::from_secs(1), silent[0].read(&mut buf))
+            .await
+            .expect("the oldest silent connection was closed")
+            .unwrap_or(0);
+        assert_eq!(n, 0);
+        // The others are closed by the first-frame deadline.
+        for s in &mut silent[1..] {
+            let n = timeout(
+                pserver_node::conn::FIRST_FRAME_TIMEOUT + Duration::from_secs(2),
+                s.read(&mut buf),
+            )
+            .await
+            .expect("closed by the deadline")
+            .unwrap_or(0);
+            assert_eq!(n, 0);
+        }
+        // And the worker's connection, which sent frames, stays.
+        w.advance();
+        w.push("t", vec![1], vec![2.0]).await.unwrap();
+        assert_eq!(w.pull("t", vec![1]).await.unwrap(), [4.0]);
         server.shutdown();
         manager.shutdown();
     })

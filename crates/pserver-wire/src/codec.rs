@@ -1,8 +1,13 @@
 //! A `tokio_util` codec: `u32` little-endian length prefix, then a [`Frame`]
 //! body, refusing bodies over the configured maximum before buffering them.
+//!
+//! A body over the maximum whose header is a pserver header is refused with
+//! [`CodecError::Oversized`], which carries that header (so the refusal can
+//! answer the very request), and its bytes are then skipped as they arrive,
+//! never buffered: the stream stays in step and the connection usable.
 
 use crate::frame::{Frame, Limits, WireError};
-use crate::header::HEADER_LEN;
+use crate::header::{HEADER_LEN, Header, MAGIC};
 use bytes::{Buf, BufMut, BytesMut};
 use tokio_util::codec::{Decoder, Encoder};
 
@@ -21,12 +26,23 @@ const RESERVE_STEP: usize = 1 << 20;
 #[derive(Clone, Debug)]
 pub struct FrameCodec {
     limits: Limits,
+    /// Bytes of a refused oversized body still to be dropped as they arrive.
+    skip: u64,
 }
 
 impl FrameCodec {
     /// A codec enforcing `limits`.
     pub fn new(limits: Limits) -> FrameCodec {
-        FrameCodec { limits }
+        FrameCodec { limits, skip: 0 }
+    }
+
+    /// Drops what has arrived of a refused body; true once all of it is gone.
+    fn skipped(&mut self, src: &mut BytesMut) -> bool {
+        let n = self.skip.min(src.len() as u64);
+        // Fits: at most `src.len()`.
+        src.advance(n as usize);
+        self.skip -= n;
+        self.skip == 0
     }
 
     /// The limits this codec enforces.
@@ -61,6 +77,19 @@ pub enum CodecError {
     /// A frame was malformed; the connection should get an error reply and close.
     #[error("malformed frame: {0}")]
     Wire(#[from] WireError),
+    /// A frame declared a body over `max_frame`. Unlike the others this one
+    /// leaves the stream in step: the codec drops the body's bytes as they
+    /// arrive, so the caller may answer `header` (its request id says which
+    /// request) and read on.
+    #[error("a frame of {bytes} bytes is over the limit of {max} bytes")]
+    Oversized {
+        /// The refused frame's header.
+        header: Box<Header>,
+        /// Its declared body length.
+        bytes: u64,
+        /// The limit.
+        max: u64,
+    },
 }
 
 impl Default for FrameCodec {
@@ -76,22 +105,45 @@ impl Decoder for FrameCodec {
 
     /// Takes one frame off the front of `src`, or `Ok(None)` when it has not
     /// all arrived. The declared length is checked before anything is
-    /// buffered for it: over `max_frame` or under the header length is an
-    /// error at once.
+    /// buffered for it: under the header length is an error at once; over
+    /// `max_frame` is [`CodecError::Oversized`] once the header has arrived
+    /// (a bad header instead is the error it is), and the body is skipped.
     fn decode(&mut self, src: &mut BytesMut) -> Result<Option<Frame>, CodecError> {
+        if !self.skipped(src) {
+            return Ok(None);
+        }
         let Some(prefix) = src.first_chunk::<PREFIX_LEN>() else {
             return Ok(None);
         };
         let declared = u32::from_le_bytes(*prefix);
         // Compared in u64 so a 4 GiB declaration is refused even where
         // `usize` is 32 bits.
-        if u64::from(declared) > self.limits.max_frame as u64 {
-            return Err(WireError::TooLarge {
-                what: "frame bytes",
-                got: declared.into(),
-                max: self.limits.max_frame as u64,
-            }
-            .into());
+        let max = self.limits.max_frame as u64;
+        if u64::from(declared) > max {
+            // Waits for the header (80 bytes, whatever was declared), so the
+            // refusal can name the request; nothing more is buffered.
+            let Some(head) = src.get(PREFIX_LEN..PREFIX_LEN + HEADER_LEN) else {
+                // Bytes that already cannot begin a header are refused now.
+                let begun = &src[PREFIX_LEN..src.len().min(PREFIX_LEN + MAGIC.len())];
+                if begun != &MAGIC[..begun.len()] {
+                    let mut magic = [0; 4];
+                    magic[..begun.len()].copy_from_slice(begun);
+                    return Err(WireError::BadMagic(magic).into());
+                }
+                src.reserve(PREFIX_LEN + HEADER_LEN - src.len());
+                return Ok(None);
+            };
+            // A bad header is not a pserver frame: the stream cannot be
+            // trusted to be in step, so that is the error.
+            let (header, _) = Header::decode(head)?;
+            src.advance(PREFIX_LEN);
+            self.skip = declared.into();
+            self.skipped(src);
+            return Err(CodecError::Oversized {
+                header: Box::new(header),
+                bytes: declared.into(),
+                max,
+            });
         }
         // Fits: it is at most `max_frame`, a `usize`.
         let len = declared as usize;
@@ -234,12 +286,70 @@ mod tests {
         let mut b = BytesMut::with_capacity(16);
         b.put_u32_le(u32::MAX);
         b.extend_from_slice(b"PSRV");
-        let err = FrameCodec::default().decode(&mut b).unwrap_err();
+        let mut codec = FrameCodec::default();
+        // It waits for the header, and for nothing more.
+        assert!(codec.decode(&mut b).unwrap().is_none());
+        assert!(b.capacity() <= 128, "capacity grew to {}", b.capacity());
+        // A header that is no pserver header: refused as what it is.
+        b.extend_from_slice(&[0; HEADER_LEN - 4]);
+        let err = codec.decode(&mut b).unwrap_err();
         assert!(
-            matches!(err, CodecError::Wire(ref e) if *e == too_large(u32::MAX.into(), 256 << 20)),
+            matches!(err, CodecError::Wire(WireError::BadVersion(0))),
             "{err}"
         );
-        assert!(b.capacity() <= 64, "capacity grew to {}", b.capacity());
+        // Bytes that cannot begin a header are refused without waiting.
+        let mut b = BytesMut::new();
+        b.put_u32_le(u32::MAX);
+        b.extend_from_slice(b"PSx");
+        let err = FrameCodec::default().decode(&mut b).unwrap_err();
+        assert!(
+            matches!(err, CodecError::Wire(WireError::BadMagic(m)) if &m == b"PSx\0"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn an_oversized_frame_is_refused_with_its_header_and_skipped() {
+        let limits = Limits {
+            max_frame: 200,
+            ..Limits::default()
+        };
+        let mut big = Frame {
+            vals: vec![1.0; 100],
+            ..frame()
+        };
+        big.header.request_id = 42;
+        let whole = {
+            let mut b = BytesMut::new();
+            FrameCodec::new(Limits::default())
+                .encode(&big, &mut b)
+                .unwrap();
+            b
+        };
+        let mut small = frame();
+        small.header.request_id = 43;
+        let mut after = wire(&small);
+        after.extend_from_slice(&wire(&small));
+        // Arriving in pieces: the header first, then the rest and two
+        // good frames.
+        let mut codec = FrameCodec::new(limits);
+        let mut b = BytesMut::from(&whole[..PREFIX_LEN + HEADER_LEN - 1]);
+        assert!(codec.decode(&mut b).unwrap().is_none());
+        b.extend_from_slice(&whole[PREFIX_LEN + HEADER_LEN - 1..PREFIX_LEN + HEADER_LEN + 10]);
+        match codec.decode(&mut b).unwrap_err() {
+            CodecError::Oversized { header, bytes, max } => {
+                assert_eq!(header.request_id, 42);
+                assert_eq!(bytes, big.encoded_len() as u64);
+                assert_eq!(max, 200);
+            }
+            other => panic!("{other}"),
+        }
+        assert!(b.is_empty(), "what arrived of the body is dropped");
+        b.extend_from_slice(&whole[PREFIX_LEN + HEADER_LEN + 10..]);
+        b.extend_from_slice(&after);
+        assert_eq!(codec.decode(&mut b).unwrap(), Some(small.clone()));
+        assert_eq!(codec.decode(&mut b).unwrap(), Some(small));
+        assert!(b.is_empty());
     }
 
     #[test]
@@ -269,8 +379,23 @@ mod tests {
         };
         let mut b = BytesMut::new();
         b.put_u32_le(101);
+        b.extend_from_slice(&wire(&frame())[PREFIX_LEN..PREFIX_LEN + HEADER_LEN]);
         let err = FrameCodec::new(limits).decode(&mut b).unwrap_err();
-        assert!(matches!(err, CodecError::Wire(ref e) if *e == too_large(101, 100)));
+        assert!(
+            matches!(
+                err,
+                CodecError::Oversized {
+                    bytes: 101,
+                    max: 100,
+                    ..
+                }
+            ),
+            "{err}"
+        );
+        assert_eq!(
+            err.to_string(),
+            "a frame of 101 bytes is over the limit of 100 bytes"
+        );
     }
 
     #[test]

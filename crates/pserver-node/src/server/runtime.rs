@@ -21,7 +21,7 @@ use futures_util::StreamExt;
 use pserver_core::map::Group;
 use pserver_core::{NodeId, NodeState, Role};
 use pserver_wire::header::FLAG_PACK_REPLY;
-use pserver_wire::{Control, ErrorCode, Frame, Header, Kind, Limits, Packing};
+use pserver_wire::{CodecError, Control, ErrorCode, Frame, Header, Kind, Limits, Packing};
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -132,7 +132,20 @@ impl Shared {
             frame.header.flags &= !FLAG_PACK_REPLY;
             frame.pack(Packing::Lossless);
         }
-        let _ = out.send(frame).await;
+        let header = frame.header;
+        if let Err(NodeError::Unsendable { why, .. }) = out.send(frame).await {
+            // A reply over the frame limit (a pull of too many keys for its
+            // width): the request is answered with why, instead of never.
+            let epoch = self.map_epoch.load(Ordering::Relaxed);
+            let refusal = error_reply(
+                &header,
+                self.id,
+                epoch,
+                ErrorCode::Limit,
+                format!("its reply cannot be sent: {why}; split the request into smaller ones"),
+            );
+            let _ = out.send(refusal).await;
+        }
     }
 
     /// Carries out the effects a step left for after the lock; work on lent
@@ -431,7 +444,15 @@ where
         let epoch = shared.map_epoch.load(Ordering::Relaxed);
         error_reply(h, shared.id, epoch, ErrorCode::Malformed, why)
     };
-    while let Some(item) = reader.next().await {
+    loop {
+        let item = tokio::select! {
+            item = reader.next() => match item {
+                Some(item) => item,
+                None => break,
+            },
+            // Replies can no longer leave: stop taking requests.
+            _ = out.writer_gone() => break,
+        };
         match item {
             Ok(mut frame) => {
                 // Unpacked before the lock; a section that does not unpack
@@ -446,6 +467,26 @@ where
                 // takes a while even though its table is lent for the rest.
                 let effects = shared.step([input], big).await;
                 shared.carry_out(effects).await;
+            }
+            Err(CodecError::Oversized { header, bytes, max }) => {
+                // Refused whole, nothing done; the codec skips its body, so
+                // the connection goes on.
+                let epoch = shared.map_epoch.load(Ordering::Relaxed);
+                let why = format!(
+                    "a frame of {bytes} bytes is over this server's frame limit of {max} bytes \
+                     (--max-frame-mib); split the request into smaller ones (the worker \
+                     library does when its WorkerConfig::limits are the cluster's)"
+                );
+                tracing::warn!(%peer, "{why}");
+                let _ = out
+                    .send(error_reply(
+                        &header,
+                        shared.id,
+                        epoch,
+                        ErrorCode::Limit,
+                        why,
+                    ))
+                    .await;
             }
             Err(e) => {
                 tracing::warn!(%peer, error = %e, "bad frame; closing");

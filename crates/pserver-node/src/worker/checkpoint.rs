@@ -16,6 +16,13 @@ impl Worker {
     /// Consistent when no pushes are in flight (between training runs, or
     /// at a barrier); the map must not change meanwhile, else it fails and
     /// should be retried. Returns the manifest.
+    ///
+    /// A checkpoint already in `dir` stays whole until the new one is
+    /// complete: the servers write into a subdirectory of the new
+    /// generation, and writing the manifest switches to it (see
+    /// [`crate::snapshot`]); if anything fails first, that subdirectory is
+    /// removed and `dir` holds the old checkpoint as before. One checkpoint
+    /// into a directory at a time.
     pub async fn checkpoint(
         &self,
         dir: &std::path::Path,
@@ -24,9 +31,13 @@ impl Worker {
         let mut primaries: Vec<NodeId> = map.partitions.iter().map(|p| p.primary).collect();
         primaries.sort_unstable();
         primaries.dedup();
+        let bad = |e: crate::snapshot::SnapshotError| NodeError::BadRequest(e.to_string());
+        // Dropped on any early return below, which removes what the
+        // servers wrote so far.
+        let pending = crate::snapshot::begin(dir).map_err(bad)?;
         let mut files = Vec::new();
         let msg = Control::Snapshot {
-            dir: dir.display().to_string(),
+            dir: pending.dir().display().to_string(),
         };
         for server in primaries {
             let link = self.inner.link(server, &map).await?;
@@ -55,10 +66,11 @@ impl Worker {
             epoch: map.epoch,
             tables: map.tables.clone(),
             files,
+            generation: pending.generation(),
         };
-        crate::snapshot::write_manifest(dir, &manifest)
-            .map_err(|e| NodeError::BadRequest(e.to_string()))?;
-        Ok(manifest)
+        pending
+            .commit(&crate::durable::Disk::new(), manifest)
+            .map_err(bad)
     }
 
     /// Loads the checkpoint in `dir` into this cluster, whatever its number

@@ -139,10 +139,32 @@ impl Inner {
         }
     }
 
+    /// Runs a request to its end: its result, or [`NodeError::Timeout`]
+    /// once the worker's timeout has passed since it started, whatever it
+    /// was waiting for (the push before it, room among the clocks in
+    /// flight, the manager, a connection, a reply, a pause between retries).
     pub(super) async fn execute(
         self: Arc<Self>,
         req: Request,
         order: Option<(Option<oneshot::Receiver<()>>, oneshot::Sender<()>)>,
+    ) -> Result<Outcome, NodeError> {
+        let deadline = Instant::now() + self.timeout;
+        let what = format!("{:?} on table {:?}", req.op, req.table);
+        let secs = self.timeout.as_secs();
+        match tokio::time::timeout_at(deadline, self.run(req, order, deadline)).await {
+            Ok(done) => done,
+            // Dropping the request's future drops its slices' waits; a
+            // reply that still comes finds no one waiting and is dropped.
+            Err(_) => Err(NodeError::Timeout { what, secs }),
+        }
+    }
+
+    /// The request itself; [`Inner::execute`] bounds it by `deadline`.
+    async fn run(
+        self: Arc<Self>,
+        req: Request,
+        order: Option<(Option<oneshot::Receiver<()>>, oneshot::Sender<()>)>,
+        deadline: Instant,
     ) -> Result<Outcome, NodeError> {
         // Wait for the push before this one to have queued its frames; hold
         // the signal for the next until this one has queued its own (a
@@ -161,7 +183,7 @@ impl Inner {
             let clock = req
                 .clock
                 .unwrap_or_else(|| self.clock.load(Ordering::SeqCst));
-            match tokio::time::timeout(self.timeout, self.in_flight.enter(clock)).await {
+            match tokio::time::timeout_at(deadline, self.in_flight.enter(clock)).await {
                 Ok(place) => Some(place),
                 Err(_) => {
                     return Err(NodeError::Timeout {
@@ -250,7 +272,9 @@ impl Inner {
             sent: false,
             tries: 0,
         }];
-        let deadline = Instant::now() + self.timeout;
+        // Each frame, and the reply it asks for, must fit the frame limit:
+        // slices with more keys than that go as several frames.
+        let per_frame = keys_per_frame(&self.limits, dense, width, dim, req.op, ctrl.len());
         let mut in_flight: FuturesUnordered<SliceFuture<'_>> = FuturesUnordered::new();
         loop {
             if !queue.is_empty() {
@@ -273,12 +297,7 @@ impl Inner {
                         in_flight.push(Box::pin(pause(item)));
                         continue;
                     }
-                    for s in slices {
-                        // A pull needs no message where it has no keys (a
-                        // push does: its empty slices advance range clocks).
-                        if req.op == Op::Pull && !dense && s.keys.is_empty() {
-                            continue;
-                        }
+                    let pieces = slices.into_iter().flat_map(|s| {
                         let (first, count) = if dense {
                             (
                                 (s.range.begin - range.begin) as usize,
@@ -287,14 +306,25 @@ impl Inner {
                         } else {
                             (item.first + s.keys.start, s.keys.len())
                         };
+                        let listed = (!dense).then_some(keys);
+                        cut(s.range, first, count, per_frame, listed)
+                            .into_iter()
+                            .map(move |(r, first, count)| (s.partition, r, first, count))
+                    });
+                    for (partition, piece, first, count) in pieces {
+                        // A pull needs no message where it has no keys (a
+                        // push does: its empty slices advance range clocks).
+                        if req.op == Op::Pull && !dense && count == 0 {
+                            continue;
+                        }
                         let sub = Item {
-                            range: s.range,
+                            range: piece,
                             first,
                             count,
                             sent: item.sent,
                             tries: item.tries,
                         };
-                        let server = map.partitions[s.partition].primary;
+                        let server = map.partitions[partition].primary;
                         let mut h = Header::new(kind);
                         h.flags = if dense { FLAG_DENSE } else { 0 }
                             | if sub.sent { FLAG_RETRY } else { 0 };
@@ -382,16 +412,26 @@ impl Inner {
                     again(item, &mut in_flight);
                 }
             }
-            if Instant::now() >= deadline {
-                return Err(NodeError::Timeout {
-                    what: format!("{:?} on table {:?}", req.op, req.table),
-                    secs: self.timeout.as_secs(),
-                });
-            }
         }
     }
 
+    /// Reads every stored key of `range`, within the worker's timeout as
+    /// [`Inner::execute`] does.
     pub(super) async fn scan(
+        self: Arc<Self>,
+        table: String,
+        range: KeyRange,
+    ) -> Result<(Vec<u64>, Vec<f32>), NodeError> {
+        let deadline = Instant::now() + self.timeout;
+        let secs = self.timeout.as_secs();
+        let what = format!("scan of table {table:?}");
+        match tokio::time::timeout_at(deadline, self.scan_all(table, range)).await {
+            Ok(done) => done,
+            Err(_) => Err(NodeError::Timeout { what, secs }),
+        }
+    }
+
+    async fn scan_all(
         self: Arc<Self>,
         table: String,
         range: KeyRange,
@@ -399,7 +439,6 @@ impl Inner {
         let spec = self.table(&table).await?;
         let mut todo = vec![range];
         let mut parts: Vec<(u64, Vec<u64>, Vec<f32>)> = Vec::new();
-        let deadline = Instant::now() + self.timeout;
         while !todo.is_empty() {
             let map = lock(&self.map).clone();
             let mut subs = Vec::new();
@@ -446,12 +485,6 @@ impl Inner {
                 }
             }
             if !todo.is_empty() {
-                if Instant::now() >= deadline {
-                    return Err(NodeError::Timeout {
-                        what: format!("scan of table {table:?}"),
-                        secs: self.timeout.as_secs(),
-                    });
-                }
                 tokio::time::sleep(Duration::from_millis(5)).await;
                 let _ = self.refresh().await;
             }
@@ -524,8 +557,12 @@ impl Inner {
         let reply = match peer.send_request(frame).await {
             Ok(pending) => {
                 drop(queued);
-                pending.await.ok()
+                // A server that refused the connection (at its limit of
+                // connections) answers with why, not merely closed.
+                pending.await.ok().or_else(|| peer.refusal())
             }
+            // Never left, and would not the next time either.
+            Err(e @ NodeError::Unsendable { .. }) => return Err(e),
             Err(_) => None,
         };
         let Some(reply) = reply else {
@@ -616,6 +653,69 @@ impl Inner {
     }
 }
 
+/// Room left in a frame for anything but the header, the keys and the
+/// values: a request's consistency, a reply's acknowledgement.
+const FRAME_SLACK: usize = 256;
+
+/// Most keys one frame of a request may carry, so that the frame (keys
+/// unless `dense`, `width` values per key, `ctrl` bytes) and the reply it
+/// asks for (`dim` values per key, for a pull or push-pull) both fit in
+/// `limits.max_frame`, and the keys in `limits.max_keys`. At least 1.
+fn keys_per_frame(
+    limits: &Limits,
+    dense: bool,
+    width: usize,
+    dim: usize,
+    op: Op,
+    ctrl: usize,
+) -> usize {
+    let room = limits
+        .max_frame
+        .saturating_sub(pserver_wire::header::HEADER_LEN + ctrl + FRAME_SLACK);
+    let sent = if dense { 0 } else { 8 } + 4 * width;
+    let back = if op == Op::Push { 0 } else { 4 * dim };
+    (room / sent.max(back).max(1)).min(limits.max_keys).max(1)
+}
+
+/// Cuts a slice over `range` (its `count` keys start at `first` in the
+/// request) into pieces of at most `per` keys: `(range, first, count)`
+/// each, in key order, whose ranges are disjoint and cover `range`, so
+/// that each piece is a request of its own to the same server (the range
+/// clock records each piece's range). `keys` is the request's key list,
+/// `None` for a dense request, whose keys are its range's. A slice that
+/// fits, or has no keys, is one piece.
+fn cut(
+    range: KeyRange,
+    first: usize,
+    count: usize,
+    per: usize,
+    keys: Option<&[u64]>,
+) -> Vec<(KeyRange, usize, usize)> {
+    let per = per.max(1);
+    if count <= per {
+        return vec![(range, first, count)];
+    }
+    let mut out = Vec::with_capacity(count.div_ceil(per));
+    let mut at = 0;
+    let mut begin = range.begin;
+    while at < count {
+        let n = per.min(count - at);
+        let end = if at + n == count {
+            range.end
+        } else {
+            match keys {
+                Some(k) => k[first + at + n],
+                // Dense: the range's keys are the keys.
+                None => begin + n as u64,
+            }
+        };
+        out.push((KeyRange { begin, end }, first + at, n));
+        at += n;
+        begin = end;
+    }
+    out
+}
+
 /// True when `reply` refuses a key reference the server does not hold.
 fn is_key_cache_miss(reply: &Frame) -> bool {
     reply.header.kind == Kind::Error
@@ -626,4 +726,76 @@ fn is_key_cache_miss(reply: &Frame) -> bool {
                 ..
             })
         )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn frames_fit_the_limit_both_ways() {
+        let limits = Limits {
+            max_frame: 1 << 20,
+            max_keys: 1 << 17,
+            ..Limits::default()
+        };
+        let room = (1 << 20) - 80 - FRAME_SLACK;
+        // A push of one float per key: 12 bytes a key.
+        assert_eq!(keys_per_frame(&limits, false, 1, 1, Op::Push, 0), room / 12);
+        // A pull of a wide table: bounded by its reply, not its request.
+        assert_eq!(keys_per_frame(&limits, false, 0, 8, Op::Pull, 0), room / 32);
+        // A dense pull of one float per key: by `max_keys`.
+        assert_eq!(keys_per_frame(&limits, true, 0, 1, Op::Pull, 0), 1 << 17);
+        // Never 0, even when one key cannot fit.
+        let tiny = Limits {
+            max_frame: 10,
+            ..limits
+        };
+        assert_eq!(keys_per_frame(&tiny, false, 1, 1, Op::Push, 0), 1);
+    }
+
+    #[test]
+    fn pieces_cover_the_slice_in_order() {
+        let range = KeyRange {
+            begin: 100,
+            end: 1000,
+        };
+        let keys: Vec<u64> = vec![1, 150, 200, 250, 300, 350, 400];
+        // Keys 1..=6 of the request are this slice's.
+        let pieces = cut(range, 1, 6, 4, Some(&keys));
+        assert_eq!(
+            pieces,
+            vec![
+                (
+                    KeyRange {
+                        begin: 100,
+                        end: 350
+                    },
+                    1,
+                    4
+                ),
+                (
+                    KeyRange {
+                        begin: 350,
+                        end: 1000
+                    },
+                    5,
+                    2
+                ),
+            ]
+        );
+        // A slice that fits, and an empty one (a push's), stay whole.
+        assert_eq!(cut(range, 1, 6, 6, Some(&keys)), vec![(range, 1, 6)]);
+        assert_eq!(cut(range, 3, 0, 4, Some(&keys)), vec![(range, 3, 0)]);
+        // Dense: the range's keys, cut by count.
+        let dense = KeyRange { begin: 10, end: 20 };
+        assert_eq!(
+            cut(dense, 5, 10, 4, None),
+            vec![
+                (KeyRange { begin: 10, end: 14 }, 5, 4),
+                (KeyRange { begin: 14, end: 18 }, 9, 4),
+                (KeyRange { begin: 18, end: 20 }, 13, 2),
+            ]
+        );
+    }
 }
