@@ -43,6 +43,8 @@ pub struct Outbox {
     /// sender is gone), so a reader of the same connection stops waiting
     /// for replies to frames that will never leave.
     writer_gone: CancellationToken,
+    /// Cancelled to close the connection now, whoever still holds a sender.
+    closing: CancellationToken,
 }
 
 impl Outbox {
@@ -87,6 +89,12 @@ impl Outbox {
     /// on is sent.
     pub async fn writer_gone(&self) {
         self.writer_gone.cancelled().await
+    }
+
+    /// Closes this side of the connection now (frames still queued are
+    /// dropped): the peer sees it end, as if every sender were gone.
+    pub fn shutdown(&self) {
+        self.closing.cancel();
     }
 }
 
@@ -150,11 +158,18 @@ where
     let budget = Arc::new(tokio::sync::Semaphore::new(OUTBOX_BYTES));
     let writer_gone = CancellationToken::new();
     let gone = writer_gone.clone().drop_guard();
+    let closing = CancellationToken::new();
+    let close = closing.clone();
     tokio::spawn(async move {
         // Whatever ends this task tells the reader side.
         let _gone = gone;
         let mut written = Vec::new();
-        while let Some((frame, permit)) = rx.recv().await {
+        loop {
+            let next = tokio::select! {
+                _ = close.cancelled() => None,
+                next = rx.recv() => next,
+            };
+            let Some((frame, permit)) = next else { break };
             // Feed everything already queued, then flush once: one syscall
             // for a burst of small replies.
             written.push(permit);
@@ -173,8 +188,9 @@ where
             // Written: their bytes are free for the next frames.
             written.clear();
         }
-        // Every sender is gone: close our side properly (a FIN on TCP; on
-        // TLS a close_notify, without which the peer sees a truncation).
+        // Every sender is gone, or the owner closed it: close our side
+        // properly (a FIN on TCP; on TLS a close_notify, without which the
+        // peer sees a truncation).
         let _ = tokio::io::AsyncWriteExt::shutdown(writer.get_mut()).await;
     });
     (
@@ -184,6 +200,7 @@ where
             budget,
             limits,
             writer_gone,
+            closing,
         },
     )
 }
@@ -367,6 +384,13 @@ impl Peer {
     pub fn close(&self) {
         self.closed.store(true, Ordering::SeqCst);
         lock(&self.pending).clear();
+    }
+
+    /// Closes it and ends the connection now (the other end sees it close),
+    /// even while clones of this peer are still held.
+    pub fn shutdown(&self) {
+        self.close();
+        self.out.shutdown();
     }
 
     /// True once the connection has failed or closed.

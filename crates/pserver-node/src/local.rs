@@ -85,7 +85,7 @@ impl LocalCluster {
         tokio::time::sleep(std::time::Duration::from_millis(100)).await;
     }
 
-    /// Stops every node.
+    /// Stops every node (each, stopping, takes the others' going quietly).
     pub fn shutdown(&self) {
         for s in &self.servers {
             s.shutdown();

@@ -217,8 +217,9 @@ pub async fn start_manager(cfg: ManagerConfig) -> Result<ManagerHandle, NodeErro
         cancel.clone(),
     ));
     let limits = cfg.limits;
+    let stopping = cancel.clone();
     accept_loop(listener, cancel.clone(), limits, move |stream, peer| {
-        serve(stream, peer, state.clone(), limits)
+        serve(stream, peer, state.clone(), limits, stopping.clone())
     });
     tracing::info!(%addr, "manager listening");
     Ok(ManagerHandle { addr, cancel })
@@ -248,8 +249,13 @@ async fn lease_ticker(state: Arc<Mutex<State>>, lease_ms: u64, cancel: Cancellat
     }
 }
 
-async fn serve<S>(stream: S, peer: String, state: Arc<Mutex<State>>, limits: Limits)
-where
+async fn serve<S>(
+    stream: S,
+    peer: String,
+    state: Arc<Mutex<State>>,
+    limits: Limits,
+    stopping: CancellationToken,
+) where
     S: AsyncRead + AsyncWrite + Send + 'static,
 {
     let (mut reader, out) = split(stream, limits);
@@ -291,7 +297,9 @@ where
             let epoch = st.members.map().epoch;
             // A worker closing its connection is how a job ends; a server
             // doing so is news.
-            if role == Some(Role::Server) {
+            // Nor is a server's when the manager is stopping too (a local
+            // cluster stops all its nodes at once).
+            if role == Some(Role::Server) && !stopping.is_cancelled() {
                 tracing::warn!(node = id, epoch, "server disconnected");
             } else {
                 tracing::info!(node = id, epoch, "worker disconnected");

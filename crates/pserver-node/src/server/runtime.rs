@@ -393,6 +393,11 @@ pub async fn start_server(cfg: ServerConfig) -> Result<ServerHandle, NodeError> 
                         },
                     },
                 }
+                // Stopping (a local cluster stops all its nodes at once): the
+                // manager's going is no news.
+                if lost && token.is_cancelled() {
+                    break;
+                }
                 if lost {
                     tracing::warn!(node = id, "lost the manager; rejoining");
                     match rejoin(&net, &manager_addr, limits, id, Role::Server, &my_addr).await {

@@ -738,9 +738,14 @@ impl Worker {
         Handle { rx }
     }
 
-    /// Leaves the cluster: closes the link to the manager.
+    /// Leaves the cluster: closes the links to the manager (which then
+    /// declares a worker dead at once, not by its lease) and to servers.
     pub fn shutdown(&self) {
         self.inner.cancel.cancel();
+        self.inner.manager().shutdown();
+        for link in lock(&self.inner.servers).values() {
+            link.peer.shutdown();
+        }
     }
 
     /// Completes once this worker has lost the manager for good: it could
