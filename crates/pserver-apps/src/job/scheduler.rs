@@ -10,7 +10,7 @@ use super::shards::{Assignment, Slot};
 use super::{Unit, agent::Agent};
 use crate::dataset::Dataset;
 use crate::progress::{IterStats, Progress};
-use crate::train::{RunResult, TrainConfig, TrainError, evaluate, load, score};
+use crate::train::{RunResult, TrainConfig, TrainError, WorkerMemory, evaluate, load, score};
 use crate::{dbpg, model::Model};
 use pserver_core::{KeyRange, NodeState, Role, UpdaterSpec};
 use pserver_data::Split;
@@ -113,6 +113,8 @@ pub async fn run(
         agents: Vec::new(),
         batches: 0,
     };
+    // In-process workers share this process: their peak RSS is not theirs.
+    let local = matches!(pool, Pool::Local(_));
     let (min, max) = match &pool {
         Pool::Local(agents) => (agents.len(), agents.len()),
         Pool::Remote { min, max, .. } => (*min, *max),
@@ -161,9 +163,27 @@ pub async fn run(
     let mut bad = Vec::new();
     let mut train_rows = 0;
     let mut max_rows = 0;
+    let mut memory: BTreeMap<Slot, WorkerMemory> = BTreeMap::new();
     while loaded.len() < s.live() {
         match events.recv().await {
-            Some(Event::Msg(slot, FromWorker::Loaded { rows, stats })) => {
+            Some(Event::Msg(
+                slot,
+                FromWorker::Loaded {
+                    rows,
+                    stats,
+                    nnz,
+                    bytes,
+                },
+            )) => {
+                memory.insert(
+                    slot,
+                    WorkerMemory {
+                        id: s.members[slot].id,
+                        nnz,
+                        bytes,
+                        peak_rss: 0,
+                    },
+                );
                 loaded.insert(slot);
                 train_rows += rows;
                 max_rows = max_rows.max(rows);
@@ -301,14 +321,25 @@ pub async fn run(
                             let m = &mut s.members[slot];
                             m.done = m.done.max(t);
                         }
-                        FromWorker::Loaded { rows, stats } => {
+                        FromWorker::Loaded { rows, stats, nnz, bytes } => {
+                            if nnz > 0 {
+                                let m = memory.entry(slot).or_insert(WorkerMemory {
+                                    id: s.members[slot].id,
+                                    ..WorkerMemory::default()
+                                });
+                                m.nnz = nnz;
+                                m.bytes = m.bytes.max(bytes);
+                            }
                             bad.extend(stats);
                             let _ = progress.send(Progress::Adopted { worker: slot, rows });
                         }
                         FromWorker::Failed { what } => {
                             s.lose(slot, what, &mut assignment, issued, &mut joining).await?;
                         }
-                        FromWorker::Traffic { sent, received, saved } => {
+                        FromWorker::Traffic { sent, received, saved, peak_rss } => {
+                            if let Some(m) = memory.get_mut(&slot).filter(|_| !local) {
+                                m.peak_rss = m.peak_rss.max(peak_rss);
+                            }
                             traffic.0 += sent;
                             traffic.1 += received;
                             traffic.2 += saved;
@@ -405,13 +436,17 @@ pub async fn run(
     while told < s.live() {
         match tokio::time::timeout_at(deadline, events.recv()).await {
             Ok(Some(Event::Msg(
-                _,
+                slot,
                 FromWorker::Traffic {
                     sent,
                     received,
                     saved,
+                    peak_rss,
                 },
             ))) => {
+                if let Some(m) = memory.get_mut(&slot).filter(|_| !local) {
+                    m.peak_rss = m.peak_rss.max(peak_rss);
+                }
                 traffic.0 += sent;
                 traffic.1 += received;
                 traffic.2 += saved;
@@ -446,6 +481,7 @@ pub async fn run(
         curve,
         test_curve,
         table,
+        memory: memory.into_values().collect(),
     })
 }
 
