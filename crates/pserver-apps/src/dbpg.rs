@@ -16,6 +16,7 @@
 //! `c_i` the number of row `i`'s features in the block, so a unit step never
 //! overshoots however the block's features are correlated.
 
+use crate::cpu::heavy;
 use crate::dataset::Dataset;
 use crate::job::proto::StepStats;
 use crate::metrics::{logistic_loss, sigmoid};
@@ -165,7 +166,7 @@ impl DbpgWorker {
     /// A part on `data`, starting from the weights as they stand (clock 0:
     /// no wait), unless the table is known to be empty.
     async fn part(&self, w: &Worker, data: Dataset, fresh: bool) -> Result<Part, NodeError> {
-        let mut part = Part::new(data, self.cfg.blocks);
+        let mut part = heavy(|| Part::new(data, self.cfg.blocks));
         if !fresh && !part.data.keys.is_empty() {
             let now = w
                 .send(Request {
@@ -178,7 +179,7 @@ impl DbpgWorker {
                 })
                 .await?
                 .vals;
-            part.set_weights(now);
+            heavy(|| part.set_weights(now));
         }
         Ok(part)
     }
@@ -228,55 +229,14 @@ impl DbpgWorker {
             .flatten()
         {
             let fresh = p.pull.await?.vals;
-            self.fold(p.block, p.parts, &p.keys, &fresh);
+            heavy(|| self.fold(p.block, p.parts, &p.keys, &fresh));
         }
         let mut wait = waited.elapsed();
 
         let busy = Instant::now();
         let j = self.block_of(t);
-        let mut loss = 0.0;
-        let mut rows = 0;
-        let mut filtered = 0;
-        // Per part: sorted keys of the block with (g, h); then merged by key.
-        let mut merged: Vec<(u64, f64, f64, bool)> = Vec::new();
-        for part in &mut self.parts {
-            rows += part.data.rows();
-            for (r, m) in part.margins.iter().enumerate() {
-                part.p[r] = sigmoid(*m);
-                loss += logistic_loss(*m, part.data.labels[r] as f64);
-            }
-            let block = part.bounds[j]..part.bounds[j + 1];
-            let gh = block_gradient(&part.data, &part.p, block.clone(), &mut part.count);
-            for (k, (g, h)) in block.zip(gh) {
-                merged.push((part.data.keys[k], g, h, part.weights[k] == 0.0));
-            }
-        }
-        if self.parts.len() > 1 {
-            merged.sort_unstable_by_key(|e| e.0);
-            merged.dedup_by(|next, prev| {
-                let same = next.0 == prev.0;
-                if same {
-                    prev.1 += next.1;
-                    prev.2 += next.2;
-                    prev.3 &= next.3;
-                }
-                same
-            });
-        }
-        let mut keys = Vec::with_capacity(merged.len());
-        let mut vals = Vec::with_capacity(merged.len() * 2);
-        for (key, g, h, zero) in merged {
-            if let Some(delta) = cfg.kkt {
-                let weight = if zero { 0.0 } else { 1.0 };
-                if kkt_skip(weight, g, cfg.l1, delta, cfg.workers) {
-                    filtered += 1;
-                    continue;
-                }
-            }
-            keys.push(key);
-            vals.push(g as f32);
-            vals.push(h as f32);
-        }
+        let parts = &mut self.parts;
+        let (loss, rows, filtered, keys, vals) = heavy(|| gradients(parts, j, &cfg));
         if !slow.is_zero() {
             tokio::time::sleep(slow).await;
         }
@@ -362,6 +322,60 @@ impl DbpgWorker {
             part.fold(j, &mine);
         }
     }
+}
+
+/// Iteration `j`'s computation over `parts`: the summed loss, rows, the
+/// coordinates the KKT filter kept back, and the push (keys, g and h).
+#[allow(clippy::type_complexity)]
+fn gradients(
+    parts: &mut [Part],
+    j: usize,
+    cfg: &DbpgConfig,
+) -> (f64, usize, usize, Vec<u64>, Vec<f32>) {
+    let mut loss = 0.0;
+    let mut rows = 0;
+    let mut filtered = 0;
+    // Per part: sorted keys of the block with (g, h); then merged by key.
+    let mut merged: Vec<(u64, f64, f64, bool)> = Vec::new();
+    for part in parts.iter_mut() {
+        rows += part.data.rows();
+        for (r, m) in part.margins.iter().enumerate() {
+            part.p[r] = sigmoid(*m);
+            loss += logistic_loss(*m, part.data.labels[r] as f64);
+        }
+        let block = part.bounds[j]..part.bounds[j + 1];
+        let gh = block_gradient(&part.data, &part.p, block.clone(), &mut part.count);
+        for (k, (g, h)) in block.zip(gh) {
+            merged.push((part.data.keys[k], g, h, part.weights[k] == 0.0));
+        }
+    }
+    if parts.len() > 1 {
+        merged.sort_unstable_by_key(|e| e.0);
+        merged.dedup_by(|next, prev| {
+            let same = next.0 == prev.0;
+            if same {
+                prev.1 += next.1;
+                prev.2 += next.2;
+                prev.3 &= next.3;
+            }
+            same
+        });
+    }
+    let mut keys = Vec::with_capacity(merged.len());
+    let mut vals = Vec::with_capacity(merged.len() * 2);
+    for (key, g, h, zero) in merged {
+        if let Some(delta) = cfg.kkt {
+            let weight = if zero { 0.0 } else { 1.0 };
+            if kkt_skip(weight, g, cfg.l1, delta, cfg.workers) {
+                filtered += 1;
+                continue;
+            }
+        }
+        keys.push(key);
+        vals.push(g as f32);
+        vals.push(h as f32);
+    }
+    (loss, rows, filtered, keys, vals)
 }
 
 /// The gradient `g_k` and curvature bound `h_k` of the summed logistic loss

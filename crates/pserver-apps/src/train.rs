@@ -307,8 +307,7 @@ pub(crate) fn latest_checkpoint(
 /// Pulls the weights of the test set's keys and scores it.
 pub(crate) async fn score(w: &Worker, table: &str, test: &Dataset) -> Result<Metrics, TrainError> {
     let weights = w.pull(table, test.keys.clone()).await?;
-    let p: Vec<f32> = test
-        .margins(&weights)
+    let p: Vec<f32> = crate::cpu::heavy(|| test.margins(&weights))
         .into_iter()
         .map(|m| sigmoid(m) as f32)
         .collect();
