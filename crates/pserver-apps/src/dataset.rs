@@ -475,6 +475,14 @@ pub fn peak_rss() -> Option<u64> {
     Some(kb * 1024)
 }
 
+/// Sets the process's peak resident set size back to its current one
+/// (`5` into `/proc/self/clear_refs`, Linux 4.0 on), so that
+/// [`peak_rss`] measures from now; false where the system does not allow
+/// it (then the peak is the process's whole life's).
+pub fn reset_peak_rss() -> bool {
+    std::fs::write("/proc/self/clear_refs", "5").is_ok()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -530,6 +538,14 @@ mod tests {
     fn peak_rss_is_read_on_linux() {
         if cfg!(target_os = "linux") {
             assert!(peak_rss().unwrap() > 0);
+            // A reset brings the peak down to about the current size.
+            let big = vec![1u8; 64 << 20];
+            std::hint::black_box(&big);
+            drop(big);
+            let before = peak_rss().unwrap();
+            if reset_peak_rss() {
+                assert!(peak_rss().unwrap() < before, "{before}");
+            }
         }
     }
 

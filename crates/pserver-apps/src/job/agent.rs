@@ -342,6 +342,8 @@ async fn run_job(
         )));
     };
     let node = |e: NodeError| SessionError::Failed(format!("worker {id}: {e}"));
+    // The peak RSS reported at the end is this job's (where Linux allows).
+    dataset::reset_peak_rss();
     w.set_filters(spec.key_caching, spec.compression);
     w.join(Group::Job(spec.job.clone()), &describe(&units))
         .await

@@ -200,8 +200,9 @@ pub enum FromWorker {
         received: u64,
         /// Bytes key caching and compression kept off the wire.
         saved: u64,
-        /// The worker process's peak resident set size in bytes (`VmHWM`;
-        /// 0 where the system does not say).
+        /// The worker process's peak resident set size in bytes (`VmHWM`)
+        /// since the job's start (reset then where Linux allows; 0 where
+        /// the system does not say).
         peak_rss: u64,
     },
 }

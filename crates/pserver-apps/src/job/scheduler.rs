@@ -240,6 +240,10 @@ pub async fn run(
     let mut traffic = (0u64, 0u64, 0u64);
     let mut map_tick = tokio::time::interval(MAP_EVERY);
     let mut eval_tick = tokio::time::interval(cfg.eval_every.unwrap_or(Duration::from_secs(3600)));
+    // A score that takes longer than the period (a 1M-row test set on a
+    // busy machine) must not be followed at once by the next: the events
+    // between get the period.
+    eval_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     eval_tick.tick().await;
     let mut fail = cfg
         .fail_worker
