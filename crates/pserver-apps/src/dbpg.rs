@@ -16,14 +16,14 @@
 //! `c_i` the number of row `i`'s features in the block, so a unit step never
 //! overshoots however the block's features are correlated.
 
-use crate::dataset::{Columns, Dataset};
+use crate::cpu::heavy;
+use crate::dataset::Dataset;
 use crate::job::proto::StepStats;
 use crate::metrics::{logistic_loss, sigmoid};
 use pserver_node::NodeError;
 use pserver_node::worker::{Handle, Keys, Op, Outcome, Request, Worker};
 use std::collections::VecDeque;
 use std::ops::Range;
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 /// What one worker needs to know to run the algorithm.
@@ -53,11 +53,11 @@ pub struct DbpgConfig {
 /// The file in a checkpoint directory naming the latest complete checkpoint.
 pub const LATEST: &str = "LATEST";
 
-/// One shard a worker works on: its rows, and what the worker knows of
-/// the weights of the shard's keys and of each row's margin.
+/// One shard a worker works on: its rows (held by column, the one layout
+/// the algorithm needs), and what the worker knows of the weights of the
+/// shard's keys and of each row's margin.
 struct Part {
-    data: Arc<Dataset>,
-    cols: Columns,
+    data: Dataset,
     bounds: Vec<usize>,
     weights: Vec<f32>,
     margins: Vec<f64>,
@@ -66,10 +66,10 @@ struct Part {
 }
 
 impl Part {
-    fn new(data: Arc<Dataset>, blocks: usize) -> Part {
+    fn new(data: Dataset, blocks: usize) -> Part {
+        let data = data.into_columns();
         let n = data.rows();
         Part {
-            cols: data.columns(),
             bounds: data.block_bounds(blocks),
             weights: vec![0f32; data.keys.len()],
             margins: vec![0f64; n],
@@ -77,6 +77,15 @@ impl Part {
             p: vec![0f64; n],
             data,
         }
+    }
+
+    fn bytes(&self) -> usize {
+        self.data.bytes()
+            + self.bounds.capacity() * 8
+            + self.weights.capacity() * 4
+            + self.margins.capacity() * 8
+            + self.count.capacity() * 4
+            + self.p.capacity() * 8
     }
 
     /// Sets every weight to `w` (in key order) and recomputes the margins.
@@ -92,8 +101,8 @@ impl Part {
         for (k, &new) in block.zip(fresh) {
             let delta = (new - self.weights[k]) as f64;
             if delta != 0.0 {
-                for e in self.cols.col_ptr[k]..self.cols.col_ptr[k + 1] {
-                    self.margins[self.cols.rows[e] as usize] += delta * self.cols.vals[e] as f64;
+                for (r, x) in self.data.entries.line(k) {
+                    self.margins[r as usize] += delta * x as f64;
                 }
                 self.weights[k] = new;
             }
@@ -139,14 +148,25 @@ impl DbpgWorker {
         self.parts.iter().map(|p| p.data.rows()).sum()
     }
 
+    /// Entries (non-zeros) held.
+    pub fn nnz(&self) -> usize {
+        self.parts.iter().map(|p| p.data.nnz()).sum()
+    }
+
+    /// Bytes allocated for the parts: their data and what this worker
+    /// keeps per row and key (weights, margins, probabilities, counts).
+    pub fn bytes(&self) -> usize {
+        self.parts.iter().map(Part::bytes).sum()
+    }
+
     fn block_of(&self, t: u64) -> usize {
         ((t - 1) % self.cfg.blocks as u64) as usize
     }
 
     /// A part on `data`, starting from the weights as they stand (clock 0:
     /// no wait), unless the table is known to be empty.
-    async fn part(&self, w: &Worker, data: Arc<Dataset>, fresh: bool) -> Result<Part, NodeError> {
-        let mut part = Part::new(data, self.cfg.blocks);
+    async fn part(&self, w: &Worker, data: Dataset, fresh: bool) -> Result<Part, NodeError> {
+        let mut part = heavy(|| Part::new(data, self.cfg.blocks));
         if !fresh && !part.data.keys.is_empty() {
             let now = w
                 .send(Request {
@@ -159,7 +179,7 @@ impl DbpgWorker {
                 })
                 .await?
                 .vals;
-            part.set_weights(now);
+            heavy(|| part.set_weights(now));
         }
         Ok(part)
     }
@@ -170,7 +190,7 @@ impl DbpgWorker {
     pub async fn set_data(
         &mut self,
         w: &Worker,
-        data: Arc<Dataset>,
+        data: Dataset,
         fresh: bool,
     ) -> Result<(), NodeError> {
         let part = self.part(w, data, fresh).await?;
@@ -181,7 +201,7 @@ impl DbpgWorker {
 
     /// Adds a part (a lost worker's shard), from the weights as they stand;
     /// its gradients are summed with this worker's own into one push.
-    pub async fn add_data(&mut self, w: &Worker, data: Arc<Dataset>) -> Result<(), NodeError> {
+    pub async fn add_data(&mut self, w: &Worker, data: Dataset) -> Result<(), NodeError> {
         let part = self.part(w, data, false).await?;
         self.parts.push(part);
         Ok(())
@@ -209,61 +229,14 @@ impl DbpgWorker {
             .flatten()
         {
             let fresh = p.pull.await?.vals;
-            self.fold(p.block, p.parts, &p.keys, &fresh);
+            heavy(|| self.fold(p.block, p.parts, &p.keys, &fresh));
         }
         let mut wait = waited.elapsed();
 
         let busy = Instant::now();
         let j = self.block_of(t);
-        let mut loss = 0.0;
-        let mut rows = 0;
-        let mut filtered = 0;
-        // Per part: sorted keys of the block with (g, h); then merged by key.
-        let mut merged: Vec<(u64, f64, f64, bool)> = Vec::new();
-        for part in &mut self.parts {
-            rows += part.data.rows();
-            for (r, m) in part.margins.iter().enumerate() {
-                part.p[r] = sigmoid(*m);
-                loss += logistic_loss(*m, part.data.labels[r] as f64);
-            }
-            let block = part.bounds[j]..part.bounds[j + 1];
-            let gh = block_gradient(
-                &part.data,
-                &part.cols,
-                &part.p,
-                block.clone(),
-                &mut part.count,
-            );
-            for (k, (g, h)) in block.zip(gh) {
-                merged.push((part.data.keys[k], g, h, part.weights[k] == 0.0));
-            }
-        }
-        if self.parts.len() > 1 {
-            merged.sort_unstable_by_key(|e| e.0);
-            merged.dedup_by(|next, prev| {
-                let same = next.0 == prev.0;
-                if same {
-                    prev.1 += next.1;
-                    prev.2 += next.2;
-                    prev.3 &= next.3;
-                }
-                same
-            });
-        }
-        let mut keys = Vec::with_capacity(merged.len());
-        let mut vals = Vec::with_capacity(merged.len() * 2);
-        for (key, g, h, zero) in merged {
-            if let Some(delta) = cfg.kkt {
-                let weight = if zero { 0.0 } else { 1.0 };
-                if kkt_skip(weight, g, cfg.l1, delta, cfg.workers) {
-                    filtered += 1;
-                    continue;
-                }
-            }
-            keys.push(key);
-            vals.push(g as f32);
-            vals.push(h as f32);
-        }
+        let parts = &mut self.parts;
+        let (loss, rows, filtered, keys, vals) = heavy(|| gradients(parts, j, &cfg));
         if !slow.is_zero() {
             tokio::time::sleep(slow).await;
         }
@@ -351,28 +324,87 @@ impl DbpgWorker {
     }
 }
 
+/// Iteration `j`'s computation over `parts`: the summed loss, rows, the
+/// coordinates the KKT filter kept back, and the push (keys, g and h).
+#[allow(clippy::type_complexity)]
+fn gradients(
+    parts: &mut [Part],
+    j: usize,
+    cfg: &DbpgConfig,
+) -> (f64, usize, usize, Vec<u64>, Vec<f32>) {
+    let mut loss = 0.0;
+    let mut rows = 0;
+    let mut filtered = 0;
+    // Per part: sorted keys of the block with (g, h); then merged by key.
+    let mut merged: Vec<(u64, f64, f64, bool)> = Vec::new();
+    for part in parts.iter_mut() {
+        rows += part.data.rows();
+        for (r, m) in part.margins.iter().enumerate() {
+            part.p[r] = sigmoid(*m);
+            loss += logistic_loss(*m, part.data.labels[r] as f64);
+        }
+        let block = part.bounds[j]..part.bounds[j + 1];
+        let gh = block_gradient(&part.data, &part.p, block.clone(), &mut part.count);
+        for (k, (g, h)) in block.zip(gh) {
+            merged.push((part.data.keys[k], g, h, part.weights[k] == 0.0));
+        }
+    }
+    if parts.len() > 1 {
+        merged.sort_unstable_by_key(|e| e.0);
+        merged.dedup_by(|next, prev| {
+            let same = next.0 == prev.0;
+            if same {
+                prev.1 += next.1;
+                prev.2 += next.2;
+                prev.3 &= next.3;
+            }
+            same
+        });
+    }
+    let mut keys = Vec::with_capacity(merged.len());
+    let mut vals = Vec::with_capacity(merged.len() * 2);
+    for (key, g, h, zero) in merged {
+        if let Some(delta) = cfg.kkt {
+            let weight = if zero { 0.0 } else { 1.0 };
+            if kkt_skip(weight, g, cfg.l1, delta, cfg.workers) {
+                filtered += 1;
+                continue;
+            }
+        }
+        keys.push(key);
+        vals.push(g as f32);
+        vals.push(h as f32);
+    }
+    (loss, rows, filtered, keys, vals)
+}
+
 /// The gradient `g_k` and curvature bound `h_k` of the summed logistic loss
 /// for each column of `block`, given each row's probability `p`. `count`
 /// is scratch space of one zero per row, left zeroed.
+///
+/// # Panics
+///
+/// When `data` is held by row.
 pub fn block_gradient(
     data: &Dataset,
-    cols: &Columns,
     p: &[f64],
     block: Range<usize>,
     count: &mut [u32],
 ) -> Vec<(f64, f64)> {
+    let cols = data.by_column();
+    let rows = &cols.idx;
     for k in block.clone() {
-        for e in cols.col_ptr[k]..cols.col_ptr[k + 1] {
-            count[cols.rows[e] as usize] += 1;
+        for &r in &rows[cols.range(k)] {
+            count[r as usize] += 1;
         }
     }
     let out = block
         .clone()
         .map(|k| {
             let (mut g, mut h) = (0f64, 0f64);
-            for e in cols.col_ptr[k]..cols.col_ptr[k + 1] {
-                let r = cols.rows[e] as usize;
-                let x = cols.vals[e] as f64;
+            for (r, x) in cols.line(k) {
+                let r = r as usize;
+                let x = x as f64;
                 g += (p[r] - data.labels[r] as f64) * x;
                 h += p[r] * (1.0 - p[r]) * x * x * count[r] as f64;
             }
@@ -380,8 +412,8 @@ pub fn block_gradient(
         })
         .collect();
     for k in block {
-        for e in cols.col_ptr[k]..cols.col_ptr[k + 1] {
-            count[cols.rows[e] as usize] = 0;
+        for &r in &rows[cols.range(k)] {
+            count[r as usize] = 0;
         }
     }
     out
@@ -436,12 +468,12 @@ mod tests {
     #[test]
     fn gradient_matches_finite_differences_and_h_bounds_the_curvature() {
         let d = data();
-        let cols = d.columns();
+        let cols = d.clone().into_columns();
         let w: Vec<f32> = (0..d.keys.len()).map(|i| 0.1 * i as f32 - 0.3).collect();
         let p: Vec<f64> = d.margins(&w).into_iter().map(sigmoid).collect();
         let mut count = vec![0; d.rows()];
         let all = 0..d.keys.len();
-        let gh = block_gradient(&d, &cols, &p, all.clone(), &mut count);
+        let gh = block_gradient(&cols, &p, all.clone(), &mut count);
         assert!(count.iter().all(|&c| c == 0));
         for k in all {
             let step = 1e-3f32;
@@ -465,7 +497,7 @@ mod tests {
     #[test]
     fn block_steps_with_the_prox_updater_never_increase_the_objective() {
         let d = data();
-        let cols = d.columns();
+        let cols = d.clone().into_columns();
         let (l1, l2) = (0.5f32, 0.1f32);
         let prox = Registry::new()
             .build(&UpdaterSpec::Prox {
@@ -488,7 +520,7 @@ mod tests {
             let j = t % 3;
             let p: Vec<f64> = d.margins(&w).into_iter().map(sigmoid).collect();
             let block = bounds[j]..bounds[j + 1];
-            let gh = block_gradient(&d, &cols, &p, block.clone(), &mut count);
+            let gh = block_gradient(&cols, &p, block.clone(), &mut count);
             for (k, (g, h)) in block.zip(gh) {
                 prox.apply(&mut w[k..k + 1], &mut [], &[g as f32, h as f32]);
             }

@@ -26,7 +26,8 @@ pub struct FtrlConfig {
 
 /// Runs epoch `epoch` (from 1) of the worker's minibatches on `data`: the
 /// clocks of minibatches `(epoch - 1) * batches + 1 ..= epoch * batches`.
-/// Reports each minibatch on `progress`; `slow` is added to each.
+/// Reports each minibatch on `progress`; `slow` is added to each. `data`
+/// is held by row.
 pub async fn run_epoch(
     w: &Worker,
     data: &Dataset,
@@ -36,6 +37,7 @@ pub async fn run_epoch(
     progress: &UnboundedSender<StepStats>,
 ) -> Result<(), NodeError> {
     let n = data.rows();
+    let by_row = data.by_row();
     let batches = cfg.batches.max(1);
     // Column -> position in the current batch's key list, or u32::MAX.
     let mut slot = vec![u32::MAX; data.keys.len()];
@@ -46,8 +48,7 @@ pub async fn run_epoch(
             let rows = (n * b / batches)..(n * (b + 1) / batches);
             let mut cols: Vec<u32> = Vec::new();
             for r in rows.clone() {
-                for e in data.row_ptr[r]..data.row_ptr[r + 1] {
-                    let c = data.cols[e];
+                for &c in &by_row.idx[by_row.range(r)] {
                     if slot[c as usize] == u32::MAX {
                         slot[c as usize] = 0;
                         cols.push(c);
@@ -85,18 +86,15 @@ pub async fn run_epoch(
             let mut grad = vec![0f32; keys.len()];
             let mut loss = 0.0;
             for r in rows.clone() {
-                let span = data.row_ptr[r]..data.row_ptr[r + 1];
-                let m: f64 = span
-                    .clone()
-                    .map(|e| {
-                        data.vals[e] as f64 * weights[slot[data.cols[e] as usize] as usize] as f64
-                    })
+                let m: f64 = by_row
+                    .line(r)
+                    .map(|(c, x)| x as f64 * weights[slot[c as usize] as usize] as f64)
                     .sum();
                 let y = data.labels[r] as f64;
                 loss += logistic_loss(m, y);
                 let d = (sigmoid(m) - y) as f32;
-                for e in span {
-                    grad[slot[data.cols[e] as usize] as usize] += d * data.vals[e];
+                for (c, x) in by_row.line(r) {
+                    grad[slot[c as usize] as usize] += d * x;
                 }
             }
             for &c in &cols {

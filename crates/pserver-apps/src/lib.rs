@@ -1,7 +1,8 @@
 //! Learning applications on pserver. They use only the public worker API
 //! (`pserver_node::worker`), to show it is enough.
 //!
-//! - [`dataset`]: a worker's rows in memory, by row and by column.
+//! - [`dataset`]: a worker's rows in memory, by row or by column.
+//! - [`cpu`]: long computations in async code, off the runtime's way.
 //! - [`dbpg`]: delayed block proximal gradient, a worker's side.
 //! - [`ftrl`]: asynchronous SGD with FTRL-Proximal, a worker's side.
 //! - [`train`]: a whole run: load shards, run workers, score, collect.
@@ -12,6 +13,7 @@
 //! - [`report`]: the figures of a training run, as a table and as JSON.
 //! - [`model`]: trained weights on disk, with checksums.
 
+pub mod cpu;
 pub mod dataset;
 pub mod dbpg;
 pub mod ftrl;

@@ -106,6 +106,15 @@ pub struct Report {
     /// `--tune`: the choice and the validation curve (absent otherwise).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tune: Option<crate::tune::TuneReport>,
+    /// Each worker process's peak resident set size in bytes (`VmHWM`),
+    /// in the order they were taken in; empty when the workers ran in the
+    /// scheduler's process.
+    #[serde(default)]
+    pub peak_rss_per_worker: Vec<u64>,
+    /// Bytes the workers held their shards in (with the algorithm's state
+    /// over them) per non-zero, after loading.
+    #[serde(default, with = "finite_or_null")]
+    pub shard_bytes_per_nnz: f64,
 }
 
 impl Report {
@@ -146,6 +155,25 @@ impl Report {
                 fixed(self.wait_fraction * 100.0, 1, " % of worker time"),
             ),
         ];
+        // Memory per worker process, when the workers were processes.
+        if let (Some(min), Some(max)) = (
+            self.peak_rss_per_worker.iter().min(),
+            self.peak_rss_per_worker.iter().max(),
+        ) {
+            rows.push((
+                "peak RSS",
+                format!(
+                    "{} max per worker ({} min, {} workers)",
+                    format_bytes(*max),
+                    format_bytes(*min),
+                    self.peak_rss_per_worker.len()
+                ),
+            ));
+            rows.push((
+                "shard memory",
+                fixed(self.shard_bytes_per_nnz, 2, " B per non-zero"),
+            ));
+        }
         // Refused lines matter only when there are some.
         if self.bad_lines > 0 {
             rows.push(("bad lines", thousands(self.bad_lines)));
@@ -397,6 +425,8 @@ mod tests {
                 &[(0.5, 1, 0.69), (1.0, 2, 0.5), (2.0, 3, 0.45)],
                 &[(1.0, 0.78, 0.48), (1.5, 0.79, 0.47)],
             ),
+            peak_rss_per_worker: vec![1_210_000_000, 1_180_000_000],
+            shard_bytes_per_nnz: 4.567,
         }
     }
 
@@ -429,6 +459,8 @@ mod tests {
             "bytes_saved",
             "wait_fraction",
             "curve",
+            "peak_rss_per_worker",
+            "shard_bytes_per_nnz",
         ] {
             assert!(v.get(key).is_some(), "missing {key}");
         }
@@ -498,6 +530,8 @@ mod tests {
             "45.6 MB",
             "789 kB by filters",
             "12.3 % of worker time",
+            "1.21 GB max per worker (1.18 GB min, 2 workers)",
+            "4.57 B per non-zero",
             "bad lines",
         ] {
             assert!(t.contains(figure), "{figure:?} not in\n{t}");
@@ -528,6 +562,7 @@ mod tests {
         let t = r.table();
         assert!(t.contains("n/a") && t.contains("tau inf"));
         assert!(!t.contains("NaN") && !t.contains("bad lines"));
+        assert!(!t.contains("peak RSS") && !t.contains("shard memory"));
     }
 
     #[test]

@@ -144,6 +144,23 @@ pub struct RunResult {
     pub test_curve: Vec<(f64, f64, f64)>,
     /// The weights table's name.
     pub table: String,
+    /// What each worker held, in the order they were taken in.
+    pub memory: Vec<WorkerMemory>,
+}
+
+/// What one worker held for its shard.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct WorkerMemory {
+    /// Its node id.
+    pub id: u32,
+    /// Entries (non-zeros) of its shard, as last loaded.
+    pub nnz: u64,
+    /// Bytes it allocated for them and the algorithm's state over them
+    /// (the most it held after a load).
+    pub bytes: u64,
+    /// Its process's peak resident set size in bytes (`VmHWM`); 0 for
+    /// workers started in the scheduler's process, or where unknown.
+    pub peak_rss: u64,
 }
 
 impl TrainConfig {
@@ -312,8 +329,7 @@ pub(crate) fn latest_checkpoint(
 /// Pulls the weights of the test set's keys and scores it.
 pub(crate) async fn score(w: &Worker, table: &str, test: &Dataset) -> Result<Metrics, TrainError> {
     let weights = w.pull(table, test.keys.clone()).await?;
-    let p: Vec<f32> = test
-        .margins(&weights)
+    let p: Vec<f32> = crate::cpu::heavy(|| test.margins(&weights))
         .into_iter()
         .map(|m| sigmoid(m) as f32)
         .collect();

@@ -649,6 +649,14 @@ fn report_of(args: &TrainArgs, cfg: &TrainConfig, r: &RunResult) -> Report {
         wait_fraction: r.wait_fraction,
         curve: merge_curve(&r.curve, &r.test_curve),
         tune: None,
+        peak_rss_per_worker: r
+            .memory
+            .iter()
+            .map(|m| m.peak_rss)
+            .filter(|&p| p > 0)
+            .collect(),
+        shard_bytes_per_nnz: r.memory.iter().map(|m| m.bytes).sum::<u64>() as f64
+            / r.memory.iter().map(|m| m.nnz).sum::<u64>().max(1) as f64,
     }
 }
 

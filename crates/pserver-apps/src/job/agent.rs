@@ -5,7 +5,7 @@
 use super::link::{self, LinkError, Receiver, Sender};
 use super::proto::{Algo, FileInfo, FromWorker, JobSpec, StepStats, ToWorker};
 use super::{Unit, describe};
-use crate::dataset::{Builder, Dataset};
+use crate::dataset::{self, Builder, Dataset};
 use crate::dbpg::{DbpgConfig, DbpgWorker};
 use crate::ftrl::{self, FtrlConfig};
 use pserver_data::{ReadOptions, ReadStats, Split};
@@ -249,7 +249,9 @@ fn readable(patterns: &[String]) -> Result<Vec<FileInfo>, String> {
         .collect())
 }
 
-/// Loads `units` into one dataset (blocking: run it off the async threads).
+/// Loads `units` into one dataset, in the layout the job's algorithm
+/// reads (DBPG: by column; FTRL: by row), so only that one is ever held
+/// (blocking: run it off the async threads).
 fn load(units: &[Unit], spec: &JobSpec, id: u32) -> Result<(Dataset, Vec<ReadStats>), String> {
     let format = spec
         .format
@@ -279,19 +281,22 @@ fn load(units: &[Unit], spec: &JobSpec, id: u32) -> Result<(Dataset, Vec<ReadSta
         }
         stats.push(reader.stats().clone());
     }
-    Ok((b.build(), stats))
+    let data = match spec.algo {
+        Algo::Dbpg => b.build_columns(),
+        Algo::Ftrl => b.build(),
+    };
+    Ok((data, stats))
 }
 
 async fn load_async(
     units: Vec<Unit>,
     spec: &JobSpec,
     id: u32,
-) -> Result<(Arc<Dataset>, Vec<ReadStats>), SessionError> {
+) -> Result<(Dataset, Vec<ReadStats>), SessionError> {
     let spec = spec.clone();
     tokio::task::spawn_blocking(move || load(&units, &spec, id))
         .await
         .map_err(|e| SessionError::Failed(format!("worker {id}: loading failed: {e}")))?
-        .map(|(d, s)| (Arc::new(d), s))
         .map_err(SessionError::Failed)
 }
 
@@ -308,7 +313,26 @@ fn traffic(w: &Worker) -> (u64, u64, u64) {
 /// The algorithm's state on this worker.
 enum Runner {
     Dbpg(DbpgWorker),
-    Ftrl { cfg: FtrlConfig, data: Arc<Dataset> },
+    Ftrl { cfg: FtrlConfig, data: Dataset },
+}
+
+impl Runner {
+    /// Rows held.
+    fn rows(&self) -> usize {
+        match self {
+            Runner::Dbpg(d) => d.rows(),
+            Runner::Ftrl { data, .. } => data.rows(),
+        }
+    }
+
+    /// The shard's entries (non-zeros) and the bytes allocated for them
+    /// and the algorithm's state over them.
+    fn memory(&self) -> (u64, u64) {
+        match self {
+            Runner::Dbpg(d) => (d.nnz() as u64, d.bytes() as u64),
+            Runner::Ftrl { data, .. } => (data.nnz() as u64, data.bytes() as u64),
+        }
+    }
 }
 
 /// Runs a job after the offer: start, steps, reassignments, finish.
@@ -329,6 +353,8 @@ async fn run_job(
         )));
     };
     let node = |e: NodeError| SessionError::Failed(format!("worker {id}: {e}"));
+    // The peak RSS reported at the end is this job's (where Linux allows).
+    dataset::reset_peak_rss();
     w.set_filters(spec.key_caching, spec.compression);
     w.join(Group::Job(spec.job.clone()), &describe(&units))
         .await
@@ -344,6 +370,7 @@ async fn run_job(
     }
     let mut held = units.clone();
     let (data, stats) = load_async(units, &spec, id).await?;
+    let keys = data.keys.len();
     // A warm-started table already holds weights: pull them.
     let fresh = from == 1 && spec.first == 0 && !spec.warm;
     let mut runner = match spec.algo {
@@ -359,7 +386,7 @@ async fn run_job(
                 total: spec.steps,
                 clock_base: spec.clock_base,
             });
-            d.set_data(w, data.clone(), fresh).await.map_err(node)?;
+            d.set_data(w, data, fresh).await.map_err(node)?;
             Runner::Dbpg(d)
         }
         Algo::Ftrl => Runner::Ftrl {
@@ -368,13 +395,23 @@ async fn run_job(
                 batches: spec.batches,
                 clock_base: spec.clock_base,
             },
-            data: data.clone(),
+            data,
         },
     };
+    let (nnz, bytes) = runner.memory();
+    tracing::info!(
+        rows = runner.rows(),
+        nnz,
+        bytes,
+        peak_rss = dataset::peak_rss().unwrap_or(0),
+        "loaded"
+    );
     tx.send(&FromWorker::Loaded {
-        rows: data.rows(),
-        keys: data.keys.len(),
+        rows: runner.rows(),
+        keys,
         stats,
+        nnz,
+        bytes,
     })
     .await?;
 
@@ -428,6 +465,8 @@ async fn run_job(
                     rows: 0,
                     keys: 0,
                     stats: Vec::new(),
+                    nnz: 0,
+                    bytes: 0,
                 })
                 .await?;
             }
@@ -449,25 +488,29 @@ async fn run_job(
                 };
                 let (data, stats) = load_async(read, &spec, id).await?;
                 let keys = data.keys.len();
-                let rows = match &mut runner {
+                match &mut runner {
                     Runner::Dbpg(d) => {
                         if grows {
                             d.add_data(w, data).await.map_err(node)?;
                         } else {
                             d.set_data(w, data, false).await.map_err(node)?;
                         }
-                        d.rows()
                     }
-                    Runner::Ftrl { data: mine, .. } => {
-                        *mine = data;
-                        mine.rows()
-                    }
-                };
+                    Runner::Ftrl { data: mine, .. } => *mine = data,
+                }
                 held = units;
                 w.join(Group::Job(spec.job.clone()), &describe(&held))
                     .await
                     .map_err(node)?;
-                tx.send(&FromWorker::Loaded { rows, keys, stats }).await?;
+                let (nnz, bytes) = runner.memory();
+                tx.send(&FromWorker::Loaded {
+                    rows: runner.rows(),
+                    keys,
+                    stats,
+                    nnz,
+                    bytes,
+                })
+                .await?;
             }
             ToWorker::Finish => {
                 let now = traffic(w);
@@ -475,6 +518,7 @@ async fn run_job(
                     sent: now.0 - before.0,
                     received: now.1 - before.1,
                     saved: now.2 - before.2,
+                    peak_rss: dataset::peak_rss().unwrap_or(0),
                 })
                 .await?;
                 return Ok(());

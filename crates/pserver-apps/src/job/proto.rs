@@ -222,6 +222,10 @@ pub enum FromWorker {
         keys: usize,
         /// What its readers counted (bad lines with the first few).
         stats: Vec<pserver_data::ReadStats>,
+        /// Entries (non-zeros) it now holds.
+        nnz: u64,
+        /// Bytes it holds them in, with the algorithm's state over them.
+        bytes: u64,
     },
     /// One iteration or minibatch is done.
     Iter(StepStats),
@@ -240,5 +244,9 @@ pub enum FromWorker {
         received: u64,
         /// Bytes key caching and compression kept off the wire.
         saved: u64,
+        /// The worker process's peak resident set size in bytes (`VmHWM`)
+        /// since the job's start (reset then where Linux allows; 0 where
+        /// the system does not say).
+        peak_rss: u64,
     },
 }

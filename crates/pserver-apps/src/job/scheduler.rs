@@ -10,7 +10,7 @@ use super::shards::{Assignment, Slot};
 use super::{Unit, agent::Agent};
 use crate::dataset::Dataset;
 use crate::progress::{IterStats, Progress};
-use crate::train::{RunResult, TrainConfig, TrainError, evaluate, load, score};
+use crate::train::{RunResult, TrainConfig, TrainError, WorkerMemory, evaluate, load, score};
 use crate::{dbpg, model::Model};
 use pserver_core::{KeyRange, NodeState, Role, UpdaterSpec};
 use pserver_data::Split;
@@ -159,6 +159,8 @@ pub async fn run_with(
         readers: Vec::new(),
         extra: extra.clone(),
     };
+    // In-process workers share this process: their peak RSS is not theirs.
+    let local = matches!(pool, Pool::Local(_));
     let (min, max) = match &pool {
         Pool::Local(agents) => (agents.len(), agents.len()),
         Pool::Remote { min, max, .. } => (*min, *max),
@@ -220,9 +222,28 @@ pub async fn run_with(
     let mut max_rows = 0;
     // The workers' distinct keys summed: at least the data's features.
     let mut features = 0;
+    let mut memory: BTreeMap<Slot, WorkerMemory> = BTreeMap::new();
     while loaded.len() < s.live() {
         match events.recv().await {
-            Some(Event::Msg(slot, FromWorker::Loaded { rows, keys, stats })) => {
+            Some(Event::Msg(
+                slot,
+                FromWorker::Loaded {
+                    rows,
+                    keys,
+                    stats,
+                    nnz,
+                    bytes,
+                },
+            )) => {
+                memory.insert(
+                    slot,
+                    WorkerMemory {
+                        id: s.members[slot].id,
+                        nnz,
+                        bytes,
+                        peak_rss: 0,
+                    },
+                );
                 loaded.insert(slot);
                 train_rows += rows;
                 features += keys;
@@ -286,6 +307,10 @@ pub async fn run_with(
     let mut traffic = (0u64, 0u64, 0u64);
     let mut map_tick = tokio::time::interval(MAP_EVERY);
     let mut eval_tick = tokio::time::interval(cfg.eval_every.unwrap_or(Duration::from_secs(3600)));
+    // A score that takes longer than the period (a 1M-row test set on a
+    // busy machine) must not be followed at once by the next: the events
+    // between get the period.
+    eval_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     eval_tick.tick().await;
     let mut fail = cfg
         .fail_worker
@@ -367,14 +392,25 @@ pub async fn run_with(
                             let m = &mut s.members[slot];
                             m.done = m.done.max(t);
                         }
-                        FromWorker::Loaded { rows, stats, .. } => {
+                        FromWorker::Loaded { rows, stats, nnz, bytes, .. } => {
+                            if nnz > 0 {
+                                let m = memory.entry(slot).or_insert(WorkerMemory {
+                                    id: s.members[slot].id,
+                                    ..WorkerMemory::default()
+                                });
+                                m.nnz = nnz;
+                                m.bytes = m.bytes.max(bytes);
+                            }
                             bad.extend(stats);
                             let _ = progress.send(Progress::Adopted { worker: slot, rows });
                         }
                         FromWorker::Failed { what } => {
                             s.lose(slot, what, &mut assignment, issued, &mut joining).await?;
                         }
-                        FromWorker::Traffic { sent, received, saved } => {
+                        FromWorker::Traffic { sent, received, saved, peak_rss } => {
+                            if let Some(m) = memory.get_mut(&slot).filter(|_| !local) {
+                                m.peak_rss = m.peak_rss.max(peak_rss);
+                            }
                             traffic.0 += sent;
                             traffic.1 += received;
                             traffic.2 += saved;
@@ -471,13 +507,17 @@ pub async fn run_with(
     while told < s.live() {
         match tokio::time::timeout_at(deadline, events.recv()).await {
             Ok(Some(Event::Msg(
-                _,
+                slot,
                 FromWorker::Traffic {
                     sent,
                     received,
                     saved,
+                    peak_rss,
                 },
             ))) => {
+                if let Some(m) = memory.get_mut(&slot).filter(|_| !local) {
+                    m.peak_rss = m.peak_rss.max(peak_rss);
+                }
                 traffic.0 += sent;
                 traffic.1 += received;
                 traffic.2 += saved;
@@ -512,6 +552,7 @@ pub async fn run_with(
         curve,
         test_curve,
         table,
+        memory: memory.into_values().collect(),
     })
 }
 
