@@ -516,20 +516,30 @@ impl Worker {
             group,
             task: task.to_string(),
         };
-        let reply = self
-            .inner
-            .manager()
-            .request(control_request(self.inner.id, 0, &msg))
-            .await?;
-        match reply_control(&reply, self.inner.manager().label())? {
+        match self.ask_manager(&msg).await? {
             Control::Map(map) => {
                 self.inner.install(map);
                 Ok(self.map())
             }
-            other => Err(NodeError::Protocol {
-                peer: self.inner.manager().label().to_string(),
-                what: format!("expected Map, got {other:?}"),
-            }),
+            other => Err(self.unexpected("Map", &other)),
+        }
+    }
+
+    /// Sends `msg` to the manager and returns its answer (an error reply
+    /// becomes the error).
+    async fn ask_manager(&self, msg: &Control) -> Result<Control, NodeError> {
+        let manager = self.inner.manager();
+        let reply = manager
+            .request(control_request(self.inner.id, 0, msg))
+            .await?;
+        reply_control(&reply, manager.label())
+    }
+
+    /// The error for an answer of the manager that is not the one expected.
+    fn unexpected(&self, expected: &str, got: &Control) -> NodeError {
+        NodeError::Protocol {
+            peer: self.inner.manager().label().to_string(),
+            what: format!("expected {expected}, got {got:?}"),
         }
     }
 
@@ -540,17 +550,9 @@ impl Worker {
         let msg = Control::ClaimJob {
             job: job.to_string(),
         };
-        let reply = self
-            .inner
-            .manager()
-            .request(control_request(self.inner.id, 0, &msg))
-            .await?;
-        match reply_control(&reply, self.inner.manager().label())? {
+        match self.ask_manager(&msg).await? {
             Control::Ok => Ok(()),
-            other => Err(NodeError::Protocol {
-                peer: self.inner.manager().label().to_string(),
-                what: format!("expected Ok, got {other:?}"),
-            }),
+            other => Err(self.unexpected("Ok", &other)),
         }
     }
 
