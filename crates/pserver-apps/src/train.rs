@@ -84,6 +84,26 @@ pub struct TrainConfig {
     pub net: pserver_node::net::Net,
 }
 
+/// Why `what`, read with `stats`, gave no examples: every line bad (then
+/// the first few say why), or simply none.
+pub(crate) fn empty(what: &str, stats: &[ReadStats]) -> TrainError {
+    let bad: u64 = stats.iter().map(|s| s.bad).sum();
+    if bad == 0 {
+        return TrainError::Empty(what.to_string());
+    }
+    let first: Vec<String> = stats
+        .iter()
+        .flat_map(|s| s.first_bad.iter())
+        .take(3)
+        .map(|b| b.to_string())
+        .collect();
+    TrainError::AllBad {
+        what: what.to_string(),
+        bad,
+        first: first.join("; "),
+    }
+}
+
 /// Most key-range blocks a run may ask for: far more than any data set's
 /// use, few enough that every worker's block bounds (8 bytes a block) stay
 /// small before the data can say how many features there are.
@@ -107,6 +127,16 @@ pub enum TrainError {
     /// There is nothing to train on.
     #[error("{0} holds no usable examples")]
     Empty(String),
+    /// There is nothing to train on: every line was malformed.
+    #[error("{what} holds no usable examples: {bad} malformed lines, the first: {first}")]
+    AllBad {
+        /// The data.
+        what: String,
+        /// Malformed lines.
+        bad: u64,
+        /// The first few, with file, line and reason.
+        first: String,
+    },
     /// A worker task panicked or was cancelled.
     #[error("worker {0} failed: {1}")]
     Worker(usize, String),

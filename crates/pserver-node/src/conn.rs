@@ -258,13 +258,10 @@ impl Peer {
         addr: &str,
         limits: Limits,
     ) -> Result<(Peer, mpsc::Receiver<Frame>), NodeError> {
-        let stream = net
-            .connect(addr)
-            .await
-            .map_err(|source| NodeError::Connect {
-                addr: addr.to_string(),
-                source,
-            })?;
+        let stream = net.connect(addr).await.map_err(|os| NodeError::Connect {
+            addr: addr.to_string(),
+            os,
+        })?;
         Ok(Peer::from_stream(stream, addr, limits))
     }
 
@@ -475,9 +472,9 @@ pub async fn bind(
     net: &Net,
     addr: &str,
 ) -> Result<(Box<dyn Listener>, std::net::SocketAddr), NodeError> {
-    net.bind(addr).await.map_err(|source| NodeError::Bind {
+    net.bind(addr).await.map_err(|os| NodeError::Bind {
         addr: addr.to_string(),
-        source,
+        os,
     })
 }
 

@@ -7,21 +7,23 @@ use pserver_wire::ErrorCode;
 /// Why a node or client operation failed.
 #[derive(Debug, thiserror::Error)]
 pub enum NodeError {
+    // The OS's words are part of these messages, not a `source`: one
+    // line, said once, however the error is printed (`{e}` or `{e:#}`).
     /// Could not open a connection.
-    #[error("cannot connect to {addr}: {source}")]
+    #[error("cannot connect to {addr}: {os}")]
     Connect {
         /// Where to.
         addr: String,
         /// Why.
-        source: std::io::Error,
+        os: std::io::Error,
     },
     /// Could not listen.
-    #[error("cannot listen on {addr}: {source}")]
+    #[error("cannot listen on {addr}: {os}")]
     Bind {
         /// Where.
         addr: String,
         /// Why.
-        source: std::io::Error,
+        os: std::io::Error,
     },
     /// The manager's state file could not be written or read.
     #[error("manager state {path}: {why}")]

@@ -169,8 +169,8 @@ enum Cmd {
     },
     /// Create tables, push and pull from the command line.
     Kv {
-        /// The manager's address.
-        #[arg(long, default_value = DEFAULT_MANAGER)]
+        /// The manager's address (before or after the subcommand).
+        #[arg(long, default_value = DEFAULT_MANAGER, global = true)]
         manager: String,
         #[command(subcommand)]
         cmd: kv::KvCmd,

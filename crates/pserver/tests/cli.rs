@@ -349,3 +349,34 @@ fn train_refuses_sizes_that_cannot_work() {
         started.elapsed()
     );
 }
+
+/// Issue #16 (9): messages. A file of nothing but bad lines says why; an
+/// OS error is said once; `--manager` after `kv pull` (as SECURITY.md and
+/// the README write it) is understood.
+#[test]
+fn messages_say_why_once_and_kv_takes_manager_anywhere() {
+    let dir = tempfile::tempdir().unwrap();
+    let bad = dir.path().join("bad.svm");
+    std::fs::write(&bad, "+1 x:y\n-1 3:z\n").unwrap();
+    let good = dir.path().join("good.svm");
+    libsvm(&good, 200, 3, None);
+    let (b, g) = (bad.to_str().unwrap(), good.to_str().unwrap());
+    let e = fails(&["train", "--train", b, "--test", g, "--format", "libsvm"]);
+    assert!(
+        e.contains("2 malformed lines") && e.contains("bad.svm:1:") && e.contains("bad.svm:2:"),
+        "{e}"
+    );
+    let e = fails(&[
+        "train",
+        "--train",
+        g,
+        "--test",
+        "/nonexistent/t.svm",
+        "--format",
+        "libsvm",
+    ]);
+    assert_eq!(e.matches("No such file or directory").count(), 1, "{e}");
+    let e = fails(&["kv", "pull", "w", "--keys", "1", "--manager", "127.0.0.1:1"]);
+    assert!(e.contains("127.0.0.1:1"), "{e}");
+    assert_eq!(e.matches("Connection refused").count(), 1, "{e}");
+}

@@ -265,7 +265,7 @@ pub async fn run_with(
         }
     }
     if train_rows == 0 {
-        return Err(TrainError::Empty(named));
+        return Err(crate::train::empty(&named, &bad));
     }
     if cfg.algo == Algo::Dbpg && cfg.blocks > features {
         return Err(TrainError::Config(format!(
@@ -591,7 +591,7 @@ async fn load_test(cfg: &TrainConfig) -> Result<Dataset, TrainError> {
         )));
     }
     let format = cfg.format.load()?;
-    let (test, _) = tokio::task::spawn_blocking(move || {
+    let (test, stats) = tokio::task::spawn_blocking(move || {
         load(
             &path,
             &format,
@@ -602,7 +602,7 @@ async fn load_test(cfg: &TrainConfig) -> Result<Dataset, TrainError> {
     .await
     .map_err(|e| TrainError::Worker(usize::MAX, e.to_string()))??;
     if test.rows() == 0 {
-        return Err(TrainError::Empty("the test set".into()));
+        return Err(crate::train::empty("the test set", &[stats]));
     }
     Ok(test)
 }
