@@ -866,7 +866,9 @@ async fn a_tiny_key_cache_evicts_and_misses_are_resent() {
         let misses = t.retries.load(Ordering::Relaxed);
         // From round 2 on, each list's first reference misses (the other
         // list evicted it); the resend caches it for the pull that follows.
-        assert_eq!(misses, 6, "misses");
+        // `retries` counts every resend, and on a loaded machine a slice is
+        // now and then resent for another passing reason (7 was seen).
+        assert!((6..=8).contains(&misses), "misses: {misses}");
         assert!(t.bytes_saved.load(Ordering::Relaxed) > 0);
 
         // A list longer than the whole cache is never kept, so it is never
@@ -1926,17 +1928,18 @@ async fn waiting_pulls_per_connection_are_bounded() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_server_busy_with_a_long_request_keeps_its_lease() {
     timeout(LIMIT, async {
-        // An 800 ms lease, and pushes that each take the server longer
-        // (checked below). With 400 ms the test failed once on a loaded
-        // machine, the whole cluster suite running beside it on 2 cores.
+        // An 800 ms lease, and 2M-key pushes back to back that keep the
+        // server busy for more than two leases (checked below). With 400 ms
+        // the test failed once on a loaded machine, the whole cluster suite
+        // running beside it on 2 cores; with 4M-key pushes the client's own
+        // encoding, on the runtime threads the servers share in this
+        // process, starved them under CI's load.
         let c = cluster(1, 800).await;
         let w = client(&c).await;
         w.create_table("big", TableOptions::new(1, UpdaterSpec::Add))
             .await
             .unwrap();
-        // 4M keys: the store is built optimized even in the test profile
-        // (Cargo.toml), and 2M-key pushes came out shorter than the lease.
-        let keys: Vec<u64> = (0..1u64 << 22)
+        let keys: Vec<u64> = (0..1u64 << 21)
             .map(|k| k.wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 1)
             .collect();
         let mut keys = keys;
@@ -1944,26 +1947,26 @@ async fn a_server_busy_with_a_long_request_keeps_its_lease() {
         keys.dedup();
         let vals = vec![1.0; keys.len()];
         let t = std::time::Instant::now();
-        for _ in 0..3 {
+        for _ in 0..4 {
             w.advance();
             w.push("big", keys.clone(), vals.clone()).await.unwrap();
         }
         let took = t.elapsed();
-        // In a debug build (as `cargo test` runs) each push takes seconds;
-        // a release build is too fast for this lease to be tested.
+        // In the test profile the pushes take about 0.6 s each; a release
+        // build is too fast for this lease to be tested.
         assert!(
-            !cfg!(debug_assertions) || took > 3 * Duration::from_millis(800),
-            "pushes shorter than the lease ({took:?} for 3) show nothing"
+            !cfg!(debug_assertions) || took > 2 * Duration::from_millis(800),
+            "pushes shorter than two leases ({took:?} for 4) show nothing"
         );
         let map = w.refresh().await.unwrap();
         let server = map.nodes.iter().find(|n| n.role == Role::Server).unwrap();
         assert_eq!(
             server.state,
             pserver_core::NodeState::Alive,
-            "declared dead while busy ({took:?} for 3 pushes)"
+            "declared dead while busy ({took:?} for 4 pushes)"
         );
         assert_eq!(map.epoch, w.map().epoch);
-        assert_eq!(w.pull("big", vec![keys[7]]).await.unwrap(), [3.0]);
+        assert_eq!(w.pull("big", vec![keys[7]]).await.unwrap(), [4.0]);
     })
     .await
     .unwrap();
