@@ -1,0 +1,377 @@
+//! Unit tests of `membership`.
+
+use super::*;
+
+use crate::spec::{Consistency, Init, UpdaterSpec};
+
+fn spec_of(name: &str, dim: u32) -> TableSpec {
+    TableSpec {
+        id: 0,
+        name: name.into(),
+        dim,
+        init: Init::Zero,
+        updater: UpdaterSpec::Add,
+        consistency: Consistency::Eventual,
+        aggregate: false,
+        job: None,
+    }
+}
+
+fn mgr() -> Membership {
+    Membership::new(MembershipConfig {
+        replicas: 1,
+        vnodes: 8,
+        lease_ms: 100,
+    })
+    .unwrap()
+}
+
+#[test]
+fn config_is_checked() {
+    let bad = MembershipConfig {
+        vnodes: 0,
+        ..Default::default()
+    };
+    assert!(matches!(
+        Membership::new(bad),
+        Err(MembershipError::Config(_))
+    ));
+}
+
+#[test]
+fn servers_change_the_map_clients_do_not() {
+    let mut m = mgr();
+    let s1 = m
+        .register(Role::Server, "127.0.0.1:1", Group::Default, 0)
+        .unwrap();
+    assert_eq!(m.map().epoch, 1);
+    let s2 = m
+        .register(Role::Server, "127.0.0.1:2", Group::Default, 0)
+        .unwrap();
+    assert_eq!(m.map().epoch, 2);
+    assert!(m.map().partitions.iter().any(|p| p.primary == s1));
+    assert!(m.map().partitions.iter().any(|p| p.primary == s2));
+    let c = m.register(Role::Client, "", Group::Default, 0).unwrap();
+    assert_eq!(m.map().epoch, 2);
+    assert!(m.map().node(c).is_none());
+    assert!(m.heartbeat(c, 5).is_ok());
+    assert_eq!(
+        m.register(Role::Server, "", Group::Default, 0),
+        Err(MembershipError::NoAddress)
+    );
+}
+
+#[test]
+fn lease_expiry_marks_dead_and_moves_ranges() {
+    let mut m = mgr();
+    let s1 = m.register(Role::Server, "a", Group::Default, 0).unwrap();
+    let s2 = m.register(Role::Server, "b", Group::Default, 0).unwrap();
+    m.heartbeat(s1, 50).unwrap();
+    // Silent for three quarters of the lease (75 ms) is alive; longer is dead.
+    assert!(m.expire(75).is_empty());
+    let epoch = m.map().epoch;
+    assert_eq!(m.expire(76), vec![s2]);
+    assert_eq!(m.map().epoch, epoch + 1);
+    assert_eq!(m.map().node(s2).unwrap().state, NodeState::Dead);
+    assert!(m.map().partitions.iter().all(|p| p.primary == s1));
+    assert_eq!(m.heartbeat(s2, 160), Err(MembershipError::Dead(s2)));
+    assert_eq!(m.heartbeat(99, 160), Err(MembershipError::UnknownNode(99)));
+}
+
+#[test]
+fn tables_are_idempotent_and_checked() {
+    let mut m = mgr();
+    let (t, new) = m.create_table(spec_of("w", 1)).unwrap();
+    assert!(new);
+    let (t2, new2) = m.create_table(spec_of("w", 1)).unwrap();
+    assert!(!new2);
+    assert_eq!(t, t2);
+    assert_eq!(
+        m.create_table(spec_of("w", 2)),
+        Err(MembershipError::TableExists("w".into()))
+    );
+    assert!(matches!(
+        m.create_table(spec_of("x", 0)),
+        Err(MembershipError::Spec(_))
+    ));
+}
+
+#[test]
+fn barriers_release_when_all_live_workers_entered() {
+    let mut m = mgr();
+    let w1 = m.register(Role::Worker, "", Group::Default, 0).unwrap();
+    let w2 = m.register(Role::Worker, "", Group::Default, 0).unwrap();
+    assert_eq!(m.barrier_enter("b", w1).unwrap(), None);
+    let r = m.barrier_enter("b", w2).unwrap().unwrap();
+    assert_eq!(r.nodes, [w1, w2].into_iter().collect());
+    // A worker dying releases the others.
+    assert_eq!(m.barrier_enter("c", w1).unwrap(), None);
+    assert!(m.disconnected(w2));
+    let r = m.release_ready();
+    assert_eq!(r.len(), 1);
+    assert_eq!(r[0].name, "c");
+    assert_eq!(
+        m.barrier_enter("d", w2),
+        Err(MembershipError::NotWorker(w2))
+    );
+}
+
+#[test]
+fn barriers_count_the_workers_of_their_group() {
+    let mut m = mgr();
+    let job = |j: &str| Group::Job(j.into());
+    let a1 = m.register(Role::Worker, "", job("a"), 0).unwrap();
+    let a2 = m.register(Role::Worker, "", job("a"), 0).unwrap();
+    let b1 = m.register(Role::Worker, "", job("b"), 0).unwrap();
+    let idle = m.register(Role::Worker, "h:1", Group::Idle, 0).unwrap();
+    // Job b's one worker is its whole barrier, whatever job a does.
+    let r = m.barrier_enter("start", b1).unwrap().unwrap();
+    assert_eq!(r.group, job("b"));
+    assert_eq!(m.barrier_enter("start", a1).unwrap(), None);
+    // An idle worker joining job a counts from then on.
+    assert!(m.join(idle, job("a"), "shard 3").unwrap());
+    assert_eq!(m.barrier_enter("start", a2).unwrap(), None);
+    let r = m.barrier_enter("start", idle).unwrap().unwrap();
+    assert_eq!(r.nodes, [a1, a2, idle].into_iter().collect());
+    // A worker going idle releases its old group's barrier.
+    assert_eq!(m.barrier_enter("end", a1).unwrap(), None);
+    assert_eq!(m.barrier_enter("end", a2).unwrap(), None);
+    m.join(idle, Group::Idle, "").unwrap();
+    let r = m.release_ready();
+    assert_eq!(r.len(), 1);
+    assert_eq!(r[0].nodes, [a1, a2].into_iter().collect());
+    // Idle workers are in no barrier.
+    assert_eq!(
+        m.barrier_enter("x", idle),
+        Err(MembershipError::NotWorker(idle))
+    );
+}
+
+#[test]
+fn joins_keep_a_worker_to_one_job_and_show_in_the_map() {
+    let mut m = mgr();
+    let s = m.register(Role::Server, "s", Group::Default, 0).unwrap();
+    let w = m.register(Role::Worker, "h:1", Group::Idle, 0).unwrap();
+    let epoch = m.map().epoch;
+    assert!(m.join(w, Group::Job("a".into()), "shard 1 of 3").unwrap());
+    assert_eq!(m.map().epoch, epoch + 1);
+    let n = m.map().node(w).unwrap();
+    assert_eq!(
+        (&n.group, n.task.as_str()),
+        (&Group::Job("a".into()), "shard 1 of 3")
+    );
+    // The same again changes nothing.
+    assert!(!m.join(w, Group::Job("a".into()), "shard 1 of 3").unwrap());
+    assert_eq!(
+        m.join(w, Group::Job("b".into()), ""),
+        Err(MembershipError::OtherJob {
+            node: w,
+            job: "a".into()
+        })
+    );
+    assert!(m.join(w, Group::Idle, "").unwrap());
+    assert!(m.join(w, Group::Job("b".into()), "").unwrap());
+    assert_eq!(
+        m.join(s, Group::Idle, ""),
+        Err(MembershipError::NotAWorker(s))
+    );
+    assert!(matches!(
+        m.join(w, Group::Job("no spaces".into()), ""),
+        Err(MembershipError::BadJob(_))
+    ));
+    // The map counts a table's job's workers only.
+    let mut t = spec_of("t", 1);
+    t.job = Some("b".into());
+    assert_eq!(m.map().workers_of(&t), [w]);
+    t.job = Some("a".into());
+    assert!(m.map().workers_of(&t).is_empty());
+}
+
+#[test]
+fn one_scheduler_per_job_until_it_leaves() {
+    let mut m = mgr();
+    let c1 = m.register(Role::Client, "", Group::Default, 0).unwrap();
+    let c2 = m.register(Role::Client, "", Group::Default, 0).unwrap();
+    m.claim_job("a", c1).unwrap();
+    m.claim_job("a", c1).unwrap();
+    assert_eq!(
+        m.claim_job("a", c2),
+        Err(MembershipError::JobClaimed {
+            job: "a".into(),
+            by: c1
+        })
+    );
+    m.claim_job("b", c2).unwrap();
+    assert_eq!(m.jobs().collect::<Vec<_>>(), [("a", c1), ("b", c2)]);
+    // Its scheduler gone, the job may be claimed again (a restarted
+    // scheduler resuming it).
+    m.disconnected(c1);
+    m.claim_job("a", c2).unwrap();
+    // A silent client's claims go with it.
+    let c3 = m.register(Role::Client, "", Group::Default, 10).unwrap();
+    m.claim_job("c", c3).unwrap();
+    m.heartbeat(c2, 100_000).unwrap();
+    m.expire(100_000);
+    assert_eq!(m.jobs().map(|(j, _)| j).collect::<Vec<_>>(), ["a", "b"]);
+}
+
+fn unreplicated() -> Membership {
+    Membership::new(MembershipConfig {
+        replicas: 0,
+        vnodes: 8,
+        lease_ms: 100,
+    })
+    .unwrap()
+}
+
+fn primaries(m: &Membership) -> BTreeSet<NodeId> {
+    m.map().partitions.iter().map(|p| p.primary).collect()
+}
+
+fn chain_members(m: &Membership) -> BTreeSet<NodeId> {
+    m.map()
+        .partitions
+        .iter()
+        .flat_map(|p| std::iter::once(p.primary).chain(p.replicas.iter().copied()))
+        .collect()
+}
+
+#[test]
+fn a_server_joining_a_cluster_with_tables_takes_ranges_in_two_phases() {
+    let mut m = unreplicated();
+    let s1 = m.register(Role::Server, "a", Group::Default, 0).unwrap();
+    let s2 = m.register(Role::Server, "b", Group::Default, 0).unwrap();
+    m.create_table(spec_of("w", 1)).unwrap();
+    let s3 = m.register(Role::Server, "c", Group::Default, 0).unwrap();
+    // Phase one: s3 only joins chains; s1 and s2 still serve everything.
+    assert!(m.handing_off());
+    assert_eq!(primaries(&m), BTreeSet::from([s1, s2]));
+    assert!(chain_members(&m).contains(&s3));
+    let epoch = m.map().epoch;
+    // Only once both primaries report their copies does s3 take over.
+    assert!(!m.synced(s1, epoch));
+    assert!(!m.synced(s2, epoch - 1));
+    assert!(!m.synced(s3, epoch));
+    assert!(m.synced(s2, epoch));
+    assert!(!m.handing_off());
+    assert_eq!(primaries(&m), BTreeSet::from([s1, s2, s3]));
+    assert_eq!(m.map().epoch, epoch + 1);
+    assert!(m.map().partitions.iter().all(|p| p.replicas.is_empty()));
+}
+
+#[test]
+fn without_tables_a_join_switches_at_once() {
+    let mut m = unreplicated();
+    let s1 = m.register(Role::Server, "a", Group::Default, 0).unwrap();
+    let s2 = m.register(Role::Server, "b", Group::Default, 0).unwrap();
+    assert!(!m.handing_off());
+    assert_eq!(primaries(&m), BTreeSet::from([s1, s2]));
+}
+
+#[test]
+fn a_drained_server_hands_off_then_is_told_to_go() {
+    let mut m = mgr();
+    let s1 = m.register(Role::Server, "a", Group::Default, 0).unwrap();
+    let s2 = m.register(Role::Server, "b", Group::Default, 0).unwrap();
+    let s3 = m.register(Role::Server, "c", Group::Default, 0).unwrap();
+    m.create_table(spec_of("w", 1)).unwrap();
+    assert!(m.drain(s2).unwrap());
+    assert!(!m.drain(s2).unwrap(), "draining twice changes nothing");
+    assert_eq!(m.leaving().collect::<Vec<_>>(), vec![s2]);
+    // s2 keeps serving its ranges while it copies them down chains
+    // that now end at their next primaries.
+    assert!(m.handing_off());
+    assert!(primaries(&m).contains(&s2));
+    let epoch = m.map().epoch;
+    for s in [s1, s3] {
+        assert!(!m.synced(s, epoch));
+    }
+    assert!(m.synced(s2, epoch));
+    assert!(!chain_members(&m).contains(&s2));
+    assert_eq!(m.map().node(s2).unwrap().state, NodeState::Dead);
+    assert_eq!(primaries(&m), BTreeSet::from([s1, s3]));
+
+    let mut m = unreplicated();
+    let s1 = m.register(Role::Server, "a", Group::Default, 0).unwrap();
+    let s2 = m.register(Role::Server, "b", Group::Default, 0).unwrap();
+    m.create_table(spec_of("w", 1)).unwrap();
+    assert!(m.drain(s2).unwrap());
+    // No replica holds s2's ranges: it keeps serving while it copies.
+    assert!(m.handing_off());
+    assert_eq!(m.map().node(s2).unwrap().state, NodeState::Alive);
+    assert!(primaries(&m).contains(&s2));
+    let epoch = m.map().epoch;
+    assert!(!m.synced(s1, epoch));
+    assert!(m.synced(s2, epoch));
+    assert_eq!(primaries(&m), BTreeSet::from([s1]));
+    assert_eq!(m.map().node(s2).unwrap().state, NodeState::Dead);
+    // The last server cannot be drained.
+    assert!(matches!(m.drain(s1), Err(MembershipError::Drain { .. })));
+    assert_eq!(m.drain(99), Err(MembershipError::UnknownNode(99)));
+}
+
+#[test]
+fn a_death_during_a_hand_off_replans_from_what_is_left() {
+    let mut m = unreplicated();
+    let s1 = m.register(Role::Server, "a", Group::Default, 0).unwrap();
+    let s2 = m.register(Role::Server, "b", Group::Default, 0).unwrap();
+    m.create_table(spec_of("w", 1)).unwrap();
+    let s3 = m.register(Role::Server, "c", Group::Default, 0).unwrap();
+    assert!(m.handing_off());
+    // The joiner dies before the copies are done: back to s1 and s2.
+    assert!(m.disconnected(s3));
+    assert!(!m.handing_off());
+    assert_eq!(primaries(&m), BTreeSet::from([s1, s2]));
+    assert!(!chain_members(&m).contains(&s3));
+}
+
+#[test]
+fn a_restored_manager_keeps_the_map_and_takes_its_nodes_back() {
+    let mut m = mgr();
+    let s1 = m.register(Role::Server, "a", Group::Default, 0).unwrap();
+    let s2 = m.register(Role::Server, "b", Group::Default, 0).unwrap();
+    let w = m.register(Role::Worker, "", Group::Default, 0).unwrap();
+    let c = m.register(Role::Client, "", Group::Default, 0).unwrap();
+    m.create_table(spec_of("w", 1)).unwrap();
+    let saved = m.persisted();
+    let mut r = Membership::restore(*m.config(), saved.clone(), 1000).unwrap();
+    assert_eq!(r.map(), m.map());
+    // Ids go on where they stopped.
+    let w2 = r.register(Role::Worker, "", Group::Default, 1000).unwrap();
+    assert!(w2 > c);
+    assert_eq!(r.create_table(spec_of("v", 1)).unwrap().0.id, 2);
+    // Known nodes come back; others do not.
+    assert_eq!(r.rejoin(s1, Role::Server, "a", 1010), Ok(()));
+    assert_eq!(r.rejoin(w, Role::Worker, "", 1010), Ok(()));
+    assert_eq!(r.rejoin(c, Role::Client, "", 1010), Ok(()));
+    assert_eq!(
+        r.rejoin(s2, Role::Server, "elsewhere", 1010),
+        Err(MembershipError::UnknownNode(s2))
+    );
+    assert_eq!(
+        r.rejoin(99, Role::Server, "z", 1010),
+        Err(MembershipError::UnknownNode(99))
+    );
+    // s2 did not rejoin: its lease (from the restart) runs out.
+    r.heartbeat(w2, 1070).unwrap();
+    assert_eq!(r.expire(1080), vec![s2]);
+    assert_eq!(
+        r.rejoin(s2, Role::Server, "b", 1090),
+        Err(MembershipError::Dead(s2))
+    );
+    // A config that does not match the saved map is refused.
+    let other = MembershipConfig {
+        replicas: 2,
+        ..*m.config()
+    };
+    assert!(matches!(
+        Membership::restore(other, saved.clone(), 0),
+        Err(MembershipError::Config(_))
+    ));
+    let mut bad = saved;
+    bad.next_id = 1;
+    assert!(matches!(
+        Membership::restore(*m.config(), bad, 0),
+        Err(MembershipError::Config(_))
+    ));
+}
