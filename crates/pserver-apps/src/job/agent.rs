@@ -317,6 +317,19 @@ enum Runner {
 }
 
 impl Runner {
+    /// The `Loaded` report of what it now holds (`keys` and `stats` of the
+    /// units just read).
+    fn loaded(&self, keys: usize, stats: Vec<ReadStats>) -> FromWorker {
+        let (nnz, bytes) = self.memory();
+        FromWorker::Loaded {
+            rows: self.rows(),
+            keys,
+            stats,
+            nnz,
+            bytes,
+        }
+    }
+
     /// Rows held.
     fn rows(&self) -> usize {
         match self {
@@ -398,22 +411,12 @@ async fn run_job(
             data,
         },
     };
-    let (nnz, bytes) = runner.memory();
     tracing::info!(
         rows = runner.rows(),
-        nnz,
-        bytes,
         peak_rss = dataset::peak_rss().unwrap_or(0),
         "loaded"
     );
-    tx.send(&FromWorker::Loaded {
-        rows: runner.rows(),
-        keys,
-        stats,
-        nnz,
-        bytes,
-    })
-    .await?;
+    tx.send(&runner.loaded(keys, stats)).await?;
 
     let slow = Duration::from_millis(spec.slow_ms);
     // Acknowledged steps come back here (pushes complete in the background).
@@ -502,15 +505,7 @@ async fn run_job(
                 w.join(Group::Job(spec.job.clone()), &describe(&held))
                     .await
                     .map_err(node)?;
-                let (nnz, bytes) = runner.memory();
-                tx.send(&FromWorker::Loaded {
-                    rows: runner.rows(),
-                    keys,
-                    stats,
-                    nnz,
-                    bytes,
-                })
-                .await?;
+                tx.send(&runner.loaded(keys, stats)).await?;
             }
             ToWorker::Finish => {
                 let now = traffic(w);

@@ -3,6 +3,17 @@
 //! creates the table, issues the steps, tracks every worker, hands a lost
 //! worker's data on, takes in workers that join, writes checkpoints,
 //! scores the test set, and collects the run's figures.
+//!
+//! `run_with` is the job's loop; `workers` holds how workers are
+//! gathered, offered the job and lost; `table` the job's settings, table,
+//! warm start and checkpoints; `inputs` what the scheduler reads itself
+//! (the test and validation sets, a checkpoint's table name).
+
+mod inputs;
+mod table;
+mod workers;
+
+use inputs::{load_test, load_validation, resumed_table};
 
 use super::link::{self, Sender};
 use super::proto::{Algo, FileInfo, FromWorker, JobSpec, ToWorker, ValidationSplit};
@@ -556,114 +567,6 @@ pub async fn run_with(
     })
 }
 
-/// The table (and so the job) of the checkpoint a `--resume` goes on from.
-fn resumed_table(cfg: &TrainConfig) -> Result<Option<String>, TrainError> {
-    let (true, Some(dir), Algo::Dbpg) = (cfg.resume, &cfg.checkpoint_dir, cfg.algo) else {
-        return Ok(None);
-    };
-    let Some((_, at)) = crate::train::latest_checkpoint(dir)? else {
-        return Ok(None);
-    };
-    let path = at.join(pserver_node::snapshot::MANIFEST);
-    let bad = |why: String| TrainError::Config(format!("reading {}: {why}", path.display()));
-    let text = std::fs::read(&path).map_err(|e| bad(e.to_string()))?;
-    let m: pserver_node::snapshot::Manifest =
-        serde_json::from_slice(&text).map_err(|e| bad(e.to_string()))?;
-    match m.tables.as_slice() {
-        [t] => Ok(Some(t.name.clone())),
-        _ => Err(bad(format!(
-            "a training checkpoint holds one table, this one {}",
-            m.tables.len()
-        ))),
-    }
-}
-
-/// The test set: `--test`, or the held-out lines of the training file.
-async fn load_test(cfg: &TrainConfig) -> Result<Dataset, TrainError> {
-    let (path, split) = match &cfg.test {
-        Some(p) => (p.clone(), Split::All),
-        None => (cfg.train.clone(), Split::Test),
-    };
-    if cfg.test.is_none() && !path.exists() {
-        return Err(TrainError::Config(format!(
-            "the scheduler scores the test set itself: give --test (it cannot read {} here)",
-            path.display()
-        )));
-    }
-    let format = cfg.format.load()?;
-    let (test, stats) = tokio::task::spawn_blocking(move || {
-        load(
-            &path,
-            &format,
-            pserver_data::Shard { index: 0, count: 1 },
-            split,
-        )
-    })
-    .await
-    .map_err(|e| TrainError::Worker(usize::MAX, e.to_string()))??;
-    if test.rows() == 0 {
-        return Err(crate::train::empty("the test set", &[stats]));
-    }
-    Ok(test)
-}
-
-/// A tuning run's validation set: the validation side of the split, out
-/// of the training part of every training file (a glob is expanded here),
-/// read by the scheduler like the test set.
-async fn load_validation(cfg: &TrainConfig, v: ValidationSplit) -> Result<Dataset, TrainError> {
-    let named = cfg.train.display().to_string();
-    let paths: Vec<PathBuf> = if named.contains(['*', '?', '[']) {
-        glob::glob(&named)
-            .map_err(|e| TrainError::Config(format!("{named:?}: {e}")))?
-            .flatten()
-            .filter(|p| p.is_file())
-            .collect()
-    } else {
-        vec![cfg.train.clone()]
-    };
-    if paths.is_empty() || paths.iter().any(|p| !p.exists()) {
-        return Err(TrainError::Config(format!(
-            "--tune: the scheduler scores the validation lines itself, and cannot read {named} here"
-        )));
-    }
-    let format = cfg.format.load()?;
-    let opts = pserver_data::ReadOptions {
-        // The schema's training part when it is also the test set's source.
-        split: if cfg.test.is_none() {
-            Split::Train
-        } else {
-            Split::All
-        },
-        validation: Some(
-            ValidationSplit {
-                keep_validation: true,
-                ..v
-            }
-            .read(),
-        ),
-        ..pserver_data::ReadOptions::default()
-    };
-    let valid = tokio::task::spawn_blocking(move || -> Result<Dataset, TrainError> {
-        let mut b = crate::dataset::Builder::new();
-        for p in &paths {
-            let mut reader = pserver_data::open(p, &format, &opts)?;
-            for ex in reader.by_ref() {
-                b.add(ex.label, &ex.keys, &ex.vals);
-            }
-            if let Some(e) = reader.error() {
-                return Err(TrainError::Data(e.clone()));
-            }
-        }
-        Ok(b.build())
-    })
-    .await
-    .map_err(|e| TrainError::Worker(usize::MAX, e.to_string()))??;
-    if valid.rows() == 0 {
-        return Err(TrainError::Empty("the validation split".into()));
-    }
-    Ok(valid)
-}
-
 /// The scheduler's state between steps.
 struct Sched {
     cfg: TrainConfig,
@@ -695,16 +598,16 @@ impl Drop for Sched {
 }
 
 impl Sched {
-    fn cfg_table(&self) -> String {
+    pub(super) fn cfg_table(&self) -> String {
         self.job.clone()
     }
 
-    fn live(&self) -> usize {
+    pub(super) fn live(&self) -> usize {
         self.members.iter().filter(|m| m.alive).count()
     }
 
     /// The lowest step every live worker has acknowledged.
-    fn slowest(&self) -> u64 {
+    pub(super) fn slowest(&self) -> u64 {
         self.members
             .iter()
             .filter(|m| m.alive)
@@ -714,7 +617,7 @@ impl Sched {
     }
 
     /// Sends `msg` to `slot`; a failure shows up as the link closing.
-    async fn send(&mut self, slot: Slot, msg: ToWorker) {
+    pub(super) async fn send(&mut self, slot: Slot, msg: ToWorker) {
         let m = &mut self.members[slot];
         if !m.alive {
             return;
@@ -722,347 +625,5 @@ impl Sched {
         if let Err(e) = m.tx.send(&msg).await {
             let _ = self.events_tx.send(Event::Closed(slot, e.to_string()));
         }
-    }
-
-    /// Offers the job to worker `id` at `addr`: its slot and the files it
-    /// can read, or why it will not take the job.
-    async fn offer(
-        &mut self,
-        id: u32,
-        addr: &str,
-    ) -> Result<Result<(Slot, Vec<FileInfo>), String>, TrainError> {
-        self.tried.insert(id);
-        let dialed = tokio::time::timeout(
-            OFFER_TIMEOUT,
-            link::dial::<ToWorker, FromWorker>(&self.cfg.net, addr),
-        )
-        .await;
-        let (mut tx, mut rx) = match dialed {
-            Ok(Ok(l)) => l,
-            Ok(Err(e)) => return Ok(Err(e.to_string())),
-            Err(_) => return Ok(Err(format!("no answer from {addr}"))),
-        };
-        let offer = ToWorker::Offer {
-            job: self.job.clone(),
-            train: vec![self.cfg.train.display().to_string()],
-        };
-        if let Err(e) = tx.send(&offer).await {
-            return Ok(Err(e.to_string()));
-        }
-        let answer = match tokio::time::timeout(OFFER_TIMEOUT, rx.recv()).await {
-            Ok(Some(Ok(a))) => a,
-            Ok(Some(Err(e))) => return Ok(Err(e.to_string())),
-            Ok(None) => return Ok(Err("it closed the link".into())),
-            Err(_) => return Ok(Err(format!("no answer from {addr}"))),
-        };
-        let files = match answer {
-            FromWorker::Files { files, .. } => files,
-            FromWorker::Refused { why } => return Ok(Err(why)),
-            other => return Ok(Err(format!("unexpected answer {other:?}"))),
-        };
-        let slot = self.members.len();
-        let events = self.events_tx.clone();
-        let reader = tokio::spawn(async move {
-            loop {
-                match rx.recv().await {
-                    Some(Ok(m)) => {
-                        if events.send(Event::Msg(slot, m)).is_err() {
-                            break;
-                        }
-                    }
-                    Some(Err(e)) => {
-                        let _ = events.send(Event::Closed(slot, e.to_string()));
-                        break;
-                    }
-                    None => {
-                        let _ = events.send(Event::Closed(slot, "its link closed".into()));
-                        break;
-                    }
-                }
-            }
-        });
-        self.readers.push(reader);
-        self.members.push(Member {
-            id,
-            addr: addr.to_string(),
-            tx,
-            done: 0,
-            from: 1,
-            alive: true,
-        });
-        Ok(Ok((slot, files)))
-    }
-
-    /// Waits for `min` idle workers of the cluster that take the job.
-    async fn gather(
-        &mut self,
-        manager: &str,
-        min: usize,
-        wait: Duration,
-    ) -> Result<BTreeMap<Slot, Vec<FileInfo>>, TrainError> {
-        let deadline = Instant::now() + wait;
-        let mut offers = BTreeMap::new();
-        let mut refusals = Vec::new();
-        loop {
-            let map = self.observer.refresh().await?;
-            for n in map.live(Role::Worker) {
-                if offers.len() >= min {
-                    break;
-                }
-                if n.group != Group::Idle || n.addr.is_empty() || self.tried.contains(&n.id) {
-                    continue;
-                }
-                match self.offer(n.id, &n.addr).await? {
-                    Ok((slot, files)) => {
-                        offers.insert(slot, files);
-                    }
-                    Err(why) => refusals.push(format!("worker {}: {why}", n.id)),
-                }
-            }
-            if offers.len() >= min {
-                return Ok(offers);
-            }
-            if Instant::now() >= deadline {
-                let mut msg = format!(
-                    "waiting for {min} worker processes: {} took the job within {} s; start more with `pserver worker --manager {manager}`",
-                    offers.len(),
-                    wait.as_secs()
-                );
-                if !refusals.is_empty() {
-                    msg.push_str(&format!(" (refused: {})", refusals.join("; ")));
-                }
-                return Err(TrainError::Config(msg));
-            }
-            tokio::time::sleep(MAP_EVERY).await;
-        }
-    }
-
-    /// Offers the job to one idle worker of `map` not tried yet.
-    async fn take_idle(&mut self, map: &pserver_core::ClusterMap) -> Option<(Slot, Vec<FileInfo>)> {
-        let idle: Vec<(u32, String)> = map
-            .live(Role::Worker)
-            .filter(|n| n.group == Group::Idle && !n.addr.is_empty() && !self.tried.contains(&n.id))
-            .map(|n| (n.id, n.addr.clone()))
-            .collect();
-        for (id, addr) in idle {
-            if let Ok(Ok(taken)) = self.offer(id, &addr).await {
-                let _ = self.progress.send(Progress::Joined {
-                    worker: taken.0,
-                    node: id,
-                });
-                return Some(taken);
-            }
-        }
-        None
-    }
-
-    /// Worker `slot` is lost: its units go to the others from the next
-    /// step not yet issued.
-    async fn lose(
-        &mut self,
-        slot: Slot,
-        why: String,
-        assignment: &mut Assignment,
-        issued: u64,
-        joining: &mut Option<Joining>,
-    ) -> Result<(), TrainError> {
-        if !std::mem::replace(&mut self.members[slot].alive, false) {
-            return Ok(());
-        }
-        let m = &self.members[slot];
-        let _ = self.progress.send(Progress::WorkerLost {
-            worker: slot,
-            why: format!("worker {} at {}: {why}", m.id, m.addr),
-        });
-        if let Some(j) = joining.as_mut() {
-            j.changed.retain(|c| *c != slot);
-        }
-        let changed = assignment.lose(slot);
-        for to in changed {
-            let units: Vec<Unit> = assignment.units.get(&to).cloned().unwrap_or_default();
-            self.send(
-                to,
-                ToWorker::Reassign {
-                    from: issued + 1,
-                    units,
-                },
-            )
-            .await;
-        }
-        Ok(())
-    }
-
-    /// The job's settings.
-    fn spec(&self, first: u64, clock_base: u64, workers: usize) -> JobSpec {
-        let cfg = &self.cfg;
-        JobSpec {
-            job: self.job.clone(),
-            table: self.cfg_table(),
-            algo: cfg.algo,
-            format: cfg.format.clone(),
-            train_split: cfg.test.is_none(),
-            blocks: cfg.blocks,
-            tau: cfg.tau,
-            l1: cfg.l1,
-            kkt: cfg.kkt,
-            workers,
-            batches: self.batches,
-            steps: cfg.steps(),
-            first,
-            clock_base,
-            key_caching: cfg.key_caching,
-            compression: cfg.compression,
-            slow_ms: 0,
-            validation: self.extra.validation.map(|v| ValidationSplit {
-                keep_validation: false,
-                ..v
-            }),
-            warm: self.extra.warm.is_some(),
-        }
-    }
-
-    /// The settings as worker `slot` gets them (the slowed one of a test).
-    fn spec_for(&self, spec: &JobSpec, slot: Slot) -> JobSpec {
-        let mut spec = spec.clone();
-        if self.cfg.slow_worker_ms > 0 && slot == 0 {
-            spec.slow_ms = self.cfg.slow_worker_ms;
-        }
-        spec
-    }
-
-    /// Creates the job's table, or resumes it: the steps already done and
-    /// the clock base.
-    async fn table(
-        &mut self,
-        progress: &UnboundedSender<Progress>,
-    ) -> Result<(u64, u64), TrainError> {
-        let cfg = self.cfg.clone();
-        let table = self.cfg_table();
-        if let (true, Some(dir), Algo::Dbpg) = (cfg.resume, &cfg.checkpoint_dir, cfg.algo) {
-            if let Some((epoch, at)) = crate::train::latest_checkpoint(dir)? {
-                // A table still in the cluster goes on as it stands (it is
-                // at least as far as the checkpoint); else the checkpoint
-                // is restored.
-                let map = self.observer.refresh().await?;
-                if map.table(&table).is_none() {
-                    let restored = self
-                        .observer
-                        .restore(&at, &pserver_core::updater::Registry::new())
-                        .await?;
-                    if !restored.iter().any(|t| t.name == table) {
-                        return Err(TrainError::Config(format!(
-                            "the checkpoint {} holds no table {table:?} (this job's)",
-                            at.display()
-                        )));
-                    }
-                }
-                let _ = progress.send(Progress::Resumed { epoch, dir: at });
-                let first = (epoch.min(cfg.epochs) * cfg.blocks) as u64;
-                // Above every clock an earlier run of the job pushed.
-                let base = std::time::SystemTime::now()
-                    .duration_since(std::time::UNIX_EPOCH)
-                    .map(|d| d.as_millis() as u64)
-                    .unwrap_or(1)
-                    * 1000;
-                return Ok((first, base));
-            }
-        }
-        let consistency = if cfg.tau == 0 {
-            pserver_core::Consistency::Sequential
-        } else {
-            pserver_core::Consistency::Bounded(cfg.tau)
-        };
-        let opts = match cfg.algo {
-            // Up to tau other blocks move on margins this worker has not
-            // seen yet; a step of 1 / (tau + 1) keeps their sum within the
-            // bound (the delay-dependent step of Li et al., NIPS 2014).
-            Algo::Dbpg => TableOptions::new(
-                1,
-                UpdaterSpec::Prox {
-                    eta: 1.0 / (cfg.tau as f32 + 1.0),
-                    l1: cfg.l1,
-                    l2: cfg.l2,
-                    eps: crate::tune::PROX_EPS,
-                },
-            )
-            .aggregate(true),
-            Algo::Ftrl => TableOptions::new(
-                1,
-                UpdaterSpec::Ftrl {
-                    alpha: cfg.alpha,
-                    beta: cfg.beta,
-                    l1: cfg.l1,
-                    l2: cfg.l2,
-                },
-            ),
-        }
-        .consistency(consistency)
-        .job(self.job.clone());
-        let map = self.observer.refresh().await?;
-        if map.table(&table).is_some() {
-            return Err(TrainError::Config(format!(
-                "table {table:?} exists already: job {:?} ran on this cluster before; pick another --job, or --resume it with its --checkpoint-dir",
-                self.job
-            )));
-        }
-        self.observer.create_table(&table, opts).await?;
-        if let Some(m) = self.extra.warm.clone() {
-            self.warm_start(&table, &m).await?;
-        }
-        Ok((0, 0))
-    }
-
-    /// Fills the new (empty) table with `m`'s non-zero weights: one push
-    /// from this client, applied at once (a client's push to an
-    /// aggregating table is not summed), of the `(g, h)` pair that takes
-    /// each weight from 0 to its value under the table's proximal step
-    /// ([`crate::tune::warm_push`]). DBPG only.
-    async fn warm_start(&mut self, table: &str, m: &Model) -> Result<(), TrainError> {
-        let eta = 1.0 / (self.cfg.tau as f32 + 1.0);
-        let mut kw: Vec<(u64, f32)> = m
-            .keys
-            .iter()
-            .zip(m.weights.iter().step_by(m.dim.max(1) as usize))
-            .filter(|(_, w)| **w != 0.0)
-            .map(|(k, w)| (*k, *w))
-            .collect();
-        if kw.is_empty() {
-            return Ok(());
-        }
-        kw.sort_unstable_by_key(|(k, _)| *k);
-        kw.dedup_by_key(|(k, _)| *k);
-        let keys: Vec<u64> = kw.iter().map(|(k, _)| *k).collect();
-        let vals: Vec<f32> = kw
-            .iter()
-            .flat_map(|(_, w)| {
-                crate::tune::warm_push(*w, eta, self.cfg.l1, self.cfg.l2, crate::tune::PROX_EPS)
-            })
-            .collect();
-        // Pushes need a clock >= 1; this client pushes once per table.
-        self.observer.set_clock(self.observer.clock().max(1));
-        self.observer.push(table, keys, vals).await?;
-        Ok(())
-    }
-
-    /// Writes the checkpoint after epoch `epoch`: every worker has
-    /// acknowledged the epoch's last step and none was given a later one,
-    /// so every sum up to it is applied and none after.
-    async fn checkpoint(
-        &mut self,
-        epoch: usize,
-        progress: &UnboundedSender<Progress>,
-    ) -> Result<(), TrainError> {
-        let Some(dir) = self.cfg.checkpoint_dir.clone() else {
-            return Ok(());
-        };
-        let name = format!("epoch-{epoch}");
-        let at: PathBuf = dir.join(&name);
-        self.observer.checkpoint(&at).await?;
-        // LATEST changes only once the checkpoint is whole.
-        Disk::new()
-            .write_atomic(&dir.join(dbpg::LATEST), format!("{name}\n").as_bytes())
-            .map_err(|e| TrainError::Config(e.to_string()))?;
-        let _ = progress.send(Progress::Checkpointed { epoch, dir: at });
-        Ok(())
     }
 }
