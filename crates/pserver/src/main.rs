@@ -3,12 +3,9 @@
 mod bench;
 mod demo;
 mod experiment;
-mod failover;
 mod r#gen;
-mod jobs_experiment;
 mod kv;
 mod parse;
-mod pipelined;
 mod relay;
 mod security;
 mod soak;
@@ -146,6 +143,10 @@ enum Cmd {
         /// Address to listen on (port 0 picks a free one).
         #[arg(long, default_value = "127.0.0.1:0")]
         listen: String,
+        /// The address the cluster map gives for this server, if not the
+        /// one bound (say, when listening on 0.0.0.0, or behind a relay).
+        #[arg(long)]
+        advertise: Option<String>,
         /// Threads one large push or pull may use (default: the machine's
         /// cores; 1 keeps each request on one thread).
         #[arg(long)]
@@ -383,6 +384,7 @@ async fn run(cli: Cli) -> Result<()> {
         Cmd::Server {
             manager,
             listen,
+            advertise,
             apply_threads,
             max_connections,
             max_waiting,
@@ -393,6 +395,7 @@ async fn run(cli: Cli) -> Result<()> {
             }
             let mut cfg = ServerConfig::new(manager);
             cfg.listen = listen;
+            cfg.advertise = advertise;
             cfg.net = net;
             cfg.limits.max_connections = max_connections;
             cfg.limits.max_waiting = max_waiting;

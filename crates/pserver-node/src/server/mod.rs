@@ -29,6 +29,10 @@ pub struct ServerConfig {
     pub manager: String,
     /// Address to listen on (`127.0.0.1:0` picks a free port).
     pub listen: String,
+    /// The address the map gives for this server, if not the one bound:
+    /// a name or address others can reach when listening on `0.0.0.0`,
+    /// or a relay in front of it.
+    pub advertise: Option<String>,
     /// Frame and request limits.
     pub limits: Limits,
     /// User updaters this server can build.
@@ -60,6 +64,7 @@ impl ServerConfig {
         ServerConfig {
             manager: manager.into(),
             listen: "127.0.0.1:0".into(),
+            advertise: None,
             limits: Limits::default(),
             registry: Registry::new(),
             key_cache_keys: DEFAULT_KEY_CACHE_KEYS,

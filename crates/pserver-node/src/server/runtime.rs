@@ -250,7 +250,8 @@ impl Shared {
 pub async fn start_server(cfg: ServerConfig) -> Result<ServerHandle, NodeError> {
     let (listener, addr) = bind(&cfg.net, &cfg.listen).await?;
     let (manager, notices) = Peer::connect_via(&cfg.net, &cfg.manager, cfg.limits).await?;
-    let (id, map) = register(&manager, Role::Server, &addr.to_string(), Group::Default).await?;
+    let my_addr = cfg.advertise.clone().unwrap_or_else(|| addr.to_string());
+    let (id, map) = register(&manager, Role::Server, &my_addr, Group::Default).await?;
     let replicated = Arc::new(AtomicU64::new(0));
     let core = ServerCore::new(
         id,
@@ -358,7 +359,7 @@ pub async fn start_server(cfg: ServerConfig) -> Result<ServerHandle, NodeError> 
             cfg.net.clone(),
             cfg.manager.clone(),
             cfg.limits,
-            addr.to_string(),
+            my_addr.clone(),
         );
         tokio::spawn(async move {
             let mut notices = notices;

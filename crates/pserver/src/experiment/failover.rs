@@ -83,7 +83,7 @@ pub struct FailoverArgs {
         value_delimiter = ',',
         default_value = "kill,join,drain"
     )]
-    pub(crate) events: Vec<crate::pipelined::Event>,
+    pub(crate) events: Vec<super::pipelined::Event>,
     /// With `--pipelined`: ms of load before each event.
     #[arg(long, default_value_t = 1500)]
     pub(crate) before_ms: u64,
@@ -341,7 +341,7 @@ pub async fn run(args: FailoverArgs) -> Result<()> {
         bail!("--runs, --clients and --keys must be at least 1");
     }
     if let Some(depth) = args.pipelined {
-        return crate::pipelined::run(&args, depth).await;
+        return super::pipelined::run(&args, depth).await;
     }
     println!(
         "failover experiment: {} server processes, {} replica(s), lease {} ms, SIG{}, {} clients x {} keys + a probe",

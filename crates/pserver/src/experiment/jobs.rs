@@ -6,9 +6,9 @@
 //! step), `--runs` times each; the table gives the fast job's iterations
 //! per second, medians, and their ratio.
 
+use super::flights;
 use crate::bench::procs::Procs;
 use crate::bench::stats::median;
-use crate::experiment::flights;
 use anyhow::{Context, Result, bail};
 use clap::Args;
 use pserver_apps::job::scheduler::{self, Pool};

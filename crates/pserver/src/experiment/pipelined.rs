@@ -14,7 +14,7 @@
 //! counts). The experiment reports; it does not judge (its exit code is 0
 //! whatever it finds): `crates/pserver/tests/exactly_once.rs` asserts.
 
-use crate::failover::{FailoverArgs, Procs, spawn};
+use super::failover::{FailoverArgs, Procs, spawn};
 use anyhow::{Context, Result, bail};
 use clap::ValueEnum;
 use pserver_core::{NodeState, UpdaterSpec};

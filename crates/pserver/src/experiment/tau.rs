@@ -1,33 +1,18 @@
-//! `pserver experiment`: the papers' experiments, re-run on this machine.
-//!
-//! `tau` is the bounded-delay experiment of Li et al. (OSDI 2014, sparse
-//! logistic regression; NIPS 2014): train the same model with delays
-//! `tau = 0, 1, 2, 4, ...` and compare how long each takes to reach the same
-//! objective, and how much of the workers' time goes to waiting. Every run
-//! gets a fresh in-process cluster so that no table or connection of an
-//! earlier run can slow a later one.
+//! `pserver experiment tau` is the bounded-delay experiment of Li et al.
+//! (OSDI 2014, sparse logistic regression; NIPS 2014): train the same model
+//! with delays `tau = 0, 1, 2, 4, ...` and compare how long each takes to
+//! reach the same objective, and how much of the workers' time goes to
+//! waiting. In-process, every run gets a fresh local cluster so that no
+//! table or connection of an earlier run can slow a later one; with
+//! `--netns`, every node is a process on an emulated host (hosts.rs).
 
-use crate::train::{FLIGHTS_DATA, FLIGHTS_SCHEMA, bundled};
+use super::{BLOCKS, KKT, L1, L2, flights, one_run};
 use anyhow::{Context, Result, bail};
-use clap::{Args, Subcommand};
-use pserver_apps::report::format_bytes;
-use pserver_apps::train::DataFormat;
-use pserver_apps::train::{Algo, RunResult, TrainConfig, train};
-use pserver_node::local::{LocalCluster, LocalConfig};
-use pserver_node::worker::Packing;
+use clap::Args;
+use pserver_apps::train::TrainConfig;
 use serde::Serialize;
 use std::path::PathBuf;
-use std::time::Duration;
 
-/// Key-range blocks (`pserver train --blocks`). These constants are `pserver
-/// train`'s defaults, so that the experiment measures the job people run.
-const BLOCKS: usize = 16;
-/// L1 strength (`pserver train --l1`).
-const L1: f32 = 1.0;
-/// L2 strength (`pserver train --l2`).
-const L2: f32 = 1.0;
-/// KKT filter margin (`pserver train --kkt`).
-const KKT: f32 = 0.1;
 /// The default target is this much above the highest final objective of the
 /// first round (one run per tau). Every tau then reaches it, however much
 /// its smaller step (`1 / (tau + 1)`) slows it per iteration; a target
@@ -35,33 +20,9 @@ const KKT: f32 = 0.1;
 /// the default 10 epochs on the flights data.
 const TARGET_SLACK: f64 = 1.01;
 
-/// `pserver experiment` flags.
-#[derive(Args, Debug)]
-pub struct ExperimentArgs {
-    #[command(subcommand)]
-    cmd: ExperimentCmd,
-}
-
-/// The experiments.
-#[derive(Subcommand, Debug)]
-enum ExperimentCmd {
-    /// Bounded delay: time to reach a target objective and share of worker
-    /// time spent waiting, for each delay tau (DBPG on the bundled flights data).
-    Tau(TauArgs),
-    /// Bytes sent by workers and servers with no filter, key caching,
-    /// compression, the KKT filter, and all (DBPG on the bundled flights data).
-    Filters(FiltersArgs),
-    /// Kill (or freeze) a server under load: time until it is declared
-    /// dead and until its range takes pushes again; no acknowledged push lost.
-    Failover(crate::failover::FailoverArgs),
-    /// Two jobs on one cluster of processes, one slowed on purpose: the
-    /// fast job's iterations per second, alone and beside it.
-    Jobs(crate::jobs_experiment::JobsArgs),
-}
-
 /// `pserver experiment tau` flags.
 #[derive(Args, Debug)]
-struct TauArgs {
+pub(super) struct TauArgs {
     /// Delays to compare, comma-separated (0: sequential).
     #[arg(long, value_delimiter = ',', default_value = "0,1,2,4,8,16")]
     taus: Vec<u64>,
@@ -88,147 +49,6 @@ struct TauArgs {
     /// Write every run (with its curve) and the medians as JSON.
     #[arg(long)]
     json: Option<PathBuf>,
-}
-
-/// The run `pserver train` makes on the bundled data, at tau 0, without
-/// scoring during training (it would steal the cores the workers are timed
-/// on; the final score is taken after the clock stops).
-pub(crate) fn flights(workers: usize, epochs: usize, key_caching: bool) -> Result<TrainConfig> {
-    let data = bundled(FLIGHTS_DATA);
-    let schema_path = bundled(FLIGHTS_SCHEMA);
-    if !data.exists() {
-        bail!(
-            "the bundled data {} is not here; run from the repository root",
-            data.display()
-        );
-    }
-    // Checked here so a broken schema is one clear line before anything runs.
-    pserver_data::load_schema(&schema_path)
-        .with_context(|| format!("loading the schema {}", schema_path.display()))?;
-    Ok(TrainConfig {
-        algo: Algo::Dbpg,
-        train: data,
-        test: None,
-        format: DataFormat::Csv(schema_path),
-        job: None,
-        slow_worker_ms: 0,
-        workers,
-        tau: 0,
-        l1: L1,
-        l2: L2,
-        blocks: BLOCKS,
-        epochs,
-        // Unused by DBPG; `pserver train`'s defaults keep validation happy.
-        batch: 1000,
-        alpha: 0.1,
-        beta: 1.0,
-        kkt: Some(KKT),
-        eval_every: None,
-        key_caching,
-        compression: None,
-        fail_worker: None,
-        checkpoint_dir: None,
-        checkpoint_every: 0,
-        resume: false,
-        net: Default::default(),
-    })
-}
-
-/// `pserver experiment filters` flags.
-#[derive(Args, Debug)]
-struct FiltersArgs {
-    /// Servers of each run's local cluster.
-    #[arg(long, default_value_t = 2)]
-    servers: usize,
-    /// Workers.
-    #[arg(long, default_value_t = 2)]
-    workers: usize,
-    /// Passes over the data.
-    #[arg(long, default_value_t = 10)]
-    epochs: usize,
-    /// Bounded delay of every run.
-    #[arg(long, default_value_t = 1)]
-    tau: u64,
-}
-
-/// Bytes on the wire with each filter, against none: the paper's
-/// communication experiment, for the filters built so far.
-async fn filters(args: FiltersArgs) -> Result<()> {
-    if args.servers == 0 {
-        bail!("--servers must be at least 1");
-    }
-    let base = TrainConfig {
-        tau: args.tau,
-        ..flights(args.workers, args.epochs, false)?
-    };
-    base.validate()?;
-    println!(
-        "filters experiment: dbpg on {}, {} servers, {} workers, {} epochs x {} blocks, tau {}",
-        base.train.display(),
-        args.servers,
-        args.workers,
-        args.epochs,
-        BLOCKS,
-        args.tau
-    );
-    let cases: [(&str, Option<f32>, bool, Option<Packing>); 7] = [
-        ("none", None, false, None),
-        ("key caching", None, true, None),
-        (
-            "compression (lossless)",
-            None,
-            false,
-            Some(Packing::Lossless),
-        ),
-        ("compression (fixed16)", None, false, Some(Packing::Fixed16)),
-        ("KKT", Some(KKT), false, None),
-        ("KKT + key caching", Some(KKT), true, None),
-        (
-            "all: KKT + key caching + fixed16",
-            Some(KKT),
-            true,
-            Some(Packing::Fixed16),
-        ),
-    ];
-    println!(
-        "| filters | worker bytes sent | server bytes sent | workers vs none | servers vs none | test AUC | nnz |"
-    );
-    println!("|---|---:|---:|---:|---:|---:|---:|");
-    let mut none = None;
-    for (name, kkt, key_caching, compression) in cases {
-        let cfg = TrainConfig {
-            kkt,
-            key_caching,
-            compression,
-            ..base.clone()
-        };
-        let r = one_run(&cfg, args.servers)
-            .await
-            .with_context(|| format!("filters {name}"))?;
-        // Servers send what workers receive (these runs have no replicas).
-        let (w, s) = (r.bytes_sent, r.bytes_received);
-        let (w0, s0) = *none.get_or_insert((w, s));
-        println!(
-            "| {name} | {} | {} | {:.2}x | {:.2}x | {:.4} | {} |",
-            format_bytes(w),
-            format_bytes(s),
-            w0 as f64 / w.max(1) as f64,
-            s0 as f64 / s.max(1) as f64,
-            r.test.auc,
-            r.nnz
-        );
-    }
-    Ok(())
-}
-
-/// Runs `pserver experiment ...`.
-pub async fn run(args: ExperimentArgs) -> Result<()> {
-    match args.cmd {
-        ExperimentCmd::Tau(a) => tau(a).await,
-        ExperimentCmd::Filters(a) => filters(a).await,
-        ExperimentCmd::Failover(a) => crate::failover::run(a).await,
-        ExperimentCmd::Jobs(a) => crate::jobs_experiment::run(a).await,
-    }
 }
 
 /// One training run, as the report keeps it.
@@ -410,7 +230,7 @@ fn summarize(taus: &[u64], records: &[RunRecord]) -> Vec<Summary> {
 }
 
 /// Runs `pserver experiment tau`.
-async fn tau(args: TauArgs) -> Result<()> {
+pub(super) async fn run(args: TauArgs) -> Result<()> {
     let taus = distinct(&args.taus);
     if taus.is_empty() {
         bail!("--taus needs at least one delay");
@@ -566,26 +386,6 @@ async fn tau(args: TauArgs) -> Result<()> {
         println!("report written to {}", path.display());
     }
     Ok(())
-}
-
-/// One run on a fresh local cluster, stopped afterwards.
-async fn one_run(cfg: &TrainConfig, servers: usize) -> Result<RunResult> {
-    let mut lc = LocalConfig {
-        servers,
-        ..LocalConfig::default()
-    };
-    lc.manager.listen = "127.0.0.1:0".into();
-    let cluster = LocalCluster::start(lc)
-        .await
-        .context("starting the local cluster")?;
-    // Nobody reads the progress events: a closed channel makes sends no-ops.
-    let (tx, _) = tokio::sync::mpsc::unbounded_channel();
-    let result = train(&cluster.manager_addr().to_string(), cfg, tx).await;
-    cluster.shutdown();
-    // Let the nodes' tasks see the cancellation before the next run starts,
-    // so they do not compete with it for the cores.
-    tokio::time::sleep(Duration::from_millis(50)).await;
-    Ok(result?)
 }
 
 /// The medians as a Markdown table. The last two columns split time to
