@@ -253,8 +253,7 @@ impl DbpgWorker {
         // iteration s + tau + 1: send it now, one iteration early, unless
         // tau is 0 (then it can only go after this push). Blocks before a
         // resume are in the weights pulled at start.
-        let s = if cfg.tau == 0 { t } else { t + 1 - cfg.tau };
-        if s >= 1 && s > cfg.first && s + cfg.tau < cfg.total {
+        if let Some(s) = pull_sent_at(t, cfg.tau, cfg.first, cfg.total) {
             self.send_pull(w, s);
         }
         wait += sent.elapsed();
@@ -427,9 +426,47 @@ pub fn kkt_skip(weight: f32, g: f64, l1: f32, delta: f32, workers: usize) -> boo
     weight == 0.0 && (g * workers as f64).abs() <= l1 as f64 * (1.0 - delta as f64)
 }
 
+/// The iteration whose block's pull iteration `t` sends, if any: `t`
+/// itself at tau 0 (after its push, which it must see), else `t + 1 - tau`
+/// (needed before iteration `t + 2`, so sent one iteration early). None
+/// while that would be before iteration 1 (`t + 1 < tau`: early
+/// iterations start from the weights pulled at the start), for iterations
+/// already in the weights of a resumed run (`<= first`), and for blocks no
+/// later iteration of the run reads (`s + tau >= total`).
+fn pull_sent_at(t: u64, tau: u64, first: u64, total: u64) -> Option<u64> {
+    let s = if tau == 0 {
+        t
+    } else {
+        (t + 1).checked_sub(tau)?
+    };
+    (s >= 1 && s > first && s + tau < total).then_some(s)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn pulls_go_one_iteration_early_and_never_before_the_first() {
+        // tau 0: each iteration pulls its own block after its push.
+        assert_eq!(pull_sent_at(1, 0, 0, 10), Some(1));
+        assert_eq!(pull_sent_at(9, 0, 0, 10), Some(9));
+        assert_eq!(pull_sent_at(10, 0, 0, 10), None);
+        // tau 1: iteration t pulls block t, needed by t + 2.
+        assert_eq!(pull_sent_at(1, 1, 0, 10), Some(1));
+        assert_eq!(pull_sent_at(8, 1, 0, 10), Some(8));
+        assert_eq!(pull_sent_at(9, 1, 0, 10), None);
+        // tau 4: nothing until t + 1 - 4 >= 1; no wrap below zero.
+        for t in 0..4 {
+            assert_eq!(pull_sent_at(t, 4, 0, 100), None, "t {t}");
+        }
+        assert_eq!(pull_sent_at(4, 4, 0, 100), Some(1));
+        assert_eq!(pull_sent_at(1, 16, 0, 100), None);
+        assert_eq!(pull_sent_at(u64::MAX - 1, 16, 0, u64::MAX), None);
+        // A resumed run never pulls blocks already in its start weights.
+        assert_eq!(pull_sent_at(6, 2, 5, 100), None);
+        assert_eq!(pull_sent_at(7, 2, 5, 100), Some(6));
+    }
     use crate::dataset::Builder;
     use pserver_core::UpdaterSpec;
     use pserver_core::updater::Registry;

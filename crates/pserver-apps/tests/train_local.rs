@@ -294,7 +294,9 @@ async fn sequential_dbpg_matches_delayed_dbpg() {
         write_data(&te, 1000, 2, false);
         let cluster = LocalCluster::start(LocalConfig::default()).await.unwrap();
         let mut aucs = Vec::new();
-        for tau in [0, 1] {
+        // tau 4 > 2 also starts with iterations that pull nothing (once a
+        // wrap below zero there panicked every worker).
+        for tau in [0, 1, 4] {
             let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
             let drain = tokio::spawn(async move { while rx.recv().await.is_some() {} });
             let mut cfg = config(Algo::Dbpg, &tr, &te);
@@ -308,6 +310,7 @@ async fn sequential_dbpg_matches_delayed_dbpg() {
         }
         assert!(aucs[0] > 0.95, "tau 0: AUC {}", aucs[0]);
         assert!((aucs[0] - aucs[1]).abs() < 0.01, "{aucs:?}");
+        assert!((aucs[0] - aucs[2]).abs() < 0.01, "{aucs:?}");
     })
     .await
     .unwrap();
