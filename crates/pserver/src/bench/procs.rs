@@ -39,8 +39,25 @@ impl Procs {
         }
     }
 
+    /// Replaces the flags every process started from now on gets.
+    pub fn set_extra(&mut self, extra: &[String]) {
+        self.extra = extra.to_vec();
+    }
+
+    /// The flags every process started gets after its own.
+    pub fn extra(&self) -> &[String] {
+        &self.extra
+    }
+
     /// Starts `pserver ARGS`, keeps it, and returns its first line of output.
     pub fn start(&mut self, args: &[&str]) -> Result<String> {
+        self.start_in(None, args)
+    }
+
+    /// Starts `pserver ARGS` in network namespace `netns` (`ip netns exec`,
+    /// which runs it in place, so the pid kept is pserver's own), or here
+    /// for `None`; keeps it and returns its first line of output.
+    pub fn start_in(&mut self, netns: Option<&str>, args: &[&str]) -> Result<String> {
         let role = args.first().copied().unwrap_or("pserver").to_string();
         let log = std::env::temp_dir().join(format!(
             "pserver-bench-{}-{}-{role}.log",
@@ -49,7 +66,7 @@ impl Procs {
         ));
         let mut all: Vec<&str> = args.to_vec();
         all.extend(self.extra.iter().map(String::as_str));
-        let (child, line) = spawn(&all, &log)?;
+        let (child, line) = spawn(netns, &all, &log)?;
         self.started.push(Proc { child, role, log });
         Ok(line)
     }
@@ -105,20 +122,38 @@ impl Drop for Procs {
         for p in &mut self.started {
             let _ = p.child.kill();
             let _ = p.child.wait();
-            let _ = std::fs::remove_file(&p.log);
+            if child_log().is_none() {
+                let _ = std::fs::remove_file(&p.log);
+            }
         }
     }
 }
 
-/// Starts `pserver ARGS` (this same binary), its stderr to `log`, and
-/// returns it with its first line of output, which says where it listens.
-fn spawn(args: &[&str], log: &Path) -> Result<(Child, String)> {
+/// `PSERVER_CHILD_LOG`: the log filter (`RUST_LOG`) of every child
+/// process; when set, their logs are kept in the temporary directory
+/// (`pserver-bench-PID-N-ROLE.log`) to read after the run.
+pub fn child_log() -> Option<String> {
+    std::env::var("PSERVER_CHILD_LOG").ok()
+}
+
+/// Starts `pserver ARGS` (this same binary; in network namespace `netns`
+/// if given), its stderr to `log`, and returns it with its first line of
+/// output, which says where it listens.
+fn spawn(netns: Option<&str>, args: &[&str], log: &Path) -> Result<(Child, String)> {
     let exe = std::env::current_exe().context("finding the pserver binary")?;
     let log_file =
         std::fs::File::create(log).with_context(|| format!("creating {}", log.display()))?;
-    let mut child = Command::new(exe)
+    let mut cmd = match netns {
+        Some(ns) => {
+            let mut c = Command::new("ip");
+            c.args(["netns", "exec", ns]).arg(&exe);
+            c
+        }
+        None => Command::new(&exe),
+    };
+    let mut child = cmd
         .args(args)
-        .env("RUST_LOG", "error")
+        .env("RUST_LOG", child_log().unwrap_or_else(|| "error".into()))
         .stdout(Stdio::piped())
         .stderr(log_file)
         .spawn()

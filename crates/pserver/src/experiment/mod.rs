@@ -8,7 +8,9 @@
 
 mod failover;
 mod filters;
+mod hosts;
 mod jobs;
+mod netns_cluster;
 mod pipelined;
 mod tau;
 

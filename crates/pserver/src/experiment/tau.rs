@@ -6,10 +6,13 @@
 //! table or connection of an earlier run can slow a later one; with
 //! `--netns`, every node is a process on an emulated host (hosts.rs).
 
+use super::hosts::Link;
+use super::netns_cluster::NetnsCluster;
 use super::{BLOCKS, KKT, L1, L2, flights, one_run};
 use anyhow::{Context, Result, bail};
 use clap::Args;
-use pserver_apps::train::TrainConfig;
+use pserver_apps::report::Report;
+use pserver_apps::train::{RunResult, TrainConfig};
 use serde::Serialize;
 use std::path::PathBuf;
 
@@ -49,6 +52,45 @@ pub(super) struct TauArgs {
     /// Write every run (with its curve) and the medians as JSON.
     #[arg(long)]
     json: Option<PathBuf>,
+    /// Run every node as a process on an emulated host of its own (a
+    /// network namespace joined by a veth pair, rate-capped, every link
+    /// delayed by a relay) instead of in this process. Needs root and
+    /// iproute2.
+    #[arg(long)]
+    netns: bool,
+    /// With --netns: delay each way of every connection between hosts, in
+    /// milliseconds (a round trip costs twice this more than loopback).
+    #[arg(long, default_value_t = 2, requires = "netns")]
+    delay_ms: u64,
+    /// With --netns: each host's link rate cap, each direction, in Mbit/s.
+    #[arg(long, default_value_t = 1000, requires = "netns")]
+    rate_mbit: u64,
+}
+
+/// Where the runs train.
+enum Runner {
+    /// A fresh local cluster in this process for every run.
+    Local { servers: usize },
+    /// One cluster of processes on emulated hosts for all runs.
+    Netns(Box<NetnsCluster>),
+}
+
+impl Runner {
+    /// Trains with `cfg` and returns run `run` of its tau.
+    async fn run(&mut self, cfg: &TrainConfig, run: usize) -> Result<RunRecord> {
+        match self {
+            Runner::Local { servers } => Ok(RunRecord::of_result(
+                cfg.tau,
+                run,
+                one_run(cfg, *servers).await?,
+            )),
+            Runner::Netns(cluster) => {
+                let job = format!("tau{}-run{run}", cfg.tau);
+                let report = cluster.train(&job, cfg)?;
+                Ok(RunRecord::of_report(cfg.tau, run, report))
+            }
+        }
+    }
 }
 
 /// One training run, as the report keeps it.
@@ -74,6 +116,56 @@ struct RunRecord {
     bytes_saved: u64,
     /// (seconds, iteration, objective) after every iteration.
     curve: Vec<(f64, u64, f64)>,
+}
+
+impl RunRecord {
+    /// Run `run` of `tau`, from an in-process training's result.
+    fn of_result(tau: u64, run: usize, r: RunResult) -> RunRecord {
+        RunRecord {
+            tau,
+            run,
+            train_seconds: r.train_seconds,
+            time_to_target: None,
+            iterations_to_target: None,
+            seconds_per_iteration: (!r.curve.is_empty())
+                .then(|| r.train_seconds / r.curve.len() as f64),
+            wait_fraction: r.wait_fraction,
+            final_objective: r.curve.last().map(|c| c.2),
+            test_auc: r.test.auc,
+            test_logloss: r.test.logloss,
+            bytes_sent: r.bytes_sent,
+            bytes_received: r.bytes_received,
+            bytes_saved: r.bytes_saved,
+            curve: r.curve,
+        }
+    }
+
+    /// Run `run` of `tau`, from a scheduler's `--report`: its objective
+    /// points (test points carry none) are the curve.
+    fn of_report(tau: u64, run: usize, r: Report) -> RunRecord {
+        let curve: Vec<(f64, u64, f64)> = r
+            .curve
+            .iter()
+            .filter(|p| p.objective.is_finite())
+            .map(|p| (p.seconds, p.iteration, p.objective))
+            .collect();
+        RunRecord {
+            tau,
+            run,
+            train_seconds: r.seconds,
+            time_to_target: None,
+            iterations_to_target: None,
+            seconds_per_iteration: (!curve.is_empty()).then(|| r.seconds / curve.len() as f64),
+            wait_fraction: r.wait_fraction,
+            final_objective: curve.last().map(|c| c.2),
+            test_auc: r.test_auc,
+            test_logloss: r.test_logloss,
+            bytes_sent: r.bytes_sent,
+            bytes_received: r.bytes_received,
+            bytes_saved: r.bytes_saved,
+            curve,
+        }
+    }
 }
 
 /// Medians over the runs of one tau.
@@ -114,6 +206,13 @@ struct TauReport {
     key_caching: bool,
     runs_per_tau: usize,
     cores: usize,
+    /// How the nodes ran: in one process on loopback, or as processes on
+    /// emulated hosts.
+    network: String,
+    /// With --netns: delay each way between hosts, ms.
+    delay_ms: Option<u64>,
+    /// With --netns: each host's link rate cap, Mbit/s.
+    rate_mbit: Option<u64>,
     target: f64,
     target_rule: String,
     medians: Vec<Summary>,
@@ -264,9 +363,35 @@ pub(super) async fn run(args: TauArgs) -> Result<()> {
     cfg(0).validate()?;
 
     let cores = std::thread::available_parallelism().map_or(0, |n| n.get());
+    let link = Link {
+        delay_ms: args.delay_ms,
+        rate_mbit: args.rate_mbit,
+    };
+    let network = if args.netns {
+        format!(
+            "processes on {} emulated hosts (network namespaces), links of {} Mbit/s, \
+             {} ms each way between hosts",
+            1 + args.servers + args.workers,
+            link.rate_mbit,
+            link.delay_ms
+        )
+    } else {
+        "one process, loopback".to_string()
+    };
+    let mut runner = if args.netns {
+        Runner::Netns(Box::new(NetnsCluster::start(
+            args.servers,
+            args.workers,
+            link,
+        )?))
+    } else {
+        Runner::Local {
+            servers: args.servers,
+        }
+    };
     println!(
         "bounded-delay experiment: dbpg on {}, {} servers, {} workers, {} epochs x {} blocks, \
-         KKT filter {}, key caching {}, taus {:?}, {} runs each, {} cores",
+         KKT filter {}, key caching {}, taus {:?}, {} runs each, {} cores; {network}",
         data.display(),
         args.servers,
         args.workers,
@@ -285,26 +410,10 @@ pub(super) async fn run(args: TauArgs) -> Result<()> {
     let mut records = Vec::with_capacity(total);
     for run in 1..=args.runs {
         for &tau in &taus {
-            let r = one_run(&cfg(tau), args.servers)
+            let rec = runner
+                .run(&cfg(tau), run)
                 .await
                 .with_context(|| format!("tau {tau}, run {run}"))?;
-            let rec = RunRecord {
-                tau,
-                run,
-                train_seconds: r.train_seconds,
-                time_to_target: None,
-                iterations_to_target: None,
-                seconds_per_iteration: (!r.curve.is_empty())
-                    .then(|| r.train_seconds / r.curve.len() as f64),
-                wait_fraction: r.wait_fraction,
-                final_objective: r.curve.last().map(|c| c.2),
-                test_auc: r.test.auc,
-                test_logloss: r.test.logloss,
-                bytes_sent: r.bytes_sent,
-                bytes_received: r.bytes_received,
-                bytes_saved: r.bytes_saved,
-                curve: r.curve,
-            };
             eprintln!(
                 "[{:>3}/{total}] tau {tau:>2} run {run}/{}: {:.2} s, objective {}, waiting {:.1} %, \
                  test AUC {:.4}, {:.1} MB sent, {:.1} MB received",
@@ -375,6 +484,9 @@ pub(super) async fn run(args: TauArgs) -> Result<()> {
             key_caching: !args.no_key_caching,
             runs_per_tau: args.runs,
             cores,
+            network,
+            delay_ms: args.netns.then_some(args.delay_ms),
+            rate_mbit: args.netns.then_some(args.rate_mbit),
             target,
             target_rule: rule,
             medians,
