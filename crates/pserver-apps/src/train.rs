@@ -147,6 +147,8 @@ pub enum TrainError {
 pub struct RunResult {
     /// Test figures at the end.
     pub test: Metrics,
+    /// Live servers of the cluster when training ended.
+    pub servers: usize,
     /// Non-zero weights.
     pub nnz: usize,
     /// The trained weights.

@@ -622,11 +622,7 @@ fn report_of(args: &TrainArgs, cfg: &TrainConfig, r: &RunResult) -> Report {
         algo: args.algo_name().to_string(),
         train_path: cfg.train.display().to_string(),
         test_path: cfg.test.as_ref().map(|p| p.display().to_string()),
-        servers: if args.manager.is_some() {
-            0
-        } else {
-            args.servers
-        },
+        servers: r.servers,
         workers: cfg.workers,
         tau: cfg.tau,
         l1: cfg.l1,

@@ -171,6 +171,12 @@ fn three_worker_processes_train_the_bundled_data_and_survive_a_sigkill() {
     assert!(ok, "{lines:#?}");
     let calm_auc = auc(&calm);
     assert!(calm_auc >= 0.80, "AUC {calm_auc}");
+    let v: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&calm).unwrap()).unwrap();
+    assert_eq!(
+        (v["servers"].as_u64(), v["workers"].as_u64()),
+        (Some(2), Some(3))
+    );
     // The same worker processes, idle again, take the next job; one is
     // SIGKILLed once every worker has loaded its shard.
     let hurt = dir.path().join("hurt.json");

@@ -543,11 +543,13 @@ pub async fn run_with(
     let (keys, weights) = s.observer.scan(&table, KeyRange::ALL).await?;
     let nnz = weights.iter().filter(|w| **w != 0.0).count();
     let model = Model::new(table.clone(), 1, keys, weights);
+    let servers = s.observer.map().live(Role::Server).count();
     let final_metrics = evaluate(&model, &test);
     test_curve.push((train_seconds, final_metrics.auc, final_metrics.logloss));
     s.observer.shutdown();
     Ok(RunResult {
         test: final_metrics,
+        servers,
         nnz,
         model,
         train_rows,
