@@ -183,48 +183,6 @@ async fn fast_run(
     Ok((cfg.steps() as f64 / r.train_seconds.max(1e-9), u))
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn schedstat_lines_parse_and_garbage_does_not() {
-        assert_eq!(
-            parse_schedstat("107224160 19818563 702\n"),
-            Some(Cpu {
-                run_ns: 107224160,
-                queued_ns: 19818563
-            })
-        );
-        assert_eq!(parse_schedstat(""), None);
-        assert_eq!(parse_schedstat("12"), None);
-        assert_eq!(parse_schedstat("x 1 2"), None);
-    }
-
-    #[test]
-    fn usage_splits_cores_by_job() {
-        let w = Watched {
-            procs: vec![
-                ("experiment".into(), None, 1),
-                ("worker 5".into(), Some(5), 2),
-                ("worker 6".into(), Some(6), 3),
-            ],
-        };
-        let cpu = |run_ns, queued_ns| Cpu { run_ns, queued_ns };
-        let a = [cpu(0, 0), cpu(1_000, 0), cpu(0, 0)];
-        let b = [
-            cpu(500_000_000, 0),
-            cpu(1_000_001_000, 250_000_000),
-            cpu(100_000_000, 0),
-        ];
-        let u = usage(&w, &a, &b, 1.0, &[5], &[6]);
-        assert!((u.all - 1.6).abs() < 1e-9, "{u:?}");
-        assert!((u.fast_workers - 1.0).abs() < 1e-9, "{u:?}");
-        assert!((u.fast_queued - 0.25).abs() < 1e-9, "{u:?}");
-        assert!((u.slow_workers - 0.1).abs() < 1e-9, "{u:?}");
-    }
-}
-
 /// Runs the experiment.
 pub async fn run(args: JobsArgs) -> Result<()> {
     if args.runs == 0 || args.epochs == 0 {
@@ -354,4 +312,46 @@ pub async fn run(args: JobsArgs) -> Result<()> {
     }
     println!("| ratio | {:.2} | | | | |", b[0] / a[0].max(1e-9));
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn schedstat_lines_parse_and_garbage_does_not() {
+        assert_eq!(
+            parse_schedstat("107224160 19818563 702\n"),
+            Some(Cpu {
+                run_ns: 107224160,
+                queued_ns: 19818563
+            })
+        );
+        assert_eq!(parse_schedstat(""), None);
+        assert_eq!(parse_schedstat("12"), None);
+        assert_eq!(parse_schedstat("x 1 2"), None);
+    }
+
+    #[test]
+    fn usage_splits_cores_by_job() {
+        let w = Watched {
+            procs: vec![
+                ("experiment".into(), None, 1),
+                ("worker 5".into(), Some(5), 2),
+                ("worker 6".into(), Some(6), 3),
+            ],
+        };
+        let cpu = |run_ns, queued_ns| Cpu { run_ns, queued_ns };
+        let a = [cpu(0, 0), cpu(1_000, 0), cpu(0, 0)];
+        let b = [
+            cpu(500_000_000, 0),
+            cpu(1_000_001_000, 250_000_000),
+            cpu(100_000_000, 0),
+        ];
+        let u = usage(&w, &a, &b, 1.0, &[5], &[6]);
+        assert!((u.all - 1.6).abs() < 1e-9, "{u:?}");
+        assert!((u.fast_workers - 1.0).abs() < 1e-9, "{u:?}");
+        assert!((u.fast_queued - 0.25).abs() < 1e-9, "{u:?}");
+        assert!((u.slow_workers - 0.1).abs() < 1e-9, "{u:?}");
+    }
 }
