@@ -9,8 +9,9 @@
 //! updater). A worker then pulls the block of iteration `t - tau`, which the
 //! bounded delay guarantees is complete, and folds the change into its
 //! margins. With `tau = 0` this is exact block coordinate descent. With
-//! `tau >= 1` that pull is sent an iteration early and the push is not
-//! waited for, so the worker computes while its messages travel.
+//! `tau >= 1` that pull is sent right after the push it waits for, `tau`
+//! iterations before it is needed, and the push is not waited for, so the
+//! worker computes while its messages travel.
 //!
 //! `h_k` is the separable upper bound `sum_i p_i (1 - p_i) x_ik^2 c_i`, with
 //! `c_i` the number of row `i`'s features in the block, so a unit step never
@@ -123,9 +124,9 @@ struct Pending {
 
 /// One worker's side of the algorithm, one iteration at a time, with its
 /// messages in flight between iterations: the push of iteration `t` is not
-/// waited for, and the pull that iteration `t + 1` needs (the block of
-/// iteration `t + 1 - tau`, updated by every worker) was sent during
-/// iteration `t - 1`, so it travels while this worker computes. With
+/// waited for, and the pull of its block goes right after it (see
+/// [`pull_sent_at`]), though iteration `t + tau + 1` is the first to need
+/// it, so it travels while this worker computes `tau` more blocks. With
 /// `tau = 0` nothing can overlap: each iteration waits for the one before.
 pub struct DbpgWorker {
     cfg: DbpgConfig,
@@ -248,12 +249,11 @@ impl DbpgWorker {
         let sent = Instant::now();
         w.set_clock(cfg.clock_base + t);
         let push = w.push(&cfg.table, keys, vals);
-        // The pull of the block of iteration s, at clock s + tau (answered
-        // once every worker of the job pushed s), is needed before
-        // iteration s + tau + 1: send it now, one iteration early, unless
-        // tau is 0 (then it can only go after this push). Blocks before a
-        // resume are in the weights pulled at start.
-        if let Some(s) = pull_sent_at(t, cfg.tau, cfg.first, cfg.total) {
+        // The pull of this block, at clock t + tau (answered once every
+        // worker of the job pushed t), goes now, behind the push on each
+        // connection, though iteration t + tau + 1 is the first to need
+        // it. Blocks before a resume are in the weights pulled at start.
+        if let Some(s) = pull_sent_at(t, cfg.tau, cfg.blocks as u64, cfg.first, cfg.total) {
             self.send_pull(w, s);
         }
         wait += sent.elapsed();
@@ -426,20 +426,21 @@ pub fn kkt_skip(weight: f32, g: f64, l1: f32, delta: f32, workers: usize) -> boo
     weight == 0.0 && (g * workers as f64).abs() <= l1 as f64 * (1.0 - delta as f64)
 }
 
-/// The iteration whose block's pull iteration `t` sends, if any: `t`
-/// itself at tau 0 (after its push, which it must see), else `t + 1 - tau`
-/// (needed before iteration `t + 2`, so sent one iteration early). None
-/// while that would be before iteration 1 (`t + 1 < tau`: early
-/// iterations start from the weights pulled at the start), for iterations
-/// already in the weights of a resumed run (`<= first`), and for blocks no
-/// later iteration of the run reads (`s + tau >= total`).
-fn pull_sent_at(t: u64, tau: u64, first: u64, total: u64) -> Option<u64> {
-    let s = if tau == 0 {
-        t
-    } else {
-        (t + 1).checked_sub(tau)?
-    };
-    (s >= 1 && s > first && s + tau < total).then_some(s)
+/// The iteration whose block's pull iteration `t` sends, if any. The pull
+/// of the block of iteration `s` goes at clock `s + tau`, which the
+/// servers answer once every worker of the job pushed `s`, and iteration
+/// `s + tau + 1` is the first that needs it. It is sent as early as its
+/// answer cannot differ from a later one: right after this worker's push
+/// of `s` (`t = s`), since that block is next updated at `s + blocks`; for
+/// `tau > blocks`, `tau - blocks` iterations later, so it still sees every
+/// update a reply at the last moment could. That leaves
+/// `min(tau, blocks) + 1` iterations for it to travel while this worker
+/// computes. None before iteration 1, for iterations already in the
+/// weights of a resumed run (`<= first`), and for blocks no later
+/// iteration of the run reads (`s + tau >= total`).
+fn pull_sent_at(t: u64, tau: u64, blocks: u64, first: u64, total: u64) -> Option<u64> {
+    let s = t.checked_sub(tau.saturating_sub(blocks))?;
+    (s >= 1 && s > first && s.checked_add(tau)? < total).then_some(s)
 }
 
 #[cfg(test)]
@@ -447,25 +448,30 @@ mod tests {
     use super::*;
 
     #[test]
-    fn pulls_go_one_iteration_early_and_never_before_the_first() {
+    fn pulls_go_right_after_the_push_they_wait_for() {
         // tau 0: each iteration pulls its own block after its push.
-        assert_eq!(pull_sent_at(1, 0, 0, 10), Some(1));
-        assert_eq!(pull_sent_at(9, 0, 0, 10), Some(9));
-        assert_eq!(pull_sent_at(10, 0, 0, 10), None);
-        // tau 1: iteration t pulls block t, needed by t + 2.
-        assert_eq!(pull_sent_at(1, 1, 0, 10), Some(1));
-        assert_eq!(pull_sent_at(8, 1, 0, 10), Some(8));
-        assert_eq!(pull_sent_at(9, 1, 0, 10), None);
-        // tau 4: nothing until t + 1 - 4 >= 1; no wrap below zero.
-        for t in 0..4 {
-            assert_eq!(pull_sent_at(t, 4, 0, 100), None, "t {t}");
+        assert_eq!(pull_sent_at(1, 0, 16, 0, 10), Some(1));
+        assert_eq!(pull_sent_at(9, 0, 16, 0, 10), Some(9));
+        assert_eq!(pull_sent_at(10, 0, 16, 0, 10), None);
+        // tau 1 and 4 (< 16 blocks): the block just pushed, needed at
+        // t + tau + 1; none past what the run reads.
+        assert_eq!(pull_sent_at(1, 1, 16, 0, 10), Some(1));
+        assert_eq!(pull_sent_at(8, 1, 16, 0, 10), Some(8));
+        assert_eq!(pull_sent_at(9, 1, 16, 0, 10), None);
+        assert_eq!(pull_sent_at(1, 4, 16, 0, 100), Some(1));
+        assert_eq!(pull_sent_at(95, 4, 16, 0, 100), Some(95));
+        assert_eq!(pull_sent_at(96, 4, 16, 0, 100), None);
+        assert_eq!(pull_sent_at(0, 4, 16, 0, 100), None);
+        // tau 20 > 16 blocks: 4 iterations later, so the reply holds the
+        // block's next update too when it is due; no wrap below zero.
+        for t in 0..5 {
+            assert_eq!(pull_sent_at(t, 20, 16, 0, 100), None, "t {t}");
         }
-        assert_eq!(pull_sent_at(4, 4, 0, 100), Some(1));
-        assert_eq!(pull_sent_at(1, 16, 0, 100), None);
-        assert_eq!(pull_sent_at(u64::MAX - 1, 16, 0, u64::MAX), None);
+        assert_eq!(pull_sent_at(5, 20, 16, 0, 100), Some(1));
+        assert_eq!(pull_sent_at(u64::MAX - 1, 16, 16, 0, u64::MAX), None);
         // A resumed run never pulls blocks already in its start weights.
-        assert_eq!(pull_sent_at(6, 2, 5, 100), None);
-        assert_eq!(pull_sent_at(7, 2, 5, 100), Some(6));
+        assert_eq!(pull_sent_at(5, 2, 16, 5, 100), None);
+        assert_eq!(pull_sent_at(6, 2, 16, 5, 100), Some(6));
     }
     use crate::dataset::Builder;
     use pserver_core::UpdaterSpec;
