@@ -235,6 +235,23 @@ impl Rows {
         Probe::NoRoom
     }
 
+    /// Asks the CPU to start fetching the cache line of `key`'s home
+    /// bucket. A loop over many keys calls it a few keys ahead, so that
+    /// several cache misses are in flight at once instead of one after
+    /// another (a table far larger than the cache misses on nearly every
+    /// key; a plain load would hold up the loop until it arrives). It
+    /// changes nothing and costs a few instructions where the line is
+    /// already cached; elsewhere than x86-64 it does nothing.
+    #[inline]
+    pub fn prefetch(&self, key: Key) {
+        if self.buckets == 0 {
+            return;
+        }
+        if let Some(cell) = self.cells.get(self.home(key) * self.stride) {
+            prefetch_line(cell);
+        }
+    }
+
     /// The first bucket probed for `key`.
     #[inline]
     fn home(&self, key: Key) -> usize {
@@ -317,6 +334,27 @@ enum Probe {
 fn key_of(bucket: &[f32]) -> Key {
     u64::from(bucket[0].to_bits()) | (u64::from(bucket[1].to_bits()) << 32)
 }
+
+/// The prefetch hint of [`Rows::prefetch`].
+#[cfg(target_arch = "x86_64")]
+#[inline]
+#[allow(unsafe_code)]
+fn prefetch_line(cell: &f32) {
+    // SAFETY: `_mm_prefetch` is only a hint: it reads nothing into the
+    // program, writes nothing, and never faults, whatever the address
+    // (here a reference, so valid anyway). SSE, which it needs, is part of
+    // every x86-64 CPU. This is the crate's one unsafe block.
+    unsafe {
+        std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T0 }>(
+            std::ptr::from_ref(cell).cast::<i8>(),
+        );
+    }
+}
+
+/// Elsewhere: no hint.
+#[cfg(not(target_arch = "x86_64"))]
+#[inline]
+fn prefetch_line(_cell: &f32) {}
 
 #[cfg(test)]
 mod tests {
