@@ -256,7 +256,8 @@ impl DbpgWorker {
         if let Some(s) = pull_sent_at(t, cfg.tau, cfg.blocks as u64, cfg.first, cfg.total) {
             self.send_pull(w, s);
         }
-        wait += sent.elapsed();
+        let send = sent.elapsed();
+        wait += send;
         let stats = StepStats {
             iteration: t,
             loss,
@@ -265,6 +266,7 @@ impl DbpgWorker {
             filtered,
             busy_us: busy.as_micros() as u64,
             wait_us: wait.as_micros() as u64,
+            send_us: send.as_micros() as u64,
         };
         Ok((stats, push))
     }

@@ -117,6 +117,7 @@ pub async fn run_epoch(
                 filtered: 0,
                 busy_us: busy.as_micros() as u64,
                 wait_us: wait.as_micros() as u64,
+                send_us: 0,
             });
         }
     }

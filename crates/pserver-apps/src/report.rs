@@ -101,6 +101,10 @@ pub struct Report {
     /// waits included), in [0, 1].
     #[serde(with = "finite_or_null")]
     pub wait_fraction: f64,
+    /// The part of `wait_fraction` spent handing messages to the
+    /// connections (slicing, encoding, queueing): sending, not idling.
+    #[serde(default, with = "finite_or_null")]
+    pub send_fraction: f64,
     /// Objective and test scores against time, in time order.
     pub curve: Vec<CurvePoint>,
     /// `--tune`: the choice and the validation curve (absent otherwise).
@@ -420,6 +424,7 @@ mod tests {
             bytes_received: 45_600_000,
             bytes_saved: 789_000,
             wait_fraction: 0.123,
+            send_fraction: 0.05,
             tune: None,
             curve: merge_curve(
                 &[(0.5, 1, 0.69), (1.0, 2, 0.5), (2.0, 3, 0.45)],
@@ -458,6 +463,7 @@ mod tests {
             "bytes_received",
             "bytes_saved",
             "wait_fraction",
+            "send_fraction",
             "curve",
             "peak_rss_per_worker",
             "shard_bytes_per_nnz",

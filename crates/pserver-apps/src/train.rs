@@ -170,6 +170,9 @@ pub struct RunResult {
     pub bytes_saved: u64,
     /// Fraction of worker time spent in push/pull (consistency waits included).
     pub wait_fraction: f64,
+    /// The part of it spent handing messages to the connections (see
+    /// [`StepStats::send_us`](crate::job::proto::StepStats::send_us)).
+    pub send_fraction: f64,
     /// Objective (training log-loss per example) per iteration: (seconds, value).
     pub curve: Vec<(f64, u64, f64)>,
     /// Test AUC during training: (seconds, auc, logloss).

@@ -643,6 +643,7 @@ fn report_of(args: &TrainArgs, cfg: &TrainConfig, r: &RunResult) -> Report {
         bytes_received: r.bytes_received,
         bytes_saved: r.bytes_saved,
         wait_fraction: r.wait_fraction,
+        send_fraction: r.send_fraction,
         curve: merge_curve(&r.curve, &r.test_curve),
         tune: None,
         peak_rss_per_worker: r

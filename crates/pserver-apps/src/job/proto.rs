@@ -196,6 +196,11 @@ pub struct StepStats {
     pub busy_us: u64,
     /// Microseconds waiting on pushes and pulls.
     pub wait_us: u64,
+    /// The part of `wait_us` spent handing the push and pulls to the
+    /// connections (slicing, encoding, queueing): CPU work of sending, not
+    /// idle time. DBPG only (FTRL awaits its push, so it cannot be told
+    /// apart; 0 there).
+    pub send_us: u64,
 }
 
 /// Worker to scheduler.

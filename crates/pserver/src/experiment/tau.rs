@@ -107,6 +107,8 @@ struct RunRecord {
     /// Training seconds over iterations: the rate a delay is meant to raise.
     seconds_per_iteration: Option<f64>,
     wait_fraction: f64,
+    /// The part of it spent handing messages to the connections.
+    send_fraction: f64,
     final_objective: Option<f64>,
     test_auc: f64,
     test_logloss: f64,
@@ -130,6 +132,7 @@ impl RunRecord {
             seconds_per_iteration: (!r.curve.is_empty())
                 .then(|| r.train_seconds / r.curve.len() as f64),
             wait_fraction: r.wait_fraction,
+            send_fraction: r.send_fraction,
             final_objective: r.curve.last().map(|c| c.2),
             test_auc: r.test.auc,
             test_logloss: r.test.logloss,
@@ -157,6 +160,7 @@ impl RunRecord {
             iterations_to_target: None,
             seconds_per_iteration: (!curve.is_empty()).then(|| r.seconds / curve.len() as f64),
             wait_fraction: r.wait_fraction,
+            send_fraction: r.send_fraction,
             final_objective: curve.last().map(|c| c.2),
             test_auc: r.test_auc,
             test_logloss: r.test_logloss,
@@ -181,6 +185,7 @@ struct Summary {
     iterations_to_target: Option<f64>,
     seconds_per_iteration: Option<f64>,
     wait_fraction: Option<f64>,
+    send_fraction: Option<f64>,
     train_seconds: Option<f64>,
     final_objective: Option<f64>,
     test_auc: Option<f64>,
@@ -308,6 +313,7 @@ fn summarize(taus: &[u64], records: &[RunRecord]) -> Vec<Summary> {
                 ),
                 seconds_per_iteration: med(|r| r.seconds_per_iteration.unwrap_or(f64::NAN)),
                 wait_fraction: med(|r| r.wait_fraction),
+                send_fraction: med(|r| r.send_fraction),
                 train_seconds: med(|r| r.train_seconds),
                 final_objective: med(|r| r.final_objective.unwrap_or(f64::NAN)),
                 test_auc: med(|r| r.test_auc),
@@ -415,14 +421,15 @@ pub(super) async fn run(args: TauArgs) -> Result<()> {
                 .await
                 .with_context(|| format!("tau {tau}, run {run}"))?;
             eprintln!(
-                "[{:>3}/{total}] tau {tau:>2} run {run}/{}: {:.2} s, objective {}, waiting {:.1} %, \
-                 test AUC {:.4}, {:.1} MB sent, {:.1} MB received",
+                "[{:>3}/{total}] tau {tau:>2} run {run}/{}: {:.2} s, objective {}, waiting {:.1} % \
+                 ({:.1} sending), test AUC {:.4}, {:.1} MB sent, {:.1} MB received",
                 records.len() + 1,
                 args.runs,
                 rec.train_seconds,
                 rec.final_objective
                     .map_or("-".to_string(), |o| format!("{o:.5}")),
                 100.0 * rec.wait_fraction,
+                100.0 * rec.send_fraction,
                 rec.test_auc,
                 rec.bytes_sent as f64 / 1e6,
                 rec.bytes_received as f64 / 1e6,
@@ -506,8 +513,8 @@ pub(super) async fn run(args: TauArgs) -> Result<()> {
 fn table(medians: &[Summary]) -> String {
     let opt = |v: Option<f64>, f: &dyn Fn(f64) -> String| v.map_or("-".to_string(), f);
     let mut s = String::from(
-        "| tau | time to target (s) | speedup vs tau=0 | waiting % | final objective | test AUC | test log-loss | iterations to target | ms / iteration |\n\
-         |----:|-------------------:|-----------------:|----------:|----------------:|---------:|--------------:|---------------------:|---------------:|\n",
+        "| tau | time to target (s) | speedup vs tau=0 | waiting % | of it sending % | final objective | test AUC | test log-loss | iterations to target | ms / iteration |\n\
+         |----:|-------------------:|-----------------:|----------:|----------------:|----------------:|---------:|--------------:|---------------------:|---------------:|\n",
     );
     for m in medians {
         let time = match m.time_to_target {
@@ -516,11 +523,12 @@ fn table(medians: &[Summary]) -> String {
             None => format!("not reached ({}/{})", m.reached, m.runs),
         };
         s.push_str(&format!(
-            "| {} | {} | {} | {} | {} | {} | {} | {} | {} |\n",
+            "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |\n",
             m.tau,
             time,
             opt(m.speedup, &|x| format!("{x:.2}x")),
             opt(m.wait_fraction, &|x| format!("{:.1}", 100.0 * x)),
+            opt(m.send_fraction, &|x| format!("{:.1}", 100.0 * x)),
             opt(m.final_objective, &|x| format!("{x:.5}")),
             opt(m.test_auc, &|x| format!("{x:.4}")),
             opt(m.test_logloss, &|x| format!("{x:.4}")),
@@ -585,6 +593,7 @@ mod tests {
             iterations_to_target: t.map(|t| (10.0 * t) as u64),
             seconds_per_iteration: Some(0.01),
             wait_fraction: wait,
+            send_fraction: wait / 2.0,
             final_objective: Some(0.4 + tau as f64 / 100.0 + run as f64 / 1000.0),
             test_auc: 0.8,
             test_logloss: 0.42,

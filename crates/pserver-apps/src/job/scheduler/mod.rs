@@ -314,7 +314,7 @@ pub async fn run_with(
     let mut joining: Option<Joining> = None;
     let mut partial: BTreeMap<u64, (f64, usize, usize)> = BTreeMap::new();
     let (mut curve, mut test_curve) = (Vec::new(), Vec::new());
-    let (mut busy, mut wait, mut filtered) = (0u64, 0u64, 0u64);
+    let (mut busy, mut wait, mut send, mut filtered) = (0u64, 0u64, 0u64, 0u64);
     let mut traffic = (0u64, 0u64, 0u64);
     let mut map_tick = tokio::time::interval(MAP_EVERY);
     let mut eval_tick = tokio::time::interval(cfg.eval_every.unwrap_or(Duration::from_secs(3600)));
@@ -383,6 +383,7 @@ pub async fn run_with(
                         FromWorker::Iter(st) => {
                             busy += st.busy_us;
                             wait += st.wait_us;
+                            send += st.send_us;
                             filtered += st.filtered as u64;
                             let e = partial.entry(st.iteration).or_default();
                             e.0 += st.loss;
@@ -562,6 +563,7 @@ pub async fn run_with(
         // wire; key caching and compression report their own.
         bytes_saved: filtered * 16 + traffic.2,
         wait_fraction: wait as f64 / (wait + busy).max(1) as f64,
+        send_fraction: send as f64 / (wait + busy).max(1) as f64,
         curve,
         test_curve,
         table,
