@@ -205,13 +205,7 @@ async fn training_goes_on_when_a_replicated_server_dies() {
     .unwrap();
 }
 
-/// Quarantined: this run hung (past the 120 s bound) in 2 of 5 whole-suite
-/// runs on 2 cores since the frame-splitting and connection changes of
-/// issue #16 were merged, and never when run alone or 6 at a time; the
-/// cause is not found yet. Run it with `cargo test -p pserver-apps --test
-/// train_local -- --ignored`.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "intermittent hang under load, cause not found (see the doc comment)"]
 async fn training_goes_on_through_a_join_and_a_drain() {
     tokio::time::timeout(Duration::from_secs(120), async {
         let calm = replicated_run(Disturb::Nothing).await;

@@ -310,6 +310,13 @@ impl Table {
         self.pending.contains_key(&clock)
     }
 
+    /// True when the sum waiting for `clock` covers some of `range`.
+    pub fn has_pending_over(&self, clock: u64, range: KeyRange) -> bool {
+        self.pending
+            .get(&clock)
+            .is_some_and(|agg| agg.ranges.iter().any(|r| r.intersect(&range).is_some()))
+    }
+
     /// Checks, deduplicates and applies a push (or sums it, with
     /// `ctx.aggregate`), then records its clock and applies the sums it
     /// completed. A refused push changes nothing, its clock included.
@@ -876,6 +883,10 @@ mod tests {
         let (keys, _) = t.pending()[&4].sums_in(KeyRange::ALL);
         assert!(keys.is_empty());
         assert_eq!(t.pending()[&4].ranges(), [kr(10, 50)]);
+        // Which ranges the clock's sum still covers.
+        assert!(t.has_pending_over(4, kr(40, 60)));
+        assert!(!t.has_pending_over(4, kr(0, 10)));
+        assert!(!t.has_pending_over(5, kr(10, 50)));
         t.replica_flushed(4, kr(10, 50));
         assert!(!t.has_pending(4));
     }

@@ -283,14 +283,25 @@ impl ServerCore {
     }
 
     /// Keeps a push's acknowledgement with its clock's sum, to go out once
-    /// the sum is applied and replicated; returns it to send now when the
-    /// clock has nothing pending (a retry of a push applied long ago).
+    /// the sum is applied and replicated; returns it to send now when no
+    /// sum of the clock over the push's range is pending here or was just
+    /// applied (a retry of a push applied long ago).
+    ///
+    /// Only a sum over the push's own range counts: this server is its
+    /// primary, so it applies that sum and releases the ack. Another part
+    /// of the clock's sum may be one it only replicates (a copy of another
+    /// primary's range in a hand-off), which that primary's `Flushed`
+    /// removes without applying anything here: an ack held for it would
+    /// never be released.
     fn hold_ack(&mut self, conn: ConnId, h: &Header, reply: Frame) -> Option<Frame> {
-        let pending = self.table(h.table).is_some_and(|t| t.has_pending(h.clock));
-        let applied = self
-            .applied
-            .iter()
-            .any(|(t, a)| *t == h.table && a.clock == h.clock);
+        let pending = self
+            .table(h.table)
+            .is_some_and(|t| t.has_pending_over(h.clock, h.range));
+        let applied = self.applied.iter().any(|(t, a)| {
+            *t == h.table
+                && a.clock == h.clock
+                && a.ranges.iter().any(|r| r.intersect(&h.range).is_some())
+        });
         if !pending && !applied {
             return Some(reply);
         }

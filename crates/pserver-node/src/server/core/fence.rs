@@ -1,8 +1,9 @@
 //! Hand-off fences: two primaries never serve a range at once.
 //!
 //! When a range's primary changes while the old one lives (a join or a
-//! drain), the old primary sends a `Fence` down the range's old chain,
-//! behind its last changes there (the new primary is on that chain), and
+//! drain), the old primary sends a `Fence` down the range's old chain (past
+//! members the new map declares dead), behind its last changes there (the
+//! new primary is on that chain), and
 //! the new primary answers `EpochAhead` for the range until the fence
 //! arrives, or [`FENCE_TIMEOUT_MS`](super::FENCE_TIMEOUT_MS) passes.
 
@@ -27,7 +28,18 @@ impl ServerCore {
         let alive = |id: NodeId| map.node(id).is_some_and(|n| n.state == NodeState::Alive);
         let mut sends = Vec::new();
         for p in old.partitions.iter().filter(|p| p.primary == me) {
-            let Some((&next, rest)) = p.replicas.split_first() else {
+            // The old chain as this map still reaches it: a member declared
+            // dead (a server drained at this very switch) passes nothing on,
+            // so the fence skips it, as `reachable_chain` does further down.
+            // Sent to it, the fence would be dropped and the new primary
+            // would hold the range back until `FENCE_TIMEOUT_MS`.
+            let chain: Vec<NodeId> = p
+                .replicas
+                .iter()
+                .copied()
+                .filter(|&n| map.node(n).is_some_and(|n| n.state != NodeState::Dead))
+                .collect();
+            let Some((&next, rest)) = chain.split_first() else {
                 continue;
             };
             for i in self.map.partitions_overlapping(p.range) {

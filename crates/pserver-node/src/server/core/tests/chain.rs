@@ -379,3 +379,58 @@ fn a_replica_takes_every_kind_of_change() {
     mismatch.header.epoch = 6;
     assert_eq!(code(only(&req(&mut c, mismatch))), Some(ErrorCode::Invalid));
 }
+
+#[test]
+fn a_resent_push_is_not_held_for_a_sum_this_server_does_not_apply() {
+    // Server 2 is primary of HIGH and replicates LOW (primary 1).
+    let mut c = core_with(2, chained(5, spec(true, Consistency::Sequential)));
+    let high = |worker, retry| {
+        let mut f = push(worker, 1, &[MID + 1], &[1.0]);
+        f.header.range = HIGH;
+        if retry {
+            f.header.flags |= FLAG_RETRY;
+        }
+        f
+    };
+    // Both workers' pushes of clock 1 over HIGH: the sum is applied and,
+    // once replica 1 has it, both are acknowledged.
+    assert!(sent(&req(&mut c, high(10, false))).is_empty());
+    let e = req(&mut c, high(11, false));
+    let fw = forwards(&e);
+    assert_eq!(fw.len(), 1, "{e:?}");
+    let e = c.step(
+        2,
+        Input::Delivered {
+            ticket: fw[0].1,
+            delivery: Delivery::Stored,
+        },
+    );
+    assert_eq!(sent(&e).len(), 2);
+    // LOW's primary copies its own unapplied sum of clock 1 here (a
+    // hand-off makes this server a new replica of LOW): a sum over a range
+    // only server 1 decides.
+    let e = req(
+        &mut c,
+        change(Replica::Pending { clock: 1 }, 0, &[1], &[2.0], vec![]),
+    );
+    assert_eq!(only(&e).header.kind, Kind::Reply);
+    assert!(c.table(T).unwrap().has_pending(1));
+    // Worker 10 resends its push of clock 1 (its ack was lost with a
+    // connection): a duplicate whose sum is applied here. It is answered
+    // now: no sum of this server would ever release it (LOW's ends with
+    // server 1's `Flushed`, which applies nothing here).
+    let e = req(&mut c, high(10, true));
+    assert_eq!(acked(only(&e)), (0, 1));
+    let e = req(
+        &mut c,
+        change(
+            Replica::Flushed { clock: 1 },
+            1,
+            &[1],
+            &[2.0],
+            vec![(10, LOW, 1), (11, LOW, 1)],
+        ),
+    );
+    assert_eq!(only(&e).header.kind, Kind::Reply);
+    assert!(!c.table(T).unwrap().has_pending(1));
+}

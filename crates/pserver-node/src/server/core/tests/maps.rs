@@ -93,6 +93,36 @@ fn the_old_primary_fences_the_ranges_it_hands_over() {
 }
 
 #[test]
+fn a_fence_goes_past_a_chain_member_declared_dead() {
+    // A hand-off's chain of LOW: server 1, then 2 (its replica), then 3
+    // (the future primary). At the switch server 2 is retired too (it was
+    // being drained): the fence goes to server 3 itself, or 3 would hold
+    // LOW back until FENCE_TIMEOUT_MS.
+    let before = map(
+        5,
+        &[],
+        vec![part(LOW, 1, &[2, 3]), part(HIGH, 1, &[2])],
+        spec(false, Consistency::Eventual),
+    );
+    let after = map(
+        6,
+        &[2],
+        vec![part(LOW, 3, &[1]), part(HIGH, 1, &[3])],
+        spec(false, Consistency::Eventual),
+    );
+    let mut c = core_with(1, before);
+    let e = c.step(2, Input::Map(after));
+    let fences: Vec<_> = forwards(&e)
+        .into_iter()
+        .filter_map(|(to, _, f)| match f.control_msg() {
+            Ok(Control::Fence { from: 1, chain }) => Some((to, f.header.range, chain)),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(fences, [(3, LOW, vec![])]);
+}
+
+#[test]
 fn a_map_change_copies_to_new_replicas_and_reports_synced_after() {
     let mut c = core_with(1, solo(spec(false, Consistency::Eventual)));
     assert!(
