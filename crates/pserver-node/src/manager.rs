@@ -78,6 +78,18 @@ impl ManagerHandle {
     }
 }
 
+/// A node of another manager's cluster that asked this one to rejoin it.
+struct Stranger {
+    role: Role,
+    addr: String,
+    /// When it last asked (ms on the manager's clock).
+    asked_ms: u64,
+}
+
+/// A stranger that has not asked for this long is taken to have stopped
+/// (nodes ask at least once a second, an attempt lasting at most 5 s).
+const STRANGER_GONE_MS: u64 = 10_000;
+
 struct State {
     members: Membership,
     conns: BTreeMap<NodeId, Outbox>,
@@ -94,6 +106,11 @@ struct State {
     unsaved: bool,
     /// The last save error logged, so a failure that lasts is logged once.
     save_error: Option<String>,
+    /// Nodes refused as strangers (registered by another manager) with
+    /// their role and address: each is logged once however often it asks,
+    /// and while servers of such a cluster wait this manager starts no new
+    /// cluster of its own over them.
+    strangers: BTreeMap<NodeId, Stranger>,
 }
 
 impl State {
@@ -205,6 +222,7 @@ pub async fn start_manager(cfg: ManagerConfig) -> Result<ManagerHandle, NodeErro
         shown,
         unsaved: false,
         save_error: None,
+        strangers: BTreeMap::new(),
     }));
     // The state as it starts (fresh or restored) is on disk before any node
     // hears of it.
@@ -350,12 +368,50 @@ fn handle(
                     tracing::info!(node = id, %role, "rejoined");
                     Some(st.welcome(h, id, out, me))
                 }
+                Err(e @ MembershipError::Stranger { .. }) => {
+                    // Said once per node (it asks again and again): a node
+                    // of a cluster this manager does not know is waiting,
+                    // with its data, for the manager that registered it.
+                    let seen = Stranger {
+                        role,
+                        addr: addr.clone(),
+                        asked_ms: now,
+                    };
+                    if st.strangers.insert(id, seen).is_none() {
+                        tracing::error!(
+                            node = id,
+                            %role,
+                            %addr,
+                            their_epoch = h.epoch,
+                            our_epoch = epoch,
+                            "refused a node of another manager's cluster: {e}"
+                        );
+                    }
+                    err(ErrorCode::Stranger, e.to_string())
+                }
                 Err(e) => err(ErrorCode::Invalid, e.to_string()),
             };
         }
         let Control::Register { role, addr, group } = msg else {
             return err(ErrorCode::Invalid, "register first".into());
         };
+        // A first server would start a new, empty cluster while the servers
+        // of the one this manager lost the state of wait with their data.
+        if role == Role::Server && st.members.map().live(Role::Server).next().is_none() {
+            let waiting = st.strangers.iter().find(|(_, s)| {
+                s.role == Role::Server && now.saturating_sub(s.asked_ms) <= STRANGER_GONE_MS
+            });
+            if let Some((id, Stranger { addr: at, .. })) = waiting {
+                let why = format!(
+                    "this manager will not start a new cluster over a running one: server {id} \
+                     at {at}, registered by another manager, is waiting for it with its data; \
+                     restart this manager with the --state FILE of the one that registered it, \
+                     or stop that cluster's servers first"
+                );
+                tracing::error!(%addr, "refused a server: {why}");
+                return err(ErrorCode::Invalid, why);
+            }
+        }
         // Clients do not enter the map, so there is nothing to save.
         return match st.change(|m| Ok((m.register(role, &addr, group, now)?, role != Role::Client)))
         {

@@ -38,6 +38,10 @@ pub enum ErrorCode {
     /// (more than the range clock's window) that the server can no longer
     /// tell whether it was applied; nothing was done.
     TooOld,
+    /// The manager has no record of the node that asked to rejoin: another
+    /// manager registered it (this one was started without its state).
+    /// Nothing was done; the node keeps its data and asks again later.
+    Stranger,
 }
 
 /// A control message.

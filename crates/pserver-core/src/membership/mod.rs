@@ -55,6 +55,26 @@ pub enum MembershipError {
     /// The id is not registered.
     #[error("node {0} is not registered")]
     UnknownNode(NodeId),
+    /// A node asked to rejoin under an id this manager never gave it: no
+    /// node of the map has that id, role and address. It was registered by
+    /// a manager whose state this one does not hold (started without
+    /// `--state`, or with another file), so this one cannot know its
+    /// ranges; the node must keep its data and wait for a manager that
+    /// knows it, not register anew (which would drop them).
+    #[error(
+        "this manager has no record of {role} {id} at {addr:?}: it was registered by a manager \
+         whose state this one does not hold (this one was started without --state, or with \
+         another file); the node keeps its data and keeps trying: restart this manager with \
+         the --state FILE of the one that registered it"
+    )]
+    Stranger {
+        /// The id the node gave.
+        id: NodeId,
+        /// The role it gave.
+        role: Role,
+        /// The address it gave ("" for workers and clients).
+        addr: String,
+    },
     /// The node was declared dead; it must register again.
     #[error("node {0} was declared dead; register again")]
     Dead(NodeId),
@@ -129,7 +149,18 @@ pub struct Membership {
     target: Option<Handoff>,
     /// The latest map epoch each server reported its copies done for.
     synced: BTreeMap<NodeId, u64>,
+    /// Nodes of a restored map that have not rejoined yet: they get
+    /// [`RECOVERY_GRACE_LEASES`] more leases than the silence limit from the
+    /// restart, since they learn of the new manager only by retrying.
+    recovering: BTreeSet<NodeId>,
 }
+
+/// How many leases, beyond the usual silence limit, a node of a restored
+/// map has to rejoin before it is declared dead. Nodes retry a lost manager
+/// at most a quarter of a lease apart (`pserver_node::proto::rejoin`), so one
+/// lease is several tries; a node that has not come back by then is dead
+/// or cut off (and then fenced by its own lease) and fails over as usual.
+pub const RECOVERY_GRACE_LEASES: u64 = 1;
 
 /// A hand-off in progress.
 #[derive(Clone, Debug)]
@@ -199,6 +230,7 @@ impl Membership {
             leaving: BTreeSet::new(),
             target: None,
             synced: BTreeMap::new(),
+            recovering: BTreeSet::new(),
         })
     }
 
@@ -216,11 +248,13 @@ impl Membership {
         }
     }
 
-    /// A manager restarted from `p`: the map as it was (every live server
-    /// and worker gets a fresh lease from `now_ms` to rejoin with
-    /// [`Membership::rejoin`]; those that do not are declared dead as
-    /// usual), ids continuing where they stopped. The config's placement
-    /// settings must match the map's.
+    /// A manager restarted from `p`: the map as it was, ids continuing
+    /// where they stopped. Every live server and worker may rejoin with
+    /// [`Membership::rejoin`] until the silence limit plus
+    /// [`RECOVERY_GRACE_LEASES`] leases after `now_ms` (however long the
+    /// manager was away: their leases count from the restart); those that
+    /// do not are declared dead as usual. The config's placement settings
+    /// must match the map's.
     pub fn restore(
         cfg: MembershipConfig,
         p: Persisted,
@@ -248,6 +282,7 @@ impl Membership {
             .filter(|n| n.state == NodeState::Alive)
             .map(|n| (n.id, now_ms))
             .collect();
+        m.recovering = m.last_seen.keys().copied().collect();
         m.map = p.map;
         m.map.lease_ms = cfg.lease_ms;
         m.next_id = p.next_id;
@@ -257,8 +292,11 @@ impl Membership {
 
     /// A node that was registered before the manager restarted (or lost its
     /// connection) comes back with its id: a live server or worker of the
-    /// map with the same role and address renews its lease; a client is
-    /// taken back. A node declared dead meanwhile must register anew.
+    /// map with the same role and address renews its lease; a client whose
+    /// id this manager gave out is taken back. A node of the map declared
+    /// dead meanwhile is refused as [`MembershipError::Dead`] (its ranges
+    /// went to others: it must drop them). Any other is a
+    /// [`MembershipError::Stranger`]: this manager never registered it.
     pub fn rejoin(
         &mut self,
         id: NodeId,
@@ -266,19 +304,29 @@ impl Membership {
         addr: &str,
         now_ms: u64,
     ) -> Result<(), MembershipError> {
+        let stranger = || MembershipError::Stranger {
+            id,
+            role,
+            addr: addr.to_string(),
+        };
         if role == Role::Client {
-            if id >= self.next_id {
-                return Err(MembershipError::UnknownNode(id));
+            // An id at or above the counter, or one the map gives a node,
+            // is not one this manager gave a client.
+            if id >= self.next_id || self.map.node(id).is_some() {
+                return Err(stranger());
             }
             self.clients.insert(id, now_ms);
             return Ok(());
         }
         match self.map.node(id) {
-            None => Err(MembershipError::UnknownNode(id)),
+            // Checked before its state: a dead node of another role or
+            // address is someone else's id, not this node's verdict.
+            Some(n) if n.role != role || n.addr != addr => Err(stranger()),
+            None => Err(stranger()),
             Some(n) if n.state == NodeState::Dead => Err(MembershipError::Dead(id)),
-            Some(n) if n.role != role || n.addr != addr => Err(MembershipError::UnknownNode(id)),
             Some(_) => {
                 self.last_seen.insert(id, now_ms);
+                self.recovering.remove(&id);
                 Ok(())
             }
         }
@@ -342,6 +390,7 @@ impl Membership {
             Some(n) if n.state == NodeState::Dead => Err(MembershipError::Dead(id)),
             Some(_) => {
                 self.last_seen.insert(id, now_ms);
+                self.recovering.remove(&id);
                 Ok(())
             }
         }
@@ -424,14 +473,23 @@ impl Membership {
     }
 
     /// Declares dead every node silent for more than [`silence_limit_ms`]
-    /// by `now_ms`; returns them.
+    /// by `now_ms` (a node of a restored map that has not rejoined yet: for
+    /// more than that plus [`RECOVERY_GRACE_LEASES`] leases); returns them.
     pub fn expire(&mut self, now_ms: u64) -> Vec<NodeId> {
         let lease = self.cfg.lease_ms;
         let limit = silence_limit_ms(lease);
+        let grace = lease.saturating_mul(RECOVERY_GRACE_LEASES);
         let late: Vec<NodeId> = self
             .last_seen
             .iter()
-            .filter(|&(_, &t)| now_ms.saturating_sub(t) > limit)
+            .filter(|&(id, &t)| {
+                let limit = if self.recovering.contains(id) {
+                    limit.saturating_add(grace)
+                } else {
+                    limit
+                };
+                now_ms.saturating_sub(t) > limit
+            })
             .map(|(&id, _)| id)
             .collect();
         // Clients hold no state anyone waits on; drop silent ones quietly.
@@ -451,6 +509,7 @@ impl Membership {
         let mut servers = false;
         for &id in ids {
             self.last_seen.remove(&id);
+            self.recovering.remove(&id);
             self.leaving.remove(&id);
             self.synced.remove(&id);
             if let Ok(i) = self.map.nodes.binary_search_by_key(&id, |n| n.id) {

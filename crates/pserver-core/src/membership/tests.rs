@@ -344,17 +344,20 @@ fn a_restored_manager_keeps_the_map_and_takes_its_nodes_back() {
     assert_eq!(r.rejoin(s1, Role::Server, "a", 1010), Ok(()));
     assert_eq!(r.rejoin(w, Role::Worker, "", 1010), Ok(()));
     assert_eq!(r.rejoin(c, Role::Client, "", 1010), Ok(()));
-    assert_eq!(
+    assert!(matches!(
         r.rejoin(s2, Role::Server, "elsewhere", 1010),
-        Err(MembershipError::UnknownNode(s2))
-    );
-    assert_eq!(
+        Err(MembershipError::Stranger { id, .. }) if id == s2
+    ));
+    assert!(matches!(
         r.rejoin(99, Role::Server, "z", 1010),
-        Err(MembershipError::UnknownNode(99))
-    );
-    // s2 did not rejoin: its lease (from the restart) runs out.
+        Err(MembershipError::Stranger { id: 99, .. })
+    ));
+    // s2 did not rejoin: its lease (from the restart, plus the grace) runs out.
     r.heartbeat(w2, 1070).unwrap();
-    assert_eq!(r.expire(1080), vec![s2]);
+    r.heartbeat(w2, 1140).unwrap();
+    r.heartbeat(s1, 1140).unwrap();
+    r.heartbeat(w, 1140).unwrap();
+    assert_eq!(r.expire(1180), vec![s2]);
     assert_eq!(
         r.rejoin(s2, Role::Server, "b", 1090),
         Err(MembershipError::Dead(s2))
@@ -373,5 +376,84 @@ fn a_restored_manager_keeps_the_map_and_takes_its_nodes_back() {
     assert!(matches!(
         Membership::restore(*m.config(), bad, 0),
         Err(MembershipError::Config(_))
+    ));
+}
+
+#[test]
+fn nodes_of_a_restored_map_have_a_grace_to_come_back_however_long_the_manager_was_away() {
+    let mut m = mgr();
+    let s1 = m.register(Role::Server, "a", Group::Default, 0).unwrap();
+    let s2 = m.register(Role::Server, "b", Group::Default, 0).unwrap();
+    m.create_table(spec_of("w", 1)).unwrap();
+    let saved = m.persisted();
+    // Restarted an hour later: the hour of silence counts for nothing.
+    let restart = 3_600_000;
+    let mut r = Membership::restore(*m.config(), saved, restart).unwrap();
+    let limit = silence_limit_ms(100);
+    let grace = 100 * RECOVERY_GRACE_LEASES;
+    // Nobody is dead within the silence limit plus the grace.
+    assert_eq!(r.expire(restart + limit + grace), Vec::<NodeId>::new());
+    assert_eq!(r.map().epoch, m.map().epoch);
+    // s1 comes back late in the grace, with its ranges as they were.
+    assert_eq!(
+        r.rejoin(s1, Role::Server, "a", restart + limit + grace),
+        Ok(())
+    );
+    assert_eq!(r.map().partitions, m.map().partitions);
+    // s2 never does: declared dead just past the grace, and fails over.
+    assert_eq!(r.expire(restart + limit + grace + 1), vec![s2]);
+    assert!(r.map().partitions.iter().all(|p| p.primary == s1));
+    // Once back, s1 is an ordinary node again: the grace is gone.
+    let back = restart + limit + grace;
+    assert_eq!(r.expire(back + limit), Vec::<NodeId>::new());
+    assert_eq!(r.expire(back + limit + 1), vec![s1]);
+}
+
+#[test]
+fn a_manager_without_state_calls_the_nodes_of_an_earlier_one_strangers_not_dead() {
+    // An earlier manager registered these.
+    let mut old = mgr();
+    let s1 = old.register(Role::Server, "a", Group::Default, 0).unwrap();
+    let w = old.register(Role::Worker, "", Group::Default, 0).unwrap();
+    let c = old.register(Role::Client, "", Group::Default, 0).unwrap();
+    // A fresh manager has registered one server of its own, which took id 1.
+    let mut fresh = mgr();
+    let mine = fresh
+        .register(Role::Server, "z", Group::Default, 0)
+        .unwrap();
+    assert_eq!(mine, s1);
+    let epoch = fresh.map().epoch;
+    for (id, role, addr) in [
+        (s1, Role::Server, "a"),
+        (w, Role::Worker, ""),
+        (c, Role::Client, ""),
+    ] {
+        let e = fresh.rejoin(id, role, addr, 10).unwrap_err();
+        assert_eq!(
+            e,
+            MembershipError::Stranger {
+                id,
+                role,
+                addr: addr.to_string()
+            }
+        );
+        // It says what happened and what to do.
+        let text = e.to_string();
+        assert!(text.contains("no record of"), "{text}");
+        assert!(text.contains("--state FILE"), "{text}");
+    }
+    // Refusing strangers changes nothing, and declares no one dead.
+    assert_eq!(fresh.map().epoch, epoch);
+    assert_eq!(fresh.expire(10), Vec::<NodeId>::new());
+    // Only a node this manager knows, under its own role and address, is
+    // told it is dead.
+    assert!(fresh.disconnected(mine));
+    assert_eq!(
+        fresh.rejoin(mine, Role::Server, "z", 20),
+        Err(MembershipError::Dead(mine))
+    );
+    assert!(matches!(
+        fresh.rejoin(mine, Role::Server, "a", 20),
+        Err(MembershipError::Stranger { .. })
     ));
 }

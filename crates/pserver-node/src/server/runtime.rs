@@ -15,7 +15,7 @@ use super::{ServerConfig, ServerHandle};
 use crate::conn::{Outbox, Peer, accept_loop, bind, lock, split};
 use crate::error::NodeError;
 use crate::net::Net;
-use crate::proto::{control_reply, control_request, error_reply, register, rejoin};
+use crate::proto::{Rejoining, control_reply, control_request, error_reply, register, rejoin};
 use crate::replica::Forwarder;
 use futures_util::StreamExt;
 use pserver_core::map::Group;
@@ -350,8 +350,10 @@ pub async fn start_server(cfg: ServerConfig) -> Result<ServerHandle, NodeError> 
     }
 
     // The link to the manager: maps in. A lost link is rejoined (the
-    // manager may have restarted); a manager that refuses this server, or
-    // stays away, ends it.
+    // manager may have restarted) for as long as it takes: the server
+    // keeps its data meanwhile, refusing requests once its lease lapses.
+    // It stops only when a manager that knows it says it is dead (or a map
+    // no longer holds it), or on shutdown.
     {
         let (shared, token) = (Arc::clone(&shared), cancel.clone());
         let (net, manager_addr, limits, my_addr) = (
@@ -385,9 +387,10 @@ pub async fn start_server(cfg: ServerConfig) -> Result<ServerHandle, NodeError> 
                                     break;
                                 }
                             }
+                            // Only maps (or a refused rejoin) end a server;
+                            // an unasked error is no verdict on its data.
                             Ok(Control::Error { message, .. }) => {
-                                tracing::error!(node = id, %message, "manager refused this server");
-                                break;
+                                tracing::warn!(node = id, %message, "the manager sent an error");
                             }
                             _ => tracing::debug!(node = id, "ignored notice from manager"),
                         },
@@ -400,7 +403,18 @@ pub async fn start_server(cfg: ServerConfig) -> Result<ServerHandle, NodeError> 
                 }
                 if lost {
                     tracing::warn!(node = id, "lost the manager; rejoining");
-                    match rejoin(&net, &manager_addr, limits, id, Role::Server, &my_addr).await {
+                    let who = Rejoining {
+                        id,
+                        role: Role::Server,
+                        addr: my_addr.clone(),
+                        epoch: shared.map_epoch.load(Ordering::Relaxed),
+                        lease_ms: shared.node.lock().await.core.map().lease_ms,
+                    };
+                    let rejoined = tokio::select! {
+                        _ = token.cancelled() => break,
+                        r = rejoin(&net, &manager_addr, limits, &who) => r,
+                    };
+                    match rejoined {
                         Ok((peer, rx, map)) => {
                             tracing::info!(node = id, epoch = map.epoch, "rejoined the manager");
                             *lock(&shared.manager) = peer;
@@ -412,7 +426,10 @@ pub async fn start_server(cfg: ServerConfig) -> Result<ServerHandle, NodeError> 
                             shared.carry_out(effects).await;
                         }
                         Err(e) => {
-                            tracing::error!(node = id, error = %e, "cannot rejoin the manager");
+                            // A manager that knows this server declared it
+                            // dead: its ranges went to others, so what it
+                            // holds is stale.
+                            tracing::error!(node = id, error = %e, "the manager refused this server");
                             break;
                         }
                     }

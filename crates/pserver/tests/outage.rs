@@ -1,0 +1,239 @@
+//! Manager outages between real processes (issue #16, defect 1): a manager
+//! with `--state`, two `pserver server` processes with one replica each, a
+//! table of known values. The manager is killed with SIGKILL; the servers
+//! must keep their data through an outage of any length, refuse requests
+//! meanwhile with an error that says why (never hang), and give every value
+//! back to a manager restarted with the same `--state`. A manager started
+//! without the state must neither make them drop their data nor start a new
+//! cluster over them, and must say so.
+
+use pserver_core::{NodeState, UpdaterSpec};
+use pserver_node::worker::{TableOptions, Worker, WorkerConfig};
+use std::io::{BufRead, BufReader};
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+mod common;
+
+use common::{BIN, Procs, run_within, spawn};
+
+/// The lease of these clusters: short, so a lapse and a failover take
+/// well under a second.
+const LEASE_MS: &str = "500";
+
+/// Starts `pserver ARGS` with its log (`RUST_LOG=warn`) written to `log`;
+/// returns it with its first line of output.
+fn spawn_logged(args: &[&str], log: &Path) -> (Child, String) {
+    let file = std::fs::File::create(log).unwrap();
+    let mut child = Command::new(BIN)
+        .args(args)
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::piped())
+        .stderr(file)
+        .spawn()
+        .expect("start pserver");
+    let mut line = String::new();
+    let stdout = child.stdout.take().unwrap();
+    BufReader::new(stdout).read_line(&mut line).unwrap();
+    (child, line.trim().to_string())
+}
+
+/// A manager on `listen` with one replica per range and the short lease,
+/// keeping its state in `state` when given.
+fn manager_args<'a>(listen: &'a str, state: Option<&'a str>) -> Vec<&'a str> {
+    let mut args = vec![
+        "manager",
+        "--listen",
+        listen,
+        "--replicas",
+        "1",
+        "--lease-ms",
+        LEASE_MS,
+    ];
+    if let Some(s) = state {
+        args.extend(["--state", s]);
+    }
+    args
+}
+
+/// Keys spread over the whole ring (so both servers hold some) and the
+/// value pushed to each: all different, so a lost or doubled push shows.
+fn known() -> (Vec<u64>, Vec<f32>) {
+    let keys: Vec<u64> = (1..=64u64).map(|i| i * (u64::MAX / 65)).collect();
+    let vals = (1..=64).map(|i| i as f32 * 1.5).collect();
+    (keys, vals)
+}
+
+/// A client of the manager at `manager` whose requests give up after
+/// `timeout`.
+async fn client(manager: &str, timeout: Duration) -> Worker {
+    let mut cfg = WorkerConfig::client(manager.to_string());
+    cfg.timeout = timeout;
+    Worker::connect(cfg).await.unwrap()
+}
+
+/// Starts a manager with `state` and two servers, and fills table "n".
+fn cluster(rt: &tokio::runtime::Runtime, state: &str) -> (Procs, String) {
+    let (m, line) = spawn(&manager_args("127.0.0.1:0", Some(state)));
+    let manager = line.rsplit(' ').next().unwrap().to_string();
+    let mut procs = Procs(vec![(m, line)]);
+    for _ in 0..2 {
+        procs.0.push(spawn(&["server", "--manager", &manager]));
+    }
+    rt.block_on(async {
+        tokio::time::timeout(Duration::from_secs(30), async {
+            let w = client(&manager, Duration::from_secs(10)).await;
+            w.create_table("n", TableOptions::new(1, UpdaterSpec::Add))
+                .await
+                .unwrap();
+            let (keys, vals) = known();
+            w.push("n", keys.clone(), vals.clone()).await.unwrap();
+            assert_eq!(w.pull("n", keys).await.unwrap(), vals);
+            w.shutdown();
+        })
+        .await
+        .expect("the cluster is up within 30 s")
+    });
+    (procs, manager)
+}
+
+/// Whether every server process (all but the first, the manager) still runs.
+fn servers_run(procs: &mut Procs) -> bool {
+    procs.0[1..]
+        .iter_mut()
+        .all(|(c, _)| c.try_wait().unwrap().is_none())
+}
+
+/// SIGKILLs the manager (the first process).
+fn kill_manager(procs: &mut Procs) {
+    procs.0[0].0.kill().unwrap();
+    procs.0[0].0.wait().unwrap();
+}
+
+/// Restarts the manager with `state` on `manager` and pulls the known keys
+/// back through it: every value as pushed, both servers alive.
+async fn back_with_state(procs: &mut Procs, manager: &str, state: &str) {
+    let again = spawn(&manager_args(manager, Some(state)));
+    assert!(again.1.ends_with(manager), "{}", again.1);
+    procs.0[0] = again;
+    let w = client(manager, Duration::from_secs(10)).await;
+    let (keys, vals) = known();
+    assert_eq!(w.pull("n", keys.clone()).await.unwrap(), vals);
+    // Past the recovered nodes' grace (a lease and the silence limit):
+    // nobody was declared dead, and the values are still those pushed.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let map = w.refresh().await.unwrap();
+    let servers: Vec<_> = map
+        .nodes
+        .iter()
+        .filter(|n| n.role == pserver_core::Role::Server)
+        .collect();
+    assert_eq!(servers.len(), 2, "{:?}", map.nodes);
+    assert!(
+        servers.iter().all(|n| n.state == NodeState::Alive),
+        "{:?}",
+        map.nodes
+    );
+    assert_eq!(w.pull("n", keys).await.unwrap(), vals);
+    w.shutdown();
+}
+
+#[test]
+fn servers_keep_their_data_through_a_long_manager_outage() {
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("manager.state");
+    let state = state.to_str().unwrap();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    let (mut procs, manager) = cluster(&rt, state);
+    rt.block_on(async {
+        tokio::time::timeout(Duration::from_secs(90), async {
+            // A client that was connected when the manager went away.
+            let w = client(&manager, Duration::from_secs(3)).await;
+            w.refresh().await.unwrap();
+            kill_manager(&mut procs);
+            let killed = Instant::now();
+            // Past half a lease the servers are fenced: a push ends at its
+            // timeout with why, and changes nothing.
+            tokio::time::sleep(Duration::from_millis(1000)).await;
+            let (keys, _) = known();
+            let started = Instant::now();
+            w.advance();
+            let e = w
+                .push("n", keys.clone(), vec![100.0; keys.len()])
+                .await
+                .expect_err("a push succeeded with the manager away")
+                .to_string();
+            assert!(started.elapsed() < Duration::from_secs(6), "{e}");
+            assert!(e.contains("within 3 s"), "{e}");
+            assert!(e.contains("lease expired"), "{e}");
+            assert!(e.contains("manager has been unreachable"), "{e}");
+            // Longer than the 30 s after which servers used to give up and
+            // exit; nothing in them counts the outage's length any more.
+            while killed.elapsed() < Duration::from_secs(32) {
+                assert!(servers_run(&mut procs), "a server exited during the outage");
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+            assert!(servers_run(&mut procs), "a server exited during the outage");
+            back_with_state(&mut procs, &manager, state).await;
+            // The client connected before the outage rejoined too.
+            assert_eq!(w.pull("n", keys).await.unwrap(), known().1);
+        })
+        .await
+        .expect("the test finishes in 90 s")
+    });
+}
+
+#[test]
+fn a_manager_without_the_state_refuses_the_cluster_and_the_servers_wait_with_their_data() {
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("manager.state");
+    let state = state.to_str().unwrap();
+    let log = dir.path().join("stateless.log");
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    let (mut procs, manager) = cluster(&rt, state);
+    rt.block_on(async {
+        tokio::time::timeout(Duration::from_secs(60), async {
+            kill_manager(&mut procs);
+            tokio::time::sleep(Duration::from_secs(3)).await;
+            // The manager comes back without its state.
+            let stateless = spawn_logged(&manager_args(&manager, None), &log);
+            assert!(stateless.1.ends_with(&manager), "{}", stateless.1);
+            procs.0[0] = stateless;
+            tokio::time::sleep(Duration::from_secs(3)).await;
+            assert!(
+                servers_run(&mut procs),
+                "a server exited when a manager without state came up"
+            );
+            // It says what happened and what to do.
+            let said = std::fs::read_to_string(&log).unwrap();
+            assert!(
+                said.contains("refused a node of another manager's cluster"),
+                "{said}"
+            );
+            assert!(said.contains("--state FILE"), "{said}");
+            // And it starts no new cluster over the waiting one.
+            let out = run_within(&["server", "--manager", &manager], Duration::from_secs(20));
+            assert!(!out.status.success());
+            let err = String::from_utf8_lossy(&out.stderr);
+            assert!(
+                err.contains("will not start a new cluster over a running one"),
+                "{err}"
+            );
+            assert!(servers_run(&mut procs));
+            // Restarted with its state, the manager finds the cluster whole.
+            kill_manager(&mut procs);
+            back_with_state(&mut procs, &manager, state).await;
+        })
+        .await
+        .expect("the test finishes in 60 s")
+    });
+}
