@@ -10,7 +10,9 @@ use crate::proto::{control_reply, error_reply};
 use futures_util::StreamExt;
 use pserver_core::map::{Group, MANAGER_ID};
 use pserver_core::membership::Persisted;
-use pserver_core::membership::{Membership, MembershipConfig, MembershipError, Released};
+use pserver_core::membership::{
+    Membership, MembershipConfig, MembershipError, Recovered, Released, Report,
+};
 use pserver_core::{NodeId, Role};
 use pserver_wire::message::Status;
 use pserver_wire::{Control, ErrorCode, Frame, Header, Kind, Limits};
@@ -184,6 +186,52 @@ impl State {
         self.conns.insert(id, out.clone());
         let map = self.shown.clone();
         control_reply(h, MANAGER_ID, map.epoch, &Control::Registered { id, map })
+    }
+
+    /// Notes that node `id` of a cluster this manager does not know asked
+    /// to rejoin it; true the first time (so each is logged once).
+    fn note_stranger(&mut self, id: NodeId, role: Role, addr: &str, now_ms: u64) -> bool {
+        let seen = Stranger {
+            role,
+            addr: addr.to_string(),
+            asked_ms: now_ms,
+        };
+        self.strangers.insert(id, seen).is_none()
+    }
+
+    /// The answer to a node whose rejoin (or report) was refused for `e`.
+    /// Only a verdict on the node itself (dead, as this manager knows it)
+    /// is final ([`ErrorCode::Invalid`]); the node takes every other as
+    /// "not yet" ([`ErrorCode::Stranger`]) and asks again, keeping its
+    /// data.
+    fn refuse(
+        &mut self,
+        h: &Header,
+        id: NodeId,
+        role: Role,
+        addr: &str,
+        e: MembershipError,
+    ) -> Frame {
+        let epoch = self.epoch();
+        let code = match &e {
+            MembershipError::Stranger { .. } | MembershipError::CannotRebuild { .. } => {
+                let now = self.now_ms();
+                if self.note_stranger(id, role, addr, now) {
+                    tracing::error!(
+                        node = id,
+                        %role,
+                        %addr,
+                        their_epoch = h.epoch,
+                        our_epoch = epoch,
+                        "refused a node of another manager's cluster: {e}"
+                    );
+                }
+                ErrorCode::Stranger
+            }
+            MembershipError::Rebuilding { .. } => ErrorCode::Stranger,
+            _ => ErrorCode::Invalid,
+        };
+        error_reply(h, MANAGER_ID, epoch, code, e.to_string())
     }
 
     fn release(&mut self, released: Vec<Released>) {
@@ -363,34 +411,74 @@ fn handle(
     let Some(id) = *me else {
         let now = st.now_ms();
         if let Control::Rejoin { id, role, addr } = msg {
-            return match st.members.rejoin(id, role, &addr, now) {
+            return Some(match st.members.rejoin(id, role, &addr, now) {
                 Ok(()) => {
                     tracing::info!(node = id, %role, "rejoined");
-                    Some(st.welcome(h, id, out, me))
+                    st.welcome(h, id, out, me)
                 }
-                Err(e @ MembershipError::Stranger { .. }) => {
-                    // Said once per node (it asks again and again): a node
-                    // of a cluster this manager does not know is waiting,
-                    // with its data, for the manager that registered it.
-                    let seen = Stranger {
-                        role,
-                        addr: addr.clone(),
-                        asked_ms: now,
-                    };
-                    if st.strangers.insert(id, seen).is_none() {
-                        tracing::error!(
-                            node = id,
-                            %role,
-                            %addr,
-                            their_epoch = h.epoch,
-                            our_epoch = epoch,
-                            "refused a node of another manager's cluster: {e}"
-                        );
-                    }
-                    err(ErrorCode::Stranger, e.to_string())
-                }
-                Err(e) => err(ErrorCode::Invalid, e.to_string()),
+                Err(e) => st.refuse(h, id, role, &addr, e),
+            });
+        }
+        if let Control::Recover {
+            id,
+            addr,
+            map,
+            senders,
+        } = msg
+        {
+            let their_epoch = map.epoch;
+            let report = Report {
+                id,
+                addr: addr.clone(),
+                map,
+                senders,
             };
+            return Some(match st.members.recover(report, now) {
+                Ok(Recovered::Rejoined) => {
+                    tracing::info!(node = id, "rejoined");
+                    st.welcome(h, id, out, me)
+                }
+                Ok(Recovered::Waiting(missing)) => {
+                    let e = MembershipError::Rebuilding { missing };
+                    if st.note_stranger(id, Role::Server, &addr, now) {
+                        tracing::warn!(node = id, %addr, their_epoch, "a server reported its map: {e}");
+                    }
+                    error_reply(h, MANAGER_ID, epoch, ErrorCode::Stranger, e.to_string())
+                }
+                Ok(Recovered::Rebuilt {
+                    from,
+                    reported,
+                    epoch: rebuilt,
+                    servers,
+                    rejoined,
+                }) => {
+                    tracing::warn!(
+                        from,
+                        reported,
+                        epoch = rebuilt,
+                        servers,
+                        "this manager had no state: it rebuilt the cluster's map from what its \
+                         {servers} servers reported (the latest map, server {from}'s, at epoch \
+                         {reported}); every node of it may rejoin"
+                    );
+                    st.strangers.clear();
+                    // Nodes hear of it only once it is saved (a failure is
+                    // logged inside; the ticker saves and sends it later,
+                    // and the server asks again meanwhile).
+                    match (st.broadcast(), rejoined) {
+                        (Ok(()), Ok(())) => st.welcome(h, id, out, me),
+                        (Err(e), _) => error_reply(
+                            h,
+                            MANAGER_ID,
+                            epoch,
+                            ErrorCode::Stranger,
+                            format!("the rebuilt map cannot be saved yet: {e}"),
+                        ),
+                        (Ok(()), Err(e)) => st.refuse(h, id, Role::Server, &addr, e),
+                    }
+                }
+                Err(e) => st.refuse(h, id, Role::Server, &addr, e),
+            });
         }
         let Control::Register { role, addr, group } = msg else {
             return err(ErrorCode::Invalid, "register first".into());

@@ -121,6 +121,10 @@ pub struct Rejoining {
     /// The node's lease: the pause between attempts stays within a quarter
     /// of it.
     pub lease_ms: u64,
+    /// A server's map and the highest sender id it has seen: it rejoins
+    /// with [`Control::Recover`], from which a manager without state can
+    /// rebuild the map. `None` for workers and clients.
+    pub report: Option<(ClusterMap, NodeId)>,
 }
 
 /// Reconnects to the manager at `addr` and rejoins as `who` (the manager
@@ -149,10 +153,18 @@ pub async fn rejoin(
         lease_ms,
         ..
     } = *who;
-    let msg = Control::Rejoin {
-        id,
-        role,
-        addr: who.addr.clone(),
+    let msg = match &who.report {
+        Some((map, senders)) => Control::Recover {
+            id,
+            addr: who.addr.clone(),
+            map: map.clone(),
+            senders: *senders,
+        },
+        None => Control::Rejoin {
+            id,
+            role,
+            addr: who.addr.clone(),
+        },
     };
     let max_pause = REJOIN_PAUSE_MAX
         .min(Duration::from_millis(lease_ms / 4))

@@ -188,6 +188,21 @@ pub enum Control {
         /// The job.
         job: String,
     },
+    /// A server's first frame on a new connection to the manager after it
+    /// lost it: [`Control::Rejoin`] with what the server knows of the
+    /// cluster, so a manager without state can rebuild the map from the
+    /// servers that report in. Answered like `Rejoin`.
+    Recover {
+        /// The server's id.
+        id: NodeId,
+        /// Address it accepts connections on.
+        addr: String,
+        /// The latest map the server holds.
+        map: ClusterMap,
+        /// The highest sender id the server has seen on a request, so a
+        /// rebuilt manager hands out no id a node or client still holds.
+        senders: NodeId,
+    },
 }
 
 /// One range file of a checkpoint, as its manifest lists it.

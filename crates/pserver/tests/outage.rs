@@ -4,8 +4,9 @@
 //! must keep their data through an outage of any length, refuse requests
 //! meanwhile with an error that says why (never hang), and give every value
 //! back to a manager restarted with the same `--state`. A manager started
-//! without the state must neither make them drop their data nor start a new
-//! cluster over them, and must say so.
+//! without the state rebuilds the map from what the servers report, or,
+//! when it cannot, says why and starts no new cluster over them; never do
+//! they drop their data.
 
 use pserver_core::{NodeState, UpdaterSpec};
 use pserver_node::worker::{TableOptions, Worker, WorkerConfig};
@@ -189,11 +190,10 @@ fn servers_keep_their_data_through_a_long_manager_outage() {
 }
 
 #[test]
-fn a_manager_without_the_state_refuses_the_cluster_and_the_servers_wait_with_their_data() {
+fn a_manager_without_the_state_rebuilds_the_map_from_the_servers_or_says_why_not() {
     let dir = tempfile::tempdir().unwrap();
     let state = dir.path().join("manager.state");
     let state = state.to_str().unwrap();
-    let log = dir.path().join("stateless.log");
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -201,14 +201,19 @@ fn a_manager_without_the_state_refuses_the_cluster_and_the_servers_wait_with_the
         .unwrap();
     let (mut procs, manager) = cluster(&rt, state);
     rt.block_on(async {
-        tokio::time::timeout(Duration::from_secs(60), async {
+        tokio::time::timeout(Duration::from_secs(80), async {
             kill_manager(&mut procs);
             tokio::time::sleep(Duration::from_secs(3)).await;
-            // The manager comes back without its state.
-            let stateless = spawn_logged(&manager_args(&manager, None), &log);
-            assert!(stateless.1.ends_with(&manager), "{}", stateless.1);
-            procs.0[0] = stateless;
-            tokio::time::sleep(Duration::from_secs(3)).await;
+
+            // Back without its state, and with settings that do not match
+            // the cluster's: it cannot take the servers' map over.
+            let log = dir.path().join("mismatched.log");
+            let mut args = manager_args(&manager, None);
+            args[4] = "2"; // --replicas
+            let mismatched = spawn_logged(&args, &log);
+            assert!(mismatched.1.ends_with(&manager), "{}", mismatched.1);
+            procs.0[0] = mismatched;
+            tokio::time::sleep(Duration::from_secs(2)).await;
             assert!(
                 servers_run(&mut procs),
                 "a server exited when a manager without state came up"
@@ -219,6 +224,7 @@ fn a_manager_without_the_state_refuses_the_cluster_and_the_servers_wait_with_the
                 said.contains("refused a node of another manager's cluster"),
                 "{said}"
             );
+            assert!(said.contains("cannot take over"), "{said}");
             assert!(said.contains("--state FILE"), "{said}");
             // And it starts no new cluster over the waiting one.
             let out = run_within(&["server", "--manager", &manager], Duration::from_secs(20));
@@ -229,11 +235,54 @@ fn a_manager_without_the_state_refuses_the_cluster_and_the_servers_wait_with_the
                 "{err}"
             );
             assert!(servers_run(&mut procs));
-            // Restarted with its state, the manager finds the cluster whole.
             kill_manager(&mut procs);
-            back_with_state(&mut procs, &manager, state).await;
+
+            // Back without its state, settings matching: it rebuilds the
+            // map from what the servers report, and every value is there.
+            let log = dir.path().join("rebuilt.log");
+            let rebuilt = spawn_logged(&manager_args(&manager, None), &log);
+            assert!(rebuilt.1.ends_with(&manager), "{}", rebuilt.1);
+            procs.0[0] = rebuilt;
+            // A client that asks at once does not stop the rebuild.
+            let w = client(&manager, Duration::from_secs(10)).await;
+            let asked = Instant::now();
+            loop {
+                let said = std::fs::read_to_string(&log).unwrap();
+                if said.contains("rebuilt the cluster's map") {
+                    break;
+                }
+                assert!(asked.elapsed() < Duration::from_secs(10), "{said}");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            let (keys, vals) = known();
+            assert_eq!(w.pull("n", keys.clone()).await.unwrap(), vals);
+            tokio::time::sleep(Duration::from_millis(1500)).await;
+            let map = w.refresh().await.unwrap();
+            let alive = map
+                .nodes
+                .iter()
+                .filter(|n| n.role == pserver_core::Role::Server && n.state == NodeState::Alive)
+                .count();
+            assert_eq!(alive, 2, "{:?}", map.nodes);
+            assert!(servers_run(&mut procs));
+            // The cluster goes on: pushes add to what was kept, new tables work.
+            w.advance();
+            w.push("n", keys.clone(), vals.clone()).await.unwrap();
+            let doubled: Vec<f32> = vals.iter().map(|v| v * 2.0).collect();
+            assert_eq!(w.pull("n", keys.clone()).await.unwrap(), doubled);
+            w.create_table("m", TableOptions::new(1, UpdaterSpec::Add))
+                .await
+                .unwrap();
+            w.push("m", keys.clone(), vec![1.0; keys.len()])
+                .await
+                .unwrap();
+            assert_eq!(
+                w.pull("m", keys.clone()).await.unwrap(),
+                vec![1.0; keys.len()]
+            );
+            w.shutdown();
         })
         .await
-        .expect("the test finishes in 60 s")
+        .expect("the test finishes in 80 s")
     });
 }

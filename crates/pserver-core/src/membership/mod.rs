@@ -78,6 +78,31 @@ pub enum MembershipError {
     /// The node was declared dead; it must register again.
     #[error("node {0} was declared dead; register again")]
     Dead(NodeId),
+    /// This manager, started without state, is rebuilding the map from
+    /// the servers' reports and waits for the servers it names; until they
+    /// report, nothing registers or rejoins.
+    #[error(
+        "this manager was started without state and is rebuilding the cluster's map from what \
+         its servers report; it waits for {}: ask again shortly (if they are gone for good, \
+         restart the manager with the --state FILE of the one that registered them)",
+        waiting_for(.missing)
+    )]
+    Rebuilding {
+        /// The servers of the latest reported map that have not reported
+        /// yet, with their addresses.
+        missing: Vec<(NodeId, String)>,
+    },
+    /// A server's report cannot become this manager's map.
+    #[error(
+        "server {id} reports a map this manager cannot take over: {why}; restart the manager \
+         with matching settings, or with the --state FILE of the one that registered it"
+    )]
+    CannotRebuild {
+        /// The server.
+        id: NodeId,
+        /// Why not.
+        why: String,
+    },
     /// The table spec is invalid.
     #[error(transparent)]
     Spec(#[from] SpecError),
@@ -153,7 +178,19 @@ pub struct Membership {
     /// [`RECOVERY_GRACE_LEASES`] more leases than the silence limit from the
     /// restart, since they learn of the new manager only by retrying.
     recovering: BTreeSet<NodeId>,
+    /// No id handed out yet and no state restored: a manager that may take
+    /// over a map from servers' reports ([`Membership::recover`]).
+    fresh: bool,
+    /// The servers' reports so far, by id, while rebuilding.
+    reports: BTreeMap<NodeId, Report>,
+    /// Clients registered while fresh (ids from [`FRESH_CLIENT_IDS`]).
+    fresh_clients: NodeId,
 }
+
+/// The first id of clients that register with a fresh manager (one that
+/// may still take over a running cluster's map and ids): far above any id
+/// a cluster hands out, so none collides with the ids of a taken map.
+pub const FRESH_CLIENT_IDS: NodeId = 1 << 31;
 
 /// How many leases, beyond the usual silence limit, a node of a restored
 /// map has to rejoin before it is declared dead. Nodes retry a lost manager
@@ -182,6 +219,68 @@ pub struct Persisted {
     pub next_id: NodeId,
     /// The next table id to hand out.
     pub next_table: u32,
+}
+
+/// What a server tells a manager that has no record of it (one started
+/// without state): the map it holds and the highest sender id it has seen.
+/// Such a manager rebuilds its map from these ([`Membership::recover`]).
+#[derive(Clone, Debug, PartialEq)]
+pub struct Report {
+    /// The server's id.
+    pub id: NodeId,
+    /// The address it listens on.
+    pub addr: String,
+    /// The latest map it holds.
+    pub map: ClusterMap,
+    /// The highest id that sent it a request.
+    pub senders: NodeId,
+}
+
+/// What became of a server's [`Report`].
+#[derive(Clone, Debug, PartialEq)]
+pub enum Recovered {
+    /// This manager knows the server: it rejoined, as by
+    /// [`Membership::rejoin`].
+    Rejoined,
+    /// Counted; the manager waits for these servers (id, address) of the
+    /// latest reported map before it takes that map over.
+    Waiting(Vec<(NodeId, String)>),
+    /// That report completed the roll call: the manager took over the map
+    /// and the server rejoined.
+    Rebuilt {
+        /// The server whose map was taken (the latest reported).
+        from: NodeId,
+        /// Its epoch.
+        reported: u64,
+        /// The new map's epoch.
+        epoch: u64,
+        /// How many servers reported.
+        servers: usize,
+        /// Whether the server that completed the roll call rejoined: the
+        /// taken map may have declared it dead.
+        rejoined: Result<(), MembershipError>,
+    },
+}
+
+/// How far a rebuilt map's epoch jumps past the latest reported one, so
+/// that it is newer than any map a node may hold: a worker may have seen a
+/// map from the lost manager that no server got (the broadcast in flight
+/// when it died); far fewer than this many maps can be made in that time.
+pub const REBUILT_EPOCH_JUMP: u64 = 1 << 16;
+
+/// The names of the servers a rebuild waits for, for its message.
+fn waiting_for(missing: &[(NodeId, String)]) -> String {
+    let names: Vec<String> = missing
+        .iter()
+        .take(8)
+        .map(|(id, addr)| format!("server {id} at {addr}"))
+        .collect();
+    let more = missing.len().saturating_sub(names.len());
+    if more > 0 {
+        format!("{} and {more} more", names.join(", "))
+    } else {
+        names.join(", ")
+    }
 }
 
 /// A barrier every live worker of its group has entered: reply to these nodes.
@@ -231,6 +330,9 @@ impl Membership {
             target: None,
             synced: BTreeMap::new(),
             recovering: BTreeSet::new(),
+            fresh: true,
+            reports: BTreeMap::new(),
+            fresh_clients: 0,
         })
     }
 
@@ -283,6 +385,7 @@ impl Membership {
             .map(|n| (n.id, now_ms))
             .collect();
         m.recovering = m.last_seen.keys().copied().collect();
+        m.fresh = false;
         m.map = p.map;
         m.map.lease_ms = cfg.lease_ms;
         m.next_id = p.next_id;
@@ -304,6 +407,11 @@ impl Membership {
         addr: &str,
         now_ms: u64,
     ) -> Result<(), MembershipError> {
+        if !self.reports.is_empty() {
+            return Err(MembershipError::Rebuilding {
+                missing: self.missing(),
+            });
+        }
         let stranger = || MembershipError::Stranger {
             id,
             role,
@@ -312,7 +420,10 @@ impl Membership {
         if role == Role::Client {
             // An id at or above the counter, or one the map gives a node,
             // is not one this manager gave a client.
-            if id >= self.next_id || self.map.node(id).is_some() {
+            let ours = id < self.next_id
+                || (FRESH_CLIENT_IDS..FRESH_CLIENT_IDS.saturating_add(self.fresh_clients))
+                    .contains(&id);
+            if !ours || self.map.node(id).is_some() {
                 return Err(stranger());
             }
             self.clients.insert(id, now_ms);
@@ -330,6 +441,100 @@ impl Membership {
                 Ok(())
             }
         }
+    }
+
+    /// A server lost its manager and reports to this one. A manager that
+    /// knows it takes it back ([`Recovered::Rejoined`], as
+    /// [`Membership::rejoin`]). A fresh one (started without state, no id
+    /// handed out) rebuilds its map from the reports instead: it takes over
+    /// the latest reported map once every server alive in that map has
+    /// reported, so no server that holds a later map (or the only copy of
+    /// some range) is left out; until then it answers
+    /// [`Recovered::Waiting`] and refuses every registration. The taken
+    /// map's epoch jumps by [`REBUILT_EPOCH_JUMP`], ids go on above every
+    /// id the reports name (nodes and senders), and every live node has the
+    /// grace of a restored map to rejoin.
+    pub fn recover(&mut self, r: Report, now_ms: u64) -> Result<Recovered, MembershipError> {
+        if !self.fresh {
+            return self
+                .rejoin(r.id, Role::Server, &r.addr, now_ms)
+                .map(|()| Recovered::Rejoined);
+        }
+        let cannot = |why: String| MembershipError::CannotRebuild { id: r.id, why };
+        if r.map.replicas != self.cfg.replicas || r.map.vnodes != self.cfg.vnodes {
+            return Err(cannot(format!(
+                "its map has {} replicas and {} vnodes, this manager {} and {}",
+                r.map.replicas, r.map.vnodes, self.cfg.replicas, self.cfg.vnodes
+            )));
+        }
+        match r.map.node(r.id) {
+            Some(n) if n.role == Role::Server && n.addr == r.addr => {}
+            _ => {
+                return Err(cannot(format!(
+                    "its own map does not hold it as a server at {:?}",
+                    r.addr
+                )));
+            }
+        }
+        let id = r.id;
+        self.reports.insert(id, r);
+        let missing = self.missing();
+        if !missing.is_empty() {
+            return Ok(Recovered::Waiting(missing));
+        }
+        let reports = std::mem::take(&mut self.reports);
+        let Some(best) = reports.values().max_by_key(|r| (r.map.epoch, r.id)) else {
+            return Ok(Recovered::Waiting(Vec::new()));
+        };
+        let next_id = reports
+            .values()
+            .flat_map(|r| r.map.nodes.iter().map(|n| n.id).chain([r.id, r.senders]))
+            .max()
+            .unwrap_or(0)
+            .saturating_add(1);
+        let next_table = reports
+            .values()
+            .flat_map(|r| r.map.tables.iter().map(|t| t.id))
+            .max()
+            .unwrap_or(0)
+            .saturating_add(1);
+        let mut map = best.map.clone();
+        let (from, reported) = (best.id, map.epoch);
+        map.epoch = map.epoch.saturating_add(REBUILT_EPOCH_JUMP);
+        let p = Persisted {
+            map,
+            next_id,
+            next_table,
+        };
+        let clients = std::mem::take(&mut self.clients);
+        let fresh_clients = self.fresh_clients;
+        *self = Membership::restore(self.cfg, p, now_ms)?;
+        // Clients that registered while this manager was fresh stay.
+        self.clients = clients;
+        self.fresh_clients = fresh_clients;
+        // The reporter may be one the taken map declared dead (its own map
+        // was older): it must drop its ranges, as any node so refused.
+        let rejoined = self.rejoin(id, Role::Server, &reports[&id].addr, now_ms);
+        Ok(Recovered::Rebuilt {
+            from,
+            reported,
+            epoch: self.map.epoch,
+            servers: reports.len(),
+            rejoined,
+        })
+    }
+
+    /// While rebuilding: the servers alive in the latest reported map that
+    /// have not reported (as that server, at that address).
+    fn missing(&self) -> Vec<(NodeId, String)> {
+        let Some(best) = self.reports.values().max_by_key(|r| (r.map.epoch, r.id)) else {
+            return Vec::new();
+        };
+        best.map
+            .live(Role::Server)
+            .filter(|n| self.reports.get(&n.id).is_none_or(|r| r.addr != n.addr))
+            .map(|n| (n.id, n.addr.clone()))
+            .collect()
     }
 
     /// The config.
@@ -350,6 +555,13 @@ impl Membership {
         if role == Role::Server && addr.is_empty() {
             return Err(MembershipError::NoAddress);
         }
+        // An id handed out now could be one the cluster being rebuilt
+        // already uses.
+        if !self.reports.is_empty() {
+            return Err(MembershipError::Rebuilding {
+                missing: self.missing(),
+            });
+        }
         if let Group::Job(j) = &group {
             if !crate::spec::valid_job_name(j) {
                 return Err(MembershipError::BadJob(j.clone()));
@@ -360,8 +572,20 @@ impl Membership {
         } else {
             Group::Default
         };
+        if role == Role::Client && self.fresh {
+            // A client (`pserver status`, say) asking before any server
+            // does must not stop this manager from taking over a running
+            // cluster whose servers are about to report: its id comes from
+            // a range no cluster reaches, and it stays fresh.
+            let id = FRESH_CLIENT_IDS.saturating_add(self.fresh_clients);
+            self.fresh_clients = self.fresh_clients.saturating_add(1);
+            self.clients.insert(id, now_ms);
+            return Ok(id);
+        }
         let id = self.next_id;
         self.next_id += 1;
+        // This manager's own cluster starts: it will take over no other.
+        self.fresh = false;
         if role == Role::Client {
             self.clients.insert(id, now_ms);
             return Ok(id);

@@ -457,3 +457,151 @@ fn a_manager_without_state_calls_the_nodes_of_an_earlier_one_strangers_not_dead(
         Err(MembershipError::Stranger { .. })
     ));
 }
+
+/// A report of server `id` at `addr` holding `map`.
+fn report(id: NodeId, addr: &str, map: &ClusterMap, senders: NodeId) -> Report {
+    Report {
+        id,
+        addr: addr.into(),
+        map: map.clone(),
+        senders,
+    }
+}
+
+#[test]
+fn a_manager_without_state_rebuilds_the_map_once_every_server_of_it_reports() {
+    // The lost manager's cluster: two servers, a worker, a client.
+    let mut old = mgr();
+    let s1 = old.register(Role::Server, "a", Group::Default, 0).unwrap();
+    let s2 = old.register(Role::Server, "b", Group::Default, 0).unwrap();
+    let w = old.register(Role::Worker, "", Group::Default, 0).unwrap();
+    let c = old.register(Role::Client, "", Group::Default, 0).unwrap();
+    // s1 missed the last map (the table's creation).
+    let older = old.map().clone();
+    old.create_table(spec_of("t", 1)).unwrap();
+    let latest = old.map().clone();
+
+    let mut m = mgr();
+    // A client asks before any server reports: it gets an id no cluster
+    // uses, and the manager may still take one over.
+    let early = m.register(Role::Client, "", Group::Default, 0).unwrap();
+    assert!(early >= FRESH_CLIENT_IDS);
+    // s1 reports (and saw requests from the client): the manager
+    // waits for s2, and meanwhile no one registers or rejoins.
+    assert_eq!(
+        m.recover(report(s1, "a", &older, c), 0),
+        Ok(Recovered::Waiting(vec![(s2, "b".to_string())]))
+    );
+    let e = m
+        .register(Role::Server, "z", Group::Default, 0)
+        .unwrap_err();
+    assert!(matches!(&e, MembershipError::Rebuilding { missing } if missing.len() == 1));
+    assert!(e.to_string().contains("server 2 at b"), "{e}");
+    assert!(matches!(
+        m.rejoin(w, Role::Worker, "", 0),
+        Err(MembershipError::Rebuilding { .. })
+    ));
+    // s2's report completes the roll call: the latest map is taken over,
+    // its epoch past any a node holds.
+    assert_eq!(
+        m.recover(report(s2, "b", &latest, 0), 10),
+        Ok(Recovered::Rebuilt {
+            from: s2,
+            reported: latest.epoch,
+            epoch: latest.epoch + REBUILT_EPOCH_JUMP,
+            servers: 2,
+            rejoined: Ok(()),
+        })
+    );
+    assert_eq!(m.map().partitions, latest.partitions);
+    assert_eq!(m.map().tables, latest.tables);
+    assert_eq!(m.map().nodes, latest.nodes);
+    // Everyone comes back under their ids, the client too.
+    assert_eq!(m.rejoin(s1, Role::Server, "a", 20), Ok(()));
+    assert_eq!(m.rejoin(w, Role::Worker, "", 20), Ok(()));
+    assert_eq!(m.rejoin(c, Role::Client, "", 20), Ok(()));
+    // The early client is still one of this manager's.
+    assert_eq!(m.heartbeat(early, 20), Ok(()));
+    assert_eq!(m.rejoin(early, Role::Client, "", 20), Ok(()));
+    // New ids and tables go on above every one the reports name.
+    assert!(m.register(Role::Client, "", Group::Default, 20).unwrap() > c);
+    assert!(m.create_table(spec_of("u", 1)).unwrap().0.id > latest.tables[0].id);
+    // Later reports are rejoins.
+    assert_eq!(
+        m.recover(report(s2, "b", &latest, 0), 30),
+        Ok(Recovered::Rejoined)
+    );
+}
+
+#[test]
+fn a_rebuild_waits_for_every_live_server_of_the_latest_map_and_takes_no_other() {
+    let mut old = mgr();
+    let s1 = old.register(Role::Server, "a", Group::Default, 0).unwrap();
+    let s2 = old.register(Role::Server, "b", Group::Default, 0).unwrap();
+    let s3 = old.register(Role::Server, "c", Group::Default, 0).unwrap();
+    old.create_table(spec_of("t", 1)).unwrap();
+    // s3 was cut off and declared dead; its own map still says alive.
+    let stale = old.map().clone();
+    assert!(old.disconnected(s3));
+    let latest = old.map().clone();
+
+    let mut m = mgr();
+    // From the stale map alone the manager would wait for s1 and s2, never
+    // take it: the servers of a later map are among those it waits for.
+    assert_eq!(
+        m.recover(report(s3, "c", &stale, 0), 0),
+        Ok(Recovered::Waiting(vec![
+            (s1, "a".to_string()),
+            (s2, "b".to_string())
+        ]))
+    );
+    // s1 holds the latest map, in which s3 is dead: only s2 is missing.
+    assert_eq!(
+        m.recover(report(s1, "a", &latest, 0), 5),
+        Ok(Recovered::Waiting(vec![(s2, "b".to_string())]))
+    );
+    // A report that does not match the manager's settings is refused.
+    let mut other = latest.clone();
+    other.replicas = 2;
+    assert!(matches!(
+        m.recover(report(s2, "b", &other, 0), 6),
+        Err(MembershipError::CannotRebuild { id, .. }) if id == s2
+    ));
+    // Or whose map does not hold its sender where it says it is.
+    assert!(matches!(
+        m.recover(report(s2, "elsewhere", &latest, 0), 6),
+        Err(MembershipError::CannotRebuild { .. })
+    ));
+    let done = m.recover(report(s2, "b", &latest, 0), 7).unwrap();
+    assert!(matches!(done, Recovered::Rebuilt { from, servers: 3, .. } if from == s2));
+    assert_eq!(m.map().partitions, latest.partitions);
+    // The stale server is told it is dead: its ranges are others'.
+    assert_eq!(
+        m.rejoin(s3, Role::Server, "c", 8),
+        Err(MembershipError::Dead(s3))
+    );
+    // The grace of a restored map holds for the rebuilt one: s1 has not
+    // rejoined yet (s2 did, with its report, and heartbeats).
+    let limit = silence_limit_ms(100);
+    m.heartbeat(s2, 7 + limit + 50).unwrap();
+    assert_eq!(m.expire(7 + limit + 100), Vec::<NodeId>::new());
+    assert_eq!(m.expire(7 + limit + 101), vec![s1]);
+}
+
+#[test]
+fn a_manager_that_started_its_own_cluster_takes_over_no_other() {
+    let mut old = mgr();
+    let s1 = old.register(Role::Server, "a", Group::Default, 0).unwrap();
+    let mut m = mgr();
+    m.register(Role::Worker, "", Group::Default, 0).unwrap();
+    assert!(matches!(
+        m.recover(report(s1, "a", old.map(), 0), 0),
+        Err(MembershipError::Stranger { id, .. }) if id == s1
+    ));
+    // A restored manager does not either: it knows its cluster.
+    let mut r = Membership::restore(*m.config(), m.persisted(), 0).unwrap();
+    assert!(matches!(
+        r.recover(report(s1, "a", old.map(), 0), 0),
+        Err(MembershipError::Stranger { .. })
+    ));
+}

@@ -55,6 +55,10 @@ struct Shared {
     replicated: Arc<AtomicU64>,
     /// The core's clock starts here (tokio's clock, so simulations control it).
     epoch: tokio::time::Instant,
+    /// The highest sender id of any request this server took, for a
+    /// manager that rebuilds the map from servers' reports (it must hand
+    /// out no id a node or client still pushes with).
+    senders: std::sync::atomic::AtomicU32,
     /// When the manager last answered (ms on the core's clock): a
     /// heartbeat's answer or a map. Kept outside the lock, so heartbeats
     /// never wait for it.
@@ -280,6 +284,7 @@ pub async fn start_server(cfg: ServerConfig) -> Result<ServerHandle, NodeError> 
         replicated: replicated.clone(),
         epoch: tokio::time::Instant::now(),
         contact_ms: AtomicU64::new(0),
+        senders: std::sync::atomic::AtomicU32::new(0),
     });
     let heartbeat = map.heartbeat_interval();
     let effects = shared.step([Input::Map(map)], true).await;
@@ -403,12 +408,14 @@ pub async fn start_server(cfg: ServerConfig) -> Result<ServerHandle, NodeError> 
                 }
                 if lost {
                     tracing::warn!(node = id, "lost the manager; rejoining");
+                    let map = shared.node.lock().await.core.map().clone();
                     let who = Rejoining {
                         id,
                         role: Role::Server,
                         addr: my_addr.clone(),
-                        epoch: shared.map_epoch.load(Ordering::Relaxed),
-                        lease_ms: shared.node.lock().await.core.map().lease_ms,
+                        epoch: map.epoch,
+                        lease_ms: map.lease_ms,
+                        report: Some((map, shared.senders.load(Ordering::Relaxed))),
                     };
                     let rejoined = tokio::select! {
                         _ = token.cancelled() => break,
@@ -477,6 +484,9 @@ where
         };
         match item {
             Ok(mut frame) => {
+                shared
+                    .senders
+                    .fetch_max(frame.header.sender, Ordering::Relaxed);
                 // Unpacked before the lock; a section that does not unpack
                 // is refused like any malformed request.
                 if let Err(e) = frame.unpack() {

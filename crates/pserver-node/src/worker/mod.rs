@@ -443,6 +443,7 @@ impl Worker {
                             addr: my_addr.clone(),
                             epoch: map.epoch,
                             lease_ms: map.lease_ms,
+                            report: None,
                         }
                     }) else {
                         break;
