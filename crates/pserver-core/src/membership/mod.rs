@@ -80,7 +80,7 @@ pub enum MembershipError {
     Dead(NodeId),
     /// This manager, started without state, is rebuilding the map from
     /// the servers' reports and waits for the servers it names; until they
-    /// report, nothing registers or rejoins.
+    /// report, no server or worker registers and nothing rejoins.
     #[error(
         "this manager was started without state and is rebuilding the cluster's map from what \
          its servers report; it waits for {}: ask again shortly (if they are gone for good, \
@@ -450,7 +450,8 @@ impl Membership {
     /// the latest reported map once every server alive in that map has
     /// reported, so no server that holds a later map (or the only copy of
     /// some range) is left out; until then it answers
-    /// [`Recovered::Waiting`] and refuses every registration. The taken
+    /// [`Recovered::Waiting`] and refuses to register servers and workers
+    /// (clients get ids from [`FRESH_CLIENT_IDS`]). The taken
     /// map's epoch jumps by [`REBUILT_EPOCH_JUMP`], ids go on above every
     /// id the reports name (nodes and senders), and every live node has the
     /// grace of a restored map to rejoin.
@@ -555,13 +556,6 @@ impl Membership {
         if role == Role::Server && addr.is_empty() {
             return Err(MembershipError::NoAddress);
         }
-        // An id handed out now could be one the cluster being rebuilt
-        // already uses.
-        if !self.reports.is_empty() {
-            return Err(MembershipError::Rebuilding {
-                missing: self.missing(),
-            });
-        }
         if let Group::Job(j) = &group {
             if !crate::spec::valid_job_name(j) {
                 return Err(MembershipError::BadJob(j.clone()));
@@ -573,14 +567,21 @@ impl Membership {
             Group::Default
         };
         if role == Role::Client && self.fresh {
-            // A client (`pserver status`, say) asking before any server
-            // does must not stop this manager from taking over a running
-            // cluster whose servers are about to report: its id comes from
-            // a range no cluster reaches, and it stays fresh.
+            // A client (`pserver status`, say) asking before or while the
+            // servers of a running cluster report must not stop this
+            // manager from taking that cluster over: its id comes from a
+            // range no cluster reaches, and the manager stays fresh.
             let id = FRESH_CLIENT_IDS.saturating_add(self.fresh_clients);
             self.fresh_clients = self.fresh_clients.saturating_add(1);
             self.clients.insert(id, now_ms);
             return Ok(id);
+        }
+        // An id handed out now could be one the cluster being rebuilt
+        // already uses.
+        if !self.reports.is_empty() {
+            return Err(MembershipError::Rebuilding {
+                missing: self.missing(),
+            });
         }
         let id = self.next_id;
         self.next_id += 1;

@@ -496,6 +496,9 @@ fn a_manager_without_state_rebuilds_the_map_once_every_server_of_it_reports() {
         .register(Role::Server, "z", Group::Default, 0)
         .unwrap_err();
     assert!(matches!(&e, MembershipError::Rebuilding { missing } if missing.len() == 1));
+    // Clients may ask (`pserver status`): they get ids no cluster uses.
+    let asking = m.register(Role::Client, "", Group::Default, 0).unwrap();
+    assert_eq!(asking, early + 1);
     assert!(e.to_string().contains("server 2 at b"), "{e}");
     assert!(matches!(
         m.rejoin(w, Role::Worker, "", 0),
