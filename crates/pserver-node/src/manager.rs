@@ -485,7 +485,11 @@ fn handle(
         };
         // A first server would start a new, empty cluster while the servers
         // of the one this manager lost the state of wait with their data.
-        if role == Role::Server && st.members.map().live(Role::Server).next().is_none() {
+        // (While it rebuilds their map, the refusal says that instead.)
+        if role == Role::Server
+            && !st.members.rebuilding()
+            && st.members.map().live(Role::Server).next().is_none()
+        {
             let waiting = st.strangers.iter().find(|(_, s)| {
                 s.role == Role::Server && now.saturating_sub(s.asked_ms) <= STRANGER_GONE_MS
             });

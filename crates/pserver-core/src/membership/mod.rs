@@ -525,6 +525,12 @@ impl Membership {
         })
     }
 
+    /// True while this manager collects servers' reports to rebuild the
+    /// map from ([`Membership::recover`]).
+    pub fn rebuilding(&self) -> bool {
+        !self.reports.is_empty()
+    }
+
     /// While rebuilding: the servers alive in the latest reported map that
     /// have not reported (as that server, at that address).
     fn missing(&self) -> Vec<(NodeId, String)> {

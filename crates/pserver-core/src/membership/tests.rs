@@ -496,6 +496,7 @@ fn a_manager_without_state_rebuilds_the_map_once_every_server_of_it_reports() {
         .register(Role::Server, "z", Group::Default, 0)
         .unwrap_err();
     assert!(matches!(&e, MembershipError::Rebuilding { missing } if missing.len() == 1));
+    assert!(m.rebuilding());
     // Clients may ask (`pserver status`): they get ids no cluster uses.
     let asking = m.register(Role::Client, "", Group::Default, 0).unwrap();
     assert_eq!(asking, early + 1);
@@ -516,6 +517,7 @@ fn a_manager_without_state_rebuilds_the_map_once_every_server_of_it_reports() {
             rejoined: Ok(()),
         })
     );
+    assert!(!m.rebuilding());
     assert_eq!(m.map().partitions, latest.partitions);
     assert_eq!(m.map().tables, latest.tables);
     assert_eq!(m.map().nodes, latest.nodes);
