@@ -286,3 +286,54 @@ fn a_manager_without_the_state_rebuilds_the_map_from_the_servers_or_says_why_not
         .expect("the test finishes in 80 s")
     });
 }
+
+#[test]
+fn a_server_that_died_during_the_outage_fails_over_once_the_manager_is_back() {
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("manager.state");
+    let state = state.to_str().unwrap();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    let (mut procs, manager) = cluster(&rt, state);
+    rt.block_on(async {
+        tokio::time::timeout(Duration::from_secs(60), async {
+            kill_manager(&mut procs);
+            // One server dies while the manager is away.
+            procs.0[2].0.kill().unwrap();
+            procs.0[2].0.wait().unwrap();
+            tokio::time::sleep(Duration::from_secs(2)).await;
+            let again = spawn(&manager_args(&manager, Some(state)));
+            assert!(again.1.ends_with(&manager), "{}", again.1);
+            procs.0[0] = again;
+            // The survivor rejoins within the grace; the dead one is
+            // declared dead after it, and its ranges go to its replica,
+            // which holds every value.
+            let w = client(&manager, Duration::from_secs(10)).await;
+            let (keys, vals) = known();
+            assert_eq!(w.pull("n", keys.clone()).await.unwrap(), vals);
+            let map = w.refresh().await.unwrap();
+            let states: Vec<_> = map
+                .nodes
+                .iter()
+                .filter(|n| n.role == pserver_core::Role::Server)
+                .map(|n| n.state)
+                .collect();
+            assert_eq!(
+                states,
+                [NodeState::Alive, NodeState::Dead],
+                "{:?}",
+                map.nodes
+            );
+            w.advance();
+            w.push("n", keys.clone(), vals.clone()).await.unwrap();
+            let doubled: Vec<f32> = vals.iter().map(|v| v * 2.0).collect();
+            assert_eq!(w.pull("n", keys).await.unwrap(), doubled);
+            w.shutdown();
+        })
+        .await
+        .expect("the test finishes in 60 s")
+    });
+}
