@@ -288,7 +288,7 @@ fn a_manager_without_the_state_rebuilds_the_map_from_the_servers_or_says_why_not
 }
 
 #[test]
-fn a_server_that_died_during_the_outage_fails_over_once_the_manager_is_back() {
+fn a_server_that_died_during_the_outage_holds_up_a_rebuild_and_fails_over_with_the_state() {
     let dir = tempfile::tempdir().unwrap();
     let state = dir.path().join("manager.state");
     let state = state.to_str().unwrap();
@@ -305,6 +305,23 @@ fn a_server_that_died_during_the_outage_fails_over_once_the_manager_is_back() {
             procs.0[2].0.kill().unwrap();
             procs.0[2].0.wait().unwrap();
             tokio::time::sleep(Duration::from_secs(2)).await;
+            // A manager without the state cannot rebuild the map: a server
+            // of it does not report. It says which it waits for, and the
+            // survivor waits with its data.
+            let log = dir.path().join("waiting.log");
+            let waiting = spawn_logged(&manager_args(&manager, None), &log);
+            assert!(waiting.1.ends_with(&manager), "{}", waiting.1);
+            procs.0[0] = waiting;
+            tokio::time::sleep(Duration::from_secs(2)).await;
+            let said = std::fs::read_to_string(&log).unwrap();
+            let dead = procs.0[2].1.split(' ').nth(1).unwrap().to_string();
+            assert!(
+                said.contains(&format!("waits for server {dead} at")),
+                "{said}"
+            );
+            assert!(procs.0[1].0.try_wait().unwrap().is_none());
+            kill_manager(&mut procs);
+            // With the state, the manager fails the dead server over.
             let again = spawn(&manager_args(&manager, Some(state)));
             assert!(again.1.ends_with(&manager), "{}", again.1);
             procs.0[0] = again;
