@@ -255,7 +255,16 @@ pub async fn start_manager(cfg: ManagerConfig) -> Result<ManagerHandle, NodeErro
             tracing::info!(epoch = saved.map.epoch, "manager state restored");
             Membership::restore(cfg.membership, saved, 0)?
         }
-        _ => Membership::new(cfg.membership)?,
+        _ => {
+            let mut m = Membership::new(cfg.membership)?;
+            // Clients that ask before a rebuild get ids from a range where
+            // this start differs from the last one's.
+            let salt = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_millis() as u64);
+            m.salt_fresh_clients(salt);
+            m
+        }
     };
     let (listener, addr) = bind(&cfg.net, &cfg.listen).await?;
     let cancel = CancellationToken::new();

@@ -183,13 +183,20 @@ pub struct Membership {
     fresh: bool,
     /// The servers' reports so far, by id, while rebuilding.
     reports: BTreeMap<NodeId, Report>,
-    /// Clients registered while fresh (ids from [`FRESH_CLIENT_IDS`]).
+    /// The first id of clients registered while fresh (in
+    /// [`FRESH_CLIENT_IDS`]' range, at a salt the runtime gives) and how
+    /// many there were.
+    fresh_base: NodeId,
     fresh_clients: NodeId,
 }
 
-/// The first id of clients that register with a fresh manager (one that
-/// may still take over a running cluster's map and ids): far above any id
-/// a cluster hands out, so none collides with the ids of a taken map.
+/// Ids from here up go to clients that register with a fresh manager (one
+/// that may still take over a running cluster's map and ids): far above any
+/// id a cluster hands out, so none collides with the ids of a taken map.
+/// Where in the range a manager starts is salted
+/// ([`Membership::salt_fresh_clients`]), so the clients of two fresh
+/// managers in turn, which may both push to the same servers, are unlikely
+/// to share an id.
 pub const FRESH_CLIENT_IDS: NodeId = 1 << 31;
 
 /// How many leases, beyond the usual silence limit, a node of a restored
@@ -332,6 +339,7 @@ impl Membership {
             recovering: BTreeSet::new(),
             fresh: true,
             reports: BTreeMap::new(),
+            fresh_base: FRESH_CLIENT_IDS,
             fresh_clients: 0,
         })
     }
@@ -421,7 +429,7 @@ impl Membership {
             // An id at or above the counter, or one the map gives a node,
             // is not one this manager gave a client.
             let ours = id < self.next_id
-                || (FRESH_CLIENT_IDS..FRESH_CLIENT_IDS.saturating_add(self.fresh_clients))
+                || (self.fresh_base..self.fresh_base.saturating_add(self.fresh_clients))
                     .contains(&id);
             if !ours || self.map.node(id).is_some() {
                 return Err(stranger());
@@ -487,9 +495,12 @@ impl Membership {
         let Some(best) = reports.values().max_by_key(|r| (r.map.epoch, r.id)) else {
             return Ok(Recovered::Waiting(Vec::new()));
         };
+        // Clients of an earlier fresh manager (ids from FRESH_CLIENT_IDS)
+        // must not move the counter into their range.
         let next_id = reports
             .values()
             .flat_map(|r| r.map.nodes.iter().map(|n| n.id).chain([r.id, r.senders]))
+            .filter(|&id| id < FRESH_CLIENT_IDS)
             .max()
             .unwrap_or(0)
             .saturating_add(1);
@@ -508,11 +519,11 @@ impl Membership {
             next_table,
         };
         let clients = std::mem::take(&mut self.clients);
-        let fresh_clients = self.fresh_clients;
+        let fresh = (self.fresh_base, self.fresh_clients);
         *self = Membership::restore(self.cfg, p, now_ms)?;
         // Clients that registered while this manager was fresh stay.
         self.clients = clients;
-        self.fresh_clients = fresh_clients;
+        (self.fresh_base, self.fresh_clients) = fresh;
         // The reporter may be one the taken map declared dead (its own map
         // was older): it must drop its ranges, as any node so refused.
         let rejoined = self.rejoin(id, Role::Server, &reports[&id].addr, now_ms);
@@ -523,6 +534,16 @@ impl Membership {
             servers: reports.len(),
             rejoined,
         })
+    }
+
+    /// Salts where the ids of clients registered while fresh start
+    /// ([`FRESH_CLIENT_IDS`]): the runtime passes something that differs
+    /// between starts (the wall clock), the core reads none. Only before
+    /// any such client registered.
+    pub fn salt_fresh_clients(&mut self, salt: u64) {
+        if self.fresh_clients == 0 {
+            self.fresh_base = FRESH_CLIENT_IDS + (salt % (1 << 30)) as NodeId;
+        }
     }
 
     /// True while this manager collects servers' reports to rebuild the
@@ -577,7 +598,7 @@ impl Membership {
             // servers of a running cluster report must not stop this
             // manager from taking that cluster over: its id comes from a
             // range no cluster reaches, and the manager stays fresh.
-            let id = FRESH_CLIENT_IDS.saturating_add(self.fresh_clients);
+            let id = self.fresh_base.saturating_add(self.fresh_clients);
             self.fresh_clients = self.fresh_clients.saturating_add(1);
             self.clients.insert(id, now_ms);
             return Ok(id);

@@ -482,10 +482,11 @@ fn a_manager_without_state_rebuilds_the_map_once_every_server_of_it_reports() {
     let latest = old.map().clone();
 
     let mut m = mgr();
+    m.salt_fresh_clients(12_345);
     // A client asks before any server reports: it gets an id no cluster
     // uses, and the manager may still take one over.
     let early = m.register(Role::Client, "", Group::Default, 0).unwrap();
-    assert!(early >= FRESH_CLIENT_IDS);
+    assert_eq!(early, FRESH_CLIENT_IDS + 12_345);
     // s1 reports (and saw requests from the client): the manager
     // waits for s2, and meanwhile no one registers or rejoins.
     assert_eq!(
@@ -507,8 +508,10 @@ fn a_manager_without_state_rebuilds_the_map_once_every_server_of_it_reports() {
     ));
     // s2's report completes the roll call: the latest map is taken over,
     // its epoch past any a node holds.
+    // s2 saw a client of an earlier fresh manager too: ids stay below
+    // that range.
     assert_eq!(
-        m.recover(report(s2, "b", &latest, 0), 10),
+        m.recover(report(s2, "b", &latest, FRESH_CLIENT_IDS + 7), 10),
         Ok(Recovered::Rebuilt {
             from: s2,
             reported: latest.epoch,
@@ -529,7 +532,8 @@ fn a_manager_without_state_rebuilds_the_map_once_every_server_of_it_reports() {
     assert_eq!(m.heartbeat(early, 20), Ok(()));
     assert_eq!(m.rejoin(early, Role::Client, "", 20), Ok(()));
     // New ids and tables go on above every one the reports name.
-    assert!(m.register(Role::Client, "", Group::Default, 20).unwrap() > c);
+    let next = m.register(Role::Client, "", Group::Default, 20).unwrap();
+    assert!(next > c && next < FRESH_CLIENT_IDS, "{next}");
     assert!(m.create_table(spec_of("u", 1)).unwrap().0.id > latest.tables[0].id);
     // Later reports are rejoins.
     assert_eq!(
