@@ -70,12 +70,16 @@ pub enum NodeError {
     #[error("invalid request: {0}")]
     BadRequest(String),
     /// A request did not complete in time.
-    #[error("{what} did not complete within {secs} s")]
+    #[error("{what} did not complete within {secs} s{}", last_answer(.last))]
     Timeout {
         /// What was attempted.
         what: String,
         /// The deadline.
         secs: u64,
+        /// The last passing refusal it met (a server whose lease lapsed
+        /// while the manager is away, a hand-off, a broken connection), so
+        /// a timeout says why it kept retrying.
+        last: Option<String>,
     },
     /// No live server holds part of the range.
     #[error("no live server holds keys in {0}")]
@@ -98,5 +102,13 @@ impl NodeError {
             }
             _ => false,
         }
+    }
+}
+
+/// The tail of a timeout's message naming the last refusal it met.
+fn last_answer(last: &Option<String>) -> String {
+    match last {
+        Some(why) => format!("; the last answer was: {why}"),
+        None => String::new(),
     }
 }

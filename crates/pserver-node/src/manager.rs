@@ -10,7 +10,9 @@ use crate::proto::{control_reply, error_reply};
 use futures_util::StreamExt;
 use pserver_core::map::{Group, MANAGER_ID};
 use pserver_core::membership::Persisted;
-use pserver_core::membership::{Membership, MembershipConfig, MembershipError, Released};
+use pserver_core::membership::{
+    Membership, MembershipConfig, MembershipError, Recovered, Released, Report,
+};
 use pserver_core::{NodeId, Role};
 use pserver_wire::message::Status;
 use pserver_wire::{Control, ErrorCode, Frame, Header, Kind, Limits};
@@ -78,6 +80,18 @@ impl ManagerHandle {
     }
 }
 
+/// A node of another manager's cluster that asked this one to rejoin it.
+struct Stranger {
+    role: Role,
+    addr: String,
+    /// When it last asked (ms on the manager's clock).
+    asked_ms: u64,
+}
+
+/// A stranger that has not asked for this long is taken to have stopped
+/// (nodes ask at least once a second, an attempt lasting at most 5 s).
+const STRANGER_GONE_MS: u64 = 10_000;
+
 struct State {
     members: Membership,
     conns: BTreeMap<NodeId, Outbox>,
@@ -94,6 +108,11 @@ struct State {
     unsaved: bool,
     /// The last save error logged, so a failure that lasts is logged once.
     save_error: Option<String>,
+    /// Nodes refused as strangers (registered by another manager) with
+    /// their role and address: each is logged once however often it asks,
+    /// and while servers of such a cluster wait this manager starts no new
+    /// cluster of its own over them.
+    strangers: BTreeMap<NodeId, Stranger>,
 }
 
 impl State {
@@ -169,6 +188,52 @@ impl State {
         control_reply(h, MANAGER_ID, map.epoch, &Control::Registered { id, map })
     }
 
+    /// Notes that node `id` of a cluster this manager does not know asked
+    /// to rejoin it; true the first time (so each is logged once).
+    fn note_stranger(&mut self, id: NodeId, role: Role, addr: &str, now_ms: u64) -> bool {
+        let seen = Stranger {
+            role,
+            addr: addr.to_string(),
+            asked_ms: now_ms,
+        };
+        self.strangers.insert(id, seen).is_none()
+    }
+
+    /// The answer to a node whose rejoin (or report) was refused for `e`.
+    /// Only a verdict on the node itself (dead, as this manager knows it)
+    /// is final ([`ErrorCode::Invalid`]); the node takes every other as
+    /// "not yet" ([`ErrorCode::Stranger`]) and asks again, keeping its
+    /// data.
+    fn refuse(
+        &mut self,
+        h: &Header,
+        id: NodeId,
+        role: Role,
+        addr: &str,
+        e: MembershipError,
+    ) -> Frame {
+        let epoch = self.epoch();
+        let code = match &e {
+            MembershipError::Stranger { .. } | MembershipError::CannotRebuild { .. } => {
+                let now = self.now_ms();
+                if self.note_stranger(id, role, addr, now) {
+                    tracing::error!(
+                        node = id,
+                        %role,
+                        %addr,
+                        their_epoch = h.epoch,
+                        our_epoch = epoch,
+                        "refused a node of another manager's cluster: {e}"
+                    );
+                }
+                ErrorCode::Stranger
+            }
+            MembershipError::Rebuilding { .. } => ErrorCode::Stranger,
+            _ => ErrorCode::Invalid,
+        };
+        error_reply(h, MANAGER_ID, epoch, code, e.to_string())
+    }
+
     fn release(&mut self, released: Vec<Released>) {
         for r in released {
             let epoch = self.epoch();
@@ -190,7 +255,16 @@ pub async fn start_manager(cfg: ManagerConfig) -> Result<ManagerHandle, NodeErro
             tracing::info!(epoch = saved.map.epoch, "manager state restored");
             Membership::restore(cfg.membership, saved, 0)?
         }
-        _ => Membership::new(cfg.membership)?,
+        _ => {
+            let mut m = Membership::new(cfg.membership)?;
+            // Clients that ask before a rebuild get ids from a range where
+            // this start differs from the last one's.
+            let salt = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_millis() as u64);
+            m.salt_fresh_clients(salt);
+            m
+        }
     };
     let (listener, addr) = bind(&cfg.net, &cfg.listen).await?;
     let cancel = CancellationToken::new();
@@ -205,6 +279,7 @@ pub async fn start_manager(cfg: ManagerConfig) -> Result<ManagerHandle, NodeErro
         shown,
         unsaved: false,
         save_error: None,
+        strangers: BTreeMap::new(),
     }));
     // The state as it starts (fresh or restored) is on disk before any node
     // hears of it.
@@ -345,17 +420,99 @@ fn handle(
     let Some(id) = *me else {
         let now = st.now_ms();
         if let Control::Rejoin { id, role, addr } = msg {
-            return match st.members.rejoin(id, role, &addr, now) {
+            return Some(match st.members.rejoin(id, role, &addr, now) {
                 Ok(()) => {
                     tracing::info!(node = id, %role, "rejoined");
-                    Some(st.welcome(h, id, out, me))
+                    st.welcome(h, id, out, me)
                 }
-                Err(e) => err(ErrorCode::Invalid, e.to_string()),
+                Err(e) => st.refuse(h, id, role, &addr, e),
+            });
+        }
+        if let Control::Recover {
+            id,
+            addr,
+            map,
+            senders,
+        } = msg
+        {
+            let their_epoch = map.epoch;
+            let report = Report {
+                id,
+                addr: addr.clone(),
+                map,
+                senders,
             };
+            return Some(match st.members.recover(report, now) {
+                Ok(Recovered::Rejoined) => {
+                    tracing::info!(node = id, "rejoined");
+                    st.welcome(h, id, out, me)
+                }
+                Ok(Recovered::Waiting(missing)) => {
+                    let e = MembershipError::Rebuilding { missing };
+                    if st.note_stranger(id, Role::Server, &addr, now) {
+                        tracing::warn!(node = id, %addr, their_epoch, "a server reported its map: {e}");
+                    }
+                    error_reply(h, MANAGER_ID, epoch, ErrorCode::Stranger, e.to_string())
+                }
+                Ok(Recovered::Rebuilt {
+                    from,
+                    reported,
+                    epoch: rebuilt,
+                    servers,
+                    rejoined,
+                }) => {
+                    tracing::warn!(
+                        from,
+                        reported,
+                        epoch = rebuilt,
+                        servers,
+                        "this manager had no state: it rebuilt the cluster's map from what its \
+                         {servers} servers reported (the latest map, server {from}'s, at epoch \
+                         {reported}); every node of it may rejoin"
+                    );
+                    st.strangers.clear();
+                    // Nodes hear of it only once it is saved (a failure is
+                    // logged inside; the ticker saves and sends it later,
+                    // and the server asks again meanwhile).
+                    match (st.broadcast(), rejoined) {
+                        (Ok(()), Ok(())) => st.welcome(h, id, out, me),
+                        (Err(e), _) => error_reply(
+                            h,
+                            MANAGER_ID,
+                            epoch,
+                            ErrorCode::Stranger,
+                            format!("the rebuilt map cannot be saved yet: {e}"),
+                        ),
+                        (Ok(()), Err(e)) => st.refuse(h, id, Role::Server, &addr, e),
+                    }
+                }
+                Err(e) => st.refuse(h, id, Role::Server, &addr, e),
+            });
         }
         let Control::Register { role, addr, group } = msg else {
             return err(ErrorCode::Invalid, "register first".into());
         };
+        // A first server would start a new, empty cluster while the servers
+        // of the one this manager lost the state of wait with their data.
+        // (While it rebuilds their map, the refusal says that instead.)
+        if role == Role::Server
+            && !st.members.rebuilding()
+            && st.members.map().live(Role::Server).next().is_none()
+        {
+            let waiting = st.strangers.iter().find(|(_, s)| {
+                s.role == Role::Server && now.saturating_sub(s.asked_ms) <= STRANGER_GONE_MS
+            });
+            if let Some((id, Stranger { addr: at, .. })) = waiting {
+                let why = format!(
+                    "this manager will not start a new cluster over a running one: server {id} \
+                     at {at}, registered by another manager, is waiting for it with its data; \
+                     restart this manager with the --state FILE of the one that registered it, \
+                     or stop that cluster's servers first"
+                );
+                tracing::error!(%addr, "refused a server: {why}");
+                return err(ErrorCode::Invalid, why);
+            }
+        }
         // Clients do not enter the map, so there is nothing to save.
         return match st.change(|m| Ok((m.register(role, &addr, group, now)?, role != Role::Client)))
         {

@@ -38,6 +38,10 @@ pub enum ErrorCode {
     /// (more than the range clock's window) that the server can no longer
     /// tell whether it was applied; nothing was done.
     TooOld,
+    /// The manager has no record of the node that asked to rejoin: another
+    /// manager registered it (this one was started without its state).
+    /// Nothing was done; the node keeps its data and asks again later.
+    Stranger,
 }
 
 /// A control message.
@@ -183,6 +187,21 @@ pub enum Control {
     ClaimJob {
         /// The job.
         job: String,
+    },
+    /// A server's first frame on a new connection to the manager after it
+    /// lost it: [`Control::Rejoin`] with what the server knows of the
+    /// cluster, so a manager without state can rebuild the map from the
+    /// servers that report in. Answered like `Rejoin`.
+    Recover {
+        /// The server's id.
+        id: NodeId,
+        /// Address it accepts connections on.
+        addr: String,
+        /// The latest map the server holds.
+        map: ClusterMap,
+        /// The highest sender id the server has seen on a request, so a
+        /// rebuilt manager hands out no id a node or client still holds.
+        senders: NodeId,
     },
 }
 

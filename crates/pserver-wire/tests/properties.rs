@@ -447,8 +447,14 @@ fn every_control() -> Vec<Control> {
         Control::ClaimJob {
             job: "ctr-1".into(),
         },
+        Control::Recover {
+            id: 7,
+            addr: "10.0.0.2:7000".into(),
+            map: ClusterMap::empty(1, 8),
+            senders: 40,
+        },
     ];
-    let mut seen = [false; 24];
+    let mut seen = [false; 25];
     for c in &all {
         let i = match c {
             Control::Register { .. } => 0,
@@ -475,6 +481,7 @@ fn every_control() -> Vec<Control> {
             Control::Restore { .. } => 21,
             Control::Join { .. } => 22,
             Control::ClaimJob { .. } => 23,
+            Control::Recover { .. } => 24,
         };
         seen[i] = true;
     }

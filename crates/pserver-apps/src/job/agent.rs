@@ -51,7 +51,7 @@ pub enum AgentError {
         source: std::io::Error,
     },
     /// The worker lost the manager for good.
-    #[error("worker {0} lost the manager (it could not rejoin); stopping")]
+    #[error("worker {0} was declared dead by the manager; stopping")]
     Lost(u32),
     /// A `--data` pattern is not a valid glob.
     #[error("--data {pattern:?}: {why}")]

@@ -344,17 +344,20 @@ fn a_restored_manager_keeps_the_map_and_takes_its_nodes_back() {
     assert_eq!(r.rejoin(s1, Role::Server, "a", 1010), Ok(()));
     assert_eq!(r.rejoin(w, Role::Worker, "", 1010), Ok(()));
     assert_eq!(r.rejoin(c, Role::Client, "", 1010), Ok(()));
-    assert_eq!(
+    assert!(matches!(
         r.rejoin(s2, Role::Server, "elsewhere", 1010),
-        Err(MembershipError::UnknownNode(s2))
-    );
-    assert_eq!(
+        Err(MembershipError::Stranger { id, .. }) if id == s2
+    ));
+    assert!(matches!(
         r.rejoin(99, Role::Server, "z", 1010),
-        Err(MembershipError::UnknownNode(99))
-    );
-    // s2 did not rejoin: its lease (from the restart) runs out.
+        Err(MembershipError::Stranger { id: 99, .. })
+    ));
+    // s2 did not rejoin: its lease (from the restart, plus the grace) runs out.
     r.heartbeat(w2, 1070).unwrap();
-    assert_eq!(r.expire(1080), vec![s2]);
+    r.heartbeat(w2, 1140).unwrap();
+    r.heartbeat(s1, 1140).unwrap();
+    r.heartbeat(w, 1140).unwrap();
+    assert_eq!(r.expire(1180), vec![s2]);
     assert_eq!(
         r.rejoin(s2, Role::Server, "b", 1090),
         Err(MembershipError::Dead(s2))
@@ -373,5 +376,241 @@ fn a_restored_manager_keeps_the_map_and_takes_its_nodes_back() {
     assert!(matches!(
         Membership::restore(*m.config(), bad, 0),
         Err(MembershipError::Config(_))
+    ));
+}
+
+#[test]
+fn nodes_of_a_restored_map_have_a_grace_to_come_back_however_long_the_manager_was_away() {
+    let mut m = mgr();
+    let s1 = m.register(Role::Server, "a", Group::Default, 0).unwrap();
+    let s2 = m.register(Role::Server, "b", Group::Default, 0).unwrap();
+    m.create_table(spec_of("w", 1)).unwrap();
+    let saved = m.persisted();
+    // Restarted an hour later: the hour of silence counts for nothing.
+    let restart = 3_600_000;
+    let mut r = Membership::restore(*m.config(), saved, restart).unwrap();
+    let limit = silence_limit_ms(100);
+    let grace = 100 * RECOVERY_GRACE_LEASES;
+    // Nobody is dead within the silence limit plus the grace.
+    assert_eq!(r.expire(restart + limit + grace), Vec::<NodeId>::new());
+    assert_eq!(r.map().epoch, m.map().epoch);
+    // s1 comes back late in the grace, with its ranges as they were.
+    assert_eq!(
+        r.rejoin(s1, Role::Server, "a", restart + limit + grace),
+        Ok(())
+    );
+    assert_eq!(r.map().partitions, m.map().partitions);
+    // s2 never does: declared dead just past the grace, and fails over.
+    assert_eq!(r.expire(restart + limit + grace + 1), vec![s2]);
+    assert!(r.map().partitions.iter().all(|p| p.primary == s1));
+    // Once back, s1 is an ordinary node again: the grace is gone.
+    let back = restart + limit + grace;
+    assert_eq!(r.expire(back + limit), Vec::<NodeId>::new());
+    assert_eq!(r.expire(back + limit + 1), vec![s1]);
+}
+
+#[test]
+fn a_manager_without_state_calls_the_nodes_of_an_earlier_one_strangers_not_dead() {
+    // An earlier manager registered these.
+    let mut old = mgr();
+    let s1 = old.register(Role::Server, "a", Group::Default, 0).unwrap();
+    let w = old.register(Role::Worker, "", Group::Default, 0).unwrap();
+    let c = old.register(Role::Client, "", Group::Default, 0).unwrap();
+    // A fresh manager has registered one server of its own, which took id 1.
+    let mut fresh = mgr();
+    let mine = fresh
+        .register(Role::Server, "z", Group::Default, 0)
+        .unwrap();
+    assert_eq!(mine, s1);
+    let epoch = fresh.map().epoch;
+    for (id, role, addr) in [
+        (s1, Role::Server, "a"),
+        (w, Role::Worker, ""),
+        (c, Role::Client, ""),
+    ] {
+        let e = fresh.rejoin(id, role, addr, 10).unwrap_err();
+        assert_eq!(
+            e,
+            MembershipError::Stranger {
+                id,
+                role,
+                addr: addr.to_string()
+            }
+        );
+        // It says what happened and what to do.
+        let text = e.to_string();
+        assert!(text.contains("no record of"), "{text}");
+        assert!(text.contains("--state FILE"), "{text}");
+    }
+    // Refusing strangers changes nothing, and declares no one dead.
+    assert_eq!(fresh.map().epoch, epoch);
+    assert_eq!(fresh.expire(10), Vec::<NodeId>::new());
+    // Only a node this manager knows, under its own role and address, is
+    // told it is dead.
+    assert!(fresh.disconnected(mine));
+    assert_eq!(
+        fresh.rejoin(mine, Role::Server, "z", 20),
+        Err(MembershipError::Dead(mine))
+    );
+    assert!(matches!(
+        fresh.rejoin(mine, Role::Server, "a", 20),
+        Err(MembershipError::Stranger { .. })
+    ));
+}
+
+/// A report of server `id` at `addr` holding `map`.
+fn report(id: NodeId, addr: &str, map: &ClusterMap, senders: NodeId) -> Report {
+    Report {
+        id,
+        addr: addr.into(),
+        map: map.clone(),
+        senders,
+    }
+}
+
+#[test]
+fn a_manager_without_state_rebuilds_the_map_once_every_server_of_it_reports() {
+    // The lost manager's cluster: two servers, a worker, a client.
+    let mut old = mgr();
+    let s1 = old.register(Role::Server, "a", Group::Default, 0).unwrap();
+    let s2 = old.register(Role::Server, "b", Group::Default, 0).unwrap();
+    let w = old.register(Role::Worker, "", Group::Default, 0).unwrap();
+    let c = old.register(Role::Client, "", Group::Default, 0).unwrap();
+    // s1 missed the last map (the table's creation).
+    let older = old.map().clone();
+    old.create_table(spec_of("t", 1)).unwrap();
+    let latest = old.map().clone();
+
+    let mut m = mgr();
+    m.salt_fresh_clients(12_345);
+    // A client asks before any server reports: it gets an id no cluster
+    // uses, and the manager may still take one over.
+    let early = m.register(Role::Client, "", Group::Default, 0).unwrap();
+    assert_eq!(early, FRESH_CLIENT_IDS + 12_345);
+    // s1 reports (and saw requests from the client): the manager
+    // waits for s2, and meanwhile no one registers or rejoins.
+    assert_eq!(
+        m.recover(report(s1, "a", &older, c), 0),
+        Ok(Recovered::Waiting(vec![(s2, "b".to_string())]))
+    );
+    let e = m
+        .register(Role::Server, "z", Group::Default, 0)
+        .unwrap_err();
+    assert!(matches!(&e, MembershipError::Rebuilding { missing } if missing.len() == 1));
+    assert!(m.rebuilding());
+    // Clients may ask (`pserver status`): they get ids no cluster uses.
+    let asking = m.register(Role::Client, "", Group::Default, 0).unwrap();
+    assert_eq!(asking, early + 1);
+    assert!(e.to_string().contains("server 2 at b"), "{e}");
+    assert!(matches!(
+        m.rejoin(w, Role::Worker, "", 0),
+        Err(MembershipError::Rebuilding { .. })
+    ));
+    // s2's report completes the roll call: the latest map is taken over,
+    // its epoch past any a node holds.
+    // s2 saw a client of an earlier fresh manager too: ids stay below
+    // that range.
+    assert_eq!(
+        m.recover(report(s2, "b", &latest, FRESH_CLIENT_IDS + 7), 10),
+        Ok(Recovered::Rebuilt {
+            from: s2,
+            reported: latest.epoch,
+            epoch: latest.epoch + REBUILT_EPOCH_JUMP,
+            servers: 2,
+            rejoined: Ok(()),
+        })
+    );
+    assert!(!m.rebuilding());
+    assert_eq!(m.map().partitions, latest.partitions);
+    assert_eq!(m.map().tables, latest.tables);
+    assert_eq!(m.map().nodes, latest.nodes);
+    // Everyone comes back under their ids, the client too.
+    assert_eq!(m.rejoin(s1, Role::Server, "a", 20), Ok(()));
+    assert_eq!(m.rejoin(w, Role::Worker, "", 20), Ok(()));
+    assert_eq!(m.rejoin(c, Role::Client, "", 20), Ok(()));
+    // The early client is still one of this manager's.
+    assert_eq!(m.heartbeat(early, 20), Ok(()));
+    assert_eq!(m.rejoin(early, Role::Client, "", 20), Ok(()));
+    // New ids and tables go on above every one the reports name.
+    let next = m.register(Role::Client, "", Group::Default, 20).unwrap();
+    assert!(next > c && next < FRESH_CLIENT_IDS, "{next}");
+    assert!(m.create_table(spec_of("u", 1)).unwrap().0.id > latest.tables[0].id);
+    // Later reports are rejoins.
+    assert_eq!(
+        m.recover(report(s2, "b", &latest, 0), 30),
+        Ok(Recovered::Rejoined)
+    );
+}
+
+#[test]
+fn a_rebuild_waits_for_every_live_server_of_the_latest_map_and_takes_no_other() {
+    let mut old = mgr();
+    let s1 = old.register(Role::Server, "a", Group::Default, 0).unwrap();
+    let s2 = old.register(Role::Server, "b", Group::Default, 0).unwrap();
+    let s3 = old.register(Role::Server, "c", Group::Default, 0).unwrap();
+    old.create_table(spec_of("t", 1)).unwrap();
+    // s3 was cut off and declared dead; its own map still says alive.
+    let stale = old.map().clone();
+    assert!(old.disconnected(s3));
+    let latest = old.map().clone();
+
+    let mut m = mgr();
+    // From the stale map alone the manager would wait for s1 and s2, never
+    // take it: the servers of a later map are among those it waits for.
+    assert_eq!(
+        m.recover(report(s3, "c", &stale, 0), 0),
+        Ok(Recovered::Waiting(vec![
+            (s1, "a".to_string()),
+            (s2, "b".to_string())
+        ]))
+    );
+    // s1 holds the latest map, in which s3 is dead: only s2 is missing.
+    assert_eq!(
+        m.recover(report(s1, "a", &latest, 0), 5),
+        Ok(Recovered::Waiting(vec![(s2, "b".to_string())]))
+    );
+    // A report that does not match the manager's settings is refused.
+    let mut other = latest.clone();
+    other.replicas = 2;
+    assert!(matches!(
+        m.recover(report(s2, "b", &other, 0), 6),
+        Err(MembershipError::CannotRebuild { id, .. }) if id == s2
+    ));
+    // Or whose map does not hold its sender where it says it is.
+    assert!(matches!(
+        m.recover(report(s2, "elsewhere", &latest, 0), 6),
+        Err(MembershipError::CannotRebuild { .. })
+    ));
+    let done = m.recover(report(s2, "b", &latest, 0), 7).unwrap();
+    assert!(matches!(done, Recovered::Rebuilt { from, servers: 3, .. } if from == s2));
+    assert_eq!(m.map().partitions, latest.partitions);
+    // The stale server is told it is dead: its ranges are others'.
+    assert_eq!(
+        m.rejoin(s3, Role::Server, "c", 8),
+        Err(MembershipError::Dead(s3))
+    );
+    // The grace of a restored map holds for the rebuilt one: s1 has not
+    // rejoined yet (s2 did, with its report, and heartbeats).
+    let limit = silence_limit_ms(100);
+    m.heartbeat(s2, 7 + limit + 50).unwrap();
+    assert_eq!(m.expire(7 + limit + 100), Vec::<NodeId>::new());
+    assert_eq!(m.expire(7 + limit + 101), vec![s1]);
+}
+
+#[test]
+fn a_manager_that_started_its_own_cluster_takes_over_no_other() {
+    let mut old = mgr();
+    let s1 = old.register(Role::Server, "a", Group::Default, 0).unwrap();
+    let mut m = mgr();
+    m.register(Role::Worker, "", Group::Default, 0).unwrap();
+    assert!(matches!(
+        m.recover(report(s1, "a", old.map(), 0), 0),
+        Err(MembershipError::Stranger { id, .. }) if id == s1
+    ));
+    // A restored manager does not either: it knows its cluster.
+    let mut r = Membership::restore(*m.config(), m.persisted(), 0).unwrap();
+    assert!(matches!(
+        r.recover(report(s1, "a", old.map(), 0), 0),
+        Err(MembershipError::Stranger { .. })
     ));
 }

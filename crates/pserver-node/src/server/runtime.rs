@@ -15,7 +15,7 @@ use super::{ServerConfig, ServerHandle};
 use crate::conn::{Outbox, Peer, accept_loop, bind, lock, split};
 use crate::error::NodeError;
 use crate::net::Net;
-use crate::proto::{control_reply, control_request, error_reply, register, rejoin};
+use crate::proto::{Rejoining, control_reply, control_request, error_reply, register, rejoin};
 use crate::replica::Forwarder;
 use futures_util::StreamExt;
 use pserver_core::map::Group;
@@ -55,6 +55,10 @@ struct Shared {
     replicated: Arc<AtomicU64>,
     /// The core's clock starts here (tokio's clock, so simulations control it).
     epoch: tokio::time::Instant,
+    /// The highest sender id of any request this server took, for a
+    /// manager that rebuilds the map from servers' reports (it must hand
+    /// out no id a node or client still pushes with).
+    senders: std::sync::atomic::AtomicU32,
     /// When the manager last answered (ms on the core's clock): a
     /// heartbeat's answer or a map. Kept outside the lock, so heartbeats
     /// never wait for it.
@@ -281,6 +285,7 @@ pub async fn start_server(cfg: ServerConfig) -> Result<ServerHandle, NodeError> 
         replicated: replicated.clone(),
         epoch: tokio::time::Instant::now(),
         contact_ms: AtomicU64::new(0),
+        senders: std::sync::atomic::AtomicU32::new(0),
     });
     let heartbeat = map.heartbeat_interval();
     let effects = shared.step([Input::Map(map)], true).await;
@@ -351,8 +356,10 @@ pub async fn start_server(cfg: ServerConfig) -> Result<ServerHandle, NodeError> 
     }
 
     // The link to the manager: maps in. A lost link is rejoined (the
-    // manager may have restarted); a manager that refuses this server, or
-    // stays away, ends it.
+    // manager may have restarted) for as long as it takes: the server
+    // keeps its data meanwhile, refusing requests once its lease lapses.
+    // It stops only when a manager that knows it says it is dead (or a map
+    // no longer holds it), or on shutdown.
     {
         let (shared, token) = (Arc::clone(&shared), cancel.clone());
         let (net, manager_addr, limits, my_addr) = (
@@ -386,9 +393,10 @@ pub async fn start_server(cfg: ServerConfig) -> Result<ServerHandle, NodeError> 
                                     break;
                                 }
                             }
+                            // Only maps (or a refused rejoin) end a server;
+                            // an unasked error is no verdict on its data.
                             Ok(Control::Error { message, .. }) => {
-                                tracing::error!(node = id, %message, "manager refused this server");
-                                break;
+                                tracing::warn!(node = id, %message, "the manager sent an error");
                             }
                             _ => tracing::debug!(node = id, "ignored notice from manager"),
                         },
@@ -401,7 +409,20 @@ pub async fn start_server(cfg: ServerConfig) -> Result<ServerHandle, NodeError> 
                 }
                 if lost {
                     tracing::warn!(node = id, "lost the manager; rejoining");
-                    match rejoin(&net, &manager_addr, limits, id, Role::Server, &my_addr).await {
+                    let map = shared.node.lock().await.core.map().clone();
+                    let who = Rejoining {
+                        id,
+                        role: Role::Server,
+                        addr: my_addr.clone(),
+                        epoch: map.epoch,
+                        lease_ms: map.lease_ms,
+                        report: Some((map, shared.senders.load(Ordering::Relaxed))),
+                    };
+                    let rejoined = tokio::select! {
+                        _ = token.cancelled() => break,
+                        r = rejoin(&net, &manager_addr, limits, &who) => r,
+                    };
+                    match rejoined {
                         Ok((peer, rx, map)) => {
                             tracing::info!(node = id, epoch = map.epoch, "rejoined the manager");
                             *lock(&shared.manager) = peer;
@@ -413,7 +434,10 @@ pub async fn start_server(cfg: ServerConfig) -> Result<ServerHandle, NodeError> 
                             shared.carry_out(effects).await;
                         }
                         Err(e) => {
-                            tracing::error!(node = id, error = %e, "cannot rejoin the manager");
+                            // A manager that knows this server declared it
+                            // dead: its ranges went to others, so what it
+                            // holds is stale.
+                            tracing::error!(node = id, error = %e, "the manager refused this server");
                             break;
                         }
                     }
@@ -461,6 +485,9 @@ where
         };
         match item {
             Ok(mut frame) => {
+                shared
+                    .senders
+                    .fetch_max(frame.header.sender, Ordering::Relaxed);
                 // Unpacked before the lock; a section that does not unpack
                 // is refused like any malformed request.
                 if let Err(e) = frame.unpack() {

@@ -18,7 +18,7 @@ mod send;
 use crate::conn::{Peer, lock};
 use crate::error::NodeError;
 use crate::net::Net;
-use crate::proto::{control_request, register, rejoin, reply_control};
+use crate::proto::{Rejoining, control_request, register, rejoin, reply_control};
 use futures_util::StreamExt;
 use futures_util::future::join_all;
 use futures_util::stream::FuturesUnordered;
@@ -327,8 +327,9 @@ struct Inner {
     net: Net,
     timeout: Duration,
     cancel: CancellationToken,
-    /// Cancelled once this worker has lost the manager for good (it could
-    /// not rejoin): its lease is gone, so nothing it does counts any more.
+    /// Cancelled once this worker has lost the manager for good (a manager
+    /// that knows it declared it dead): its lease is gone, so nothing it
+    /// does counts any more.
     lost: CancellationToken,
     traffic: Traffic,
     rt: tokio::runtime::Handle,
@@ -432,8 +433,26 @@ impl Worker {
                 if lost {
                     // The manager restarted, or the link broke: rejoin with
                     // the same id, so clocks and barriers still count this
-                    // worker. Requests in flight to servers go on meanwhile.
-                    match rejoin(&net, &addr, limits, id, role, &my_addr).await {
+                    // worker, for as long as the manager is away. Requests
+                    // in flight to servers go on meanwhile.
+                    let Some(who) = weak.upgrade().map(|inner| {
+                        let map = lock(&inner.map).clone();
+                        Rejoining {
+                            id,
+                            role,
+                            addr: my_addr.clone(),
+                            epoch: map.epoch,
+                            lease_ms: map.lease_ms,
+                            report: None,
+                        }
+                    }) else {
+                        break;
+                    };
+                    let rejoined = tokio::select! {
+                        _ = cancel.cancelled() => break,
+                        r = rejoin(&net, &addr, limits, &who) => r,
+                    };
+                    match rejoined {
                         Ok((p, rx, map)) => {
                             let Some(inner) = weak.upgrade() else { break };
                             *lock(&inner.manager) = p.clone();
@@ -442,7 +461,7 @@ impl Worker {
                             notices = rx;
                         }
                         Err(e) => {
-                            tracing::warn!(node = id, error = %e, "cannot rejoin the manager");
+                            tracing::warn!(node = id, error = %e, "the manager refused this worker");
                             gone.cancel();
                             break;
                         }
@@ -750,10 +769,12 @@ impl Worker {
         }
     }
 
-    /// Completes once this worker has lost the manager for good: it could
-    /// not rejoin (the manager declared it dead, forgot it, or stayed away
-    /// past [`crate::proto::REJOIN_FOR`]). A long-running worker process
-    /// should then stop.
+    /// Completes once this worker has lost the manager for good: the
+    /// manager declared it dead (it was frozen or cut off past its lease,
+    /// or did not rejoin a restarted manager in time). A manager that is
+    /// away, however long, or one that does not know this worker, is not
+    /// that: the worker keeps trying to rejoin. A long-running worker
+    /// process should then stop.
     pub async fn lost(&self) {
         self.inner.lost.cancelled().await;
     }

@@ -48,8 +48,9 @@ enum SliceResult {
         duplicate: u64,
     },
     Redirect(ClusterMap),
-    /// Not done, nothing changed: send again after a pause.
-    Again,
+    /// Not done, nothing changed: send again after a pause. Says why, for
+    /// the request's timeout.
+    Again(String),
     /// The connection failed, or the server refused it after it may have
     /// applied it: resent as a retry.
     Lost,
@@ -151,20 +152,28 @@ impl Inner {
         let deadline = Instant::now() + self.timeout;
         let what = format!("{:?} on table {:?}", req.op, req.table);
         let secs = self.timeout.as_secs();
-        match tokio::time::timeout_at(deadline, self.run(req, order, deadline)).await {
+        let last = Mutex::new(None);
+        match tokio::time::timeout_at(deadline, self.clone().run(req, order, deadline, &last)).await
+        {
             Ok(done) => done,
             // Dropping the request's future drops its slices' waits; a
             // reply that still comes finds no one waiting and is dropped.
-            Err(_) => Err(NodeError::Timeout { what, secs }),
+            Err(_) => Err(NodeError::Timeout {
+                what,
+                secs,
+                last: lock(&last).take(),
+            }),
         }
     }
 
     /// The request itself; [`Inner::execute`] bounds it by `deadline`.
+    /// `last` keeps the last passing refusal, which a timeout reports.
     async fn run(
         self: Arc<Self>,
         req: Request,
         order: Option<(Option<oneshot::Receiver<()>>, oneshot::Sender<()>)>,
         deadline: Instant,
+        last: &Mutex<Option<String>>,
     ) -> Result<Outcome, NodeError> {
         // Wait for the push before this one to have queued its frames; hold
         // the signal for the next until this one has queued its own (a
@@ -189,6 +198,7 @@ impl Inner {
                     return Err(NodeError::Timeout {
                         what: format!("room for clock {clock} among the pushes in flight"),
                         secs: self.timeout.as_secs(),
+                        last: None,
                     });
                 }
             }
@@ -400,7 +410,10 @@ impl Inner {
                     self.traffic.retries.fetch_add(1, Ordering::Relaxed);
                     queue.push(item);
                 }
-                SliceResult::Again => again(item, &mut in_flight),
+                SliceResult::Again(why) => {
+                    *lock(last) = Some(why);
+                    again(item, &mut in_flight);
+                }
                 // Not a retry: the refused reference changed nothing, so
                 // `item.sent` stays as it was.
                 SliceResult::Miss => {
@@ -408,6 +421,10 @@ impl Inner {
                     queue.push(item);
                 }
                 SliceResult::Lost => {
+                    *lock(last) = Some(format!(
+                        "the connection to the server of {} failed or it lost the range",
+                        item.range
+                    ));
                     item.sent = true;
                     again(item, &mut in_flight);
                 }
@@ -427,7 +444,11 @@ impl Inner {
         let what = format!("scan of table {table:?}");
         match tokio::time::timeout_at(deadline, self.scan_all(table, range)).await {
             Ok(done) => done,
-            Err(_) => Err(NodeError::Timeout { what, secs }),
+            Err(_) => Err(NodeError::Timeout {
+                what,
+                secs,
+                last: None,
+            }),
         }
     }
 
@@ -481,7 +502,7 @@ impl Inner {
                         self.install(m);
                         todo.push(r);
                     }
-                    SliceResult::Again | SliceResult::Lost | SliceResult::Miss => todo.push(r),
+                    SliceResult::Again(_) | SliceResult::Lost | SliceResult::Miss => todo.push(r),
                 }
             }
             if !todo.is_empty() {
@@ -522,7 +543,7 @@ impl Inner {
     ) -> Result<SliceResult, NodeError> {
         let link = match self.link(server, map).await {
             Ok(l) => l,
-            Err(e) if e.is_transient() => return Ok(SliceResult::Again),
+            Err(e) if e.is_transient() => return Ok(SliceResult::Again(e.to_string())),
             Err(e) => return Err(e),
         };
         let peer = &link.peer;
@@ -612,10 +633,12 @@ impl Inner {
                 }),
             },
             Kind::Error => match reply_control(&reply, peer.label()) {
-                Err(NodeError::Remote {
-                    code: ErrorCode::EpochAhead,
-                    ..
-                }) => Ok(SliceResult::Again),
+                Err(
+                    e @ NodeError::Remote {
+                        code: ErrorCode::EpochAhead,
+                        ..
+                    },
+                ) => Ok(SliceResult::Again(e.to_string())),
                 // Possibly applied there before its chain refused it (the
                 // server lost the range meanwhile): resent as a retry, so a
                 // new primary that has it counts it as done.

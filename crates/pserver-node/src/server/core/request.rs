@@ -261,8 +261,10 @@ pub enum Refusal {
     /// it may have been declared dead and its ranges given to others, so it
     /// serves nothing until it hears again.
     #[error(
-        "server {me} has not heard from the manager for {silent_ms} ms (half the lease is \
-         {half_ms} ms): it may have been replaced; retry at the current primary"
+        "server {me}'s lease expired: the manager has been unreachable for {silent_ms} ms \
+         (down, or this server cut off from it), past half the lease ({half_ms} ms), so it \
+         serves nothing in case another server was given its ranges; it keeps its data and \
+         serves again once it rejoins the manager: retry later, at the current primary"
     )]
     LeaseLapsed {
         /// This server.
