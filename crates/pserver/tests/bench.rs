@@ -190,6 +190,8 @@ fn bench_writes_every_section_with_consistent_figures() {
             "64",
             "--universe",
             "5000",
+            "--store-duration-ms",
+            "20",
             "--json",
             json.to_str().unwrap(),
         ])
@@ -208,6 +210,7 @@ fn bench_writes_every_section_with_consistent_figures() {
     assert!(u(machine, "cores") >= 1);
     assert!(machine.get("cpu_model").is_some());
     assert_eq!(u(&report, "reps"), reps as u64);
+    assert_eq!(u(&report, "store_duration_ms"), 20);
 
     let ceilings = &report["ceilings"];
     let rtt = f(ceilings, "rtt_p50_us");

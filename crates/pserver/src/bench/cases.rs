@@ -105,7 +105,7 @@ async fn store_alone(
     let Some(m) = mirror.take() else {
         return Ok(None);
     };
-    let (m, report) = alone::measure(m, op, s.reps, s.duration).await?;
+    let (m, report) = alone::measure(m, op, s.reps, s.store_duration).await?;
     *mirror = Some(m);
     Ok(Some(report))
 }

@@ -267,6 +267,8 @@ pub struct Report {
     pub reps: usize,
     /// Time per repetition, ms.
     pub duration_ms: u64,
+    /// Time per repetition of the store alone, ms (`None`: not run).
+    pub store_duration_ms: Option<u64>,
     /// Floats per key.
     pub dim: usize,
     /// The ceilings, unpinned.

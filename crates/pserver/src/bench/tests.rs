@@ -62,6 +62,7 @@ fn defaults_cover_issue_13s_key_sets() {
         }
     );
     assert!(s.store);
+    assert_eq!(s.store_duration, Duration::from_millis(500));
     let s = settings(&["--keyset", "zipf,small,zipf", "--no-store"]).unwrap();
     assert_eq!(s.keysets, [Keyset::Zipf, Keyset::Small]);
     assert!(!s.store);
@@ -95,6 +96,7 @@ fn bad_flags_are_refused_up_front() {
     refused(&["--zipf-s=-1"], "--zipf-s");
     refused(&["--zipf-s", "NaN"], "--zipf-s");
     refused(&["--universe", "0"], "--universe");
+    refused(&["--store-duration-ms", "0"], "--store-duration-ms");
     refused(&["--universe", "5000000000"], "--universe");
     assert!(settings(&["--cluster", "off", "--dense", "0", "--memory-keys", "0"]).is_ok());
 }
