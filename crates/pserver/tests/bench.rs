@@ -45,6 +45,20 @@ fn check_case(c: &Value, reps: usize, dense: bool, stream_gb: Option<f64>, rtt: 
 
 /// [`check_case`] for a table of `dim` floats per key.
 fn check_case_dim(c: &Value, reps: usize, dense: bool, stream_gb: Option<f64>, rtt: f64, dim: u64) {
+    check_case_full(c, reps, dense, stream_gb, rtt, dim, false)
+}
+
+/// [`check_case`] for a case whose requests carry `keys` keys each or, when
+/// `merged` (Zipf draws), at most that many (repeats go once).
+fn check_case_full(
+    c: &Value,
+    reps: usize,
+    dense: bool,
+    stream_gb: Option<f64>,
+    rtt: f64,
+    dim: u64,
+    merged: bool,
+) {
     let runs = c["runs"].as_array().unwrap();
     assert_eq!(runs.len(), reps, "{c}");
     let keys_each = u(c, "keys");
@@ -52,7 +66,11 @@ fn check_case_dim(c: &Value, reps: usize, dense: bool, stream_gb: Option<f64>, r
     for r in runs {
         let (requests, keys, frames) = (u(r, "requests"), u(r, "keys"), u(r, "frames"));
         assert!(requests > 0 && f(r, "seconds") > 0.0, "{c}");
-        assert_eq!(keys, requests * keys_each, "{c}");
+        if merged {
+            assert!(keys >= requests && keys <= requests * keys_each, "{c}");
+        } else {
+            assert_eq!(keys, requests * keys_each, "{c}");
+        }
         assert!(frames >= requests, "{c}");
         // A push sends dim floats per key, a pull gets dim back; a dense
         // request carries no key list.
@@ -72,10 +90,12 @@ fn check_case_dim(c: &Value, reps: usize, dense: bool, stream_gb: Option<f64>, r
     let rate = |name: &'static str| med(&|r: &Value| f(r, name) / f(r, "seconds"));
     assert!(close(f(c, "req_per_s"), rate("requests")), "{c}");
     assert!(close(f(c, "keys_per_s"), rate("keys")), "{c}");
-    assert!(
-        close(f(c, "keys_per_s"), f(c, "req_per_s") * keys_each as f64),
-        "{c}"
-    );
+    if !merged {
+        assert!(
+            close(f(c, "keys_per_s"), f(c, "req_per_s") * keys_each as f64),
+            "{c}"
+        );
+    }
     let wire =
         med(&|r: &Value| (f(r, "bytes_sent") + f(r, "bytes_received")) / f(r, "seconds") / 1e9);
     assert!(close(f(c, "wire_gb_per_s"), wire), "{c}");
@@ -109,6 +129,33 @@ fn check_case_dim(c: &Value, reps: usize, dense: bool, stream_gb: Option<f64>, r
     }
 }
 
+/// Checks the store alone beside a case: `reps` repetitions of its own, its
+/// medians from them, and the case's ratio to it.
+fn check_store(c: &Value, reps: usize, merged: bool) {
+    let st = &c["store"];
+    assert!(st.is_object(), "no store alone: {c}");
+    assert!(u(st, "threads") >= 1, "{c}");
+    let runs = st["runs"].as_array().unwrap();
+    assert_eq!(runs.len(), reps, "{c}");
+    let keys_each = u(c, "keys");
+    for r in runs {
+        let (requests, keys) = (u(r, "requests"), u(r, "keys"));
+        assert!(requests > 0 && f(r, "seconds") > 0.0, "{c}");
+        if merged {
+            assert!(keys >= requests && keys <= requests * keys_each, "{c}");
+        } else {
+            assert_eq!(keys, requests * keys_each, "{c}");
+        }
+    }
+    let rate = |name: &str| median(runs.iter().map(|r| f(r, name) / f(r, "seconds")).collect());
+    assert!(close(f(st, "req_per_s"), rate("requests")), "{c}");
+    assert!(close(f(st, "keys_per_s"), rate("keys")), "{c}");
+    assert!(
+        close(f(c, "vs_store"), f(c, "keys_per_s") / f(st, "keys_per_s")),
+        "{c}"
+    );
+}
+
 #[test]
 fn bench_writes_every_section_with_consistent_figures() {
     let dir = tempfile::tempdir().unwrap();
@@ -139,6 +186,12 @@ fn bench_writes_every_section_with_consistent_figures() {
             "256",
             "--memory-keys",
             "10000",
+            "--keyset-keys",
+            "64",
+            "--universe",
+            "5000",
+            "--store-duration-ms",
+            "20",
             "--json",
             json.to_str().unwrap(),
         ])
@@ -157,6 +210,7 @@ fn bench_writes_every_section_with_consistent_figures() {
     assert!(u(machine, "cores") >= 1);
     assert!(machine.get("cpu_model").is_some());
     assert_eq!(u(&report, "reps"), reps as u64);
+    assert_eq!(u(&report, "store_duration_ms"), 20);
 
     let ceilings = &report["ceilings"];
     let rtt = f(ceilings, "rtt_p50_us");
@@ -178,6 +232,7 @@ fn bench_writes_every_section_with_consistent_figures() {
     assert_eq!(sparse.len(), 9);
     for c in sparse {
         check_case(c, reps, false, Some(stream), rtt);
+        check_store(c, reps, false);
     }
     assert_eq!(u(&sparse[0], "table_keys"), 0);
     assert_eq!(u(&report["preload"], "keys"), 5000);
@@ -187,6 +242,39 @@ fn bench_writes_every_section_with_consistent_figures() {
     // The 1-key pushes stored at most 64 lists of one key before it.
     assert!(before <= 5000 + 64, "{}", big[0]);
 
+    // The key sets: one fixed list on a table of its keys; Zipf draws from
+    // a preloaded universe, each request's repeats merged. Each case has
+    // the store alone beside it.
+    let sets = report["keysets"].as_array().unwrap();
+    assert_eq!(sets.len(), 2);
+    let (small, zipf) = (&sets[0], &sets[1]);
+    assert_eq!(small["keyset"], "small");
+    assert_eq!((u(small, "draws"), u(small, "lists")), (64, 1));
+    assert_eq!(f(small, "distinct_keys_mean"), 64.0);
+    assert!(small["preload"].is_null() && small["universe"].is_null());
+    let small_cases = small["cases"].as_array().unwrap();
+    assert_eq!(small_cases.len(), 3);
+    for c in small_cases {
+        check_case(c, reps, false, Some(stream), rtt);
+        check_store(c, reps, false);
+    }
+    let small_keys: Vec<u64> = small_cases.iter().map(|c| u(c, "table_keys")).collect();
+    assert_eq!(small_keys, [0, 64, 64]);
+    assert_eq!(zipf["keyset"], "zipf");
+    assert_eq!((u(zipf, "draws"), u(zipf, "universe")), (64, 5000));
+    assert_eq!(f(zipf, "zipf_s"), 1.1);
+    assert_eq!(u(&zipf["preload"], "keys"), 5000);
+    let distinct = f(zipf, "distinct_keys_mean");
+    assert!((1.0..64.0).contains(&distinct), "{zipf}");
+    let zipf_cases = zipf["cases"].as_array().unwrap();
+    assert_eq!(zipf_cases.len(), 3);
+    for c in zipf_cases {
+        check_case_full(c, reps, false, Some(stream), rtt, 1, true);
+        check_store(c, reps, true);
+        assert_eq!(u(c, "table_keys"), 5000);
+        assert_eq!(u(&c["store"], "table_keys"), 5000);
+    }
+
     let dense = &report["dense"];
     assert_eq!(u(dense, "keys"), 4096);
     assert_eq!(u(dense, "dim"), 2);
@@ -194,6 +282,7 @@ fn bench_writes_every_section_with_consistent_figures() {
     assert_eq!(dense_cases.len(), 3);
     for c in dense_cases {
         check_case_dim(c, reps, true, Some(stream), rtt, 2);
+        assert!(c["store"].is_null(), "{c}");
     }
     assert_eq!(u(&dense_cases[1], "table_keys"), 4096);
 
@@ -204,6 +293,7 @@ fn bench_writes_every_section_with_consistent_figures() {
     for c in cluster_cases {
         assert_eq!(u(c, "workers"), 2);
         check_case(c, reps, false, Some(stream), rtt);
+        assert!(c["store"].is_null(), "{c}");
     }
 
     // Pinned: every process of the pinned run on CPU 0; missing only where
@@ -240,8 +330,10 @@ fn bench_writes_every_section_with_consistent_figures() {
     assert!(stdout.contains("bytes/key by the store"), "{stdout}");
     let rows = stdout.lines().filter(|l| l.starts_with("| ")).count();
     let pinned_rows = if report["pinned"].is_null() { 0 } else { 3 };
-    // Header + 9 sparse + 3 dense + 3 cluster + pinned.
-    assert_eq!(rows, 1 + 9 + 3 + 3 + pinned_rows, "{stdout}");
+    // Header + 9 sparse + 6 of the key sets + 3 dense + 3 cluster + pinned.
+    assert_eq!(rows, 1 + 9 + 6 + 3 + 3 + pinned_rows, "{stdout}");
+    assert!(stdout.contains("| 1x1 small |"), "{stdout}");
+    assert!(stdout.contains("| 1x1 zipf s=1.1 of 5,000 ("), "{stdout}");
 }
 
 #[test]
@@ -251,6 +343,8 @@ fn bad_flags_fail_at_once_with_a_clear_message() {
         (&["--cluster", "2"][..], "--cluster"),
         (&["--reps", "0"][..], "--reps"),
         (&["--dense", "1000000000"][..], "--dense"),
+        (&["--zipf-s=20"][..], "--zipf-s"),
+        (&["--universe", "0"][..], "--universe"),
     ] {
         let out = Command::new(BIN).arg("bench").args(flags).output().unwrap();
         assert_eq!(out.status.code(), Some(1), "{flags:?}");

@@ -54,9 +54,10 @@ fn kib_field(text: &str, name: &str) -> Option<u64> {
     Some(kib * 1024)
 }
 
-/// Refuses to start a fill the machine cannot hold (better than being
-/// killed halfway by the kernel).
-pub fn check_room(keys: u64) -> Result<()> {
+/// Refuses to start a fill of `keys` keys (asked for by `flag`; `skip` says
+/// how to do without it) the machine cannot hold (better than being killed
+/// halfway by the kernel).
+pub fn check_room(flag: &str, keys: u64, skip: &str) -> Result<()> {
     let Ok(meminfo) = std::fs::read_to_string("/proc/meminfo") else {
         return Ok(());
     };
@@ -66,8 +67,8 @@ pub fn check_room(keys: u64) -> Result<()> {
     let needed = keys.saturating_mul(NEEDED_BYTES_PER_KEY);
     if needed > available {
         bail!(
-            "--memory-keys {keys} needs about {:.1} GB free, the machine has {:.1} GB available; \
-             lower it (or 0 to skip the memory case)",
+            "{flag} {keys} needs about {:.1} GB free, the machine has {:.1} GB available; \
+             lower it (or {skip})",
             needed as f64 / 1e9,
             available as f64 / 1e9
         );

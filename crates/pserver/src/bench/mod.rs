@@ -11,13 +11,22 @@
 //!   each `--keys` size), one server and this process as the worker; the
 //!   table is preloaded with 16M keys before the 1M-key cases;
 //! - a dense range of 16M floats;
+//! - the small and zipf key sets (`--keyset`): one fixed list of 65,536
+//!   keys on a table of just those, then 65,536 Zipf(1.1) draws per request
+//!   from a universe of 10M keys the table was preloaded with, against a
+//!   fresh server;
 //! - 2 servers and 2 workers at once;
 //! - the round trip and 1-key requests with every process pinned to one
 //!   core (a child run under `taskset`).
 //!
+//! Beside each sparse case of one server, the same key lists are applied to
+//! the server's table type in this process (`alone`): the table's own
+//! speed, so each case shows what the wire and the runtime cost on top.
+//!
 //! Progress goes to stderr as cases finish; the tables go to stdout at the
 //! end, and `--json` writes every figure with each repetition's counts.
 
+mod alone;
 mod cases;
 mod keys;
 mod load;
@@ -28,9 +37,9 @@ mod report;
 pub(crate) mod stats;
 
 use anyhow::{Context, Result, bail};
-use cases::{cluster_cases, dense_cases, sparse_cases};
-use clap::Args;
-use keys::KeyStream;
+use cases::{cluster_cases, dense_cases, keyset_cases, sparse_cases};
+use clap::{Args, ValueEnum};
+use keys::{KeyStream, ZipfSet};
 use procs::{Ceilings, Procs, addr_of};
 use pserver_core::spec::MAX_DIM;
 use pserver_core::{NodeState, Role, UpdaterSpec};
@@ -51,6 +60,35 @@ pub struct BenchArgs {
         default_value = "1,1024,65536,1048576,16777216"
     )]
     keys: Vec<usize>,
+    /// Sparse key sets, comma-separated: random (the --keys sizes, fresh
+    /// random keys), small (one fixed list of --keyset-keys keys: a table
+    /// that stays in the cache), zipf (--keyset-keys Zipf draws per request
+    /// from --universe keys, all preloaded).
+    #[arg(
+        long,
+        value_enum,
+        value_delimiter = ',',
+        default_value = "random,small,zipf"
+    )]
+    keyset: Vec<Keyset>,
+    /// Keys per request of the small and zipf key sets (zipf: draws, whose
+    /// repeats a request carries once).
+    #[arg(long, default_value_t = 65_536)]
+    keyset_keys: usize,
+    /// The zipf key set's exponent: rank r is drawn with weight r^-s.
+    #[arg(long, default_value_t = 1.1)]
+    zipf_s: f64,
+    /// Keys of the zipf key set's universe, pushed into its table first.
+    #[arg(long, default_value_t = 10_000_000)]
+    universe: u64,
+    /// Skip the figures of the store alone beside the sparse cases.
+    #[arg(long)]
+    no_store: bool,
+    /// How long each repetition of the store alone runs, in ms (shorter
+    /// than the cases' by default, to keep the default run within 5
+    /// minutes; there is no wire between its requests to smooth out).
+    #[arg(long, default_value_t = 500)]
+    store_duration_ms: u64,
     /// Requests in flight for 1-key requests, comma-separated (larger
     /// requests go one at a time).
     #[arg(long, value_delimiter = ',', default_value = "1,32")]
@@ -92,8 +130,8 @@ pub struct BenchArgs {
     /// Skip the figures with every process pinned to one core.
     #[arg(long)]
     no_pinned: bool,
-    /// Run the sparse and dense cases against this cluster instead of
-    /// starting a manager and a server.
+    /// Run the sparse (key sets included) and dense cases against this
+    /// cluster instead of starting a manager and a server.
     #[arg(long)]
     manager: Option<String>,
     /// Write every figure as JSON.
@@ -113,6 +151,21 @@ pub struct PeerArgs {}
 pub async fn peer(_args: PeerArgs) -> Result<()> {
     procs::peer().await
 }
+
+/// A sparse key set (`--keyset`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum Keyset {
+    /// Fresh random keys at each `--keys` size.
+    Random,
+    /// One fixed list, every request the same.
+    Small,
+    /// Zipf draws from a preloaded universe.
+    Zipf,
+}
+
+/// The largest Zipf exponent taken (beyond it nearly every draw is the
+/// first rank, which says nothing more).
+const MAX_ZIPF_S: f64 = 10.0;
 
 /// Servers and workers of the cluster case.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -148,6 +201,16 @@ pub fn parse_shape(s: &str) -> Result<Option<Shape>> {
 #[derive(Clone, Debug)]
 pub struct Settings {
     keys: Vec<usize>,
+    /// The key sets to run, each once, in the order given.
+    keysets: Vec<Keyset>,
+    /// Keys per request of the small and zipf sets.
+    keyset_keys: usize,
+    /// The zipf key set's universe, exponent and draws per request.
+    zipf: ZipfSet,
+    /// Whether the store alone runs beside the sparse cases.
+    store: bool,
+    /// Time per repetition of the store alone.
+    store_duration: Duration,
     depths: Vec<usize>,
     dim: usize,
     duration: Duration,
@@ -196,8 +259,34 @@ impl Settings {
         if a.duration_ms == 0 || a.duration_ms > 600_000 {
             bail!("--duration-ms must be in 1..=600000, got {}", a.duration_ms);
         }
+        if a.store_duration_ms == 0 || a.store_duration_ms > 600_000 {
+            bail!(
+                "--store-duration-ms must be in 1..=600000, got {}",
+                a.store_duration_ms
+            );
+        }
         if a.dim == 0 || a.dim > MAX_DIM as usize {
             bail!("--dim must be in 1..={MAX_DIM}, got {}", a.dim);
+        }
+        let mut keysets = Vec::new();
+        for &k in &a.keyset {
+            if !keysets.contains(&k) {
+                keysets.push(k);
+            }
+        }
+        if keysets.is_empty() {
+            bail!("--keyset needs at least one of random, small, zipf");
+        }
+        if keysets.iter().any(|&k| k != Keyset::Random) {
+            check_request("--keyset-keys", a.keyset_keys, a.dim, true)?;
+        }
+        if !(0.0..=MAX_ZIPF_S).contains(&a.zipf_s) {
+            bail!("--zipf-s must be in 0..={MAX_ZIPF_S}, got {}", a.zipf_s);
+        }
+        // Ranks stay below 2^32, so the rank-to-key map is one-to-one
+        // (keys::universe_key).
+        if a.universe == 0 || a.universe > u64::from(u32::MAX) {
+            bail!("--universe must be in 1..={}, got {}", u32::MAX, a.universe);
         }
         if a.keys.is_empty() {
             bail!("--keys needs at least one size");
@@ -233,6 +322,15 @@ impl Settings {
         }
         Ok(Settings {
             keys: a.keys.clone(),
+            keysets,
+            keyset_keys: a.keyset_keys,
+            zipf: ZipfSet {
+                universe: a.universe,
+                s: a.zipf_s,
+                draws: a.keyset_keys,
+            },
+            store: !a.no_store,
+            store_duration: Duration::from_millis(a.store_duration_ms),
             depths: a.depth.clone(),
             dim: a.dim,
             duration: Duration::from_millis(a.duration_ms),
@@ -321,7 +419,11 @@ pub async fn run(args: BenchArgs, sec: &crate::security::Security) -> Result<()>
         return pinned::child(&s).await;
     }
     if s.memory_keys > 0 {
-        memory::check_room(s.memory_keys)?;
+        memory::check_room("--memory-keys", s.memory_keys, "0 to skip the memory case")?;
+    }
+    if s.keysets.contains(&Keyset::Zipf) {
+        // The universe is held twice: by the server and by the store alone.
+        memory::check_room("--universe", s.zipf.universe, "a --keyset without zipf")?;
     }
     let started = Instant::now();
     let machine = Machine::current();
@@ -347,6 +449,14 @@ pub async fn run(args: BenchArgs, sec: &crate::security::Security) -> Result<()>
         let result = one_server(&s, &mut procs, &mut stream).await;
         result.map_err(|e| procs.explain(e))?
     };
+    let keysets = match s.keysets.iter().any(|&k| k != Keyset::Random) {
+        true => {
+            let mut procs = Procs::new(&s.child_args);
+            let result = keyset_cases(&s, &one.ceilings, &mut procs).await;
+            result.map_err(|e| procs.explain(e))?
+        }
+        false => Vec::new(),
+    };
     let cluster = match s.cluster {
         Some(shape) => Some(cluster_cases(&s, shape, &one.ceilings, &mut stream).await?),
         None => None,
@@ -356,11 +466,13 @@ pub async fn run(args: BenchArgs, sec: &crate::security::Security) -> Result<()>
         machine,
         reps: s.reps,
         duration_ms: s.duration.as_millis() as u64,
+        store_duration_ms: s.store.then_some(s.store_duration.as_millis() as u64),
         dim: s.dim,
         ceilings: one.ceilings,
         memory,
         preload: one.preload,
         sparse: one.sparse,
+        keysets,
         dense: one.dense,
         cluster,
         pinned,
@@ -411,7 +523,10 @@ async fn one_server(s: &Settings, procs: &mut Procs, stream: &mut KeyStream) -> 
     let w = connect(&manager, &s.net).await?;
     let ceilings = procs::ceilings(&peer, s.duration, s.reps, true).await?;
     progress(&ceilings_line(&ceilings));
-    let (sparse, preload) = sparse_cases(&w, s, &ceilings, stream).await?;
+    let (sparse, preload) = match s.keysets.contains(&Keyset::Random) {
+        true => sparse_cases(&w, s, &ceilings, stream).await?,
+        false => (Vec::new(), None),
+    };
     let dense = match s.dense {
         0 => None,
         n => Some(dense_cases(&w, s, &ceilings, n).await?),
@@ -494,6 +609,25 @@ fn print_report(r: &Report, s: &Settings) {
             thousands(p.keys),
             thousands(p.before_keys as u64),
             p.seconds
+        );
+    }
+    for k in &r.keysets {
+        if let Some(p) = &k.preload {
+            println!(
+                "{} table preloaded with its universe of {} keys ({:.1} s); {} lists of {} draws, {:.0} distinct keys a request on average",
+                k.keyset,
+                thousands(p.keys),
+                p.seconds,
+                k.lists,
+                thousands(k.draws as u64),
+                k.distinct_keys_mean
+            );
+        }
+    }
+    if let Some(ms) = r.store_duration_ms {
+        println!(
+            "store alone: the same keys applied to the table in this process (no wire, no runtime), medians of {} runs of {ms} ms; vs store = keys/s over its keys/s",
+            r.reps
         );
     }
     if s.manager.is_some() {

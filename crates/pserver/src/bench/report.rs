@@ -3,7 +3,7 @@
 
 use super::memory::MemoryReport;
 use super::procs::Ceilings;
-use super::stats::{Figures, Run, ratio, summarize};
+use super::stats::{Figures, Run, StoreRun, ratio, store_rates, summarize};
 use serde::{Deserialize, Serialize};
 
 /// The machine the figures come from.
@@ -66,6 +66,42 @@ pub struct CaseReport {
     pub vs_stream: Option<f64>,
     /// Each repetition's counts, from the workers' traffic counters.
     pub runs: Vec<Run>,
+    /// The same keys applied to the table in this process, no wire, no
+    /// runtime (sparse cases of one server; `None` elsewhere or with
+    /// `--no-store`).
+    pub store: Option<StoreReport>,
+    /// Keys/s over the store alone's keys/s: the share of the table's own
+    /// speed left after the wire and the runtime.
+    pub vs_store: Option<f64>,
+}
+
+/// The store alone on a case's keys: figures, and each repetition's counts.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct StoreReport {
+    /// Threads a large request could use (as many as a server here gets).
+    pub threads: usize,
+    /// Keys the in-process table held when the case began.
+    pub table_keys: u64,
+    /// Requests per second (median over repetitions).
+    pub req_per_s: f64,
+    /// Keys per second (median over repetitions).
+    pub keys_per_s: f64,
+    /// Each repetition's counts.
+    pub runs: Vec<StoreRun>,
+}
+
+impl StoreReport {
+    /// The report of the store alone's repetitions `runs`.
+    pub fn new(threads: usize, table_keys: u64, runs: Vec<StoreRun>) -> StoreReport {
+        let (req_per_s, keys_per_s) = store_rates(&runs);
+        StoreReport {
+            threads,
+            table_keys,
+            req_per_s,
+            keys_per_s,
+            runs,
+        }
+    }
 }
 
 /// What a case is, beside its measurements.
@@ -105,7 +141,18 @@ impl CaseReport {
                 .flatten(),
             figures,
             runs,
+            store: None,
+            vs_store: None,
         }
+    }
+
+    /// This case with the store alone's figures on the same keys beside it.
+    pub fn with_store(mut self, store: Option<StoreReport>) -> CaseReport {
+        self.vs_store = store
+            .as_ref()
+            .and_then(|st| ratio(self.figures.keys_per_s, st.keys_per_s));
+        self.store = store;
+        self
     }
 
     /// The ratio shown in the table: latency for 1-key requests one at a
@@ -132,6 +179,45 @@ pub struct PreloadReport {
     pub seconds: f64,
     /// The smallest request size it was loaded for.
     pub before_keys: usize,
+}
+
+/// The cases of one key set other than the random sweep: `small` (one
+/// fixed list, a table holding just it) or `zipf` (Zipf draws from a
+/// universe the table was preloaded with).
+#[derive(Clone, Debug, Serialize)]
+pub struct KeysetReport {
+    /// small or zipf.
+    pub keyset: String,
+    /// Keys drawn per request (each case's `keys`); a Zipf request carries
+    /// fewer, its repeats merged.
+    pub draws: usize,
+    /// The Zipf exponent (zipf only).
+    pub zipf_s: Option<f64>,
+    /// Keys of the universe (zipf only).
+    pub universe: Option<u64>,
+    /// Key lists the requests cycle through.
+    pub lists: usize,
+    /// Distinct keys a request carried, on average over those lists (what
+    /// each case's keys/s counts).
+    pub distinct_keys_mean: f64,
+    /// The universe pushed into the table before the cases (zipf only).
+    pub preload: Option<PreloadReport>,
+    /// Push, pull, push_pull.
+    pub cases: Vec<CaseReport>,
+}
+
+impl KeysetReport {
+    /// The label of this set's rows.
+    fn label(&self) -> String {
+        match (self.zipf_s, self.universe) {
+            (Some(s), Some(u)) => format!(
+                "1x1 zipf s={s} of {} ({} distinct)",
+                thousands(u),
+                thousands(self.distinct_keys_mean.round() as u64)
+            ),
+            _ => format!("1x1 {}", self.keyset),
+        }
+    }
 }
 
 /// Dense-range cases.
@@ -181,6 +267,8 @@ pub struct Report {
     pub reps: usize,
     /// Time per repetition, ms.
     pub duration_ms: u64,
+    /// Time per repetition of the store alone, ms (`None`: not run).
+    pub store_duration_ms: Option<u64>,
     /// Floats per key.
     pub dim: usize,
     /// The ceilings, unpinned.
@@ -191,6 +279,8 @@ pub struct Report {
     pub preload: Option<PreloadReport>,
     /// Random sorted keys, one server, one worker.
     pub sparse: Vec<CaseReport>,
+    /// The small and zipf key sets, one server, one worker.
+    pub keysets: Vec<KeysetReport>,
     /// Dense ranges.
     pub dense: Option<DenseReport>,
     /// Several servers and workers.
@@ -249,8 +339,8 @@ fn times(r: f64) -> String {
 
 /// The table's header.
 pub fn header() -> String {
-    "| case | op | keys | depth | table keys | req/s | keys/s | wire GB/s | values GB/s | p50 us | p99 us | p999 us | vs ceiling |\n\
-     |---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
+    "| case | op | keys | depth | table keys | req/s | keys/s | wire GB/s | values GB/s | p50 us | p99 us | p999 us | vs ceiling | store alone keys/s | vs store |\n\
+     |---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
         .to_string()
 }
 
@@ -258,7 +348,7 @@ pub fn header() -> String {
 pub fn row(label: &str, c: &CaseReport) -> String {
     let f = &c.figures;
     format!(
-        "| {label} | {} | {} | {} | {} | {} | {} | {:.3} | {:.3} | {} | {} | {} | {} |",
+        "| {label} | {} | {} | {} | {} | {} | {} | {:.3} | {:.3} | {} | {} | {} | {} | {} | {} |",
         c.op,
         thousands(c.keys as u64),
         c.depth,
@@ -270,13 +360,21 @@ pub fn row(label: &str, c: &CaseReport) -> String {
         micros(f.p50_us),
         micros(f.p99_us),
         micros(f.p999_us),
-        c.ceiling_cell()
+        c.ceiling_cell(),
+        c.store
+            .as_ref()
+            .map_or("-".into(), |st| rate(st.keys_per_s)),
+        c.vs_store.map_or("-".into(), times)
     )
 }
 
 /// Every case of the report as table rows, labelled by section.
 pub fn rows(r: &Report) -> Vec<String> {
     let mut out: Vec<String> = r.sparse.iter().map(|c| row("1x1", c)).collect();
+    for k in &r.keysets {
+        let label = k.label();
+        out.extend(k.cases.iter().map(|c| row(&label, c)));
+    }
     if let Some(d) = &r.dense {
         let label = format!("dense, dim {}", d.dim);
         out.extend(d.cases.iter().map(|c| row(&label, c)));
@@ -370,5 +468,44 @@ mod tests {
         let c = CaseReport::new(spec(64, 1, false), vec![one_run(64, 1.0, 60.0)], &pinned);
         assert_eq!(c.wire_vs_stream, None);
         assert_eq!(c.ceiling_cell(), "-");
+    }
+
+    #[test]
+    fn the_store_alone_sits_beside_its_case() {
+        let ceil = Ceilings {
+            rtt_p50_us: 50.0,
+            rtt_p99_us: 90.0,
+            stream_gb_per_s: Some(4.0),
+        };
+        let spec = CaseSpec {
+            op: "pull",
+            keys: 64,
+            depth: 1,
+            workers: 1,
+            table_keys: Some(64),
+            dense: false,
+        };
+        // 640 keys/s against the store's 6,400.
+        let c = CaseReport::new(spec, vec![one_run(64, 1.0, 60.0)], &ceil);
+        let store = StoreReport::new(
+            2,
+            64,
+            vec![StoreRun {
+                requests: 100,
+                keys: 6400,
+                seconds: 1.0,
+            }],
+        );
+        assert_eq!(store.keys_per_s, 6400.0);
+        let c = c.with_store(Some(store));
+        assert_eq!(c.vs_store, Some(0.1));
+        let r = row("1x1", &c);
+        assert!(r.ends_with("| 6.4K | 0.10x |"), "{r}");
+        let none = c.clone().with_store(None);
+        assert_eq!(none.vs_store, None);
+        assert!(row("1x1", &none).ends_with("| - | - |"));
+        // The header has as many columns as a row.
+        let cols = |l: &str| l.matches('|').count();
+        assert_eq!(cols(header().lines().next().unwrap()), cols(&r));
     }
 }

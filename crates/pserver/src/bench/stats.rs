@@ -108,6 +108,27 @@ pub fn summarize(runs: &[Run]) -> Figures {
     }
 }
 
+/// What one repetition of the store alone measured: requests applied to an
+/// in-process table, no wire, no runtime.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct StoreRun {
+    /// Requests applied (a push-pull counts once).
+    pub requests: u64,
+    /// Keys in those requests.
+    pub keys: u64,
+    /// Seconds they took.
+    pub seconds: f64,
+}
+
+/// Requests and keys per second of the store alone: each the median over
+/// repetitions of that rate in each repetition.
+pub fn store_rates(runs: &[StoreRun]) -> (f64, f64) {
+    let rate = |count: &dyn Fn(&StoreRun) -> f64| {
+        median(runs.iter().map(|r| count(r) / r.seconds).collect())
+    };
+    (rate(&|r| r.requests as f64), rate(&|r| r.keys as f64))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -168,6 +189,20 @@ mod tests {
         // p50 per run: 2, 20, 5; p999: 3, 30, 6.
         assert_eq!(f.p50_us, 5.0);
         assert_eq!(f.p999_us, 6.0);
+    }
+
+    #[test]
+    fn store_rates_are_medians_of_each_repetition() {
+        let r = |requests, keys, seconds| StoreRun {
+            requests,
+            keys,
+            seconds,
+        };
+        // Per run: 10, 40, 20 req/s and 100, 400, 100 keys/s.
+        let (req, keys) = store_rates(&[r(10, 100, 1.0), r(20, 200, 0.5), r(40, 200, 2.0)]);
+        assert_eq!((req, keys), (20.0, 100.0));
+        let (req, keys) = store_rates(&[]);
+        assert!(req.is_nan() && keys.is_nan());
     }
 
     #[test]

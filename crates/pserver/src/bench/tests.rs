@@ -3,7 +3,7 @@
 //! keys the benchmark says it does.
 
 use super::cases::preload;
-use super::keys::Pool;
+use super::keys::{self, Pool};
 use super::load::{Case, OPS, Source};
 use super::*;
 use clap::Parser;
@@ -49,6 +49,26 @@ fn defaults_cover_issue_5s_table() {
 }
 
 #[test]
+fn defaults_cover_issue_13s_key_sets() {
+    let s = settings(&[]).unwrap();
+    assert_eq!(s.keysets, [Keyset::Random, Keyset::Small, Keyset::Zipf]);
+    assert_eq!(s.keyset_keys, 65536);
+    assert_eq!(
+        s.zipf,
+        ZipfSet {
+            universe: 10_000_000,
+            s: 1.1,
+            draws: 65536
+        }
+    );
+    assert!(s.store);
+    assert_eq!(s.store_duration, Duration::from_millis(500));
+    let s = settings(&["--keyset", "zipf,small,zipf", "--no-store"]).unwrap();
+    assert_eq!(s.keysets, [Keyset::Zipf, Keyset::Small]);
+    assert!(!s.store);
+}
+
+#[test]
 fn bad_flags_are_refused_up_front() {
     refused(&["--reps", "0"], "--reps");
     refused(&["--duration-ms", "0"], "--duration-ms");
@@ -69,6 +89,15 @@ fn bad_flags_are_refused_up_front() {
     refused(&["--cluster", "0x2"], "--cluster");
     refused(&["--cluster", "axb"], "--cluster");
     refused(&["--memory-keys", "5000000000"], "--memory-keys");
+    refused(&["--keyset", "uniform"], "--keyset");
+    refused(&["--keyset-keys", "0"], "--keyset-keys");
+    // Only checked when a key set uses it.
+    assert!(settings(&["--keyset", "random", "--keyset-keys", "0"]).is_ok());
+    refused(&["--zipf-s=-1"], "--zipf-s");
+    refused(&["--zipf-s", "NaN"], "--zipf-s");
+    refused(&["--universe", "0"], "--universe");
+    refused(&["--store-duration-ms", "0"], "--store-duration-ms");
+    refused(&["--universe", "5000000000"], "--universe");
     assert!(settings(&["--cluster", "off", "--dense", "0", "--memory-keys", "0"]).is_ok());
 }
 
@@ -191,4 +220,71 @@ async fn preload_stores_every_key_once() {
     preload(&w, &table, 1, 3000, &mut stream).await.unwrap();
     let (keys, _) = w.scan(&table, KeyRange::ALL).await.unwrap();
     assert_eq!(keys.len(), 3000);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn key_set_tables_hold_what_the_report_says() {
+    let (c, w) = cluster(2).await;
+    let addr = c.manager_addr().to_string();
+    let s = settings(&[
+        "--manager",
+        &addr,
+        "--keyset",
+        "small,zipf",
+        "--keyset-keys",
+        "64",
+        "--universe",
+        "3000",
+        "--duration-ms",
+        "20",
+        "--reps",
+        "2",
+    ])
+    .unwrap();
+    let ceilings = Ceilings {
+        rtt_p50_us: 50.0,
+        rtt_p99_us: 90.0,
+        stream_gb_per_s: Some(1.0),
+    };
+    let mut procs = Procs::new(&[]);
+    let sets = cases::keyset_cases(&s, &ceilings, &mut procs)
+        .await
+        .unwrap();
+    assert_eq!(sets.len(), 2);
+    let (small, zipf) = (&sets[0], &sets[1]);
+    assert_eq!(
+        (small.keyset.as_str(), zipf.keyset.as_str()),
+        ("small", "zipf")
+    );
+    // Small: one list, stored by the first push; the store alone agrees.
+    assert_eq!((small.lists, small.distinct_keys_mean), (1, 64.0));
+    let table_keys: Vec<_> = small.cases.iter().map(|c| c.table_keys).collect();
+    assert_eq!(table_keys, [Some(0), Some(64), Some(64)]);
+    // Zipf: the universe, preloaded, and nothing else.
+    assert_eq!(zipf.universe, Some(3000));
+    assert_eq!(zipf.preload.as_ref().map(|p| p.keys), Some(3000));
+    assert!(zipf.distinct_keys_mean > 1.0 && zipf.distinct_keys_mean < 64.0);
+    for c in &zipf.cases {
+        assert_eq!(c.table_keys, Some(3000));
+        let st = c.store.as_ref().expect("the store alone");
+        assert_eq!(st.table_keys, 3000);
+        assert_eq!(st.runs.len(), 2);
+        assert!(c.vs_store.is_some_and(|r| r > 0.0), "{c:?}");
+        for r in &c.runs {
+            // Requests carry the lists' distinct keys, not the draws.
+            assert!(r.keys < 64 * r.requests, "{r:?}");
+        }
+    }
+    assert_eq!(small.cases[1].store.as_ref().unwrap().table_keys, 64);
+    let pid = std::process::id();
+    let (keys, _) = w
+        .scan(&format!("bench-small-{pid}"), KeyRange::ALL)
+        .await
+        .unwrap();
+    assert_eq!(keys, keys::small_list(64));
+    let (keys, _) = w
+        .scan(&format!("bench-zipf-{pid}"), KeyRange::ALL)
+        .await
+        .unwrap();
+    assert_eq!(keys, keys::universe_chunk(0, 3000));
 }
