@@ -220,7 +220,10 @@ impl DbpgWorker {
     ) -> Result<(StepStats, Handle<Outcome>), NodeError> {
         let cfg = self.cfg.clone();
         // Iteration t needs every block update up to t - 1 - tau.
+        // Folding a reply into the margins is computation: it counts as
+        // busy, and only the time the replies take to come as waiting.
         let waited = Instant::now();
+        let mut folding = Duration::ZERO;
         while let Some(p) = self
             .pulls
             .front()
@@ -230,9 +233,11 @@ impl DbpgWorker {
             .flatten()
         {
             let fresh = p.pull.await?.vals;
+            let f = Instant::now();
             heavy(|| self.fold(p.block, p.parts, &p.keys, &fresh));
+            folding += f.elapsed();
         }
-        let mut wait = waited.elapsed();
+        let mut wait = waited.elapsed().saturating_sub(folding);
 
         let busy = Instant::now();
         let j = self.block_of(t);
@@ -242,7 +247,7 @@ impl DbpgWorker {
             tokio::time::sleep(slow).await;
         }
         let pushed = keys.len();
-        let busy = busy.elapsed();
+        let busy = busy.elapsed() + folding;
 
         // Every partition gets this clock, empty slices included, so pulls
         // that wait on any range see the iteration done.
