@@ -20,7 +20,7 @@
 use crate::cpu::heavy;
 use crate::dataset::Dataset;
 use crate::job::proto::StepStats;
-use crate::metrics::{logistic_loss, sigmoid};
+use crate::metrics::sigmoid_and_loss;
 use pserver_node::NodeError;
 use pserver_node::worker::{Handle, Keys, Op, Outcome, Request, Worker};
 use std::collections::VecDeque;
@@ -346,8 +346,9 @@ fn gradients(
     for part in parts.iter_mut() {
         rows += part.data.rows();
         for (r, m) in part.margins.iter().enumerate() {
-            part.p[r] = sigmoid(*m);
-            loss += logistic_loss(*m, part.data.labels[r] as f64);
+            let (p, l) = sigmoid_and_loss(*m, part.data.labels[r] as f64);
+            part.p[r] = p;
+            loss += l;
         }
         let block = part.bounds[j]..part.bounds[j + 1];
         let gh = block_gradient(&part.data, &part.p, block.clone(), &mut part.count);
@@ -453,6 +454,7 @@ fn pull_sent_at(t: u64, tau: u64, blocks: u64, first: u64, total: u64) -> Option
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::metrics::{logistic_loss, sigmoid};
 
     #[test]
     fn pulls_go_right_after_the_push_they_wait_for() {
