@@ -479,3 +479,52 @@ fn a_frozen_worker_is_dropped_by_its_lease_and_exits_when_it_wakes() {
         std::thread::sleep(Duration::from_millis(50));
     }
 }
+
+#[test]
+fn tune_picks_regularization_on_worker_processes() {
+    // --tune's validation runs are jobs of their own on the same worker
+    // processes: every point is reported, the choice is one of them, and
+    // the final model is trained with it.
+    let dir = tempfile::tempdir().unwrap();
+    let (mut procs, manager) = cluster(2);
+    for _ in 0..2 {
+        worker(&mut procs, &manager, &[]);
+    }
+    let report = dir.path().join("tuned.json");
+    let s = Scheduler::start(
+        &manager,
+        &[
+            "--remote-workers",
+            "2",
+            "--job",
+            "tuned",
+            "--tune",
+            "--tune-l1",
+            "1,0",
+            "--tune-l2",
+            "16,1",
+            "--tune-epochs",
+            "2",
+            "--epochs",
+            "3",
+            "--eval-every-ms",
+            "0",
+            "--report",
+            report.to_str().unwrap(),
+        ],
+    );
+    let (ok, lines) = s.finish(Duration::from_secs(240));
+    assert!(ok, "{lines:#?}");
+    let v: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&report).unwrap()).unwrap();
+    let tune = &v["tune"];
+    let points = tune["points"].as_array().expect("the tuning path");
+    assert_eq!(points.len(), 4, "{tune}");
+    let chosen = &points[tune["chosen"].as_u64().unwrap() as usize];
+    assert_eq!(
+        (chosen["l1"].as_f64(), chosen["l2"].as_f64()),
+        (v["l1"].as_f64(), v["l2"].as_f64())
+    );
+    assert!(v["test_auc"].as_f64().unwrap() >= 0.80, "{v}");
+    assert_eq!(v["workers"].as_u64(), Some(2));
+}
