@@ -40,6 +40,21 @@ const LOAD_DEN: usize = 5;
 /// 2^64 / golden ratio: Fibonacci hashing's multiplier.
 const GOLDEN: u64 = 0x9E37_79B9_7F4A_7C15;
 
+/// Top bits of a key's [`hash`] that a bucket index does not use: a store
+/// picks one of its `1 << HASH_SKIP` shards by them, so the hash is
+/// computed once per key for both.
+pub const HASH_SKIP: u32 = 3;
+
+/// The hash of `key` that places it: Fibonacci hashing of the folded key.
+/// Folding the high half in first keeps keys that differ only in their top
+/// bits (say, per-table prefixes) from sharing a bucket. Its top
+/// [`HASH_SKIP`] bits are for the caller (a store's shard), the bits below
+/// pick the bucket.
+#[inline]
+pub fn hash(key: Key) -> u64 {
+    (key ^ (key >> 32)).wrapping_mul(GOLDEN)
+}
+
 /// Keys to fixed-width rows of `f32`, stored inline. See the module docs.
 #[derive(Clone)]
 pub struct Rows {
@@ -106,10 +121,17 @@ impl Rows {
     /// The row of `key`, if stored.
     #[inline]
     pub fn get(&self, key: Key) -> Option<&[f32]> {
+        self.get_hashed(key, hash(key))
+    }
+
+    /// [`Rows::get`] for a key whose [`hash`] the caller has already
+    /// computed (a store picks the shard with the same hash).
+    #[inline]
+    pub fn get_hashed(&self, key: Key, h: u64) -> Option<&[f32]> {
         if key == EMPTY {
             return self.aside.as_deref();
         }
-        let Probe::Found(b) = self.find(key) else {
+        let Probe::Found(b) = self.find(key, h) else {
             return None;
         };
         self.cells.get(self.row_range(b))
@@ -121,7 +143,7 @@ impl Rows {
         if key == EMPTY {
             return self.aside.as_deref_mut();
         }
-        let Probe::Found(b) = self.find(key) else {
+        let Probe::Found(b) = self.find(key, hash(key)) else {
             return None;
         };
         let r = self.row_range(b);
@@ -134,6 +156,17 @@ impl Rows {
     /// aborting the process.
     #[inline]
     pub fn get_or_insert(&mut self, key: Key, init: impl FnOnce(&mut [f32])) -> Option<&mut [f32]> {
+        self.get_or_insert_hashed(key, hash(key), init)
+    }
+
+    /// [`Rows::get_or_insert`] for a key whose [`hash`] is `h`.
+    #[inline]
+    pub fn get_or_insert_hashed(
+        &mut self,
+        key: Key,
+        h: u64,
+        init: impl FnOnce(&mut [f32]),
+    ) -> Option<&mut [f32]> {
         if key == EMPTY {
             if self.aside.is_none() {
                 let mut row = Vec::new();
@@ -144,12 +177,12 @@ impl Rows {
             }
             return self.aside.as_deref_mut();
         }
-        let b = match self.find(key) {
+        let b = match self.find(key, h) {
             Probe::Found(b) => b,
             Probe::Vacant(b) if !self.full() => self.occupy(b, key, init)?,
             Probe::Vacant(_) | Probe::NoRoom => {
                 self.grow()?;
-                let Probe::Vacant(b) = self.find(key) else {
+                let Probe::Vacant(b) = self.find(key, h) else {
                     return None;
                 };
                 self.occupy(b, key, init)?
@@ -212,12 +245,12 @@ impl Rows {
 
     /// Where `key` is, or the empty bucket where it would go.
     #[inline]
-    fn find(&self, key: Key) -> Probe {
+    fn find(&self, key: Key, h: u64) -> Probe {
         if self.buckets == 0 {
             return Probe::NoRoom;
         }
         let mask = self.buckets - 1;
-        let mut b = self.home(key);
+        let mut b = self.home(h);
         // A load factor under 1 guarantees an empty bucket, so this ends;
         // the bound only turns a broken invariant into a miss, not a hang.
         for _ in 0..self.buckets {
@@ -242,20 +275,27 @@ impl Rows {
     /// already cached; elsewhere than x86-64 it does nothing.
     #[inline]
     pub fn prefetch(&self, key: Key) {
+        self.prefetch_hashed(hash(key));
+    }
+
+    /// [`Rows::prefetch`] for a key whose [`hash`] is `h`.
+    #[inline]
+    pub fn prefetch_hashed(&self, h: u64) {
         if self.buckets == 0 {
             return;
         }
-        if let Some(cell) = self.cells.get(self.home(key) * self.stride) {
+        if let Some(cell) = self.cells.get(self.home(h) * self.stride) {
             prefetch_line(cell);
         }
     }
 
-    /// The first bucket probed for `key`.
+    /// The first bucket probed for a key of hash `h`: the bits just below
+    /// the top [`HASH_SKIP`] (those pick a store's shard, so every bucket of
+    /// a shard's table is used). `buckets` is at least [`MIN_BUCKETS`]
+    /// here, so the shift is below 64.
     #[inline]
-    fn home(&self, key: Key) -> usize {
-        // Folding the high half in first keeps keys that differ only in
-        // their top bits (say, per-table prefixes) from sharing a bucket.
-        ((key ^ (key >> 32)).wrapping_mul(GOLDEN) >> self.shift) as usize
+    fn home(&self, h: u64) -> usize {
+        ((h << HASH_SKIP) >> self.shift) as usize
     }
 
     /// Cells of bucket `b`'s row.
@@ -304,7 +344,7 @@ impl Rows {
             if key == EMPTY {
                 continue;
             }
-            if let Probe::Vacant(b) = self.find(key) {
+            if let Probe::Vacant(b) = self.find(key, hash(key)) {
                 let start = b * self.stride;
                 if let Some(dst) = self.cells.get_mut(start..start + self.stride) {
                     dst.copy_from_slice(bucket);

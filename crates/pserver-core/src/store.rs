@@ -8,9 +8,9 @@
 //! flat array instead of a heap object per key.
 
 use crate::key::{Key, KeyRange};
-use crate::rows::Rows;
+use crate::rows::{HASH_SKIP, Rows, hash};
 use crate::spec::{Init, TableSpec};
-use crate::updater::Updater;
+use crate::updater::{Builtin, Updater};
 use std::sync::Arc;
 
 /// Why a push or pull was refused. Nothing is changed when one is returned.
@@ -163,7 +163,8 @@ impl Store {
     pub fn check_push(&self, keys: &[Key], vals: &[f32]) -> Result<(), StoreError> {
         let expected = keys.len().checked_mul(self.push_width);
         self.check_vals(expected, vals)?;
-        if let Some(i) = keys.windows(2).position(|w| w[0] >= w[1]) {
+        if !sorted_unique(keys) {
+            let i = keys.windows(2).position(|w| w[0] >= w[1]).unwrap_or(0);
             return Err(StoreError::Unsorted {
                 table: self.spec.name.clone(),
                 index: i + 1,
@@ -288,7 +289,8 @@ impl Store {
                 got: vals.len(),
             });
         }
-        if let Some(index) = vals.iter().position(|v| !v.is_finite()) {
+        if !all_finite(vals) {
+            let index = vals.iter().position(|v| !v.is_finite()).unwrap_or(0);
             return Err(StoreError::NotFinite {
                 table: self.spec.name.clone(),
                 index,
@@ -314,24 +316,63 @@ impl Store {
         vals: &[f32],
         apply: impl Fn(Key) -> bool + Sync,
     ) -> usize {
+        // A built-in runs through its own type (see `Updater::builtin`); the
+        // loop below is compiled once per built-in.
+        match self.updater.builtin() {
+            Some(Builtin::Assign(u)) => self.apply_with(&u, n, &key_at, vals, &apply),
+            Some(Builtin::Add(u)) => self.apply_with(&u, n, &key_at, vals, &apply),
+            Some(Builtin::Sgd(u)) => self.apply_with(&u, n, &key_at, vals, &apply),
+            Some(Builtin::AdaGrad(u)) => self.apply_with(&u, n, &key_at, vals, &apply),
+            Some(Builtin::Ftrl(u)) => self.apply_with(&u, n, &key_at, vals, &apply),
+            Some(Builtin::Prox(u)) => self.apply_with(&u, n, &key_at, vals, &apply),
+            None => {
+                let u = Arc::clone(&self.updater);
+                self.apply_with(&*u, n, &key_at, vals, &apply)
+            }
+        }
+    }
+
+    /// [`Store::apply_all`] with the updater `u`.
+    fn apply_with<U: Updater + ?Sized>(
+        &mut self,
+        u: &U,
+        n: usize,
+        key_at: &(impl Fn(usize) -> Key + Sync),
+        vals: &[f32],
+        apply: &(impl Fn(Key) -> bool + Sync),
+    ) -> usize {
         let applier = Applier {
-            updater: &*self.updater,
+            updater: u,
             init: &self.spec.init,
             dim: self.dim,
             push_width: self.push_width,
-            key_at: &key_at,
+            key_at,
             vals,
-            apply: &apply,
+            apply,
             n,
         };
         if self.threads == 1 || n < PARALLEL_MIN_KEYS {
             return applier.run(&mut self.shards, 0, SHARDS);
         }
         // Each thread owns a run of shards and applies the keys that fall
-        // in them; all scan the whole key list, which is cheap beside the
-        // table's cache misses they now take in parallel.
-        let per = SHARDS / self.threads;
+        // in them, which are sorted out first so that no thread scans the
+        // others' keys. Positions are `u32`; a push too big for them (or
+        // for memory) is applied on this thread.
+        let groups = self.threads;
+        let per = SHARDS / groups;
+        let grouped = u32::try_from(n)
+            .ok()
+            .and_then(|_| group_positions(n, groups, key_at));
+        let Some((pos, starts)) = grouped else {
+            return applier.run(&mut self.shards, 0, SHARDS);
+        };
         let applier = &applier;
+        let part = |g: usize| {
+            let mine = pos.get(starts[g]..starts[g + 1]).unwrap_or(&[]);
+            move |shards: &mut [Rows]| {
+                applier.run_at(shards, g * per, per, mine.len(), |j| mine[j] as usize)
+            }
+        };
         let (mut applied, refused) = std::thread::scope(|scope| {
             let mut groups = self.shards.chunks_mut(per).enumerate();
             let mut refused = Vec::new();
@@ -340,13 +381,13 @@ impl Store {
                 return (0, refused);
             };
             for (g, group) in groups {
-                let work = move || applier.run(group, g * per, per);
-                match std::thread::Builder::new().spawn_scoped(scope, work) {
+                let work = part(g);
+                match std::thread::Builder::new().spawn_scoped(scope, move || work(group)) {
                     Ok(h) => spawned.push(h),
                     Err(_) => refused.push(g),
                 }
             }
-            let mut applied = applier.run(first, 0, per);
+            let mut applied = part(0)(first);
             for h in spawned {
                 applied += h.join().unwrap_or_else(|e| std::panic::resume_unwind(e));
             }
@@ -355,7 +396,7 @@ impl Store {
         // Where the OS refused a thread, those shards are done here.
         for g in refused {
             if let Some(group) = self.shards.chunks_mut(per).nth(g) {
-                applied += applier.run(group, g * per, per);
+                applied += part(g)(group);
             }
         }
         applied
@@ -412,15 +453,27 @@ impl Store {
             return;
         }
         let n = dst.len() / dim;
+        // As in the push loop: each key hashed once, when prefetched.
+        let mut ahead = [0u64; RING];
+        for (j, h) in ahead.iter_mut().enumerate().take(n.min(PREFETCH_AHEAD)) {
+            *h = hash(key_at(first + j));
+        }
         for (j, w) in dst.chunks_exact_mut(dim).enumerate() {
-            if j + PREFETCH_AHEAD < n {
-                let k = key_at(first + j + PREFETCH_AHEAD);
-                if let Some(rows) = self.shards.get(shard_of(k)) {
-                    rows.prefetch(k);
+            let next = j + PREFETCH_AHEAD;
+            if next < n {
+                let h = hash(key_at(first + next));
+                ahead[next % RING] = h;
+                if let Some(rows) = self.shards.get(shard_of_hash(h)) {
+                    rows.prefetch_hashed(h);
                 }
             }
             let key = key_at(first + j);
-            match self.row(key) {
+            let h = ahead[j % RING];
+            let row = self
+                .shards
+                .get(shard_of_hash(h))
+                .and_then(|r| r.get_hashed(key, h));
+            match row {
                 Some(slot) if dim == 1 => w[0] = slot[0],
                 Some(slot) => w.copy_from_slice(&slot[..dim]),
                 None => initial(&self.spec.init, key, w),
@@ -428,6 +481,29 @@ impl Store {
         }
     }
 }
+
+/// Whether `keys` ascend strictly. Checked in blocks without an early
+/// exit inside a block, so the compiler can use vector compares (a
+/// `position` that stops at the first bad pair cannot); a bad push is rare,
+/// and its position is found afterwards.
+fn sorted_unique(keys: &[Key]) -> bool {
+    let Some(rest) = keys.get(1..) else {
+        return true;
+    };
+    rest.chunks(CHECK_BLOCK)
+        .zip(keys.chunks(CHECK_BLOCK))
+        .all(|(next, prev)| next.iter().zip(prev).fold(true, |ok, (n, p)| ok & (n > p)))
+}
+
+/// Whether every value is finite, checked in blocks as [`sorted_unique`].
+fn all_finite(vals: &[f32]) -> bool {
+    vals.chunks(CHECK_BLOCK)
+        .all(|c| c.iter().fold(true, |ok, v| ok & v.is_finite()))
+}
+
+/// Elements per block of the push checks: long enough for vector compares,
+/// short enough that a bad push stops soon.
+const CHECK_BLOCK: usize = 256;
 
 /// How many keys ahead the push and pull loops prefetch ([`Rows::prefetch`]):
 /// enough misses in flight to keep a core's line-fill buffers (10 to 16 on
@@ -444,16 +520,26 @@ pub const SHARDS: usize = 8;
 /// thread (~20 µs) only pays off over thousands of cache-missing keys.
 pub const PARALLEL_MIN_KEYS: usize = 16_384;
 
-/// The shard of `key`. A different mix from [`Rows`]' bucket hash, so keys
-/// of one shard still spread over all of its buckets.
+/// The shard of a key whose [`hash`] is `h`: its top [`HASH_SKIP`] bits,
+/// which the shard's [`Rows`] leave out of the bucket index (so a shard's
+/// keys still spread over all of its buckets, and one hash serves both).
 #[inline]
-fn shard_of(key: Key) -> usize {
-    ((key ^ (key >> 29)).wrapping_mul(0xD6E8_FEB8_6659_FD93) >> 61) as usize
+fn shard_of_hash(h: u64) -> usize {
+    (h >> (64 - HASH_SKIP)) as usize
 }
 
+/// The shard of `key`.
+#[inline]
+fn shard_of(key: Key) -> usize {
+    shard_of_hash(hash(key))
+}
+
+// The shard index has exactly the bits the rows leave to it.
+const _: () = assert!(SHARDS == 1 << HASH_SKIP);
+
 /// One push's work, shared by the threads applying it.
-struct Applier<'a, K, A> {
-    updater: &'a dyn Updater,
+struct Applier<'a, U: ?Sized, K, A> {
+    updater: &'a U,
     init: &'a Init,
     dim: usize,
     push_width: usize,
@@ -463,36 +549,60 @@ struct Applier<'a, K, A> {
     n: usize,
 }
 
-impl<K: Fn(usize) -> Key + Sync, A: Fn(Key) -> bool + Sync> Applier<'_, K, A> {
+impl<U: Updater + ?Sized, K: Fn(usize) -> Key + Sync, A: Fn(Key) -> bool + Sync>
+    Applier<'_, U, K, A>
+{
     /// Applies the keys whose shard is in `first..first + shards.len()`,
     /// `shards` being those shards in order. Returns how many were applied.
     fn run(&self, shards: &mut [Rows], first: usize, count: usize) -> usize {
+        self.run_at(shards, first, count, self.n, |j| j)
+    }
+
+    /// Applies keys `at(0)`, `at(1)`, ... `at(m - 1)` (positions in the
+    /// push, ascending), all of whose shards are in `first..first + count`,
+    /// `shards` being those shards in order. Returns how many were applied.
+    fn run_at(
+        &self,
+        shards: &mut [Rows],
+        first: usize,
+        count: usize,
+        m: usize,
+        at: impl Fn(usize) -> usize,
+    ) -> usize {
         let (pw, dim, init) = (self.push_width, self.dim, self.init);
-        let all = count == SHARDS;
+        debug_assert!(first + count <= SHARDS && shards.len() == count);
         let mut applied = 0;
-        for i in 0..self.n {
-            if i + PREFETCH_AHEAD < self.n {
-                let k = (self.key_at)(i + PREFETCH_AHEAD);
-                if let Some(rows) = shard_of(k).checked_sub(first).and_then(|j| shards.get(j)) {
-                    rows.prefetch(k);
+        // The hash of each key is computed once, when it is prefetched,
+        // and kept in a ring until its turn.
+        let mut ahead = [0u64; RING];
+        for (j, h) in ahead.iter_mut().enumerate().take(m.min(PREFETCH_AHEAD)) {
+            *h = hash((self.key_at)(at(j)));
+        }
+        for j in 0..m {
+            let next = j + PREFETCH_AHEAD;
+            if next < m {
+                let h = hash((self.key_at)(at(next)));
+                ahead[next % RING] = h;
+                if let Some(rows) = shards.get(shard_of_hash(h).wrapping_sub(first)) {
+                    rows.prefetch_hashed(h);
                 }
             }
-            let key = (self.key_at)(i);
-            let sh = shard_of(key);
-            if !all && !(first..first + count).contains(&sh) {
+            let i = at(j);
+            let h = ahead[j % RING];
+            let Some(rows) = shards.get_mut(shard_of_hash(h).wrapping_sub(first)) else {
                 continue;
-            }
+            };
+            let key = (self.key_at)(i);
             if !(self.apply)(key) {
                 continue;
             }
             let Some(push) = self.vals.get(i * pw..i * pw + pw) else {
                 break;
             };
-            let Some(rows) = shards.get_mut(sh - first) else {
-                continue;
-            };
             // A new key starts from its initial weights and zero state.
-            let Some(slot) = rows.get_or_insert(key, |s| initial(init, key, &mut s[..dim])) else {
+            let Some(slot) =
+                rows.get_or_insert_hashed(key, h, |s| initial(init, key, &mut s[..dim]))
+            else {
                 continue;
             };
             let (weights, state) = slot.split_at_mut(dim);
@@ -502,6 +612,46 @@ impl<K: Fn(usize) -> Key + Sync, A: Fn(Key) -> bool + Sync> Applier<'_, K, A> {
         applied
     }
 }
+
+/// The positions `0..n` of a push's keys grouped by the thread that owns
+/// their shard (`groups` threads, each `SHARDS / groups` consecutive
+/// shards), each group ascending; and where each group starts (`groups + 1`
+/// offsets). A counting sort: two passes over the keys, so that each
+/// thread then visits only its own keys instead of scanning all of them.
+fn group_positions(
+    n: usize,
+    groups: usize,
+    key_at: &impl Fn(usize) -> Key,
+) -> Option<(Vec<u32>, Vec<usize>)> {
+    let per = SHARDS / groups;
+    let mut group = Vec::new();
+    group.try_reserve_exact(n).ok()?;
+    let mut starts = vec![0usize; groups + 1];
+    for i in 0..n {
+        let g = (shard_of(key_at(i)) / per).min(groups - 1);
+        group.push(g as u8);
+        starts[g + 1] += 1;
+    }
+    for g in 0..groups {
+        starts[g + 1] += starts[g];
+    }
+    let mut fill = starts.clone();
+    let mut pos = Vec::new();
+    pos.try_reserve_exact(n).ok()?;
+    pos.resize(n, 0u32);
+    for (i, &g) in group.iter().enumerate() {
+        let slot = &mut fill[usize::from(g)];
+        pos[*slot] = u32::try_from(i).ok()?;
+        *slot += 1;
+    }
+    Some((pos, starts))
+}
+
+/// Slots of the ring of hashes the push and pull loops keep between
+/// prefetching a key and reaching it: a power of two above
+/// [`PREFETCH_AHEAD`], so the index is a mask.
+const RING: usize = 16;
+const _: () = assert!(RING > PREFETCH_AHEAD && RING.is_power_of_two());
 
 /// The initial weights of `key` under `init`, written into `out` (`dim` floats).
 ///
@@ -832,5 +982,108 @@ mod tests {
             Err(StoreError::NotFinite { index: 2, .. })
         ));
         assert_eq!(b.len(), 2);
+    }
+
+    #[test]
+    fn built_ins_run_as_their_own_type_exactly_as_through_the_trait() {
+        // The same updater hidden behind a wrapper that does not say it is
+        // a built-in takes the per-key call through the trait.
+        struct Hidden(Arc<dyn Updater>);
+        impl Updater for Hidden {
+            fn state_len(&self) -> usize {
+                self.0.state_len()
+            }
+            fn push_len(&self) -> usize {
+                self.0.push_len()
+            }
+            fn apply(&self, w: &mut [f32], st: &mut [f32], p: &[f32]) {
+                self.0.apply(w, st, p);
+            }
+        }
+        let specs = [
+            UpdaterSpec::Assign,
+            UpdaterSpec::Add,
+            UpdaterSpec::Sgd { lr: 0.3 },
+            UpdaterSpec::AdaGrad { lr: 0.5, eps: 1.0 },
+            UpdaterSpec::Ftrl {
+                alpha: 0.1,
+                beta: 1.0,
+                l1: 0.01,
+                l2: 0.1,
+            },
+            UpdaterSpec::Prox {
+                eta: 0.5,
+                l1: 0.1,
+                l2: 0.1,
+                eps: 1e-3,
+            },
+        ];
+        for spec in specs {
+            for dim in [1, 3] {
+                let built = Registry::new().build(&spec).unwrap();
+                assert!(built.builtin().is_some(), "{spec:?}");
+                let direct = store(dim, Init::Zero, spec.clone());
+                let mut hidden = Store::new(direct.spec.clone(), Arc::new(Hidden(built)));
+                let mut direct = direct;
+                assert!(hidden.updater.builtin().is_none());
+                let keys: Vec<Key> = (0..100).map(|i| i * 7).collect();
+                let width = direct.push_width();
+                let vals: Vec<f32> = (0..keys.len() * width)
+                    .map(|i| ((i % 11) as f32 - 5.0) * 0.25)
+                    .collect();
+                for _ in 0..3 {
+                    let a = direct.push(&keys, &vals, all).unwrap();
+                    let b = hidden.push(&keys, &vals, all).unwrap();
+                    assert_eq!(a, b);
+                }
+                assert_eq!(
+                    direct.slots_of(&keys),
+                    hidden.slots_of(&keys),
+                    "{spec:?} dim {dim}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn positions_are_grouped_by_the_thread_of_their_shard_in_order() {
+        let keys: Vec<Key> = (0..1000u64).map(|i| i.wrapping_mul(0x2545_F491)).collect();
+        for groups in [1, 2, 4, 8] {
+            let (pos, starts) = group_positions(keys.len(), groups, &|i| keys[i]).unwrap();
+            assert_eq!(starts.len(), groups + 1);
+            assert_eq!((starts[0], starts[groups]), (0, keys.len()));
+            let mut seen = pos.clone();
+            seen.sort_unstable();
+            assert!(seen.iter().enumerate().all(|(i, &p)| p as usize == i));
+            let per = SHARDS / groups;
+            for g in 0..groups {
+                let mine = &pos[starts[g]..starts[g + 1]];
+                assert!(mine.windows(2).all(|w| w[0] < w[1]), "ascending");
+                assert!(mine.iter().all(|&p| shard_of(keys[p as usize]) / per == g));
+            }
+        }
+    }
+
+    #[test]
+    fn the_push_checks_find_the_first_bad_place_in_any_block() {
+        let s = store(1, Init::Zero, UpdaterSpec::Add);
+        let n = CHECK_BLOCK * 3 + 5;
+        let keys: Vec<Key> = (0..n as u64).collect();
+        let vals = vec![1.0; n];
+        assert!(s.check_push(&keys, &vals).is_ok());
+        for bad in [1, CHECK_BLOCK - 1, CHECK_BLOCK, CHECK_BLOCK + 1, n - 1] {
+            let mut k = keys.clone();
+            k[bad] = k[bad - 1];
+            assert!(matches!(
+                s.check_push(&k, &vals),
+                Err(StoreError::Unsorted { index, .. }) if index == bad
+            ));
+            let mut v = vals.clone();
+            v[bad] = f32::NAN;
+            assert!(matches!(
+                s.check_push(&keys, &v),
+                Err(StoreError::NotFinite { index, .. }) if index == bad
+            ));
+        }
     }
 }

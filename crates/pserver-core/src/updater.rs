@@ -27,6 +27,33 @@ pub trait Updater: Send + Sync + 'static {
     /// `push` has `dim * push_len()` (element `i`'s at `push[i * push_len()..]`).
     /// Pushed values are finite (the server checks before calling).
     fn apply(&self, weights: &mut [f32], state: &mut [f32], push: &[f32]);
+
+    /// The built-in this updater is, if it is one. A store applies a
+    /// built-in through its own type, so the per-key loop is compiled for
+    /// it (no call through a pointer per key, and a 1-float row is one
+    /// store, not a `memcpy`); any other updater is called per key.
+    /// User updaters keep the default.
+    fn builtin(&self) -> Option<Builtin> {
+        None
+    }
+}
+
+/// The built-in updaters by value (each is a few `Copy` floats), for
+/// [`Updater::builtin`].
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum Builtin {
+    /// [`Assign`].
+    Assign(Assign),
+    /// [`Add`].
+    Add(Add),
+    /// [`Sgd`].
+    Sgd(Sgd),
+    /// [`AdaGrad`].
+    AdaGrad(AdaGrad),
+    /// [`Ftrl`].
+    Ftrl(Ftrl),
+    /// [`Prox`].
+    Prox(Prox),
 }
 
 /// Largest [`Updater::push_len`] a registered updater may declare. Bounds the
@@ -44,7 +71,18 @@ pub const MAX_STATE_LEN: usize = 64;
 pub struct Assign;
 
 impl Updater for Assign {
+    fn builtin(&self) -> Option<Builtin> {
+        Some(Builtin::Assign(*self))
+    }
+
+    #[inline]
     fn apply(&self, weights: &mut [f32], _state: &mut [f32], push: &[f32]) {
+        // One float is a store; the loop alone would become a call to
+        // `memcpy` per key.
+        if let ([w], [v, ..]) = (&mut *weights, push) {
+            *w = *v;
+            return;
+        }
         for (w, v) in weights.iter_mut().zip(push) {
             *w = *v;
         }
@@ -56,6 +94,10 @@ impl Updater for Assign {
 pub struct Add;
 
 impl Updater for Add {
+    fn builtin(&self) -> Option<Builtin> {
+        Some(Builtin::Add(*self))
+    }
+
     fn apply(&self, weights: &mut [f32], _state: &mut [f32], push: &[f32]) {
         for (w, v) in weights.iter_mut().zip(push) {
             *w += *v;
@@ -71,6 +113,10 @@ pub struct Sgd {
 }
 
 impl Updater for Sgd {
+    fn builtin(&self) -> Option<Builtin> {
+        Some(Builtin::Sgd(*self))
+    }
+
     fn apply(&self, weights: &mut [f32], _state: &mut [f32], push: &[f32]) {
         for (w, g) in weights.iter_mut().zip(push) {
             *w -= self.lr * *g;
@@ -89,6 +135,10 @@ pub struct AdaGrad {
 }
 
 impl Updater for AdaGrad {
+    fn builtin(&self) -> Option<Builtin> {
+        Some(Builtin::AdaGrad(*self))
+    }
+
     fn state_len(&self) -> usize {
         1
     }
@@ -117,6 +167,10 @@ pub struct Ftrl {
 }
 
 impl Updater for Ftrl {
+    fn builtin(&self) -> Option<Builtin> {
+        Some(Builtin::Ftrl(*self))
+    }
+
     fn state_len(&self) -> usize {
         2
     }
@@ -158,6 +212,10 @@ pub struct Prox {
 }
 
 impl Updater for Prox {
+    fn builtin(&self) -> Option<Builtin> {
+        Some(Builtin::Prox(*self))
+    }
+
     fn push_len(&self) -> usize {
         2
     }
