@@ -263,14 +263,11 @@ impl Inner {
             (Op::Pull, Some(c)) => Control::Consistency(c).to_bytes().into(),
             _ => bytes::Bytes::new(),
         };
-        let mut out = Outcome {
-            vals: if req.op == Op::Push {
-                Vec::new()
-            } else {
-                vec![0.0; n * dim]
-            },
-            ..Outcome::default()
-        };
+        // A pull's values are laid out when its first reply comes: a reply
+        // that answers the whole request becomes them as it is (no second
+        // buffer of the request's size to zero, fault in and copy into).
+        let mut out = Outcome::default();
+        let whole = n * dim;
         // Every slice goes and retries on its own: a slice held by a server
         // (an aggregating table acknowledges a push once every worker's push
         // of the clock is in) must not hold back the resend of another slice
@@ -366,6 +363,11 @@ impl Inner {
                 }
             }
             let Some((mut item, step)) = in_flight.next().await else {
+                // Every slice is in; a pull whose slices all had no keys
+                // still answers with its (empty or zero) values.
+                if req.op != Op::Push && out.vals.len() != whole {
+                    out.vals = vec![0.0; whole];
+                }
                 return Ok(out);
             };
             let Some(res) = step else {
@@ -400,8 +402,15 @@ impl Inner {
                                 ),
                             });
                         }
-                        out.vals[item.first * dim..(item.first + item.count) * dim]
-                            .copy_from_slice(&vals);
+                        if out.vals.is_empty() && vals.len() == whole {
+                            out.vals = vals;
+                        } else {
+                            if out.vals.len() != whole {
+                                out.vals = vec![0.0; whole];
+                            }
+                            out.vals[item.first * dim..(item.first + item.count) * dim]
+                                .copy_from_slice(&vals);
+                        }
                     }
                     continue;
                 }
