@@ -689,6 +689,15 @@ impl Inner {
 /// values: a request's consistency, a reply's acknowledgement.
 const FRAME_SLACK: usize = 256;
 
+/// Bytes a frame of a request aims at (and its reply), below any limit: a
+/// large request goes as several frames of about this size, all sent at
+/// once. The server starts on the first while the rest are on the wire,
+/// instead of one whole request being read, then applied, then answered
+/// in turn; and buffers of this size are reused by the allocator, where
+/// ones of the whole request's size (a dense 64 MB push) are fresh pages to
+/// fault in every time (glibc maps anything over 32 MB afresh).
+const SEND_FRAME_BYTES: usize = 4 << 20;
+
 /// Most keys one frame of a request may carry, so that the frame (keys
 /// unless `dense`, `width` values per key, `ctrl` bytes) and the reply it
 /// asks for (`dim` values per key, for a pull or push-pull) both fit in
@@ -703,6 +712,7 @@ fn keys_per_frame(
 ) -> usize {
     let room = limits
         .max_frame
+        .min(SEND_FRAME_BYTES)
         .saturating_sub(pserver_wire::header::HEADER_LEN + ctrl + FRAME_SLACK);
     let sent = if dense { 0 } else { 8 } + 4 * width;
     let back = if op == Op::Push { 0 } else { 4 * dim };
@@ -784,6 +794,10 @@ mod tests {
             ..limits
         };
         assert_eq!(keys_per_frame(&tiny, false, 1, 1, Op::Push, 0), 1);
+        // Under the default limits a request goes in frames of about
+        // SEND_FRAME_BYTES: a dense row of 4,096 floats, 16 KiB a key.
+        let per = keys_per_frame(&Limits::default(), true, 4096, 4096, Op::PushPull, 0);
+        assert_eq!(per, (SEND_FRAME_BYTES - 80 - FRAME_SLACK) / (4 * 4096));
     }
 
     #[test]
