@@ -599,6 +599,16 @@ impl Table {
         orphaned
     }
 
+    /// Forgets the clock records of every sender for which `gone` holds
+    /// (they left the cluster: [`crate::map::ClusterMap::departed`]), so
+    /// the range clock stays the size of the senders present however many
+    /// came and went; returns how many records went. The server refuses
+    /// their pushes from then on, which this table cannot tell apart from
+    /// fresh ones any more.
+    pub fn forget(&mut self, gone: impl Fn(NodeId) -> bool) -> usize {
+        self.clock.forget_where(gone)
+    }
+
     /// Drops the stored keys outside `held` (ranges handed away), so their
     /// memory returns. Returns how many were dropped.
     pub fn retain_ranges(&mut self, held: &[KeyRange]) -> usize {

@@ -769,6 +769,21 @@ impl Worker {
         }
     }
 
+    /// Says goodbye to the manager, then [`Worker::shutdown`]s: for a
+    /// program that is done (`pserver kv`, say), so the manager counts its
+    /// id gone at once and the servers forget its clocks, rather than
+    /// after its lease. Call it once its requests are done: a push of it
+    /// that a server meets after the map says it left is refused, not
+    /// applied. Waits at most a heartbeat interval for the manager's
+    /// answer; a manager that does not answer learns it from the lease.
+    pub async fn leave(&self) {
+        let peer = self.inner.manager();
+        let wait = lock(&self.inner.map).heartbeat_interval();
+        let bye = peer.request(control_request(self.inner.id, 0, &Control::Goodbye));
+        let _ = tokio::time::timeout(wait, bye).await;
+        self.shutdown();
+    }
+
     /// Completes once this worker has lost the manager for good: the
     /// manager declared it dead (it was frozen or cut off past its lease,
     /// or did not rejoin a restarted manager in time). A manager that is

@@ -441,9 +441,20 @@ impl ServerCore {
         }
         // A dead node's lists would only take room: its id is never reused.
         for sender in self.key_cache.senders() {
-            if map.node(sender).is_some_and(|n| n.state == NodeState::Dead) {
+            if map.node(sender).is_some_and(|n| n.state == NodeState::Dead) || map.departed(sender)
+            {
                 self.key_cache.forget(sender);
             }
+        }
+        // Nor would the clock records of workers and clients that left
+        // (issue #16, defect 8): from this map on their pushes are refused
+        // (`data`), so nothing needs to tell them from fresh ones. Before
+        // the copies below, which carry records down new chains: a server
+        // that gets such a copy holds this map or a later one, and refuses
+        // them too. Records a chain brings later (a push applied before
+        // the primary had this map) go at the next map.
+        for t in self.tables.values_mut().filter_map(|t| t.as_mut().ok()) {
+            t.forget(|n| map.departed(n));
         }
         let old = std::mem::replace(&mut self.map, Arc::new(map));
         let mut gone: Vec<NodeId> = self
