@@ -379,4 +379,24 @@ fn messages_say_why_once_and_kv_takes_manager_anywhere() {
     let e = fails(&["kv", "pull", "w", "--keys", "1", "--manager", "127.0.0.1:1"]);
     assert!(e.contains("127.0.0.1:1"), "{e}");
     assert_eq!(e.matches("Connection refused").count(), 1, "{e}");
+    // The other errors that carry an OS's (or a parser's) words say them
+    // once too: a missing secret file, a damaged model.
+    let e = fails(&[
+        "--secret-file",
+        "/nonexistent/secret",
+        "kv",
+        "pull",
+        "w",
+        "--keys",
+        "1",
+    ]);
+    assert!(e.contains("/nonexistent/secret"), "{e}");
+    assert_eq!(e.matches("No such file or directory").count(), 1, "{e}");
+    let model = dir.path().join("model");
+    std::fs::create_dir(&model).unwrap();
+    std::fs::write(model.join("model.json"), "").unwrap();
+    let m = model.to_str().unwrap();
+    let e = fails(&["predict", "--model", m, "--data", g, "--format", "libsvm"]);
+    assert!(e.contains("model.json"), "{e}");
+    assert_eq!(e.matches("EOF while parsing").count(), 1, "{e}");
 }
