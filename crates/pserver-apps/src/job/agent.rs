@@ -43,12 +43,12 @@ pub enum AgentError {
     #[error(transparent)]
     Node(#[from] NodeError),
     /// It could not listen.
-    #[error("listening for tasks on {addr}: {source}")]
+    #[error("listening for tasks on {addr}: {os}")]
     Listen {
         /// The address.
         addr: String,
         /// What failed.
-        source: std::io::Error,
+        os: std::io::Error,
     },
     /// The worker lost the manager for good.
     #[error("worker {0} was declared dead by the manager; stopping")]
@@ -86,7 +86,7 @@ impl Agent {
                 .await
                 .map_err(|source| AgentError::Listen {
                     addr: cfg.listen.clone(),
-                    source,
+                    os: source,
                 })?;
         let addr = cfg.advertise.clone().unwrap_or_else(|| bound.to_string());
         let worker = Worker::connect(WorkerConfig {
@@ -105,9 +105,16 @@ impl Agent {
                     _ = c.cancelled() => break,
                     conn = listener.accept() => conn,
                 };
-                let Ok((stream, peer)) = conn else {
-                    tracing::warn!("accepting a scheduler's connection failed");
-                    continue;
+                let (stream, peer) = match conn {
+                    Ok(c) => c,
+                    // Nothing more will come (the runtime is stopping).
+                    Err(e) if pserver_node::net::stopped(&e) => break,
+                    Err(e) => {
+                        tracing::warn!(error = %e, "accepting a scheduler's connection failed");
+                        // Out of descriptors, say: back off, not spin.
+                        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+                        continue;
+                    }
                 };
                 let (tx, rx) = link::split::<FromWorker, ToWorker>(stream, &peer);
                 let (w, busy, data, c) = (w.clone(), busy.clone(), data.clone(), c.clone());
