@@ -230,6 +230,56 @@ async fn client_side_errors_are_clear() {
     .unwrap();
 }
 
+/// Issue #16 (9): a refused clock named a range that held none of the
+/// pushed keys (the first refusal to come back was often an empty slice's,
+/// which every push sends to every partition).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_clock_names_the_range_of_the_pushed_keys() {
+    timeout(LIMIT, async {
+        let c = cluster(2, 5000).await;
+        let w = client(&c).await;
+        w.create_table("d", TableOptions::new(1, UpdaterSpec::Add))
+            .await
+            .unwrap();
+        let map = w.refresh().await.unwrap();
+        assert!(map.partitions.len() > 2);
+        // A key of the last partition: its slice goes out last.
+        let last = map.partitions.last().unwrap().range;
+        let key = last.begin;
+        let refused = |e: NodeError, code: ErrorCode, what: &str| {
+            let NodeError::Remote {
+                code: got, message, ..
+            } = &e
+            else {
+                panic!("{e}")
+            };
+            assert_eq!(*got, code, "{e}");
+            assert!(
+                message.contains(&last.to_string()),
+                "names another range: {message}"
+            );
+            assert!(message.contains(what), "{message}");
+        };
+        for _ in 0..5 {
+            w.set_clock(w.clock() + 1);
+            w.push("d", vec![key], vec![1.0]).await.unwrap();
+            let e = w.push("d", vec![key], vec![1.0]).await.unwrap_err();
+            refused(e, ErrorCode::Duplicate, "already pushed");
+        }
+        // A clock below the window the servers remember: said so, where
+        // the key is.
+        let latest = w.clock();
+        w.set_clock(latest + 100);
+        w.push("d", vec![key], vec![1.0]).await.unwrap();
+        w.set_clock(latest + 1);
+        let e = w.push("d", vec![key], vec![1.0]).await.unwrap_err();
+        refused(e, ErrorCode::TooOld, "below the window");
+        assert_eq!(w.pull("d", vec![key]).await.unwrap(), [6.0]);
+    })
+    .await
+    .unwrap();
+}
+
 /// Runs a fast worker against a slow one under `consistency` and returns,
 /// per fast iteration `t`, how many pushes of the slow worker the fast one
 /// saw (`value - t` of a key both push +1 to), plus whether the fast worker
@@ -2002,3 +2052,4 @@ async fn table_count_and_width_limits_are_enforced_with_clear_errors() {
     .await
     .unwrap();
 }
+
