@@ -15,9 +15,11 @@
 //! after forwarding to its own successor: the ack flows back up the chain.
 //! A target that cannot be reached for [`GIVE_UP`], or that the map no
 //! longer lists as alive ([`Forwarder::abandon`]), is treated as gone: its
-//! changes complete unreplicated (the primary fills the replica that takes
-//! its place), so a dead replica never blocks the primary's
-//! acknowledgements for longer than the first of the two. A forwarder
+//! changes complete as [`Delivery::Abandoned`], which the server's core
+//! takes as stored where it is still the range's primary (it fills the
+//! replicas after the gone one) and as refused anywhere else (the worker
+//! resends to the current primary), so a dead replica never blocks the
+//! primary's acknowledgements for longer than the first of the two. A forwarder
 //! merely dropped (its own server is stopping) completes nothing: the
 //! waiting acknowledgements are never sent, and the workers retry elsewhere.
 
@@ -102,8 +104,8 @@ impl Forwarder {
     }
 
     /// Gives up on the target, which the map says is dead: everything
-    /// queued completes as it stands (the replica that replaces it gets a
-    /// full copy), and the task ends.
+    /// queued and not yet answered completes as [`Delivery::Abandoned`],
+    /// and the task ends.
     pub fn abandon(self) {
         self.abandoned.store(true, Ordering::SeqCst);
         drop(self);
@@ -170,6 +172,11 @@ async fn run(
                 let now = Instant::now();
                 if let Some(n) = lost.give_up(batch.len() - from, cancel.is_cancelled(), now) {
                     warn_lost(me, target, n);
+                }
+                // Unknown whether the rest of the chain has them: the core
+                // decides what that means for their acknowledgements.
+                for item in &mut batch[from..] {
+                    item.result = Delivery::Abandoned;
                 }
                 break;
             }

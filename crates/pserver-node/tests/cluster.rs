@@ -2053,3 +2053,121 @@ async fn table_count_and_width_limits_are_enforced_with_clear_errors() {
     .unwrap();
 }
 
+/// A client keeps `depth` pushes of +1 to every key of `keys` in flight
+/// until `stop`; returns the pushes acknowledged and those that failed.
+async fn pipelined_pushes(
+    w: Worker,
+    table: &'static str,
+    keys: Vec<u64>,
+    depth: usize,
+    stop: Arc<std::sync::atomic::AtomicBool>,
+) -> (u64, u64, Vec<String>) {
+    let (mut acked, mut failed, mut errors) = (0, 0, Vec::new());
+    let mut out = std::collections::VecDeque::new();
+    loop {
+        while out.len() < depth && !stop.load(Ordering::Relaxed) {
+            w.advance();
+            out.push_back(w.push(table, keys.clone(), vec![1.0; keys.len()]));
+        }
+        let Some(h) = out.pop_front() else {
+            return (acked, failed, errors);
+        };
+        match h.await {
+            Ok(_) => acked += 1,
+            Err(e) => {
+                failed += 1;
+                errors.push(e.to_string());
+            }
+        }
+    }
+}
+
+/// The suspected lost update of issue #16: a server drained at the very
+/// switch of a join sits in the middle of the old chain of a range that
+/// moves; the old primary abandons its queue to it (the map says it is
+/// dead), and the changes still queued there must not be acknowledged as
+/// if the new primary had them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_server_drained_at_a_joins_switch_loses_no_acknowledged_push() {
+    timeout(Duration::from_secs(120), async {
+        for round in 0..3 {
+            let c = cluster_k(3, 1).await;
+            let setup = client(&c).await;
+            setup
+                .create_table("n", TableOptions::new(1, UpdaterSpec::Add))
+                .await
+                .unwrap();
+            let keys = spread(200);
+            let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+            let mut loops = Vec::new();
+            for _ in 0..3 {
+                let w = client(&c).await;
+                loops.push(tokio::spawn(pipelined_pushes(
+                    w,
+                    "n",
+                    keys.clone(),
+                    16,
+                    stop.clone(),
+                )));
+            }
+            tokio::time::sleep(Duration::from_millis(150)).await;
+            // A server joins and, while its hand-off runs, another is
+            // drained: both land in one switch.
+            let mut sc = server_config(c.manager_addr().to_string());
+            sc.listen = "127.0.0.1:0".into();
+            let joined = start_server(sc).await.unwrap();
+            let leaving = c.servers[round % 3].id();
+            setup.drain(leaving).await.unwrap();
+            let id = joined.id();
+            until_map(&setup, "the join and the drain completed", |m| {
+                m.partitions.iter().any(|p| p.primary == id)
+                    && m.node(leaving)
+                        .is_some_and(|n| n.state == pserver_core::NodeState::Dead)
+            })
+            .await;
+            tokio::time::sleep(Duration::from_millis(150)).await;
+            stop.store(true, Ordering::Relaxed);
+            let (mut acked, mut failed, mut errors) = (0, 0, Vec::new());
+            for l in loops {
+                let (a, f, e) = l.await.unwrap();
+                acked += a;
+                failed += f;
+                errors.extend(e);
+            }
+            assert!(acked > 0);
+            let got = setup.pull("n", keys.clone()).await.unwrap();
+            let short: Vec<(usize, f32)> = got
+                .iter()
+                .copied()
+                .enumerate()
+                .filter(|&(_, v)| (v as u64) < acked)
+                .collect();
+            let over: Vec<(usize, f32)> = got
+                .iter()
+                .copied()
+                .enumerate()
+                .filter(|&(_, v)| v as u64 > acked + failed)
+                .collect();
+            eprintln!(
+                "round {round}: acked {acked}, failed {failed}, {} keys short, {} over; {:?}",
+                short.len(),
+                over.len(),
+                errors.first()
+            );
+            assert!(
+                short.is_empty() && over.is_empty(),
+                "round {round}: {acked} pushes acknowledged ({failed} failed: {:?}), keys short of \
+                 them: {:?}, over: {:?}",
+                errors.first(),
+                &short[..short.len().min(8)],
+                &over[..over.len().min(8)]
+            );
+            joined.shutdown();
+            for s in &c.servers {
+                s.shutdown();
+            }
+        }
+    })
+    .await
+    .unwrap();
+}
