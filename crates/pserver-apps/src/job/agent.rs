@@ -120,12 +120,21 @@ impl Agent {
                 let (w, busy, data, c) = (w.clone(), busy.clone(), data.clone(), c.clone());
                 tokio::spawn(async move {
                     tokio::select! {
+                        // Killed: the session ends unpolled. Its link and
+                        // the manager's close with it, so a session polled
+                        // first would warn of their failure after the one
+                        // line a failed `pserver train` prints.
+                        biased;
                         _ = c.cancelled() => {}
-                        r = session(&w, tx, rx, &busy, &data) => {
-                            if let Err(e) = r {
-                                tracing::warn!(error = %e, %peer, "job link ended");
+                        r = session(&w, tx, rx, &busy, &data, &c) => match r {
+                            Ok(()) => {}
+                            // Killed meanwhile (on another thread): its
+                            // links closing under it are how a kill ends it.
+                            Err(e) if c.is_cancelled() => {
+                                tracing::debug!(error = %e, %peer, "job link ended: this worker is stopping");
                             }
-                        }
+                            Err(e) => tracing::warn!(error = %e, %peer, "job link ended"),
+                        },
                     }
                 });
             }
@@ -185,6 +194,7 @@ async fn session(
     mut rx: Receiver<ToWorker>,
     busy: &Mutex<Option<String>>,
     data: &[String],
+    killed: &CancellationToken,
 ) -> Result<(), SessionError> {
     let Some(first) = rx.recv().await else {
         return Ok(());
@@ -223,7 +233,12 @@ async fn session(
     };
     // Whatever happened, this worker is free again.
     if let Err(e) = w.join(Group::Idle, "").await {
-        tracing::warn!(error = %e, "could not go idle");
+        // Killed meanwhile (the job's process is ending): no news.
+        if killed.is_cancelled() {
+            tracing::debug!(error = %e, "could not go idle: this worker is stopping");
+        } else {
+            tracing::warn!(error = %e, "could not go idle");
+        }
     }
     *busy.lock().unwrap_or_else(|e| e.into_inner()) = None;
     if let Err(SessionError::Failed(what)) = &r {

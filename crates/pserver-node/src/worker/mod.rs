@@ -399,6 +399,12 @@ impl Worker {
             loop {
                 let mut lost = false;
                 tokio::select! {
+                    // Shut down: `shutdown` cancels before it closes the
+                    // manager's link, so a closed link is then no loss to
+                    // rejoin after (a rejoin's dial, cut off by the process
+                    // ending, was logged by the manager as a refused
+                    // handshake after a failed command's one line).
+                    biased;
                     _ = cancel.cancelled() => break,
                     _ = tick.tick() => {
                         // Asked, not just sent: a manager that declared this
@@ -449,6 +455,7 @@ impl Worker {
                         break;
                     };
                     let rejoined = tokio::select! {
+                        biased;
                         _ = cancel.cancelled() => break,
                         r = rejoin(&net, &addr, limits, &who) => r,
                     };
