@@ -17,25 +17,25 @@ use std::path::{Path, PathBuf};
 #[derive(Debug, thiserror::Error)]
 pub enum ReportError {
     /// The operating system refused.
-    #[error("{}: cannot {op}: {source}", path.display())]
+    #[error("{}: cannot {op}: {os}", path.display())]
     Io {
         /// The file.
         path: PathBuf,
         /// What was being done.
         op: &'static str,
         /// The underlying error.
-        source: io::Error,
+        os: io::Error,
     },
     /// A file could not be written durably.
     #[error(transparent)]
     Write(#[from] DurableError),
     /// The file is not a report.
-    #[error("{}: invalid report: {source}", path.display())]
+    #[error("{}: invalid report: {os}", path.display())]
     Json {
         /// The file.
         path: PathBuf,
         /// What the parser said.
-        source: serde_json::Error,
+        os: serde_json::Error,
     },
 }
 
@@ -215,7 +215,7 @@ impl Report {
     pub fn write_json(&self, path: &Path) -> Result<(), ReportError> {
         let text = serde_json::to_vec_pretty(self).map_err(|source| ReportError::Json {
             path: path.to_path_buf(),
-            source,
+            os: source,
         })?;
         Disk::new().write_atomic_with(path, &mut |w| {
             w.write_all(&text)?;
@@ -229,11 +229,11 @@ impl Report {
         let text = std::fs::read(path).map_err(|source| ReportError::Io {
             path: path.to_path_buf(),
             op: "read",
-            source,
+            os: source,
         })?;
         serde_json::from_slice(&text).map_err(|source| ReportError::Json {
             path: path.to_path_buf(),
-            source,
+            os: source,
         })
     }
 

@@ -292,13 +292,25 @@ impl RangeClock {
 
     /// Forgets `node` everywhere (it left the cluster).
     pub fn forget(&mut self, node: NodeId) {
+        self.forget_where(|n| n == node);
+    }
+
+    /// Forgets every node for which `gone` holds, everywhere (they left the
+    /// cluster); returns how many records went. The caller must refuse
+    /// their pushes from then on: with its records gone, a push of theirs
+    /// would read as fresh.
+    pub fn forget_where(&mut self, gone: impl Fn(NodeId) -> bool) -> usize {
+        let mut dropped = 0;
         for seg in &mut self.segments {
-            if let Ok(i) = seg.clocks.binary_search_by_key(&node, |c| c.0) {
-                seg.clocks.remove(i);
-            }
+            let before = seg.clocks.len();
+            seg.clocks.retain(|(n, _)| !gone(*n));
+            dropped += before - seg.clocks.len();
         }
-        // Segments that differed only in this node's clock now agree.
-        self.merge();
+        if dropped > 0 {
+            // Segments that differed only in these nodes' clocks now agree.
+            self.merge();
+        }
+        dropped
     }
 
     /// Number of segments (for tests and memory accounting).
@@ -527,6 +539,21 @@ mod tests {
         assert_eq!(c.min_clock(kr(0, 100), &[1, 2]), 0);
         assert_eq!(c.min_clock(kr(0, 100), &[1]), 1);
         c.forget(9);
+        check_invariants(&c);
+    }
+
+    #[test]
+    fn clock_forget_where_drops_many_nodes_at_once() {
+        let mut c = RangeClock::new(kr(0, 100));
+        c.record(1, kr(0, 100), 3);
+        for n in 10..40 {
+            c.record(n, kr(n as Key, n as Key + 5), 1);
+        }
+        assert!(c.segments() > 30);
+        assert!(c.forget_where(|n| n >= 10) >= 30);
+        assert_eq!(c.segments(), 1);
+        assert_eq!(c.records_in(kr(0, 100)), [(1, kr(0, 100), 3)]);
+        assert_eq!(c.forget_where(|n| n >= 10), 0);
         check_invariants(&c);
     }
 

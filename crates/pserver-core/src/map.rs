@@ -136,6 +136,27 @@ pub struct ClusterMap {
     pub vnodes: u32,
     /// A node silent this long is declared dead; nodes heartbeat at a quarter of it.
     pub lease_ms: u64,
+    /// Which ad-hoc clients have left, so that servers forget their clocks
+    /// and refuse their pushes ([`ClusterMap::departed`]).
+    #[serde(default)]
+    pub clients: Clients,
+}
+
+/// The manager's word on ad-hoc clients ([`Role::Client`]), which are not
+/// in [`ClusterMap::nodes`]: clients get ids from the same counter as
+/// servers and workers, so every id below `below` that is neither a node
+/// of the map nor in `here` is a client that left (said goodbye, or fell
+/// silent past its lease). Ids at or above `below` were handed out after
+/// this was written and count as present. Its size is the clients present,
+/// however many came and went; it only ever grows the set of clients gone
+/// (a gone id is never taken back), so a server at a later epoch knows at
+/// least what one at an earlier epoch knew.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Clients {
+    /// Every id handed out before this was written is below it.
+    pub below: NodeId,
+    /// The clients with ids below `below` still present, sorted.
+    pub here: Vec<NodeId>,
 }
 
 /// The part of one request that goes to one partition.
@@ -160,6 +181,24 @@ impl ClusterMap {
             replicas,
             vnodes,
             lease_ms: 2000,
+            clients: Clients::default(),
+        }
+    }
+
+    /// Whether `sender` left the cluster for good: a worker the map
+    /// declares dead, or a client id [`ClusterMap::clients`] counts gone.
+    /// Neither can come back (the manager refuses their heartbeats and
+    /// rejoins), so a server forgets their clock records and refuses their
+    /// pushes: a push of theirs still in flight would otherwise find no
+    /// record and be applied a second time.
+    pub fn departed(&self, sender: NodeId) -> bool {
+        match self.node(sender) {
+            Some(n) => n.role == Role::Worker && n.state == NodeState::Dead,
+            None => {
+                sender != MANAGER_ID
+                    && sender < self.clients.below
+                    && self.clients.here.binary_search(&sender).is_err()
+            }
         }
     }
 

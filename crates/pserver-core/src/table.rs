@@ -33,7 +33,10 @@ pub enum TableError {
         table: String,
     },
     /// The whole push was already applied at this clock and is not a retry.
-    #[error("table {table:?}: node {node} already pushed clock {clock} to {range}")]
+    #[error(
+        "table {table:?}: node {node} already pushed clock {clock} over {range} (a push records \
+         its clock over its whole range, keys or not): nothing was applied"
+    )]
     Duplicate {
         /// Table name.
         table: String,
@@ -48,7 +51,8 @@ pub enum TableError {
     /// latest there: whether it was applied is no longer known.
     #[error(
         "table {table:?}: clock {clock} of node {node} is more than {WINDOW} below its latest \
-         over {range}; cannot tell whether it was applied"
+         over {range}, below the window of clocks this server remembers for it, so it cannot \
+         tell whether it was applied: nothing was done"
     )]
     TooOld {
         /// Table name.
@@ -597,6 +601,16 @@ impl Table {
             !agg.ranges.is_empty()
         });
         orphaned
+    }
+
+    /// Forgets the clock records of every sender for which `gone` holds
+    /// (they left the cluster: [`crate::map::ClusterMap::departed`]), so
+    /// the range clock stays the size of the senders present however many
+    /// came and went; returns how many records went. The server refuses
+    /// their pushes from then on, which this table cannot tell apart from
+    /// fresh ones any more.
+    pub fn forget(&mut self, gone: impl Fn(NodeId) -> bool) -> usize {
+        self.clock.forget_where(gone)
     }
 
     /// Drops the stored keys outside `held` (ranges handed away), so their

@@ -59,12 +59,12 @@ pub const SECRET_ENV: &str = "PSERVER_SECRET";
 #[derive(Debug, thiserror::Error)]
 pub enum SecretError {
     /// The file could not be read.
-    #[error("cannot read the cluster secret from {path}: {source}")]
+    #[error("cannot read the cluster secret from {path}: {os}")]
     Read {
         /// The file.
         path: PathBuf,
         /// Why.
-        source: io::Error,
+        os: io::Error,
     },
     /// The secret is too short.
     #[error(
@@ -107,7 +107,7 @@ impl Secret {
     pub fn from_file(path: &Path) -> Result<Secret, SecretError> {
         let bytes = std::fs::read(path).map_err(|source| SecretError::Read {
             path: path.to_path_buf(),
-            source,
+            os: source,
         })?;
         Secret::new(&bytes, &path.display().to_string())
     }

@@ -691,6 +691,12 @@ pub fn accept_loop<F, Fut>(
                             lock(&served).conns.remove(&id);
                         });
                     }
+                    // Nothing will come (the listener's task ended: the
+                    // runtime is shutting down, say): no warning, no retry.
+                    Err(e) if crate::net::stopped(&e) => {
+                        tracing::debug!(error = %e, "the listener stopped; no longer accepting");
+                        break;
+                    }
                     Err(e) => {
                         // Out of descriptors, say: a silent connection's
                         // is the one to give back; and back off instead of
@@ -917,5 +923,83 @@ mod tests {
         assert!(waited.is_err(), "queued past the byte budget");
         // Small frames are bounded by count as before, and still go.
         assert!(out.try_send(Frame::new(Header::new(Kind::Reply))));
+    }
+
+    /// A listener whose accept fails with `error` every time, counting its
+    /// calls; `dropped` fires when the accept loop lets it go.
+    struct Failing {
+        error: fn() -> std::io::Error,
+        calls: Arc<std::sync::atomic::AtomicUsize>,
+        _dropped: tokio::sync::oneshot::Sender<()>,
+    }
+
+    impl crate::net::Listener for Failing {
+        fn accept(&mut self) -> crate::net::IoFuture<'_, (BoxStream, String)> {
+            self.calls.fetch_add(1, Ordering::SeqCst);
+            let e = (self.error)();
+            Box::pin(async move { Err(e) })
+        }
+    }
+
+    fn failing(
+        error: fn() -> std::io::Error,
+    ) -> (
+        Failing,
+        Arc<std::sync::atomic::AtomicUsize>,
+        oneshot::Receiver<()>,
+    ) {
+        let calls = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let (tx, rx) = oneshot::channel();
+        let l = Failing {
+            error,
+            calls: Arc::clone(&calls),
+            _dropped: tx,
+        };
+        (l, calls, rx)
+    }
+
+    #[tokio::test]
+    async fn a_stopped_listener_ends_the_accept_loop_quietly() {
+        // Issue #16 (9): a one-line error of the CLI was followed by two
+        // "accept failed ... the listener stopped" warnings, as the accept
+        // loops of a node whose runtime was stopping kept asking a
+        // handshaking listener whose task had ended.
+        let serve = |_s: BoxStream, _p: String| async {};
+        let (l, calls, gone) = failing(crate::net::ListenerStopped::error);
+        accept_loop(
+            Box::new(l),
+            CancellationToken::new(),
+            Limits::default(),
+            serve,
+        );
+        tokio::time::timeout(Duration::from_secs(2), gone)
+            .await
+            .expect("the accept loop went on asking a stopped listener")
+            .unwrap_err();
+        assert_eq!(calls.load(Ordering::SeqCst), 1);
+        // Through a handshaking listener (the secret's, TLS) as well.
+        let (inner, calls, _gone) = failing(crate::net::ListenerStopped::error);
+        let mut outer =
+            crate::net::handshaking(Box::new(inner), "test", Duration::from_secs(1), |s| {
+                Box::pin(async move { Ok(s) })
+            });
+        let e = tokio::time::timeout(Duration::from_secs(2), outer.accept())
+            .await
+            .unwrap()
+            .map(|_| ())
+            .unwrap_err();
+        assert!(crate::net::stopped(&e), "{e}");
+        assert_eq!(calls.load(Ordering::SeqCst), 1);
+        // Any other failure is retried: the listener is still there.
+        let (l, calls, mut gone) = failing(|| std::io::Error::other("out of descriptors"));
+        let cancel = CancellationToken::new();
+        accept_loop(Box::new(l), cancel.clone(), Limits::default(), serve);
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        assert!(calls.load(Ordering::SeqCst) > 1);
+        assert!(
+            matches!(gone.try_recv(), Err(oneshot::error::TryRecvError::Empty)),
+            "a passing failure ended the loop"
+        );
+        cancel.cancel();
     }
 }

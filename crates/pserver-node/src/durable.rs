@@ -77,7 +77,7 @@ pub enum DurableError {
     },
     /// A step failed before the rename: the target is untouched and the
     /// temporary file is removed.
-    #[error("cannot write {path}: {step} {tmp} failed: {source}")]
+    #[error("cannot write {path}: {step} {tmp} failed: {os}")]
     Failed {
         /// The file being replaced.
         path: PathBuf,
@@ -86,18 +86,18 @@ pub enum DurableError {
         /// The temporary file it was writing.
         tmp: PathBuf,
         /// Why.
-        source: io::Error,
+        os: io::Error,
     },
     /// The target holds the new bytes, but its directory could not be
     /// synced, so after a crash it may hold the old ones again.
-    #[error("wrote {path}, but syncing its directory {dir} failed: {source}")]
+    #[error("wrote {path}, but syncing its directory {dir} failed: {os}")]
     SyncDir {
         /// The file replaced.
         path: PathBuf,
         /// Its directory.
         dir: PathBuf,
         /// Why.
-        source: io::Error,
+        os: io::Error,
     },
 }
 
@@ -182,7 +182,7 @@ impl Disk {
             path: path.to_path_buf(),
             step,
             tmp: tmp.clone(),
-            source,
+            os: source,
         };
         let result = (|| {
             let mut w = BufWriter::with_capacity(BUFFER, file);
@@ -213,7 +213,7 @@ impl Disk {
             .map_err(|source| DurableError::SyncDir {
                 path: path.to_path_buf(),
                 dir: dir.to_path_buf(),
-                source,
+                os: source,
             })
     }
 
@@ -242,7 +242,7 @@ impl Disk {
                         path: path.to_path_buf(),
                         step: Step::CreateTemp,
                         tmp,
-                        source,
+                        os: source,
                     });
                 }
             }

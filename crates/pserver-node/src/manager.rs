@@ -312,13 +312,15 @@ async fn lease_ticker(state: Arc<Mutex<State>>, lease_ms: u64, cancel: Cancellat
         let mut st = lock(&state);
         let now = st.now_ms();
         let dead = st.members.expire(now);
+        // Clients that left: the servers may forget their clocks.
+        let published = st.members.publish_departures(now);
         // A failed save is logged inside and retried at the next tick.
         if !dead.is_empty() {
             tracing::warn!(?dead, epoch = st.members.map().epoch, "lease expired");
             let _ = st.broadcast();
             let released = st.members.release_ready();
             st.release(released);
-        } else if st.unsaved {
+        } else if published || st.unsaved {
             let _ = st.broadcast();
         }
     }
@@ -663,6 +665,17 @@ fn handle(
             }
             Err(e) => err(ErrorCode::Invalid, e.to_string()),
         },
+        Control::Goodbye => {
+            if st.members.goodbye(id) {
+                tracing::info!(node = id, epoch = st.members.map().epoch, "worker left");
+                // As for a disconnection: a failed save is logged inside
+                // and retried by the ticker.
+                let _ = st.broadcast();
+                let released = st.members.release_ready();
+                st.release(released);
+            }
+            Some(control_reply(h, MANAGER_ID, epoch, &Control::Ok))
+        }
         other => err(
             ErrorCode::Invalid,
             format!("the manager does not take {other:?}"),

@@ -28,8 +28,32 @@ pub type IoFuture<'a, T> = Pin<Box<dyn Future<Output = io::Result<T>> + Send + '
 
 /// A listening endpoint that yields connections.
 pub trait Listener: Send + 'static {
-    /// The next connection, with the peer's address for logs.
+    /// The next connection, with the peer's address for logs. An error
+    /// for which [`stopped`] holds means no connection will ever come
+    /// (the listener's own task ended, as when the runtime shuts down);
+    /// any other is passing (out of descriptors, say).
     fn accept(&mut self) -> IoFuture<'_, (BoxStream, String)>;
+}
+
+/// Why a listener will accept nothing more: it stopped (its task ended,
+/// say because the runtime is shutting down). An accept loop that meets it
+/// ends, quietly: there is nothing to retry and nothing to warn about.
+#[derive(Debug, thiserror::Error)]
+#[error("the listener stopped")]
+pub struct ListenerStopped;
+
+impl ListenerStopped {
+    /// As the I/O error a [`Listener`] returns.
+    pub fn error() -> io::Error {
+        io::Error::new(io::ErrorKind::BrokenPipe, ListenerStopped)
+    }
+}
+
+/// Whether `e`, from [`Listener::accept`], says the listener stopped for
+/// good ([`ListenerStopped`]) rather than failed once.
+pub fn stopped(e: &io::Error) -> bool {
+    e.get_ref()
+        .is_some_and(|inner| inner.is::<ListenerStopped>())
 }
 
 /// Dialing and listening.
@@ -208,10 +232,7 @@ impl Listener for HandshakingListener {
         Box::pin(async move {
             match self.rx.recv().await {
                 Some(r) => r,
-                None => Err(io::Error::new(
-                    io::ErrorKind::BrokenPipe,
-                    "the listener stopped",
-                )),
+                None => Err(ListenerStopped::error()),
             }
         })
     }
@@ -285,6 +306,10 @@ async fn accept_handshakes(
     loop {
         let (stream, peer) = match listener.accept().await {
             Ok(c) => c,
+            Err(e) if stopped(&e) => {
+                let _ = tx.send(Err(e)).await;
+                return;
+            }
             Err(e) => {
                 // Out of descriptors, most likely: a silent handshake's is
                 // the one to give back.

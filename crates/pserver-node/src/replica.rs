@@ -15,9 +15,11 @@
 //! after forwarding to its own successor: the ack flows back up the chain.
 //! A target that cannot be reached for [`GIVE_UP`], or that the map no
 //! longer lists as alive ([`Forwarder::abandon`]), is treated as gone: its
-//! changes complete unreplicated (the primary fills the replica that takes
-//! its place), so a dead replica never blocks the primary's
-//! acknowledgements for longer than the first of the two. A forwarder
+//! changes complete as [`Delivery::Abandoned`], which the server's core
+//! takes as stored where it is still the range's primary (it fills the
+//! replicas after the gone one) and as refused anywhere else (the worker
+//! resends to the current primary), so a dead replica never blocks the
+//! primary's acknowledgements for longer than the first of the two. A forwarder
 //! merely dropped (its own server is stopping) completes nothing: the
 //! waiting acknowledgements are never sent, and the workers retry elsewhere.
 
@@ -102,8 +104,8 @@ impl Forwarder {
     }
 
     /// Gives up on the target, which the map says is dead: everything
-    /// queued completes as it stands (the replica that replaces it gets a
-    /// full copy), and the task ends.
+    /// queued and not yet answered completes as [`Delivery::Abandoned`],
+    /// and the task ends.
     pub fn abandon(self) {
         self.abandoned.store(true, Ordering::SeqCst);
         drop(self);
@@ -150,6 +152,7 @@ async fn run(
     abandoned: Arc<AtomicBool>,
 ) {
     let mut peer: Option<Peer> = None;
+    let mut lost = Lost::default();
     while let Some(first) = rx.recv().await {
         let mut batch = vec![first];
         while batch.len() < BATCH {
@@ -166,12 +169,15 @@ async fn run(
                 return;
             }
             if cancel.is_cancelled() || unreachable_since.is_some_and(|t| t.elapsed() > GIVE_UP) {
-                tracing::warn!(
-                    node = me,
-                    target,
-                    lost = batch.len() - from,
-                    "replica unreachable; changes left unreplicated"
-                );
+                let now = Instant::now();
+                if let Some(n) = lost.give_up(batch.len() - from, cancel.is_cancelled(), now) {
+                    warn_lost(me, target, n);
+                }
+                // Unknown whether the rest of the chain has them: the core
+                // decides what that means for their acknowledgements.
+                for item in &mut batch[from..] {
+                    item.result = Delivery::Abandoned;
+                }
                 break;
             }
             let p = match &peer {
@@ -235,6 +241,52 @@ async fn run(
             let _ = done.send((item.ticket, item.result));
         }
     }
+    if let Some(n) = lost.finish() {
+        warn_lost(me, target, n);
+    }
+}
+
+fn warn_lost(me: NodeId, target: NodeId, n: usize) {
+    tracing::warn!(
+        node = me,
+        target,
+        lost = n,
+        "replica unreachable; changes left unreplicated"
+    );
+}
+
+/// The changes a forwarder gave up on, logged as a few lines rather than
+/// one per batch: a target given up on drops every batch still queued, one
+/// after another (a healed cut-off server's peers logged 32 identical lines;
+/// issue #16, 9). Abandoned (the map says the target is dead), the count is
+/// said once, when the queue is done; unreachable, at most once a second.
+#[derive(Debug, Default)]
+struct Lost {
+    /// Given up on and not yet logged.
+    unlogged: usize,
+    /// When a count was last logged.
+    logged: Option<Instant>,
+}
+
+impl Lost {
+    /// `n` changes given up on at `now` (`abandoned`: because the map says
+    /// the target is dead); returns a count to log now, if it is time.
+    fn give_up(&mut self, n: usize, abandoned: bool, now: Instant) -> Option<usize> {
+        self.unlogged += n;
+        let due = self
+            .logged
+            .is_none_or(|t| now.saturating_duration_since(t) >= Duration::from_secs(1));
+        if abandoned || !due {
+            return None;
+        }
+        self.logged = Some(now);
+        Some(std::mem::take(&mut self.unlogged)).filter(|&n| n > 0)
+    }
+
+    /// The queue is done: what is left to log.
+    fn finish(&mut self) -> Option<usize> {
+        Some(std::mem::take(&mut self.unlogged)).filter(|&n| n > 0)
+    }
 }
 
 /// Waits [`BACKOFF`], or less if the forwarder is dropped.
@@ -267,5 +319,32 @@ fn outcome(reply: &Frame) -> Outcome {
             _ => Outcome::Done,
         },
         _ => Outcome::Done,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn batches_given_up_on_are_logged_as_one_line() {
+        let t = Instant::now();
+        // Abandoned: 32 batches one after another, then the queue ends.
+        let mut l = Lost::default();
+        for _ in 0..32 {
+            assert_eq!(l.give_up(BATCH, true, t), None);
+        }
+        assert_eq!(l.finish(), Some(32 * BATCH));
+        assert_eq!(l.finish(), None);
+        // Unreachable: the first at once, then at most once a second.
+        let mut l = Lost::default();
+        assert_eq!(l.give_up(5, false, t), Some(5));
+        assert_eq!(l.give_up(7, false, t + Duration::from_millis(500)), None);
+        assert_eq!(
+            l.give_up(1, false, t + Duration::from_millis(1100)),
+            Some(8)
+        );
+        assert_eq!(l.give_up(2, false, t + Duration::from_millis(1200)), None);
+        assert_eq!(l.finish(), Some(2));
     }
 }

@@ -44,12 +44,12 @@ const GENERATION: &str = "gen-";
 #[derive(Debug, thiserror::Error)]
 pub enum SnapshotError {
     /// A file could not be written or read.
-    #[error("{file}: {source}")]
+    #[error("{file}: {os}")]
     Io {
         /// The file.
         file: PathBuf,
         /// Why.
-        source: std::io::Error,
+        os: std::io::Error,
     },
     /// A file is damaged or not what the manifest says.
     #[error("{file}: {why}")]
@@ -114,7 +114,7 @@ pub struct Checkpoint {
 fn io(file: &Path) -> impl Fn(std::io::Error) -> SnapshotError + '_ {
     move |source| SnapshotError::Io {
         file: file.to_path_buf(),
-        source,
+        os: source,
     }
 }
 

@@ -230,6 +230,56 @@ async fn client_side_errors_are_clear() {
     .unwrap();
 }
 
+/// Issue #16 (9): a refused clock named a range that held none of the
+/// pushed keys (the first refusal to come back was often an empty slice's,
+/// which every push sends to every partition).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_clock_names_the_range_of_the_pushed_keys() {
+    timeout(LIMIT, async {
+        let c = cluster(2, 5000).await;
+        let w = client(&c).await;
+        w.create_table("d", TableOptions::new(1, UpdaterSpec::Add))
+            .await
+            .unwrap();
+        let map = w.refresh().await.unwrap();
+        assert!(map.partitions.len() > 2);
+        // A key of the last partition: its slice goes out last.
+        let last = map.partitions.last().unwrap().range;
+        let key = last.begin;
+        let refused = |e: NodeError, code: ErrorCode, what: &str| {
+            let NodeError::Remote {
+                code: got, message, ..
+            } = &e
+            else {
+                panic!("{e}")
+            };
+            assert_eq!(*got, code, "{e}");
+            assert!(
+                message.contains(&last.to_string()),
+                "names another range: {message}"
+            );
+            assert!(message.contains(what), "{message}");
+        };
+        for _ in 0..5 {
+            w.set_clock(w.clock() + 1);
+            w.push("d", vec![key], vec![1.0]).await.unwrap();
+            let e = w.push("d", vec![key], vec![1.0]).await.unwrap_err();
+            refused(e, ErrorCode::Duplicate, "already pushed");
+        }
+        // A clock below the window the servers remember: said so, where
+        // the key is.
+        let latest = w.clock();
+        w.set_clock(latest + 100);
+        w.push("d", vec![key], vec![1.0]).await.unwrap();
+        w.set_clock(latest + 1);
+        let e = w.push("d", vec![key], vec![1.0]).await.unwrap_err();
+        refused(e, ErrorCode::TooOld, "below the window");
+        assert_eq!(w.pull("d", vec![key]).await.unwrap(), [6.0]);
+    })
+    .await
+    .unwrap();
+}
+
 /// Runs a fast worker against a slow one under `consistency` and returns,
 /// per fast iteration `t`, how many pushes of the slow worker the fast one
 /// saw (`value - t` of a key both push +1 to), plus whether the fast worker
@@ -1998,6 +2048,125 @@ async fn table_count_and_width_limits_are_enforced_with_clear_errors() {
         // Asking again for a table that exists is no new table.
         w.create_table("a", opts(8)).await.unwrap();
         assert_eq!(w.refresh().await.unwrap().tables.len(), 2);
+    })
+    .await
+    .unwrap();
+}
+
+/// A client keeps `depth` pushes of +1 to every key of `keys` in flight
+/// until `stop`; returns the pushes acknowledged and those that failed.
+async fn pipelined_pushes(
+    w: Worker,
+    table: &'static str,
+    keys: Vec<u64>,
+    depth: usize,
+    stop: Arc<std::sync::atomic::AtomicBool>,
+) -> (u64, u64, Vec<String>) {
+    let (mut acked, mut failed, mut errors) = (0, 0, Vec::new());
+    let mut out = std::collections::VecDeque::new();
+    loop {
+        while out.len() < depth && !stop.load(Ordering::Relaxed) {
+            w.advance();
+            out.push_back(w.push(table, keys.clone(), vec![1.0; keys.len()]));
+        }
+        let Some(h) = out.pop_front() else {
+            return (acked, failed, errors);
+        };
+        match h.await {
+            Ok(_) => acked += 1,
+            Err(e) => {
+                failed += 1;
+                errors.push(e.to_string());
+            }
+        }
+    }
+}
+
+/// The suspected lost update of issue #16: a server drained at the very
+/// switch of a join sits in the middle of the old chain of a range that
+/// moves; the old primary abandons its queue to it (the map says it is
+/// dead), and the changes still queued there must not be acknowledged as
+/// if the new primary had them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_server_drained_at_a_joins_switch_loses_no_acknowledged_push() {
+    timeout(Duration::from_secs(120), async {
+        for round in 0..3 {
+            let c = cluster_k(3, 1).await;
+            let setup = client(&c).await;
+            setup
+                .create_table("n", TableOptions::new(1, UpdaterSpec::Add))
+                .await
+                .unwrap();
+            let keys = spread(200);
+            let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+            let mut loops = Vec::new();
+            for _ in 0..3 {
+                let w = client(&c).await;
+                loops.push(tokio::spawn(pipelined_pushes(
+                    w,
+                    "n",
+                    keys.clone(),
+                    16,
+                    stop.clone(),
+                )));
+            }
+            tokio::time::sleep(Duration::from_millis(150)).await;
+            // A server joins and, while its hand-off runs, another is
+            // drained: both land in one switch.
+            let mut sc = server_config(c.manager_addr().to_string());
+            sc.listen = "127.0.0.1:0".into();
+            let joined = start_server(sc).await.unwrap();
+            let leaving = c.servers[round % 3].id();
+            setup.drain(leaving).await.unwrap();
+            let id = joined.id();
+            until_map(&setup, "the join and the drain completed", |m| {
+                m.partitions.iter().any(|p| p.primary == id)
+                    && m.node(leaving)
+                        .is_some_and(|n| n.state == pserver_core::NodeState::Dead)
+            })
+            .await;
+            tokio::time::sleep(Duration::from_millis(150)).await;
+            stop.store(true, Ordering::Relaxed);
+            let (mut acked, mut failed, mut errors) = (0, 0, Vec::new());
+            for l in loops {
+                let (a, f, e) = l.await.unwrap();
+                acked += a;
+                failed += f;
+                errors.extend(e);
+            }
+            assert!(acked > 0);
+            let got = setup.pull("n", keys.clone()).await.unwrap();
+            let short: Vec<(usize, f32)> = got
+                .iter()
+                .copied()
+                .enumerate()
+                .filter(|&(_, v)| (v as u64) < acked)
+                .collect();
+            let over: Vec<(usize, f32)> = got
+                .iter()
+                .copied()
+                .enumerate()
+                .filter(|&(_, v)| v as u64 > acked + failed)
+                .collect();
+            eprintln!(
+                "round {round}: acked {acked}, failed {failed}, {} keys short, {} over; {:?}",
+                short.len(),
+                over.len(),
+                errors.first()
+            );
+            assert!(
+                short.is_empty() && over.is_empty(),
+                "round {round}: {acked} pushes acknowledged ({failed} failed: {:?}), keys short of \
+                 them: {:?}, over: {:?}",
+                errors.first(),
+                &short[..short.len().min(8)],
+                &over[..over.len().min(8)]
+            );
+            joined.shutdown();
+            for s in &c.servers {
+                s.shutdown();
+            }
+        }
     })
     .await
     .unwrap();

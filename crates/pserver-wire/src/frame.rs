@@ -390,12 +390,7 @@ impl Frame {
             .split_at_checked(sections.vals_len() as usize)
             .ok_or_else(length)?;
         let (vals, packed) = match packing {
-            None => (
-                vals.chunks_exact(4)
-                    .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
-                    .collect(),
-                None,
-            ),
+            None => (le_f32s(vals), None),
             Some(packing) => (
                 Vec::new(),
                 Some(Packed {
@@ -407,10 +402,7 @@ impl Frame {
         };
         Ok(Frame {
             header,
-            keys: keys
-                .chunks_exact(8)
-                .map(|c| u64::from_le_bytes(c.try_into().unwrap()))
-                .collect(),
+            keys: le_u64s(keys),
             vals,
             ctrl: Bytes::copy_from_slice(ctrl),
             packed,
@@ -441,6 +433,32 @@ fn put_le<T: Copy, const N: usize>(dst: &mut BytesMut, items: &[T], le: fn(T) ->
     for (out, &item) in dst[start..].chunks_exact_mut(N).zip(items) {
         out.copy_from_slice(&le(item));
     }
+}
+
+/// The little-endian `u64`s of `bytes` (a multiple of 8 long). Written as
+/// a loop over fixed-size arrays into a vector of the right length, which
+/// compiles to a plain copy on little-endian machines; collecting from an
+/// iterator of chunks did not (measured: a 65,536-key push frame decoded in
+/// 369 us, its encoding took 59).
+fn le_u64s(bytes: &[u8]) -> Vec<u64> {
+    let mut out = vec![0u64; bytes.len() / 8];
+    for (o, c) in out.iter_mut().zip(bytes.chunks_exact(8)) {
+        let mut b = [0; 8];
+        b.copy_from_slice(c);
+        *o = u64::from_le_bytes(b);
+    }
+    out
+}
+
+/// The little-endian `f32`s of `bytes`, as [`le_u64s`].
+fn le_f32s(bytes: &[u8]) -> Vec<f32> {
+    let mut out = vec![0f32; bytes.len() / 4];
+    for (o, c) in out.iter_mut().zip(bytes.chunks_exact(4)) {
+        let mut b = [0; 4];
+        b.copy_from_slice(c);
+        *o = f32::from_le_bytes(b);
+    }
+    out
 }
 
 #[cfg(test)]

@@ -203,6 +203,11 @@ pub enum Control {
         /// rebuilt manager hands out no id a node or client still holds.
         senders: NodeId,
     },
+    /// A client (or worker) is done and leaves for good: its id is not
+    /// taken back, and the servers forget its clocks once the map says it
+    /// left (a client that says nothing leaves when its lease runs out).
+    /// Answered `Ok`.
+    Goodbye,
 }
 
 /// One range file of a checkpoint, as its manifest lists it.

@@ -312,6 +312,10 @@ fn map() -> ClusterMap {
         replicas: 1,
         vnodes: 16,
         lease_ms: 2000,
+        clients: pserver_core::map::Clients {
+            below: 9,
+            here: vec![4, 7],
+        },
     }
 }
 
@@ -453,8 +457,9 @@ fn every_control() -> Vec<Control> {
             map: ClusterMap::empty(1, 8),
             senders: 40,
         },
+        Control::Goodbye,
     ];
-    let mut seen = [false; 25];
+    let mut seen = [false; 26];
     for c in &all {
         let i = match c {
             Control::Register { .. } => 0,
@@ -482,6 +487,7 @@ fn every_control() -> Vec<Control> {
             Control::Join { .. } => 22,
             Control::ClaimJob { .. } => 23,
             Control::Recover { .. } => 24,
+            Control::Goodbye => 25,
         };
         seen[i] = true;
     }

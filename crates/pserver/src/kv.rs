@@ -132,7 +132,9 @@ pub async fn run(manager: &str, net: &pserver_node::net::Net, cmd: KvCmd) -> Res
     .await
     .with_context(|| format!("connecting to the manager at {manager}"))?;
     let result = run_with(&w, cmd).await;
-    w.shutdown();
+    // A one-shot client: gone at once, so the servers need not keep its
+    // clocks for its lease (issue #16, defect 8).
+    w.leave().await;
     result
 }
 

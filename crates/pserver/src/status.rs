@@ -108,7 +108,7 @@ pub async fn run(manager: &str, net: &pserver_node::net::Net, json: bool) -> Res
     .await
     .with_context(|| format!("connecting to the manager at {manager}"))?;
     let map = w.refresh().await?;
-    w.shutdown();
+    w.leave().await;
     let v = view(&map);
     if json {
         println!("{}", serde_json::to_string_pretty(&v)?);

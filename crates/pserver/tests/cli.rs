@@ -379,4 +379,51 @@ fn messages_say_why_once_and_kv_takes_manager_anywhere() {
     let e = fails(&["kv", "pull", "w", "--keys", "1", "--manager", "127.0.0.1:1"]);
     assert!(e.contains("127.0.0.1:1"), "{e}");
     assert_eq!(e.matches("Connection refused").count(), 1, "{e}");
+    // The other errors that carry an OS's (or a parser's) words say them
+    // once too: a missing secret file, a damaged model.
+    let e = fails(&[
+        "--secret-file",
+        "/nonexistent/secret",
+        "kv",
+        "pull",
+        "w",
+        "--keys",
+        "1",
+    ]);
+    assert!(e.contains("/nonexistent/secret"), "{e}");
+    assert_eq!(e.matches("No such file or directory").count(), 1, "{e}");
+    let model = dir.path().join("model");
+    std::fs::create_dir(&model).unwrap();
+    std::fs::write(model.join("model.json"), "").unwrap();
+    let m = model.to_str().unwrap();
+    let e = fails(&["predict", "--model", m, "--data", g, "--format", "libsvm"]);
+    assert!(e.contains("model.json"), "{e}");
+    assert_eq!(e.matches("EOF while parsing").count(), 1, "{e}");
+}
+
+/// Issue #16 (9): a command that fails at once says one line, and nothing
+/// after it: its in-process nodes and workers stopping are no news (they
+/// warned of their listeners stopping, of links closing, of not going
+/// idle). With the log at its default level, as a user runs it.
+#[test]
+fn a_failed_command_says_one_line_and_no_warning_after_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("d.svm");
+    libsvm(&data, 50, 5, None);
+    let d = data.to_str().unwrap();
+    // Too many blocks: refused once the data is loaded, while the job's
+    // workers and the local cluster run.
+    let args = [
+        "train", "--train", d, "--test", d, "--format", "libsvm", "--blocks", "100000",
+    ];
+    for i in 0..10 {
+        let out = common::run_logged(&args, std::time::Duration::from_secs(60));
+        assert!(!out.status.success());
+        let err = String::from_utf8_lossy(&out.stderr);
+        let lines: Vec<&str> = err.lines().collect();
+        assert!(
+            lines.len() == 1 && lines[0].starts_with("error: ") && lines[0].contains("--blocks"),
+            "run {i}: {err}"
+        );
+    }
 }

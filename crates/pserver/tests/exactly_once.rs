@@ -2,7 +2,9 @@
 //! #11): `pserver experiment failover --pipelined 32` keeps 32 pushes in
 //! flight per worker (push k at clock k, +1 to 64 keys spread over the
 //! ring) through a SIGKILL of a server (3 servers, `--replicas 1`), a server
-//! joining, and a server drained, each on a fresh cluster. Afterwards every
+//! joining, a server drained, and a server drained while another joins
+//! (both at one switch of the map: issue #16's lost update), each on a
+//! fresh cluster. Afterwards every
 //! key must equal the pushes acknowledged to it, and no push may have
 //! failed: exactly-once must not depend on the application waiting for
 //! each push before the next.
@@ -38,7 +40,7 @@ fn experiment(workers: usize) -> Value {
         "--after-ms",
         "2000",
         "--events",
-        "kill,join,drain",
+        "kill,join,drain,join-drain",
         "--json",
         json.to_str().unwrap(),
     ];
@@ -60,7 +62,7 @@ fn check(report: &Value, workers: usize) {
     let runs = report["runs"].as_array().expect("runs");
     let mut events: Vec<&str> = runs.iter().filter_map(|r| r["event"].as_str()).collect();
     events.sort_unstable();
-    assert_eq!(events, ["drain", "join", "kill"], "{report}");
+    assert_eq!(events, ["drain", "join", "join-drain", "kill"], "{report}");
     let mut failures = Vec::new();
     for r in runs {
         let n = |f: &str| r[f].as_u64().unwrap_or(u64::MAX);

@@ -895,6 +895,22 @@ fn a_server_cut_off_past_its_lease_is_replaced_refused_and_leaves() {
             final_map.node(victim)
         ));
     }
+    // What a server's forwarder to the cut-off server gave up on is said
+    // in a line, not one line per batch of its queue (issue #16, 9: 32
+    // identical warnings).
+    let target = format!("target={victim}");
+    for h in &host {
+        let lines = h
+            .log_text()
+            .lines()
+            .filter(|l| l.contains("replica unreachable") && l.contains(&target))
+            .count();
+        if lines > 1 {
+            failures.push(format!(
+                "a server logged {lines} 'replica unreachable' lines for server {victim}"
+            ));
+        }
+    }
     if test_start.elapsed() > Duration::from_secs(60) {
         failures.push(format!("took {:?}", test_start.elapsed()));
     }

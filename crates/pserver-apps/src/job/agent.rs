@@ -43,12 +43,12 @@ pub enum AgentError {
     #[error(transparent)]
     Node(#[from] NodeError),
     /// It could not listen.
-    #[error("listening for tasks on {addr}: {source}")]
+    #[error("listening for tasks on {addr}: {os}")]
     Listen {
         /// The address.
         addr: String,
         /// What failed.
-        source: std::io::Error,
+        os: std::io::Error,
     },
     /// The worker lost the manager for good.
     #[error("worker {0} was declared dead by the manager; stopping")]
@@ -86,7 +86,7 @@ impl Agent {
                 .await
                 .map_err(|source| AgentError::Listen {
                     addr: cfg.listen.clone(),
-                    source,
+                    os: source,
                 })?;
         let addr = cfg.advertise.clone().unwrap_or_else(|| bound.to_string());
         let worker = Worker::connect(WorkerConfig {
@@ -105,20 +105,36 @@ impl Agent {
                     _ = c.cancelled() => break,
                     conn = listener.accept() => conn,
                 };
-                let Ok((stream, peer)) = conn else {
-                    tracing::warn!("accepting a scheduler's connection failed");
-                    continue;
+                let (stream, peer) = match conn {
+                    Ok(c) => c,
+                    // Nothing more will come (the runtime is stopping).
+                    Err(e) if pserver_node::net::stopped(&e) => break,
+                    Err(e) => {
+                        tracing::warn!(error = %e, "accepting a scheduler's connection failed");
+                        // Out of descriptors, say: back off, not spin.
+                        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+                        continue;
+                    }
                 };
                 let (tx, rx) = link::split::<FromWorker, ToWorker>(stream, &peer);
                 let (w, busy, data, c) = (w.clone(), busy.clone(), data.clone(), c.clone());
                 tokio::spawn(async move {
                     tokio::select! {
+                        // Killed: the session ends unpolled. Its link and
+                        // the manager's close with it, so a session polled
+                        // first would warn of their failure after the one
+                        // line a failed `pserver train` prints.
+                        biased;
                         _ = c.cancelled() => {}
-                        r = session(&w, tx, rx, &busy, &data) => {
-                            if let Err(e) = r {
-                                tracing::warn!(error = %e, %peer, "job link ended");
+                        r = session(&w, tx, rx, &busy, &data, &c) => match r {
+                            Ok(()) => {}
+                            // Killed meanwhile (on another thread): its
+                            // links closing under it are how a kill ends it.
+                            Err(e) if c.is_cancelled() => {
+                                tracing::debug!(error = %e, %peer, "job link ended: this worker is stopping");
                             }
-                        }
+                            Err(e) => tracing::warn!(error = %e, %peer, "job link ended"),
+                        },
                     }
                 });
             }
@@ -178,6 +194,7 @@ async fn session(
     mut rx: Receiver<ToWorker>,
     busy: &Mutex<Option<String>>,
     data: &[String],
+    killed: &CancellationToken,
 ) -> Result<(), SessionError> {
     let Some(first) = rx.recv().await else {
         return Ok(());
@@ -216,7 +233,12 @@ async fn session(
     };
     // Whatever happened, this worker is free again.
     if let Err(e) = w.join(Group::Idle, "").await {
-        tracing::warn!(error = %e, "could not go idle");
+        // Killed meanwhile (the job's process is ending): no news.
+        if killed.is_cancelled() {
+            tracing::debug!(error = %e, "could not go idle: this worker is stopping");
+        } else {
+            tracing::warn!(error = %e, "could not go idle");
+        }
     }
     *busy.lock().unwrap_or_else(|e| e.into_inner()) = None;
     if let Err(SessionError::Failed(what)) = &r {

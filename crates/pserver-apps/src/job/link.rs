@@ -18,12 +18,12 @@ pub const MAX_MESSAGE: usize = 16 << 20;
 #[derive(Debug, thiserror::Error)]
 pub enum LinkError {
     /// Dialing, reading or writing failed.
-    #[error("link to {peer}: {source}")]
+    #[error("link to {peer}: {os}")]
     Io {
         /// The other end.
         peer: String,
         /// What failed.
-        source: std::io::Error,
+        os: std::io::Error,
     },
     /// A message could not be decoded.
     #[error("link to {peer}: bad message: {why}")]
@@ -82,7 +82,7 @@ pub async fn dial<S: Serialize, R: DeserializeOwned>(
 ) -> Result<(Sender<S>, Receiver<R>), LinkError> {
     let stream = net.connect(addr).await.map_err(|source| LinkError::Io {
         peer: addr.to_string(),
-        source,
+        os: source,
     })?;
     Ok(split(stream, addr))
 }
@@ -99,7 +99,7 @@ impl<S: Serialize> Sender<S> {
             .await
             .map_err(|source| LinkError::Io {
                 peer: self.peer.clone(),
-                source,
+                os: source,
             })
     }
 }
@@ -112,7 +112,7 @@ impl<R: DeserializeOwned> Receiver<R> {
             Err(source) => {
                 return Some(Err(LinkError::Io {
                     peer: self.peer.clone(),
-                    source,
+                    os: source,
                 }));
             }
         };

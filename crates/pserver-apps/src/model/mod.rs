@@ -59,14 +59,14 @@ pub enum ModelError {
         path: PathBuf,
     },
     /// The operating system refused.
-    #[error("{}: cannot {op}: {source}", path.display())]
+    #[error("{}: cannot {op}: {os}", path.display())]
     Io {
         /// The file or directory.
         path: PathBuf,
         /// What was being done.
         op: &'static str,
         /// The underlying error.
-        source: io::Error,
+        os: io::Error,
     },
     /// A file could not be written durably (the error names it and the
     /// step that failed).
@@ -149,12 +149,12 @@ pub enum ModelError {
         index: u64,
     },
     /// `model.json` is not valid JSON of the expected shape.
-    #[error("{}: invalid model metadata: {source}", path.display())]
+    #[error("{}: invalid model metadata: {os}", path.display())]
     Json {
         /// The file.
         path: PathBuf,
         /// What the parser said.
-        source: serde_json::Error,
+        os: serde_json::Error,
     },
     /// `model.json` parses but a field has a value this code refuses.
     #[error("{}: field `{field}`: {problem}", path.display())]
@@ -359,7 +359,7 @@ impl Model {
         fs::create_dir_all(dir).map_err(|source| ModelError::Io {
             path: dir.to_path_buf(),
             op: "create the model directory",
-            source,
+            os: source,
         })?;
 
         let bin_path = dir.join(BIN_FILE);
@@ -384,7 +384,7 @@ impl Model {
         };
         let text = serde_json::to_vec_pretty(&json).map_err(|source| ModelError::Json {
             path: json_path.clone(),
-            source,
+            os: source,
         })?;
         fs.write_atomic_with(&json_path, &mut |w| {
             w.write_all(&text)?;
@@ -494,7 +494,7 @@ fn open(path: &Path) -> Result<File, ModelError> {
         _ => ModelError::Io {
             path: path.to_path_buf(),
             op: "open",
-            source,
+            os: source,
         },
     })
 }
@@ -510,11 +510,11 @@ fn read_json(path: &Path) -> Result<ModelJson, ModelError> {
         .map_err(|source| ModelError::Io {
             path: path.to_path_buf(),
             op: "read",
-            source,
+            os: source,
         })?;
     let json: ModelJson = serde_json::from_slice(&text).map_err(|source| ModelError::Json {
         path: path.to_path_buf(),
-        source,
+        os: source,
     })?;
     let field = |field, problem: String| {
         Err(ModelError::JsonField {
@@ -541,7 +541,7 @@ fn read_bin(path: &Path) -> Result<Bin, ModelError> {
     let io_err = |op, source| ModelError::Io {
         path: path.to_path_buf(),
         op,
-        source,
+        os: source,
     };
     let file = open(path)?;
     let actual = file.metadata().map_err(|e| io_err("stat", e))?.len();

@@ -159,9 +159,16 @@ pub struct Membership {
     map: ClusterMap,
     /// Last heartbeat of every live server and worker.
     last_seen: BTreeMap<NodeId, u64>,
-    /// Ad-hoc clients: they get ids but are not in the map, so they never
-    /// change the epoch.
+    /// Ad-hoc clients present, with their last sign of life: they get ids
+    /// but are not in the map, so they never change the epoch. One leaves
+    /// when it says goodbye or falls silent past its lease; the map says
+    /// so in [`ClusterMap::clients`] at the next change, or at the latest a
+    /// lease later ([`Membership::publish_departures`]).
     clients: BTreeMap<NodeId, u64>,
+    /// Clients that left since the map last said which are present.
+    departures: usize,
+    /// When the map last said so because clients left.
+    published_ms: u64,
     next_id: NodeId,
     next_table: u32,
     /// Barriers by group and name: each counts its group's live workers.
@@ -251,6 +258,8 @@ impl Membership {
             map,
             last_seen: BTreeMap::new(),
             clients: BTreeMap::new(),
+            departures: 0,
+            published_ms: 0,
             next_id: 1,
             next_table: 1,
             barriers: BTreeMap::new(),
@@ -354,14 +363,68 @@ impl Membership {
         }
     }
 
-    /// The node's connection closed: a client is forgotten, a server or
-    /// worker is declared dead. Returns true when the map changed.
+    /// The node's connection closed: a server or worker is declared dead.
+    /// A client stays until its lease runs out, so one whose link broke
+    /// may rejoin with its id; one that is done says goodbye
+    /// ([`Membership::goodbye`]). Returns true when the map changed.
     pub fn disconnected(&mut self, id: NodeId) -> bool {
         self.jobs.retain(|_, by| *by != id);
-        if self.clients.remove(&id).is_some() {
+        if self.clients.contains_key(&id) {
             return false;
         }
         self.declare_dead(&[id])
+    }
+
+    /// Node `id` leaves for good: a client is gone at once (the servers
+    /// forget its clocks once the map says so), a worker is declared dead;
+    /// a server must be drained instead, and is not changed. Neither comes
+    /// back under this id. Returns true when the map changed.
+    pub fn goodbye(&mut self, id: NodeId) -> bool {
+        self.jobs.retain(|_, by| *by != id);
+        if self.clients.remove(&id).is_some() {
+            // A fresh manager's clients are never counted gone.
+            self.departures += usize::from(id < self.next_id);
+            return false;
+        }
+        match self.map.node(id) {
+            Some(n) if n.role == Role::Worker => self.declare_dead(&[id]),
+            _ => false,
+        }
+    }
+
+    /// Makes the map say which clients left, when some did and the map has
+    /// not said so for a lease: each such map is one more epoch (a redirect
+    /// for every worker), so clients coming and going cost at most one map
+    /// per lease. Until then the servers keep the clocks of the clients
+    /// that left, which is safe (their pushes are still recognised), only
+    /// larger. True when the map changed.
+    pub fn publish_departures(&mut self, now_ms: u64) -> bool {
+        if self.departures == 0
+            || now_ms.saturating_sub(self.published_ms) < self.cfg.lease_ms
+            || !self.reports.is_empty()
+        {
+            return false;
+        }
+        self.published_ms = now_ms;
+        self.changed(false);
+        true
+    }
+
+    /// The map's record of the clients present: every id handed out so
+    /// far is below it (ids of clients of a fresh manager, far above the
+    /// counter, are never counted gone).
+    fn note_clients(&mut self) {
+        let below = self.next_id.max(self.map.clients.below);
+        self.map.clients = crate::map::Clients {
+            below,
+            here: self
+                .clients
+                .keys()
+                .copied()
+                .filter(|&id| id < below)
+                .collect(),
+        };
+        self.departures = 0;
     }
 
     /// Worker `id` moves to `group` (a scheduler gave it a job, or its job
@@ -451,8 +514,14 @@ impl Membership {
             .map(|(&id, _)| id)
             .collect();
         // Clients hold no state anyone waits on; drop silent ones quietly.
-        self.clients
-            .retain(|_, t| now_ms.saturating_sub(*t) <= lease.saturating_mul(4));
+        let next_id = self.next_id;
+        let mut left = 0;
+        self.clients.retain(|&id, t| {
+            let here = now_ms.saturating_sub(*t) <= lease.saturating_mul(4);
+            left += usize::from(!here && id < next_id);
+            here
+        });
+        self.departures += left;
         self.declare_dead(&late);
         let jobs = std::mem::take(&mut self.jobs);
         self.jobs = jobs
@@ -487,6 +556,7 @@ impl Membership {
 
     fn changed(&mut self, servers: bool) {
         self.map.epoch += 1;
+        self.note_clients();
         if servers {
             self.replan();
         }

@@ -117,7 +117,7 @@ impl Membership {
         }
         let max_id = p.map.nodes.iter().map(|n| n.id).max().unwrap_or(0);
         let max_table = p.map.tables.iter().map(|t| t.id).max().unwrap_or(0);
-        if p.next_id <= max_id || p.next_table <= max_table {
+        if p.next_id <= max_id || p.next_id < p.map.clients.below || p.next_table <= max_table {
             return Err(MembershipError::Config(format!(
                 "the saved id counters ({}, {}) are not above the ids in use ({max_id}, {max_table})",
                 p.next_id, p.next_table
@@ -131,6 +131,9 @@ impl Membership {
             .map(|n| (n.id, now_ms))
             .collect();
         m.recovering = m.last_seen.keys().copied().collect();
+        // The clients present at the last saved map have their silence
+        // limit from the restart to rejoin; the others are gone already.
+        m.clients = p.map.clients.here.iter().map(|&id| (id, now_ms)).collect();
         m.fresh = false;
         m.map = p.map;
         m.map.lease_ms = cfg.lease_ms;
@@ -171,6 +174,11 @@ impl Membership {
                     .contains(&id);
             if !ours || self.map.node(id).is_some() {
                 return Err(stranger());
+            }
+            // The map said it left: servers forgot its clocks, so its
+            // pushes could be applied twice; it must not come back.
+            if self.map.departed(id) {
+                return Err(MembershipError::Dead(id));
             }
             self.clients.insert(id, now_ms);
             return Ok(());
@@ -235,13 +243,22 @@ impl Membership {
         };
         // Clients of an earlier fresh manager (ids from FRESH_CLIENT_IDS)
         // must not move the counter into their range.
+        // Ids below a map's client record were all handed out, whether or
+        // not any server heard from them.
         let next_id = reports
             .values()
             .flat_map(|r| r.map.nodes.iter().map(|n| n.id).chain([r.id, r.senders]))
             .filter(|&id| id < FRESH_CLIENT_IDS)
             .max()
             .unwrap_or(0)
-            .saturating_add(1);
+            .saturating_add(1)
+            .max(
+                reports
+                    .values()
+                    .map(|r| r.map.clients.below)
+                    .max()
+                    .unwrap_or(0),
+            );
         let next_table = reports
             .values()
             .flat_map(|r| r.map.tables.iter().map(|t| t.id))
@@ -259,8 +276,9 @@ impl Membership {
         let clients = std::mem::take(&mut self.clients);
         let fresh = (self.fresh_base, self.fresh_clients);
         *self = Membership::restore(self.cfg, p, now_ms)?;
-        // Clients that registered while this manager was fresh stay.
-        self.clients = clients;
+        // Clients that registered while this manager was fresh stay, beside
+        // those the taken map says are present.
+        self.clients.extend(clients);
         (self.fresh_base, self.fresh_clients) = fresh;
         // The reporter may be one the taken map declared dead (its own map
         // was older): it must drop its ranges, as any node so refused.

@@ -614,3 +614,115 @@ fn a_manager_that_started_its_own_cluster_takes_over_no_other() {
         Err(MembershipError::Stranger { .. })
     ));
 }
+
+#[test]
+fn clients_that_leave_are_counted_gone_once_the_map_says_so() {
+    // Issue #16, defect 8: one-shot clients came and went, each a new id,
+    // and nothing ever told the servers they could forget their clocks.
+    let mut m = mgr();
+    let s = m.register(Role::Server, "a", Group::Default, 0).unwrap();
+    let w = m.register(Role::Worker, "", Group::Default, 0).unwrap();
+    let done = m.register(Role::Client, "", Group::Default, 0).unwrap();
+    let silent = m.register(Role::Client, "", Group::Default, 0).unwrap();
+    let broken = m.register(Role::Client, "", Group::Default, 0).unwrap();
+    let staying = m.register(Role::Client, "", Group::Default, 0).unwrap();
+    let epoch = m.map().epoch;
+    // One says goodbye; one's link breaks (it stays, to rejoin); the
+    // others keep their leases or fall silent.
+    assert!(!m.goodbye(done));
+    assert!(!m.disconnected(broken));
+    assert_eq!(m.rejoin(broken, Role::Client, "", 10), Ok(()));
+    for t in [100, 200, 300, 400, 500] {
+        m.heartbeat(staying, t).unwrap();
+        m.heartbeat(broken, t).unwrap();
+        m.heartbeat(s, t).unwrap();
+        m.heartbeat(w, t).unwrap();
+        assert!(m.expire(t).is_empty());
+    }
+    assert!(m.heartbeat(silent, 501).is_err(), "silent past 4 leases");
+    // Nothing is said until the map says it.
+    assert_eq!(m.map().epoch, epoch);
+    assert!(!m.map().departed(done));
+    assert!(m.publish_departures(500));
+    assert_eq!(m.map().epoch, epoch + 1);
+    let map = m.map();
+    assert!(map.departed(done) && map.departed(silent));
+    assert!(!map.departed(staying) && !map.departed(broken));
+    assert!(!map.departed(s) && !map.departed(w) && !map.departed(crate::map::MANAGER_ID));
+    // Ids handed out after the record count as present.
+    let later = m.register(Role::Client, "", Group::Default, 502).unwrap();
+    assert!(!m.map().departed(later));
+    // At most one such map a lease: clients coming and going cost little.
+    m.goodbye(later);
+    assert!(!m.publish_departures(550));
+    assert!(!m.map().departed(later));
+    assert!(m.publish_departures(600));
+    assert!(m.map().departed(later));
+    let later = m.register(Role::Client, "", Group::Default, 600).unwrap();
+    // Gone is for good: neither comes back under its id.
+    assert_eq!(
+        m.rejoin(done, Role::Client, "", 403),
+        Err(MembershipError::Dead(done))
+    );
+    assert_eq!(
+        m.rejoin(silent, Role::Client, "", 403),
+        Err(MembershipError::Dead(silent))
+    );
+    // A worker's goodbye declares it dead, which the map says at once.
+    assert!(m.goodbye(w));
+    assert!(m.map().departed(w));
+    // The record holds the clients present, not every client ever.
+    assert_eq!(m.map().clients.here, [broken, staying, later]);
+
+    // A restarted manager keeps the record: the gone stay gone, and those
+    // present have a lease from the restart to rejoin.
+    let mut r = Membership::restore(*m.config(), m.persisted(), 1000).unwrap();
+    assert_eq!(
+        r.rejoin(done, Role::Client, "", 1001),
+        Err(MembershipError::Dead(done))
+    );
+    assert_eq!(r.rejoin(staying, Role::Client, "", 1001), Ok(()));
+    r.heartbeat(staying, 1400).unwrap();
+    r.expire(1500);
+    r.publish_departures(1500);
+    assert!(r.map().departed(broken), "it did not rejoin in time");
+    assert!(!r.map().departed(staying));
+}
+
+#[test]
+fn a_rebuilt_manager_hands_out_no_id_below_the_client_record() {
+    let mut old = mgr();
+    let s = old.register(Role::Server, "a", Group::Default, 0).unwrap();
+    let clients: Vec<NodeId> = (0..5)
+        .map(|_| old.register(Role::Client, "", Group::Default, 0).unwrap())
+        .collect();
+    old.goodbye(clients[0]);
+    old.publish_departures(1000);
+    let record = old.map().clients.clone();
+    assert!(record.below > clients[4]);
+    let mut fresh = mgr();
+    let rebuilt = fresh.recover(
+        Report {
+            id: s,
+            addr: "a".into(),
+            map: old.map().clone(),
+            // No server heard of any client.
+            senders: s,
+        },
+        2000,
+    );
+    assert!(
+        matches!(rebuilt, Ok(Recovered::Rebuilt { .. })),
+        "{rebuilt:?}"
+    );
+    let next = fresh
+        .register(Role::Client, "", Group::Default, 2000)
+        .unwrap();
+    assert!(
+        next >= record.below,
+        "{next} reuses an id below {}",
+        record.below
+    );
+    assert!(fresh.map().departed(clients[0]));
+    assert_eq!(fresh.rejoin(clients[1], Role::Client, "", 2001), Ok(()));
+}

@@ -399,6 +399,12 @@ impl Worker {
             loop {
                 let mut lost = false;
                 tokio::select! {
+                    // Shut down: `shutdown` cancels before it closes the
+                    // manager's link, so a closed link is then no loss to
+                    // rejoin after (a rejoin's dial, cut off by the process
+                    // ending, was logged by the manager as a refused
+                    // handshake after a failed command's one line).
+                    biased;
                     _ = cancel.cancelled() => break,
                     _ = tick.tick() => {
                         // Asked, not just sent: a manager that declared this
@@ -449,6 +455,7 @@ impl Worker {
                         break;
                     };
                     let rejoined = tokio::select! {
+                        biased;
                         _ = cancel.cancelled() => break,
                         r = rejoin(&net, &addr, limits, &who) => r,
                     };
@@ -767,6 +774,21 @@ impl Worker {
         for link in lock(&self.inner.servers).values() {
             link.peer.shutdown();
         }
+    }
+
+    /// Says goodbye to the manager, then [`Worker::shutdown`]s: for a
+    /// program that is done (`pserver kv`, say), so the manager counts its
+    /// id gone at once and the servers forget its clocks, rather than
+    /// after its lease. Call it once its requests are done: a push of it
+    /// that a server meets after the map says it left is refused, not
+    /// applied. Waits at most a heartbeat interval for the manager's
+    /// answer; a manager that does not answer learns it from the lease.
+    pub async fn leave(&self) {
+        let peer = self.inner.manager();
+        let wait = lock(&self.inner.map).heartbeat_interval();
+        let bye = peer.request(control_request(self.inner.id, 0, &Control::Goodbye));
+        let _ = tokio::time::timeout(wait, bye).await;
+        self.shutdown();
     }
 
     /// Completes once this worker has lost the manager for good: the

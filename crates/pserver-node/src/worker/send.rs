@@ -283,6 +283,12 @@ impl Inner {
         // slices with more keys than that go as several frames.
         let per_frame = keys_per_frame(&self.limits, dense, width, dim, req.op, ctrl.len());
         let mut in_flight: FuturesUnordered<SliceFuture<'_>> = FuturesUnordered::new();
+        // A clock refusal (duplicate, too old) of a slice that carries no
+        // key, kept while slices with keys are out: the caller pushed
+        // nothing to its range, so an error naming it would point away from
+        // the keys (issue #16, 9). A push records its clock over every slice,
+        // so a slice with keys meets the same refusal where they are.
+        let mut keyless_refusal: Option<NodeError> = None;
         loop {
             if !queue.is_empty() {
                 let map = lock(&self.map).clone();
@@ -363,6 +369,9 @@ impl Inner {
                 }
             }
             let Some((mut item, step)) = in_flight.next().await else {
+                if let Some(e) = keyless_refusal {
+                    return Err(e);
+                }
                 // Every slice is in; a pull whose slices all had no keys
                 // still answers with its (empty or zero) values.
                 if req.op != Op::Push && out.vals.len() != whole {
@@ -382,7 +391,14 @@ impl Inner {
                 item.tries += 1;
                 in_flight.push(Box::pin(pause(item)) as Pin<Box<dyn Future<Output = _> + Send>>);
             };
-            match res? {
+            let res = match res {
+                Err(e) if !dense && n > 0 && item.count == 0 && is_clock_refusal(&e) => {
+                    keyless_refusal.get_or_insert(e);
+                    continue;
+                }
+                r => r?,
+            };
+            match res {
                 SliceResult::Done {
                     vals,
                     keys: _,
@@ -768,6 +784,19 @@ fn is_key_cache_miss(reply: &Frame) -> bool {
                 ..
             })
         )
+}
+
+/// Whether `e` is a server's refusal of a push's clock: already recorded
+/// there ([`ErrorCode::Duplicate`]) or too far below the sender's latest
+/// ([`ErrorCode::TooOld`]).
+fn is_clock_refusal(e: &NodeError) -> bool {
+    matches!(
+        e,
+        NodeError::Remote {
+            code: ErrorCode::Duplicate | ErrorCode::TooOld,
+            ..
+        }
+    )
 }
 
 #[cfg(test)]

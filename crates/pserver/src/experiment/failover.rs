@@ -12,7 +12,7 @@
 //!
 //! With `--pipelined N` it measures something else, in `pipelined.rs`:
 //! whether pushes kept `N` in flight are applied exactly once through a
-//! SIGKILL, a join and a drain.
+//! SIGKILL, a join, a drain, and a join with a drain at its switch.
 
 use anyhow::{Context, Result, bail};
 use clap::{Args, ValueEnum};
@@ -81,7 +81,7 @@ pub struct FailoverArgs {
         long,
         value_enum,
         value_delimiter = ',',
-        default_value = "kill,join,drain"
+        default_value = "kill,join,drain,join-drain"
     )]
     pub(crate) events: Vec<super::pipelined::Event>,
     /// With `--pipelined`: ms of load before each event.

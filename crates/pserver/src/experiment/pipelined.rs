@@ -52,6 +52,12 @@ pub enum Event {
     Join,
     /// `pserver drain` the server that is primary of the first key.
     Drain,
+    /// Start one more server and, while its hand-off runs, drain the
+    /// primary of the first key: both land in one switch of the map, so
+    /// the drained server may sit in the middle of a moving range's old
+    /// chain when it is retired.
+    #[serde(rename = "join-drain")]
+    JoinDrain,
 }
 
 impl Event {
@@ -60,6 +66,7 @@ impl Event {
             Event::Kill => "kill",
             Event::Join => "join",
             Event::Drain => "drain",
+            Event::JoinDrain => "join-drain",
         }
     }
 }
@@ -285,64 +292,99 @@ async fn make(
             Ok(holder)
         }
         Event::Join => {
-            let (child, line) = spawn(&["server", "--manager", manager])?;
-            let id: u32 = line
-                .split(' ')
-                .nth(1)
-                .and_then(|s| s.parse().ok())
-                .with_context(|| format!("no server id in {line:?}"))?;
-            procs.0.push((child, line));
-            // Until it is primary of some range and no hand-off is left: a
-            // range being handed off has its future chain appended to its
-            // replicas.
-            loop {
-                let map = setup.refresh().await?;
-                let settled = map.partitions.iter().all(|p| p.replicas.len() <= replicas);
-                if settled && map.partitions.iter().any(|p| p.primary == id) {
-                    return Ok(id);
-                }
-                waited()?;
-                tokio::time::sleep(Duration::from_millis(5)).await;
-            }
+            let id = join(procs, manager)?;
+            joined(setup, id, replicas, waited).await?;
+            Ok(id)
         }
         Event::Drain => {
-            let exe = std::env::current_exe().context("finding the pserver binary")?;
-            let args = [
-                "drain".to_string(),
-                "--manager".to_string(),
-                manager.to_string(),
-                holder.to_string(),
-                "--timeout-s".to_string(),
-                EVENT_LIMIT.as_secs().to_string(),
-            ];
-            let out = tokio::task::spawn_blocking(move || {
-                std::process::Command::new(exe)
-                    .args(args)
-                    .env("RUST_LOG", "off")
-                    .output()
-            })
-            .await
-            .context("the drain's thread")?
-            .context("running pserver drain")?;
-            if !out.status.success() {
-                bail!(
-                    "pserver drain {holder} failed: {}",
-                    String::from_utf8_lossy(&out.stderr).trim()
-                );
-            }
-            // The drained server exits by itself once retired.
-            let child = process_of(procs, holder)?;
-            while child.try_wait()?.is_none() {
-                waited()?;
-                tokio::time::sleep(Duration::from_millis(5)).await;
-            }
-            let map = setup.refresh().await?;
-            if map.node(holder).is_some_and(|n| n.state != NodeState::Dead) {
-                bail!("server {holder} exited but is not dead in the map");
-            }
+            drain(procs, manager, setup, holder, waited).await?;
+            Ok(holder)
+        }
+        Event::JoinDrain => {
+            let id = join(procs, manager)?;
+            drain(procs, manager, setup, holder, waited).await?;
+            joined(setup, id, replicas, waited).await?;
             Ok(holder)
         }
     }
+}
+
+/// Starts one more server process; returns its id.
+fn join(procs: &mut Procs, manager: &str) -> Result<u32> {
+    let (child, line) = spawn(&["server", "--manager", manager])?;
+    let id: u32 = line
+        .split(' ')
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .with_context(|| format!("no server id in {line:?}"))?;
+    procs.0.push((child, line));
+    Ok(id)
+}
+
+/// Waits until server `id` is primary of some range and no hand-off is
+/// left: a range being handed off has its future chain appended to its
+/// replicas.
+async fn joined(
+    setup: &Worker,
+    id: u32,
+    replicas: usize,
+    waited: impl Fn() -> Result<()>,
+) -> Result<()> {
+    loop {
+        let map = setup.refresh().await?;
+        let settled = map.partitions.iter().all(|p| p.replicas.len() <= replicas);
+        if settled && map.partitions.iter().any(|p| p.primary == id) {
+            return Ok(());
+        }
+        waited()?;
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
+/// `pserver drain`s server `holder` and waits until it has exited and the
+/// map says it is dead.
+async fn drain(
+    procs: &mut Procs,
+    manager: &str,
+    setup: &Worker,
+    holder: u32,
+    waited: impl Fn() -> Result<()>,
+) -> Result<()> {
+    let exe = std::env::current_exe().context("finding the pserver binary")?;
+    let args = [
+        "drain".to_string(),
+        "--manager".to_string(),
+        manager.to_string(),
+        holder.to_string(),
+        "--timeout-s".to_string(),
+        EVENT_LIMIT.as_secs().to_string(),
+    ];
+    let out = tokio::task::spawn_blocking(move || {
+        std::process::Command::new(exe)
+            .args(args)
+            .env("RUST_LOG", "off")
+            .output()
+    })
+    .await
+    .context("the drain's thread")?
+    .context("running pserver drain")?;
+    if !out.status.success() {
+        bail!(
+            "pserver drain {holder} failed: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    // The drained server exits by itself once retired.
+    let child = process_of(procs, holder)?;
+    while child.try_wait()?.is_none() {
+        waited()?;
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let map = setup.refresh().await?;
+    if map.node(holder).is_some_and(|n| n.state != NodeState::Dead) {
+        bail!("server {holder} exited but is not dead in the map");
+    }
+    Ok(())
 }
 
 /// One event on a fresh cluster.

@@ -51,9 +51,25 @@ pub fn run(args: &[&str]) -> Output {
 
 /// Runs `pserver ARGS` to completion, at most `limit`.
 pub fn run_within(args: &[&str], limit: Duration) -> Output {
-    let mut child = Command::new(BIN)
-        .args(args)
-        .env("RUST_LOG", "off")
+    finish(
+        Command::new(BIN).args(args).env("RUST_LOG", "off"),
+        args,
+        limit,
+    )
+}
+
+/// The same, logging at the level a user gets (`RUST_LOG` unset).
+pub fn run_logged(args: &[&str], limit: Duration) -> Output {
+    finish(
+        Command::new(BIN).args(args).env_remove("RUST_LOG"),
+        args,
+        limit,
+    )
+}
+
+/// Runs `cmd` to completion, at most `limit`.
+fn finish(cmd: &mut Command, args: &[&str], limit: Duration) -> Output {
+    let mut child = cmd
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()

@@ -149,6 +149,11 @@ impl ServerCore {
         self.admit(&frame.header, &frame.keys)?;
         if op.pushes() {
             self.check_group(&frame.header)?;
+            // Its clock records are forgotten (or will be at this map):
+            // applying it could apply it twice.
+            if self.map.departed(frame.header.sender) {
+                return Err(Refusal::Departed(frame.header.sender));
+            }
         }
         // Only after admission: a refused request changes nothing, and only
         // lists this server would accept are worth naming later. The cache

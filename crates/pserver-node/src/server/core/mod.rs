@@ -37,7 +37,7 @@ use crate::snapshot::RangePart;
 use pserver_core::keycache::KeyCache;
 use pserver_core::table::{Applied, Table};
 use pserver_core::updater::Registry;
-use pserver_core::{ClusterMap, Consistency, KeyRange, NodeId, NodeState, TableSpec};
+use pserver_core::{ClusterMap, Consistency, KeyRange, NodeId, NodeState, Role, TableSpec};
 use pserver_wire::{Control, ErrorCode, Frame, Header, Kind, Limits};
 use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::sync::Arc;
@@ -51,9 +51,16 @@ pub type Ticket = u64;
 /// What became of a change queued down a chain.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Delivery {
-    /// The rest of the chain has it (or the target was given up on as dead,
-    /// and the replica replacing it will get a full copy).
+    /// The rest of the chain has it.
     Stored,
+    /// The target was given up on (the map declares it dead, or it could
+    /// not be reached): whether the rest of the chain has the change is not
+    /// known. It counts as stored only where this server is still the
+    /// range's primary, which copies the range to the chain's new members
+    /// (`fill_new_replicas`); anywhere else it goes back as `Stale`, so the
+    /// worker resends to the current primary, which applies it if it lacks
+    /// it and recognises it by its clock records if not.
+    Abandoned,
     /// The target refused it as coming from a server that is no longer the
     /// range's primary (`NotOwner`): the change must not be acknowledged;
     /// the sender should retry at the current primary.
@@ -441,9 +448,20 @@ impl ServerCore {
         }
         // A dead node's lists would only take room: its id is never reused.
         for sender in self.key_cache.senders() {
-            if map.node(sender).is_some_and(|n| n.state == NodeState::Dead) {
+            if map.node(sender).is_some_and(|n| n.state == NodeState::Dead) || map.departed(sender)
+            {
                 self.key_cache.forget(sender);
             }
+        }
+        // Nor would the clock records of workers and clients that left
+        // (issue #16, defect 8): from this map on their pushes are refused
+        // (`data`), so nothing needs to tell them from fresh ones. Before
+        // the copies below, which carry records down new chains: a server
+        // that gets such a copy holds this map or a later one, and refuses
+        // them too. Records a chain brings later (a push applied before
+        // the primary had this map) go at the next map.
+        for t in self.tables.values_mut().filter_map(|t| t.as_mut().ok()) {
+            t.forget(|n| map.departed(n));
         }
         let old = std::mem::replace(&mut self.map, Arc::new(map));
         let mut gone: Vec<NodeId> = self
@@ -461,7 +479,17 @@ impl ServerCore {
             self.linked.remove(&to);
             self.effects.push(Effect::Abandon { to });
         }
-        self.fill_new_replicas(&old, &gone);
+        // A member of an old chain that died took along what was queued to
+        // it, whoever queued it: the members after it may lack changes.
+        let mut lost = gone.clone();
+        lost.extend(
+            old.live(Role::Server)
+                .map(|n| n.id)
+                .filter(|&id| self.map.node(id).is_none_or(|n| n.state == NodeState::Dead)),
+        );
+        lost.sort_unstable();
+        lost.dedup();
+        self.fill_new_replicas(&old, &lost);
         self.fence(&old);
         // A marker behind everything queued so far on each queue: when all
         // are answered, every copy this map called for has arrived.
@@ -598,11 +626,21 @@ impl ServerCore {
 
     fn delivered(&mut self, ticket: Ticket, delivery: Delivery) {
         for id in self.ticket_acks.remove(&ticket).unwrap_or_default() {
+            let serves = self
+                .acks
+                .get(&id)
+                .is_some_and(|ack| self.primary_of(ack.stale.header.range));
             let Some(ack) = self.acks.get_mut(&id) else {
                 continue;
             };
             ack.waits = ack.waits.saturating_sub(1);
-            if delivery == Delivery::Stale {
+            // Abandoned where this server no longer serves the range: no
+            // one copies the change to the range's holders (issue #16's
+            // lost update: a server drained at the switch of a join, in the
+            // middle of a moving range's old chain, took the changes queued
+            // to it along, and they were acknowledged all the same).
+            let lost = delivery == Delivery::Abandoned && !serves;
+            if delivery == Delivery::Stale || lost {
                 ack.is_stale = true;
             }
             if ack.waits == 0 && ack.frame.is_some() {
@@ -620,6 +658,14 @@ impl ServerCore {
         for epoch in synced {
             self.effects.push(Effect::Synced { epoch });
         }
+    }
+
+    /// Whether this server is, under its map, the primary of all of `r`.
+    fn primary_of(&self, r: KeyRange) -> bool {
+        self.map
+            .partition_of(r.begin)
+            .map(|i| &self.map.partitions[i])
+            .is_some_and(|p| p.primary == self.id && p.range.covers(&r))
     }
 
     fn closed(&mut self, conn: ConnId) {

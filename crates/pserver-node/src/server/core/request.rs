@@ -336,6 +336,16 @@ pub enum Refusal {
     /// A chain change from a server the map says is dead.
     #[error("server {0} was declared dead")]
     SenderDead(NodeId),
+    /// A push from a worker or client that left the cluster for good: this
+    /// server forgot its clock records, so it could no longer tell the push
+    /// from one already applied.
+    #[error(
+        "node {0} has left the cluster (it said goodbye, was declared dead, or fell silent past \
+         its lease), so the servers forgot which of its pushes they applied: this push was \
+         refused, not applied now (an earlier send of it may have been); connect again for a \
+         new id"
+    )]
+    Departed(NodeId),
     /// A chain change for a range this server no longer holds.
     #[error("server {me} does not hold {range} at epoch {epoch}")]
     NotHeld {
@@ -369,6 +379,7 @@ impl Refusal {
             | Refusal::TableMismatch { .. }
             | Refusal::TableUnusable { .. }
             | Refusal::OtherGroup { .. }
+            | Refusal::Departed(_)
             | Refusal::NotAServer(..) => ErrorCode::Invalid,
             Refusal::StaleEpoch
             | Refusal::NotPrimary { .. }

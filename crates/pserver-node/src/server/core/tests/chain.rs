@@ -189,15 +189,108 @@ fn a_dead_replica_is_abandoned_and_its_waiting_acks_follow_its_tickets() {
         forwards(&e).iter().any(|(to, _, _)| *to == 3),
         "the new replica gets a copy"
     );
-    // The runtime settles an abandoned queue's tickets as stored.
+    // The runtime settles an abandoned queue's tickets as abandoned: this
+    // server is still the range's primary and copied it to the new
+    // replica, so the push counts as replicated.
     let e = c.step(
         3,
         Input::Delivered {
             ticket,
-            delivery: Delivery::Stored,
+            delivery: Delivery::Abandoned,
         },
     );
     assert_eq!(acked(only(&e)), (1, 0));
+}
+
+/// Issue #16's lost update: a server drained at the switch of a hand-off
+/// sits in the middle of a moving range's old chain; the old primary
+/// abandons its queue to it, and what was queued there may never reach the
+/// new primary. No one copies it there (the old primary no longer holds
+/// the range), so those pushes must go back as refusals, not acks: the
+/// workers resend them to the new primary.
+#[test]
+fn an_abandoned_change_of_a_range_that_moved_away_is_not_acknowledged() {
+    let t = spec(false, Consistency::Eventual);
+    // The hand-off's map: LOW keeps primary 1, its chain 2, then 3 (its
+    // future primary).
+    let mut c = core_with(
+        1,
+        map(
+            5,
+            &[],
+            vec![part(LOW, 1, &[2, 3]), part(HIGH, 1, &[2])],
+            t.clone(),
+        ),
+    );
+    let mut p = push(10, 1, &[1], &[1.0]);
+    p.header.range = LOW;
+    let e = req(&mut c, p);
+    let (to, ticket, _) = forwards(&e)[0];
+    assert_eq!(to, 2);
+    // The switch: LOW to 3, and 2, drained, is gone.
+    let e = c.step(
+        2,
+        Input::Map(map(
+            6,
+            &[2],
+            vec![part(LOW, 3, &[1]), part(HIGH, 1, &[3])],
+            t,
+        )),
+    );
+    assert!(e.iter().any(|x| matches!(x, Effect::Abandon { to: 2 })));
+    let e = c.step(
+        3,
+        Input::Delivered {
+            ticket,
+            delivery: Delivery::Abandoned,
+        },
+    );
+    assert_eq!(code(only(&e)), Some(ErrorCode::NotOwner));
+}
+
+/// A chain member that died took along what was queued to it, whoever
+/// queued it: the primary copies the range to the members after it too,
+/// not only past the ones it forwarded to itself.
+#[test]
+fn the_members_after_a_dead_one_get_a_copy() {
+    let t = spec(false, Consistency::Eventual);
+    let with_4 = |mut m: ClusterMap| {
+        m.nodes.insert(3, node(4, Role::Server, NodeState::Alive));
+        m
+    };
+    let mut c = core_with(
+        1,
+        with_4(map(
+            5,
+            &[],
+            vec![part(KeyRange::ALL, 1, &[2, 3, 4])],
+            t.clone(),
+        )),
+    );
+    let mut p = push(10, 1, &[1], &[1.0]);
+    p.header.range = KeyRange::ALL;
+    req(&mut c, p);
+    // 3, which only 2 forwards to, dies.
+    let e = c.step(
+        2,
+        Input::Map(with_4(map(
+            6,
+            &[3],
+            vec![part(KeyRange::ALL, 1, &[2, 4])],
+            t,
+        ))),
+    );
+    let copied = forwards(&e).iter().any(|(to, _, f)| {
+        *to == 2
+            && matches!(
+                f.control_msg(),
+                Ok(Control::Replicate {
+                    what: Replica::Copy { reset: true },
+                    ..
+                })
+            )
+    });
+    assert!(copied, "no copy down the chain past the dead member: {e:?}");
 }
 
 #[test]

@@ -365,3 +365,63 @@ fn a_worker_of_another_job_may_not_push_and_changes_nothing() {
     req(&mut c, push(10, 1, &[1], &[1.0]));
     assert_eq!(only(&req(&mut c, pull(10, 0, &[1]))).vals, [1.0]);
 }
+
+#[test]
+fn the_clocks_of_senders_that_left_are_forgotten_and_their_pushes_refused() {
+    // Issue #16, defect 8: the records of every client ever were kept.
+    let t = spec(false, Consistency::Eventual);
+    let mut c = core_with(1, solo(t.clone()));
+    for sender in [20, 21, 10] {
+        assert_eq!(
+            acked(only(&req(&mut c, push(sender, 1, &[1], &[1.0])))),
+            (1, 0)
+        );
+    }
+    let senders = |c: &ServerCore| {
+        let mut s: Vec<NodeId> = c
+            .table(T)
+            .unwrap()
+            .clock()
+            .records_in(KeyRange::ALL)
+            .into_iter()
+            .map(|r| r.0)
+            .collect();
+        s.dedup();
+        s
+    };
+    assert_eq!(senders(&c), [10, 20, 21]);
+    // Client 20 left and worker 10 was declared dead; client 21 is here.
+    let mut gone = map(6, &[10], vec![part(KeyRange::ALL, 1, &[])], t);
+    gone.clients = pserver_core::map::Clients {
+        below: 30,
+        here: vec![21],
+    };
+    c.step(2, Input::Map(gone));
+    assert_eq!(senders(&c), [21]);
+    // A push of theirs still in flight (a retry, say) is refused, not
+    // applied a second time; the client present and one newer than the
+    // record push as before.
+    for sender in [20, 10] {
+        let mut late = push(sender, 1, &[1], &[1.0]);
+        late.header.epoch = 6;
+        late.header.flags = FLAG_RETRY;
+        let e = req(&mut c, late);
+        let f = only(&e);
+        assert_eq!(code(f), Some(ErrorCode::Invalid), "{f:?}");
+        let Ok(Control::Error { message, .. }) = f.control_msg() else {
+            panic!("{f:?}")
+        };
+        assert!(message.contains("left the cluster"), "{message}");
+    }
+    assert_eq!(value(&c, 1), 3.0);
+    for sender in [21, 40] {
+        let mut p = push(sender, 2, &[1], &[1.0]);
+        p.header.epoch = 6;
+        assert_eq!(acked(only(&req(&mut c, p))), (1, 0));
+    }
+    assert_eq!(value(&c, 1), 5.0);
+    // They may still read.
+    let mut p = pull(20, 0, &[1]);
+    p.header.epoch = 6;
+    assert_eq!(only(&req(&mut c, p)).vals, [5.0]);
+}
