@@ -78,7 +78,7 @@ impl Residuals {
                     *s += c;
                 }
             }
-            let send = sum.iter().any(|x| !(x.abs() <= threshold));
+            let send = sum.iter().any(|&x| !within(x, threshold));
             if send || self.held.len() >= self.max_keys {
                 out.keys.push(k);
                 out.vals.extend_from_slice(&sum);
@@ -98,6 +98,11 @@ impl Residuals {
         let vals = all.into_iter().flat_map(|e| e.1).collect();
         (keys, vals)
     }
+}
+
+/// True when `x` is within `threshold` of zero (false for NaN).
+fn within(x: f32, threshold: f32) -> bool {
+    x.abs() <= threshold
 }
 
 /// splitmix64: one well-mixed 64-bit value per input.
@@ -131,7 +136,7 @@ pub fn random_skip(
     p: f64,
     seed: u64,
 ) -> (Vec<u64>, Vec<f32>, usize) {
-    if p <= 0.0 || width == 0 || vals.len() != keys.len() * width || !(p < 1.0) {
+    if p <= 0.0 || width == 0 || vals.len() != keys.len() * width || p.is_nan() || p >= 1.0 {
         return (keys.to_vec(), vals.to_vec(), 0);
     }
     // Compare 53-bit draws against p: exact for every p a f64 holds.

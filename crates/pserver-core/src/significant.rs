@@ -105,13 +105,18 @@ pub fn significant(old: &[f32], new: &[f32], threshold: f32) -> bool {
         || old
             .iter()
             .zip(new)
-            .any(|(o, n)| !((n - o).abs() <= threshold) && o.to_bits() != n.to_bits())
+            .any(|(o, n)| !within(n - o, threshold) && o.to_bits() != n.to_bits())
 }
 
 /// Replies a mirror applies beyond a gap in its run before it takes the
 /// missing reply as lost. Gaps are normally replies on their way, a few at
 /// a time; a lost one would otherwise stop the run, and the filter with it.
 pub const GAP_LIMIT: usize = 32;
+
+/// True when `d` is within `threshold` of zero (false for NaN).
+fn within(d: f32, threshold: f32) -> bool {
+    d.abs() <= threshold
+}
 
 /// Who a shadow belongs to: a connection, as the server numbers them, and a
 /// table.
@@ -301,10 +306,8 @@ impl Shadows {
             }
             present[i / 8] |= 1 << (i % 8);
             out.extend_from_slice(v);
-            if s.values.index.contains_key(&k) || added < room {
-                if s.values.set(k, seq, v) {
-                    added += 1;
-                }
+            if (s.values.index.contains_key(&k) || added < room) && s.values.set(k, seq, v) {
+                added += 1;
             }
         }
         self.entries += added;

@@ -204,32 +204,32 @@ fn answers_stay_within_the_threshold_whatever_is_lost_or_reordered() {
         let mut rng = seed;
         let n = 64usize;
         let mut truth: Vec<f32> = vec![0.0; n];
-        let mut s = Shadows::new(if seed % 3 == 0 { 40 } else { 10_000 });
+        let mut s = Shadows::new(if seed.is_multiple_of(3) { 40 } else { 10_000 });
         let mut m = Mirror::new(1);
         let mut history: Vec<Vec<f32>> = Vec::new();
         // Replies made but not yet handled: (keys, filtered, version).
         let mut flight: Vec<(Vec<u64>, Filtered, usize)> = Vec::new();
         for _ in 0..400 {
             for v in truth.iter_mut() {
-                if splitmix(&mut rng) % 4 == 0 {
+                if splitmix(&mut rng).is_multiple_of(4) {
                     *v += ((splitmix(&mut rng) % 1000) as f32 - 500.0) / 10_000.0;
                 }
             }
             history.push(truth.clone());
             let keys: Vec<u64> = (0..n as u64)
-                .filter(|_| splitmix(&mut rng) % 2 == 0)
+                .filter(|_| splitmix(&mut rng).is_multiple_of(2))
                 .collect();
             let vals: Vec<f32> = keys.iter().map(|&k| truth[k as usize]).collect();
-            if seed % 3 == 0 && splitmix(&mut rng) % 20 == 0 {
+            if seed.is_multiple_of(3) && splitmix(&mut rng).is_multiple_of(20) {
                 // Another connection takes the room now and then.
                 let _ = s.filter((99, 1), None, thr, &keys, 1, &vals);
             }
             let f = s.filter(CONN, m.basis(), thr, &keys, 1, &vals).unwrap();
             flight.push((keys, f, history.len() - 1));
-            while !flight.is_empty() && splitmix(&mut rng) % 3 != 0 {
+            while !flight.is_empty() && !splitmix(&mut rng).is_multiple_of(3) {
                 let i = (splitmix(&mut rng) % flight.len() as u64) as usize;
                 let (keys, f, version) = flight.swap_remove(i);
-                if splitmix(&mut rng) % 10 == 0 {
+                if splitmix(&mut rng).is_multiple_of(10) {
                     continue; // lost
                 }
                 let got = match m.merge(&keys, &f.stamp, &f.vals) {
