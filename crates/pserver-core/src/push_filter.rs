@@ -60,10 +60,16 @@ impl Residuals {
     }
 
     /// Adds a push (sorted `keys`, `width` values each) to what is carried
-    /// and returns the entries whose sum moved past `threshold` in some
-    /// value (or is not finite, which the server must see and refuse);
-    /// the others stay carried. `vals` must be `keys.len() * width` long.
-    pub fn filter(&mut self, keys: &[u64], vals: &[f32], threshold: f32) -> Kept {
+    /// and returns the entries whose sum moved past `threshold` in one of
+    /// its first `tests` values (0: any value), or is not finite anywhere
+    /// (the server must see it and refuse it); the others stay carried.
+    /// `vals` must be `keys.len() * width` long.
+    pub fn filter(&mut self, keys: &[u64], vals: &[f32], threshold: f32, tests: usize) -> Kept {
+        let tests = if tests == 0 {
+            self.width
+        } else {
+            tests.min(self.width)
+        };
         let w = self.width;
         let mut out = Kept::default();
         if w == 0 || vals.len() != keys.len() * w {
@@ -78,7 +84,8 @@ impl Residuals {
                     *s += c;
                 }
             }
-            let send = sum.iter().any(|&x| !within(x, threshold));
+            let send = sum[..tests].iter().any(|&x| !within(x, threshold))
+                || sum.iter().any(|x| !x.is_finite());
             if send || self.held.len() >= self.max_keys {
                 out.keys.push(k);
                 out.vals.extend_from_slice(&sum);

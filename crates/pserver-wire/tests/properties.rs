@@ -453,8 +453,22 @@ fn every_control() -> Vec<Control> {
             map: ClusterMap::empty(1, 8),
             senders: 40,
         },
+        Control::SignificantPull {
+            threshold: 0.01,
+            basis: Some(pserver_core::significant::Basis {
+                generation: 3,
+                from: 4,
+                upto: 9,
+            }),
+            consistency: Some(Consistency::Bounded(2)),
+        },
+        Control::Significant(pserver_core::significant::Stamp {
+            generation: 3,
+            seq: 9,
+            present: vec![0b1010_0001, 0x7f],
+        }),
     ];
-    let mut seen = [false; 25];
+    let mut seen = [false; 27];
     for c in &all {
         let i = match c {
             Control::Register { .. } => 0,
@@ -482,6 +496,8 @@ fn every_control() -> Vec<Control> {
             Control::Join { .. } => 22,
             Control::ClaimJob { .. } => 23,
             Control::Recover { .. } => 24,
+            Control::SignificantPull { .. } => 25,
+            Control::Significant(_) => 26,
         };
         seen[i] = true;
     }

@@ -13,7 +13,7 @@ use pserver_core::significant::{MergeError, Mirror, Stamp};
 
 /// Which value filters a worker's requests go through; all off by default.
 /// Servers of an older build refuse the flag the pull filter uses.
-#[derive(Clone, Copy, Debug, Default, PartialEq)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct ValueFilters {
     /// The significantly-modified filter on pull replies: servers send
     /// only values that moved by more than this since the value this
@@ -27,6 +27,11 @@ pub struct ValueFilters {
     /// [`Worker::flush_residuals`]). For pushes whose values add up on the
     /// server (gradients), not assignments.
     pub significant_push: Option<f32>,
+    /// How many values of each pushed entry, from the first, the push
+    /// threshold tests (0: all). DBPG pushes a gradient and a curvature
+    /// bound per key and tests the gradient only (1): the curvature is
+    /// large and positive, and rides along with it.
+    pub significant_push_tests: usize,
     /// Random skip on pushes: each entry is dropped with this probability
     /// and the kept ones are scaled by `1 / (1 - p)`, so a push's
     /// expectation is unchanged; drawn from the worker's id, the table and
@@ -110,7 +115,7 @@ impl Inner {
                 // refused by the server anyway; nothing to carry it with.
                 *r = Residuals::new(width, MAX_CARRIED_KEYS);
             }
-            let kept = r.filter(&keys, &vals, t);
+            let kept = r.filter(&keys, &vals, t, f.significant_push_tests);
             self.traffic
                 .significant_saved_sent
                 .fetch_add(kept.held as u64 * entry_bytes, Ordering::Relaxed);
