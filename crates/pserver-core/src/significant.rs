@@ -49,6 +49,7 @@
 //! is none, new entries are sent but not recorded, so they are sent every
 //! time. Nothing is ever omitted without being recorded.
 
+use rustc_hash::FxHashMap;
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeSet, HashMap};
 
@@ -130,11 +131,14 @@ struct Entry {
     seq: u64,
 }
 
-/// The values last sent (or received) per key, `dim` floats each.
+/// The values last sent (or received) per key, `dim` floats each. Keys
+/// are hashed with Fx, not SipHash: a lookup per pulled key on both sides
+/// is this filter's whole cost, and keys are not chosen by an adversary
+/// who could gain from collisions beyond slowing their own pulls.
 #[derive(Debug, Default)]
 struct Values {
     dim: usize,
-    index: HashMap<u64, Entry>,
+    index: FxHashMap<u64, Entry>,
     vals: Vec<f32>,
 }
 
@@ -294,21 +298,27 @@ impl Shadows {
         let mut present = vec![0u8; keys.len().div_ceil(8)];
         let mut out = Vec::with_capacity(vals.len());
         let mut added = 0usize;
+        let values = &mut s.values;
         for (i, (&k, v)) in keys.iter().zip(vals.chunks_exact(dim)).enumerate() {
-            let send = match s.values.get(k) {
-                Some((e, old)) => {
-                    !basis.is_some_and(|b| b.covers(e.seq)) || significant(old, v, threshold)
+            // One lookup for a key left out, two for one sent and new.
+            match values.index.get_mut(&k) {
+                Some(e) => {
+                    let old = &mut values.vals[e.at..e.at + dim];
+                    if basis.is_some_and(|b| b.covers(e.seq)) && !significant(old, v, threshold) {
+                        continue;
+                    }
+                    e.seq = seq;
+                    old.copy_from_slice(v);
                 }
-                None => true,
-            };
-            if !send {
-                continue;
+                None => {
+                    if added < room {
+                        values.set(k, seq, v);
+                        added += 1;
+                    }
+                }
             }
             present[i / 8] |= 1 << (i % 8);
             out.extend_from_slice(v);
-            if (s.values.index.contains_key(&k) || added < room) && s.values.set(k, seq, v) {
-                added += 1;
-            }
         }
         self.entries += added;
         Some(Filtered {
