@@ -13,7 +13,7 @@ use crate::model::Model;
 use crate::progress::Progress;
 use pserver_data::{Format, ReadOptions, ReadStats, Shard, Split};
 use pserver_node::NodeError;
-use pserver_node::worker::{Packing, Worker};
+use pserver_node::worker::{Packing, ValueFilters, Worker};
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
@@ -65,6 +65,9 @@ pub struct TrainConfig {
     /// Pack pushed values (lossless or fixed point) and have servers pack
     /// pulled values losslessly (the compression filter); `None`: raw.
     pub compression: Option<Packing>,
+    /// The value filters (significantly-modified on pull replies and on
+    /// pushes, random skip on pushes); all off by default.
+    pub value_filters: ValueFilters,
     /// Where to write checkpoints (DBPG): `DIR/epoch-E`, and `DIR/LATEST`
     /// naming the newest whole one.
     pub checkpoint_dir: Option<PathBuf>,
@@ -228,6 +231,11 @@ impl TrainConfig {
             && self.beta >= 0.0)
         {
             return bad("--alpha must be > 0 and --beta >= 0");
+        }
+        if let Err(e) = self.value_filters.validate() {
+            return bad(&format!(
+                "{e} (--significant, --significant-push, --random-skip)"
+            ));
         }
         if let Some(d) = self.kkt {
             if !(0.0..1.0).contains(&d) {

@@ -425,6 +425,7 @@ mod tests {
             eval_every: None,
             key_caching: true,
             compression: None,
+            value_filters: Default::default(),
             checkpoint_dir: None,
             checkpoint_every: 0,
             resume: false,

@@ -61,6 +61,7 @@ fn config(algo: Algo, train_path: &Path, test_path: &Path) -> TrainConfig {
         eval_every: Some(Duration::from_millis(50)),
         key_caching: true,
         compression: None,
+        value_filters: Default::default(),
         fail_worker: None,
         checkpoint_dir: None,
         checkpoint_every: 0,

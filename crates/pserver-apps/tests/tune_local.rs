@@ -67,6 +67,7 @@ fn config(train_path: &Path, test_path: &Path, job: &str) -> TrainConfig {
         eval_every: None,
         key_caching: true,
         compression: None,
+        value_filters: Default::default(),
         fail_worker: None,
         checkpoint_dir: None,
         checkpoint_every: 0,

@@ -13,6 +13,8 @@
 //! - [`clock`]: range vector clocks (consistency and duplicate rejection).
 //! - [`membership`]: the manager's state machine (registration, leases, barriers).
 //! - [`keycache`]: key caching: the key-list hash and a server's bounded cache of lists.
+//! - [`push_filter`]: filters on a worker's pushes: residuals of the significantly-modified filter, random skip.
+//! - [`significant`]: the significantly-modified filter: a server's shadows of what it sent, a worker's mirror of what it received.
 //! - [`transition`]: the intermediate map that hands ranges to new primaries without losing writes.
 
 pub mod clock;
@@ -20,8 +22,10 @@ pub mod key;
 pub mod keycache;
 pub mod map;
 pub mod membership;
+pub mod push_filter;
 pub mod ring;
 pub mod rows;
+pub mod significant;
 pub mod spec;
 pub mod store;
 pub mod table;

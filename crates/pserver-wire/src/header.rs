@@ -50,8 +50,13 @@ pub const FLAG_DENSE: u16 = 1;
 pub const FLAG_RETRY: u16 = 2;
 /// Every flag this version knows; a decoder refuses a header with any other bit
 /// set, so a later version cannot give an old node a flag it would silently ignore.
-pub const FLAG_ALL_FLAGS: u16 =
-    FLAG_DENSE | FLAG_RETRY | FLAG_SCAN | FLAG_KEYREF | FLAG_CACHE_KEYS | FLAG_PACK_REPLY;
+pub const FLAG_ALL_FLAGS: u16 = FLAG_DENSE
+    | FLAG_RETRY
+    | FLAG_SCAN
+    | FLAG_KEYREF
+    | FLAG_CACHE_KEYS
+    | FLAG_PACK_REPLY
+    | FLAG_SIGNIFICANT;
 /// Flag: a pull of every stored entry in `range`; the reply carries their keys.
 pub const FLAG_SCAN: u16 = 4;
 /// Flag: the key section is exactly two `u64`s, `[hash, count]`, naming a key
@@ -69,6 +74,13 @@ pub const FLAG_CACHE_KEYS: u16 = 16;
 /// makes them smaller. Values in a request say their own packing in the
 /// header's packing field and need no flag.
 pub const FLAG_PACK_REPLY: u16 = 32;
+/// Flag: the significantly-modified filter (`pserver_core::significant`).
+/// On a pull, its control section is a `Control::SignificantPull` (the
+/// threshold and what the sender holds); on the reply, a
+/// `Control::Significant` stamp saying which keys' values it carries (the
+/// values section holds only those). A reply without the flag carries
+/// every value, as any pull's.
+pub const FLAG_SIGNIFICANT: u16 = 64;
 
 /// What a frame is.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]

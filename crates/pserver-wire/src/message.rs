@@ -208,6 +208,21 @@ pub enum Control {
     /// left (a client that says nothing leaves when its lease runs out).
     /// Answered `Ok`.
     Goodbye,
+    /// The control section of a pull flagged `FLAG_SIGNIFICANT`: send only
+    /// the entries that moved by more than `threshold` since what the
+    /// sender holds (`basis`; `None`: it holds nothing to rely on).
+    SignificantPull {
+        /// Largest change of a value left out, `>= 0`.
+        threshold: f32,
+        /// The replies the sender has applied.
+        basis: Option<pserver_core::significant::Basis>,
+        /// The pull's own consistency model (what `Control::Consistency`
+        /// says for other pulls).
+        consistency: Option<Consistency>,
+    },
+    /// The control section of a reply flagged `FLAG_SIGNIFICANT`: which
+    /// keys' values it carries, and its place among the filtered replies.
+    Significant(pserver_core::significant::Stamp),
 }
 
 /// One range file of a checkpoint, as its manifest lists it.

@@ -458,8 +458,22 @@ fn every_control() -> Vec<Control> {
             senders: 40,
         },
         Control::Goodbye,
+        Control::SignificantPull {
+            threshold: 0.01,
+            basis: Some(pserver_core::significant::Basis {
+                generation: 3,
+                from: 4,
+                upto: 9,
+            }),
+            consistency: Some(Consistency::Bounded(2)),
+        },
+        Control::Significant(pserver_core::significant::Stamp {
+            generation: 3,
+            seq: 9,
+            present: vec![0b1010_0001, 0x7f],
+        }),
     ];
-    let mut seen = [false; 26];
+    let mut seen = [false; 28];
     for c in &all {
         let i = match c {
             Control::Register { .. } => 0,
@@ -488,6 +502,8 @@ fn every_control() -> Vec<Control> {
             Control::ClaimJob { .. } => 23,
             Control::Recover { .. } => 24,
             Control::Goodbye => 25,
+            Control::SignificantPull { .. } => 26,
+            Control::Significant(_) => 27,
         };
         seen[i] = true;
     }

@@ -32,6 +32,31 @@ impl Compress {
     }
 }
 
+/// A threshold of the significantly-modified filter (`--significant`,
+/// `--significant-push`): a number `>= 0`.
+pub fn threshold(s: &str) -> Result<f32> {
+    let t: f32 = s
+        .trim()
+        .parse()
+        .map_err(|e| anyhow!("threshold {s:?} is not a number: {e}"))?;
+    if !(t.is_finite() && t >= 0.0) {
+        bail!("threshold {s:?} must be a finite number >= 0");
+    }
+    Ok(t)
+}
+
+/// A probability of random skip (`--random-skip`): in `[0, 1)`.
+pub fn probability(s: &str) -> Result<f64> {
+    let p: f64 = s
+        .trim()
+        .parse()
+        .map_err(|e| anyhow!("probability {s:?} is not a number: {e}"))?;
+    if !(0.0..1.0).contains(&p) {
+        bail!("probability {s:?} must be in [0, 1): 1 would drop every entry");
+    }
+    Ok(p)
+}
+
 /// Parses `1,5,9` into keys.
 pub fn keys(s: &str) -> Result<Vec<u64>> {
     s.split(',')

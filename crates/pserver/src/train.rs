@@ -148,6 +148,23 @@ pub struct TrainArgs {
     /// rounding); servers then pack pulled values losslessly.
     #[arg(long, value_enum, default_value = "none")]
     compress: crate::parse::Compress,
+    /// The significantly-modified filter on servers' replies: servers send
+    /// a pulled weight only when it moved by more than THRESHOLD since the
+    /// value they last sent that worker; the worker keeps what it received
+    /// and fills in the rest (each weight it uses is within THRESHOLD).
+    #[arg(long, value_name = "THRESHOLD", value_parser = crate::parse::threshold)]
+    significant: Option<f32>,
+    /// The significantly-modified filter on workers' pushes: an entry goes
+    /// once the sum of its pushes since it last went passes THRESHOLD in
+    /// some value; until then it is carried (for additive pushes such as
+    /// DBPG's gradient and curvature).
+    #[arg(long, value_name = "THRESHOLD", value_parser = crate::parse::threshold)]
+    significant_push: Option<f32>,
+    /// Random skip on workers' pushes: drop each entry with probability P
+    /// and scale the kept ones by 1/(1-P), so the push's expectation is
+    /// unchanged (seeded by worker, table and clock).
+    #[arg(long, value_name = "P", value_parser = crate::parse::probability)]
+    random_skip: Option<f64>,
     /// Fault injection: stop the last worker this many ms into training,
     /// as if its machine died; its shard goes to another worker and the
     /// run carries on (DBPG).
@@ -302,6 +319,12 @@ pub async fn run(args: TrainArgs, sec: &crate::security::Security) -> Result<()>
         eval_every: (args.eval_every_ms > 0).then(|| Duration::from_millis(args.eval_every_ms)),
         key_caching: !args.no_key_caching,
         compression: args.compress.packing(),
+        value_filters: pserver_node::worker::ValueFilters {
+            significant_pull: args.significant,
+            significant_push: args.significant_push,
+            random_skip: args.random_skip,
+            significant_push_tests: 0,
+        },
         fail_worker: args
             .fail_worker_after_ms
             .map(|ms| (args.workers.saturating_sub(1), Duration::from_millis(ms))),

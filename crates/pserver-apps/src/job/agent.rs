@@ -328,7 +328,7 @@ fn traffic(w: &Worker) -> (u64, u64, u64) {
     (
         t.bytes_sent.load(Ordering::Relaxed),
         t.bytes_received.load(Ordering::Relaxed),
-        t.bytes_saved.load(Ordering::Relaxed) + t.bytes_saved_received.load(Ordering::Relaxed),
+        t.saved(),
     )
 }
 
@@ -387,10 +387,13 @@ async fn run_job(
             "worker {id}: expected the job's start"
         )));
     };
+    let spec = *spec;
     let node = |e: NodeError| SessionError::Failed(format!("worker {id}: {e}"));
     // The peak RSS reported at the end is this job's (where Linux allows).
     dataset::reset_peak_rss();
     w.set_filters(spec.key_caching, spec.compression);
+    w.set_value_filters(spec.value_filters)
+        .map_err(|e| SessionError::Failed(format!("worker {id}: {e}")))?;
     w.join(Group::Job(spec.job.clone()), &describe(&units))
         .await
         .map_err(node)?;

@@ -73,6 +73,9 @@ pub struct JobSpec {
     pub key_caching: bool,
     /// Pack pushed values, and have servers pack pulled ones.
     pub compression: Option<pserver_node::worker::Packing>,
+    /// The value filters: significantly-modified on pull replies and on
+    /// pushes, random skip on pushes.
+    pub value_filters: pserver_node::worker::ValueFilters,
     /// Slow every step by this long (a test's slow worker; 0 normally).
     pub slow_ms: u64,
     /// A validation split of the training part (`--tune`): workers keep the
@@ -152,8 +155,8 @@ pub enum ToWorker {
     },
     /// Your units and the job's settings; you start at step `from`.
     Start {
-        /// The settings.
-        spec: JobSpec,
+        /// The settings (boxed: they are most of the message's size).
+        spec: Box<JobSpec>,
         /// Your units.
         units: Vec<Unit>,
         /// The first step you will be given.

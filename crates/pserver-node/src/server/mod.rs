@@ -53,10 +53,21 @@ pub struct ServerConfig {
     /// [`Store::with_threads`](pserver_core::store::Store::with_threads));
     /// the machine's cores by default.
     pub apply_threads: usize,
+    /// Most entries the significantly-modified filter's shadows hold, over
+    /// every connection and table (each a key, a sequence number and the
+    /// table's `dim` floats, about 40 bytes at `dim` 1); past it the least
+    /// recently used shadow is dropped (its connection's next pull comes in
+    /// full), and when none is left new entries are sent every time. 0
+    /// turns the filter off: filtered pulls are answered in full.
+    pub significant_entries: usize,
 }
 
 /// Default of [`ServerConfig::key_cache_keys`]: 16 Mi keys, 128 MiB of keys.
 pub const DEFAULT_KEY_CACHE_KEYS: usize = 16 << 20;
+
+/// Default of [`ServerConfig::significant_entries`]: 4 Mi entries, about
+/// 160 MiB at `dim` 1.
+pub const DEFAULT_SIGNIFICANT_ENTRIES: usize = 4 << 20;
 
 impl ServerConfig {
     /// A server of the manager at `manager`, on a free loopback port.
@@ -71,6 +82,7 @@ impl ServerConfig {
             replicate_after_aggregation: true,
             net: Net::tcp(),
             apply_threads: std::thread::available_parallelism().map_or(1, |n| n.get()),
+            significant_entries: DEFAULT_SIGNIFICANT_ENTRIES,
         }
     }
 }

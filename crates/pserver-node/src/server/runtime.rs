@@ -266,6 +266,7 @@ pub async fn start_server(cfg: ServerConfig) -> Result<ServerHandle, NodeError> 
             replicate_after_aggregation: cfg.replicate_after_aggregation,
             apply_threads: cfg.apply_threads,
             lend_from: LEND_FROM,
+            significant_entries: cfg.significant_entries,
         },
     );
     let (done, mut done_rx) = mpsc::unbounded_channel();

@@ -11,9 +11,16 @@
 //! (`FLAG_CACHE_KEYS`). A server that no longer holds the list refuses the
 //! frame without doing anything (`KeyCacheMiss`) and the slice is resent in
 //! full, so caching never changes what a request does, only its bytes.
+//!
+//! [`ValueFilters`] (`filters`) add the paper's value filters: the
+//! significantly-modified filter on pull replies and on pushes, and random
+//! skip on pushes.
 
 mod checkpoint;
+mod filters;
 mod send;
+
+pub use filters::{FilterError, ValueFilters};
 
 use crate::conn::{Peer, lock};
 use crate::error::NodeError;
@@ -31,6 +38,7 @@ use pserver_core::{
 pub use pserver_wire::Packing;
 use pserver_wire::header::{
     FLAG_CACHE_KEYS, FLAG_DENSE, FLAG_KEYREF, FLAG_PACK_REPLY, FLAG_RETRY, FLAG_SCAN,
+    FLAG_SIGNIFICANT,
 };
 use pserver_wire::{Control, ErrorCode, Frame, Header, Kind, Limits};
 use std::collections::{HashMap, HashSet, VecDeque};
@@ -66,6 +74,10 @@ pub struct WorkerConfig {
     /// random rounding) and ask servers to pack their replies losslessly.
     /// Off by default, like key caching.
     pub compression: Option<Packing>,
+    /// The value filters (significantly-modified, random skip); all off by
+    /// default. [`Worker::connect`] refuses settings that
+    /// [`ValueFilters::validate`] does.
+    pub value_filters: ValueFilters,
     /// How to dial (TCP unless a test simulates the network).
     pub net: Net,
     /// The worker group it starts in (a worker process waiting for tasks
@@ -94,6 +106,7 @@ impl WorkerConfig {
             key_caching: false,
             min_cached_keys: DEFAULT_MIN_CACHED_KEYS,
             compression: None,
+            value_filters: ValueFilters::default(),
             net: Net::tcp(),
             group: Group::Default,
             addr: String::new(),
@@ -254,6 +267,32 @@ pub struct Traffic {
     pub bytes_saved: AtomicU64,
     /// Value bytes the servers did not send because they packed their replies.
     pub bytes_saved_received: AtomicU64,
+    /// Value bytes the servers did not send because of the
+    /// significantly-modified filter: the values left out, less the
+    /// presence bits and stamp that replaced them (0 when those cost more).
+    pub significant_saved_received: AtomicU64,
+    /// Bytes (key and values) of the push entries the significantly-modified
+    /// filter carried instead of sending (each is counted every time it is
+    /// carried over a push; it goes later, in a sum).
+    pub significant_saved_sent: AtomicU64,
+    /// Bytes (key and values) of the push entries random skip dropped.
+    pub skip_saved_sent: AtomicU64,
+}
+
+impl Traffic {
+    /// Every byte the filters saved, both ways.
+    pub fn saved(&self) -> u64 {
+        [
+            &self.bytes_saved,
+            &self.bytes_saved_received,
+            &self.significant_saved_received,
+            &self.significant_saved_sent,
+            &self.skip_saved_sent,
+        ]
+        .iter()
+        .map(|c| c.load(Ordering::Relaxed))
+        .sum()
+    }
 }
 
 /// Key lists (table, hash) a server is believed to hold, oldest first.
@@ -296,6 +335,8 @@ struct Filters {
     cache_keys_from: Option<usize>,
     /// Value compression, when on.
     compression: Option<Packing>,
+    /// The value filters.
+    values: ValueFilters,
 }
 
 /// A connection to a server and what that server holds of this worker's
@@ -305,6 +346,9 @@ struct Filters {
 struct Link {
     peer: Peer,
     known: Arc<Mutex<KnownLists>>,
+    /// What this connection's server sent of each table under the
+    /// significantly-modified filter (its shadows are per connection too).
+    mirrors: filters::Mirrors,
 }
 
 struct Inner {
@@ -320,6 +364,8 @@ struct Inner {
     filters: Mutex<Filters>,
     /// The shortest key list key caching applies to (at least 3).
     min_cached_keys: usize,
+    /// What the push filter carries, per table name.
+    residuals: Mutex<HashMap<String, pserver_core::push_filter::Residuals>>,
     /// Fires when the latest push has queued its first frames (see `send`).
     push_gate: Mutex<Option<oneshot::Receiver<()>>>,
     /// The clocks of the pushes in flight, kept within the servers' window.
@@ -357,6 +403,9 @@ impl Drop for Inner {
 impl Worker {
     /// Registers with the manager and fetches the map.
     pub async fn connect(cfg: WorkerConfig) -> Result<Worker, NodeError> {
+        cfg.value_filters
+            .validate()
+            .map_err(|e| NodeError::BadRequest(e.to_string()))?;
         let (manager, mut notices) = Peer::connect_via(&cfg.net, &cfg.manager, cfg.limits).await?;
         let (id, map) = register(&manager, cfg.role, &cfg.addr, cfg.group.clone()).await?;
         let heartbeat = map.heartbeat_interval();
@@ -371,8 +420,10 @@ impl Worker {
             filters: Mutex::new(Filters {
                 cache_keys_from: cfg.key_caching.then_some(cfg.min_cached_keys.max(3)),
                 compression: cfg.compression,
+                values: cfg.value_filters,
             }),
             min_cached_keys: cfg.min_cached_keys.max(3),
+            residuals: Mutex::new(HashMap::new()),
             push_gate: Mutex::new(None),
             in_flight: Arc::default(),
             net: cfg.net.clone(),
@@ -518,10 +569,41 @@ impl Worker {
     /// requests (see [`WorkerConfig::key_caching`] and
     /// [`WorkerConfig::compression`]).
     pub fn set_filters(&self, key_caching: bool, compression: Option<Packing>) {
-        *lock(&self.inner.filters) = Filters {
-            cache_keys_from: key_caching.then_some(self.inner.min_cached_keys),
-            compression,
+        let mut f = lock(&self.inner.filters);
+        f.cache_keys_from = key_caching.then_some(self.inner.min_cached_keys);
+        f.compression = compression;
+    }
+
+    /// Sets the value filters of later requests (see [`ValueFilters`]);
+    /// refused, changing nothing, when a setting is out of range. What the
+    /// push filter carries stays carried.
+    pub fn set_value_filters(&self, values: ValueFilters) -> Result<(), FilterError> {
+        values.validate()?;
+        lock(&self.inner.filters).values = values;
+        Ok(())
+    }
+
+    /// The value filters of later requests.
+    pub fn value_filters(&self) -> ValueFilters {
+        lock(&self.inner.filters).values
+    }
+
+    /// Pushes, at `clock`, everything the significantly-modified push
+    /// filter still carries for `table` (sums below its threshold): what
+    /// was held back is then applied, so nothing pushed is lost. A push
+    /// with no keys when nothing is carried.
+    pub fn flush_residuals(&self, table: &str, clock: u64) -> Handle<Outcome> {
+        let (keys, vals) = self.inner.take_residuals(table);
+        let req = Request {
+            table: table.into(),
+            op: Op::Push,
+            keys: Keys::List(keys),
+            vals,
+            clock: Some(clock),
+            consistency: None,
         };
+        // Not through the push filters again: this is what they held.
+        self.dispatch(req)
     }
 
     /// This worker's group as the map last seen shows it.
@@ -744,6 +826,15 @@ impl Worker {
 
     /// Sends any request.
     pub fn send(&self, mut req: Request) -> Handle<Outcome> {
+        let clock = *req.clock.get_or_insert_with(|| self.clock());
+        // The push filters run here, in call order, so what they carry adds
+        // up in the order the pushes were made.
+        let req = self.inner.filter_push(req, clock);
+        self.dispatch(req)
+    }
+
+    /// Sends a request as it is.
+    fn dispatch(&self, mut req: Request) -> Handle<Outcome> {
         req.clock.get_or_insert_with(|| self.clock());
         let order = self.push_order(&req);
         let (tx, rx) = oneshot::channel();

@@ -133,6 +133,7 @@ impl Inner {
                 let link = Link {
                     peer,
                     known: Arc::default(),
+                    mirrors: Arc::default(),
                 };
                 servers.insert(node, link.clone());
                 Ok(link)
@@ -281,7 +282,12 @@ impl Inner {
         }];
         // Each frame, and the reply it asks for, must fit the frame limit:
         // slices with more keys than that go as several frames.
-        let per_frame = keys_per_frame(&self.limits, dense, width, dim, req.op, ctrl.len());
+        // A filtered reply may carry every value and its presence bits too:
+        // counting one more value a key covers them (a bit is needed).
+        let bits = usize::from(
+            req.op == Op::Pull && lock(&self.filters).values.significant_pull.is_some(),
+        );
+        let per_frame = keys_per_frame(&self.limits, dense, width, dim + bits, req.op, ctrl.len());
         let mut in_flight: FuturesUnordered<SliceFuture<'_>> = FuturesUnordered::new();
         // A clock refusal (duplicate, too old) of a slice that carries no
         // key, kept while slices with keys are out: the caller pushed
@@ -556,6 +562,50 @@ impl Inner {
             && h.flags & (FLAG_DENSE | FLAG_SCAN | FLAG_KEYREF) == 0
     }
 
+    /// When the significantly-modified filter is on and `frame` is a pull
+    /// (not a scan) of a table `map` knows: flags it, puts the threshold,
+    /// what `link`'s mirror holds and the pull's own consistency in its
+    /// control section, and returns the pull's keys and the table's width,
+    /// which its reply is completed with.
+    fn ask_significant(
+        &self,
+        frame: &mut Frame,
+        link: &Link,
+        map: &ClusterMap,
+    ) -> Option<(Vec<u64>, usize)> {
+        let threshold = lock(&self.filters).values.significant_pull?;
+        let h = frame.header;
+        if h.kind != Kind::Pull || h.flags & FLAG_SCAN != 0 {
+            return None;
+        }
+        let dim = map.table_by_id(h.table)?.dim as usize;
+        let consistency = if frame.ctrl.is_empty() {
+            None
+        } else {
+            match frame.control_msg() {
+                Ok(Control::Consistency(c)) => Some(c),
+                _ => return None,
+            }
+        };
+        let basis = lock(&link.mirrors)
+            .get(&h.table)
+            .and_then(pserver_core::significant::Mirror::basis);
+        frame.ctrl = Control::SignificantPull {
+            threshold,
+            basis,
+            consistency,
+        }
+        .to_bytes()
+        .into();
+        frame.header.flags |= FLAG_SIGNIFICANT;
+        let keys = if h.dense() {
+            (h.range.begin..h.range.end).collect()
+        } else {
+            frame.keys.clone()
+        };
+        Some((keys, dim))
+    }
+
     /// Sends one slice and reads its reply. `queued` is dropped once the
     /// frame is queued on its connection (or could not be), which is what
     /// the next push waits for.
@@ -574,6 +624,10 @@ impl Inner {
         let peer = &link.peer;
         let table = frame.header.table;
         let mut frame = frame;
+        // The significantly-modified filter: the request says what this
+        // connection's mirror holds; the reply is completed from it. The
+        // keys are kept before key caching may replace them by a reference.
+        let significant = self.ask_significant(&mut frame, &link, map);
         // Key caching: the list's hash, and whether a reference replaced it.
         let mut cached = None;
         if self.caches(&frame) {
@@ -677,6 +731,41 @@ impl Inner {
                     what: "error frame without an error".into(),
                 }),
             },
+            Kind::Reply if reply.header.flags & FLAG_SIGNIFICANT != 0 => {
+                let Some((keys, dim)) = &significant else {
+                    return Err(NodeError::Protocol {
+                        peer: peer.label().to_string(),
+                        what: "a filtered reply to a pull that did not ask for one".into(),
+                    });
+                };
+                let Ok(Control::Significant(stamp)) = reply.control_msg() else {
+                    return Err(NodeError::Protocol {
+                        peer: peer.label().to_string(),
+                        what: "a filtered reply without its stamp".into(),
+                    });
+                };
+                let full = (keys.len() * dim * 4) as u64;
+                let sent = (reply.vals.len() * 4 + reply.ctrl.len()) as u64;
+                match filters::complete(&link.mirrors, table, *dim, keys, &stamp, &reply.vals) {
+                    Ok(Some(vals)) => {
+                        self.traffic
+                            .significant_saved_received
+                            .fetch_add(full.saturating_sub(sent), Ordering::Relaxed);
+                        Ok(SliceResult::Done {
+                            keys: Vec::new(),
+                            vals,
+                            applied: 0,
+                            duplicate: 0,
+                        })
+                    }
+                    // Nothing applied; asked again at once.
+                    Ok(None) => Ok(SliceResult::Miss),
+                    Err(e) => Err(NodeError::Protocol {
+                        peer: peer.label().to_string(),
+                        what: e.to_string(),
+                    }),
+                }
+            }
             Kind::Reply => {
                 let (applied, duplicate) = if reply.ctrl.is_empty() {
                     (0, 0)

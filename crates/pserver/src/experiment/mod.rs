@@ -94,6 +94,7 @@ pub(crate) fn flights(workers: usize, epochs: usize, key_caching: bool) -> Resul
         eval_every: None,
         key_caching,
         compression: None,
+        value_filters: Default::default(),
         fail_worker: None,
         checkpoint_dir: None,
         checkpoint_every: 0,

@@ -219,7 +219,7 @@ pub async fn run_with(
         s.send(
             slot,
             ToWorker::Start {
-                spec,
+                spec: Box::new(spec),
                 units,
                 from: first + 1,
             },
@@ -453,6 +453,7 @@ pub async fn run_with(
                             let spec = s.spec_for(&s.spec(first, clock_base, min), slot);
                             s.members[slot].from = from;
                             s.members[slot].done = from - 1;
+                            let spec = Box::new(spec);
                             s.send(slot, ToWorker::Start { spec, units, from }).await;
                             let changed = changed.into_iter().filter(|c| *c != slot).collect();
                             joining = Some(Joining { from, changed });

@@ -24,6 +24,12 @@ impl Sched {
             clock_base,
             key_caching: cfg.key_caching,
             compression: cfg.compression,
+            // DBPG pushes (gradient, curvature bound) pairs: the push filter
+            // tests the gradient, the curvature rides along with it.
+            value_filters: pserver_node::worker::ValueFilters {
+                significant_push_tests: if cfg.algo == Algo::Dbpg { 1 } else { 0 },
+                ..cfg.value_filters
+            },
             slow_ms: 0,
             validation: self.extra.validation.map(|v| ValidationSplit {
                 keep_validation: false,

@@ -7,13 +7,15 @@
 //! (`FLAG_KEYREF`), which is resolved to the list before any other check,
 //! or refused with `KeyCacheMiss`.
 
-use super::request::{Data, Op};
+use super::request::{Data, Op, Significant};
 use super::{ConnId, Held, Refusal, ServerCore, Ticket, Waiting};
 use crate::proto::{control_reply, error_reply, reply_header};
 use pserver_core::map::Role;
 use pserver_core::table::{Keys, Push, PushCtx};
 use pserver_core::{Consistency, KeyRange};
-use pserver_wire::header::{FLAG_CACHE_KEYS, FLAG_KEYREF, FLAG_PACK_REPLY, FLAG_RETRY};
+use pserver_wire::header::{
+    FLAG_CACHE_KEYS, FLAG_KEYREF, FLAG_PACK_REPLY, FLAG_RETRY, FLAG_SIGNIFICANT,
+};
 use pserver_wire::{Control, ErrorCode, Frame, Header, Kind};
 
 impl ServerCore {
@@ -130,6 +132,7 @@ impl ServerCore {
             frame,
             op,
             consistency,
+            significant,
         } = req;
         let h = frame.header;
         if h.epoch < self.map.epoch {
@@ -194,6 +197,7 @@ impl ServerCore {
             consistency,
             aggregated,
             hold,
+            significant,
         };
         if self.lends(&plan) {
             return self.lend(conn, plan).map(|()| None);
@@ -224,6 +228,7 @@ impl ServerCore {
             consistency,
             aggregated,
             hold,
+            significant,
         } = plan;
         let h = frame.header;
         let mut after: Vec<Ticket> = Vec::new();
@@ -255,7 +260,8 @@ impl ServerCore {
             Some(r) => Some(r),
             None if self.ready(&frame.header, consistency) => Some(self.answer_pull(&frame)),
             None => None,
-        };
+        }
+        .map(|r| self.filter_reply(conn, &frame, significant, r));
         if let Some(reply) = reply {
             if after.is_empty() {
                 return Some(reply);
@@ -275,6 +281,7 @@ impl ServerCore {
                 conn,
                 consistency,
                 ack,
+                significant,
             });
             None
         }
@@ -439,6 +446,53 @@ impl ServerCore {
         }
     }
 
+    /// The significantly-modified filter on a pull's reply (`request` the
+    /// pull, `sig` what it asked): only the values that moved by more than
+    /// the threshold since what connection `conn` confirmed holding
+    /// (`pserver_core::significant` says why that cannot drift), the
+    /// reply flagged `FLAG_SIGNIFICANT` with its stamp. Decided here, when
+    /// the reply is made, never when the pull arrives: a pull that waits
+    /// for slower workers is filtered against what the worker holds once
+    /// it is answered. Errors, unflagged pulls, and replies the shadows
+    /// cannot take (the filter is off) go as they are.
+    fn filter_reply(
+        &mut self,
+        conn: ConnId,
+        request: &Frame,
+        sig: Option<Significant>,
+        mut reply: Frame,
+    ) -> Frame {
+        let Some(sig) = sig else { return reply };
+        if reply.header.kind != Kind::Reply {
+            return reply;
+        }
+        let h = &request.header;
+        let Some(dim) = self.table(h.table).map(|t| t.spec().dim as usize) else {
+            return reply;
+        };
+        let dense: Vec<u64>;
+        let keys: &[u64] = if h.dense() {
+            dense = (h.range.begin..h.range.end).collect();
+            &dense
+        } else {
+            &request.keys
+        };
+        let Some(filtered) = self.shadows.filter(
+            (conn, h.table),
+            sig.basis,
+            sig.threshold,
+            keys,
+            dim,
+            &reply.vals,
+        ) else {
+            return reply;
+        };
+        reply.vals = filtered.vals;
+        reply.ctrl = Control::Significant(filtered.stamp).to_bytes().into();
+        reply.header.flags |= FLAG_SIGNIFICANT;
+        reply
+    }
+
     /// Answers the waiting pulls (of `table`, or all) that may now be
     /// answered; redirects those whose range this server no longer owns.
     pub(super) fn recheck(&mut self, table: Option<u32>) {
@@ -471,6 +525,7 @@ impl ServerCore {
                 self.send(w.conn, r);
             } else if self.ready(&h, w.consistency) {
                 let reply = self.answer_pull(&w.frame);
+                let reply = self.filter_reply(w.conn, &w.frame, w.significant, reply);
                 match w.ack {
                     Some(id) => self.complete_ack(id, reply),
                     None => self.send(w.conn, reply),
@@ -516,6 +571,8 @@ pub(crate) struct Plan {
     pub(crate) aggregated: bool,
     /// Its ack is held until the clock's sum is replicated.
     pub(crate) hold: bool,
+    /// The significantly-modified filter's request, when flagged.
+    pub(crate) significant: Option<Significant>,
 }
 
 /// The control section a pull's reply carries: the push part's ack, if any.

@@ -35,6 +35,7 @@ pub use request::{Refusal, Request};
 use crate::proto::{control_reply, control_request, error_reply};
 use crate::snapshot::RangePart;
 use pserver_core::keycache::KeyCache;
+use pserver_core::significant::Shadows;
 use pserver_core::table::{Applied, Table};
 use pserver_core::updater::Registry;
 use pserver_core::{ClusterMap, Consistency, KeyRange, NodeId, NodeState, Role, TableSpec};
@@ -168,6 +169,9 @@ pub struct CoreConfig {
     /// Keys (or values) from which a push or pull runs on a lent table,
     /// outside the core (see [`Work`]).
     pub lend_from: usize,
+    /// Most entries the significantly-modified filter's shadows hold (see
+    /// `ServerConfig::significant_entries`; 0: off).
+    pub significant_entries: usize,
 }
 
 /// Default of [`CoreConfig::lend_from`]: requests of 64Ki keys or values
@@ -202,6 +206,8 @@ struct Waiting {
     consistency: Consistency,
     /// The ack of its push part (a push-pull whose push is replicating).
     ack: Option<u64>,
+    /// The significantly-modified filter's request, when flagged.
+    significant: Option<request::Significant>,
 }
 
 /// The server's state. See the module docs.
@@ -213,6 +219,9 @@ pub struct ServerCore {
     waiting: Vec<Waiting>,
     cfg: CoreConfig,
     key_cache: KeyCache,
+    /// What each connection was last sent of each table, for pulls
+    /// flagged `FLAG_SIGNIFICANT` (see `data::filter_reply`).
+    shadows: Shadows,
     /// Servers with a queue of changes from this one (see `Effect::Forward`).
     linked: HashSet<NodeId>,
     next_ticket: Ticket,
@@ -254,6 +263,7 @@ impl ServerCore {
             tables: BTreeMap::new(),
             waiting: Vec::new(),
             key_cache: KeyCache::new(cfg.key_cache_keys),
+            shadows: Shadows::new(cfg.significant_entries),
             cfg,
             linked: HashSet::new(),
             next_ticket: 1,
@@ -669,6 +679,9 @@ impl ServerCore {
     }
 
     fn closed(&mut self, conn: ConnId) {
+        // Its shadows describe what that connection's worker holds, and it
+        // is gone (a new connection starts with an empty mirror).
+        self.shadows.drop_conn(conn);
         self.waiting.retain(|w| w.conn != conn);
         self.acks.retain(|_, a| a.conn != conn);
         for held in self.held.values_mut() {

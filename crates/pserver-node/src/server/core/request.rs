@@ -8,9 +8,10 @@
 //! and admin (the map, checkpoints, restores).
 
 use pserver_core::map::Group;
+use pserver_core::significant::Basis;
 use pserver_core::table::TableError;
 use pserver_core::{Consistency, KeyRange, NodeId, TableSpec};
-use pserver_wire::header::FLAG_SCAN;
+use pserver_wire::header::{FLAG_SCAN, FLAG_SIGNIFICANT};
 use pserver_wire::message::Replica;
 use pserver_wire::{Control, ErrorCode, Frame, Header, Kind};
 
@@ -60,6 +61,17 @@ pub struct Data {
     pub op: Op,
     /// A pull's own consistency model, overriding the table's.
     pub consistency: Option<Consistency>,
+    /// A pull flagged `FLAG_SIGNIFICANT`: its threshold and basis.
+    pub significant: Option<Significant>,
+}
+
+/// What a pull asks of the significantly-modified filter.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Significant {
+    /// Largest change of a value left out.
+    pub threshold: f32,
+    /// The replies the sender has applied.
+    pub basis: Option<Basis>,
 }
 
 /// A data request's operation.
@@ -125,6 +137,9 @@ impl Request {
                     _ if h.flags & FLAG_SCAN != 0 => Op::Scan,
                     _ => Op::Pull,
                 };
+                if h.flags & FLAG_SIGNIFICANT != 0 {
+                    return significant_pull(frame, op);
+                }
                 let consistency = if op == Op::Pull && !frame.ctrl.is_empty() {
                     match frame.control_msg() {
                         Ok(Control::Consistency(c)) => Some(c),
@@ -138,6 +153,7 @@ impl Request {
                     frame,
                     op,
                     consistency,
+                    significant: None,
                 }))
             }
             Kind::Control => match frame.control_msg() {
@@ -186,6 +202,33 @@ impl Request {
     }
 }
 
+/// Parses a data frame flagged `FLAG_SIGNIFICANT`: only a pull (not a
+/// scan, a push or a push-pull, whose replies the filter does not cover),
+/// with a `SignificantPull` whose threshold is a number `>= 0`.
+fn significant_pull(frame: Frame, op: Op) -> Result<Request, Refusal> {
+    if op != Op::Pull {
+        return Err(Refusal::SignificantNotPull(frame.header.kind));
+    }
+    let (threshold, basis, consistency) = match frame.control_msg() {
+        Ok(Control::SignificantPull {
+            threshold,
+            basis,
+            consistency,
+        }) => (threshold, basis, consistency),
+        Ok(other) => return Err(Refusal::NotSignificantPull(name(&other))),
+        Err(e) => return Err(Refusal::Malformed(e.to_string())),
+    };
+    if !(threshold >= 0.0 && threshold.is_finite()) {
+        return Err(Refusal::BadThreshold(threshold));
+    }
+    Ok(Request::Data(Data {
+        frame,
+        op,
+        consistency,
+        significant: Some(Significant { threshold, basis }),
+    }))
+}
+
 /// A control message's name, for refusals (not its whole contents: a map
 /// or a status would make a huge error message).
 fn name(c: &Control) -> String {
@@ -205,6 +248,17 @@ pub enum Refusal {
     /// A pull's control section is another message.
     #[error("a pull carries Consistency, not {0}")]
     NotConsistency(String),
+    /// `FLAG_SIGNIFICANT` on a frame other than a pull.
+    #[error(
+        "the significantly-modified filter (FLAG_SIGNIFICANT) is for pulls, not a {0:?} frame or a scan"
+    )]
+    SignificantNotPull(Kind),
+    /// A pull flagged `FLAG_SIGNIFICANT` carries another message.
+    #[error("a pull flagged FLAG_SIGNIFICANT carries SignificantPull, not {0}")]
+    NotSignificantPull(String),
+    /// A significantly-modified pull's threshold is negative or not a number.
+    #[error("the significantly-modified filter's threshold must be a number >= 0, not {0}")]
+    BadThreshold(f32),
     /// A table's id differs between the spec and the header.
     #[error("the spec names table {spec} but the frame table {frame}")]
     TableMismatch {
@@ -376,6 +430,9 @@ impl Refusal {
             Refusal::Malformed(_) => ErrorCode::Malformed,
             Refusal::NotForServer(_)
             | Refusal::NotConsistency(_)
+            | Refusal::SignificantNotPull(_)
+            | Refusal::NotSignificantPull(_)
+            | Refusal::BadThreshold(_)
             | Refusal::TableMismatch { .. }
             | Refusal::TableUnusable { .. }
             | Refusal::OtherGroup { .. }

@@ -13,6 +13,7 @@ mod chain;
 mod data;
 mod lend;
 mod maps;
+mod significant;
 use pserver_core::map::Group;
 use pserver_core::{Init, KEY_END, NodeInfo, Partition, Role, UpdaterSpec};
 use pserver_wire::header::{FLAG_CACHE_KEYS, FLAG_DENSE, FLAG_KEYREF, FLAG_RETRY, FLAG_SCAN};
@@ -39,6 +40,7 @@ pub(super) fn cfg() -> CoreConfig {
         replicate_after_aggregation: true,
         apply_threads: 1,
         lend_from: usize::MAX,
+        significant_entries: 1 << 10,
     }
 }
 
