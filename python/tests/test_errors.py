@@ -180,3 +180,40 @@ def test_waiting_twice_at_once_and_bad_timeouts(client, table_name):
     with pytest.raises(ValueError, match="timeout"):
         f.wait(timeout=float("nan"))
     np.testing.assert_array_equal(f.wait(), [[0.0]])
+
+
+def test_a_forked_child_is_told_to_make_its_own_client(client, table_name):
+    import os
+
+    client.create_table(table_name, dim=1)
+    pid = os.fork()
+    if pid == 0:  # the child: never returns into pytest
+        code = 1
+        try:
+            import signal
+
+            signal.alarm(20)
+            try:
+                client.pull(table_name, u64(1))
+            except pserver.Error as e:
+                code = 0 if "fork" in str(e) else 2
+            client.close()  # harmless: the parent's runtime is not touched
+        finally:
+            os._exit(code)
+    _, status = os.waitpid(pid, 0)
+    assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0, status
+    # The parent's client still works.
+    np.testing.assert_array_equal(client.pull(table_name, u64(1)), [[0.0]])
+
+
+def test_edge_sizes(client, table_name):
+    client.create_table(table_name, dim=2)
+    empty = np.empty(0, dtype=np.uint64)
+    assert client.pull(table_name, empty).shape == (0, 2)
+    client.push(table_name, empty, np.empty((0, 2), dtype=np.float32))
+    with pytest.raises(pserver.Error):
+        client.pull_range(table_name, 0, 2**62)
+    with pytest.raises(TypeError):
+        client.pull(table_name, [2**65])
+    with pytest.raises(OverflowError):
+        client.set_clock(2**70)

@@ -21,6 +21,9 @@ use std::time::Duration;
 struct Live {
     rt: tokio::runtime::Runtime,
     worker: Worker,
+    /// The process that made it: a `fork`ed child inherits the memory but
+    /// not the runtime's threads, so its calls would never run.
+    pid: u32,
 }
 
 /// A connection to a pserver cluster, as a worker (counted by consistency
@@ -98,9 +101,11 @@ impl Client {
     /// The runtime handle and worker, or `Closed`.
     fn live(&self) -> Result<(tokio::runtime::Handle, Worker), BindError> {
         let live = self.live.lock().unwrap_or_else(|p| p.into_inner());
-        live.as_ref()
-            .map(|l| (l.rt.handle().clone(), l.worker.clone()))
-            .ok_or(BindError::Closed)
+        let l = live.as_ref().ok_or(BindError::Closed)?;
+        if l.pid != std::process::id() {
+            return Err(BindError::Forked);
+        }
+        Ok((l.rt.handle().clone(), l.worker.clone()))
     }
 
     /// Runs `task` on the runtime; its answer comes through the future.
@@ -199,7 +204,11 @@ impl Client {
                 })
             });
             match worker {
-                Ok(worker) => Ok(Live { rt, worker }),
+                Ok(worker) => Ok(Live {
+                    rt,
+                    worker,
+                    pid: std::process::id(),
+                }),
                 Err(e) => {
                     // Without waiting for tasks that may still be dialing.
                     rt.shutdown_background();
@@ -392,6 +401,13 @@ impl Client {
     fn close(&self) {
         let live = self.live.lock().unwrap_or_else(|p| p.into_inner()).take();
         if let Some(live) = live {
+            if live.pid != std::process::id() {
+                // A forked child's copy: the runtime's threads and the
+                // connections belong to the parent. Dropping it here would
+                // try to stop threads this process does not have.
+                std::mem::forget(live);
+                return;
+            }
             live.worker.shutdown();
             // Not waiting for the tasks: a closing client must not hang on
             // a server that does not answer.

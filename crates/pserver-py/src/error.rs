@@ -46,6 +46,12 @@ pub enum BindError {
     /// The client was closed, so nothing can be sent.
     #[error("the client is closed")]
     Closed,
+    /// The client was made in another process, which then forked this one.
+    #[error(
+        "this client was made in another process (this one is a fork of it): \
+         make a new pserver.Client in this process"
+    )]
+    Forked,
 }
 
 /// The name of `code` as the exceptions' `code` attribute gives it.
@@ -101,6 +107,7 @@ fn class_of(e: &BindError) -> (&'static str, Option<String>) {
         BindError::Shape(_) => ("WrongWidth", None),
         BindError::ConnectTimeout { .. } => ("ConnectError", None),
         BindError::Closed => ("ClientClosed", None),
+        BindError::Forked => ("Error", None),
         BindError::Value(_) | BindError::Type(_) => ("", None),
     }
 }

@@ -82,7 +82,7 @@ fn to_python(py: Python<'_>, outcome: Outcome) -> Result<Py<PyAny>, PyErr> {
     match outcome.map_err(|e| to_pyerr(py, e))? {
         Done::Nothing => Ok(py.None()),
         Done::Rows { vals, rows, dim } => {
-            if vals.len() != rows * dim {
+            if rows.checked_mul(dim) != Some(vals.len()) {
                 return Err(PyRuntimeError::new_err(format!(
                     "the servers answered {} floats for {rows} keys of dim {dim}",
                     vals.len()
