@@ -235,3 +235,23 @@ def test_repr_and_context(cluster):
     with c:
         pass
     assert c.closed and "closed" in repr(c)
+
+
+def test_the_readme_example_runs(cluster):
+    """The README's Python example, against this cluster."""
+    from conftest import ROOT
+
+    text = (ROOT / "README.md").read_text()
+    section = text[text.index("\n## Python\n") :]
+    code = section[section.index("```python\n") + len("```python\n") :]
+    code = code[: code.index("```")]
+    assert "127.0.0.1:7070" in code
+    scope = {}
+    exec(compile(code.replace("127.0.0.1:7070", cluster.manager), "README.md", "exec"), scope)
+    # AdaGrad's first step is lr (0.05) whatever the gradient; init within 0.01.
+    rows = scope["rows"]
+    assert rows.shape == (3, 4) and np.all(np.abs(rows + 0.05) <= 0.0101), rows
+    dense = scope["dense"]
+    assert dense.shape == (64, 4) and np.all(np.abs(dense) <= 0.12)
+    # Keys 3 and 42 took a second step; 7 did not.
+    assert np.all(dense[[3, 42]] < rows[[0, 2]]) and np.array_equal(dense[7], rows[1])
