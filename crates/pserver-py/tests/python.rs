@@ -152,7 +152,8 @@ fn python_tests_pass() {
             if std::env::var_os("CI").is_some() {
                 panic!("{msg}\nCI must run them: .ci/run installs python3-venv");
             }
-            eprintln!("\n!!!!!!!!!! SKIPPED: {msg}\n");
+            // Past the test harness's capture, so it shows in a passing run.
+            loud(&format!("\n!!!!!!!!!! SKIPPED: {msg}\n\n"));
             return;
         }
     };
@@ -223,6 +224,12 @@ fn python_tests_pass() {
          pytest {pytest_secs:.1} s; log {})\n",
         log.display()
     );
+    loud(&line);
+}
+
+/// Writes `text` to the process's stderr itself: `eprintln!` would go to
+/// the test harness's capture, shown only when a test fails.
+fn loud(text: &str) {
     use std::io::Write;
-    let _ = std::io::stderr().write_all(line.as_bytes());
+    let _ = std::io::stderr().write_all(text.as_bytes());
 }
