@@ -255,3 +255,59 @@ def test_the_readme_example_runs(cluster):
     assert dense.shape == (64, 4) and np.all(np.abs(dense) <= 0.12)
     # Keys 3 and 42 took a second step; 7 did not.
     assert np.all(dense[[3, 42]] < rows[[0, 2]]) and np.array_equal(dense[7], rows[1])
+
+
+def test_a_signal_interrupts_a_wait(cluster, table_name):
+    """A signal handler's exception (Ctrl-C's KeyboardInterrupt, here an
+    alarm's) ends a blocked wait within its 100 ms slice; the call goes on
+    and can be waited for again."""
+    import signal
+
+    class Alarm(Exception):
+        pass
+
+    def ring(*_):
+        raise Alarm()
+
+    with pserver.Client(cluster.manager, timeout=30) as a, pserver.Client(cluster.manager, timeout=30) as b:
+        a.create_table(table_name, dim=1, updater="add", consistency="sequential")
+        k = np.array([1], dtype=np.uint64)
+        one = np.ones((1, 1), dtype=np.float32)
+        a.push(table_name, k, one)
+        pending = a.pull_async(table_name, k)  # waits for b's clock 1
+        old = signal.signal(signal.SIGALRM, ring)
+        try:
+            signal.setitimer(signal.ITIMER_REAL, 0.2)
+            t = time.monotonic()
+            with pytest.raises(Alarm):
+                pending.wait()
+            assert time.monotonic() - t < 2.0
+        finally:
+            signal.setitimer(signal.ITIMER_REAL, 0)
+            signal.signal(signal.SIGALRM, old)
+        b.push(table_name, k, one)
+        np.testing.assert_array_equal(pending.wait(timeout=20), [[2.0]])
+
+
+def test_threads_share_a_client(client, table_name):
+    client.create_table(table_name, dim=2, updater="assign")
+    keys = np.arange(1, 5001, dtype=np.uint64) * 7919
+    vals = np.stack([keys.astype(np.float32), -keys.astype(np.float32)], axis=1)
+    client.push(table_name, keys, vals)
+    errors = []
+
+    def reader(seed):
+        rng = np.random.default_rng(seed)
+        try:
+            for _ in range(50):
+                pick = np.unique(rng.choice(keys, size=100))
+                np.testing.assert_array_equal(client.pull(table_name, pick), vals[np.searchsorted(keys, pick)])
+        except Exception as e:  # reported below, in the test's thread
+            errors.append(e)
+
+    threads = [threading.Thread(target=reader, args=(i,)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+    assert not errors, errors
