@@ -157,6 +157,13 @@ enum Cmd {
         /// Most pulls one connection may have waiting here.
         #[arg(long, default_value_t = 4096)]
         max_waiting: usize,
+        /// Most entries the significantly-modified filter remembers of what
+        /// this server sent, over every connection and table (about 40
+        /// bytes each at dim 1); past it the least recently used
+        /// connection's record goes and its next filtered pull comes in
+        /// full. 0 turns the filter off (filtered pulls are answered in full).
+        #[arg(long, default_value_t = pserver_node::server::DEFAULT_SIGNIFICANT_ENTRIES)]
+        significant_entries: usize,
     },
     /// Write a throwaway cluster CA and a node certificate for a test
     /// cluster (ca.pem, ca.key, node.pem, node.key); then run every node
@@ -388,6 +395,7 @@ async fn run(cli: Cli) -> Result<()> {
             apply_threads,
             max_connections,
             max_waiting,
+            significant_entries,
         } => {
             sec.check_listen(&listen)?;
             if max_connections == 0 || max_waiting == 0 {
@@ -399,6 +407,7 @@ async fn run(cli: Cli) -> Result<()> {
             cfg.net = net;
             cfg.limits.max_connections = max_connections;
             cfg.limits.max_waiting = max_waiting;
+            cfg.significant_entries = significant_entries;
             if let Some(t) = apply_threads {
                 cfg.apply_threads = t;
             }

@@ -6,8 +6,9 @@
 //! cluster ever had; and every push must still be applied exactly once.
 
 use pserver_core::UpdaterSpec;
-use pserver_node::worker::{TableOptions, Worker, WorkerConfig};
+use pserver_node::worker::{TableOptions, ValueFilters, Worker, WorkerConfig};
 use std::path::Path;
+use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 mod common;
@@ -152,4 +153,63 @@ fn a_push_that_comes_after_its_client_left_is_refused_not_applied_twice() {
         assert_eq!(other.pull("w", vec![7]).await.unwrap(), [1.0]);
         other.leave().await;
     });
+}
+
+/// Bytes a client receives for the same pull of 4,096 unchanged keys made
+/// twice with the significantly-modified filter on replies, against a
+/// server started with `server_args`: (first pull, second pull).
+fn filtered_pull_bytes(server_args: &[&str]) -> (u64, u64) {
+    let (m, line) = spawn(&["manager", "--listen", "127.0.0.1:0"]);
+    let manager = line.rsplit(' ').next().unwrap().to_string();
+    let mut procs = Procs(vec![(m, line)]);
+    let mut args = vec!["server", "--manager", &manager];
+    args.extend_from_slice(server_args);
+    let (s, line) = spawn(&args);
+    assert!(line.starts_with("server "), "{line}");
+    procs.0.push((s, line));
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        let mut cfg = WorkerConfig::client(manager.clone());
+        cfg.timeout = Duration::from_secs(10);
+        let w = Worker::connect(cfg).await.unwrap();
+        w.create_table("f", TableOptions::new(1, UpdaterSpec::Assign))
+            .await
+            .unwrap();
+        let keys: Vec<u64> = (0..4096).collect();
+        let vals: Vec<f32> = (0..4096).map(|i| i as f32).collect();
+        w.push("f", keys.clone(), vals.clone()).await.unwrap();
+        w.set_value_filters(ValueFilters {
+            significant_pull: Some(0.5),
+            ..ValueFilters::default()
+        })
+        .unwrap();
+        let received = || w.traffic().bytes_received.load(Ordering::Relaxed);
+        let mut bytes = [0; 2];
+        for b in &mut bytes {
+            let before = received();
+            assert_eq!(w.pull("f", keys.clone()).await.unwrap(), vals);
+            *b = received() - before;
+        }
+        w.leave().await;
+        (bytes[0], bytes[1])
+    })
+}
+
+#[test]
+fn the_servers_significant_entries_flag_bounds_the_filter_and_0_turns_it_off() {
+    // By default the second pull of unchanged values comes back nearly
+    // empty (presence bits, no values); with the filter's memory set to 0
+    // the server answers every filtered pull in full.
+    let (first, second) = filtered_pull_bytes(&[]);
+    assert!(second * 4 < first, "filtered: {first} then {second} bytes");
+    let (first_off, second_off) = filtered_pull_bytes(&["--significant-entries", "0"]);
+    assert!(
+        second_off * 10 >= first_off * 9,
+        "filter off: {first_off} then {second_off} bytes"
+    );
+    assert!(first_off >= 4096 * 4, "{first_off} bytes for 4,096 values");
 }
