@@ -1,0 +1,243 @@
+use super::*;
+use std::time::Duration;
+
+fn big_frame() -> Frame {
+    let mut f = Frame::new(Header::new(Kind::Reply));
+    f.vals = vec![1.0; OUTBOX_BYTES / 4 / 4];
+    f
+}
+
+/// Limits with frames of at most `bytes`.
+fn small(bytes: usize) -> Limits {
+    Limits {
+        max_frame: bytes,
+        ..Limits::default()
+    }
+}
+
+/// A request of `n` values.
+fn request(n: usize) -> Frame {
+    let mut f = Frame::new(Header::new(Kind::Push));
+    f.vals = vec![1.0; n];
+    f
+}
+
+/// Answers every frame on `stream` with a reply of `reply_vals(request)`
+/// values, under `limits`.
+fn answer<S>(stream: S, limits: Limits, reply_vals: fn(&Frame) -> usize)
+where
+    S: AsyncRead + AsyncWrite + Send + 'static,
+{
+    let (mut reader, out) = split(stream, limits);
+    tokio::spawn(async move {
+        while let Some(Ok(f)) = reader.next().await {
+            let mut r = Frame::new(Header {
+                request_id: f.header.request_id,
+                ..Header::new(Kind::Reply)
+            });
+            r.vals = vec![2.0; reply_vals(&f)];
+            let _ = out.send(r).await;
+        }
+    });
+}
+
+#[tokio::test]
+async fn a_frame_over_the_limit_is_refused_and_the_connection_goes_on() {
+    let (ours, theirs) = tokio::io::duplex(1 << 16);
+    answer(theirs, Limits::default(), |_| 1);
+    let (peer, _notices) = Peer::from_stream(ours, "them", small(1000));
+    let e = tokio::time::timeout(Duration::from_secs(5), peer.request(request(1000)))
+        .await
+        .expect("refused at once, not left waiting")
+        .unwrap_err();
+    assert!(matches!(e, NodeError::Unsendable { .. }), "{e}");
+    let msg = e.to_string();
+    assert!(
+        msg.contains("them") && msg.contains("1000") && msg.contains("split"),
+        "{msg}"
+    );
+    // Frames after it still go and are answered.
+    let reply = tokio::time::timeout(Duration::from_secs(5), peer.request(request(10)))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(reply.vals, [2.0]);
+}
+
+#[tokio::test]
+async fn a_reply_over_the_limit_fails_its_request_only() {
+    let (ours, theirs) = tokio::io::duplex(1 << 16);
+    // The other side takes big frames; it answers a request of one
+    // value with 5000, too many for this side's 4000-byte frames.
+    answer(theirs, Limits::default(), |f| {
+        if f.vals.len() == 1 { 5000 } else { 1 }
+    });
+    let (peer, _notices) = Peer::from_stream(ours, "them", small(4000));
+    let reply = tokio::time::timeout(Duration::from_secs(5), peer.request(request(1)))
+        .await
+        .expect("the oversized reply ends the wait")
+        .unwrap();
+    let e = crate::proto::reply_control(&reply, "them").unwrap_err();
+    assert!(
+        matches!(
+            &e,
+            NodeError::Remote {
+                code: ErrorCode::Limit,
+                ..
+            }
+        ),
+        "{e}"
+    );
+    assert!(e.to_string().contains("4000"), "{e}");
+    // The connection is still in step: the next reply is read.
+    let reply = tokio::time::timeout(Duration::from_secs(5), peer.request(request(2)))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(reply.vals, [2.0]);
+    assert!(!peer.is_closed());
+}
+
+/// A stream whose reads never complete and whose writes fail: the
+/// peer's socket broke in a way only writing notices.
+struct BrokenWrites;
+
+impl AsyncRead for BrokenWrites {
+    fn poll_read(
+        self: std::pin::Pin<&mut Self>,
+        _: &mut std::task::Context<'_>,
+        _: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::task::Poll::Pending
+    }
+}
+
+impl AsyncWrite for BrokenWrites {
+    fn poll_write(
+        self: std::pin::Pin<&mut Self>,
+        _: &mut std::task::Context<'_>,
+        _: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        std::task::Poll::Ready(Err(std::io::ErrorKind::BrokenPipe.into()))
+    }
+    fn poll_flush(
+        self: std::pin::Pin<&mut Self>,
+        _: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::task::Poll::Ready(Ok(()))
+    }
+    fn poll_shutdown(
+        self: std::pin::Pin<&mut Self>,
+        _: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::task::Poll::Ready(Ok(()))
+    }
+}
+
+#[tokio::test]
+async fn a_failed_writer_fails_the_requests_waiting() {
+    let (peer, _notices) = Peer::from_stream(BrokenWrites, "them", Limits::default());
+    let e = tokio::time::timeout(Duration::from_secs(5), peer.request(request(1)))
+        .await
+        .expect("not left waiting for a reply to a frame that never left")
+        .unwrap_err();
+    assert!(matches!(e, NodeError::Closed(_)), "{e}");
+    assert!(peer.is_closed());
+}
+
+#[tokio::test]
+async fn a_peer_that_never_reads_holds_a_bounded_queue() {
+    // The other end never reads: the writer blocks on its first frame.
+    let (ours, _theirs) = tokio::io::duplex(1024);
+    let (_reader, out) = split(ours, Limits::default());
+    // Three quarter-budget frames fit (one being written, two queued)...
+    for _ in 0..3 {
+        tokio::time::timeout(Duration::from_secs(5), out.send(big_frame()))
+            .await
+            .expect("within the byte budget")
+            .unwrap();
+    }
+    // ...a fourth would pass the budget: it waits, and cannot be forced in.
+    assert!(!out.try_send(big_frame()));
+    let waited = tokio::time::timeout(Duration::from_millis(300), out.send(big_frame())).await;
+    assert!(waited.is_err(), "queued past the byte budget");
+    // Small frames are bounded by count as before, and still go.
+    assert!(out.try_send(Frame::new(Header::new(Kind::Reply))));
+}
+
+/// A listener whose accept fails with `error` every time, counting its
+/// calls; `dropped` fires when the accept loop lets it go.
+struct Failing {
+    error: fn() -> std::io::Error,
+    calls: Arc<std::sync::atomic::AtomicUsize>,
+    _dropped: tokio::sync::oneshot::Sender<()>,
+}
+
+impl crate::net::Listener for Failing {
+    fn accept(&mut self) -> crate::net::IoFuture<'_, (BoxStream, String)> {
+        self.calls.fetch_add(1, Ordering::SeqCst);
+        let e = (self.error)();
+        Box::pin(async move { Err(e) })
+    }
+}
+
+fn failing(
+    error: fn() -> std::io::Error,
+) -> (
+    Failing,
+    Arc<std::sync::atomic::AtomicUsize>,
+    oneshot::Receiver<()>,
+) {
+    let calls = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let (tx, rx) = oneshot::channel();
+    let l = Failing {
+        error,
+        calls: Arc::clone(&calls),
+        _dropped: tx,
+    };
+    (l, calls, rx)
+}
+
+#[tokio::test]
+async fn a_stopped_listener_ends_the_accept_loop_quietly() {
+    // Issue #16 (9): a one-line error of the CLI was followed by two
+    // "accept failed ... the listener stopped" warnings, as the accept
+    // loops of a node whose runtime was stopping kept asking a
+    // handshaking listener whose task had ended.
+    let serve = |_s: BoxStream, _p: String| async {};
+    let (l, calls, gone) = failing(crate::net::ListenerStopped::error);
+    accept_loop(
+        Box::new(l),
+        CancellationToken::new(),
+        Limits::default(),
+        serve,
+    );
+    tokio::time::timeout(Duration::from_secs(2), gone)
+        .await
+        .expect("the accept loop went on asking a stopped listener")
+        .unwrap_err();
+    assert_eq!(calls.load(Ordering::SeqCst), 1);
+    // Through a handshaking listener (the secret's, TLS) as well.
+    let (inner, calls, _gone) = failing(crate::net::ListenerStopped::error);
+    let mut outer = crate::net::handshaking(Box::new(inner), "test", Duration::from_secs(1), |s| {
+        Box::pin(async move { Ok(s) })
+    });
+    let e = tokio::time::timeout(Duration::from_secs(2), outer.accept())
+        .await
+        .unwrap()
+        .map(|_| ())
+        .unwrap_err();
+    assert!(crate::net::stopped(&e), "{e}");
+    assert_eq!(calls.load(Ordering::SeqCst), 1);
+    // Any other failure is retried: the listener is still there.
+    let (l, calls, mut gone) = failing(|| std::io::Error::other("out of descriptors"));
+    let cancel = CancellationToken::new();
+    accept_loop(Box::new(l), cancel.clone(), Limits::default(), serve);
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert!(calls.load(Ordering::SeqCst) > 1);
+    assert!(
+        matches!(gone.try_recv(), Err(oneshot::error::TryRecvError::Empty)),
+        "a passing failure ended the loop"
+    );
+    cancel.cancel();
+}
