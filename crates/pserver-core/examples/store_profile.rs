@@ -51,7 +51,8 @@ fn main() {
     let mut seed = 7;
     let mut clock = 0;
     let vals = vec![1.0f32; KEYS];
-    let mut push = |table: &mut Table, keys: &[u64]| {
+    // With `read`, a push-pull: each key read in the probe that updates it.
+    let mut push_read = |table: &mut Table, keys: &[u64], read: Option<&mut Vec<f32>>| {
         clock += 1;
         let p = Push {
             sender: 1,
@@ -66,7 +67,10 @@ fn main() {
             workers: &[],
             gate: None,
         };
-        table.push(&p, ctx).expect("push");
+        match read {
+            Some(out) => table.push_pull(&p, ctx, out).expect("push-pull"),
+            None => table.push(&p, ctx).expect("push"),
+        };
     };
     let lists: Vec<Vec<u64>> = match keyset.as_str() {
         "small" => vec![list(&mut seed, KEYS, u64::MAX)],
@@ -74,13 +78,13 @@ fn main() {
             let universe = 1u64 << 22;
             let all: Vec<u64> = (0..universe).collect();
             for chunk in all.chunks(KEYS) {
-                push(&mut table, chunk);
+                push_read(&mut table, chunk, None);
             }
             (0..256).map(|_| list(&mut seed, KEYS, universe)).collect()
         }
     };
     for l in &lists {
-        push(&mut table, l);
+        push_read(&mut table, l, None);
     }
     let mut out = Vec::new();
     let started = std::time::Instant::now();
@@ -88,15 +92,14 @@ fn main() {
     for r in 0..requests {
         let l = &lists[r % lists.len()];
         match op.as_str() {
-            "push" => push(&mut table, l),
+            "push" => push_read(&mut table, l, None),
             "pull" => {
                 out.clear();
                 table.pull(l, &mut out);
             }
             _ => {
-                push(&mut table, l);
                 out.clear();
-                table.pull(l, &mut out);
+                push_read(&mut table, l, Some(&mut out));
             }
         }
         keys += l.len();

@@ -133,7 +133,7 @@ impl Store {
         apply: impl Fn(Key) -> bool + Sync,
     ) -> Result<usize, StoreError> {
         self.check_push(keys, vals)?;
-        Ok(self.apply_all(keys.len(), |i| keys[i], vals, apply))
+        Ok(self.apply_all(keys.len(), |i| keys[i], vals, apply, None))
     }
 
     /// [`Store::push`] or [`Store::push_dense`] (`keys: None`) for a push
@@ -148,11 +148,40 @@ impl Store {
         apply: impl Fn(Key) -> bool + Sync,
     ) -> usize {
         match keys {
-            Some(keys) => self.apply_all(keys.len(), |i| keys[i], vals, apply),
+            Some(keys) => self.apply_all(keys.len(), |i| keys[i], vals, apply, None),
             None => {
                 let n = vals.len().checked_div(self.push_width).unwrap_or(0);
-                self.apply_all(n, |i| range.begin + i as Key, vals, apply)
+                self.apply_all(n, |i| range.begin + i as Key, vals, apply, None)
             }
+        }
+    }
+
+    /// [`Store::push_checked`] that also appends every key's weights after
+    /// the push to `out` (`dim` floats a key, in the push's order, as
+    /// [`Store::pull`] would right after it): a push-pull answered from the
+    /// same probe of each key as its update, instead of a second pass over
+    /// the table. Keys `apply` skips read as they are.
+    pub(crate) fn push_checked_read(
+        &mut self,
+        keys: Option<&[Key]>,
+        range: KeyRange,
+        vals: &[f32],
+        apply: impl Fn(Key) -> bool + Sync,
+        out: &mut Vec<f32>,
+    ) -> usize {
+        let n = match keys {
+            Some(keys) => keys.len(),
+            None => vals.len().checked_div(self.push_width).unwrap_or(0),
+        };
+        let start = out.len();
+        let Some(end) = n.checked_mul(self.dim).and_then(|t| t.checked_add(start)) else {
+            return 0;
+        };
+        out.resize(end, 0.0);
+        let dst = Some(&mut out[start..]);
+        match keys {
+            Some(keys) => self.apply_all(n, |i| keys[i], vals, apply, dst),
+            None => self.apply_all(n, |i| range.begin + i as Key, vals, apply, dst),
         }
     }
 
@@ -192,7 +221,7 @@ impl Store {
         self.check_push_dense(range, vals)?;
         // The check passed, so the range's length fits a `usize`.
         let n = vals.len().checked_div(self.push_width).unwrap_or(0);
-        Ok(self.apply_all(n, |i| range.begin + i as Key, vals, apply))
+        Ok(self.apply_all(n, |i| range.begin + i as Key, vals, apply, None))
     }
 
     /// Appends `dim` weights per key to `out`; keys never pushed read as the
@@ -308,26 +337,29 @@ impl Store {
     /// Runs the updater on each key `key_at(i)`, `i < n`, where
     /// `apply(key)`, key `i` taking `vals[i * push_width..][..push_width]`.
     /// The caller has checked that `vals` holds exactly that many floats.
-    /// Returns how many keys were applied.
+    /// With `read`, key `i`'s weights after the push go to
+    /// `read[i * dim..][..dim]` (`n * dim` floats). Returns how many keys
+    /// were applied.
     fn apply_all(
         &mut self,
         n: usize,
         key_at: impl Fn(usize) -> Key + Sync,
         vals: &[f32],
         apply: impl Fn(Key) -> bool + Sync,
+        read: Option<&mut [f32]>,
     ) -> usize {
         // A built-in runs through its own type (see `Updater::builtin`); the
         // loop below is compiled once per built-in.
         match self.updater.builtin() {
-            Some(Builtin::Assign(u)) => self.apply_with(&u, n, &key_at, vals, &apply),
-            Some(Builtin::Add(u)) => self.apply_with(&u, n, &key_at, vals, &apply),
-            Some(Builtin::Sgd(u)) => self.apply_with(&u, n, &key_at, vals, &apply),
-            Some(Builtin::AdaGrad(u)) => self.apply_with(&u, n, &key_at, vals, &apply),
-            Some(Builtin::Ftrl(u)) => self.apply_with(&u, n, &key_at, vals, &apply),
-            Some(Builtin::Prox(u)) => self.apply_with(&u, n, &key_at, vals, &apply),
+            Some(Builtin::Assign(u)) => self.apply_with(&u, n, &key_at, vals, &apply, read),
+            Some(Builtin::Add(u)) => self.apply_with(&u, n, &key_at, vals, &apply, read),
+            Some(Builtin::Sgd(u)) => self.apply_with(&u, n, &key_at, vals, &apply, read),
+            Some(Builtin::AdaGrad(u)) => self.apply_with(&u, n, &key_at, vals, &apply, read),
+            Some(Builtin::Ftrl(u)) => self.apply_with(&u, n, &key_at, vals, &apply, read),
+            Some(Builtin::Prox(u)) => self.apply_with(&u, n, &key_at, vals, &apply, read),
             None => {
                 let u = Arc::clone(&self.updater);
-                self.apply_with(&*u, n, &key_at, vals, &apply)
+                self.apply_with(&*u, n, &key_at, vals, &apply, read)
             }
         }
     }
@@ -340,6 +372,7 @@ impl Store {
         key_at: &(impl Fn(usize) -> Key + Sync),
         vals: &[f32],
         apply: &(impl Fn(Key) -> bool + Sync),
+        mut read: Option<&mut [f32]>,
     ) -> usize {
         let applier = Applier {
             updater: u,
@@ -351,8 +384,12 @@ impl Store {
             apply,
             n,
         };
+        let one_thread = |shards: &mut [Rows], read: Option<&mut [f32]>| match read {
+            Some(out) => applier.run(shards, &mut ReadAt { out, dim: self.dim }),
+            None => applier.run(shards, &mut NoRead),
+        };
         if self.threads == 1 || n < PARALLEL_MIN_KEYS {
-            return applier.run(&mut self.shards, 0, SHARDS);
+            return one_thread(&mut self.shards, read);
         }
         // Each thread owns a run of shards and applies the keys that fall
         // in them, which are sorted out first so that no thread scans the
@@ -364,39 +401,64 @@ impl Store {
             .ok()
             .and_then(|_| group_positions(n, groups, key_at));
         let Some((pos, starts)) = grouped else {
-            return applier.run(&mut self.shards, 0, SHARDS);
+            return one_thread(&mut self.shards, read);
         };
+        let reads = read.is_some();
+        let dim = self.dim;
         let applier = &applier;
+        // A thread's keys are scattered over the push, so a thread that
+        // reads back collects its weights in its own order; they are put in
+        // place once every thread is done.
         let part = |g: usize| {
             let mine = pos.get(starts[g]..starts[g + 1]).unwrap_or(&[]);
             move |shards: &mut [Rows]| {
-                applier.run_at(shards, g * per, per, mine.len(), |j| mine[j] as usize)
+                let at = |j: usize| mine[j] as usize;
+                if reads {
+                    let mut got = Collect {
+                        vals: Vec::with_capacity(mine.len() * dim),
+                        dim,
+                    };
+                    let applied = applier.run_at(shards, g * per, mine.len(), at, &mut got);
+                    (applied, got.vals)
+                } else {
+                    let applied = applier.run_at(shards, g * per, mine.len(), at, &mut NoRead);
+                    (applied, Vec::new())
+                }
             }
         };
-        let (mut applied, refused) = std::thread::scope(|scope| {
+        let (mut done, refused) = std::thread::scope(|scope| {
             let mut groups = self.shards.chunks_mut(per).enumerate();
             let mut refused = Vec::new();
             let mut spawned = Vec::new();
             let Some((_, first)) = groups.next() else {
-                return (0, refused);
+                return (Vec::new(), refused);
             };
             for (g, group) in groups {
                 let work = part(g);
-                match std::thread::Builder::new().spawn_scoped(scope, move || work(group)) {
+                match std::thread::Builder::new().spawn_scoped(scope, move || (g, work(group))) {
                     Ok(h) => spawned.push(h),
                     Err(_) => refused.push(g),
                 }
             }
-            let mut applied = part(0)(first);
+            let mut done = vec![(0, part(0)(first))];
             for h in spawned {
-                applied += h.join().unwrap_or_else(|e| std::panic::resume_unwind(e));
+                done.push(h.join().unwrap_or_else(|e| std::panic::resume_unwind(e)));
             }
-            (applied, refused)
+            (done, refused)
         });
         // Where the OS refused a thread, those shards are done here.
         for g in refused {
             if let Some(group) = self.shards.chunks_mut(per).nth(g) {
-                applied += part(g)(group);
+                done.push((g, part(g)(group)));
+            }
+        }
+        let mut applied = 0;
+        for (g, (count, got)) in done {
+            applied += count;
+            if let (Some(out), Some(mine)) =
+                (read.as_deref_mut(), pos.get(starts[g]..starts[g + 1]))
+            {
+                scatter(out, dim, mine, &got);
             }
         }
         applied
@@ -552,25 +614,47 @@ struct Applier<'a, U: ?Sized, K, A> {
 impl<U: Updater + ?Sized, K: Fn(usize) -> Key + Sync, A: Fn(Key) -> bool + Sync>
     Applier<'_, U, K, A>
 {
-    /// Applies the keys whose shard is in `first..first + shards.len()`,
-    /// `shards` being those shards in order. Returns how many were applied.
-    fn run(&self, shards: &mut [Rows], first: usize, count: usize) -> usize {
-        self.run_at(shards, first, count, self.n, |j| j)
+    /// Applies every key of the push, `shards` being all the store's
+    /// shards. Returns how many were applied.
+    fn run(&self, shards: &mut [Rows], read: &mut impl ReadBack) -> usize {
+        self.run_at(shards, 0, self.n, |j| j, read)
     }
 
     /// Applies keys `at(0)`, `at(1)`, ... `at(m - 1)` (positions in the
-    /// push, ascending), all of whose shards are in `first..first + count`,
-    /// `shards` being those shards in order. Returns how many were applied.
+    /// push, ascending), all of whose shards are in `first..first +
+    /// shards.len()`, `shards` being those shards in order; `read` gets
+    /// each key's weights after its update. Returns how many were applied.
     fn run_at(
         &self,
         shards: &mut [Rows],
         first: usize,
-        count: usize,
         m: usize,
         at: impl Fn(usize) -> usize,
+        read: &mut impl ReadBack,
+    ) -> usize {
+        // The probe compiled for the common row widths (1 to 3 floats:
+        // weights of dim 1 with up to 2 floats of state), so its index
+        // arithmetic is constant; any other width reads it from the rows.
+        match shards.first().map(Rows::stride) {
+            Some(3) => self.run_in::<3, _>(shards, first, m, at, read),
+            Some(4) => self.run_in::<4, _>(shards, first, m, at, read),
+            Some(5) => self.run_in::<5, _>(shards, first, m, at, read),
+            _ => self.run_in::<0, _>(shards, first, m, at, read),
+        }
+    }
+
+    /// [`Applier::run_at`] for rows of `S` cells a bucket (0: any).
+    #[inline(always)]
+    fn run_in<const S: usize, R: ReadBack>(
+        &self,
+        shards: &mut [Rows],
+        first: usize,
+        m: usize,
+        at: impl Fn(usize) -> usize,
+        read: &mut R,
     ) -> usize {
         let (pw, dim, init) = (self.push_width, self.dim, self.init);
-        debug_assert!(first + count <= SHARDS && shards.len() == count);
+        debug_assert!(first + shards.len() <= SHARDS);
         let mut applied = 0;
         // The hash of each key is computed once, when it is prefetched,
         // and kept in a ring until its turn.
@@ -594,6 +678,12 @@ impl<U: Updater + ?Sized, K: Fn(usize) -> Key + Sync, A: Fn(Key) -> bool + Sync>
             };
             let key = (self.key_at)(i);
             if !(self.apply)(key) {
+                if R::READS {
+                    match rows.get_hashed_in::<S>(key, h) {
+                        Some(slot) => read.put(i, &slot[..dim]),
+                        None => read.put_initial(i, init, key),
+                    }
+                }
                 continue;
             }
             let Some(push) = self.vals.get(i * pw..i * pw + pw) else {
@@ -601,15 +691,108 @@ impl<U: Updater + ?Sized, K: Fn(usize) -> Key + Sync, A: Fn(Key) -> bool + Sync>
             };
             // A new key starts from its initial weights and zero state.
             let Some(slot) =
-                rows.get_or_insert_hashed(key, h, |s| initial(init, key, &mut s[..dim]))
+                rows.get_or_insert_hashed_in::<S>(key, h, |s| initial(init, key, &mut s[..dim]))
             else {
+                // No memory for it: it is skipped, and reads as new.
+                if R::READS {
+                    read.put_initial(i, init, key);
+                }
                 continue;
             };
             let (weights, state) = slot.split_at_mut(dim);
             self.updater.apply(weights, state, push);
+            if R::READS {
+                read.put(i, weights);
+            }
             applied += 1;
         }
         applied
+    }
+}
+
+/// Where a push's applier puts each key's weights after its update: a
+/// push-pull reads them in the same probe as the update. Compiled per
+/// kind, so a plain push ([`NoRead`]) pays nothing for it.
+trait ReadBack {
+    /// Whether anything is read (false: the applier skips reading).
+    const READS: bool;
+    /// Key `i` of the push has weights `w`.
+    fn put(&mut self, i: usize, w: &[f32]);
+    /// Key `i` of the push, `key`, is not stored: it reads as new.
+    fn put_initial(&mut self, i: usize, init: &Init, key: Key);
+}
+
+/// A plain push: nothing read back.
+struct NoRead;
+
+impl ReadBack for NoRead {
+    const READS: bool = false;
+    #[inline(always)]
+    fn put(&mut self, _: usize, _: &[f32]) {}
+    #[inline(always)]
+    fn put_initial(&mut self, _: usize, _: &Init, _: Key) {}
+}
+
+/// Weights in place: key `i`'s at `out[i * dim..][..dim]`.
+struct ReadAt<'a> {
+    out: &'a mut [f32],
+    dim: usize,
+}
+
+impl ReadBack for ReadAt<'_> {
+    const READS: bool = true;
+    #[inline(always)]
+    fn put(&mut self, i: usize, w: &[f32]) {
+        let dim = self.dim;
+        if let Some(dst) = self.out.get_mut(i * dim..i * dim + dim) {
+            if let ([d], [v, ..]) = (&mut *dst, w) {
+                *d = *v;
+            } else {
+                dst.copy_from_slice(&w[..dim]);
+            }
+        }
+    }
+    #[inline]
+    fn put_initial(&mut self, i: usize, init: &Init, key: Key) {
+        let dim = self.dim;
+        if let Some(dst) = self.out.get_mut(i * dim..i * dim + dim) {
+            initial(init, key, dst);
+        }
+    }
+}
+
+/// Weights in the order the applier visits its keys (one thread's share of
+/// a push, put in place afterwards by [`scatter`]).
+struct Collect {
+    vals: Vec<f32>,
+    dim: usize,
+}
+
+impl ReadBack for Collect {
+    const READS: bool = true;
+    #[inline(always)]
+    fn put(&mut self, _: usize, w: &[f32]) {
+        self.vals.extend_from_slice(&w[..self.dim]);
+    }
+    #[inline]
+    fn put_initial(&mut self, _: usize, init: &Init, key: Key) {
+        let start = self.vals.len();
+        self.vals.resize(start + self.dim, 0.0);
+        initial(init, key, &mut self.vals[start..]);
+    }
+}
+
+/// Puts one thread's collected weights (`got`, `dim` floats for each of
+/// the positions `mine`, in that order) in place in `out`.
+fn scatter(out: &mut [f32], dim: usize, mine: &[u32], got: &[f32]) {
+    if dim == 0 {
+        return;
+    }
+    for (&p, w) in mine.iter().zip(got.chunks_exact(dim)) {
+        let p = p as usize;
+        if let Some(dst) = out.get_mut(p * dim..p * dim + dim) {
+            dst.copy_from_slice(w);
+        }
     }
 }
 

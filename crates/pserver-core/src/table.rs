@@ -325,6 +325,31 @@ impl Table {
     /// `ctx.aggregate`), then records its clock and applies the sums it
     /// completed. A refused push changes nothing, its clock included.
     pub fn push(&mut self, p: &Push<'_>, ctx: PushCtx<'_>) -> Result<Pushed, TableError> {
+        self.push_into(p, ctx, None)
+    }
+
+    /// [`Table::push`], then the weights of its keys (or of its dense
+    /// range) after it appended to `out`, as [`Table::pull`] would give
+    /// them: a push-pull's two halves. A push the table applies itself
+    /// reads each key in the same probe as its update (one pass over the
+    /// table, not two); a summed one is read after it. A refused push
+    /// appends nothing.
+    pub fn push_pull(
+        &mut self,
+        p: &Push<'_>,
+        ctx: PushCtx<'_>,
+        out: &mut Vec<f32>,
+    ) -> Result<Pushed, TableError> {
+        self.push_into(p, ctx, Some(out))
+    }
+
+    /// [`Table::push`] reading back into `out` when given.
+    fn push_into(
+        &mut self,
+        p: &Push<'_>,
+        ctx: PushCtx<'_>,
+        mut out: Option<&mut Vec<f32>>,
+    ) -> Result<Pushed, TableError> {
         let name = self.store.spec().name.clone();
         let table = || name.clone();
         if p.clock == 0 {
@@ -346,6 +371,9 @@ impl Table {
         let fresh = self.clock.fresh(p.sender, p.range, p.clock);
         if fresh.is_empty() {
             if p.retry {
+                if let Some(out) = out {
+                    self.read(p, out);
+                }
                 return Ok(Pushed {
                     duplicate: total,
                     ..Pushed::default()
@@ -368,7 +396,12 @@ impl Table {
                 Keys::List(keys) => Some(keys),
                 Keys::Dense => None,
             };
-            self.store.push_checked(keys, p.range, p.vals, in_fresh)
+            match out.take() {
+                Some(out) => self
+                    .store
+                    .push_checked_read(keys, p.range, p.vals, in_fresh, out),
+                None => self.store.push_checked(keys, p.range, p.vals, in_fresh),
+            }
         };
         self.clock.record(p.sender, p.range, p.clock);
         let flushed = if ctx.aggregate {
@@ -376,6 +409,10 @@ impl Table {
         } else {
             Vec::new()
         };
+        // A summed push (not taken above) is read once its sums are applied.
+        if let Some(out) = out {
+            self.read(p, out);
+        }
         Ok(Pushed {
             applied: applied as u64,
             duplicate: total - applied as u64,
@@ -624,6 +661,14 @@ impl Table {
         self.store.pull(keys, out);
     }
 
+    /// The weights of a push's keys (or its dense range), appended to `out`.
+    fn read(&self, p: &Push<'_>, out: &mut Vec<f32>) {
+        match p.keys {
+            Keys::List(keys) => self.store.pull(keys, out),
+            Keys::Dense => self.store.pull_dense(p.range, out),
+        }
+    }
+
     /// Dense pull: appends `dim` weights for every key of `range`.
     pub fn pull_dense(&self, range: KeyRange, out: &mut Vec<f32>) {
         self.store.pull_dense(range, out);
@@ -808,6 +853,72 @@ mod tests {
         assert_eq!(r.flushed.len(), 1);
         assert_eq!(pull(&t, &[5, 6]), [11.0, 11.0]);
         assert!(t.ready(kr(0, 100), 2, &workers));
+    }
+
+    #[test]
+    fn a_push_pull_reads_what_a_pull_after_the_push_reads() {
+        let mut t = table(UpdaterSpec::Add, false);
+        let keys = [1, 2, 3];
+        let p = |c| push(7, c, &keys, &[1.0, 2.0, 3.0]);
+        let mut out = vec![9.0];
+        let r = t.push_pull(&p(1), NOW, &mut out).unwrap();
+        assert_eq!(r.applied, 3);
+        assert_eq!(out, [9.0, 1.0, 2.0, 3.0], "appended after what was there");
+        // A retry of an applied clock applies nothing and still reads.
+        let retry = Push {
+            retry: true,
+            ..p(1)
+        };
+        let mut out = Vec::new();
+        let r = t.push_pull(&retry, NOW, &mut out).unwrap();
+        assert_eq!((r.applied, r.duplicate), (0, 3));
+        assert_eq!(out, [1.0, 2.0, 3.0]);
+        // A refused push (a duplicate without the retry flag) reads nothing.
+        let mut out = Vec::new();
+        assert!(t.push_pull(&p(1), NOW, &mut out).is_err());
+        assert!(out.is_empty());
+        // Part of a push already applied (an earlier slice over [0, 2) at
+        // clock 2): those keys are read as they are, the rest updated.
+        let early = Push {
+            range: kr(0, 2),
+            ..push(7, 2, &keys[..1], &[10.0])
+        };
+        t.push(&early, NOW).unwrap();
+        let mut out = Vec::new();
+        let r = t.push_pull(&p(2), NOW, &mut out).unwrap();
+        assert_eq!((r.applied, r.duplicate), (2, 1));
+        assert_eq!(out, [11.0, 4.0, 6.0]);
+        assert_eq!(pull(&t, &keys), out);
+        // Dense.
+        let dense = Push {
+            range: kr(40, 43),
+            keys: Keys::Dense,
+            ..push(7, 3, &[], &[1.0, 1.0, 1.0])
+        };
+        let mut out = Vec::new();
+        t.push_pull(&dense, NOW, &mut out).unwrap();
+        assert_eq!(out, [1.0, 1.0, 1.0]);
+    }
+
+    #[test]
+    fn a_summed_push_pull_reads_after_the_sums_it_completes() {
+        let mut t = table(UpdaterSpec::Add, true);
+        let workers = [1, 2];
+        let ctx = PushCtx {
+            aggregate: true,
+            workers: &workers,
+            gate: None,
+        };
+        let mut out = Vec::new();
+        t.push_pull(&push(1, 1, &[5], &[1.0]), ctx, &mut out)
+            .unwrap();
+        assert_eq!(out, [0.0], "summed, not applied yet");
+        let mut out = Vec::new();
+        let r = t
+            .push_pull(&push(2, 1, &[5], &[2.0]), ctx, &mut out)
+            .unwrap();
+        assert_eq!(r.flushed.len(), 1);
+        assert_eq!(out, [3.0], "the sum this push completed is applied first");
     }
 
     #[test]

@@ -397,3 +397,68 @@ fn the_push_checks_find_the_first_bad_place_in_any_block() {
         ));
     }
 }
+
+#[test]
+fn a_push_read_back_is_the_push_then_a_pull() {
+    // Every row width the probe is compiled for (1 to 3 floats) and one it
+    // is not, on one thread and on several (a push big enough for the
+    // threaded path), with keys the filter skips (read, not updated),
+    // keys new and old, and a dense push.
+    let cases = [
+        (1, UpdaterSpec::Assign),
+        (1, UpdaterSpec::AdaGrad { lr: 0.5, eps: 1.0 }),
+        (
+            1,
+            UpdaterSpec::Ftrl {
+                alpha: 0.1,
+                beta: 1.0,
+                l1: 0.01,
+                l2: 0.1,
+            },
+        ),
+        (3, UpdaterSpec::Sgd { lr: 0.1 }),
+    ];
+    let init = Init::Uniform {
+        scale: 0.1,
+        seed: 9,
+    };
+    for (dim, spec) in cases {
+        for threads in [1, 2] {
+            let mut plain = store(dim, init.clone(), spec.clone()).with_threads(threads);
+            let mut fused = store(dim, init.clone(), spec.clone()).with_threads(threads);
+            let pw = plain.push_width();
+            let n = PARALLEL_MIN_KEYS + 1_001;
+            for round in 0..3u64 {
+                // Skipped keys differ by round, so some are stored.
+                let skip = |k: Key| !(k + round).is_multiple_of(7);
+                // Each round half old keys, half new ones.
+                let keys: Vec<Key> = (0..n as u64).map(|i| i + round * n as u64 / 2).collect();
+                let vals: Vec<f32> = (0..n * pw)
+                    .map(|i| ((i as u64 + round) % 11) as f32 * 0.25 - 1.0)
+                    .collect();
+                let a = plain.push(&keys, &vals, skip).unwrap();
+                let mut got = vec![42.0];
+                let b = fused.push_checked_read(Some(&keys), KeyRange::ALL, &vals, skip, &mut got);
+                assert_eq!(a, b, "dim {dim} threads {threads}");
+                assert_eq!(got[0], 42.0, "appended, not overwritten");
+                assert_eq!(
+                    got[1..],
+                    pull(&plain, &keys)[..],
+                    "dim {dim} threads {threads}"
+                );
+            }
+            let r = KeyRange::new(10, 10 + 3_000).unwrap();
+            let vals = vec![0.5; 3_000 * pw];
+            plain.push_dense(r, &vals, all).unwrap();
+            let mut got = Vec::new();
+            fused.push_checked_read(None, r, &vals, all, &mut got);
+            let mut want = Vec::new();
+            plain.pull_dense(r, &mut want);
+            assert_eq!(got, want);
+            assert_eq!(
+                plain.entries_in(KeyRange::ALL),
+                fused.entries_in(KeyRange::ALL)
+            );
+        }
+    }
+}

@@ -202,12 +202,24 @@ impl ServerCore {
         if self.lends(&plan) {
             return self.lend(conn, plan).map(|()| None);
         }
-        let pushed = if op.pushes() {
-            Some(self.push(&plan.frame)?)
-        } else {
-            None
+        // A push-pull reads its keys in the same pass over the table as it
+        // updates them; the reply is made here when the pull may be
+        // answered at once (else it waits, and reads again when it goes).
+        let (pushed, pulled) = match op {
+            Op::PushPull => {
+                let mut vals = Vec::new();
+                let pushed = self.push_into(&plan.frame, Some(&mut vals))?;
+                let ready = self.ready(&plan.frame.header, consistency);
+                let reply = ready.then(|| {
+                    let ctrl = pull_ctrl(Some(pushed));
+                    reply_with(&plan.frame.header, ctrl, vals, self.id, self.map.epoch)
+                });
+                (Some(pushed), reply)
+            }
+            op if op.pushes() => (Some(self.push(&plan.frame)?), None),
+            _ => (None, None),
         };
-        Ok(self.after_push(conn, plan, pushed, None, None))
+        Ok(self.after_push(conn, plan, pushed, None, pulled))
     }
 
     /// The rest of a data request once its push part (if any) is applied:
@@ -363,6 +375,16 @@ impl ServerCore {
     /// Applies a push (already admitted) through its table. Returns
     /// (applied, duplicate) key counts.
     pub(super) fn push(&mut self, frame: &Frame) -> Result<(u64, u64), Refusal> {
+        self.push_into(frame, None)
+    }
+
+    /// [`ServerCore::push`] that, given `read`, appends the weights of the
+    /// push's keys after it there (a push-pull; see `Table::push_pull`).
+    fn push_into(
+        &mut self,
+        frame: &Frame,
+        read: Option<&mut Vec<f32>>,
+    ) -> Result<(u64, u64), Refusal> {
         let h = &frame.header;
         let gate = self.gate();
         let table = match self.tables.get_mut(&h.table) {
@@ -382,7 +404,10 @@ impl ServerCore {
             workers: &workers,
             gate: gate.as_deref(),
         };
-        let pushed = table.push(&push, ctx)?;
+        let pushed = match read {
+            Some(out) => table.push_pull(&push, ctx, out)?,
+            None => table.push(&push, ctx)?,
+        };
         self.applied
             .extend(pushed.flushed.into_iter().map(|a| (h.table, a)));
         Ok((pushed.applied, pushed.duplicate))
@@ -592,19 +617,33 @@ pub(crate) fn pull_reply(
     epoch: u64,
 ) -> Frame {
     let h = &frame.header;
+    let dim = t.spec().dim as usize;
+    let mut vals = Vec::new();
+    if h.dense() {
+        vals.reserve(h.range.len() as usize * dim);
+        t.pull_dense(h.range, &mut vals);
+    } else {
+        vals.reserve(frame.keys.len() * dim);
+        t.pull(&frame.keys, &mut vals);
+    }
+    reply_with(h, frame.ctrl.clone(), vals, me, epoch)
+}
+
+/// The reply to the pull of header `h` carrying `vals` (its keys' weights,
+/// in order) and control section `ctrl`.
+pub(crate) fn reply_with(
+    h: &Header,
+    ctrl: bytes::Bytes,
+    vals: Vec<f32>,
+    me: pserver_core::NodeId,
+    epoch: u64,
+) -> Frame {
     let mut reply = Frame::new(reply_header(h, Kind::Reply, me, epoch));
     // Set only when this server kept the pull's key list (see `data`);
     // `FLAG_PACK_REPLY` is taken off by the runtime, which packs.
     reply.header.flags = h.flags & (FLAG_CACHE_KEYS | FLAG_PACK_REPLY);
-    reply.ctrl = frame.ctrl.clone();
-    let dim = t.spec().dim as usize;
-    if h.dense() {
-        reply.vals.reserve(h.range.len() as usize * dim);
-        t.pull_dense(h.range, &mut reply.vals);
-    } else {
-        reply.vals.reserve(frame.keys.len() * dim);
-        t.pull(&frame.keys, &mut reply.vals);
-    }
+    reply.ctrl = ctrl;
+    reply.vals = vals;
     reply
 }
 

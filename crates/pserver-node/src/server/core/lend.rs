@@ -14,7 +14,7 @@
 //! every table queue behind it, so each table sees its requests in the
 //! order they arrived. The queue drains, in order, when the work returns.
 
-use super::data::{Plan, as_push, pull_ctrl, pull_reply};
+use super::data::{Plan, as_push, pull_ctrl, pull_reply, reply_with};
 use super::request::{Op, Request};
 use super::{ConnId, Effect, Refusal, ServerCore};
 use crate::snapshot::RangePart;
@@ -132,13 +132,23 @@ impl DataJob {
             slots: None,
             pulled: None,
         };
+        let mut read = None;
         if self.plan.op.pushes() {
             let ctx = PushCtx {
                 aggregate: self.plan.aggregated,
                 workers: &self.workers,
                 gate: self.gate.as_deref(),
             };
-            let pushed = table.push(&as_push(frame), ctx);
+            // A push-pull reads in the same pass as it updates (see
+            // `Table::push_pull`), kept for the reply if it may go now.
+            let pushed = if self.plan.op == Op::PushPull {
+                let mut vals = Vec::new();
+                let pushed = table.push_pull(&as_push(frame), ctx, &mut vals);
+                read = Some(vals);
+                pushed
+            } else {
+                table.push(&as_push(frame), ctx)
+            };
             if pushed.is_ok() && self.slots {
                 let keys: Vec<u64> = if h.dense() {
                     (h.range.begin..h.range.end).collect()
@@ -160,11 +170,17 @@ impl DataJob {
                     .as_ref()
                     .and_then(|p| p.as_ref().ok())
                     .map(|p| (p.applied, p.duplicate));
-                let mut q = Frame::new(h);
-                q.keys = std::mem::take(&mut frame.keys);
-                q.ctrl = pull_ctrl(ack);
-                outcome.pulled = Some(pull_reply(table, &q, self.me, self.epoch));
-                frame.keys = q.keys;
+                outcome.pulled = Some(match read {
+                    Some(vals) => reply_with(&h, pull_ctrl(ack), vals, self.me, self.epoch),
+                    None => {
+                        let mut q = Frame::new(h);
+                        q.keys = std::mem::take(&mut frame.keys);
+                        q.ctrl = pull_ctrl(ack);
+                        let reply = pull_reply(table, &q, self.me, self.epoch);
+                        frame.keys = q.keys;
+                        reply
+                    }
+                });
             }
         }
         outcome
