@@ -775,16 +775,25 @@ pub async fn predict(args: PredictArgs) -> Result<()> {
     Ok(())
 }
 
-/// Waits until the manager at `manager` has `n` live servers, at most
-/// `limit`; the error says how many came.
+/// Waits until the manager at `manager` answers and has `n` live servers,
+/// at most `limit`; the error says how many came.
 async fn wait_for_servers(
     manager: &str,
     net: &pserver_node::net::Net,
     n: usize,
     limit: Duration,
 ) -> Result<()> {
-    let w = crate::client(manager, net).await?;
     let start = std::time::Instant::now();
+    // The manager may not be up yet either.
+    let w = loop {
+        match crate::client(manager, net).await {
+            Ok(w) => break w,
+            Err(e) if start.elapsed() > limit => {
+                return Err(e.context(format!("waiting {} s for servers", limit.as_secs())));
+            }
+            Err(_) => tokio::time::sleep(Duration::from_millis(200)).await,
+        }
+    };
     let result = loop {
         let map = w.refresh().await.context("reading the map")?;
         let live = map
