@@ -309,3 +309,31 @@ fn a_tfjob_of_processes_given_only_tf_config_trains_to_the_end() {
         assert!(s.child.try_wait().unwrap().is_none(), "{} exited", s.name);
     }
 }
+
+#[test]
+fn a_scheduler_waits_for_the_servers_it_is_told_of_and_says_how_many_came() {
+    let mut m = Proc::start(
+        "manager",
+        &["manager"],
+        &[("PSERVER_LISTEN", "127.0.0.1:0")],
+    );
+    let line = m.wait_for("manager listening on", Duration::from_secs(20));
+    let addr = line.rsplit(' ').next().unwrap().to_string();
+    let started = Instant::now();
+    let (ok, _, err) = run_env(
+        &["train", "--wait-servers", "1", "--wait-servers-secs", "1"],
+        &[("PSERVER_MANAGER", &addr)],
+    );
+    assert!(!ok, "{err}");
+    assert!(
+        err.contains("0 of the 1 servers of --wait-servers are live after 1 s"),
+        "{err}"
+    );
+    assert!(started.elapsed() < Duration::from_secs(20));
+    // A local cluster has its servers from the start.
+    let (ok, _, err) = run_env(&["train", "--wait-servers", "1"], &[]);
+    assert!(
+        !ok && err.contains("--wait-servers needs --manager"),
+        "{err}"
+    );
+}
