@@ -261,7 +261,8 @@ def variables_of(command):
             timeout=30,
             check=True,
         ).stdout
-        _HELP[command] = set(re.findall(r"\[env: ([A-Z0-9_]+)", out))
+        # (clap may wrap a line between "[env:" and the name.)
+        _HELP[command] = set(re.findall(r"\[env:\s+([A-Z0-9_]+)", out))
         if not _HELP[command]:
             raise AssertionError(f"pserver {command} --help lists no variable:\n{out}")
     return _HELP[command]
