@@ -333,6 +333,7 @@ pub(crate) async fn local_agents(
             advertise: None,
             data: Vec::new(),
             net: cfg.net.clone(),
+            exit_after_jobs: None,
         })
         .await
         .map_err(|e| TrainError::Config(e.to_string()))?;

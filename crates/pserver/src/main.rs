@@ -10,9 +10,11 @@ mod relay;
 mod security;
 mod soak;
 mod status;
+mod tf_config;
+mod tfjob;
 mod train;
 
-use anyhow::{Context, Result};
+use anyhow::{Context, Result, anyhow};
 use clap::{Parser, Subcommand};
 use pserver_apps::job::agent::{Agent, AgentConfig};
 use pserver_core::membership::MembershipConfig;
@@ -43,28 +45,28 @@ struct Cli {
 #[derive(clap::Args, Debug, Clone)]
 struct ManagerOpts {
     /// Replicas per key range (chain replication).
-    #[arg(long, default_value_t = 0)]
+    #[arg(long, env = "PSERVER_REPLICAS", default_value_t = 0)]
     replicas: usize,
     /// Virtual nodes per server on the ring.
-    #[arg(long, default_value_t = 16)]
+    #[arg(long, env = "PSERVER_VNODES", default_value_t = 16)]
     vnodes: u32,
     /// A node silent this long (ms) is declared dead.
-    #[arg(long, default_value_t = 2000)]
+    #[arg(long, env = "PSERVER_LEASE_MS", default_value_t = 2000)]
     lease_ms: u64,
     /// Largest frame accepted, in MiB.
-    #[arg(long, default_value_t = 256)]
+    #[arg(long, env = "PSERVER_MAX_FRAME_MIB", default_value_t = 256)]
     max_frame_mib: usize,
     /// Most connections each node serves at once.
-    #[arg(long, default_value_t = 1024)]
+    #[arg(long, env = "PSERVER_MAX_CONNECTIONS", default_value_t = 1024)]
     max_connections: usize,
     /// Most pulls one connection may have waiting on a server.
-    #[arg(long, default_value_t = 4096)]
+    #[arg(long, env = "PSERVER_MAX_WAITING", default_value_t = 4096)]
     max_waiting: usize,
     /// Most tables the cluster holds.
-    #[arg(long, default_value_t = pserver_core::membership::MAX_TABLES)]
+    #[arg(long, env = "PSERVER_MAX_TABLES", default_value_t = pserver_core::membership::MAX_TABLES)]
     max_tables: usize,
     /// Widest table (floats per key) the cluster creates.
-    #[arg(long, default_value_t = pserver_core::spec::MAX_DIM as usize)]
+    #[arg(long, env = "PSERVER_MAX_DIM", default_value_t = pserver_core::spec::MAX_DIM as usize)]
     max_dim: usize,
 }
 
@@ -122,15 +124,15 @@ enum Cmd {
     /// Run the manager: cluster map, leases, tables, barriers.
     Manager {
         /// Address to listen on.
-        #[arg(long, default_value = DEFAULT_MANAGER)]
+        #[arg(long, env = "PSERVER_LISTEN", default_value = DEFAULT_MANAGER)]
         listen: String,
         /// Keep the cluster's state (map, tables, epoch) in this file and
         /// recover it after a restart: servers and workers rejoin.
-        #[arg(long)]
+        #[arg(long, env = "PSERVER_STATE")]
         state: Option<std::path::PathBuf>,
         /// Load this checkpoint once the first server has registered (it is
         /// checked before the manager starts).
-        #[arg(long)]
+        #[arg(long, env = "PSERVER_RESTORE")]
         restore: Option<std::path::PathBuf>,
         #[command(flatten)]
         opts: ManagerOpts,
@@ -138,31 +140,31 @@ enum Cmd {
     /// Run a server that holds key ranges of every table.
     Server {
         /// The manager's address.
-        #[arg(long, default_value = DEFAULT_MANAGER)]
+        #[arg(long, env = "PSERVER_MANAGER", default_value = DEFAULT_MANAGER)]
         manager: String,
         /// Address to listen on (port 0 picks a free one).
-        #[arg(long, default_value = "127.0.0.1:0")]
+        #[arg(long, env = "PSERVER_LISTEN", default_value = "127.0.0.1:0")]
         listen: String,
         /// The address the cluster map gives for this server, if not the
         /// one bound (say, when listening on 0.0.0.0, or behind a relay).
-        #[arg(long)]
+        #[arg(long, env = "PSERVER_ADVERTISE")]
         advertise: Option<String>,
         /// Threads one large push or pull may use (default: the machine's
         /// cores; 1 keeps each request on one thread).
-        #[arg(long)]
+        #[arg(long, env = "PSERVER_APPLY_THREADS")]
         apply_threads: Option<usize>,
         /// Most connections this server serves at once.
-        #[arg(long, default_value_t = 1024)]
+        #[arg(long, env = "PSERVER_MAX_CONNECTIONS", default_value_t = 1024)]
         max_connections: usize,
         /// Most pulls one connection may have waiting here.
-        #[arg(long, default_value_t = 4096)]
+        #[arg(long, env = "PSERVER_MAX_WAITING", default_value_t = 4096)]
         max_waiting: usize,
         /// Most entries the significantly-modified filter remembers of what
         /// this server sent, over every connection and table (about 40
         /// bytes each at dim 1); past it the least recently used
         /// connection's record goes and its next filtered pull comes in
         /// full. 0 turns the filter off (filtered pulls are answered in full).
-        #[arg(long, default_value_t = pserver_node::server::DEFAULT_SIGNIFICANT_ENTRIES)]
+        #[arg(long, env = "PSERVER_SIGNIFICANT_ENTRIES", default_value_t = pserver_node::server::DEFAULT_SIGNIFICANT_ENTRIES)]
         significant_entries: usize,
     },
     /// Write a throwaway cluster CA and a node certificate for a test
@@ -178,7 +180,7 @@ enum Cmd {
     /// Create tables, push and pull from the command line.
     Kv {
         /// The manager's address (before or after the subcommand).
-        #[arg(long, default_value = DEFAULT_MANAGER, global = true)]
+        #[arg(long, env = "PSERVER_MANAGER", default_value = DEFAULT_MANAGER, global = true)]
         manager: String,
         #[command(subcommand)]
         cmd: kv::KvCmd,
@@ -189,24 +191,28 @@ enum Cmd {
     /// reads from this machine.
     Worker {
         /// The manager's address.
-        #[arg(long, default_value = DEFAULT_MANAGER)]
+        #[arg(long, env = "PSERVER_MANAGER", default_value = DEFAULT_MANAGER)]
         manager: String,
         /// Address to take tasks on (port 0 picks a free one).
-        #[arg(long, default_value = "127.0.0.1:0")]
+        #[arg(long, env = "PSERVER_LISTEN", default_value = "127.0.0.1:0")]
         listen: String,
         /// The address schedulers dial, if not the one bound (say, when
         /// listening on 0.0.0.0).
-        #[arg(long)]
+        #[arg(long, env = "PSERVER_ADVERTISE")]
         advertise: Option<String>,
         /// Files this worker reads (repeatable; globs such as
         /// 'part-*.gz' allowed); without it, the files the job names.
-        #[arg(long)]
+        #[arg(long, env = "PSERVER_DATA")]
         data: Vec<String>,
+        /// Leave the cluster and exit (status 0) once this many jobs have
+        /// finished on this worker; without it, serve jobs until stopped.
+        #[arg(long, env = "PSERVER_EXIT_AFTER_JOBS", value_parser = clap::value_parser!(u64).range(1..))]
+        exit_after_jobs: Option<u64>,
     },
     /// Show nodes, their state and ranges, tables and the epoch.
     Status {
         /// The manager's address.
-        #[arg(long, default_value = DEFAULT_MANAGER)]
+        #[arg(long, env = "PSERVER_MANAGER", default_value = DEFAULT_MANAGER)]
         manager: String,
         /// Print JSON instead of a table.
         #[arg(long)]
@@ -231,7 +237,7 @@ enum Cmd {
     /// manifest is written last). Take it between training runs.
     Checkpoint {
         /// The manager's address.
-        #[arg(long, default_value = DEFAULT_MANAGER)]
+        #[arg(long, env = "PSERVER_MANAGER", default_value = DEFAULT_MANAGER)]
         manager: String,
         /// The checkpoint directory.
         dir: std::path::PathBuf,
@@ -240,7 +246,7 @@ enum Cmd {
     /// created and filled. A damaged or partial checkpoint is refused whole.
     Restore {
         /// The manager's address.
-        #[arg(long, default_value = DEFAULT_MANAGER)]
+        #[arg(long, env = "PSERVER_MANAGER", default_value = DEFAULT_MANAGER)]
         manager: String,
         /// The checkpoint directory.
         dir: std::path::PathBuf,
@@ -249,7 +255,7 @@ enum Cmd {
     /// pulls go on, then let it exit. Waits until it has left the map.
     Drain {
         /// The manager's address.
-        #[arg(long, default_value = DEFAULT_MANAGER)]
+        #[arg(long, env = "PSERVER_MANAGER", default_value = DEFAULT_MANAGER)]
         manager: String,
         /// The server's node id (as `pserver status` shows it).
         node: u32,
@@ -257,6 +263,12 @@ enum Cmd {
         #[arg(long, default_value_t = 120)]
         timeout_s: u64,
     },
+    /// Run the role Kubeflow's TF_CONFIG gives this process (a TFJob's
+    /// replica): chief, the manager and the job's scheduler (`train
+    /// --remote-workers` with one worker per worker entry); ps, a server;
+    /// worker, a worker process. Every other setting of the role comes
+    /// from its PSERVER_* variables.
+    Tfjob(tfjob::TfjobArgs),
     /// Train sparse logistic regression (the main job): by default on the
     /// bundled flights data, on a local cluster of 2 servers and 2 workers.
     Train(Box<train::TrainArgs>),
@@ -271,22 +283,22 @@ enum Cmd {
     /// optionally workers running a demo job.
     Local {
         /// Number of servers.
-        #[arg(long, default_value_t = 2)]
+        #[arg(long, env = "PSERVER_SERVERS", default_value_t = 2)]
         servers: usize,
         /// Number of workers running the demo job (0: none).
-        #[arg(long, default_value_t = 0)]
+        #[arg(long, env = "PSERVER_WORKERS", default_value_t = 0)]
         workers: usize,
         /// Manager address.
-        #[arg(long, default_value = DEFAULT_MANAGER)]
+        #[arg(long, env = "PSERVER_LISTEN", default_value = DEFAULT_MANAGER)]
         listen: String,
         /// Iterations of the demo job.
-        #[arg(long, default_value_t = 200)]
+        #[arg(long, env = "PSERVER_ITERATIONS", default_value_t = 200)]
         iterations: u64,
         /// Bounded delay of the demo job (0: sequential).
-        #[arg(long, default_value_t = 2)]
+        #[arg(long, env = "PSERVER_TAU", default_value_t = 2)]
         tau: u64,
         /// Exit when the demo job is done instead of serving until Ctrl-C.
-        #[arg(long)]
+        #[arg(long, env = "PSERVER_EXIT")]
         exit: bool,
         #[command(flatten)]
         opts: ManagerOpts,
@@ -296,7 +308,7 @@ enum Cmd {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let default_level = match cli.cmd {
-        Cmd::Manager { .. } | Cmd::Server { .. } | Cmd::Worker { .. } => "info",
+        Cmd::Manager { .. } | Cmd::Server { .. } | Cmd::Worker { .. } | Cmd::Tfjob(_) => "info",
         _ => "warn",
     };
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
@@ -424,6 +436,7 @@ async fn run(cli: Cli) -> Result<()> {
             listen,
             advertise,
             data,
+            exit_after_jobs,
         } => {
             sec.check_listen(&listen)?;
             let mut agent = Agent::start(AgentConfig {
@@ -432,6 +445,7 @@ async fn run(cli: Cli) -> Result<()> {
                 advertise,
                 data,
                 net,
+                exit_after_jobs: exit_after_jobs.map(|n| n as usize),
             })
             .await
             .with_context(|| format!("starting a worker of the manager at {manager}"))?;
@@ -449,7 +463,44 @@ async fn run(cli: Cli) -> Result<()> {
                 r = agent.wait() => r?,
                 _ = tokio::signal::ctrl_c() => agent.kill(),
             }
+            if exit_after_jobs.is_some() {
+                println!(
+                    "worker {} leaves after {} jobs",
+                    agent.id(),
+                    agent.jobs_finished()
+                );
+            }
             Ok(())
+        }
+        Cmd::Tfjob(args) => {
+            let cfg = tf_config::parse(&args.tf_config)?;
+            let plan = tfjob::plan(&cfg, &args);
+            println!(
+                "tfjob {}: pserver {}",
+                tfjob::describe(&cfg),
+                plan.role.join(" ")
+            );
+            // Parsed as if typed: the role's other flags come from its
+            // PSERVER_* variables; security is what this command was given.
+            let argv = std::iter::once("pserver".to_string()).chain(plan.role.iter().cloned());
+            let mut role = Cli::try_parse_from(argv).map_err(|e| {
+                let text = e.to_string();
+                let first = text.lines().next().unwrap_or_default();
+                anyhow!(
+                    "{} (pserver {} as TF_CONFIG says, with its PSERVER_* variables)",
+                    first.trim_start_matches("error: "),
+                    plan.role[0]
+                )
+            })?;
+            role.security = cli.security.clone();
+            match plan.scheduler {
+                None => {
+                    let limit = Duration::from_secs(args.wait_manager_secs);
+                    tfjob::answers(&cfg.chief, &net, limit).await?;
+                    Box::pin(run(role)).await
+                }
+                Some(s) => tfjob::chief(Box::pin(run(role)), s, net, sec.child_args()).await,
+            }
         }
         Cmd::Drain {
             manager,
@@ -628,4 +679,73 @@ async fn restore(manager: &str, net: &pserver_node::net::Net, dir: &std::path::P
         names.join(", ")
     );
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    /// The commands whose every flag has a variable: the roles a cluster
+    /// engine starts.
+    const ROLES: &[&str] = &["manager", "server", "worker", "train", "local", "tfjob"];
+    /// The clients of a running cluster: their `--manager` has one.
+    const CLIENTS: &[&str] = &["kv", "status", "checkpoint", "restore", "drain"];
+
+    /// The rule: `--lease-ms` is `PSERVER_LEASE_MS`. Kubeflow names the
+    /// one exception.
+    fn variable(long: &str) -> String {
+        match long {
+            "tf-config" => "TF_CONFIG".into(),
+            _ => format!("PSERVER_{}", long.replace('-', "_").to_uppercase()),
+        }
+    }
+
+    #[test]
+    fn every_flag_of_a_role_reads_the_variable_the_rule_names() {
+        let cli = Cli::command();
+        let mut checked = 0;
+        let subs = cli
+            .get_subcommands()
+            .map(|s| (s.get_name(), s.get_arguments()));
+        let all = std::iter::once(("", cli.get_arguments())).chain(subs);
+        for (name, args) in all {
+            for a in args {
+                let Some(long) = a.get_long() else { continue };
+                let env = a.get_env().map(|e| e.to_string_lossy().into_owned());
+                // The global (security) flags, every role's flags, and
+                // the clients' --manager.
+                let wanted = name.is_empty()
+                    || ROLES.contains(&name)
+                    || (CLIENTS.contains(&name) && long == "manager");
+                if wanted {
+                    assert_eq!(env, Some(variable(long)), "pserver {name} --{long}");
+                    checked += 1;
+                } else if let Some(e) = env {
+                    // Where a variable is read, it is named by the rule.
+                    assert_eq!(e, variable(long), "pserver {name} --{long}");
+                }
+            }
+        }
+        assert!(checked > 60, "only {checked} flags checked");
+    }
+
+    #[test]
+    fn variables_naming_files_of_secrets_or_the_whole_tf_config_are_not_shown_in_help() {
+        let cli = Cli::command();
+        let hidden = |sub: Option<&str>, long: &str| {
+            let cmd = match sub {
+                Some(s) => cli.find_subcommand(s).unwrap(),
+                None => &cli,
+            };
+            cmd.get_arguments()
+                .find(|a| a.get_long() == Some(long))
+                .unwrap()
+                .is_hide_env_values_set()
+        };
+        for long in ["secret-file", "tls-key", "tls-cert", "tls-ca"] {
+            assert!(hidden(None, long), "--{long}");
+        }
+        assert!(hidden(Some("tfjob"), "tf-config"));
+    }
 }

@@ -16,21 +16,45 @@ pub struct SecurityArgs {
     /// File holding the cluster secret (at least 16 bytes); every
     /// connection must prove it. Or put the secret itself in
     /// PSERVER_SECRET. Never pass a secret on the command line.
-    #[arg(long, global = true, env = "PSERVER_SECRET_FILE", value_name = "FILE")]
+    #[arg(
+        long,
+        global = true,
+        env = "PSERVER_SECRET_FILE",
+        hide_env_values = true,
+        value_name = "FILE"
+    )]
     pub secret_file: Option<PathBuf>,
     /// This node's TLS certificate chain (PEM); with --tls-key and
     /// --tls-ca, every connection is mutually authenticated TLS.
-    #[arg(long, global = true, value_name = "PEM")]
+    #[arg(
+        long,
+        global = true,
+        env = "PSERVER_TLS_CERT",
+        hide_env_values = true,
+        value_name = "PEM"
+    )]
     pub tls_cert: Option<PathBuf>,
     /// This node's TLS private key (PEM).
-    #[arg(long, global = true, value_name = "PEM")]
+    #[arg(
+        long,
+        global = true,
+        env = "PSERVER_TLS_KEY",
+        hide_env_values = true,
+        value_name = "PEM"
+    )]
     pub tls_key: Option<PathBuf>,
     /// The cluster CA certificate (PEM) peers must chain to.
-    #[arg(long, global = true, value_name = "PEM")]
+    #[arg(
+        long,
+        global = true,
+        env = "PSERVER_TLS_CA",
+        hide_env_values = true,
+        value_name = "PEM"
+    )]
     pub tls_ca: Option<PathBuf>,
     /// Allow listening on a non-loopback address with no cluster secret:
     /// anyone who can reach the port can then read and write every table.
-    #[arg(long, global = true)]
+    #[arg(long, global = true, env = "PSERVER_INSECURE")]
     pub insecure: bool,
 }
 

@@ -51,160 +51,188 @@ pub enum AlgoName {
 #[derive(Args, Debug)]
 pub struct TrainArgs {
     /// Training data (default: the bundled flights data).
-    #[arg(long)]
+    #[arg(long, env = "PSERVER_TRAIN")]
     train: Option<PathBuf>,
     /// Test data (default: the schema's held-out split of --train).
-    #[arg(long)]
+    #[arg(long, env = "PSERVER_TEST")]
     test: Option<PathBuf>,
     /// Input format (default: csv for the bundled data, else libsvm).
-    #[arg(long, value_enum)]
+    #[arg(long, env = "PSERVER_FORMAT", value_enum)]
     format: Option<FormatName>,
     /// Schema of a CSV input.
-    #[arg(long)]
+    #[arg(long, env = "PSERVER_SCHEMA")]
     schema: Option<PathBuf>,
     /// Learning algorithm.
-    #[arg(long, value_enum, default_value_t = AlgoName::Dbpg)]
+    #[arg(long, env = "PSERVER_ALGO", value_enum, default_value_t = AlgoName::Dbpg)]
     algo: AlgoName,
     /// Bounded delay in iterations (0: sequential).
-    #[arg(long, default_value_t = 1)]
+    #[arg(long, env = "PSERVER_TAU", default_value_t = 1)]
     tau: u64,
     /// L1 regularization.
-    #[arg(long, default_value_t = 1.0)]
+    #[arg(long, env = "PSERVER_L1", default_value_t = 1.0)]
     l1: f32,
     /// L2 regularization.
-    #[arg(long, default_value_t = 1.0)]
+    #[arg(long, env = "PSERVER_L2", default_value_t = 1.0)]
     l2: f32,
     /// Key-range blocks (dbpg).
-    #[arg(long, default_value_t = 16)]
+    #[arg(long, env = "PSERVER_BLOCKS", default_value_t = 16)]
     blocks: usize,
     /// Passes over the data.
-    #[arg(long, default_value_t = 10)]
+    #[arg(long, env = "PSERVER_EPOCHS", default_value_t = 10)]
     epochs: usize,
     /// Minibatch rows (ftrl).
-    #[arg(long, default_value_t = 1000)]
+    #[arg(long, env = "PSERVER_BATCH", default_value_t = 1000)]
     batch: usize,
     /// FTRL alpha.
-    #[arg(long, default_value_t = 0.1)]
+    #[arg(long, env = "PSERVER_ALPHA", default_value_t = 0.1)]
     alpha: f32,
     /// FTRL beta.
-    #[arg(long, default_value_t = 1.0)]
+    #[arg(long, env = "PSERVER_BETA", default_value_t = 1.0)]
     beta: f32,
     /// KKT filter margin delta in [0, 1) (dbpg); negative turns the filter off.
-    #[arg(long, default_value_t = 0.1, allow_hyphen_values = true)]
+    #[arg(
+        long,
+        env = "PSERVER_KKT",
+        default_value_t = 0.1,
+        allow_hyphen_values = true
+    )]
     kkt: f32,
     /// Servers of the local cluster.
-    #[arg(long, default_value_t = 2)]
+    #[arg(long, env = "PSERVER_SERVERS", default_value_t = 2)]
     servers: usize,
     /// Replicas per key range in the local cluster (chain replication;
     /// must be below --servers).
-    #[arg(long, default_value_t = 0)]
+    #[arg(long, env = "PSERVER_REPLICAS", default_value_t = 0)]
     replicas: usize,
     /// With --replicas: forward every worker's push down the chain instead
     /// of replicating each clock's applied sum once (replication after
     /// aggregation, the default).
-    #[arg(long)]
+    #[arg(long, env = "PSERVER_REPLICATE_EVERY_PUSH")]
     replicate_every_push: bool,
     /// Workers.
-    #[arg(long, default_value_t = 2)]
+    #[arg(long, env = "PSERVER_WORKERS", default_value_t = 2)]
     workers: usize,
     /// Join this manager's cluster instead of starting a local one.
-    #[arg(long)]
+    #[arg(long, env = "PSERVER_MANAGER")]
     manager: Option<String>,
     /// Run the job on this many worker processes of the cluster
     /// (`pserver worker --manager ...`) instead of workers in this
     /// process: this command is then the job's task scheduler. Needs
     /// --manager.
-    #[arg(long)]
+    #[arg(long, env = "PSERVER_REMOTE_WORKERS")]
     remote_workers: Option<usize>,
     /// Most worker processes the job takes: idle ones that appear during
     /// the run join it from the next epoch (default: --remote-workers).
-    #[arg(long)]
+    #[arg(long, env = "PSERVER_MAX_WORKERS")]
     max_workers: Option<usize>,
     /// How long to wait for --remote-workers idle worker processes.
-    #[arg(long, default_value_t = 60)]
+    #[arg(long, env = "PSERVER_WAIT_WORKERS_SECS", default_value_t = 60)]
     wait_workers_secs: u64,
+    /// With --manager: wait until the cluster has this many live servers
+    /// before the job starts (a cluster engine starts its processes in
+    /// any order).
+    #[arg(long, env = "PSERVER_WAIT_SERVERS", default_value_t = 0)]
+    wait_servers: usize,
+    /// How long to wait for --wait-servers.
+    #[arg(long, env = "PSERVER_WAIT_SERVERS_SECS", default_value_t = 60)]
+    wait_servers_secs: u64,
     /// The job's name: its worker group, its table, and what its scheduler
     /// claims at the manager (one scheduler per job). Default: the
     /// algorithm and a time stamp.
-    #[arg(long)]
+    #[arg(long, env = "PSERVER_JOB")]
     job: Option<String>,
     /// Slow the job's first worker by this many ms per step (to show that
     /// a slow job does not hold another back).
-    #[arg(long, default_value_t = 0)]
+    #[arg(long, env = "PSERVER_SLOW_WORKER_MS", default_value_t = 0)]
     slow_worker_ms: u64,
     /// Write every figure and the curve as JSON.
-    #[arg(long)]
+    #[arg(long, env = "PSERVER_REPORT")]
     report: Option<PathBuf>,
     /// Write the objective and test AUC against time as SVG.
-    #[arg(long)]
+    #[arg(long, env = "PSERVER_PLOT")]
     plot: Option<PathBuf>,
     /// Save the trained weights to this directory.
-    #[arg(long)]
+    #[arg(long, env = "PSERVER_SAVE")]
     save: Option<PathBuf>,
     /// Send every key list in full (turns the key caching filter off).
-    #[arg(long)]
+    #[arg(long, env = "PSERVER_NO_KEY_CACHING")]
     no_key_caching: bool,
     /// Pack the values workers push (lossless or fixed point with random
     /// rounding); servers then pack pulled values losslessly.
-    #[arg(long, value_enum, default_value = "none")]
+    #[arg(long, env = "PSERVER_COMPRESS", value_enum, default_value = "none")]
     compress: crate::parse::Compress,
     /// The significantly-modified filter on servers' replies: servers send
     /// a pulled weight only when it moved by more than THRESHOLD since the
     /// value they last sent that worker; the worker keeps what it received
     /// and fills in the rest (each weight it uses is within THRESHOLD).
-    #[arg(long, value_name = "THRESHOLD", value_parser = crate::parse::threshold)]
+    #[arg(long, env = "PSERVER_SIGNIFICANT", value_name = "THRESHOLD", value_parser = crate::parse::threshold)]
     significant: Option<f32>,
     /// The significantly-modified filter on workers' pushes: an entry goes
     /// once the sum of its pushes since it last went passes THRESHOLD in
     /// some value; until then it is carried (for additive pushes such as
     /// DBPG's gradient and curvature).
-    #[arg(long, value_name = "THRESHOLD", value_parser = crate::parse::threshold)]
+    #[arg(long, env = "PSERVER_SIGNIFICANT_PUSH", value_name = "THRESHOLD", value_parser = crate::parse::threshold)]
     significant_push: Option<f32>,
     /// Random skip on workers' pushes: drop each entry with probability P
     /// and scale the kept ones by 1/(1-P), so the push's expectation is
     /// unchanged (seeded by worker, table and clock).
-    #[arg(long, value_name = "P", value_parser = crate::parse::probability)]
+    #[arg(long, env = "PSERVER_RANDOM_SKIP", value_name = "P", value_parser = crate::parse::probability)]
     random_skip: Option<f64>,
     /// Fault injection: stop the last worker this many ms into training,
     /// as if its machine died; its shard goes to another worker and the
     /// run carries on (DBPG).
-    #[arg(long)]
+    #[arg(long, env = "PSERVER_FAIL_WORKER_AFTER_MS")]
     fail_worker_after_ms: Option<u64>,
     /// Write checkpoints here (DBPG): DIR/epoch-E, and DIR/LATEST naming
     /// the newest whole one.
-    #[arg(long)]
+    #[arg(long, env = "PSERVER_CHECKPOINT_DIR")]
     checkpoint_dir: Option<PathBuf>,
     /// Write a checkpoint every N epochs (0: never).
-    #[arg(long, default_value_t = 0)]
+    #[arg(long, env = "PSERVER_CHECKPOINT_EVERY", default_value_t = 0)]
     checkpoint_every: usize,
     /// Go on from the newest checkpoint in --checkpoint-dir, if any (after a
     /// whole-cluster restart), instead of starting from zero.
-    #[arg(long)]
+    #[arg(long, env = "PSERVER_RESUME")]
     resume: bool,
     /// Pick --l1 and --l2 on a seeded validation split of the training
     /// data (a warm-started path over --tune-l1 x --tune-l2, strong to weak),
     /// print the choice and the validation curve, then train on all the
     /// training data with them (dbpg).
-    #[arg(long)]
+    #[arg(long, env = "PSERVER_TUNE")]
     tune: bool,
     /// --tune's L1 values (comma-separated; default 4,1,0).
-    #[arg(long, value_delimiter = ',', allow_hyphen_values = true)]
+    #[arg(
+        long,
+        env = "PSERVER_TUNE_L1",
+        value_delimiter = ',',
+        allow_hyphen_values = true
+    )]
     tune_l1: Option<Vec<f32>>,
     /// --tune's L2 values (comma-separated; default 256,64,16,4,1,0.25).
-    #[arg(long, value_delimiter = ',', allow_hyphen_values = true)]
+    #[arg(
+        long,
+        env = "PSERVER_TUNE_L2",
+        value_delimiter = ',',
+        allow_hyphen_values = true
+    )]
     tune_l2: Option<Vec<f32>>,
     /// Share of the training lines --tune validates on, in (0, 1).
-    #[arg(long, default_value_t = 0.2, allow_hyphen_values = true)]
+    #[arg(
+        long,
+        env = "PSERVER_TUNE_FRACTION",
+        default_value_t = 0.2,
+        allow_hyphen_values = true
+    )]
     tune_fraction: f64,
     /// Seed of --tune's validation split.
-    #[arg(long, default_value_t = 1)]
+    #[arg(long, env = "PSERVER_TUNE_SEED", default_value_t = 1)]
     tune_seed: u64,
     /// Epochs of each warm-started point of --tune's path (its first point
     /// runs --epochs from zero).
-    #[arg(long, default_value_t = 3)]
+    #[arg(long, env = "PSERVER_TUNE_EPOCHS", default_value_t = 3)]
     tune_epochs: usize,
     /// Score the test set every this many milliseconds while training (0: only at the end).
-    #[arg(long, default_value_t = 200)]
+    #[arg(long, env = "PSERVER_EVAL_EVERY_MS", default_value_t = 200)]
     eval_every_ms: u64,
 }
 
@@ -282,6 +310,9 @@ pub async fn run(args: TrainArgs, sec: &crate::security::Security) -> Result<()>
     format.load()?;
     if args.remote_workers.is_some() && args.manager.is_none() {
         bail!("--remote-workers needs --manager: worker processes join a cluster's manager");
+    }
+    if args.wait_servers > 0 && args.manager.is_none() {
+        bail!("--wait-servers needs --manager: a local cluster has its --servers from the start");
     }
     if args.remote_workers == Some(0) {
         bail!("--remote-workers must be at least 1");
@@ -385,6 +416,10 @@ pub async fn run(args: TrainArgs, sec: &crate::security::Security) -> Result<()>
             cluster.manager_addr().to_string()
         }
     };
+    if args.wait_servers > 0 {
+        let limit = Duration::from_secs(args.wait_servers_secs);
+        wait_for_servers(&manager, &net, args.wait_servers, limit).await?;
+    }
     println!(
         "training {} on {} ({} workers, {}; tau {}, l1 {}, l2 {}) via manager {}",
         args.algo_name(),
@@ -738,4 +773,48 @@ pub async fn predict(args: PredictArgs) -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// Waits until the manager at `manager` answers and has `n` live servers,
+/// at most `limit`; the error says how many came.
+async fn wait_for_servers(
+    manager: &str,
+    net: &pserver_node::net::Net,
+    n: usize,
+    limit: Duration,
+) -> Result<()> {
+    let start = std::time::Instant::now();
+    // The manager may not be up yet either.
+    let w = loop {
+        match crate::client(manager, net).await {
+            Ok(w) => break w,
+            Err(e) if start.elapsed() > limit => {
+                return Err(e.context(format!("waiting {} s for servers", limit.as_secs())));
+            }
+            Err(_) => tokio::time::sleep(Duration::from_millis(200)).await,
+        }
+    };
+    let result = loop {
+        let map = w.refresh().await.context("reading the map")?;
+        let live = map
+            .nodes
+            .iter()
+            .filter(|x| {
+                x.role == pserver_core::Role::Server && x.state == pserver_core::NodeState::Alive
+            })
+            .count();
+        if live >= n {
+            break Ok(());
+        }
+        if start.elapsed() > limit {
+            break Err(anyhow::anyhow!(
+                "{live} of the {n} servers of --wait-servers are live after {} s \
+                 (--wait-servers-secs)",
+                limit.as_secs()
+            ));
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    w.leave().await;
+    result
 }

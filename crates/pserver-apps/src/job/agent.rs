@@ -34,6 +34,10 @@ pub struct AgentConfig {
     pub data: Vec<String>,
     /// The cluster's transport.
     pub net: Net,
+    /// Leave the cluster and stop once this many jobs have finished on
+    /// this worker (a Kubernetes Job of worker pods completes that way);
+    /// `None`: serve jobs until stopped.
+    pub exit_after_jobs: Option<usize>,
 }
 
 /// Why a worker process could not start.
@@ -69,6 +73,29 @@ pub struct Agent {
     addr: String,
     cancel: CancellationToken,
     task: tokio::task::JoinHandle<()>,
+    quota: Arc<Quota>,
+}
+
+/// How many jobs a worker process serves before it leaves.
+struct Quota {
+    /// The most (`None`: no end).
+    limit: Option<usize>,
+    /// Jobs finished so far (the scheduler said `Finish`).
+    finished: std::sync::atomic::AtomicUsize,
+    /// Cancelled when the last one has finished.
+    reached: CancellationToken,
+}
+
+impl Quota {
+    /// Counts a finished job; whether it was the last one.
+    fn finish(&self) -> bool {
+        let done = self.finished.fetch_add(1, Ordering::SeqCst) + 1;
+        let last = self.limit.is_some_and(|n| done >= n);
+        if last {
+            self.reached.cancel();
+        }
+        last
+    }
 }
 
 impl Agent {
@@ -98,7 +125,17 @@ impl Agent {
         .await?;
         let cancel = CancellationToken::new();
         let busy: Arc<Mutex<Option<String>>> = Arc::default();
-        let (w, c, data) = (worker.clone(), cancel.clone(), Arc::new(cfg.data));
+        let quota = Arc::new(Quota {
+            limit: cfg.exit_after_jobs,
+            finished: Default::default(),
+            reached: CancellationToken::new(),
+        });
+        let (w, c, data, q) = (
+            worker.clone(),
+            cancel.clone(),
+            Arc::new(cfg.data),
+            quota.clone(),
+        );
         let task = tokio::spawn(async move {
             loop {
                 let conn = tokio::select! {
@@ -117,7 +154,8 @@ impl Agent {
                     }
                 };
                 let (tx, rx) = link::split::<FromWorker, ToWorker>(stream, &peer);
-                let (w, busy, data, c) = (w.clone(), busy.clone(), data.clone(), c.clone());
+                let (w, busy, data, c, q) =
+                    (w.clone(), busy.clone(), data.clone(), c.clone(), q.clone());
                 tokio::spawn(async move {
                     tokio::select! {
                         // Killed: the session ends unpolled. Its link and
@@ -126,7 +164,7 @@ impl Agent {
                         // line a failed `pserver train` prints.
                         biased;
                         _ = c.cancelled() => {}
-                        r = session(&w, tx, rx, &busy, &data, &c) => match r {
+                        r = session(&w, tx, rx, &busy, &data, &c, &q) => match r {
                             Ok(()) => {}
                             // Killed meanwhile (on another thread): its
                             // links closing under it are how a kill ends it.
@@ -144,6 +182,7 @@ impl Agent {
             addr,
             cancel,
             task,
+            quota,
         })
     }
 
@@ -165,8 +204,10 @@ impl Agent {
         self.worker.shutdown();
     }
 
-    /// Runs until [`Agent::kill`], or until the worker has lost the
-    /// manager for good (then says so).
+    /// Runs until [`Agent::kill`], until the worker has lost the
+    /// manager for good (then says so), or until its
+    /// [`AgentConfig::exit_after_jobs`] have finished (then it says
+    /// goodbye to the manager, so it is gone from the map at once).
     pub async fn wait(&mut self) -> Result<(), AgentError> {
         tokio::select! {
             _ = &mut self.task => Ok(()),
@@ -174,7 +215,18 @@ impl Agent {
                 self.kill();
                 Err(AgentError::Lost(self.worker.id()))
             }
+            _ = self.quota.reached.cancelled() => {
+                self.cancel.cancel();
+                self.task.abort();
+                self.worker.leave().await;
+                Ok(())
+            }
         }
+    }
+
+    /// Jobs that have finished on this worker so far.
+    pub fn jobs_finished(&self) -> usize {
+        self.quota.finished.load(Ordering::SeqCst)
     }
 }
 
@@ -195,6 +247,7 @@ async fn session(
     busy: &Mutex<Option<String>>,
     data: &[String],
     killed: &CancellationToken,
+    quota: &Quota,
 ) -> Result<(), SessionError> {
     let Some(first) = rx.recv().await else {
         return Ok(());
@@ -228,9 +281,15 @@ async fn session(
         }
         Err(why) => {
             tx.send(&FromWorker::Refused { why }).await?;
-            Ok(())
+            Ok(false)
         }
     };
+    // The last job of a worker that exits after N: it stays busy (any
+    // other offer is refused) and leaves instead of going idle.
+    if matches!(r, Ok(true)) && quota.finish() {
+        return Ok(());
+    }
+    let r = r.map(|_| ());
     // Whatever happened, this worker is free again.
     if let Err(e) = w.join(Group::Idle, "").await {
         // Killed meanwhile (the job's process is ending): no news.
@@ -371,16 +430,18 @@ impl Runner {
 }
 
 /// Runs a job after the offer: start, steps, reassignments, finish.
+/// `Ok(true)` when the scheduler finished it, `Ok(false)` when it went
+/// away first.
 async fn run_job(
     w: &Worker,
     tx: &mut Sender<FromWorker>,
     rx: &mut Receiver<ToWorker>,
-) -> Result<(), SessionError> {
+) -> Result<bool, SessionError> {
     let id = w.id();
     // The worker outlives jobs: report this job's bytes only.
     let before = traffic(w);
     let Some(msg) = rx.recv().await else {
-        return Ok(());
+        return Ok(false);
     };
     let ToWorker::Start { spec, units, from } = msg? else {
         return Err(SessionError::Failed(format!(
@@ -463,7 +524,7 @@ async fn run_job(
         };
         let Some(msg) = msg else {
             // The scheduler is gone: the job ends here.
-            return Ok(());
+            return Ok(false);
         };
         match msg? {
             ToWorker::Step { step: t, batches } => match &mut runner {
@@ -541,7 +602,7 @@ async fn run_job(
                     peak_rss: dataset::peak_rss().unwrap_or(0),
                 })
                 .await?;
-                return Ok(());
+                return Ok(true);
             }
             ToWorker::Offer { .. } | ToWorker::Start { .. } => {
                 return Err(SessionError::Failed(format!(
