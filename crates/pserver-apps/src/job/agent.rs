@@ -8,6 +8,7 @@ use super::{Unit, describe};
 use crate::dataset::{self, Builder, Dataset};
 use crate::dbpg::{DbpgConfig, DbpgWorker};
 use crate::ftrl::{self, FtrlConfig};
+use crate::gauges::{JobExporter, JobGauges, Scope};
 use pserver_data::{ReadOptions, ReadStats, Split};
 use pserver_node::NodeError;
 use pserver_node::net::Net;
@@ -69,6 +70,8 @@ pub struct Agent {
     addr: String,
     cancel: CancellationToken,
     task: tokio::task::JoinHandle<()>,
+    /// Its job's figures, for its metrics listener.
+    gauges: Arc<JobGauges>,
 }
 
 impl Agent {
@@ -98,7 +101,13 @@ impl Agent {
         .await?;
         let cancel = CancellationToken::new();
         let busy: Arc<Mutex<Option<String>>> = Arc::default();
-        let (w, c, data) = (worker.clone(), cancel.clone(), Arc::new(cfg.data));
+        let gauges = JobGauges::new();
+        let (w, c, data, g) = (
+            worker.clone(),
+            cancel.clone(),
+            Arc::new(cfg.data),
+            gauges.clone(),
+        );
         let task = tokio::spawn(async move {
             loop {
                 let conn = tokio::select! {
@@ -117,7 +126,8 @@ impl Agent {
                     }
                 };
                 let (tx, rx) = link::split::<FromWorker, ToWorker>(stream, &peer);
-                let (w, busy, data, c) = (w.clone(), busy.clone(), data.clone(), c.clone());
+                let (w, busy, data, c, g) =
+                    (w.clone(), busy.clone(), data.clone(), c.clone(), g.clone());
                 tokio::spawn(async move {
                     tokio::select! {
                         // Killed: the session ends unpolled. Its link and
@@ -126,7 +136,7 @@ impl Agent {
                         // line a failed `pserver train` prints.
                         biased;
                         _ = c.cancelled() => {}
-                        r = session(&w, tx, rx, &busy, &data, &c) => match r {
+                        r = session(&w, tx, rx, &busy, &data, &c, &g) => match r {
                             Ok(()) => {}
                             // Killed meanwhile (on another thread): its
                             // links closing under it are how a kill ends it.
@@ -144,6 +154,16 @@ impl Agent {
             addr,
             cancel,
             task,
+            gauges,
+        })
+    }
+
+    /// What this worker process tells a metrics listener: its job's
+    /// iterations, objective and waiting share; ready while it has a job.
+    pub fn exporter(&self) -> Arc<dyn pserver_node::metrics::Exporter> {
+        Arc::new(JobExporter {
+            scope: Scope::Worker,
+            gauges: self.gauges.clone(),
         })
     }
 
@@ -195,6 +215,7 @@ async fn session(
     busy: &Mutex<Option<String>>,
     data: &[String],
     killed: &CancellationToken,
+    gauges: &JobGauges,
 ) -> Result<(), SessionError> {
     let Some(first) = rx.recv().await else {
         return Ok(());
@@ -212,6 +233,7 @@ async fn session(
             Some(other) => Err(format!("worker {} is running job {other:?}", w.id())),
             None => {
                 *b = Some(job.clone());
+                gauges.start(&job);
                 Ok(())
             }
         }
@@ -224,7 +246,7 @@ async fn session(
     let r = match readable(patterns) {
         Ok(files) => {
             tx.send(&FromWorker::Files { id: w.id(), files }).await?;
-            run_job(w, &mut tx, &mut rx).await
+            run_job(w, &mut tx, &mut rx, gauges).await
         }
         Err(why) => {
             tx.send(&FromWorker::Refused { why }).await?;
@@ -241,6 +263,7 @@ async fn session(
         }
     }
     *busy.lock().unwrap_or_else(|e| e.into_inner()) = None;
+    gauges.end();
     if let Err(SessionError::Failed(what)) = &r {
         let _ = tx.send(&FromWorker::Failed { what: what.clone() }).await;
     }
@@ -375,6 +398,7 @@ async fn run_job(
     w: &Worker,
     tx: &mut Sender<FromWorker>,
     rx: &mut Receiver<ToWorker>,
+    gauges: &JobGauges,
 ) -> Result<(), SessionError> {
     let id = w.id();
     // The worker outlives jobs: report this job's bytes only.
@@ -469,6 +493,7 @@ async fn run_job(
             ToWorker::Step { step: t, batches } => match &mut runner {
                 Runner::Dbpg(d) => {
                     let (stats, push) = d.iterate(w, t, slow).await.map_err(node)?;
+                    gauges.step(&stats);
                     tx.send(&FromWorker::Iter(stats)).await?;
                     let ack = ack_tx.clone();
                     tokio::spawn(async move {
@@ -483,6 +508,7 @@ async fn run_job(
                         .map_err(node)?;
                     drop(stx);
                     while let Some(s) = srx.recv().await {
+                        gauges.step(&s);
                         tx.send(&FromWorker::Iter(s)).await?;
                     }
                     let _ = ack_tx.send((t, Ok(Outcome::default())));
