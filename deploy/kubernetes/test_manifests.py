@@ -59,9 +59,8 @@ NOT_FLAGS = {
     # The cluster secret itself (a file is better: PSERVER_SECRET_FILE).
     "PSERVER_SECRET",
 }
-# Variables of flags another branch adds (--metrics-listen, issue #15's
-# first point); drop a name from here once `pserver --help` lists it.
-PENDING = {"PSERVER_METRICS_LISTEN"}
+# Variables of flags not in `pserver --help` yet (none now).
+PENDING: set = set()
 
 # What `pserver tfjob` may start: its variables are any of these roles'.
 TFJOB_ROLES = ("tfjob", "manager", "server", "worker", "train")

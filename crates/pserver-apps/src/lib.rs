@@ -8,6 +8,7 @@
 //! - [`train`]: a whole run: load shards, run workers, score, collect.
 //! - [`tune`]: `--tune`: `l1`/`l2` chosen on a validation split by a warm-started path.
 //! - [`progress`]: what a run reports while it goes.
+//! - [`gauges`]: a job's figures for the metrics listener (`--metrics-listen`).
 //! - [`metrics`]: log-loss, AUC, accuracy.
 //! - [`plot`]: the convergence curve as SVG.
 //! - [`report`]: the figures of a training run, as a table and as JSON.
@@ -17,6 +18,7 @@ pub mod cpu;
 pub mod dataset;
 pub mod dbpg;
 pub mod ftrl;
+pub mod gauges;
 pub mod job;
 pub mod metrics;
 pub mod model;

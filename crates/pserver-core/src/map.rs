@@ -103,10 +103,16 @@ pub struct NodeInfo {
     #[serde(default)]
     pub group: Group,
     /// What the worker says it is doing (its job's data shard), for people
-    /// reading `pserver status`; empty when it says nothing.
+    /// reading `pserver status`; empty when it says nothing. For a server,
+    /// [`DRAINING`] once a drain of it started.
     #[serde(default)]
     pub task: String,
 }
+
+/// The [`NodeInfo::task`] of a server being drained: the manager sets it
+/// when the drain starts, so the server stops saying it is ready and
+/// `pserver status` shows it.
+pub const DRAINING: &str = "draining";
 
 /// A key range with the server that owns it and the servers that replicate it.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]

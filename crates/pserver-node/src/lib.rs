@@ -11,6 +11,7 @@
 //! - [`worker`]: the client library the user's program (and the learning
 //!   applications) call: push, pull, wait.
 //! - [`local`]: a whole cluster in this process.
+//! - [`metrics`]: every node's figures, health and readiness over HTTP.
 //!
 //! Every node is a value: a test can start many in one process.
 //!
@@ -37,6 +38,7 @@ pub mod durable;
 pub mod error;
 pub mod local;
 pub mod manager;
+pub mod metrics;
 pub mod net;
 pub mod proto;
 pub mod replica;

@@ -5,6 +5,7 @@
 use crate::conn::{Outbox, accept_loop, bind, lock, split};
 use crate::durable::{Disk, FileSystem};
 use crate::error::NodeError;
+use crate::metrics::{BoxFuture, Exporter, Scrape};
 use crate::net::Net;
 use crate::proto::{control_reply, error_reply};
 use futures_util::StreamExt;
@@ -57,13 +58,44 @@ impl Default for ManagerConfig {
 }
 
 /// A running manager. Dropping it does not stop it; call [`ManagerHandle::shutdown`].
-#[derive(Debug)]
 pub struct ManagerHandle {
     addr: SocketAddr,
     cancel: CancellationToken,
+    state: Arc<Mutex<State>>,
+}
+
+impl std::fmt::Debug for ManagerHandle {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ManagerHandle")
+            .field("addr", &self.addr)
+            .finish_non_exhaustive()
+    }
+}
+
+/// What a manager tells its metrics listener.
+struct ManagerExporter(Arc<Mutex<State>>);
+
+impl Exporter for ManagerExporter {
+    fn scrape(&self) -> BoxFuture<'_, Scrape> {
+        Box::pin(async move {
+            let st = lock(&self.0);
+            crate::metrics::manager::scrape(&st.members, st.now_ms(), st.epoch(), st.unsaved)
+        })
+    }
+
+    fn ready(&self) -> BoxFuture<'_, Result<(), String>> {
+        Box::pin(async move { crate::metrics::manager::ready(&lock(&self.0).members) })
+    }
 }
 
 impl ManagerHandle {
+    /// What this manager tells a metrics listener
+    /// ([`metrics::serve`](crate::metrics::serve)): its map, nodes,
+    /// leases, jobs and hand-offs, and whether it has a map to hand out.
+    pub fn exporter(&self) -> Arc<dyn Exporter> {
+        Arc::new(ManagerExporter(Arc::clone(&self.state)))
+    }
+
     /// The address it listens on.
     pub fn addr(&self) -> SocketAddr {
         self.addr
@@ -293,11 +325,16 @@ pub async fn start_manager(cfg: ManagerConfig) -> Result<ManagerHandle, NodeErro
     ));
     let limits = cfg.limits;
     let stopping = cancel.clone();
+    let kept = state.clone();
     accept_loop(listener, cancel.clone(), limits, move |stream, peer| {
         serve(stream, peer, state.clone(), limits, stopping.clone())
     });
     tracing::info!(%addr, "manager listening");
-    Ok(ManagerHandle { addr, cancel })
+    Ok(ManagerHandle {
+        addr,
+        cancel,
+        state: kept,
+    })
 }
 
 async fn lease_ticker(state: Arc<Mutex<State>>, lease_ms: u64, cancel: CancellationToken) {

@@ -29,7 +29,7 @@ pub use crate::server::core::{Delivery, Ticket};
 use pserver_core::NodeId;
 use pserver_wire::{Control, ErrorCode, Frame, Kind, Limits};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 use tokio::sync::mpsc;
 use tokio::time::Instant;
@@ -48,6 +48,31 @@ struct Item {
     ticket: Ticket,
     /// How it went, once known.
     result: Delivery,
+    /// Its share of [`Queued`]: its frame's bytes on the wire.
+    bytes: u64,
+}
+
+/// What a forwarder holds that the target has not answered yet: the
+/// chain link's lag, for the server's metrics. Counted once per change
+/// (queued, then settled), never per key.
+#[derive(Debug, Default)]
+pub struct Queued {
+    /// Bytes of the changes' frames.
+    pub bytes: AtomicU64,
+    /// How many changes.
+    pub changes: AtomicU64,
+}
+
+impl Queued {
+    fn add(&self, bytes: u64) {
+        self.bytes.fetch_add(bytes, Ordering::Relaxed);
+        self.changes.fetch_add(1, Ordering::Relaxed);
+    }
+
+    fn settle(&self, bytes: u64) {
+        self.bytes.fetch_sub(bytes, Ordering::Relaxed);
+        self.changes.fetch_sub(1, Ordering::Relaxed);
+    }
 }
 
 /// Where a forwarder reports each change's fate: `(ticket, delivery)`.
@@ -62,6 +87,8 @@ pub struct Forwarder {
     /// Set (before `cancel` fires) when the target is known dead: what is
     /// queued counts as done.
     abandoned: Arc<AtomicBool>,
+    /// What is queued and not yet answered.
+    queued: Arc<Queued>,
 }
 
 impl Drop for Forwarder {
@@ -85,6 +112,7 @@ impl Forwarder {
         let (tx, rx) = mpsc::unbounded_channel();
         let cancel = CancellationToken::new();
         let abandoned = Arc::new(AtomicBool::new(false));
+        let queued = Arc::new(Queued::default());
         tokio::spawn(run(
             me,
             target,
@@ -95,11 +123,13 @@ impl Forwarder {
             done,
             cancel.clone(),
             abandoned.clone(),
+            queued.clone(),
         ));
         Forwarder {
             tx,
             cancel,
             abandoned,
+            queued,
         }
     }
 
@@ -117,11 +147,24 @@ impl Forwarder {
     /// on; never if the forwarder was dropped without being abandoned (the
     /// server is stopping), and then the change must not be acknowledged.
     pub fn send(&self, ticket: Ticket, frame: Frame) {
-        let _ = self.tx.send(Item {
+        let bytes = frame.encoded_len() as u64 + 4;
+        self.queued.add(bytes);
+        if let Err(e) = self.tx.send(Item {
             frame,
             ticket,
             result: Delivery::Stored,
-        });
+            bytes,
+        }) {
+            self.queued.settle(e.0.bytes);
+        }
+    }
+
+    /// Bytes and changes queued to the target and not yet answered.
+    pub fn queued(&self) -> (u64, u64) {
+        (
+            self.queued.bytes.load(Ordering::Relaxed),
+            self.queued.changes.load(Ordering::Relaxed),
+        )
     }
 
     /// True when the sending task has ended.
@@ -150,6 +193,7 @@ async fn run(
     done: Done,
     cancel: CancellationToken,
     abandoned: Arc<AtomicBool>,
+    queued: Arc<Queued>,
 ) {
     let mut peer: Option<Peer> = None;
     let mut lost = Lost::default();
@@ -238,6 +282,7 @@ async fn run(
         }
         // Reports every change: replicated, refused as stale, or given up on.
         for item in batch {
+            queued.settle(item.bytes);
             let _ = done.send((item.ticket, item.result));
         }
     }

@@ -223,6 +223,61 @@ pub enum Control {
     /// The control section of a reply flagged `FLAG_SIGNIFICANT`: which
     /// keys' values it carries, and its place among the filtered replies.
     Significant(pserver_core::significant::Stamp),
+    /// Asks a server for its figures (`pserver status --watch`); answered
+    /// with [`Control::ServerReport`].
+    Stats,
+    /// A server's figures: what its metrics listener exports, for the
+    /// live view of a cluster.
+    ServerReport(ServerReport),
+}
+
+/// A server's figures at one moment ([`Control::Stats`]'s answer): its
+/// counters since it started (rates are their differences) and what it
+/// holds and queues now.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct ServerReport {
+    /// The epoch of the map it serves under.
+    pub epoch: u64,
+    /// Per table of its map.
+    pub tables: Vec<TableReport>,
+    /// The queue to each next server of a chain it feeds.
+    pub links: Vec<LinkReport>,
+    /// Pulls parked until slower workers push.
+    pub pulls_waiting: u64,
+    /// Replies waiting for the chain.
+    pub acks_waiting: u64,
+    /// Maps whose hand-off copies are not all answered yet.
+    pub handoff_copies_pending: u64,
+    /// Error replies sent so far.
+    pub errors: u64,
+    /// Connections open.
+    pub connections: u64,
+}
+
+/// One table on one server, in a [`ServerReport`].
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct TableReport {
+    /// The table's id.
+    pub id: u32,
+    /// Data requests read, by operation: push, pull, push-pull, scan.
+    pub requests: [u64; 4],
+    /// Keys in them, by operation.
+    pub keys: [u64; 4],
+    /// Bytes of them on the wire, by operation.
+    pub bytes: [u64; 4],
+    /// Keys stored (`None` while the table is lent out for a big request).
+    pub stored_keys: Option<u64>,
+}
+
+/// One chain link's queue, in a [`ServerReport`].
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LinkReport {
+    /// The next server.
+    pub to: NodeId,
+    /// Bytes queued and not yet answered.
+    pub bytes: u64,
+    /// Changes queued and not yet answered.
+    pub changes: u64,
 }
 
 /// One range file of a checkpoint, as its manifest lists it.

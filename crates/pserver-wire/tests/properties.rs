@@ -472,8 +472,29 @@ fn every_control() -> Vec<Control> {
             seq: 9,
             present: vec![0b1010_0001, 0x7f],
         }),
+        Control::Stats,
+        Control::ServerReport(pserver_wire::message::ServerReport {
+            epoch: 4,
+            tables: vec![pserver_wire::message::TableReport {
+                id: 1,
+                requests: [1, 2, 3, 4],
+                keys: [10, 20, 30, 40],
+                bytes: [100, 200, 300, 400],
+                stored_keys: Some(7),
+            }],
+            links: vec![pserver_wire::message::LinkReport {
+                to: 2,
+                bytes: 96,
+                changes: 1,
+            }],
+            pulls_waiting: 1,
+            acks_waiting: 2,
+            handoff_copies_pending: 0,
+            errors: 3,
+            connections: 5,
+        }),
     ];
-    let mut seen = [false; 28];
+    let mut seen = [false; 30];
     for c in &all {
         let i = match c {
             Control::Register { .. } => 0,
@@ -504,6 +525,8 @@ fn every_control() -> Vec<Control> {
             Control::Goodbye => 25,
             Control::SignificantPull { .. } => 26,
             Control::Significant(_) => 27,
+            Control::Stats => 28,
+            Control::ServerReport(_) => 29,
         };
         seen[i] = true;
     }

@@ -13,6 +13,7 @@ mod status;
 mod tf_config;
 mod tfjob;
 mod train;
+mod watch;
 
 use anyhow::{Context, Result, anyhow};
 use clap::{Parser, Subcommand};
@@ -20,9 +21,11 @@ use pserver_apps::job::agent::{Agent, AgentConfig};
 use pserver_core::membership::MembershipConfig;
 use pserver_node::local::{LocalCluster, LocalConfig};
 use pserver_node::manager::{ManagerConfig, start_manager};
+use pserver_node::metrics::{self, Endpoint, Exporter, Slot};
 use pserver_node::server::{ServerConfig, start_server};
 use pserver_wire::Limits;
 use std::process::ExitCode;
+use std::sync::Arc;
 use std::time::Duration;
 
 /// Default address of the manager.
@@ -39,6 +42,40 @@ struct Cli {
     cmd: Cmd,
     #[command(flatten)]
     security: security::SecurityArgs,
+}
+
+/// The metrics listener of a node.
+#[derive(clap::Args, Debug, Clone, Default)]
+pub(crate) struct MetricsArgs {
+    /// Serve GET /metrics (Prometheus text format), /healthz and /readyz
+    /// on this address (HTTP; port 0 picks one, printed first as
+    /// `metrics on ADDR`).
+    #[arg(long, value_name = "ADDR", env = "PSERVER_METRICS_LISTEN")]
+    pub(crate) metrics_listen: Option<String>,
+}
+
+impl MetricsArgs {
+    /// Starts the listener, if asked, answering from a [`Slot`] that says
+    /// `waiting` until the node is put in it; prints its address first.
+    pub(crate) async fn start(&self, waiting: &str) -> Result<Option<(Endpoint, Arc<Slot>)>> {
+        let Some(listen) = &self.metrics_listen else {
+            return Ok(None);
+        };
+        let slot = Slot::new(waiting);
+        let exporter: Arc<dyn Exporter> = slot.clone();
+        let ep = metrics::serve(listen, exporter, metrics::HttpLimits::default())
+            .await
+            .context("starting the metrics listener (--metrics-listen)")?;
+        println!("metrics on {}", ep.addr());
+        Ok(Some((ep, slot)))
+    }
+}
+
+/// Puts `node` in the metrics listener's slot, if there is one.
+fn fill(metrics: &Option<(Endpoint, Arc<Slot>)>, node: Arc<dyn Exporter>) {
+    if let Some((_, slot)) = metrics {
+        slot.set(node);
+    }
 }
 
 /// Placement and failure-detection settings of a manager.
@@ -136,6 +173,8 @@ enum Cmd {
         restore: Option<std::path::PathBuf>,
         #[command(flatten)]
         opts: ManagerOpts,
+        #[command(flatten)]
+        metrics: MetricsArgs,
     },
     /// Run a server that holds key ranges of every table.
     Server {
@@ -166,6 +205,12 @@ enum Cmd {
         /// full. 0 turns the filter off (filtered pulls are answered in full).
         #[arg(long, env = "PSERVER_SIGNIFICANT_ENTRIES", default_value_t = pserver_node::server::DEFAULT_SIGNIFICANT_ENTRIES)]
         significant_entries: usize,
+        /// Keep trying to reach the manager for this many seconds at start
+        /// (it may start after this server); 0: fail at once.
+        #[arg(long, default_value_t = 0)]
+        wait_manager_secs: u64,
+        #[command(flatten)]
+        metrics: MetricsArgs,
     },
     /// Write a throwaway cluster CA and a node certificate for a test
     /// cluster (ca.pem, ca.key, node.pem, node.key); then run every node
@@ -208,6 +253,8 @@ enum Cmd {
         /// finished on this worker; without it, serve jobs until stopped.
         #[arg(long, env = "PSERVER_EXIT_AFTER_JOBS", value_parser = clap::value_parser!(u64).range(1..))]
         exit_after_jobs: Option<u64>,
+        #[command(flatten)]
+        metrics: MetricsArgs,
     },
     /// Show nodes, their state and ranges, tables and the epoch.
     Status {
@@ -215,8 +262,20 @@ enum Cmd {
         #[arg(long, env = "PSERVER_MANAGER", default_value = DEFAULT_MANAGER)]
         manager: String,
         /// Print JSON instead of a table.
-        #[arg(long)]
+        #[arg(long, conflicts_with = "watch")]
         json: bool,
+        /// Redraw every second: nodes, ranges, per-table request rates,
+        /// replication lag and jobs (the servers are asked for their
+        /// figures). On a terminal each frame replaces the last; otherwise
+        /// frames follow each other, each after a `--- frame N ---` line.
+        #[arg(long)]
+        watch: bool,
+        /// With --watch: stop after this many frames (default: until Ctrl-C).
+        #[arg(long, requires = "watch")]
+        frames: Option<u64>,
+        /// With --watch: milliseconds between frames.
+        #[arg(long, default_value_t = 1000, requires = "watch")]
+        interval_ms: u64,
     },
     /// Measure push, pull and push-pull throughput and latency against a
     /// cluster of processes, beside the loopback TCP ceilings of the same run.
@@ -366,6 +425,7 @@ async fn run(cli: Cli) -> Result<()> {
             state,
             restore,
             opts,
+            metrics,
         } => {
             sec.check_listen(&listen)?;
             let mut cfg = opts.config(&listen)?;
@@ -374,7 +434,11 @@ async fn run(cli: Cli) -> Result<()> {
             if let Some(dir) = &restore {
                 check_checkpoint(dir)?;
             }
+            let metrics = metrics
+                .start("starting: loading the manager's state")
+                .await?;
             let m = start_manager(cfg).await.context("starting the manager")?;
+            fill(&metrics, m.exporter());
             println!("manager listening on {}", m.addr());
             if let Some(dir) = restore {
                 let addr = m.addr().to_string();
@@ -408,12 +472,20 @@ async fn run(cli: Cli) -> Result<()> {
             max_connections,
             max_waiting,
             significant_entries,
+            wait_manager_secs,
+            metrics,
         } => {
             sec.check_listen(&listen)?;
             if max_connections == 0 || max_waiting == 0 {
                 anyhow::bail!("--max-connections and --max-waiting must be at least 1");
             }
+            let metrics = metrics
+                .start(&format!(
+                    "starting: not registered with the manager at {manager} yet"
+                ))
+                .await?;
             let mut cfg = ServerConfig::new(manager);
+            cfg.manager_wait = Duration::from_secs(wait_manager_secs);
             cfg.listen = listen;
             cfg.advertise = advertise;
             cfg.net = net;
@@ -424,21 +496,43 @@ async fn run(cli: Cli) -> Result<()> {
                 cfg.apply_threads = t;
             }
             let s = start_server(cfg).await.context("starting the server")?;
+            fill(&metrics, s.exporter());
             println!("server {} listening on {}", s.id(), s.addr());
             wait_for_stop(s.cancelled()).await;
             s.shutdown();
             Ok(())
         }
         Cmd::Kv { manager, cmd } => kv::run(&manager, &net, cmd).await,
-        Cmd::Status { manager, json } => status::run(&manager, &net, json).await,
+        Cmd::Status {
+            manager,
+            watch: true,
+            frames,
+            interval_ms,
+            ..
+        } => {
+            if interval_ms < 50 {
+                anyhow::bail!("--interval-ms must be at least 50, got {interval_ms}");
+            }
+            if frames == Some(0) {
+                anyhow::bail!("--frames must be at least 1");
+            }
+            watch::run(&manager, &net, frames, Duration::from_millis(interval_ms)).await
+        }
+        Cmd::Status { manager, json, .. } => status::run(&manager, &net, json).await,
         Cmd::Worker {
             manager,
             listen,
             advertise,
             data,
             exit_after_jobs,
+            metrics,
         } => {
             sec.check_listen(&listen)?;
+            let metrics = metrics
+                .start(&format!(
+                    "starting: not registered with the manager at {manager} yet"
+                ))
+                .await?;
             let mut agent = Agent::start(AgentConfig {
                 manager: manager.clone(),
                 listen,
@@ -449,6 +543,7 @@ async fn run(cli: Cli) -> Result<()> {
             })
             .await
             .with_context(|| format!("starting a worker of the manager at {manager}"))?;
+            fill(&metrics, agent.exporter());
             tracing::info!(
                 node = agent.id(),
                 addr = agent.addr(),

@@ -14,6 +14,7 @@ use pserver_data::Format;
 use pserver_node::local::{LocalCluster, LocalConfig};
 use std::io::{IsTerminal, Write};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
 
 /// The bundled data set, relative to the repository root.
@@ -121,6 +122,8 @@ pub struct TrainArgs {
     /// --manager.
     #[arg(long, env = "PSERVER_REMOTE_WORKERS")]
     remote_workers: Option<usize>,
+    #[command(flatten)]
+    metrics: crate::MetricsArgs,
     /// Most worker processes the job takes: idle ones that appear during
     /// the run join it from the next epoch (default: --remote-workers).
     #[arg(long, env = "PSERVER_MAX_WORKERS")]
@@ -391,6 +394,12 @@ pub async fn run(args: TrainArgs, sec: &crate::security::Security) -> Result<()>
         );
     }
 
+    // Before the cluster starts, so a probe hears "starting" rather than
+    // nothing.
+    let metrics = args
+        .metrics
+        .start("starting: the job's cluster and workers are not up yet")
+        .await?;
     let cluster: LocalCluster;
     let mut local = None;
     let manager = match &args.manager {
@@ -445,6 +454,46 @@ pub async fn run(args: TrainArgs, sec: &crate::security::Security) -> Result<()>
     );
 
     let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+    // The scheduler's events feed the job's figures on their way to the
+    // progress bar.
+    let gauges = pserver_apps::gauges::JobGauges::new();
+    // The job's name when given (a default one is stamped when the job
+    // starts), else the algorithm's.
+    gauges.start(args.job.as_deref().unwrap_or(args.algo_name()));
+    let rx = {
+        let (ui_tx, ui_rx) = tokio::sync::mpsc::unbounded_channel();
+        let g = gauges.clone();
+        let mut rx = rx;
+        tokio::spawn(async move {
+            while let Some(p) = rx.recv().await {
+                g.progress(&p);
+                let _ = ui_tx.send(p);
+            }
+        });
+        ui_rx
+    };
+    if let Some((_, slot)) = &metrics {
+        let job: Arc<dyn pserver_node::metrics::Exporter> =
+            Arc::new(pserver_apps::gauges::JobExporter {
+                scope: pserver_apps::gauges::Scope::Job,
+                gauges: gauges.clone(),
+            });
+        slot.set(match local {
+            // The local cluster's nodes beside the job, each under its
+            // `node` label.
+            Some(c) => {
+                let mut parts = vec![
+                    ("job".to_string(), job),
+                    ("manager".into(), c.manager.exporter()),
+                ];
+                for s in &c.servers {
+                    parts.push((format!("server-{}", s.id()), s.exporter()));
+                }
+                Arc::new(pserver_node::metrics::Merged(parts))
+            }
+            None => job,
+        });
+    }
     let total = match cfg.algo {
         Algo::Dbpg => (cfg.blocks * cfg.epochs) as u64,
         Algo::Ftrl => 0,
@@ -471,6 +520,7 @@ pub async fn run(args: TrainArgs, sec: &crate::security::Security) -> Result<()>
         }
     };
     let _ = ui.await;
+    gauges.finish();
     let replicated = local.map(|c| c.replicated_bytes());
     if let Some(c) = local {
         c.stop().await;

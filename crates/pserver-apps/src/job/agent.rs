@@ -8,6 +8,7 @@ use super::{Unit, describe};
 use crate::dataset::{self, Builder, Dataset};
 use crate::dbpg::{DbpgConfig, DbpgWorker};
 use crate::ftrl::{self, FtrlConfig};
+use crate::gauges::{JobExporter, JobGauges, Scope};
 use pserver_data::{ReadOptions, ReadStats, Split};
 use pserver_node::NodeError;
 use pserver_node::net::Net;
@@ -74,6 +75,8 @@ pub struct Agent {
     cancel: CancellationToken,
     task: tokio::task::JoinHandle<()>,
     quota: Arc<Quota>,
+    /// Its job's figures, for its metrics listener.
+    gauges: Arc<JobGauges>,
 }
 
 /// How many jobs a worker process serves before it leaves.
@@ -130,11 +133,13 @@ impl Agent {
             finished: Default::default(),
             reached: CancellationToken::new(),
         });
-        let (w, c, data, q) = (
+        let gauges = JobGauges::new();
+        let (w, c, data, q, g) = (
             worker.clone(),
             cancel.clone(),
             Arc::new(cfg.data),
             quota.clone(),
+            gauges.clone(),
         );
         let task = tokio::spawn(async move {
             loop {
@@ -154,8 +159,14 @@ impl Agent {
                     }
                 };
                 let (tx, rx) = link::split::<FromWorker, ToWorker>(stream, &peer);
-                let (w, busy, data, c, q) =
-                    (w.clone(), busy.clone(), data.clone(), c.clone(), q.clone());
+                let (w, busy, data, c, q, g) = (
+                    w.clone(),
+                    busy.clone(),
+                    data.clone(),
+                    c.clone(),
+                    q.clone(),
+                    g.clone(),
+                );
                 tokio::spawn(async move {
                     tokio::select! {
                         // Killed: the session ends unpolled. Its link and
@@ -164,7 +175,7 @@ impl Agent {
                         // line a failed `pserver train` prints.
                         biased;
                         _ = c.cancelled() => {}
-                        r = session(&w, tx, rx, &busy, &data, &c, &q) => match r {
+                        r = session(&w, tx, rx, &busy, &data, &c, &q, &g) => match r {
                             Ok(()) => {}
                             // Killed meanwhile (on another thread): its
                             // links closing under it are how a kill ends it.
@@ -183,6 +194,16 @@ impl Agent {
             cancel,
             task,
             quota,
+            gauges,
+        })
+    }
+
+    /// What this worker process tells a metrics listener: its job's
+    /// iterations, objective and waiting share; ready while it has a job.
+    pub fn exporter(&self) -> Arc<dyn pserver_node::metrics::Exporter> {
+        Arc::new(JobExporter {
+            scope: Scope::Worker,
+            gauges: self.gauges.clone(),
         })
     }
 
@@ -240,6 +261,8 @@ enum SessionError {
 }
 
 /// One scheduler's connection: an offer, then (if taken) the job.
+// The process's shared pieces, each borrowed from the accept loop's clones.
+#[allow(clippy::too_many_arguments)]
 async fn session(
     w: &Worker,
     mut tx: Sender<FromWorker>,
@@ -248,6 +271,7 @@ async fn session(
     data: &[String],
     killed: &CancellationToken,
     quota: &Quota,
+    gauges: &JobGauges,
 ) -> Result<(), SessionError> {
     let Some(first) = rx.recv().await else {
         return Ok(());
@@ -265,6 +289,7 @@ async fn session(
             Some(other) => Err(format!("worker {} is running job {other:?}", w.id())),
             None => {
                 *b = Some(job.clone());
+                gauges.start(&job);
                 Ok(())
             }
         }
@@ -277,7 +302,7 @@ async fn session(
     let r = match readable(patterns) {
         Ok(files) => {
             tx.send(&FromWorker::Files { id: w.id(), files }).await?;
-            run_job(w, &mut tx, &mut rx).await
+            run_job(w, &mut tx, &mut rx, gauges).await
         }
         Err(why) => {
             tx.send(&FromWorker::Refused { why }).await?;
@@ -300,6 +325,7 @@ async fn session(
         }
     }
     *busy.lock().unwrap_or_else(|e| e.into_inner()) = None;
+    gauges.end();
     if let Err(SessionError::Failed(what)) = &r {
         let _ = tx.send(&FromWorker::Failed { what: what.clone() }).await;
     }
@@ -436,6 +462,7 @@ async fn run_job(
     w: &Worker,
     tx: &mut Sender<FromWorker>,
     rx: &mut Receiver<ToWorker>,
+    gauges: &JobGauges,
 ) -> Result<bool, SessionError> {
     let id = w.id();
     // The worker outlives jobs: report this job's bytes only.
@@ -530,6 +557,7 @@ async fn run_job(
             ToWorker::Step { step: t, batches } => match &mut runner {
                 Runner::Dbpg(d) => {
                     let (stats, push) = d.iterate(w, t, slow).await.map_err(node)?;
+                    gauges.step(&stats);
                     tx.send(&FromWorker::Iter(stats)).await?;
                     let ack = ack_tx.clone();
                     tokio::spawn(async move {
@@ -544,6 +572,7 @@ async fn run_job(
                         .map_err(node)?;
                     drop(stx);
                     while let Some(s) = srx.recv().await {
+                        gauges.step(&s);
                         tx.send(&FromWorker::Iter(s)).await?;
                     }
                     let _ = ack_tx.send((t, Ok(Outcome::default())));

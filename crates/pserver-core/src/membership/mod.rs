@@ -681,6 +681,11 @@ impl Membership {
             ));
         }
         self.leaving.insert(id);
+        // Said in the map, so the server (its readiness) and `pserver
+        // status` can tell.
+        if let Ok(i) = self.map.nodes.binary_search_by_key(&id, |n| n.id) {
+            self.map.nodes[i].task = crate::map::DRAINING.to_string();
+        }
         self.changed(true);
         Ok(true)
     }
@@ -693,6 +698,40 @@ impl Membership {
     /// True while a hand-off waits for copies.
     pub fn handing_off(&self) -> bool {
         self.target.is_some()
+    }
+
+    /// While a hand-off waits for copies: how many live primaries of the
+    /// intermediate map have reported theirs done, of how many.
+    pub fn handoff_progress(&self) -> Option<(usize, usize)> {
+        let h = self.target.as_ref()?;
+        let mut primaries: Vec<NodeId> = self
+            .map
+            .partitions
+            .iter()
+            .map(|p| p.primary)
+            .filter(|&id| {
+                self.map
+                    .node(id)
+                    .is_some_and(|n| n.state == NodeState::Alive)
+            })
+            .collect();
+        primaries.sort_unstable();
+        primaries.dedup();
+        let synced = primaries
+            .iter()
+            .filter(|id| self.synced.get(id).is_some_and(|&e| e >= h.epoch))
+            .count();
+        Some((synced, primaries.len()))
+    }
+
+    /// Each live server's and worker's last sign of life (ms), by id.
+    pub fn last_seen(&self) -> impl Iterator<Item = (NodeId, u64)> + '_ {
+        self.last_seen.iter().map(|(&id, &t)| (id, t))
+    }
+
+    /// Ad-hoc clients present now.
+    pub fn clients_present(&self) -> usize {
+        self.clients.len()
     }
 
     /// Creates a table, or returns the existing one when the spec matches.

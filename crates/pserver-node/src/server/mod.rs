@@ -11,6 +11,7 @@
 
 pub mod core;
 mod runtime;
+pub mod stats;
 
 use crate::net::Net;
 use pserver_core::NodeId;
@@ -60,6 +61,10 @@ pub struct ServerConfig {
     /// full), and when none is left new entries are sent every time. 0
     /// turns the filter off: filtered pulls are answered in full.
     pub significant_entries: usize,
+    /// How long to keep trying to reach the manager at start (it may start
+    /// after this server); zero: one attempt, an unreachable manager is an
+    /// error at once.
+    pub manager_wait: std::time::Duration,
 }
 
 /// Default of [`ServerConfig::key_cache_keys`]: 16 Mi keys, 128 MiB of keys.
@@ -83,20 +88,37 @@ impl ServerConfig {
             net: Net::tcp(),
             apply_threads: std::thread::available_parallelism().map_or(1, |n| n.get()),
             significant_entries: DEFAULT_SIGNIFICANT_ENTRIES,
+            manager_wait: std::time::Duration::ZERO,
         }
     }
 }
 
 /// A running server.
-#[derive(Debug)]
 pub struct ServerHandle {
     id: NodeId,
     addr: SocketAddr,
     cancel: CancellationToken,
     replicated: Arc<std::sync::atomic::AtomicU64>,
+    exporter: Arc<dyn crate::metrics::Exporter>,
+}
+
+impl std::fmt::Debug for ServerHandle {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ServerHandle")
+            .field("id", &self.id)
+            .field("addr", &self.addr)
+            .finish_non_exhaustive()
+    }
 }
 
 impl ServerHandle {
+    /// What this server tells a metrics listener
+    /// ([`metrics::serve`](crate::metrics::serve)): its counters and
+    /// figures, and whether it serves its ranges.
+    pub fn exporter(&self) -> Arc<dyn crate::metrics::Exporter> {
+        Arc::clone(&self.exporter)
+    }
+
     /// Bytes this server has sent down replica chains (changes, copies,
     /// markers): what replication costs it.
     pub fn replicated_bytes(&self) -> u64 {

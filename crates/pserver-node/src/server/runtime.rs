@@ -8,23 +8,27 @@
 //! a task waiting for it yields its thread, so a long step (a map that
 //! copies millions of keys to new replicas) never stops the heartbeats.
 
+use super::core::request::Op;
 use super::core::{
     ConnId, CoreConfig, Delivery, Effect, Input, LEND_FROM, ServerCore, Ticket, Work,
 };
+use super::stats::{Figured, LinkFigures, ServerStats};
 use super::{ServerConfig, ServerHandle};
 use crate::conn::{Outbox, Peer, accept_loop, bind, lock, split};
 use crate::error::NodeError;
+use crate::metrics::{BoxFuture, Exporter, Scrape};
 use crate::net::Net;
 use crate::proto::{Rejoining, control_reply, control_request, error_reply, register, rejoin};
 use crate::replica::Forwarder;
 use futures_util::StreamExt;
 use pserver_core::map::Group;
 use pserver_core::{NodeId, NodeState, Role};
-use pserver_wire::header::FLAG_PACK_REPLY;
+use pserver_wire::header::{FLAG_PACK_REPLY, FLAG_SCAN};
 use pserver_wire::{CodecError, Control, ErrorCode, Frame, Header, Kind, Limits, Packing};
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
+use std::time::Instant;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
@@ -33,6 +37,25 @@ use tokio_util::sync::CancellationToken;
 struct Node {
     core: ServerCore,
     forwarders: HashMap<NodeId, Forwarder>,
+    /// Data requests whose replies were not made in their own step (they
+    /// wait for the chain, for slower workers, or for a lent table), by
+    /// connection and request id: when each was read, and its operation,
+    /// for its latency once the reply is made. Kept under the lock the
+    /// steps take anyway, so timing a request takes no lock of its own.
+    pending: HashMap<(ConnId, u64), (Instant, Op)>,
+}
+
+/// Most requests [`Node::pending`] times at once; past it a request's
+/// latency is not observed (its reply still goes).
+const MAX_TIMED: usize = 1 << 20;
+
+/// A data request being stepped, to time.
+#[derive(Clone, Copy)]
+struct Timed {
+    conn: ConnId,
+    request: u64,
+    op: Op,
+    at: Instant,
 }
 
 /// What every task of one server shares.
@@ -63,6 +86,8 @@ struct Shared {
     /// heartbeat's answer or a map. Kept outside the lock, so heartbeats
     /// never wait for it.
     contact_ms: AtomicU64,
+    /// What the runtime counts, for the metrics listener.
+    stats: Arc<ServerStats>,
 }
 
 impl Shared {
@@ -75,20 +100,40 @@ impl Shared {
     /// map, a big request) lets the runtime move this thread's other tasks
     /// elsewhere meanwhile.
     async fn step(&self, inputs: impl IntoIterator<Item = Input>, long: bool) -> Vec<Effect> {
+        self.step_timed(inputs, long, None).await
+    }
+
+    /// [`Shared::step`], timing the data request `timed` (the input).
+    async fn step_timed(
+        &self,
+        inputs: impl IntoIterator<Item = Input>,
+        long: bool,
+        timed: Option<Timed>,
+    ) -> Vec<Effect> {
         let mut node = self.node.lock().await;
         if long && multi_thread() {
-            tokio::task::block_in_place(|| self.step_locked(&mut node, inputs))
+            tokio::task::block_in_place(|| self.step_locked(&mut node, inputs, timed))
         } else {
-            self.step_locked(&mut node, inputs)
+            self.step_locked(&mut node, inputs, timed)
         }
     }
 
-    fn step_locked(&self, node: &mut Node, inputs: impl IntoIterator<Item = Input>) -> Vec<Effect> {
+    fn step_locked(
+        &self,
+        node: &mut Node,
+        inputs: impl IntoIterator<Item = Input>,
+        timed: Option<Timed>,
+    ) -> Vec<Effect> {
         let now = self.now_ms();
         node.core
             .manager_seen(self.contact_ms.load(Ordering::Relaxed));
         let mut rest = Vec::new();
         for input in inputs {
+            if let Input::Closed(c) = &input {
+                if !node.pending.is_empty() {
+                    node.pending.retain(|(conn, _), _| conn != c);
+                }
+            }
             for effect in node.core.step(now, input) {
                 match effect {
                     Effect::Forward {
@@ -116,13 +161,75 @@ impl Shared {
                             f.abandon();
                         }
                     }
+                    Effect::Report {
+                        conn,
+                        request,
+                        figures,
+                    } => {
+                        let fig = self.figured(node, *figures);
+                        let report = self.stats.report(&fig);
+                        let epoch = node.core.map().epoch;
+                        let frame =
+                            control_reply(&request, self.id, epoch, &Control::ServerReport(report));
+                        rest.push(Effect::Send { conn, frame });
+                    }
                     other => rest.push(other),
                 }
+            }
+        }
+        // Replies made in this step: errors by code, and the latency of
+        // the requests they answer.
+        for e in &rest {
+            let Effect::Send { conn, frame } = e else {
+                continue;
+            };
+            if frame.header.kind == Kind::Error {
+                if let Ok(Control::Error { code, .. }) = frame.control_msg() {
+                    self.stats.error(code);
+                }
+            }
+            if !node.pending.is_empty() {
+                if let Some((at, op)) = node.pending.remove(&(*conn, frame.header.request_id)) {
+                    self.stats.latency(op, at.elapsed().as_micros() as u64);
+                }
+            }
+        }
+        if let Some(t) = timed {
+            let answered = rest.iter().any(|e| {
+                matches!(e, Effect::Send { conn, frame }
+                    if *conn == t.conn && frame.header.request_id == t.request)
+            });
+            if answered {
+                self.stats.latency(t.op, t.at.elapsed().as_micros() as u64);
+            } else if node.pending.len() < MAX_TIMED {
+                node.pending.insert((t.conn, t.request), (t.at, t.op));
             }
         }
         self.map_epoch
             .store(node.core.map().epoch, Ordering::Relaxed);
         rest
+    }
+
+    /// The figures of a scrape besides the counters: the core's (taken
+    /// under the lock), the chain links' queues, the manager's silence.
+    fn figured(&self, node: &Node, core: super::core::CoreFigures) -> Figured {
+        let mut links: Vec<LinkFigures> = node
+            .forwarders
+            .iter()
+            .map(|(&to, f)| {
+                let (bytes, changes) = f.queued();
+                LinkFigures { to, bytes, changes }
+            })
+            .collect();
+        links.sort_by_key(|l| l.to);
+        Figured {
+            core,
+            links,
+            replicated_bytes: self.replicated.load(Ordering::Relaxed),
+            manager_silence_ms: self
+                .now_ms()
+                .saturating_sub(self.contact_ms.load(Ordering::Relaxed)),
+        }
     }
 
     /// Sends `frame` on connection `conn`, if it is still open, packing its
@@ -137,6 +244,7 @@ impl Shared {
             frame.pack(Packing::Lossless);
         }
         let header = frame.header;
+        self.stats.sent(frame.encoded_len() as u64 + 4);
         if let Err(NodeError::Unsendable { why, .. }) = out.send(frame).await {
             // A reply over the frame limit (a pull of too many keys for its
             // width): the request is answered with why, instead of never.
@@ -148,6 +256,7 @@ impl Shared {
                 ErrorCode::Limit,
                 format!("its reply cannot be sent: {why}; split the request into smaller ones"),
             );
+            self.stats.error(ErrorCode::Limit);
             let _ = out.send(refusal).await;
         }
     }
@@ -211,13 +320,16 @@ impl Shared {
                                 epoch,
                                 &Control::Snapshotted { files },
                             ),
-                            Ok(Err(e)) => error_reply(
-                                &request,
-                                shared.id,
-                                epoch,
-                                ErrorCode::Internal,
-                                e.to_string(),
-                            ),
+                            Ok(Err(e)) => {
+                                shared.stats.error(ErrorCode::Internal);
+                                error_reply(
+                                    &request,
+                                    shared.id,
+                                    epoch,
+                                    ErrorCode::Internal,
+                                    e.to_string(),
+                                )
+                            }
                             Err(e) => error_reply(
                                 &request,
                                 shared.id,
@@ -231,7 +343,7 @@ impl Shared {
                 }
                 Effect::Apply(work) => works.push(*work),
                 // Carried out under the lock by `step`.
-                Effect::Forward { .. } | Effect::Abandon { .. } => {}
+                Effect::Forward { .. } | Effect::Abandon { .. } | Effect::Report { .. } => {}
             }
         }
     }
@@ -244,6 +356,7 @@ impl Shared {
         let mut node = self.node.lock().await;
         node.core.stop();
         node.forwarders.clear();
+        node.pending.clear();
         drop(node);
         lock(&self.conns).clear();
     }
@@ -253,9 +366,27 @@ impl Shared {
 /// shut down or dropped by the manager.
 pub async fn start_server(cfg: ServerConfig) -> Result<ServerHandle, NodeError> {
     let (listener, addr) = bind(&cfg.net, &cfg.listen).await?;
-    let (manager, notices) = Peer::connect_via(&cfg.net, &cfg.manager, cfg.limits).await?;
     let my_addr = cfg.advertise.clone().unwrap_or_else(|| addr.to_string());
-    let (id, map) = register(&manager, Role::Server, &my_addr, Group::Default).await?;
+    // A manager not up yet (its pod starting beside this one) is waited
+    // for, up to `manager_wait`.
+    let deadline = tokio::time::Instant::now() + cfg.manager_wait;
+    let (manager, notices, id, map) = loop {
+        let attempt = async {
+            let (manager, notices) = Peer::connect_via(&cfg.net, &cfg.manager, cfg.limits).await?;
+            let (id, map) = register(&manager, Role::Server, &my_addr, Group::Default).await?;
+            Ok::<_, NodeError>((manager, notices, id, map))
+        };
+        match attempt.await {
+            Ok(joined) => break joined,
+            Err(e @ (NodeError::Connect { .. } | NodeError::Closed(_)))
+                if tokio::time::Instant::now() < deadline =>
+            {
+                tracing::debug!(error = %e, "the manager is not answering yet; trying again");
+                tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+            }
+            Err(e) => return Err(e),
+        }
+    };
     let replicated = Arc::new(AtomicU64::new(0));
     let core = ServerCore::new(
         id,
@@ -275,6 +406,7 @@ pub async fn start_server(cfg: ServerConfig) -> Result<ServerHandle, NodeError> 
         node: tokio::sync::Mutex::new(Node {
             core,
             forwarders: HashMap::new(),
+            pending: HashMap::new(),
         }),
         map_epoch: AtomicU64::new(0),
         conns: Mutex::new(HashMap::new()),
@@ -287,6 +419,7 @@ pub async fn start_server(cfg: ServerConfig) -> Result<ServerHandle, NodeError> 
         epoch: tokio::time::Instant::now(),
         contact_ms: AtomicU64::new(0),
         senders: std::sync::atomic::AtomicU32::new(0),
+        stats: Arc::new(ServerStats::default()),
     });
     let heartbeat = map.heartbeat_interval();
     let effects = shared.step([Input::Map(map)], true).await;
@@ -451,6 +584,7 @@ pub async fn start_server(cfg: ServerConfig) -> Result<ServerHandle, NodeError> 
     }
 
     let limits = cfg.limits;
+    let exporter: Arc<dyn Exporter> = Arc::new(ServerExporter(Arc::clone(&shared)));
     accept_loop(listener, cancel.clone(), limits, move |stream, peer| {
         serve(stream, peer, Arc::clone(&shared))
     });
@@ -460,6 +594,7 @@ pub async fn start_server(cfg: ServerConfig) -> Result<ServerHandle, NodeError> 
         addr,
         cancel,
         replicated,
+        exporter,
     })
 }
 
@@ -471,6 +606,7 @@ where
     let (mut reader, out) = split(stream, shared.limits);
     let conn = shared.next_conn.fetch_add(1, Ordering::Relaxed);
     lock(&shared.conns).insert(conn, out.clone());
+    shared.stats.opened();
     let malformed = |h: &Header, why: String| {
         let epoch = shared.map_epoch.load(Ordering::Relaxed);
         error_reply(h, shared.id, epoch, ErrorCode::Malformed, why)
@@ -486,12 +622,32 @@ where
         };
         match item {
             Ok(mut frame) => {
+                let at = Instant::now();
                 shared
                     .senders
                     .fetch_max(frame.header.sender, Ordering::Relaxed);
+                // Counted once, as it came (before unpacking), whatever
+                // becomes of it.
+                let timed = data_op(&frame.header).map(|op| {
+                    let h = &frame.header;
+                    let keys = match frame.key_ref() {
+                        Some((_, count)) => count,
+                        None if h.dense() => h.range.len(),
+                        None => frame.keys.len() as u64,
+                    };
+                    let bytes = frame.encoded_len() as u64 + 4;
+                    shared.stats.request(h.table, op, keys, bytes);
+                    Timed {
+                        conn,
+                        request: h.request_id,
+                        op,
+                        at,
+                    }
+                });
                 // Unpacked before the lock; a section that does not unpack
                 // is refused like any malformed request.
                 if let Err(e) = frame.unpack() {
+                    shared.stats.error(ErrorCode::Malformed);
                     let _ = out.send(malformed(&frame.header, e.to_string())).await;
                     continue;
                 }
@@ -499,7 +655,7 @@ where
                 let input = Input::Request { conn, frame };
                 // A big request's admission (checking millions of keys)
                 // takes a while even though its table is lent for the rest.
-                let effects = shared.step([input], big).await;
+                let effects = shared.step_timed([input], big, timed).await;
                 shared.carry_out(effects).await;
             }
             Err(CodecError::Oversized { header, bytes, max }) => {
@@ -512,6 +668,7 @@ where
                      library does when its WorkerConfig::limits are the cluster's)"
                 );
                 tracing::warn!(%peer, "{why}");
+                shared.stats.error(ErrorCode::Limit);
                 let _ = out
                     .send(error_reply(
                         &header,
@@ -524,6 +681,7 @@ where
             }
             Err(e) => {
                 tracing::warn!(%peer, error = %e, "bad frame; closing");
+                shared.stats.error(ErrorCode::Malformed);
                 let _ = out
                     .send(malformed(&Header::new(Kind::Error), e.to_string()))
                     .await;
@@ -532,8 +690,48 @@ where
         }
     }
     lock(&shared.conns).remove(&conn);
+    shared.stats.closed();
     let effects = shared.step([Input::Closed(conn)], false).await;
     shared.carry_out(effects).await;
+}
+
+/// A data request's operation, from its header alone; `None` for the
+/// rest (chain changes, control requests).
+fn data_op(h: &Header) -> Option<Op> {
+    match h.kind {
+        Kind::Push => Some(Op::Push),
+        Kind::PushPull => Some(Op::PushPull),
+        Kind::Pull if h.flags & FLAG_SCAN != 0 => Some(Op::Scan),
+        Kind::Pull => Some(Op::Pull),
+        _ => None,
+    }
+}
+
+/// What a server tells its metrics listener.
+struct ServerExporter(Arc<Shared>);
+
+impl Exporter for ServerExporter {
+    fn scrape(&self) -> BoxFuture<'_, Scrape> {
+        Box::pin(async move {
+            let shared = &self.0;
+            let fig = {
+                let node = shared.node.lock().await;
+                shared.figured(&node, node.core.figures())
+            };
+            shared.stats.scrape(&fig)
+        })
+    }
+
+    fn ready(&self) -> BoxFuture<'_, Result<(), String>> {
+        Box::pin(async move {
+            let shared = &self.0;
+            let node = shared.node.lock().await;
+            let silent = shared
+                .now_ms()
+                .saturating_sub(shared.contact_ms.load(Ordering::Relaxed));
+            super::stats::ready(shared.id, node.core.map(), silent)
+        })
+    }
 }
 
 /// Runs work on a lent table off the runtime's threads (on a current-thread

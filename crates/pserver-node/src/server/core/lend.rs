@@ -217,7 +217,10 @@ pub(super) fn request_touches(r: &Request) -> Option<Option<u32>> {
         }
         Request::Marker(_) => Some(None),
         // A checkpoint lends its tables one at a time (`copy_next`).
-        Request::Snapshot { .. } | Request::Fence { .. } | Request::GetMap(_) => None,
+        Request::Snapshot { .. }
+        | Request::Fence { .. }
+        | Request::GetMap(_)
+        | Request::Stats(_) => None,
     }
 }
 

@@ -132,6 +132,16 @@ pub enum Effect {
     /// Run [`Work::run`] without the core's lock (it holds a lent table and
     /// may take long), then hand it back as [`Input::Applied`].
     Apply(Box<Work>),
+    /// Answer `request` on `conn` with this server's figures: the core's
+    /// (`figures`) with the runtime's counters and queues.
+    Report {
+        /// The connection.
+        conn: ConnId,
+        /// The request's header (for the reply).
+        request: Header,
+        /// What the core holds.
+        figures: Box<CoreFigures>,
+    },
     /// Write the checkpoint parts into `dir`, then answer `request` on
     /// `conn` with the files written (or the error). The parts were copied
     /// when the request arrived, so each is consistent.
@@ -145,6 +155,41 @@ pub enum Effect {
         /// What to write.
         parts: Vec<RangePart>,
     },
+}
+
+/// What a server's core holds, as figures: read by the metrics listener
+/// and the live view (`pserver status --watch`), never by a decision.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct CoreFigures {
+    /// The map's epoch.
+    pub epoch: u64,
+    /// Partitions this server is primary of.
+    pub primary_ranges: u64,
+    /// Partitions this server replicates.
+    pub replica_ranges: u64,
+    /// Every table of the map.
+    pub tables: Vec<TableFigures>,
+    /// Replies waiting on changes down a chain (acks) or held with their
+    /// clock's sum.
+    pub acks_waiting: u64,
+    /// Maps whose copies and markers down the chains are not all answered.
+    pub syncs_pending: u64,
+    /// Ranges held back until their old primary's fence arrives.
+    pub fences_waiting: u64,
+}
+
+/// One table's figures on one server.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct TableFigures {
+    /// Its id.
+    pub id: u32,
+    /// Its name.
+    pub name: String,
+    /// Keys stored and the bytes their store allocated; `None` while the
+    /// table is lent out for a big request (or cannot be built here).
+    pub stored: Option<(u64, u64)>,
+    /// Pulls parked until slower workers catch up.
+    pub pulls_waiting: u64,
 }
 
 /// Longest a new primary holds a range back waiting for its old primary's
@@ -298,6 +343,48 @@ impl ServerCore {
         self.tables.get(&id).and_then(|t| t.as_ref().ok())
     }
 
+    /// What it holds now, as figures (a pass over its tables and queues:
+    /// for a scrape, not for every request).
+    pub fn figures(&self) -> CoreFigures {
+        let me = self.id;
+        let (mut primary, mut replica) = (0, 0);
+        for p in &self.map.partitions {
+            if p.primary == me {
+                primary += 1;
+            } else if p.replicas.contains(&me) {
+                replica += 1;
+            }
+        }
+        let tables = self
+            .map
+            .tables
+            .iter()
+            .map(|spec| TableFigures {
+                id: spec.id,
+                name: spec.name.clone(),
+                stored: self.table(spec.id).map(|t| {
+                    let store = t.store();
+                    (store.len() as u64, store.memory_bytes() as u64)
+                }),
+                pulls_waiting: self
+                    .waiting
+                    .iter()
+                    .filter(|w| w.frame.header.table == spec.id)
+                    .count() as u64,
+            })
+            .collect();
+        CoreFigures {
+            epoch: self.map.epoch,
+            primary_ranges: primary,
+            replica_ranges: replica,
+            tables,
+            acks_waiting: (self.acks.len() + self.held.values().map(Vec::len).sum::<usize>())
+                as u64,
+            syncs_pending: self.syncs.len() as u64,
+            fences_waiting: self.fence_waits.len() as u64,
+        }
+    }
+
     /// The manager answered this server at `ms` (a heartbeat's answer or a
     /// map). Until it is called the core does not time its lease.
     pub fn manager_seen(&mut self, ms: u64) {
@@ -375,6 +462,16 @@ impl ServerCore {
                 self.map.epoch,
                 &Control::Map((*self.map).clone()),
             ))),
+            // The runtime adds its counters and queues to the figures.
+            Request::Stats(h) => {
+                let figures = self.figures();
+                self.effects.push(Effect::Report {
+                    conn,
+                    request: h,
+                    figures: Box::new(figures),
+                });
+                Ok(None)
+            }
             // A forwarder's marker: everything before it has arrived.
             Request::Marker(h) => Ok(Some(control_reply(
                 &h,

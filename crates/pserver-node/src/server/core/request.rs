@@ -35,6 +35,8 @@ pub enum Request {
     Marker(Header),
     /// Asks for the map.
     GetMap(Header),
+    /// Asks for this server's figures (`pserver status --watch`).
+    Stats(Header),
     /// Asks for a checkpoint of this server's primary ranges into `dir`.
     Snapshot {
         /// The frame's header.
@@ -122,7 +124,7 @@ impl Request {
             Request::Replicate(c) => c.frame.header,
             Request::Restore { frame, .. } => frame.header,
             Request::Fence { header, .. } | Request::Snapshot { header, .. } => *header,
-            Request::Marker(h) | Request::GetMap(h) => *h,
+            Request::Marker(h) | Request::GetMap(h) | Request::Stats(h) => *h,
         }
     }
 
@@ -184,6 +186,7 @@ impl Request {
                 }),
                 Ok(Control::Synced { .. }) => Ok(Request::Marker(h)),
                 Ok(Control::GetMap) => Ok(Request::GetMap(h)),
+                Ok(Control::Stats) => Ok(Request::Stats(h)),
                 Ok(Control::Snapshot { dir }) => Ok(Request::Snapshot { header: h, dir }),
                 Ok(Control::Restore { spec }) => {
                     if spec.id != h.table {
