@@ -128,6 +128,17 @@ def _summed(keys: np.ndarray, values: np.ndarray):
     return unique, np.add.reduceat(values[order], starts, axis=0), inverse
 
 
+def _clock(clock: Any) -> Optional[int]:
+    """``clock`` as a clock a request may carry, or None for the current."""
+    if clock is None:
+        return None
+    if isinstance(clock, bool) or not isinstance(clock, (int, np.integer)):
+        raise TypeError(f"clock must be an int, not {type(clock).__name__}")
+    if not 0 <= clock < 2**64:
+        raise ValueError(f"clock {clock} is out of range")
+    return int(clock)
+
+
 def _tls_files(tls: Any):
     """``(cert, key, ca)`` from what ``tls`` may be: None, a dict with
     ``cert``, ``key`` and ``ca``, a 3-tuple, or the directory
@@ -306,51 +317,69 @@ class Client:
 
     # Data -----------------------------------------------------------------
 
-    def push_async(self, table: str, keys: Any, values: Any, sort: bool = False) -> Future:
+    def push_async(
+        self, table: str, keys: Any, values: Any, sort: bool = False, clock: Optional[int] = None
+    ) -> Future:
         """:meth:`push`, returning a :class:`Future`."""
         k = _keys(keys)
         v = _values(values, k.size)
         if sort:
             k, v, _ = _summed(k, v)
-        return Future(self._c.push(table, k, v))
+        return Future(self._c.push(table, k, v, _clock(clock)))
 
-    def push(self, table: str, keys: Any, values: Any, sort: bool = False) -> None:
+    def push(
+        self, table: str, keys: Any, values: Any, sort: bool = False, clock: Optional[int] = None
+    ) -> None:
         """Pushes ``values`` (``float32``, one row per key: shape ``(n,
         dim)``) for ``keys`` (``uint64``, sorted and unique) through the
-        table's updater, at the current clock. With ``sort=True`` the keys
-        may come in any order and repeat: they are sorted and the rows of
-        a repeated key summed. Returns once every server acknowledged."""
-        return self.push_async(table, keys, values, sort).wait()
+        table's updater, at the current clock (or at ``clock``). With
+        ``sort=True`` the keys may come in any order and repeat: they are
+        sorted and the rows of a repeated key summed. Returns once every
+        server acknowledged."""
+        return self.push_async(table, keys, values, sort, clock).wait()
 
-    def pull_async(self, table: str, keys: Any, sort: bool = False) -> Future:
+    def pull_async(
+        self, table: str, keys: Any, sort: bool = False, clock: Optional[int] = None
+    ) -> Future:
         """:meth:`pull`, returning a :class:`Future`."""
         k = _keys(keys)
+        c = _clock(clock)
         if not sort:
-            return Future(self._c.pull(table, k))
+            return Future(self._c.pull(table, k, c))
         unique, _, _, inverse = _dedup(k)
-        return Future(self._c.pull(table, unique), lambda rows: rows[inverse])
+        return Future(self._c.pull(table, unique, c), lambda rows: rows[inverse])
 
-    def pull(self, table: str, keys: Any, sort: bool = False) -> np.ndarray:
+    def pull(
+        self, table: str, keys: Any, sort: bool = False, clock: Optional[int] = None
+    ) -> np.ndarray:
         """The rows of ``keys`` (sorted and unique): a ``float32`` array of
         shape ``(n, dim)``. With ``sort=True`` the keys may come in any
         order and repeat; each distinct key is pulled once and the rows
-        come back in the order given."""
-        return self.pull_async(table, keys, sort).wait()
+        come back in the order given. The pull goes at the current clock
+        (or at ``clock``): under a table's bounded delay ``tau`` (0 for
+        sequential) it is answered once every worker has pushed clock
+        ``clock - tau``."""
+        return self.pull_async(table, keys, sort, clock).wait()
 
-    def push_pull_async(self, table: str, keys: Any, values: Any, sort: bool = False) -> Future:
+    def push_pull_async(
+        self, table: str, keys: Any, values: Any, sort: bool = False, clock: Optional[int] = None
+    ) -> Future:
         """:meth:`push_pull`, returning a :class:`Future`."""
         k = _keys(keys)
         v = _values(values, k.size)
+        c = _clock(clock)
         if not sort:
-            return Future(self._c.push_pull(table, k, v))
+            return Future(self._c.push_pull(table, k, v, c))
         unique, summed, inverse = _summed(k, v)
-        return Future(self._c.push_pull(table, unique, summed), lambda rows: rows[inverse])
+        return Future(self._c.push_pull(table, unique, summed, c), lambda rows: rows[inverse])
 
-    def push_pull(self, table: str, keys: Any, values: Any, sort: bool = False) -> np.ndarray:
+    def push_pull(
+        self, table: str, keys: Any, values: Any, sort: bool = False, clock: Optional[int] = None
+    ) -> np.ndarray:
         """Pushes like :meth:`push`, then pulls the same keys once the
-        push is applied (one round trip). ``sort=True`` as in :meth:`push`
-        and :meth:`pull`."""
-        return self.push_pull_async(table, keys, values, sort).wait()
+        push is applied (one round trip). ``sort=True`` and ``clock`` as
+        in :meth:`push` and :meth:`pull`."""
+        return self.push_pull_async(table, keys, values, sort, clock).wait()
 
     def pull_range_async(self, table: str, begin: int, end: int) -> Future:
         """:meth:`pull_range`, returning a :class:`Future`."""
