@@ -198,9 +198,16 @@ class _Rows(torch.nn.Module):
             keys = np.empty(0, dtype=np.uint64)
         else:
             keys = self.keys(unique)
-            # Keys are unique (ids are, and the mix is a bijection); sort=True
-            # orders them for the servers and gives the rows back in ours.
-            got = self.client.pull(self.table, keys, sort=True, clock=max(clock - 1, 0))
+            if self.hash_ids:
+                # Unique (ids are, and the mix is a bijection) but not in
+                # order: the rows are kept in key order, the order the
+                # servers want, so the step pushes them without sorting.
+                order = np.argsort(keys)
+                keys = keys[order]
+                rank = np.empty_like(order)
+                rank[order] = np.arange(order.size)
+                inverse = torch.from_numpy(rank).to(inverse.device)[inverse]
+            got = self.client.pull(self.table, keys, clock=max(clock - 1, 0))
             rows = torch.from_numpy(got)
         rows = rows.to(ids.device)
         if torch.is_grad_enabled() and self.training:
@@ -220,7 +227,8 @@ class _Rows(torch.nn.Module):
 
     def _take_gradients(self) -> Tuple[Optional[int], np.ndarray, np.ndarray]:
         """Empties the pending passes: the clock of the first, and each
-        pulled key with its gradient (keys may repeat across passes)."""
+        pulled key with its gradient (sorted and unique for one pass; for
+        several, keys repeat and the push sorts and sums them)."""
         pending, self._pending = self._pending, []
         if not pending:
             return None, np.empty(0, dtype=np.uint64), np.empty((0, self.dim), dtype=np.float32)
@@ -233,6 +241,9 @@ class _Rows(torch.nn.Module):
             grads.append(rows.grad.detach().to("cpu", torch.float32).numpy())
         if not keys:
             return clock, np.empty(0, dtype=np.uint64), np.empty((0, self.dim), dtype=np.float32)
+        if len(keys) == 1:
+            # One pass: its keys are sorted and unique already.
+            return clock, keys[0], grads[0]
         return clock, np.concatenate(keys), np.concatenate(grads)
 
     def step(self) -> None:
@@ -404,7 +415,11 @@ class SparseOptimizer:
                 futures = []
                 for m, (_, keys, grads) in zip(group, taken):
                     try:
-                        futures.append(client.push_async(m.table, keys, grads, sort=True, clock=clock))
+                        # Sorting (and summing) only what is not sorted yet.
+                        ordered = keys.size < 2 or bool(np.all(keys[1:] > keys[:-1]))
+                        futures.append(
+                            client.push_async(m.table, keys, grads, sort=not ordered, clock=clock)
+                        )
                     except Exception as e:
                         first_error = first_error or e
                 for f in futures:
