@@ -22,7 +22,7 @@ so the dense part is synchronous data parallel and the sparse part a
 parameter server, as PERSIA and most CTR systems do it.
 
     python examples/flights_ctr.py                # 2 workers, 2 servers
-    python examples/flights_ctr.py --workers 3 --epochs 4 --dim 16
+    python examples/flights_ctr.py --workers 3 --dim 16
 
 It starts a manager and the servers with the `pserver` binary
 (`--pserver`, `$PSERVER_BIN`, else target/release/pserver or
@@ -58,17 +58,17 @@ def parse_args(argv=None):
     p.add_argument("--servers", type=int, default=2, help="servers to start (default 2)")
     p.add_argument("--manager", help="join the cluster of this manager instead of starting one")
     p.add_argument("--pserver", help="the pserver binary that starts the cluster")
-    p.add_argument("--epochs", type=int, default=3)
+    p.add_argument("--epochs", type=int, default=1, help="passes over the training split (default 1: a second one overfits)")
     p.add_argument("--batch", type=int, default=256, help="examples per step and worker")
     p.add_argument("--dim", type=int, default=8, help="embedding width (8-16)")
     p.add_argument("--hidden", type=int, default=64, help="MLP hidden width (0: FM only)")
-    p.add_argument("--lr-sparse", type=float, default=0.05, help="AdaGrad step of the tables")
+    p.add_argument("--lr-sparse", type=float, default=0.02, help="AdaGrad step of the tables")
     p.add_argument("--lr-linear", type=float, default=0.0,
                    help="AdaGrad step of the weights, in a table of their own (0: --lr-sparse, one table)")
-    p.add_argument("--lr-dense", type=float, default=1e-3, help="Adam step of the MLP")
+    p.add_argument("--lr-dense", type=float, default=1e-2, help="Adam step of the MLP")
     p.add_argument("--init", type=float, default=0.01, help="uniform init scale of the rows")
-    p.add_argument("--crosses", choices=["linear", "embed"], default="linear",
-                   help="the schema's crosses: weights only (default), or embedded like the other fields")
+    p.add_argument("--crosses", choices=["linear", "embed"], default="embed",
+                   help="the schema's crosses: embedded like the other fields (default), or weights only")
     p.add_argument("--l2", type=float, default=0.0, help="L2 penalty on the rows a batch uses, per example")
     p.add_argument("--steps", type=int, default=0, help="stop each worker after this many steps (0: all)")
     p.add_argument("--test-rows", type=int, default=0, help="score only the first N test rows (0: all)")
@@ -136,8 +136,8 @@ def make_model(client, args, fields, create=True):
             super().__init__()
             self.lin, self.emb = lin, emb
             self.bias = torch.nn.Parameter(torch.zeros(1))
-            # The fields whose rows the FM and the MLP see: every field,
-            # or (the default) the schema's base fields, the crosses
+            # The fields whose rows the FM and the MLP see: every field
+            # (the default), or the schema's base fields, the crosses
             # (`a^b`) then being logistic regression's features only.
             self.embedded = len(fields) if args.crosses == "embed" else sum("^" not in f for f in fields)
             width = self.embedded * args.dim
