@@ -17,6 +17,12 @@ that returns a :class:`Future` at once::
 Errors are exceptions of :mod:`pserver.errors`, all subclasses of
 :class:`pserver.Error`, carrying the server's message.
 
+Beside the client: :mod:`pserver.torch` (``Embedding``, ``EmbeddingBag``
+and ``SparseOptimizer``: PyTorch modules whose rows live on the cluster;
+importing it imports torch, ``import pserver`` alone never does) and
+:mod:`pserver.data` (``read_fields``: the training data as ``pserver
+train`` reads it, by field, as numpy arrays).
+
 Threads: each :class:`Client` owns a tokio runtime of its own (``threads``
 threads, 2 by default), started when it connects and stopped by
 :meth:`Client.close`; nothing is shared between clients, so a process

@@ -343,3 +343,9 @@ def test_two_worker_processes_train(cluster, table_name, tmp_path):
     assert np.abs(now).min() > 0.01, now
     accuracy = np.mean(np.sign(now.sum(1)) == np.array(results[0]["probe_sign"]))
     assert accuracy > 0.9, accuracy
+
+
+def test_import_pserver_does_not_import_torch():
+    code = "import sys, pserver, pserver.data; assert 'torch' not in sys.modules, 'torch imported'"
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert p.returncode == 0, p.stderr
