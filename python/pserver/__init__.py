@@ -17,6 +17,12 @@ that returns a :class:`Future` at once::
 Errors are exceptions of :mod:`pserver.errors`, all subclasses of
 :class:`pserver.Error`, carrying the server's message.
 
+Beside the client: :mod:`pserver.torch` (``Embedding``, ``EmbeddingBag``
+and ``SparseOptimizer``: PyTorch modules whose rows live on the cluster;
+importing it imports torch, ``import pserver`` alone never does) and
+:mod:`pserver.data` (``read_fields``: the training data as ``pserver
+train`` reads it, by field, as numpy arrays).
+
 Threads: each :class:`Client` owns a tokio runtime of its own (``threads``
 threads, 2 by default), started when it connects and stopped by
 :meth:`Client.close`; nothing is shared between clients, so a process
@@ -126,6 +132,17 @@ def _summed(keys: np.ndarray, values: np.ndarray):
     if keys.size == 0:
         return unique, values, inverse
     return unique, np.add.reduceat(values[order], starts, axis=0), inverse
+
+
+def _clock(clock: Any) -> Optional[int]:
+    """``clock`` as a clock a request may carry, or None for the current."""
+    if clock is None:
+        return None
+    if isinstance(clock, bool) or not isinstance(clock, (int, np.integer)):
+        raise TypeError(f"clock must be an int, not {type(clock).__name__}")
+    if not 0 <= clock < 2**64:
+        raise ValueError(f"clock {clock} is out of range")
+    return int(clock)
 
 
 def _tls_files(tls: Any):
@@ -306,51 +323,69 @@ class Client:
 
     # Data -----------------------------------------------------------------
 
-    def push_async(self, table: str, keys: Any, values: Any, sort: bool = False) -> Future:
+    def push_async(
+        self, table: str, keys: Any, values: Any, sort: bool = False, clock: Optional[int] = None
+    ) -> Future:
         """:meth:`push`, returning a :class:`Future`."""
         k = _keys(keys)
         v = _values(values, k.size)
         if sort:
             k, v, _ = _summed(k, v)
-        return Future(self._c.push(table, k, v))
+        return Future(self._c.push(table, k, v, _clock(clock)))
 
-    def push(self, table: str, keys: Any, values: Any, sort: bool = False) -> None:
+    def push(
+        self, table: str, keys: Any, values: Any, sort: bool = False, clock: Optional[int] = None
+    ) -> None:
         """Pushes ``values`` (``float32``, one row per key: shape ``(n,
         dim)``) for ``keys`` (``uint64``, sorted and unique) through the
-        table's updater, at the current clock. With ``sort=True`` the keys
-        may come in any order and repeat: they are sorted and the rows of
-        a repeated key summed. Returns once every server acknowledged."""
-        return self.push_async(table, keys, values, sort).wait()
+        table's updater, at the current clock (or at ``clock``). With
+        ``sort=True`` the keys may come in any order and repeat: they are
+        sorted and the rows of a repeated key summed. Returns once every
+        server acknowledged."""
+        return self.push_async(table, keys, values, sort, clock).wait()
 
-    def pull_async(self, table: str, keys: Any, sort: bool = False) -> Future:
+    def pull_async(
+        self, table: str, keys: Any, sort: bool = False, clock: Optional[int] = None
+    ) -> Future:
         """:meth:`pull`, returning a :class:`Future`."""
         k = _keys(keys)
+        c = _clock(clock)
         if not sort:
-            return Future(self._c.pull(table, k))
+            return Future(self._c.pull(table, k, c))
         unique, _, _, inverse = _dedup(k)
-        return Future(self._c.pull(table, unique), lambda rows: rows[inverse])
+        return Future(self._c.pull(table, unique, c), lambda rows: rows[inverse])
 
-    def pull(self, table: str, keys: Any, sort: bool = False) -> np.ndarray:
+    def pull(
+        self, table: str, keys: Any, sort: bool = False, clock: Optional[int] = None
+    ) -> np.ndarray:
         """The rows of ``keys`` (sorted and unique): a ``float32`` array of
         shape ``(n, dim)``. With ``sort=True`` the keys may come in any
         order and repeat; each distinct key is pulled once and the rows
-        come back in the order given."""
-        return self.pull_async(table, keys, sort).wait()
+        come back in the order given. The pull goes at the current clock
+        (or at ``clock``): under a table's bounded delay ``tau`` (0 for
+        sequential) it is answered once every worker has pushed clock
+        ``clock - tau``."""
+        return self.pull_async(table, keys, sort, clock).wait()
 
-    def push_pull_async(self, table: str, keys: Any, values: Any, sort: bool = False) -> Future:
+    def push_pull_async(
+        self, table: str, keys: Any, values: Any, sort: bool = False, clock: Optional[int] = None
+    ) -> Future:
         """:meth:`push_pull`, returning a :class:`Future`."""
         k = _keys(keys)
         v = _values(values, k.size)
+        c = _clock(clock)
         if not sort:
-            return Future(self._c.push_pull(table, k, v))
+            return Future(self._c.push_pull(table, k, v, c))
         unique, summed, inverse = _summed(k, v)
-        return Future(self._c.push_pull(table, unique, summed), lambda rows: rows[inverse])
+        return Future(self._c.push_pull(table, unique, summed, c), lambda rows: rows[inverse])
 
-    def push_pull(self, table: str, keys: Any, values: Any, sort: bool = False) -> np.ndarray:
+    def push_pull(
+        self, table: str, keys: Any, values: Any, sort: bool = False, clock: Optional[int] = None
+    ) -> np.ndarray:
         """Pushes like :meth:`push`, then pulls the same keys once the
-        push is applied (one round trip). ``sort=True`` as in :meth:`push`
-        and :meth:`pull`."""
-        return self.push_pull_async(table, keys, values, sort).wait()
+        push is applied (one round trip). ``sort=True`` and ``clock`` as
+        in :meth:`push` and :meth:`pull`."""
+        return self.push_pull_async(table, keys, values, sort, clock).wait()
 
     def pull_range_async(self, table: str, begin: int, end: int) -> Future:
         """:meth:`pull_range`, returning a :class:`Future`."""

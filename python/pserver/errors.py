@@ -80,6 +80,12 @@ class ClientClosed(Error):
     """The client was closed."""
 
 
+class DataError(Error):
+    """A data file or its schema could not be read (a missing file, a
+    schema that does not fit the header, corrupt compression):
+    :func:`pserver.data.read_fields`."""
+
+
 __all__ = [
     "Error",
     "RemoteError",
@@ -96,4 +102,5 @@ __all__ = [
     "Timeout",
     "Unavailable",
     "ClientClosed",
+    "DataError",
 ]

@@ -311,3 +311,29 @@ def test_threads_share_a_client(client, table_name):
     for t in threads:
         t.join(timeout=60)
     assert not errors, errors
+
+
+def test_requests_at_a_given_clock(cluster, table_name):
+    """``clock=`` sends one request at that clock without moving the
+    client's: under sequential consistency a pull at clock 0 never waits,
+    and one at clock 1 waits for every worker's push of clock 1."""
+    with pserver.Client(cluster.manager, timeout=30) as a, pserver.Client(cluster.manager, timeout=30) as b:
+        a.create_table(table_name, dim=1, updater="add", consistency="sequential")
+        k = np.array([4], dtype=np.uint64)
+        one = np.ones((1, 1), dtype=np.float32)
+        a.push(table_name, k, one)  # clock 1
+        np.testing.assert_array_equal(a.pull(table_name, k, clock=0), [[1.0]])
+        pending = a.pull_async(table_name, k, clock=1)
+        with pytest.raises(TimeoutError):
+            pending.wait(timeout=0.3)
+        b.push(table_name, k, one, clock=3)
+        assert b.clock == 1
+        np.testing.assert_array_equal(pending.wait(timeout=20), [[2.0]])
+        # b's clock 3 is taken; its clock 1 is still free.
+        with pytest.raises(pserver.Duplicate):
+            b.push(table_name, k, one, clock=3)
+        b.push_pull(table_name, k, one, clock=1)
+        with pytest.raises(TypeError, match="clock must be an int"):
+            a.pull(table_name, k, clock=1.5)
+        with pytest.raises(ValueError, match="out of range"):
+            a.push(table_name, k, one, clock=-1)

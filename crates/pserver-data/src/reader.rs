@@ -284,6 +284,20 @@ impl Reader {
         &self.path
     }
 
+    /// For a CSV reader, the features of the example `next()` returned
+    /// last, kept apart by field: one key per name of
+    /// [`Schema::feature_names`](crate::Schema::feature_names) (each
+    /// feature, then each cross), [`MISSING_KEY`](crate::schema::MISSING_KEY)
+    /// where the row has no value for it. The same keys as the example's,
+    /// without the bias; what a model with one embedding per field needs.
+    /// `None` for the other formats.
+    pub fn field_keys(&self) -> Option<&[u64]> {
+        match &self.parser {
+            Parser::Csv(plan) => Some(plan.field_keys()),
+            _ => None,
+        }
+    }
+
     fn bad(&mut self, line: u64, message: String) {
         self.stats.bad += 1;
         if self.stats.first_bad.len() < MAX_BAD_KEPT {

@@ -5,6 +5,7 @@ mod common;
 
 use common::*;
 use pserver_data::hash::hash_feature;
+use pserver_data::schema::MISSING_KEY;
 use pserver_data::{BIAS_KEY, DataError, Format, Schema};
 use std::path::Path;
 use std::sync::Arc;
@@ -92,6 +93,65 @@ dow = { weekday = ["year", "month", "day"] }
     assert_eq!(v[1].label, 1.0);
     // Pinned: the CSV feature hash must never change.
     assert_eq!(hash_feature(&[b"route", b"EWR-IAH"]), 0xE4B4_2FD1_7479_19C7);
+}
+
+#[test]
+fn field_keys_keep_each_feature_and_cross_apart() {
+    let dir = tempfile::tempdir().unwrap();
+    let schema = Arc::new(
+        schema_in(
+            dir.path(),
+            r#"
+label = { field = "delay", ge = 15 }
+categorical = ["carrier", "tailnum"]
+numeric = [{ field = "distance", buckets = [500.0, 1500.0], name = "dist" }]
+crosses = [["carrier", "dist"], ["tailnum", "dist"]]
+"#,
+        )
+        .unwrap(),
+    );
+    assert_eq!(
+        schema.feature_names(),
+        vec!["carrier", "tailnum", "dist", "carrier^dist", "tailnum^dist"]
+    );
+    // The last row has no tailnum (NA): its field and the cross with it
+    // are missing.
+    let text = "carrier,tailnum,distance,delay\nUA,N1,1400,11\nAA,NA,200,40\n";
+    let p = write(dir.path(), "f.csv", text.as_bytes());
+    let mut r = pserver_data::open(&p, &Format::Csv(schema), &all()).unwrap();
+    let mut rows = Vec::new();
+    while let Some(ex) = r.next() {
+        let keys = r.field_keys().unwrap().to_vec();
+        // The same keys as the example's, less the bias.
+        let mut present: Vec<u64> = keys.iter().copied().filter(|&k| k != MISSING_KEY).collect();
+        present.push(BIAS_KEY);
+        present.sort_unstable();
+        assert_eq!(present, ex.keys);
+        rows.push(keys);
+    }
+    assert_eq!(
+        rows,
+        vec![
+            vec![
+                hash_feature(&[b"carrier", b"UA"]),
+                hash_feature(&[b"tailnum", b"N1"]),
+                hash_feature(&[b"dist", b"1"]),
+                hash_feature(&[b"carrier", b"dist", b"UA", b"1"]),
+                hash_feature(&[b"tailnum", b"dist", b"N1", b"1"]),
+            ],
+            vec![
+                hash_feature(&[b"carrier", b"AA"]),
+                MISSING_KEY,
+                hash_feature(&[b"dist", b"0"]),
+                hash_feature(&[b"carrier", b"dist", b"AA", b"0"]),
+                MISSING_KEY,
+            ],
+        ]
+    );
+    // Other formats keep no fields.
+    let svm = write(dir.path(), "f.svm", b"1 3:1\n");
+    let mut r = pserver_data::open(&svm, &Format::Libsvm, &all()).unwrap();
+    assert!(r.next().is_some() && r.field_keys().is_none());
 }
 
 #[test]

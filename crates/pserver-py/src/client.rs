@@ -10,7 +10,7 @@ use pserver_core::{KeyRange, Role};
 use pserver_node::auth::{Secret, authenticated};
 use pserver_node::net::Net;
 use pserver_node::tls::{TlsFiles, tls};
-use pserver_node::worker::{TableOptions, Worker, WorkerConfig};
+use pserver_node::worker::{Keys, Op, Request, TableOptions, Worker, WorkerConfig};
 use pyo3::prelude::*;
 use std::path::PathBuf;
 use std::sync::Mutex;
@@ -57,6 +57,19 @@ fn seconds(secs: f64, what: &str) -> Result<Duration, BindError> {
         Err(BindError::Value(format!(
             "{what} must be a positive number of seconds, not {secs}"
         )))
+    }
+}
+
+/// A request of `op` on `keys` at `clock` (`None`: the worker's clock
+/// when it is sent, which is now).
+fn request(table: String, op: Op, keys: Vec<u64>, vals: Vec<f32>, clock: Option<u64>) -> Request {
+    Request {
+        table,
+        op,
+        keys: Keys::List(keys),
+        vals,
+        clock,
+        consistency: None,
     }
 }
 
@@ -313,12 +326,15 @@ impl Client {
         })
     }
 
-    /// Pushes `values` (one row per key) for sorted, unique `keys`.
+    /// Pushes `values` (one row per key) for sorted, unique `keys`, at
+    /// `clock` (default: the current clock).
+    #[pyo3(signature = (table, keys, values, clock=None))]
     fn push(
         &self,
         table: String,
         keys: PyReadonlyArray1<'_, u64>,
         values: PyReadonlyArray2<'_, f32>,
+        clock: Option<u64>,
     ) -> Future {
         let got = key_list(&keys).and_then(|k| Ok((value_rows(&values, k.len())?, k)));
         let (vals, keys) = match got {
@@ -326,31 +342,41 @@ impl Client {
             Err(e) => return Future::ready(Err(e)),
         };
         self.spawn(move |w| {
-            let handle = w.push(&table, keys, vals);
+            let handle = w.send(request(table, Op::Push, keys, vals, clock));
             async move { handle.await.map(|_| Done::Nothing).map_err(BindError::from) }
         })
     }
 
-    /// Pulls the rows of sorted, unique `keys`: an `(n, dim)` float32 array.
-    fn pull(&self, table: String, keys: PyReadonlyArray1<'_, u64>) -> Future {
+    /// Pulls the rows of sorted, unique `keys`: an `(n, dim)` float32
+    /// array; at `clock` (default: the current clock), which the table's
+    /// consistency model may make wait for other workers' pushes.
+    #[pyo3(signature = (table, keys, clock=None))]
+    fn pull(&self, table: String, keys: PyReadonlyArray1<'_, u64>, clock: Option<u64>) -> Future {
         let keys = match key_list(&keys) {
             Ok(k) => k,
             Err(e) => return Future::ready(Err(e)),
         };
-        self.spawn(move |w| async move {
+        self.spawn(move |w| {
             let rows = keys.len();
-            let dim = w.table(&table).await?.dim as usize;
-            let vals = w.pull(&table, keys).await?;
-            Ok(Done::Rows { vals, rows, dim })
+            // Made now, not in the task: the clock is the one current now.
+            let handle = w.send(request(table.clone(), Op::Pull, keys, Vec::new(), clock));
+            async move {
+                let dim = w.table(&table).await?.dim as usize;
+                let vals = handle.await?.vals;
+                Ok(Done::Rows { vals, rows, dim })
+            }
         })
     }
 
-    /// Pushes, then pulls the same keys once the push is applied.
+    /// Pushes, then pulls the same keys once the push is applied; at
+    /// `clock` (default: the current clock).
+    #[pyo3(signature = (table, keys, values, clock=None))]
     fn push_pull(
         &self,
         table: String,
         keys: PyReadonlyArray1<'_, u64>,
         values: PyReadonlyArray2<'_, f32>,
+        clock: Option<u64>,
     ) -> Future {
         let got = key_list(&keys).and_then(|k| Ok((value_rows(&values, k.len())?, k)));
         let (vals, keys) = match got {
@@ -360,10 +386,10 @@ impl Client {
         self.spawn(move |w| {
             let rows = keys.len();
             // Made now, not in the task: pushes leave in the order made.
-            let handle = w.push_pull(&table, keys, vals);
+            let handle = w.send(request(table.clone(), Op::PushPull, keys, vals, clock));
             async move {
                 let dim = w.table(&table).await?.dim as usize;
-                let vals = handle.await?;
+                let vals = handle.await?.vals;
                 Ok(Done::Rows { vals, rows, dim })
             }
         })

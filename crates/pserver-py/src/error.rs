@@ -21,6 +21,9 @@ pub enum BindError {
     /// The TLS files could not be used.
     #[error(transparent)]
     Tls(#[from] TlsError),
+    /// A data file or its schema could not be read (`read_fields`).
+    #[error(transparent)]
+    Data(#[from] pserver_data::DataError),
     /// An argument is of the right type but a wrong value (a table spec,
     /// an updater name): a `ValueError`.
     #[error("{0}")]
@@ -103,6 +106,7 @@ fn class_of(e: &BindError) -> (&'static str, Option<String>) {
         },
         BindError::Secret(_) => ("AuthError", None),
         BindError::Tls(_) => ("TlsError", None),
+        BindError::Data(_) => ("DataError", None),
         BindError::NotSorted(_) => ("NotSorted", None),
         BindError::Shape(_) => ("WrongWidth", None),
         BindError::ConnectTimeout { .. } => ("ConnectError", None),

@@ -10,6 +10,7 @@
 //! given from Python panics.
 
 mod client;
+mod data;
 mod error;
 mod future;
 mod spec;
@@ -22,6 +23,7 @@ use pyo3::prelude::*;
 fn native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<client::Client>()?;
     m.add_class::<future::Future>()?;
+    m.add_function(wrap_pyfunction!(data::read_fields, m)?)?;
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
     Ok(())
 }

@@ -3,7 +3,10 @@
 //!
 //! It keeps a virtual environment in the target directory
 //! (`target/pyvenv`), made once with pinned maturin, numpy and pytest and
-//! reused while the pins stay the same; installs the package into it with
+//! reused while the pins stay the same, with torch (for `pserver.torch`,
+//! its tests and the example's) on its path from a directory installed
+//! once per machine and shared by every checkout (`~/.cache/pserver/`,
+//! or `$PSERVER_TORCH_DIR`: see `torch_dir`); installs the package into it with
 //! `pip install ./python` (maturin, built with the dev profile into a
 //! target directory of its own, `target/pybuild`, so it never waits on the
 //! lock of the `cargo test` that runs it; incremental after the first
@@ -23,10 +26,20 @@ use std::time::{Duration, Instant};
 /// 3.11, the machine's Python.
 const PINS: &[&str] = &["maturin==1.16.0", "numpy==2.4.6", "pytest==9.2.0"];
 
-/// Time limits: making the venv (downloads), building and installing the
+/// torch, for `pserver.torch`, its tests and the example: 2.15.0, the
+/// newest, with cp311 wheels built against numpy 2. With the CUDA
+/// libraries its wheel depends on even on a CPU machine it is 5.4 GB and
+/// takes minutes to install, so it is not in the venv of each checkout
+/// but in a directory of its own per pin and Python (see [`torch_dir`]),
+/// installed once per machine and shared, read-only, by every checkout's
+/// venv through a `.pth` file.
+const TORCH_PIN: &str = "torch==2.15.0";
+
+/// Time limits: making the venv (downloads: torch and its CUDA wheels took
+/// 8.5 minutes here at load average 9), building and installing the
 /// package (a first build compiles the workspace's dependencies), and the
 /// Python tests themselves.
-const VENV_LIMIT: Duration = Duration::from_secs(300);
+const VENV_LIMIT: Duration = Duration::from_secs(1200);
 const INSTALL_LIMIT: Duration = Duration::from_secs(1200);
 const PYTEST_LIMIT: Duration = Duration::from_secs(600);
 
@@ -131,6 +144,105 @@ fn venv(dir: &Path, log: &Path) -> Result<PathBuf, String> {
     Ok(python)
 }
 
+/// What `python -c code` prints (trimmed); `Err` says why it failed.
+fn python_says(python: &Path, code: &str) -> Result<String, String> {
+    let out = Command::new(python)
+        .args(["-c", code])
+        .stdin(Stdio::null())
+        .output()
+        .map_err(|e| format!("cannot run {}: {e}", python.display()))?;
+    if !out.status.success() {
+        return Err(format!(
+            "{} -c {code:?} failed: {}",
+            python.display(),
+            String::from_utf8_lossy(&out.stderr)
+        ));
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
+}
+
+/// Where torch is installed for `python`: `$PSERVER_TORCH_DIR`, else
+/// `$XDG_CACHE_HOME` (or `~/.cache`) `/pserver/` + the pin and the
+/// interpreter's tag (`torch-2.15.0-cpython-311-x86_64`), so a clean clone
+/// on a machine that ran the tests before finds it, and a new pin or
+/// Python gets a directory of its own.
+fn torch_dir(python: &Path) -> Result<PathBuf, String> {
+    if let Some(d) = std::env::var_os("PSERVER_TORCH_DIR") {
+        return Ok(PathBuf::from(d));
+    }
+    let tag = python_says(
+        python,
+        "import platform, sys; print(sys.implementation.cache_tag + '-' + platform.machine())",
+    )?;
+    let cache = std::env::var_os("XDG_CACHE_HOME")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache")))
+        .ok_or("neither XDG_CACHE_HOME nor HOME is set: set PSERVER_TORCH_DIR")?;
+    let pin = TORCH_PIN.replace("==", "-");
+    Ok(cache.join("pserver").join(format!("{pin}-{tag}")))
+}
+
+/// Installs torch into `dir` unless it is there already (a directory is
+/// only ever there whole: it is installed beside it and renamed into
+/// place, so runs from several checkouts at once never see half of it),
+/// then puts it on the venv's path with a `.pth` file.
+fn torch(python: &Path, dir: &Path, log: &Path) -> Result<(), String> {
+    let done = dir.join("pserver-complete");
+    if !done.exists() {
+        let parent = dir.parent().ok_or("the torch directory has no parent")?;
+        fs::create_dir_all(parent).map_err(|e| format!("creating {}: {e}", parent.display()))?;
+        let name = dir.file_name().ok_or("the torch directory has no name")?;
+        let tmp = parent.join(format!(
+            ".{}.partial-{}",
+            name.to_string_lossy(),
+            std::process::id()
+        ));
+        let _ = fs::remove_dir_all(&tmp);
+        let installed = run(
+            "installing torch",
+            Command::new(python)
+                .args([
+                    "-m",
+                    "pip",
+                    "install",
+                    "--quiet",
+                    "--disable-pip-version-check",
+                    "--target",
+                ])
+                .arg(&tmp)
+                .arg(TORCH_PIN),
+            VENV_LIMIT,
+            log,
+        )
+        .and_then(|()| {
+            fs::write(tmp.join("pserver-complete"), TORCH_PIN)
+                .map_err(|e| format!("writing in {}: {e}", tmp.display()))
+        });
+        if let Err(e) = installed {
+            let _ = fs::remove_dir_all(&tmp);
+            return Err(e);
+        }
+        if fs::rename(&tmp, dir).is_err() {
+            // Another run put it there first (or left a broken one, which
+            // the check below reports).
+            let _ = fs::remove_dir_all(&tmp);
+        }
+        if !done.exists() {
+            return Err(format!(
+                "{} is there but incomplete: remove it to install torch again",
+                dir.display()
+            ));
+        }
+    }
+    let site = python_says(
+        python,
+        "import sysconfig; print(sysconfig.get_paths()['purelib'])",
+    )?;
+    let pth = Path::new(&site).join("pserver-torch.pth");
+    fs::write(&pth, format!("{}\n", dir.display()))
+        .map_err(|e| format!("writing {}: {e}", pth.display()))
+}
+
 #[test]
 fn python_tests_pass() {
     let root = root();
@@ -141,12 +253,17 @@ fn python_tests_pass() {
     let started = Instant::now();
 
     let venv_dir = target.join("pyvenv");
-    let python = match venv(&venv_dir, &log) {
+    let made = venv(&venv_dir, &log).and_then(|python| {
+        let dir = torch_dir(&python)?;
+        torch(&python, &dir, &log)?;
+        Ok(python)
+    });
+    let python = match made {
         Ok(p) => p,
         Err(why) => {
             let msg = format!(
                 "the Python tests could not run: {why}\n(they need python3 with venv and \
-                 the package registry once; then {} is reused)",
+                 the package registry once; then {} and the torch directory are reused)",
                 venv_dir.display()
             );
             if std::env::var_os("CI").is_some() {

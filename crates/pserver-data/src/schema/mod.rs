@@ -69,6 +69,7 @@
 
 mod plan;
 
+pub use plan::MISSING_KEY;
 pub(crate) use plan::Plan;
 
 use crate::csv::{Fields, Split as CsvSplit};

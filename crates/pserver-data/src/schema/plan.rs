@@ -39,7 +39,15 @@ pub(crate) struct Plan {
     key: Vec<u8>,
     toks: String,
     tok_at: Vec<Option<Range<usize>>>,
+    /// The key of each feature, then each cross, of the row last evaluated
+    /// ([`MISSING_KEY`] where the row has none), for readers that keep the
+    /// fields apart ([`crate::Reader::field_keys`]).
+    by_field: Vec<u64>,
 }
+
+/// In [`crate::Reader::field_keys`], a field the row has no value for.
+/// No feature hashes to it: keys are below `u64::MAX`.
+pub const MISSING_KEY: u64 = u64::MAX;
 
 /// The parts of a row that values are read from.
 struct View<'a> {
@@ -192,8 +200,15 @@ impl Plan {
             key: Vec::new(),
             toks: String::new(),
             tok_at: vec![None; nf],
+            by_field: vec![MISSING_KEY; nf + schema.crosses.len()],
             schema,
         })
+    }
+
+    /// The key of each feature, then each cross, of the row last evaluated
+    /// by [`Plan::row`] (in [`Schema::feature_names`] order).
+    pub(crate) fn field_keys(&self) -> &[u64] {
+        &self.by_field
     }
 
     /// The schema's field delimiter.
@@ -292,6 +307,7 @@ impl Plan {
 
         // Each feature's token (its value, or its bucket), kept for crosses.
         self.toks.clear();
+        self.by_field.fill(MISSING_KEY);
         for (i, (f, &slot)) in schema.features.iter().zip(&self.features).enumerate() {
             self.tok_at[i] = None;
             let Some(v) = view.get(slot) else { continue };
@@ -309,10 +325,13 @@ impl Plan {
                 }
             }
             let tok = &self.toks[start..];
-            feats.push((f.prefix.part(tok.as_bytes()).finish(), 1.0));
+            let key = f.prefix.part(tok.as_bytes()).finish();
+            feats.push((key, 1.0));
+            self.by_field[i] = key;
             self.tok_at[i] = Some(start..self.toks.len());
         }
-        'cross: for c in &schema.crosses {
+        let nf = schema.features.len();
+        'cross: for (ci, c) in schema.crosses.iter().enumerate() {
             let mut h = c.prefix;
             for &p in &c.parts {
                 let Some(r) = &self.tok_at[p] else {
@@ -320,7 +339,9 @@ impl Plan {
                 };
                 h = h.part(self.toks[r.clone()].as_bytes());
             }
-            feats.push((h.finish(), 1.0));
+            let key = h.finish();
+            feats.push((key, 1.0));
+            self.by_field[nf + ci] = key;
         }
         Ok(Some(if label { 1.0 } else { 0.0 }))
     }
