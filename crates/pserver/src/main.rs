@@ -207,7 +207,7 @@ enum Cmd {
         significant_entries: usize,
         /// Keep trying to reach the manager for this many seconds at start
         /// (it may start after this server); 0: fail at once.
-        #[arg(long, default_value_t = 0)]
+        #[arg(long, default_value_t = 0, env = "PSERVER_WAIT_MANAGER_SECS")]
         wait_manager_secs: u64,
         #[command(flatten)]
         metrics: MetricsArgs,
