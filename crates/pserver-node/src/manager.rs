@@ -61,7 +61,10 @@ impl Default for ManagerConfig {
 pub struct ManagerHandle {
     addr: SocketAddr,
     cancel: CancellationToken,
-    state: Arc<Mutex<State>>,
+    /// Weak: the state holds the nodes' outboxes, so a handle kept after
+    /// `shutdown` must not keep their connections open (servers would
+    /// never see the manager go, nor rejoin the next one).
+    state: std::sync::Weak<Mutex<State>>,
 }
 
 impl std::fmt::Debug for ManagerHandle {
@@ -72,19 +75,34 @@ impl std::fmt::Debug for ManagerHandle {
     }
 }
 
-/// What a manager tells its metrics listener.
-struct ManagerExporter(Arc<Mutex<State>>);
+/// What a manager tells its metrics listener; nothing once it has stopped.
+struct ManagerExporter(std::sync::Weak<Mutex<State>>);
 
 impl Exporter for ManagerExporter {
     fn scrape(&self) -> BoxFuture<'_, Scrape> {
         Box::pin(async move {
-            let st = lock(&self.0);
-            crate::metrics::manager::scrape(&st.members, st.now_ms(), st.epoch(), st.unsaved)
+            match self.0.upgrade() {
+                Some(state) => {
+                    let st = lock(&state);
+                    crate::metrics::manager::scrape(
+                        &st.members,
+                        st.now_ms(),
+                        st.epoch(),
+                        st.unsaved,
+                    )
+                }
+                None => Scrape::default(),
+            }
         })
     }
 
     fn ready(&self) -> BoxFuture<'_, Result<(), String>> {
-        Box::pin(async move { crate::metrics::manager::ready(&lock(&self.0).members) })
+        Box::pin(async move {
+            match self.0.upgrade() {
+                Some(state) => crate::metrics::manager::ready(&lock(&state).members),
+                None => Err("the manager has stopped".into()),
+            }
+        })
     }
 }
 
@@ -93,7 +111,7 @@ impl ManagerHandle {
     /// ([`metrics::serve`](crate::metrics::serve)): its map, nodes,
     /// leases, jobs and hand-offs, and whether it has a map to hand out.
     pub fn exporter(&self) -> Arc<dyn Exporter> {
-        Arc::new(ManagerExporter(Arc::clone(&self.state)))
+        Arc::new(ManagerExporter(self.state.clone()))
     }
 
     /// The address it listens on.
@@ -325,7 +343,7 @@ pub async fn start_manager(cfg: ManagerConfig) -> Result<ManagerHandle, NodeErro
     ));
     let limits = cfg.limits;
     let stopping = cancel.clone();
-    let kept = state.clone();
+    let kept = Arc::downgrade(&state);
     accept_loop(listener, cancel.clone(), limits, move |stream, peer| {
         serve(stream, peer, state.clone(), limits, stopping.clone())
     });
