@@ -80,6 +80,12 @@ impl Mirror {
     /// Pushes `keys` (sorted, unique) through the table, as a server applies
     /// a push: checks, range clock, store.
     pub fn push(&mut self, keys: &[u64]) -> Result<()> {
+        self.push_read(keys, false)
+    }
+
+    /// [`Mirror::push`], and with `read` the push-pull a server answers:
+    /// the keys' weights read in the same pass (`Table::push_pull`).
+    fn push_read(&mut self, keys: &[u64], read: bool) -> Result<()> {
         let n = keys.len() * self.table.store().push_width();
         if self.vals.len() < n {
             self.vals.resize(n, 1.0);
@@ -98,9 +104,13 @@ impl Mirror {
             workers: &[],
             gate: None,
         };
-        self.table
-            .push(&push, ctx)
-            .context("the store alone refused a push")?;
+        if read {
+            self.out.clear();
+            self.table.push_pull(&push, ctx, &mut self.out)
+        } else {
+            self.table.push(&push, ctx)
+        }
+        .context("the store alone refused a push")?;
         Ok(())
     }
 
@@ -133,10 +143,7 @@ impl Mirror {
                 match op {
                     Op::Push => self.push(keys)?,
                     Op::Pull => self.pull(keys),
-                    Op::PushPull => {
-                        self.push(keys)?;
-                        self.pull(keys);
-                    }
+                    Op::PushPull => self.push_read(keys, true)?,
                 }
                 run.requests += 1;
                 run.keys += keys.len() as u64;
