@@ -128,22 +128,13 @@ impl Rows {
     /// computed (a store picks the shard with the same hash).
     #[inline]
     pub fn get_hashed(&self, key: Key, h: u64) -> Option<&[f32]> {
-        self.get_hashed_in::<0>(key, h)
-    }
-
-    /// [`Rows::get_hashed`] compiled for buckets of `S` cells (see
-    /// [`Rows::stride`]); `S == 0`, or an `S` that is not this table's
-    /// stride, reads the stride from the table.
-    #[inline]
-    pub fn get_hashed_in<const S: usize>(&self, key: Key, h: u64) -> Option<&[f32]> {
         if key == EMPTY {
             return self.aside.as_deref();
         }
-        let Probe::Found(b) = self.find_in::<S>(key, h) else {
+        let Probe::Found(b) = self.find(key, h) else {
             return None;
         };
-        let start = b * self.stride_in::<S>() + 2;
-        self.cells.get(start..start + self.width)
+        self.cells.get(self.row_range(b))
     }
 
     /// The row of `key` for writing, if stored.
@@ -176,18 +167,6 @@ impl Rows {
         h: u64,
         init: impl FnOnce(&mut [f32]),
     ) -> Option<&mut [f32]> {
-        self.get_or_insert_hashed_in::<0>(key, h, init)
-    }
-
-    /// [`Rows::get_or_insert_hashed`] compiled for buckets of `S` cells, as
-    /// [`Rows::get_hashed_in`].
-    #[inline]
-    pub fn get_or_insert_hashed_in<const S: usize>(
-        &mut self,
-        key: Key,
-        h: u64,
-        init: impl FnOnce(&mut [f32]),
-    ) -> Option<&mut [f32]> {
         if key == EMPTY {
             if self.aside.is_none() {
                 let mut row = Vec::new();
@@ -198,7 +177,7 @@ impl Rows {
             }
             return self.aside.as_deref_mut();
         }
-        let b = match self.find_in::<S>(key, h) {
+        let b = match self.find(key, h) {
             Probe::Found(b) => b,
             Probe::Vacant(b) if !self.full() => self.occupy(b, key, init)?,
             Probe::Vacant(_) | Probe::NoRoom => {
@@ -209,25 +188,8 @@ impl Rows {
                 self.occupy(b, key, init)?
             }
         };
-        let start = b * self.stride_in::<S>() + 2;
-        self.cells.get_mut(start..start + self.width)
-    }
-
-    /// Cells per bucket: 2 for the key, then the row's width. A loop over
-    /// many keys of one table passes it as a constant to the `*_in`
-    /// methods, so the probe's index arithmetic is compiled for it.
-    pub fn stride(&self) -> usize {
-        self.stride
-    }
-
-    /// The stride, as the constant `S` when it is this table's.
-    #[inline(always)]
-    fn stride_in<const S: usize>(&self) -> usize {
-        if S != 0 && S == self.stride {
-            S
-        } else {
-            self.stride
-        }
+        let r = self.row_range(b);
+        self.cells.get_mut(r)
     }
 
     /// Keeps only the keys for which `keep(key)` is true, rebuilding the
@@ -284,17 +246,6 @@ impl Rows {
     /// Where `key` is, or the empty bucket where it would go.
     #[inline]
     fn find(&self, key: Key, h: u64) -> Probe {
-        self.find_in::<0>(key, h)
-    }
-
-    /// [`Rows::find`] compiled for buckets of `S` cells (0: read from the
-    /// table).
-    #[inline(always)]
-    fn find_in<const S: usize>(&self, key: Key, h: u64) -> Probe {
-        if S != 0 && S != self.stride {
-            return self.find_in::<0>(key, h);
-        }
-        let stride = if S == 0 { self.stride } else { S };
         if self.buckets == 0 {
             return Probe::NoRoom;
         }
@@ -303,7 +254,7 @@ impl Rows {
         // A load factor under 1 guarantees an empty bucket, so this ends;
         // the bound only turns a broken invariant into a miss, not a hang.
         for _ in 0..self.buckets {
-            let Some(bucket) = self.cells.get(b * stride..b * stride + 2) else {
+            let Some(bucket) = self.cells.get(b * self.stride..b * self.stride + 2) else {
                 return Probe::NoRoom;
             };
             match key_of(bucket) {

@@ -624,28 +624,7 @@ impl<U: Updater + ?Sized, K: Fn(usize) -> Key + Sync, A: Fn(Key) -> bool + Sync>
     /// push, ascending), all of whose shards are in `first..first +
     /// shards.len()`, `shards` being those shards in order; `read` gets
     /// each key's weights after its update. Returns how many were applied.
-    fn run_at(
-        &self,
-        shards: &mut [Rows],
-        first: usize,
-        m: usize,
-        at: impl Fn(usize) -> usize,
-        read: &mut impl ReadBack,
-    ) -> usize {
-        // The probe compiled for the common row widths (1 to 3 floats:
-        // weights of dim 1 with up to 2 floats of state), so its index
-        // arithmetic is constant; any other width reads it from the rows.
-        match shards.first().map(Rows::stride) {
-            Some(3) => self.run_in::<3, _>(shards, first, m, at, read),
-            Some(4) => self.run_in::<4, _>(shards, first, m, at, read),
-            Some(5) => self.run_in::<5, _>(shards, first, m, at, read),
-            _ => self.run_in::<0, _>(shards, first, m, at, read),
-        }
-    }
-
-    /// [`Applier::run_at`] for rows of `S` cells a bucket (0: any).
-    #[inline(always)]
-    fn run_in<const S: usize, R: ReadBack>(
+    fn run_at<R: ReadBack>(
         &self,
         shards: &mut [Rows],
         first: usize,
@@ -679,7 +658,7 @@ impl<U: Updater + ?Sized, K: Fn(usize) -> Key + Sync, A: Fn(Key) -> bool + Sync>
             let key = (self.key_at)(i);
             if !(self.apply)(key) {
                 if R::READS {
-                    match rows.get_hashed_in::<S>(key, h) {
+                    match rows.get_hashed(key, h) {
                         Some(slot) => read.put(i, &slot[..dim]),
                         None => read.put_initial(i, init, key),
                     }
@@ -691,7 +670,7 @@ impl<U: Updater + ?Sized, K: Fn(usize) -> Key + Sync, A: Fn(Key) -> bool + Sync>
             };
             // A new key starts from its initial weights and zero state.
             let Some(slot) =
-                rows.get_or_insert_hashed_in::<S>(key, h, |s| initial(init, key, &mut s[..dim]))
+                rows.get_or_insert_hashed(key, h, |s| initial(init, key, &mut s[..dim]))
             else {
                 // No memory for it: it is skipped, and reads as new.
                 if R::READS {
