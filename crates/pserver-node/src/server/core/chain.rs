@@ -376,6 +376,14 @@ impl ServerCore {
                 epoch: self.map.epoch,
             });
         }
+        if h.epoch < self.map.epoch && self.superseded(h.range) {
+            return Err(Refusal::Superseded {
+                me,
+                range: h.range,
+                got: h.epoch,
+                have: self.map.epoch,
+            });
+        }
         let chain = self.reachable_chain(&h, chain)?;
         let workers = self.map.workers_of(&spec);
         let gate = self.gate();
@@ -444,6 +452,32 @@ impl ServerCore {
     /// arrives). A server declared dead may still run (frozen, then
     /// resumed): its changes are refused, so it cannot acknowledge them,
     /// and its workers retry at the range's current primary.
+    /// True when part of `range` is this server's own (it is primary) and
+    /// no fence from a former primary is awaited there: a chain change made
+    /// under an older map for it comes from a primary replaced since (its
+    /// last changes came before its fence, or it died or was retired at
+    /// the switch), and its absolute slots would undo pushes applied here
+    /// since. Refused, it is acknowledged to no one, and its worker resends
+    /// it here. (Only upstream members send changes, and a primary has none
+    /// under its own map.)
+    fn superseded(&self, range: KeyRange) -> bool {
+        let me = self.id;
+        let now = self.now_ms;
+        let awaited: Vec<KeyRange> = self
+            .fence_waits
+            .iter()
+            .filter(|(_, _, since)| now.saturating_sub(*since) < super::FENCE_TIMEOUT_MS)
+            .map(|(r, _, _)| *r)
+            .collect();
+        self.map.partitions_overlapping(range).any(|i| {
+            let p = &self.map.partitions[i];
+            p.primary == me
+                && p.range
+                    .intersect(&range)
+                    .is_some_and(|own| !subtract_all(own, &awaited).is_empty())
+        })
+    }
+
     pub(super) fn check_server(&self, h: &Header, what: &'static str) -> Result<(), Refusal> {
         match self.map.node(h.sender) {
             Some(n) if n.role != Role::Server => Err(Refusal::NotAServer(h.sender, what)),

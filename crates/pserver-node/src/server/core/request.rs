@@ -413,6 +413,23 @@ pub enum Refusal {
         /// This server's epoch.
         epoch: u64,
     },
+    /// A chain change made under an older map for a range this server now
+    /// serves as primary, with no fence of a former primary awaited there:
+    /// the primary that made it was replaced since.
+    #[error(
+        "server {me} is primary of {range} since epoch {have}; this change was made under \
+         epoch {got} by a primary replaced since"
+    )]
+    Superseded {
+        /// This server.
+        me: NodeId,
+        /// The change's range.
+        range: KeyRange,
+        /// The change's epoch.
+        got: u64,
+        /// This server's epoch.
+        have: u64,
+    },
     /// A chain names a server this server's map does not know yet.
     #[error("server {node} is not in this server's map (epoch {have} < {got})")]
     UnknownServer {
@@ -444,7 +461,8 @@ impl Refusal {
             Refusal::StaleEpoch
             | Refusal::NotPrimary { .. }
             | Refusal::SenderDead(_)
-            | Refusal::NotHeld { .. } => ErrorCode::NotOwner,
+            | Refusal::NotHeld { .. }
+            | Refusal::Superseded { .. } => ErrorCode::NotOwner,
             Refusal::EpochAhead { .. }
             | Refusal::LeaseLapsed { .. }
             | Refusal::HandingOver { .. }

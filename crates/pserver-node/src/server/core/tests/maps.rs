@@ -93,6 +93,119 @@ fn the_old_primary_fences_the_ranges_it_hands_over() {
 }
 
 #[test]
+fn a_new_primary_refuses_the_old_chains_changes_once_it_serves() {
+    // A hand-off's chain of LOW: server 1 (primary), 2 (its replica), 3
+    // (the future primary). At the switch server 1 is retired (drained at
+    // the same switch, so no fence is awaited from it) and 3 serves LOW at
+    // once. A change server 1 made under the old map, still on its way
+    // through server 2, must not land on 3 after 3 applied newer pushes:
+    // its slots are absolute and would undo them (acknowledged pushes
+    // lost). Refused, it travels back and its worker resends it to 3.
+    let before = map(
+        5,
+        &[],
+        vec![part(LOW, 1, &[2, 3]), part(HIGH, 2, &[1])],
+        spec(false, Consistency::Eventual),
+    );
+    let after = map(
+        6,
+        &[1],
+        vec![part(LOW, 3, &[2]), part(HIGH, 2, &[3])],
+        spec(false, Consistency::Eventual),
+    );
+    let mut c = core_with(3, before);
+    // Under the old map, the old chain's changes are taken (a replica).
+    let e = c.step(
+        2,
+        Input::Request {
+            conn: 8,
+            frame: replicate_frame(2, 5, LOW, &[1], &[0.25]),
+        },
+    );
+    assert_eq!(only(&e).header.kind, Kind::Reply, "{e:?}");
+    assert_eq!(value(&c, 1), 0.25);
+    c.step(10, Input::Map(after));
+    let mut p = push(10, 1, &[1], &[1.0]);
+    p.header.epoch = 6;
+    p.header.range = LOW;
+    let e = c.step(
+        20,
+        Input::Request {
+            conn: CONN,
+            frame: p,
+        },
+    );
+    assert_eq!(forwards(&e).len(), 1, "served at once: {e:?}");
+    assert_eq!(value(&c, 1), 1.25);
+    // Server 1's older change arrives through server 2.
+    let e = c.step(
+        30,
+        Input::Request {
+            conn: 8,
+            frame: replicate_frame(2, 5, LOW, &[1], &[0.5]),
+        },
+    );
+    assert_eq!(code(only(&e)), Some(ErrorCode::NotOwner), "{e:?}");
+    assert_eq!(value(&c, 1), 1.25, "the newer push stays");
+}
+
+#[test]
+fn the_old_chains_changes_are_taken_until_the_old_primarys_fence() {
+    // As above, but server 1 lives on (drained later): server 3 waits for
+    // its fence, and what came down the old chain before it is the old
+    // primary's last word, taken; after the fence, the old chain is done.
+    let before = map(
+        5,
+        &[],
+        vec![part(LOW, 1, &[2, 3]), part(HIGH, 2, &[1])],
+        spec(false, Consistency::Eventual),
+    );
+    let after = map(
+        6,
+        &[],
+        vec![part(LOW, 3, &[2]), part(HIGH, 2, &[3])],
+        spec(false, Consistency::Eventual),
+    );
+    let mut c = core_with(3, before);
+    c.step(10, Input::Map(after));
+    let e = c.step(
+        20,
+        Input::Request {
+            conn: 8,
+            frame: replicate_frame(2, 5, LOW, &[1], &[0.5]),
+        },
+    );
+    assert_eq!(only(&e).header.kind, Kind::Reply, "{e:?}");
+    assert_eq!(value(&c, 1), 0.5);
+    let mut fence = control_request(
+        2,
+        5,
+        &Control::Fence {
+            from: 1,
+            chain: vec![],
+        },
+    );
+    fence.header.range = LOW;
+    let e = c.step(
+        30,
+        Input::Request {
+            conn: 8,
+            frame: fence,
+        },
+    );
+    assert_eq!(only(&e).header.kind, Kind::Reply);
+    let e = c.step(
+        40,
+        Input::Request {
+            conn: 8,
+            frame: replicate_frame(2, 5, LOW, &[1], &[0.75]),
+        },
+    );
+    assert_eq!(code(only(&e)), Some(ErrorCode::NotOwner), "{e:?}");
+    assert_eq!(value(&c, 1), 0.5);
+}
+
+#[test]
 fn a_fence_goes_past_a_chain_member_declared_dead() {
     // A hand-off's chain of LOW: server 1, then 2 (its replica), then 3
     // (the future primary). At the switch server 2 is retired too (it was
