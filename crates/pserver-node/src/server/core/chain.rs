@@ -446,12 +446,6 @@ impl ServerCore {
 }
 
 impl ServerCore {
-    /// Chain messages come only from servers: a live server of this map,
-    /// or one this map does not know yet when the sender's map is newer
-    /// (then it is refused for now, and its forwarder resends once the map
-    /// arrives). A server declared dead may still run (frozen, then
-    /// resumed): its changes are refused, so it cannot acknowledge them,
-    /// and its workers retry at the range's current primary.
     /// True when part of `range` is this server's own (it is primary) and
     /// no fence from a former primary is awaited there: a chain change made
     /// under an older map for it comes from a primary replaced since (its
@@ -478,6 +472,12 @@ impl ServerCore {
         })
     }
 
+    /// Chain messages come only from servers: a live server of this map,
+    /// or one this map does not know yet when the sender's map is newer
+    /// (then it is refused for now, and its forwarder resends once the map
+    /// arrives). A server declared dead may still run (frozen, then
+    /// resumed): its changes are refused, so it cannot acknowledge them,
+    /// and its workers retry at the range's current primary.
     pub(super) fn check_server(&self, h: &Header, what: &'static str) -> Result<(), Refusal> {
         match self.map.node(h.sender) {
             Some(n) if n.role != Role::Server => Err(Refusal::NotAServer(h.sender, what)),
