@@ -3,8 +3,10 @@
 //! `--replicas 1` and three servers on loopback, clients pushing +1 to a
 //! set of keys all along. The new process comes back as server N on
 //! another port, takes back its ring positions and ranges, and every
-//! acknowledged push is there afterwards. And `--id` is refused, with the
-//! reason, for a live server's id and for an id the map has not got.
+//! acknowledged push is there afterwards; the same when the earlier
+//! process was frozen (SIGSTOP) and wakes up after the new one took its
+//! id. And `--id` is refused, with the reason, for a live server's id, an
+//! id the map has not got and a worker's.
 
 use pserver_core::{ClusterMap, NodeId, NodeState, UpdaterSpec};
 use pserver_node::worker::{TableOptions, Worker, WorkerConfig};
@@ -253,4 +255,111 @@ fn the_id_of_a_live_server_or_of_no_server_is_refused_with_the_reason() {
         .clone();
     assert_eq!(s["state"], "alive");
     assert_eq!(s["addr"], addr.as_str());
+}
+
+/// Sends `sig` (`-STOP`, `-CONT`) to process `pid`.
+fn signal(pid: u32, sig: &str) {
+    let ok = Command::new("kill")
+        .args([sig, &pid.to_string()])
+        .status()
+        .unwrap()
+        .success();
+    assert!(ok, "kill {sig} {pid}");
+}
+
+#[test]
+fn a_frozen_server_replaced_under_its_id_stops_when_it_thaws() {
+    let mut procs = Procs(Vec::new());
+    let manager = manager(&mut procs);
+    for _ in 0..3 {
+        procs.0.push(spawn(&["server", "--manager", &manager]));
+    }
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    let result = rt.block_on(async {
+        tokio::time::timeout(Duration::from_secs(90), async {
+            let client = || async {
+                let mut cfg = WorkerConfig::client(manager.clone());
+                cfg.timeout = Duration::from_secs(30);
+                Worker::connect(cfg).await.unwrap()
+            };
+            let setup = client().await;
+            setup
+                .create_table("n", TableOptions::new(1, UpdaterSpec::Add))
+                .await
+                .unwrap();
+            let step = u64::MAX / 129;
+            let keys: Vec<u64> = (1..=128).map(|i| i * step).collect();
+            let stop = Arc::new(AtomicBool::new(false));
+            let mut loops = Vec::new();
+            for _ in 0..3 {
+                let w = client().await;
+                loops.push(tokio::spawn(count_pushes(w, keys.clone(), stop.clone())));
+            }
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            let before = setup.refresh().await.unwrap();
+            let victim = before.partitions[before.partition_of(keys[0]).unwrap()].primary;
+            let i = procs
+                .0
+                .iter()
+                .position(|(_, l)| l.starts_with(&format!("server {victim} ")))
+                .expect("the victim's process");
+            let pid = procs.0[i].0.id();
+            // Frozen with its sockets open: the manager declares it dead
+            // by its lease alone.
+            signal(pid, "-STOP");
+            wait_for(&setup, "the frozen server declared dead", |m| {
+                m.node(victim).is_some_and(|n| n.state == NodeState::Dead)
+            })
+            .await;
+            let id = victim.to_string();
+            let (back, line) = spawn(&["server", "--manager", &manager, "--id", &id]);
+            let (_, new_addr) = id_and_addr(&line);
+            procs.0.push((back, line));
+            wait_for(&setup, "the placement from before the freeze", |m| {
+                m.partitions == before.partitions
+            })
+            .await;
+            // The earlier process wakes up to the map that declared it
+            // dead (queued on its link while it was frozen) and exits;
+            // whatever it still sends is refused, and the id stays the new
+            // process's. (Had that map been lost, its rejoin would be
+            // answered that a newer process took the id: the membership's
+            // unit tests.)
+            signal(pid, "-CONT");
+            let start = Instant::now();
+            while procs.0[i].0.try_wait().unwrap().is_none() {
+                assert!(
+                    start.elapsed() < Duration::from_secs(15),
+                    "the earlier process did not stop"
+                );
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            tokio::time::sleep(Duration::from_millis(500)).await;
+            let map = setup.refresh().await.unwrap();
+            let node = map.node(victim).unwrap();
+            assert_eq!(node.state, NodeState::Alive);
+            assert_eq!(node.addr, new_addr);
+            assert_eq!(map.partitions, before.partitions);
+            let last = procs.0.len() - 1;
+            assert!(
+                procs.0[last].0.try_wait().unwrap().is_none(),
+                "the new process stopped"
+            );
+            stop.store(true, Ordering::Relaxed);
+            let mut acked = 0;
+            for l in loops {
+                acked += l.await.unwrap();
+            }
+            let got = setup.pull("n", keys.clone()).await.unwrap();
+            (acked, got)
+        })
+        .await
+    });
+    let (acked, got) = result.expect("the test finishes in 90 s");
+    assert!(acked > 0);
+    assert_eq!(got, vec![acked as f32; got.len()], "acknowledged {acked}");
 }
