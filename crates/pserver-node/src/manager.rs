@@ -820,8 +820,11 @@ fn handle(
     }
 }
 
-/// First bytes of a manager state file.
-const STATE_MAGIC: &[u8; 8] = b"PSMGRST1";
+/// First bytes of a manager state file: its format's name and version.
+/// Postcard has no optional fields, so a change to what is saved (the map's
+/// `NodeInfo::joined` made it 2) is a new version, which a file of an
+/// earlier one is refused as, by name, instead of failing to decode.
+const STATE_MAGIC: &[u8; 8] = b"PSMGRST2";
 
 /// Writes the manager's state: magic, CRC32 of the body, body length, body
 /// (postcard), through `fs` (atomically: a crash leaves the old state or
@@ -861,6 +864,15 @@ fn load_state(path: &std::path::Path) -> Result<Option<Persisted>, NodeError> {
             bytes.len()
         )));
     };
+    if head[..7] == STATE_MAGIC[..7] && head[7] != STATE_MAGIC[7] {
+        return Err(bad(format!(
+            "a manager state file of format {}, this pserver reads format {}: it was written by \
+             another version; start the manager without it (a new --state FILE), and its nodes \
+             register anew",
+            char::from(head[7]),
+            char::from(STATE_MAGIC[7])
+        )));
+    }
     if &head[..8] != STATE_MAGIC {
         return Err(bad("not a pserver manager state file".into()));
     }

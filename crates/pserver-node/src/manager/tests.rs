@@ -38,6 +38,12 @@ fn state_files_round_trip_and_refuse_damage() {
         let e = load_state(&path).unwrap_err().to_string();
         assert!(e.contains("manager.state"), "{what}: {e}");
     }
+    // A file of the format before nodes had `joined` is refused as such.
+    let mut older = good.clone();
+    older[7] = b'1';
+    std::fs::write(&path, &older).unwrap();
+    let e = load_state(&path).unwrap_err().to_string();
+    assert!(e.contains("format 1, this pserver reads format 2"), "{e}");
 }
 
 /// Asks the manager over `peer` as node `id`.
