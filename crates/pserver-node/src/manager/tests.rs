@@ -38,6 +38,12 @@ fn state_files_round_trip_and_refuse_damage() {
         let e = load_state(&path).unwrap_err().to_string();
         assert!(e.contains("manager.state"), "{what}: {e}");
     }
+    // A file of the format before nodes had `joined` is refused as such.
+    let mut older = good.clone();
+    older[7] = b'1';
+    std::fs::write(&path, &older).unwrap();
+    let e = load_state(&path).unwrap_err().to_string();
+    assert!(e.contains("format 1, this pserver reads format 2"), "{e}");
 }
 
 /// Asks the manager over `peer` as node `id`.
@@ -96,7 +102,7 @@ async fn a_table_whose_state_cannot_be_synced_is_refused_and_not_made() {
         .unwrap();
         let addr = m.addr().to_string();
         let (w, mut notices) = Peer::connect(&addr, Limits::default()).await.unwrap();
-        let (id, _) = register(&w, Role::Worker, "", Group::Default)
+        let (id, _) = register(&w, Role::Worker, "", Group::Default, None)
             .await
             .unwrap();
         let before = load_state(&path).unwrap();
@@ -149,7 +155,7 @@ async fn a_map_that_cannot_be_saved_reaches_no_one_until_it_is() {
 
         // The watcher sees every broadcast, and heartbeats to stay alive.
         let (watcher, mut notices) = Peer::connect(&addr, limits).await.unwrap();
-        let (wid, _) = register(&watcher, Role::Worker, "", Group::Default)
+        let (wid, _) = register(&watcher, Role::Worker, "", Group::Default, None)
             .await
             .unwrap();
         let beat = watcher.clone();
@@ -165,7 +171,7 @@ async fn a_map_that_cannot_be_saved_reaches_no_one_until_it_is() {
         // A worker that never heartbeats: its lease runs out while
         // saves fail, a change the manager cannot refuse.
         let (silent, _silent_notices) = Peer::connect(&addr, limits).await.unwrap();
-        let (sid, _) = register(&silent, Role::Worker, "", Group::Default)
+        let (sid, _) = register(&silent, Role::Worker, "", Group::Default, None)
             .await
             .unwrap();
         let saved = next_map(&mut notices, Duration::from_secs(2))
@@ -181,7 +187,7 @@ async fn a_map_that_cannot_be_saved_reaches_no_one_until_it_is() {
         // Requests whose change cannot be saved are refused, naming
         // the file; nothing goes out for them either.
         let (late, _late_notices) = Peer::connect(&addr, limits).await.unwrap();
-        let e = register(&late, Role::Server, "127.0.0.1:9", Group::Default)
+        let e = register(&late, Role::Server, "127.0.0.1:9", Group::Default, None)
             .await
             .unwrap_err();
         assert!(refused_unsaved(&e), "{e}");
@@ -215,6 +221,101 @@ async fn a_map_that_cannot_be_saved_reaches_no_one_until_it_is() {
             .await
             .unwrap();
         assert!(map.table("t").is_some());
+        m.shutdown();
+    })
+    .await
+    .expect("the test finishes in time");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_server_back_under_its_id_displaces_the_connection_of_its_earlier_process() {
+    tokio::time::timeout(Duration::from_secs(30), async {
+        let lease_ms = 200;
+        let m = start_manager(ManagerConfig {
+            membership: MembershipConfig {
+                lease_ms,
+                ..MembershipConfig::default()
+            },
+            ..ManagerConfig::default()
+        })
+        .await
+        .unwrap();
+        let addr = m.addr().to_string();
+        let limits = Limits::default();
+        // A server that falls silent with its connection open (frozen).
+        let (old, _old_notices) = Peer::connect(&addr, limits).await.unwrap();
+        let (sid, _) = register(&old, Role::Server, "127.0.0.1:1", Group::Default, None)
+            .await
+            .unwrap();
+        let start = Instant::now();
+        loop {
+            let Control::Map(map) = ask(&old, sid, &Control::GetMap).await.unwrap() else {
+                panic!("not a map");
+            };
+            if map.node(sid).unwrap().state == NodeState::Dead {
+                break;
+            }
+            assert!(
+                start.elapsed() < Duration::from_secs(5),
+                "never declared dead"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        // A new process takes the id back.
+        let (new, mut notices) = Peer::connect(&addr, limits).await.unwrap();
+        let (id, map) = register(&new, Role::Server, "127.0.0.1:2", Group::Default, Some(sid))
+            .await
+            .unwrap();
+        assert_eq!(id, sid);
+        let n = map.node(sid).unwrap();
+        assert_eq!(
+            (n.state, n.addr.as_str()),
+            (NodeState::Alive, "127.0.0.1:2")
+        );
+        // The earlier process's link is closed: nothing it says counts.
+        let start = Instant::now();
+        while ask(&old, sid, &Control::Heartbeat).await.is_ok() {
+            assert!(start.elapsed() < Duration::from_secs(5), "still heard");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        drop(old);
+        // The new one heartbeats and stays alive, whatever became of the
+        // earlier connection.
+        let beat = new.clone();
+        tokio::spawn(async move {
+            while beat
+                .notify(control_request(sid, 0, &Control::Heartbeat))
+                .await
+                .is_ok()
+            {
+                tokio::time::sleep(Duration::from_millis(lease_ms / 8)).await;
+            }
+        });
+        assert_eq!(
+            next_map(&mut notices, Duration::from_millis(3 * lease_ms)).await,
+            None,
+            "the map changed"
+        );
+        let Control::Map(map) = ask(&new, sid, &Control::GetMap).await.unwrap() else {
+            panic!("not a map");
+        };
+        assert_eq!(map.node(sid).unwrap().state, NodeState::Alive);
+        // Its id cannot be taken while it lives.
+        let (third, _n) = Peer::connect(&addr, limits).await.unwrap();
+        let e = register(
+            &third,
+            Role::Server,
+            "127.0.0.1:3",
+            Group::Default,
+            Some(sid),
+        )
+        .await
+        .unwrap_err();
+        assert!(
+            e.to_string()
+                .contains(&format!("server {sid} is alive at 127.0.0.1:2")),
+            "{e}"
+        );
         m.shutdown();
     })
     .await

@@ -1,8 +1,9 @@
 //! Unit tests of the server core: inputs in, effects out, no sockets.
 //! This file holds the maps and frames they share; the tests are by part:
 //! `data` (pushes, pulls, refusals, leases), `chain` (replication, both
-//! ends, restores), `maps` (fences, copies, hand-offs), `lend` (work on
-//! lent tables, checkpoints).
+//! ends, restores), `maps` (fences, copies, hand-offs), `returned` (a
+//! server back under its id: a new process), `lend` (work on lent tables,
+//! checkpoints).
 //!
 //! Maps are written by hand: servers 1, 2, 3 (addresses `s1`...), workers
 //! 10 and 11; the key space is cut at `MID` into two partitions.
@@ -13,6 +14,7 @@ mod chain;
 mod data;
 mod lend;
 mod maps;
+mod returned;
 mod significant;
 use pserver_core::map::Group;
 use pserver_core::{Init, KEY_END, NodeInfo, Partition, Role, UpdaterSpec};
@@ -65,6 +67,7 @@ pub(super) fn node(id: NodeId, role: Role, state: NodeState) -> NodeInfo {
         state,
         group: Group::Default,
         task: String::new(),
+        joined: 0,
     }
 }
 
