@@ -552,10 +552,12 @@ class NodeActor:
             try:
                 self.ready = self.child.first_ready(role, max(1.0, deadline - time.monotonic()))
                 break
-            except StartError:
+            except StartError as e:
                 # A restarted server may ask before the manager has seen
-                # its old self go: it tries again until the deadline.
-                if not (prior and role == "server") or time.monotonic() > deadline:
+                # its old self go ("server N is alive at ADDR"): it tries
+                # again until the deadline. Any other refusal is final.
+                retry = prior and role == "server" and " is alive" in str(e)
+                if not retry or time.monotonic() > deadline:
                     raise
                 time.sleep(0.5)
 

@@ -9,6 +9,8 @@ Under CI a missing Ray is a failure, not a skip (python.rs installs it).
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -211,6 +213,12 @@ def test_a_missing_binary_is_named(tmp_path, monkeypatch):
     monkeypatch.setenv("PATH", str(tmp_path))
     with pytest.raises(pray.BinaryNotFound, match="pass binary=PATH"):
         pray.find_binary()
+
+
+def test_import_pserver_does_not_import_ray():
+    code = "import sys, pserver, pserver.data; assert 'ray' not in sys.modules, 'ray imported'"
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert p.returncode == 0, p.stderr
 
 
 # On Ray.
