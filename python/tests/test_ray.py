@@ -254,7 +254,7 @@ def test_the_bundled_job_trains_on_ray(ray_session):
 
 
 def test_killing_a_server_actor_mid_job_loses_no_acknowledged_push(ray_session):
-    cluster = pray.start(servers=3, replicas=1, binary=pserver_bin(), env=QUIET, lease_ms=1000)
+    cluster = pray.start(servers=3, replicas=1, binary=pserver_bin(), env=QUIET)
     try:
         token = cluster.token
         ids = cluster.server_ids()
@@ -287,7 +287,7 @@ def test_killing_a_server_actor_mid_job_loses_no_acknowledged_push(ray_session):
 
 
 def test_without_replicas_the_loss_is_detected(ray_session):
-    cluster = pray.start(servers=2, replicas=0, binary=pserver_bin(), env=QUIET, lease_ms=1000)
+    cluster = pray.start(servers=2, replicas=0, binary=pserver_bin(), env=QUIET)
     token = cluster.token
     try:
         keys = np.array([(i * (2**64 // 65)) for i in range(1, 65)], dtype=np.uint64)
@@ -305,7 +305,7 @@ def test_without_replicas_the_loss_is_detected(ray_session):
 
 
 def test_a_killed_manager_actor_comes_back_where_it_was(ray_session):
-    cluster = pray.start(servers=2, binary=pserver_bin(), env=QUIET, lease_ms=1000)
+    cluster = pray.start(servers=2, binary=pserver_bin(), env=QUIET)
     token = cluster.token
     try:
         keys = np.array([1, 2**63, 2**64 - 2], dtype=np.uint64)
