@@ -107,6 +107,15 @@ pub struct NodeInfo {
     /// [`DRAINING`] once a drain of it started.
     #[serde(default)]
     pub task: String,
+    /// The epoch of the map that took this node in: its registration, or
+    /// a dead server's return under its id (`pserver server --id`). Every
+    /// frame of the process holding the id now carries this epoch or a
+    /// later one, so a frame from the id at an earlier epoch comes from an
+    /// earlier process, and a map whose `joined` differs from the one
+    /// before names a new process (empty, at its own address) even when
+    /// the map between, where it was dead, never arrived.
+    #[serde(default)]
+    pub joined: u64,
 }
 
 /// The [`NodeInfo::task`] of a server being drained: the manager sets it

@@ -14,7 +14,7 @@ use pserver_core::membership::Persisted;
 use pserver_core::membership::{
     Membership, MembershipConfig, MembershipError, Recovered, Released, Report,
 };
-use pserver_core::{NodeId, Role};
+use pserver_core::{NodeId, NodeState, Role};
 use pserver_wire::message::Status;
 use pserver_wire::{Control, ErrorCode, Frame, Header, Kind, Limits};
 use std::collections::BTreeMap;
@@ -233,7 +233,13 @@ impl State {
     /// Takes node `id` on this connection and answers `Registered`.
     fn welcome(&mut self, h: &Header, id: NodeId, out: &Outbox, me: &mut Option<NodeId>) -> Frame {
         *me = Some(id);
-        self.conns.insert(id, out.clone());
+        // The connection this one replaces (the node lost it, or a new
+        // process took the id) is closed: nothing on it counts any more.
+        if let Some(old) = self.conns.insert(id, out.clone()) {
+            if !old.same(out) {
+                old.shutdown();
+            }
+        }
         let map = self.shown.clone();
         control_reply(h, MANAGER_ID, map.epoch, &Control::Registered { id, map })
     }
@@ -282,6 +288,53 @@ impl State {
             _ => ErrorCode::Invalid,
         };
         error_reply(h, MANAGER_ID, epoch, code, e.to_string())
+    }
+
+    /// A server comes back under id `want` ([`Membership::register_as`]):
+    /// answers `Registered` with that id, or the refusal. The connection
+    /// of the id's earlier process, if the manager still has one (it was
+    /// declared dead by its lease: frozen, or cut off), is closed first, so
+    /// the map that takes the id back never reaches it; should it ask to
+    /// rejoin, it hears it was replaced.
+    #[allow(clippy::too_many_arguments)]
+    fn register_as(
+        &mut self,
+        h: &Header,
+        out: &Outbox,
+        me: &mut Option<NodeId>,
+        want: NodeId,
+        role: Role,
+        addr: &str,
+        now: u64,
+    ) -> Frame {
+        let epoch = self.epoch();
+        let dead_server = self
+            .members
+            .map()
+            .node(want)
+            .is_some_and(|n| n.role == Role::Server && n.state == NodeState::Dead);
+        if dead_server {
+            if let Some(old) = self.conns.remove(&want) {
+                old.shutdown();
+            }
+        }
+        match self.change(|m| Ok((m.register_as(want, role, addr, now)?, true))) {
+            Ok(Ok(id)) => {
+                tracing::info!(node = id, %addr, epoch = self.epoch(), "a server came back under its id");
+                self.welcome(h, id, out, me)
+            }
+            Ok(Err(e)) => {
+                tracing::warn!(node = want, %addr, "refused a server asking for its id back: {e}");
+                error_reply(h, MANAGER_ID, epoch, ErrorCode::Invalid, e.to_string())
+            }
+            Err(e) => error_reply(
+                h,
+                MANAGER_ID,
+                epoch,
+                ErrorCode::Internal,
+                format!("the manager cannot save this change, so it did not make it: {e}"),
+            ),
+        }
     }
 
     fn release(&mut self, released: Vec<Released>) {
@@ -423,6 +476,12 @@ async fn serve<S>(
     }
     if let Some(id) = me {
         let mut st = lock(&state);
+        // A connection another one replaced (the node rejoined on a new
+        // one, or a new process came back under its id) says nothing about
+        // the node when it closes.
+        if !st.conns.get(&id).is_some_and(|o| o.same(&out)) {
+            return;
+        }
         st.conns.remove(&id);
         let role = st.members.map().node(id).map(|n| n.role);
         if st.members.disconnected(id) {
@@ -546,7 +605,13 @@ fn handle(
                 Err(e) => st.refuse(h, id, Role::Server, &addr, e),
             });
         }
-        let Control::Register { role, addr, group } = msg else {
+        let Control::Register {
+            role,
+            addr,
+            group,
+            id: want,
+        } = msg
+        else {
             return err(ErrorCode::Invalid, "register first".into());
         };
         // A first server would start a new, empty cluster while the servers
@@ -570,6 +635,9 @@ fn handle(
                 return err(ErrorCode::Invalid, why);
             }
         }
+        if let Some(want) = want {
+            return Some(st.register_as(h, out, me, want, role, &addr, now));
+        }
         // Clients do not enter the map, so there is nothing to save.
         return match st.change(|m| Ok((m.register(role, &addr, group, now)?, role != Role::Client)))
         {
@@ -581,6 +649,20 @@ fn handle(
             Err(e) => unsaved(e),
         };
     };
+    // This connection was replaced by another of the same id: nothing on
+    // it counts for the node (an earlier process of a server that came
+    // back under its id must not renew the new one's lease).
+    if !st.conns.get(&id).is_some_and(|o| o.same(out)) {
+        *me = None;
+        let why = match st.members.map().node(id) {
+            Some(n) => format!(
+                "node {id} is on another connection now ({} at {:?}); this one is closed",
+                n.state, n.addr
+            ),
+            None => format!("node {id} is on another connection now; this one is closed"),
+        };
+        return err(ErrorCode::Invalid, why);
+    }
     match msg {
         Control::Heartbeat => {
             let now = st.now_ms();

@@ -68,20 +68,29 @@ pub fn reply_control(frame: &Frame, peer: &str) -> Result<Control, NodeError> {
 }
 
 /// Registers with the manager over `manager` as `role` (servers give the
-/// address they listen on); returns the node's id and the current map.
+/// address they listen on; a server coming back under its id gives it as
+/// `want`); returns the node's id and the current map.
 pub async fn register(
     manager: &Peer,
     role: Role,
     addr: &str,
     group: Group,
+    want: Option<NodeId>,
 ) -> Result<(NodeId, ClusterMap), NodeError> {
     let msg = Control::Register {
         role,
         addr: addr.to_string(),
         group,
+        id: want,
     };
     let reply = manager.request(control_request(0, 0, &msg)).await?;
     match reply_control(&reply, manager.label())? {
+        Control::Registered { id, .. } if want.is_some_and(|w| w != id) => {
+            Err(NodeError::Protocol {
+                peer: manager.label().to_string(),
+                what: format!("asked for id {want:?}, registered as {id}"),
+            })
+        }
         Control::Registered { id, map } => Ok((id, map)),
         other => Err(NodeError::Protocol {
             peer: manager.label().to_string(),

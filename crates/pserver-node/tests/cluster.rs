@@ -622,6 +622,7 @@ async fn a_silent_node_is_declared_dead_within_its_lease() {
                     role: Role::Worker,
                     addr: String::new(),
                     group: pserver_core::map::Group::Default,
+                    id: None,
                 },
             ))
             .await

@@ -263,6 +263,7 @@ mod control {
             state: NodeState::Alive,
             group: Group::Default,
             task: String::new(),
+            joined: 1,
         };
         let server_ids: Vec<NodeId> = (1..=servers).collect();
         let mut map = ClusterMap::empty(2, 16);

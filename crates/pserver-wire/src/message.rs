@@ -56,6 +56,10 @@ pub enum Control {
         addr: String,
         /// The worker group a worker starts in.
         group: Group,
+        /// The id a server comes back under (`pserver server --id`): that
+        /// of a server of the map declared dead, whose ring positions and
+        /// ranges it takes over as a joiner. `None`: a new id.
+        id: Option<NodeId>,
     },
     /// The manager's answer to `Register`.
     Registered {

@@ -293,6 +293,7 @@ fn map() -> ClusterMap {
                 state: NodeState::Alive,
                 group: Group::Default,
                 task: String::new(),
+                joined: 3,
             },
             NodeInfo {
                 id: 2,
@@ -301,6 +302,7 @@ fn map() -> ClusterMap {
                 state: NodeState::Dead,
                 group: Group::Default,
                 task: String::new(),
+                joined: 3,
             },
         ],
         partitions: vec![Partition {
@@ -348,6 +350,13 @@ fn every_control() -> Vec<Control> {
             role: Role::Worker,
             addr: "10.0.0.1:7000".into(),
             group: Group::Job("ctr-1".into()),
+            id: None,
+        },
+        Control::Register {
+            role: Role::Server,
+            addr: "10.0.0.2:7000".into(),
+            group: Group::Default,
+            id: Some(7),
         },
         Control::Registered { id: 5, map: map() },
         Control::Heartbeat,

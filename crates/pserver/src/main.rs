@@ -209,6 +209,13 @@ enum Cmd {
         /// (it may start after this server); 0: fail at once.
         #[arg(long, default_value_t = 0, env = "PSERVER_WAIT_MANAGER_SECS")]
         wait_manager_secs: u64,
+        /// Come back under this id: that of a server the manager declared
+        /// dead (its process failed), such as a restarted Ray actor. It
+        /// starts empty and takes back the ring positions, and then the
+        /// ranges, it had. Refused while that server is alive, and for an
+        /// id the manager's map has not got or gives a worker.
+        #[arg(long, env = "PSERVER_ID")]
+        id: Option<u32>,
         #[command(flatten)]
         metrics: MetricsArgs,
     },
@@ -473,6 +480,7 @@ async fn run(cli: Cli) -> Result<()> {
             max_waiting,
             significant_entries,
             wait_manager_secs,
+            id,
             metrics,
         } => {
             sec.check_listen(&listen)?;
@@ -486,6 +494,7 @@ async fn run(cli: Cli) -> Result<()> {
                 .await?;
             let mut cfg = ServerConfig::new(manager);
             cfg.manager_wait = Duration::from_secs(wait_manager_secs);
+            cfg.id = id;
             cfg.listen = listen;
             cfg.advertise = advertise;
             cfg.net = net;

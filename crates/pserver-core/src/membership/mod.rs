@@ -81,6 +81,45 @@ pub enum MembershipError {
     /// The node was declared dead; it must register again.
     #[error("node {0} was declared dead; register again")]
     Dead(NodeId),
+    /// A node other than a server asked to register under an id.
+    #[error("a {0} cannot register under an id: only a server comes back under its old one (--id)")]
+    IdNotForRole(Role),
+    /// A server asked to come back under an id no node of the map has.
+    #[error(
+        "this manager's map has no node {0}: a server comes back only under an id this \
+         cluster's manager gave it (a restarted manager knows its servers only from its \
+         --state FILE); start the server without --id to join as a new one"
+    )]
+    NoSuchId(NodeId),
+    /// A server asked to come back under the id of a worker.
+    #[error("node {id} is a {role}, not a server: --id takes the id of a server that failed")]
+    IdOfNonServer {
+        /// The id asked for.
+        id: NodeId,
+        /// What that node is.
+        role: Role,
+    },
+    /// A server asked to come back under the id of a live one.
+    #[error("server {id} is alive at {addr}; stop it first or wait for its lease to run out")]
+    IdAlive {
+        /// The id asked for.
+        id: NodeId,
+        /// Where the live server is.
+        addr: String,
+    },
+    /// A server's earlier process asked to rejoin after a newer one came
+    /// back under its id: the newer one holds the id (and the ranges the
+    /// map gives it), so this one must stop, dropping what it holds.
+    #[error(
+        "server {id} came back under its id as a newer process at {addr}; this earlier \
+         process of it must stop (its data went to others when it was declared dead)"
+    )]
+    Replaced {
+        /// The id.
+        id: NodeId,
+        /// The newer process's address.
+        addr: String,
+    },
     /// This manager, started without state, is rebuilding the map from
     /// the servers' reports and waits for the servers it names; until they
     /// report, no server or worker registers and nothing rejoins.
@@ -198,6 +237,14 @@ pub struct Membership {
     /// many there were.
     fresh_base: NodeId,
     fresh_clients: NodeId,
+    /// Earlier processes of servers that came back under their ids
+    /// ([`Membership::register_as`]): the address each listened on and the
+    /// epoch it joined at, at most [`REPLACED_KEPT`] per id, so one that
+    /// asks to rejoin is told it was replaced ([`MembershipError::Replaced`])
+    /// rather than taken for a stranger. Kept in memory only: after a
+    /// restart of the manager such a process is a stranger, which keeps it
+    /// waiting, fenced by its own lease.
+    replaced: BTreeMap<NodeId, Vec<(String, u64)>>,
 }
 
 /// Ids from here up go to clients that register with a fresh manager (one
@@ -272,6 +319,7 @@ impl Membership {
             reports: BTreeMap::new(),
             fresh_base: FRESH_CLIENT_IDS,
             fresh_clients: 0,
+            replaced: BTreeMap::new(),
         })
     }
 
@@ -340,6 +388,8 @@ impl Membership {
             state: NodeState::Alive,
             group,
             task: String::new(),
+            // The map `changed` makes next.
+            joined: self.map.epoch + 1,
         });
         self.last_seen.insert(id, now_ms);
         self.changed(role == Role::Server);
@@ -814,6 +864,7 @@ impl Membership {
 }
 
 mod recovery;
+mod returning;
 
 #[cfg(test)]
 mod tests;

@@ -211,6 +211,9 @@ impl Membership {
     /// grace of a restored map to rejoin.
     pub fn recover(&mut self, r: Report, now_ms: u64) -> Result<Recovered, MembershipError> {
         if !self.fresh {
+            if let Some(e) = self.replaced_by(&r) {
+                return Err(e);
+            }
             return self
                 .rejoin(r.id, Role::Server, &r.addr, now_ms)
                 .map(|()| Recovered::Rejoined);

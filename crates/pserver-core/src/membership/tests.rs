@@ -4,7 +4,7 @@ use super::*;
 
 use crate::spec::{Consistency, Init, UpdaterSpec};
 
-fn spec_of(name: &str, dim: u32) -> TableSpec {
+pub(super) fn spec_of(name: &str, dim: u32) -> TableSpec {
     TableSpec {
         id: 0,
         name: name.into(),
@@ -224,11 +224,11 @@ fn unreplicated() -> Membership {
     .unwrap()
 }
 
-fn primaries(m: &Membership) -> BTreeSet<NodeId> {
+pub(super) fn primaries(m: &Membership) -> BTreeSet<NodeId> {
     m.map().partitions.iter().map(|p| p.primary).collect()
 }
 
-fn chain_members(m: &Membership) -> BTreeSet<NodeId> {
+pub(super) fn chain_members(m: &Membership) -> BTreeSet<NodeId> {
     m.map()
         .partitions
         .iter()

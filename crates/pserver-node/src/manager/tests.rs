@@ -96,7 +96,7 @@ async fn a_table_whose_state_cannot_be_synced_is_refused_and_not_made() {
         .unwrap();
         let addr = m.addr().to_string();
         let (w, mut notices) = Peer::connect(&addr, Limits::default()).await.unwrap();
-        let (id, _) = register(&w, Role::Worker, "", Group::Default)
+        let (id, _) = register(&w, Role::Worker, "", Group::Default, None)
             .await
             .unwrap();
         let before = load_state(&path).unwrap();
@@ -149,7 +149,7 @@ async fn a_map_that_cannot_be_saved_reaches_no_one_until_it_is() {
 
         // The watcher sees every broadcast, and heartbeats to stay alive.
         let (watcher, mut notices) = Peer::connect(&addr, limits).await.unwrap();
-        let (wid, _) = register(&watcher, Role::Worker, "", Group::Default)
+        let (wid, _) = register(&watcher, Role::Worker, "", Group::Default, None)
             .await
             .unwrap();
         let beat = watcher.clone();
@@ -165,7 +165,7 @@ async fn a_map_that_cannot_be_saved_reaches_no_one_until_it_is() {
         // A worker that never heartbeats: its lease runs out while
         // saves fail, a change the manager cannot refuse.
         let (silent, _silent_notices) = Peer::connect(&addr, limits).await.unwrap();
-        let (sid, _) = register(&silent, Role::Worker, "", Group::Default)
+        let (sid, _) = register(&silent, Role::Worker, "", Group::Default, None)
             .await
             .unwrap();
         let saved = next_map(&mut notices, Duration::from_secs(2))
@@ -181,7 +181,7 @@ async fn a_map_that_cannot_be_saved_reaches_no_one_until_it_is() {
         // Requests whose change cannot be saved are refused, naming
         // the file; nothing goes out for them either.
         let (late, _late_notices) = Peer::connect(&addr, limits).await.unwrap();
-        let e = register(&late, Role::Server, "127.0.0.1:9", Group::Default)
+        let e = register(&late, Role::Server, "127.0.0.1:9", Group::Default, None)
             .await
             .unwrap_err();
         assert!(refused_unsaved(&e), "{e}");

@@ -65,6 +65,11 @@ pub struct ServerConfig {
     /// after this server); zero: one attempt, an unreachable manager is an
     /// error at once.
     pub manager_wait: std::time::Duration,
+    /// The id to come back under (`pserver server --id`): that of a server
+    /// the manager declared dead, whose ring positions and ranges this one
+    /// takes over, starting empty like any joining server (the ranges are
+    /// copied to it). `None`: the manager gives a new id.
+    pub id: Option<NodeId>,
 }
 
 /// Default of [`ServerConfig::key_cache_keys`]: 16 Mi keys, 128 MiB of keys.
@@ -89,6 +94,7 @@ impl ServerConfig {
             apply_threads: std::thread::available_parallelism().map_or(1, |n| n.get()),
             significant_entries: DEFAULT_SIGNIFICANT_ENTRIES,
             manager_wait: std::time::Duration::ZERO,
+            id: None,
         }
     }
 }

@@ -373,7 +373,8 @@ pub async fn start_server(cfg: ServerConfig) -> Result<ServerHandle, NodeError> 
     let (manager, notices, id, map) = loop {
         let attempt = async {
             let (manager, notices) = Peer::connect_via(&cfg.net, &cfg.manager, cfg.limits).await?;
-            let (id, map) = register(&manager, Role::Server, &my_addr, Group::Default).await?;
+            let (id, map) =
+                register(&manager, Role::Server, &my_addr, Group::Default, cfg.id).await?;
             Ok::<_, NodeError>((manager, notices, id, map))
         };
         match attempt.await {
@@ -422,6 +423,9 @@ pub async fn start_server(cfg: ServerConfig) -> Result<ServerHandle, NodeError> 
         stats: Arc::new(ServerStats::default()),
     });
     let heartbeat = map.heartbeat_interval();
+    // Which process of this id this one is: a map that gives the id
+    // another `joined` took it back for a newer process (`--id`).
+    let joined = map.node(id).map_or(0, |n| n.joined);
     let effects = shared.step([Input::Map(map)], true).await;
     shared.carry_out(effects).await;
     let cancel = CancellationToken::new();
@@ -513,6 +517,13 @@ pub async fn start_server(cfg: ServerConfig) -> Result<ServerHandle, NodeError> 
                         Some(frame) => match frame.control_msg() {
                             Ok(Control::Map(map)) => {
                                 shared.contact_ms.fetch_max(shared.now_ms(), Ordering::Relaxed);
+                                if map.node(id).is_some_and(|n| n.joined != joined) {
+                                    // A newer process came back under this
+                                    // id: the map is its, not this one's to
+                                    // act on (what it would copy is stale).
+                                    tracing::warn!(node = id, "a newer process took this server's id");
+                                    break;
+                                }
                                 let gone = map.node(id).is_none_or(|n| n.state == NodeState::Dead);
                                 // Replies this map released (acks of sums this
                                 // server no longer applies go back as NotOwner,
@@ -557,6 +568,10 @@ pub async fn start_server(cfg: ServerConfig) -> Result<ServerHandle, NodeError> 
                         r = rejoin(&net, &manager_addr, limits, &who) => r,
                     };
                     match rejoined {
+                        Ok((_, _, map)) if map.node(id).is_some_and(|n| n.joined != joined) => {
+                            tracing::warn!(node = id, "a newer process took this server's id");
+                            break;
+                        }
                         Ok((peer, rx, map)) => {
                             tracing::info!(node = id, epoch = map.epoch, "rejoined the manager");
                             *lock(&shared.manager) = peer;

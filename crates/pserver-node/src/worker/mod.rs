@@ -349,6 +349,19 @@ struct Link {
     /// What this connection's server sent of each table under the
     /// significantly-modified filter (its shadows are per connection too).
     mirrors: filters::Mirrors,
+    /// The process it was dialed to: the address and
+    /// [`joined`](pserver_core::map::NodeInfo::joined) the map gave the
+    /// server's id. A server that came back under its id is another
+    /// process, maybe at another address, and gets a link of its own.
+    addr: String,
+    joined: u64,
+}
+
+impl Link {
+    /// Whether this link goes to the live process the map describes as `n`.
+    fn is_to(&self, n: &pserver_core::map::NodeInfo) -> bool {
+        n.state != pserver_core::NodeState::Dead && n.addr == self.addr && n.joined == self.joined
+    }
 }
 
 struct Inner {
@@ -407,7 +420,7 @@ impl Worker {
             .validate()
             .map_err(|e| NodeError::BadRequest(e.to_string()))?;
         let (manager, mut notices) = Peer::connect_via(&cfg.net, &cfg.manager, cfg.limits).await?;
-        let (id, map) = register(&manager, cfg.role, &cfg.addr, cfg.group.clone()).await?;
+        let (id, map) = register(&manager, cfg.role, &cfg.addr, cfg.group.clone(), None).await?;
         let heartbeat = map.heartbeat_interval();
         let inner = Arc::new(Inner {
             id,

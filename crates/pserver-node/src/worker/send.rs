@@ -66,16 +66,16 @@ impl Inner {
             // Requests in flight to a server now declared dead fail at once
             // and are resent to the range's new primary, even when the dead
             // server's socket stays open (frozen, or cut off) and would
-            // never answer.
+            // never answer. So do those to the earlier process of a server
+            // that came back under its id (`joined` differs, and maybe the
+            // address): the next request dials the new one.
             let mut servers = lock(&self.servers);
             servers.retain(|id, link| {
-                let alive = map
-                    .node(*id)
-                    .is_some_and(|n| n.state != pserver_core::NodeState::Dead);
-                if !alive {
+                let current = map.node(*id).is_some_and(|n| link.is_to(n));
+                if !current {
                     link.peer.close();
                 }
-                alive
+                current
             });
             drop(servers);
             *cur = Arc::new(map);
@@ -109,33 +109,44 @@ impl Inner {
             .ok_or_else(|| NodeError::UnknownTable(name.to_string()))
     }
 
+    /// The link to server `node`, dialed if there is none open to the
+    /// process the map gives that id (its address and `joined`). The
+    /// installed map says which, not `map` (the request's, which may be
+    /// older): a link to a process of the id that the map has replaced is
+    /// never used nor kept.
     pub(super) async fn link(&self, node: NodeId, map: &ClusterMap) -> Result<Link, NodeError> {
+        let unknown = || NodeError::Protocol {
+            peer: "map".into(),
+            what: format!("partition names unknown node {node}"),
+        };
+        let now = lock(&self.map).clone();
+        let info = now
+            .node(node)
+            .or_else(|| map.node(node))
+            .ok_or_else(unknown)?;
         if let Some(l) = lock(&self.servers).get(&node) {
-            if !l.peer.is_closed() {
+            if !l.peer.is_closed() && l.is_to(info) {
                 return Ok(l.clone());
             }
         }
-        let addr = map
-            .node(node)
-            .map(|n| n.addr.clone())
-            .ok_or_else(|| NodeError::Protocol {
-                peer: "map".into(),
-                what: format!("partition names unknown node {node}"),
-            })?;
-        let (peer, _notices) = Peer::connect_via(&self.net, &addr, self.limits).await?;
+        let (peer, _notices) = Peer::connect_via(&self.net, &info.addr, self.limits).await?;
         let mut servers = lock(&self.servers);
         match servers.get(&node) {
             // Slices sent at once race to connect; the first link stays, so
             // that what each slice learns about the server's key cache lands
             // in the one set every later slice reads.
-            Some(l) if !l.peer.is_closed() => Ok(l.clone()),
+            Some(l) if !l.peer.is_closed() && l.is_to(info) => Ok(l.clone()),
             _ => {
                 let link = Link {
                     peer,
                     known: Arc::default(),
                     mirrors: Arc::default(),
+                    addr: info.addr.clone(),
+                    joined: info.joined,
                 };
-                servers.insert(node, link.clone());
+                if let Some(old) = servers.insert(node, link.clone()) {
+                    old.peer.close();
+                }
                 Ok(link)
             }
         }

@@ -68,6 +68,15 @@ impl ServerCore {
         let mut out = Vec::with_capacity(chain.len());
         for n in chain {
             match self.map.node(n) {
+                // Dead here but named by a newer map: it came back under
+                // its id, and must get the change; wait for that map.
+                Some(info) if info.state == NodeState::Dead && h.epoch > self.map.epoch => {
+                    return Err(Refusal::UnknownServer {
+                        node: n,
+                        have: self.map.epoch,
+                        got: h.epoch,
+                    });
+                }
                 Some(info) if info.state == NodeState::Dead => {}
                 Some(_) => out.push(n),
                 None if h.epoch > self.map.epoch => {
@@ -213,21 +222,25 @@ impl ServerCore {
             return;
         }
         // A replica downstream of an abandoned one may have missed changes
-        // that were queued to it: it counts as not holding the range.
+        // that were queued to it: it counts as not holding the range. Nor
+        // does an abandoned one that is in the new map: a server that came
+        // back under its id, empty.
         let holds = |node: NodeId, r: KeyRange| {
-            old.partitions_overlapping(r)
-                .map(|i| &old.partitions[i])
-                .all(|p| {
-                    let at = std::iter::once(p.primary)
-                        .chain(p.replicas.iter().copied())
-                        .position(|n| n == node);
-                    at.is_some_and(|at| {
-                        !p.replicas
-                            .iter()
-                            .take(at.saturating_sub(1))
-                            .any(|n| abandoned.contains(n))
+            !abandoned.contains(&node)
+                && old
+                    .partitions_overlapping(r)
+                    .map(|i| &old.partitions[i])
+                    .all(|p| {
+                        let at = std::iter::once(p.primary)
+                            .chain(p.replicas.iter().copied())
+                            .position(|n| n == node);
+                        at.is_some_and(|at| {
+                            !p.replicas
+                                .iter()
+                                .take(at.saturating_sub(1))
+                                .any(|n| abandoned.contains(n))
+                        })
                     })
-                })
         };
         let mut copies = Vec::new();
         for p in self.map.partitions.iter().filter(|p| p.primary == self.id) {
@@ -443,11 +456,28 @@ impl ServerCore {
     /// (then it is refused for now, and its forwarder resends once the map
     /// arrives). A server declared dead may still run (frozen, then
     /// resumed): its changes are refused, so it cannot acknowledge them,
-    /// and its workers retry at the range's current primary.
+    /// and its workers retry at the range's current primary. So are those
+    /// of an earlier process of a server that came back under its id: they
+    /// carry an epoch before the map that took the id back
+    /// ([`NodeInfo::joined`](pserver_core::map::NodeInfo::joined)). A
+    /// sender dead here with a newer map may be such a returned server: it
+    /// is refused for now, like one this map does not know.
     pub(super) fn check_server(&self, h: &Header, what: &'static str) -> Result<(), Refusal> {
         match self.map.node(h.sender) {
             Some(n) if n.role != Role::Server => Err(Refusal::NotAServer(h.sender, what)),
+            Some(n) if n.state == NodeState::Dead && h.epoch > self.map.epoch => {
+                Err(Refusal::UnknownServer {
+                    node: h.sender,
+                    have: self.map.epoch,
+                    got: h.epoch,
+                })
+            }
             Some(n) if n.state == NodeState::Dead => Err(Refusal::SenderDead(h.sender)),
+            Some(n) if h.epoch < n.joined => Err(Refusal::EarlierProcess {
+                node: h.sender,
+                epoch: h.epoch,
+                joined: n.joined,
+            }),
             Some(_) => Ok(()),
             None if h.epoch > self.map.epoch => Err(Refusal::UnknownServer {
                 node: h.sender,

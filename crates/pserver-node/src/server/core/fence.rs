@@ -22,10 +22,17 @@ impl ServerCore {
     /// Ranges this server was primary of and no longer is: a `Fence` goes
     /// down their old chain. Ranges this server is newly primary of, taken
     /// from a primary still alive: held back until that server's fence.
-    pub(super) fn fence(&mut self, old: &ClusterMap) {
+    /// A server in `reborn` came back under its id since `old`: a new
+    /// process, which sends no fence for what its earlier one held and has
+    /// none of the changes it would follow, so it counts as dead here.
+    pub(super) fn fence(&mut self, old: &ClusterMap, reborn: &[NodeId]) {
         let me = self.id;
         let map = self.map.clone();
-        let alive = |id: NodeId| map.node(id).is_some_and(|n| n.state == NodeState::Alive);
+        let alive = |id: NodeId| {
+            !reborn.contains(&id) && map.node(id).is_some_and(|n| n.state == NodeState::Alive)
+        };
+        // A fence the earlier process sent covers nothing of the new one's.
+        self.fences_seen.retain(|(_, by)| !reborn.contains(by));
         let mut sends = Vec::new();
         for p in old.partitions.iter().filter(|p| p.primary == me) {
             // The old chain as this map still reaches it: a member declared
@@ -33,12 +40,7 @@ impl ServerCore {
             // so the fence skips it, as `reachable_chain` does further down.
             // Sent to it, the fence would be dropped and the new primary
             // would hold the range back until `FENCE_TIMEOUT_MS`.
-            let chain: Vec<NodeId> = p
-                .replicas
-                .iter()
-                .copied()
-                .filter(|&n| map.node(n).is_some_and(|n| n.state != NodeState::Dead))
-                .collect();
+            let chain: Vec<NodeId> = p.replicas.iter().copied().filter(|&n| alive(n)).collect();
             let Some((&next, rest)) = chain.split_first() else {
                 continue;
             };

@@ -553,9 +553,29 @@ impl ServerCore {
         for spec in &map.tables {
             self.ensure_table(spec);
         }
-        // A dead node's lists would only take room: its id is never reused.
+        // Servers that came back under their ids since the last map: new,
+        // empty processes at (maybe) new addresses. Whatever this server
+        // knew of the earlier process (queues to it, what it held) is
+        // stale, as if it had seen it die, even when the map where it was
+        // dead never arrived.
+        let reborn: Vec<NodeId> = map
+            .nodes
+            .iter()
+            .filter(|n| {
+                n.state == NodeState::Alive
+                    && self
+                        .map
+                        .node(n.id)
+                        .is_some_and(|o| o.state == NodeState::Alive && o.joined != n.joined)
+            })
+            .map(|n| n.id)
+            .collect();
+        // A dead node's lists would only take room: a worker's id is never
+        // reused, and a server that comes back under its id starts anew.
         for sender in self.key_cache.senders() {
-            if map.node(sender).is_some_and(|n| n.state == NodeState::Dead) || map.departed(sender)
+            if map.node(sender).is_some_and(|n| n.state == NodeState::Dead)
+                || map.departed(sender)
+                || reborn.contains(&sender)
             {
                 self.key_cache.forget(sender);
             }
@@ -576,9 +596,11 @@ impl ServerCore {
             .iter()
             .copied()
             .filter(|id| {
-                self.map
-                    .node(*id)
-                    .is_none_or(|n| n.state == NodeState::Dead)
+                reborn.contains(id)
+                    || self
+                        .map
+                        .node(*id)
+                        .is_none_or(|n| n.state == NodeState::Dead)
             })
             .collect();
         gone.sort_unstable();
@@ -588,16 +610,18 @@ impl ServerCore {
         }
         // A member of an old chain that died took along what was queued to
         // it, whoever queued it: the members after it may lack changes.
+        // So did one that came back: it holds nothing of what it held.
         let mut lost = gone.clone();
         lost.extend(
             old.live(Role::Server)
                 .map(|n| n.id)
                 .filter(|&id| self.map.node(id).is_none_or(|n| n.state == NodeState::Dead)),
         );
+        lost.extend(reborn.iter().copied());
         lost.sort_unstable();
         lost.dedup();
         self.fill_new_replicas(&old, &lost);
-        self.fence(&old);
+        self.fence(&old, &reborn);
         // A marker behind everything queued so far on each queue: when all
         // are answered, every copy this map called for has arrived.
         let epoch = self.map.epoch;

@@ -393,6 +393,21 @@ pub enum Refusal {
     /// A chain change from a server the map says is dead.
     #[error("server {0} was declared dead")]
     SenderDead(NodeId),
+    /// A chain change from an earlier process of a server that came back
+    /// under its id: it was made under a map from before the new process
+    /// took the id.
+    #[error(
+        "server {node} came back under its id at epoch {joined}; this change, at epoch {epoch}, \
+         is from its earlier process"
+    )]
+    EarlierProcess {
+        /// The server.
+        node: NodeId,
+        /// The change's epoch.
+        epoch: u64,
+        /// The epoch the newer process joined at.
+        joined: u64,
+    },
     /// A push from a worker or client that left the cluster for good: this
     /// server forgot its clock records, so it could no longer tell the push
     /// from one already applied.
@@ -413,8 +428,10 @@ pub enum Refusal {
         /// This server's epoch.
         epoch: u64,
     },
-    /// A chain names a server this server's map does not know yet.
-    #[error("server {node} is not in this server's map (epoch {have} < {got})")]
+    /// A chain names a server this server's map does not know yet, or
+    /// holds as dead while the sender's map is newer (it may have come
+    /// back under its id).
+    #[error("server {node} is not a live server in this server's map yet (epoch {have} < {got})")]
     UnknownServer {
         /// The server.
         node: NodeId,
@@ -444,6 +461,7 @@ impl Refusal {
             Refusal::StaleEpoch
             | Refusal::NotPrimary { .. }
             | Refusal::SenderDead(_)
+            | Refusal::EarlierProcess { .. }
             | Refusal::NotHeld { .. } => ErrorCode::NotOwner,
             Refusal::EpochAhead { .. }
             | Refusal::LeaseLapsed { .. }

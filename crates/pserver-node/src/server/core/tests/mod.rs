@@ -65,6 +65,7 @@ pub(super) fn node(id: NodeId, role: Role, state: NodeState) -> NodeInfo {
         state,
         group: Group::Default,
         task: String::new(),
+        joined: 0,
     }
 }
 
