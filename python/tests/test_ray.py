@@ -9,6 +9,7 @@ Under CI a missing Ray is a failure, not a skip (python.rs installs it).
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 import threading
@@ -120,14 +121,20 @@ def owner_of(status: dict, key: int) -> int:
     raise AssertionError(f"no live server holds {key}: {status}")
 
 
-def kill_owner_and_wait_back(cluster: pray.Cluster, key: int, limit: float = 60.0):
-    """Kills (ray.kill, restart allowed) the actor of the server holding
-    ``key`` and waits until Ray restarted it and it is alive in the map
+def kill_owner_and_wait_back(cluster: pray.Cluster, key: int, child: bool = False,
+                             limit: float = 60.0):
+    """Kills the actor of the server holding ``key`` (ray.kill, restart
+    allowed), or with ``child`` its pserver process alone (SIGKILL), and
+    waits until Ray restarted the actor and the server is alive in the map
     again under its id. Returns (id, old child pid, new info)."""
     victim = owner_of(cluster.status(), key)
     actor = cluster.server_actor(victim)
     before = ray.get(actor.info.remote(), timeout=30)
-    ray.kill(actor, no_restart=False)
+    killed = time.monotonic()
+    if child:
+        os.kill(before["pid"], signal.SIGKILL)
+    else:
+        ray.kill(actor, no_restart=False)
     assert gone(before["pid"]), f"server {victim}'s pserver process outlived its actor"
     deadline = time.monotonic() + limit
     info = None
@@ -144,6 +151,7 @@ def kill_owner_and_wait_back(cluster: pray.Cluster, key: int, limit: float = 60.
     while time.monotonic() < deadline:
         node = next((n for n in cluster.status()["nodes"] if n["id"] == victim), None)
         if node and node["state"] == "alive" and node["addr"] == info["addr"] and node["ranges"]:
+            print(f"server {victim} back in the map {time.monotonic() - killed:.1f} s after the kill")
             return victim, before["pid"], info
         time.sleep(0.2)
     raise AssertionError(f"server {victim} is not back in the map: {cluster.status()}")
@@ -265,6 +273,7 @@ def test_killing_a_server_actor_mid_job_loses_no_acknowledged_push(ray_session):
         victim, _, _ = kill_owner_and_wait_back(cluster, int(keys[0]))
         time.sleep(1.0)  # pushes go on while it takes its ranges back
         got = counter.finish()
+        print(f"acknowledged {counter.acked} pushes of {keys.size} keys, {counter.failed} failed")
         assert counter.acked > 0
         assert (got == counter.acked).all(), (
             f"acknowledged {counter.acked} (failed {counter.failed}), the keys hold {got}"
@@ -299,6 +308,21 @@ def test_without_replicas_the_loss_is_detected(ray_session):
         # what the test above checks would fail here.
         assert counter.acked > 0
         assert (got < counter.acked).any(), f"acknowledged {counter.acked}, the keys hold {got}"
+    finally:
+        cluster.shutdown()
+    assert all(gone(p) for p in processes_of(token)), "pserver processes outlived the cluster"
+
+
+def test_a_server_process_that_dies_takes_its_actor_down_and_comes_back(ray_session):
+    cluster = pray.start(servers=2, replicas=1, binary=pserver_bin(), env=QUIET)
+    token = cluster.token
+    try:
+        keys = np.array([(i * (2**64 // 33)) for i in range(1, 33)], dtype=np.uint64)
+        counter = Counter(cluster, keys)
+        time.sleep(0.5)
+        kill_owner_and_wait_back(cluster, int(keys[0]), child=True)
+        got = counter.finish()
+        assert counter.acked > 0 and (got == counter.acked).all(), (counter.acked, got)
     finally:
         cluster.shutdown()
     assert all(gone(p) for p in processes_of(token)), "pserver processes outlived the cluster"
