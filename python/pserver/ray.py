@@ -448,7 +448,8 @@ class NodeActor:
     ``token`` the cluster's :data:`CLUSTER_ENV` value.
 
     The constructor returns once the child said it is ready (a ``train``
-    child: once it started); it raises :class:`StartError` otherwise.
+    child: once it started). If it could not start, every call raises
+    the :class:`RayError` saying why (the actor stays, without a child).
     """
 
     def __init__(
@@ -472,6 +473,7 @@ class NodeActor:
         # constructor's arguments would live in the object store, which a
         # restart needs to still hold.
         registry = ray.get_actor(registry) if registry else None
+        self._registry = registry
         self.ready: Optional[Ready] = None
         self.child: Optional[_Child] = None
         # Set once the child is ready: from then on its exit is a failure
@@ -563,18 +565,29 @@ class NodeActor:
 
     def _exited(self, child: _Child) -> None:
         """Called by the keeper thread when the child exits: a manager or
-        server that stopped by itself (other than a drained server's
-        status 0) takes the actor down, so Ray restarts it."""
+        server that stopped by itself takes the actor down, so Ray
+        restarts it, unless the server was drained (:meth:`Cluster.drain`
+        marks its slot first). A server exits 0 both when drained and when
+        the manager declared it dead, so its status cannot tell them apart."""
         if child.stopping or child is not self.child or not self._serving:
             return
-        if self.role in _LONG_LIVED and not (self.role == "server" and child.returncode == 0):
-            print(
-                f"[{child.name}] exited with status {child.returncode}: "
-                f"{error_of(list(child.stderr))}; the actor exits so Ray restarts it",
-                file=sys.stderr,
-                flush=True,
-            )
-            os._exit(1)
+        if self.role not in _LONG_LIVED:
+            return
+        if self.role == "server" and self._registry is not None and self.slot:
+            try:
+                record = ray.get(self._registry.get.remote(self.slot), timeout=30) or {}
+            except Exception:  # no registry: restart, as for any failure
+                record = {}
+            if record.get("drained"):
+                print(f"[{child.name}] drained; it stays down", file=sys.stderr, flush=True)
+                return
+        print(
+            f"[{child.name}] exited with status {child.returncode}: "
+            f"{error_of(list(child.stderr))}; the actor exits so Ray restarts it",
+            file=sys.stderr,
+            flush=True,
+        )
+        os._exit(1)
 
     def info(self) -> Dict[str, Any]:
         """The node: role, slot, id, address, the child's pid, the Ray
@@ -610,6 +623,10 @@ class NodeActor:
             "stderr": list(self.child.stderr),
             "report": report,
         }
+
+    def log(self) -> List[str]:
+        """The last lines the child wrote on stderr (its log)."""
+        return list(self.child.stderr) if self.child is not None else []
 
     def _check(self) -> None:
         """Raises the error the node failed to start with, if it did."""
@@ -705,6 +722,39 @@ class Cluster:
             if nid == node_id:
                 return self.server_actors[slot]
         raise KeyError(f"no server {node_id} in this cluster")
+
+    def logs(self) -> Dict[str, List[str]]:
+        """The last lines of each node's log, by slot (for a failure's
+        report; Ray also keeps every actor's output in its log files)."""
+        actors = dict(self.server_actors, manager=self.manager_actor)
+        refs = {slot: a.log.remote() for slot, a in actors.items()}
+        out: Dict[str, List[str]] = {}
+        for slot, ref in refs.items():
+            try:
+                out[slot] = ray.get(ref, timeout=10)
+            except Exception as e:  # a dead or restarting actor
+                out[slot] = [f"(no log: {e})"]
+        return out
+
+    def drain(self, node_id: int, timeout: float = 120.0) -> None:
+        """Drains server ``node_id`` (``pserver drain``: its ranges are
+        handed to the other servers while requests go on, then it exits)
+        and removes its actor; Ray does not restart a drained server."""
+        slot = next((s for s, n in self.server_ids().items() if n == node_id), None)
+        if slot is None:
+            raise KeyError(f"no server {node_id} in this cluster")
+        if len(self.server_actors) < 2:
+            raise RayError("cannot drain the cluster's last server")
+        _get(self.registry.put.remote(slot, {"drained": True}), 30, "the cluster's registry")
+        out = subprocess.run(
+            [self.binary, "drain", "--manager", self.manager, str(node_id),
+             "--timeout-s", str(int(timeout)), *self.flags],
+            capture_output=True, text=True, timeout=timeout + 30, stdin=subprocess.DEVNULL,
+        )
+        if out.returncode != 0:
+            _get(self.registry.put.remote(slot, {"drained": False}), 30, "the cluster's registry")
+            raise RayError(f"draining server {node_id}: {error_of(out.stderr.splitlines())}")
+        _stop_all([self.server_actors.pop(slot)])
 
     def status(self) -> Dict[str, Any]:
         """The cluster map as ``pserver status --json`` shows it (nodes with
