@@ -53,7 +53,6 @@ import json
 import os
 import queue
 import re
-import selectors
 import shutil
 import signal
 import subprocess
@@ -878,7 +877,8 @@ class Job:
             raise JobFailed(str(e)) from None
         if end is None:
             self.cancel()
-            raise JobFailed(f"job {self.name} did not finish within {limit:.0f} s")
+            total = self.timeout if timeout is None else limit
+            raise JobFailed(f"job {self.name} did not finish within {total:.0f} s")
         try:
             if end["returncode"] != 0:
                 raise JobFailed(f"job {self.name} failed: {error_of(end['stderr'])}")

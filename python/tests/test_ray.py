@@ -407,6 +407,14 @@ def test_a_failed_job_says_why_and_leaves_no_process(ray_session, tmp_path):
             cluster.submit(workers=1, no_such_flag=3, timeout=120)
         with pytest.raises(ValueError, match="set by the cluster"):
             cluster.submit(workers=1, manager="x")
+        # A job past its time: stopped, its worker and scheduler with it.
+        nodes = set(processes_of(token))
+        with pytest.raises(pray.JobFailed, match="did not finish within 4 s"):
+            cluster.submit(workers=1, epochs=1000, timeout=4)
+        deadline = time.monotonic() + 10
+        while set(processes_of(token)) != nodes and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert set(processes_of(token)) == nodes, "the job's processes outlived it"
     assert all(gone(p) for p in processes_of(token)), "pserver processes outlived the cluster"
     with pytest.raises(pray.RayError, match="shut down"):
         cluster.submit(workers=1)
