@@ -32,7 +32,7 @@ hands it back its ranges; a restarted manager listens on the address it
 had and recovers from its ``--state`` file, and the servers rejoin it.
 
 Placement: the servers are spread over Ray's nodes (``SPREAD``) and each
-asks for ``server_cpus`` CPUs and ``server_resources`` (give each node a
+asks for ``server_cpus`` CPUs (0 by default) and ``server_resources`` (give each node a
 custom resource such as ``{"pserver_server": 1}`` to hold one server per
 node); on one machine they all land on it. Addresses: every node listens
 on ``host`` (loopback by default: one machine); ``host="node"`` takes
@@ -914,9 +914,9 @@ def start(
     manager_args: Sequence[str] = (),
     server_args: Sequence[str] = (),
     lease_ms: Optional[int] = None,
-    server_cpus: float = 1,
+    server_cpus: float = 0,
     server_resources: Optional[Mapping[str, float]] = None,
-    worker_cpus: float = 1,
+    worker_cpus: float = 0,
     worker_resources: Optional[Mapping[str, float]] = None,
     max_restarts: int = -1,
     spread: bool = True,
@@ -931,7 +931,9 @@ def start(
     ``env``: variables for every process (``RUST_LOG``, ...);
     ``manager_args`` / ``server_args``: more flags of those roles;
     ``lease_ms``: the manager's ``--lease-ms``; ``server_cpus`` and
-    ``server_resources``: what each server asks Ray for (placement), and
+    ``server_resources``: what each server asks Ray for (placement; 0
+    CPUs by default, so that a cluster and its job fit any Ray instance,
+    since the processes, not the actors, do the work), and
     ``worker_cpus`` / ``worker_resources`` the same for a job's workers.
     Calls ``ray.init()`` if Ray is not initialized."""
     if isinstance(servers, bool) or not isinstance(servers, int) or servers < 1:

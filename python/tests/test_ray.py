@@ -38,9 +38,10 @@ README_AUC = 0.8118
 
 @pytest.fixture(scope="module")
 def ray_session():
-    """A local Ray instance for this module: 8 logical CPUs on the
-    machine's 2 cores (the actors mostly wait), no dashboard."""
-    ray.init(num_cpus=8, include_dashboard=False, log_to_driver=False)
+    """A local Ray instance for this module: the machine's 2 cores (the
+    actors ask for none by default, so every cluster and job fits), no
+    dashboard."""
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     yield
     ray.shutdown()
 
@@ -270,7 +271,9 @@ def test_killing_a_server_actor_mid_job_loses_no_acknowledged_push(ray_session):
         keys = np.array([(i * (2**64 // 65)) for i in range(1, 65)], dtype=np.uint64)
         counter = Counter(cluster, keys)
         time.sleep(1.0)
+        running = ray.get(job.scheduler.info.remote(), timeout=30)["returncode"] is None
         victim, _, _ = kill_owner_and_wait_back(cluster, int(keys[0]))
+        assert running, "the job ended before the kill"
         time.sleep(1.0)  # pushes go on while it takes its ranges back
         got = counter.finish()
         print(f"acknowledged {counter.acked} pushes of {keys.size} keys, {counter.failed} failed")
