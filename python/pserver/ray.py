@@ -487,10 +487,12 @@ class NodeActor:
         state = None
         self._own_dir: Optional[str] = None
         if role == "manager":
+            # The state directory outlives a restart (the record names it)
+            # and goes at stop(), whichever run of the actor made it.
             state_dir = (prior or {}).get("state_dir")
             if state_dir is None or not os.path.isdir(state_dir):
                 state_dir = tempfile.mkdtemp(prefix="pserver-ray-manager-")
-                self._own_dir = state_dir
+            self._own_dir = state_dir
             state = os.path.join(state_dir, "state.json")
         if role == "train":
             self._own_dir = tempfile.mkdtemp(prefix="pserver-ray-job-")
@@ -645,6 +647,8 @@ class NodeActor:
 
 
 def _actor_options(cpus: float, resources: Optional[Mapping[str, float]], restarts: int, spread: bool):
+    """Ray's options for a server's or worker's actor: what it asks for,
+    its restarts, and the spread over nodes."""
     opts: Dict[str, Any] = {"num_cpus": cpus, "max_restarts": restarts, "max_task_retries": 0}
     if resources:
         opts["resources"] = dict(resources)
