@@ -21,7 +21,8 @@ Beside the client: :mod:`pserver.torch` (``Embedding``, ``EmbeddingBag``
 and ``SparseOptimizer``: PyTorch modules whose rows live on the cluster;
 importing it imports torch, ``import pserver`` alone never does) and
 :mod:`pserver.data` (``read_fields``: the training data as ``pserver
-train`` reads it, by field, as numpy arrays).
+train`` reads it, by field, as numpy arrays) and :mod:`pserver.ray` (a
+cluster and its training jobs as Ray actors; it imports ray).
 
 Threads: each :class:`Client` owns a tokio runtime of its own (``threads``
 threads, 2 by default), started when it connects and stopped by

@@ -2,8 +2,8 @@
 //! test`, so the README's one test command covers them.
 //!
 //! It keeps a virtual environment in the target directory
-//! (`target/pyvenv`), made once with pinned maturin, numpy and pytest and
-//! reused while the pins stay the same, with torch (for `pserver.torch`,
+//! (`target/pyvenv`), made once with pinned maturin, numpy, pytest and
+//! ray and reused while the pins stay the same, with torch (for `pserver.torch`,
 //! its tests and the example's) on its path from a directory installed
 //! once per machine and shared by every checkout (`~/.cache/pserver/`,
 //! or `$PSERVER_TORCH_DIR`: see `torch_dir`); installs the package into it with
@@ -23,8 +23,15 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 /// What the venv holds, exactly. numpy 2.4.6 is the newest for CPython
-/// 3.11, the machine's Python.
-const PINS: &[&str] = &["maturin==1.16.0", "numpy==2.4.6", "pytest==9.2.0"];
+/// 3.11, the machine's Python; ray 2.60.0 (for `pserver.ray` and its
+/// tests, which start a local Ray instance) the newest, with cp311 wheels
+/// (about 400 MB installed with its dependencies, which it pins loosely).
+const PINS: &[&str] = &[
+    "maturin==1.16.0",
+    "numpy==2.4.6",
+    "pytest==9.2.0",
+    "ray==2.60.0",
+];
 
 /// torch, for `pserver.torch`, its tests and the example: 2.15.0, the
 /// newest, with cp311 wheels built against numpy 2. With the CUDA
