@@ -170,6 +170,42 @@ fn a_worker_with_a_larger_limit_is_told_the_clusters_at_once() {
     });
 }
 
+/// Waits (up to 10 s) until every thread of process `pid` is stopped.
+/// `kill -STOP` returns before that: the kernel wakes one thread to begin
+/// the stop, and until that thread runs (on a loaded machine, milliseconds
+/// later) the others go on serving, so a request sent at once could be
+/// answered.
+fn stopped(pid: &str) {
+    let t0 = Instant::now();
+    loop {
+        let states: Vec<String> = std::fs::read_dir(format!("/proc/{pid}/task"))
+            .map(|d| {
+                d.filter_map(Result::ok)
+                    .map(|t| {
+                        let stat =
+                            std::fs::read_to_string(t.path().join("stat")).unwrap_or_default();
+                        // The state follows the parenthesised name.
+                        stat.rsplit(") ")
+                            .next()
+                            .unwrap_or("")
+                            .chars()
+                            .take(1)
+                            .collect()
+                    })
+                    .collect()
+            })
+            .unwrap_or_default();
+        if !states.is_empty() && states.iter().all(|s| s == "T" || s == "t") {
+            return;
+        }
+        assert!(
+            t0.elapsed() < Duration::from_secs(10),
+            "process {pid} did not stop: thread states {states:?}"
+        );
+        std::thread::sleep(Duration::from_millis(1));
+    }
+}
+
 #[test]
 fn a_request_to_a_frozen_cluster_ends_by_its_timeout() {
     let (mut procs, manager) = cluster();
@@ -192,6 +228,7 @@ fn a_request_to_a_frozen_cluster_ends_by_its_timeout() {
         // Manager and server stop answering, with their sockets open: no
         // reply comes and no map says the server is gone.
         signal("-STOP");
+        stopped(&pid);
         let t0 = Instant::now();
         let ended = tokio::time::timeout(
             Duration::from_secs(20),
