@@ -457,7 +457,7 @@ async fn duplicates_are_applied_once_and_stale_epochs_redirect() {
             Frame {
                 header: h,
                 keys: vec![part.range.begin],
-                vals: vec![1.0],
+                vals: vec![1.0].into(),
                 ctrl: Default::default(),
                 packed: None,
             }
@@ -964,9 +964,9 @@ async fn key_references_to_lists_the_server_lacks_miss_and_change_nothing() {
             Frame {
                 header: h,
                 vals: if kind == Kind::Push {
-                    vec![1.0; 4]
+                    vec![1.0; 4].into()
                 } else {
-                    Vec::new()
+                    Vec::new().into()
                 },
                 keys,
                 ctrl: Default::default(),
@@ -1021,7 +1021,7 @@ async fn key_references_to_lists_the_server_lacks_miss_and_change_nothing() {
 
         // The owner's reference resolves, for a push and for a pull.
         let mut push = frame(Kind::Push, 900, 2, FLAG_KEYREF, vec![hash, 4]);
-        push.vals = vec![1.0, 2.0, 3.0, 4.0];
+        push.vals = vec![1.0, 2.0, 3.0, 4.0].into();
         let r = raw(&server.addr, push).await;
         assert_eq!(
             r.control_msg().unwrap(),
@@ -1201,7 +1201,7 @@ async fn a_corrupt_packed_section_is_refused_and_changes_nothing() {
         h.range = KeyRange::ALL;
         let mut f = Frame::new(h);
         f.keys = (0..100).map(|i| i * 1000).collect();
-        f.vals = vec![0.0; 100];
+        f.vals = vec![0.0; 100].into();
         f.vals[0] = 1.0;
         assert!(f.pack(Packing::Lossless) > 0);
         if let Some(p) = &mut f.packed {
@@ -1825,7 +1825,7 @@ async fn hostile_frames_get_errors_and_change_no_table() {
             Frame {
                 header: h,
                 keys,
-                vals,
+                vals: vals.into(),
                 ctrl: Default::default(),
                 packed: None,
             }

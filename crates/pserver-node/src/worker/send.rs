@@ -43,7 +43,9 @@ async fn pause<E>(item: Item) -> (Item, Option<Result<SliceResult, E>>) {
 enum SliceResult {
     Done {
         keys: Vec<u64>,
-        vals: Vec<f32>,
+        /// As the reply carried them: read in place from its read buffer
+        /// when large, so the one copy is into the request's answer.
+        vals: pserver_wire::Vals,
         applied: u64,
         duplicate: u64,
     },
@@ -171,7 +173,7 @@ impl Inner {
     /// `last` keeps the last passing refusal, which a timeout reports.
     async fn run(
         self: Arc<Self>,
-        req: Request,
+        mut req: Request,
         order: Option<(Option<oneshot::Receiver<()>>, oneshot::Sender<()>)>,
         deadline: Instant,
         last: &Mutex<Option<String>>,
@@ -255,6 +257,9 @@ impl Inner {
             Keys::List(k) => k,
             Keys::Range(_) => &[],
         };
+        // The pushed values as shared bytes (no copy): each frame carries
+        // a slice of them, written to the socket from where they are.
+        let vals = pserver_wire::Vals::from(std::mem::take(&mut req.vals)).into_shared();
         let kind = match req.op {
             Op::Push => Kind::Push,
             Op::Pull => Kind::Pull,
@@ -359,8 +364,7 @@ impl Inner {
                             } else {
                                 keys[sub.first..sub.first + sub.count].to_vec()
                             },
-                            vals: req.vals[sub.first * width..(sub.first + sub.count) * width]
-                                .to_vec(),
+                            vals: vals.slice(sub.first * width..(sub.first + sub.count) * width),
                             ctrl: ctrl.clone(),
                             packed: None,
                         };
@@ -425,13 +429,14 @@ impl Inner {
                             });
                         }
                         if out.vals.is_empty() && vals.len() == whole {
-                            out.vals = vals;
+                            out.vals = vals.into_vec();
                         } else {
                             if out.vals.len() != whole {
                                 out.vals = vec![0.0; whole];
                             }
-                            out.vals[item.first * dim..(item.first + item.count) * dim]
-                                .copy_from_slice(&vals);
+                            vals.copy_to(
+                                &mut out.vals[item.first * dim..(item.first + item.count) * dim],
+                            );
                         }
                     }
                     continue;
@@ -527,7 +532,7 @@ impl Inner {
                                 what: "scan reply does not match its range".into(),
                             });
                         }
-                        parts.push((r.begin, keys, vals));
+                        parts.push((r.begin, keys, vals.into_vec()));
                     }
                     SliceResult::Redirect(m) => {
                         self.install(m);
@@ -753,7 +758,7 @@ impl Inner {
                             .fetch_add(full.saturating_sub(sent), Ordering::Relaxed);
                         Ok(SliceResult::Done {
                             keys: Vec::new(),
-                            vals,
+                            vals: vals.into(),
                             applied: 0,
                             duplicate: 0,
                         })

@@ -266,7 +266,7 @@ impl ServerCore {
             self.defer(conn, Some(reply), stale, &after);
             return None;
         }
-        frame.vals = Vec::new();
+        frame.vals = pserver_wire::Vals::new();
         frame.ctrl = pull_ctrl(pushed);
         let reply = match pulled {
             Some(r) => Some(r),
@@ -436,10 +436,11 @@ impl ServerCore {
         let dim = store.spec().dim as usize;
         let mut reply = Frame::new(reply_header(h, Kind::Reply, self.id, self.map.epoch));
         reply.keys.reserve(entries.len());
-        reply.vals.reserve(entries.len() * dim);
+        let out = reply.vals.vec_mut();
+        out.reserve(entries.len() * dim);
         for (k, slot) in entries {
             reply.keys.push(k);
-            reply.vals.extend_from_slice(&slot[..dim]);
+            out.extend_from_slice(&slot[..dim]);
         }
         reply.header.flags = h.flags & FLAG_PACK_REPLY;
         Ok(reply)
@@ -512,7 +513,7 @@ impl ServerCore {
         ) else {
             return reply;
         };
-        reply.vals = filtered.vals;
+        reply.vals = filtered.vals.into();
         reply.ctrl = Control::Significant(filtered.stamp).to_bytes().into();
         reply.header.flags |= FLAG_SIGNIFICANT;
         reply
@@ -643,7 +644,7 @@ pub(crate) fn reply_with(
     // `FLAG_PACK_REPLY` is taken off by the runtime, which packs.
     reply.header.flags = h.flags & (FLAG_CACHE_KEYS | FLAG_PACK_REPLY);
     reply.ctrl = ctrl;
-    reply.vals = vals;
+    reply.vals = vals.into();
     reply
 }
 
