@@ -178,6 +178,58 @@ async fn push_pull_add_assign_dim_and_ranges() {
     .unwrap();
 }
 
+/// A dense range of several frames (4 MiB each) over every server, pulled
+/// into a caller's spare vector (`Worker::send_into`): whatever the spare
+/// held is written over, its memory is the answer's, and one too short is
+/// not used.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dense_answer_goes_into_the_spare_vector() {
+    timeout(LIMIT, async {
+        let c = cluster(3, 2000).await;
+        let w = client(&c).await;
+        let dim = 4096;
+        w.create_table("wide", TableOptions::new(dim, UpdaterSpec::Assign))
+            .await
+            .unwrap();
+        let r = KeyRange::new(0, 600).unwrap();
+        let n = 600 * dim as usize;
+        let vals: Vec<f32> = (0..n).map(|i| i as f32).collect();
+        w.set_clock(1);
+        w.push_range("wide", r, vals.clone()).await.unwrap();
+        let pull = Request {
+            table: "wide".into(),
+            op: Op::Pull,
+            keys: Keys::Range(r),
+            vals: Vec::new(),
+            clock: None,
+            consistency: None,
+        };
+        let spare = vec![f32::NAN; n];
+        let at = spare.as_ptr();
+        let got = w.send_into(pull.clone(), spare).await.unwrap();
+        assert!(got.vals == vals, "every value written over");
+        assert_eq!(got.vals.as_ptr(), at, "the spare's memory is the answer");
+        // Too short: a vector of its own.
+        let got = w.send_into(pull, vec![f32::NAN; 10]).await.unwrap();
+        assert!(got.vals == vals);
+        // A push-pull answers into it too.
+        w.set_clock(2);
+        let twice: Vec<f32> = vals.iter().map(|v| v * 2.0).collect();
+        let push_pull = Request {
+            table: "wide".into(),
+            op: Op::PushPull,
+            keys: Keys::Range(r),
+            vals: twice.clone(),
+            clock: None,
+            consistency: None,
+        };
+        let got = w.send_into(push_pull, got.vals).await.unwrap();
+        assert!(got.vals == twice);
+    })
+    .await
+    .unwrap();
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn client_side_errors_are_clear() {
     timeout(LIMIT, async {

@@ -24,6 +24,9 @@ pub struct Vals(Repr);
 enum Repr {
     /// Values this node made or owns.
     Owned(Vec<f32>),
+    /// A vector from [`buffer`]: as `Owned`, except that once written to
+    /// the wire ([`Vals::into_le_bytes`]) it goes back to the pool.
+    Pooled(Vec<f32>),
     /// Little-endian `f32`s, 4-byte aligned, a multiple of 4 bytes long
     /// (checked when made, so every read in place succeeds), on a
     /// little-endian target only.
@@ -31,12 +34,67 @@ enum Repr {
 }
 
 /// A vector of values as the owner of shared bytes: `Bytes::from_owner`
-/// then reads its bytes in place, with no copy.
-struct F32Owner(Vec<f32>);
+/// then reads its bytes in place, with no copy. A pooled one goes back to
+/// the pool when the bytes are let go (written out).
+struct F32Owner {
+    vals: Vec<f32>,
+    pooled: bool,
+}
 
 impl AsRef<[u8]> for F32Owner {
     fn as_ref(&self) -> &[u8] {
-        self.0.as_bytes()
+        self.vals.as_bytes()
+    }
+}
+
+impl Drop for F32Owner {
+    fn drop(&mut self) {
+        if self.pooled {
+            give_back(std::mem::take(&mut self.vals));
+        }
+    }
+}
+
+/// Vectors of at least this many values are worth keeping for reuse.
+const POOL_FROM: usize = 1 << 18;
+
+/// Most values the pool holds in all (128 MiB: two dense pulls of 64 MB
+/// in flight).
+const POOL_VALUES: usize = 32 << 20;
+
+/// Large vectors a server filled for replies (a dense pull's 4 MiB frames),
+/// kept once they are written, for the next replies: a fresh allocation of
+/// that size is memory the kernel maps in and zeroes page by page at every
+/// frame (`perf`: a large share of a dense pull's time on the server).
+static POOL: std::sync::Mutex<Vec<Vec<f32>>> = std::sync::Mutex::new(Vec::new());
+
+/// An empty vector with room for at least `n` values: one from the pool
+/// when it holds one that fits (at most twice as large), else a new one.
+/// Give it to a frame as [`Vals::pooled`] and it comes back once written.
+pub fn buffer(n: usize) -> Vec<f32> {
+    if n >= POOL_FROM {
+        let mut pool = POOL.lock().unwrap_or_else(|e| e.into_inner());
+        let fits = pool
+            .iter()
+            .position(|v| v.capacity() >= n && v.capacity() / 2 <= n);
+        if let Some(i) = fits {
+            let mut v = pool.swap_remove(i);
+            v.clear();
+            return v;
+        }
+    }
+    Vec::with_capacity(n)
+}
+
+/// Keeps `v` for [`buffer`] if it is large and the pool has room.
+fn give_back(v: Vec<f32>) {
+    if v.capacity() < POOL_FROM {
+        return;
+    }
+    let mut pool = POOL.lock().unwrap_or_else(|e| e.into_inner());
+    let held: usize = pool.iter().map(Vec::capacity).sum();
+    if held + v.capacity() <= POOL_VALUES {
+        pool.push(v);
     }
 }
 
@@ -65,11 +123,20 @@ impl Vals {
     /// targets.
     pub fn into_shared(self) -> Vals {
         match self.0 {
-            Repr::Owned(v) if cfg!(target_endian = "little") && !v.is_empty() => {
-                Vals(Repr::Shared(Bytes::from_owner(F32Owner(v))))
+            Repr::Owned(v) | Repr::Pooled(v) if cfg!(target_endian = "little") && !v.is_empty() => {
+                Vals(Repr::Shared(Bytes::from_owner(F32Owner {
+                    vals: v,
+                    pooled: false,
+                })))
             }
             other => Vals(other),
         }
+    }
+
+    /// Values in a vector from [`buffer`], which goes back to the pool once
+    /// the frame carrying them is written.
+    pub fn pooled(v: Vec<f32>) -> Vals {
+        Vals(Repr::Pooled(v))
     }
 
     /// Values `range` (indices of values), sharing the bytes when these are
@@ -80,7 +147,7 @@ impl Vals {
     /// When `range` is out of bounds, as slicing a `[f32]` would.
     pub fn slice(&self, range: Range<usize>) -> Vals {
         match &self.0 {
-            Repr::Owned(v) => Vals(Repr::Owned(v[range].to_vec())),
+            Repr::Owned(v) | Repr::Pooled(v) => Vals(Repr::Owned(v[range].to_vec())),
             Repr::Shared(b) => {
                 assert!(range.start <= range.end && range.end * 4 <= b.len());
                 Vals(Repr::Shared(b.slice(range.start * 4..range.end * 4)))
@@ -93,8 +160,15 @@ impl Vals {
     pub fn into_le_bytes(self) -> Bytes {
         match self.0 {
             Repr::Shared(b) => b,
-            Repr::Owned(v) if cfg!(target_endian = "little") => Bytes::from_owner(F32Owner(v)),
-            Repr::Owned(v) => {
+            Repr::Owned(v) if cfg!(target_endian = "little") => Bytes::from_owner(F32Owner {
+                vals: v,
+                pooled: false,
+            }),
+            Repr::Pooled(v) if cfg!(target_endian = "little") => Bytes::from_owner(F32Owner {
+                vals: v,
+                pooled: true,
+            }),
+            Repr::Owned(v) | Repr::Pooled(v) => {
                 let mut out = Vec::with_capacity(v.len() * 4);
                 for x in v {
                     out.extend_from_slice(&x.to_le_bytes());
@@ -107,7 +181,7 @@ impl Vals {
     /// The values as a vector: the one they are, or a copy of shared bytes.
     pub fn into_vec(self) -> Vec<f32> {
         match self.0 {
-            Repr::Owned(v) => v,
+            Repr::Owned(v) | Repr::Pooled(v) => v,
             Repr::Shared(_) => self.to_vec(),
         }
     }
@@ -134,7 +208,7 @@ impl Vals {
             self.0 = Repr::Owned(self.to_vec());
         }
         match &mut self.0 {
-            Repr::Owned(v) => v,
+            Repr::Owned(v) | Repr::Pooled(v) => v,
             Repr::Shared(_) => unreachable!("made a vector just above"),
         }
     }
@@ -156,7 +230,7 @@ impl Deref for Vals {
 
     fn deref(&self) -> &[f32] {
         match &self.0 {
-            Repr::Owned(v) => v,
+            Repr::Owned(v) | Repr::Pooled(v) => v,
             // Aligned and whole: checked when the bytes were taken, so this
             // cannot fail; an empty slice would be the safe answer if it did.
             Repr::Shared(b) => <[f32]>::ref_from_bytes(b).unwrap_or(&[]),
@@ -294,6 +368,30 @@ mod tests {
         let mut out = [0.0; 2];
         v.copy_to(&mut out);
         assert_eq!(out, [1.0, 5.0]);
+    }
+
+    #[test]
+    fn a_pooled_vector_comes_back_once_written() {
+        let n = POOL_FROM + 3;
+        let mut v = buffer(n);
+        v.resize(n, 2.0);
+        let ptr = v.as_ptr();
+        let bytes = Vals::pooled(v).into_le_bytes();
+        assert_eq!(bytes.len(), n * 4);
+        drop(bytes);
+        // Other tests may take from the pool meanwhile: look for ours.
+        let mut taken = Vec::new();
+        let mut found = false;
+        for _ in 0..64 {
+            let b = buffer(n);
+            if b.as_ptr() == ptr {
+                assert!(b.is_empty() && b.capacity() >= n);
+                found = true;
+                break;
+            }
+            taken.push(b);
+        }
+        assert!(found, "the written vector went back to the pool");
     }
 
     #[test]

@@ -147,16 +147,24 @@ impl Inner {
     /// once the worker's timeout has passed since it started, whatever it
     /// was waiting for (the push before it, room among the clocks in
     /// flight, the manager, a connection, a reply, a pause between retries).
+    ///
+    /// `spare` is a vector the answer of a pull or push-pull may be written
+    /// into (its memory reused; see [`Worker::send_into`]), or an empty one.
     pub(super) async fn execute(
         self: Arc<Self>,
         req: Request,
         order: Option<(Option<oneshot::Receiver<()>>, oneshot::Sender<()>)>,
+        spare: Vec<f32>,
     ) -> Result<Outcome, NodeError> {
         let deadline = Instant::now() + self.timeout;
         let what = format!("{:?} on table {:?}", req.op, req.table);
         let secs = self.timeout.as_secs();
         let last = Mutex::new(None);
-        match tokio::time::timeout_at(deadline, self.clone().run(req, order, deadline, &last)).await
+        match tokio::time::timeout_at(
+            deadline,
+            self.clone().run(req, order, deadline, &last, spare),
+        )
+        .await
         {
             Ok(done) => done,
             // Dropping the request's future drops its slices' waits; a
@@ -177,6 +185,7 @@ impl Inner {
         order: Option<(Option<oneshot::Receiver<()>>, oneshot::Sender<()>)>,
         deadline: Instant,
         last: &Mutex<Option<String>>,
+        spare: Vec<f32>,
     ) -> Result<Outcome, NodeError> {
         // Wait for the push before this one to have queued its frames; hold
         // the signal for the next until this one has queued its own (a
@@ -274,6 +283,11 @@ impl Inner {
         // buffer of the request's size to zero, fault in and copy into).
         let mut out = Outcome::default();
         let whole = n * dim;
+        // A caller's spare vector of the answer's length is written over in
+        // place: every value of it is one some reply carries (the pieces
+        // cover the request), so it need not be zeroed first, and its pages
+        // are already the process's (no faults, no zeroing by the kernel).
+        let mut spare = (req.op != Op::Push && whole > 0).then_some(spare);
         // Every slice goes and retries on its own: a slice held by a server
         // (an aggregating table acknowledges a push once every worker's push
         // of the clock is in) must not hold back the resend of another slice
@@ -428,11 +442,19 @@ impl Inner {
                                 ),
                             });
                         }
-                        if out.vals.is_empty() && vals.len() == whole {
+                        let fits = spare.as_ref().is_some_and(|v| v.capacity() >= whole);
+                        if out.vals.is_empty() && vals.len() == whole && !fits {
                             out.vals = vals.into_vec();
                         } else {
                             if out.vals.len() != whole {
-                                out.vals = vec![0.0; whole];
+                                out.vals = match spare.take() {
+                                    Some(mut v) if v.capacity() >= whole => {
+                                        // Zeroed only where it is shorter.
+                                        v.resize(whole, 0.0);
+                                        v
+                                    }
+                                    _ => pserver_core::rows::zeroed(whole),
+                                };
                             }
                             vals.copy_to(
                                 &mut out.vals[item.first * dim..(item.first + item.count) * dim],

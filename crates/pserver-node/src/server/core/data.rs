@@ -207,7 +207,8 @@ impl ServerCore {
         // answered at once (else it waits, and reads again when it goes).
         let (pushed, pulled) = match op {
             Op::PushPull => {
-                let mut vals = Vec::new();
+                let width = plan.frame.vals.len();
+                let mut vals = pserver_wire::vals::buffer(width);
                 let pushed = self.push_into(&plan.frame, Some(&mut vals))?;
                 let ready = self.ready(&plan.frame.header, consistency);
                 let reply = ready.then(|| {
@@ -619,12 +620,17 @@ pub(crate) fn pull_reply(
 ) -> Frame {
     let h = &frame.header;
     let dim = t.spec().dim as usize;
-    let mut vals = Vec::new();
+    // A vector from the pool of written replies when it is large: filled
+    // here, written from where it is, and back in the pool after.
+    let n = if h.dense() {
+        h.range.len() as usize
+    } else {
+        frame.keys.len()
+    };
+    let mut vals = pserver_wire::vals::buffer(n.saturating_mul(dim));
     if h.dense() {
-        vals.reserve(h.range.len() as usize * dim);
         t.pull_dense(h.range, &mut vals);
     } else {
-        vals.reserve(frame.keys.len() * dim);
         t.pull(&frame.keys, &mut vals);
     }
     reply_with(h, frame.ctrl.clone(), vals, me, epoch)
@@ -644,7 +650,8 @@ pub(crate) fn reply_with(
     // `FLAG_PACK_REPLY` is taken off by the runtime, which packs.
     reply.header.flags = h.flags & (FLAG_CACHE_KEYS | FLAG_PACK_REPLY);
     reply.ctrl = ctrl;
-    reply.vals = vals.into();
+    // Back to the pool of reply vectors once written, when it is large.
+    reply.vals = pserver_wire::Vals::pooled(vals);
     reply
 }
 
