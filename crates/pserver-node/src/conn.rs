@@ -153,7 +153,7 @@ where
         inner: FramedRead::new(rd, FrameCodec::new(limits)),
         resume: false,
     };
-    let mut writer = FramedWrite::new(wr, FrameCodec::new(limits));
+    let mut writer = Writer::new(wr, limits);
     let (tx, mut rx) = mpsc::channel::<Queued>(OUTBOX_DEPTH);
     let budget = Arc::new(tokio::sync::Semaphore::new(OUTBOX_BYTES));
     let writer_gone = CancellationToken::new();
@@ -170,19 +170,16 @@ where
                 next = rx.recv() => next,
             };
             let Some((frame, permit)) = next else { break };
-            // Feed everything already queued, then flush once: one syscall
-            // for a burst of small replies.
+            // Encode everything already queued, then write it at once: one
+            // syscall for a burst of small replies.
             written.push(permit);
-            if !feed(&mut writer, frame).await {
-                return;
-            }
+            writer.queue(frame);
             while let Ok((more, permit)) = rx.try_recv() {
                 written.push(permit);
-                if !feed(&mut writer, more).await {
-                    return;
-                }
+                writer.queue(more);
             }
-            if SinkExt::<Frame>::flush(&mut writer).await.is_err() {
+            if let Err(e) = writer.write_out().await {
+                tracing::debug!(error = %e, "connection failed while writing");
                 return;
             }
             // Written: their bytes are free for the next frames.
@@ -191,7 +188,7 @@ where
         // Every sender is gone, or the owner closed it: close our side
         // properly (a FIN on TCP; on TLS a close_notify, without which the
         // peer sees a truncation).
-        let _ = tokio::io::AsyncWriteExt::shutdown(writer.get_mut()).await;
+        let _ = tokio::io::AsyncWriteExt::shutdown(&mut writer.inner).await;
     });
     (
         reader,
@@ -205,24 +202,84 @@ where
     )
 }
 
-/// Feeds one frame to the writer; false once the stream has failed. A frame
-/// the codec refuses (the outbox checks first, so only a bug gets here) is
-/// dropped with a log line: the codec writes nothing for it, so the stream
-/// is still in step and the frames behind it still go.
-async fn feed<W: AsyncWrite + Unpin>(
-    writer: &mut FramedWrite<W, FrameCodec>,
-    frame: Frame,
-) -> bool {
-    match writer.feed(frame).await {
-        Ok(()) => true,
-        Err(CodecError::Io(e)) => {
-            tracing::debug!(error = %e, "connection failed while writing");
-            false
+/// Values sections of at least this many bytes are written from where
+/// they are (a vectored write), not copied into the write buffer: a pull's
+/// reply from the vector the store filled, a push from the caller's array.
+const WRITE_APART: usize = 64 << 10;
+
+/// Most buffers handed to one vectored write.
+const MAX_IOVECS: usize = 64;
+
+/// The writing half of a connection: frames encoded into one buffer, with
+/// large values sections kept apart as the bytes they are, and written in
+/// order with vectored writes.
+struct Writer<W> {
+    inner: W,
+    limits: Limits,
+    /// Headers, keys, small sections, as encoded.
+    buf: bytes::BytesMut,
+    /// What goes out, in order: pieces of `buf` and large values sections.
+    chunks: std::collections::VecDeque<bytes::Bytes>,
+}
+
+impl<W: AsyncWrite + Unpin> Writer<W> {
+    fn new(inner: W, limits: Limits) -> Writer<W> {
+        Writer {
+            inner,
+            limits,
+            buf: bytes::BytesMut::new(),
+            chunks: std::collections::VecDeque::new(),
         }
-        Err(e) => {
+    }
+
+    /// Encodes one frame behind those queued. A frame the peer would refuse
+    /// (the outbox checks first, so only a bug gets here) is dropped with a
+    /// log line: nothing of it is written, so the stream stays in step and
+    /// the frames behind it still go.
+    fn queue(&mut self, mut frame: Frame) {
+        if let Err(e) = frame.check(&self.limits) {
             tracing::error!(error = %e, "a frame was dropped: it breaks the wire's limits");
-            true
+            return;
         }
+        if let Some((vals, ctrl)) = frame.encode_split(&mut self.buf, WRITE_APART) {
+            self.chunks.push_back(self.buf.split().freeze());
+            self.chunks.push_back(vals);
+            self.buf.extend_from_slice(&ctrl);
+        }
+    }
+
+    /// Writes everything queued, then flushes.
+    async fn write_out(&mut self) -> std::io::Result<()> {
+        use tokio::io::AsyncWriteExt;
+        if !self.buf.is_empty() {
+            self.chunks.push_back(self.buf.split().freeze());
+        }
+        while !self.chunks.is_empty() {
+            let slices: Vec<std::io::IoSlice<'_>> = self
+                .chunks
+                .iter()
+                .take(MAX_IOVECS)
+                .map(|c| std::io::IoSlice::new(c))
+                .collect();
+            let mut n = self.inner.write_vectored(&slices).await?;
+            drop(slices);
+            if n == 0 {
+                return Err(std::io::ErrorKind::WriteZero.into());
+            }
+            while n > 0 {
+                let Some(front) = self.chunks.front_mut() else {
+                    break;
+                };
+                if n >= front.len() {
+                    n -= front.len();
+                    self.chunks.pop_front();
+                } else {
+                    bytes::Buf::advance(front, n);
+                    n = 0;
+                }
+            }
+        }
+        self.inner.flush().await
     }
 }
 
@@ -580,6 +637,18 @@ impl AsyncWrite for Watched {
         buf: &[u8],
     ) -> std::task::Poll<std::io::Result<usize>> {
         std::pin::Pin::new(&mut self.inner).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        std::pin::Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
     }
 
     fn poll_flush(

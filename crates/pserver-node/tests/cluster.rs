@@ -178,6 +178,58 @@ async fn push_pull_add_assign_dim_and_ranges() {
     .unwrap();
 }
 
+/// A dense range of several frames (4 MiB each) over every server, pulled
+/// into a caller's spare vector (`Worker::send_into`): whatever the spare
+/// held is written over, its memory is the answer's, and one too short is
+/// not used.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dense_answer_goes_into_the_spare_vector() {
+    timeout(LIMIT, async {
+        let c = cluster(3, 2000).await;
+        let w = client(&c).await;
+        let dim = 4096;
+        w.create_table("wide", TableOptions::new(dim, UpdaterSpec::Assign))
+            .await
+            .unwrap();
+        let r = KeyRange::new(0, 600).unwrap();
+        let n = 600 * dim as usize;
+        let vals: Vec<f32> = (0..n).map(|i| i as f32).collect();
+        w.set_clock(1);
+        w.push_range("wide", r, vals.clone()).await.unwrap();
+        let pull = Request {
+            table: "wide".into(),
+            op: Op::Pull,
+            keys: Keys::Range(r),
+            vals: Vec::new(),
+            clock: None,
+            consistency: None,
+        };
+        let spare = vec![f32::NAN; n];
+        let at = spare.as_ptr();
+        let got = w.send_into(pull.clone(), spare).await.unwrap();
+        assert!(got.vals == vals, "every value written over");
+        assert_eq!(got.vals.as_ptr(), at, "the spare's memory is the answer");
+        // Too short: a vector of its own.
+        let got = w.send_into(pull, vec![f32::NAN; 10]).await.unwrap();
+        assert!(got.vals == vals);
+        // A push-pull answers into it too.
+        w.set_clock(2);
+        let twice: Vec<f32> = vals.iter().map(|v| v * 2.0).collect();
+        let push_pull = Request {
+            table: "wide".into(),
+            op: Op::PushPull,
+            keys: Keys::Range(r),
+            vals: twice.clone(),
+            clock: None,
+            consistency: None,
+        };
+        let got = w.send_into(push_pull, got.vals).await.unwrap();
+        assert!(got.vals == twice);
+    })
+    .await
+    .unwrap();
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn client_side_errors_are_clear() {
     timeout(LIMIT, async {
@@ -457,7 +509,7 @@ async fn duplicates_are_applied_once_and_stale_epochs_redirect() {
             Frame {
                 header: h,
                 keys: vec![part.range.begin],
-                vals: vec![1.0],
+                vals: vec![1.0].into(),
                 ctrl: Default::default(),
                 packed: None,
             }
@@ -965,9 +1017,9 @@ async fn key_references_to_lists_the_server_lacks_miss_and_change_nothing() {
             Frame {
                 header: h,
                 vals: if kind == Kind::Push {
-                    vec![1.0; 4]
+                    vec![1.0; 4].into()
                 } else {
-                    Vec::new()
+                    Vec::new().into()
                 },
                 keys,
                 ctrl: Default::default(),
@@ -1022,7 +1074,7 @@ async fn key_references_to_lists_the_server_lacks_miss_and_change_nothing() {
 
         // The owner's reference resolves, for a push and for a pull.
         let mut push = frame(Kind::Push, 900, 2, FLAG_KEYREF, vec![hash, 4]);
-        push.vals = vec![1.0, 2.0, 3.0, 4.0];
+        push.vals = vec![1.0, 2.0, 3.0, 4.0].into();
         let r = raw(&server.addr, push).await;
         assert_eq!(
             r.control_msg().unwrap(),
@@ -1202,7 +1254,7 @@ async fn a_corrupt_packed_section_is_refused_and_changes_nothing() {
         h.range = KeyRange::ALL;
         let mut f = Frame::new(h);
         f.keys = (0..100).map(|i| i * 1000).collect();
-        f.vals = vec![0.0; 100];
+        f.vals = vec![0.0; 100].into();
         f.vals[0] = 1.0;
         assert!(f.pack(Packing::Lossless) > 0);
         if let Some(p) = &mut f.packed {
@@ -1826,7 +1878,7 @@ async fn hostile_frames_get_errors_and_change_no_table() {
             Frame {
                 header: h,
                 keys,
-                vals,
+                vals: vals.into(),
                 ctrl: Default::default(),
                 packed: None,
             }

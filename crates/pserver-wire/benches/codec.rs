@@ -96,7 +96,7 @@ fn push_frame(n: usize) -> Frame {
     let mut rng = Rng(n as u64);
     Frame {
         keys: rng.sorted_keys(n),
-        vals: rng.sparse_values(n),
+        vals: rng.sparse_values(n).into(),
         ..Frame::new(header(Kind::Push))
     }
 }
@@ -104,7 +104,7 @@ fn push_frame(n: usize) -> Frame {
 /// The reply to a pull of `n` keys: their values, no keys.
 fn pull_reply(n: usize) -> Frame {
     Frame {
-        vals: Rng(!(n as u64)).sparse_values(n),
+        vals: (Rng(!(n as u64)).sparse_values(n)).into(),
         ..Frame::new(header(Kind::Reply))
     }
 }

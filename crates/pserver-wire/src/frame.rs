@@ -11,7 +11,14 @@ use crate::header::{
 };
 use crate::message::Control;
 use crate::pack::{Packed, Packing};
+use crate::vals::{Vals, le_f32s};
 use bytes::{BufMut, Bytes, BytesMut};
+
+/// Values sections of at least this many bytes are decoded in place (a
+/// slice of the buffer the frame was read into, [`Frame::decode_bytes`]);
+/// smaller ones are copied out, so that a small frame kept for a while (a
+/// parked pull, a summed push) never holds a large read buffer alive.
+pub const SHARED_VALS_FROM: usize = 4096;
 
 /// Bounds a node enforces on what peers send it: the decoder's before
 /// allocating, and the listener's on how many connections it serves.
@@ -139,8 +146,9 @@ pub struct Frame {
     pub header: Header,
     /// Keys (sorted in requests; checked by the receiver, not the codec).
     pub keys: Vec<u64>,
-    /// Values (empty while they are packed).
-    pub vals: Vec<f32>,
+    /// Values (empty while they are packed): a vector, or the wire's bytes
+    /// read in place ([`Vals`]).
+    pub vals: Vals,
     /// Control section, still encoded (empty when absent).
     pub ctrl: Bytes,
     /// The values, packed ([`crate::pack`]); when set, `vals` is empty.
@@ -155,7 +163,7 @@ impl Frame {
         Frame {
             header,
             keys: Vec::new(),
-            vals: Vec::new(),
+            vals: Vals::new(),
             ctrl: Bytes::new(),
             packed: None,
         }
@@ -172,7 +180,7 @@ impl Frame {
         match crate::pack::pack(&self.vals, packing, seed) {
             Some(p) => {
                 let saved = (self.vals.len() * 4).saturating_sub(p.bytes.len());
-                self.vals = Vec::new();
+                self.vals = Vals::new();
                 self.packed = Some(p);
                 saved as u64
             }
@@ -188,7 +196,7 @@ impl Frame {
         };
         match crate::pack::unpack(&p) {
             Ok(vals) => {
-                self.vals = vals;
+                self.vals = vals.into();
                 Ok(Some(p.packing))
             }
             Err(e) => {
@@ -268,9 +276,49 @@ impl Frame {
         put_le(dst, &self.keys, u64::to_le_bytes);
         match &self.packed {
             Some(p) => dst.put_slice(&p.bytes),
-            None => put_le(dst, &self.vals, f32::to_le_bytes),
+            None => put_vals(dst, &self.vals),
         }
         dst.put_slice(&self.ctrl);
+    }
+
+    /// Appends the length prefix and the body to `dst`, except a raw values
+    /// section of at least `apart` bytes, which is returned as the wire's
+    /// bytes instead (no copy: see [`Vals::into_le_bytes`]) together with
+    /// the control section that follows it; the caller writes `dst`, then
+    /// those two, in that order (a vectored write). Takes the values out
+    /// of the frame.
+    ///
+    /// # Panics
+    ///
+    /// As [`Frame::encode`]; and when the body does not fit the `u32`
+    /// prefix, which [`Frame::check`] under any `max_frame` below 4 GiB
+    /// refuses.
+    pub fn encode_split(&mut self, dst: &mut BytesMut, apart: usize) -> Option<(Bytes, Bytes)> {
+        let len = self.encoded_len();
+        let prefix = u32::try_from(len)
+            .unwrap_or_else(|_| panic!("a frame of {len} bytes does not fit the length prefix"));
+        if self.packed.is_some() || self.vals.len() * 4 < apart.max(1) {
+            dst.reserve(4 + len);
+            dst.put_u32_le(prefix);
+            self.encode(dst);
+            return None;
+        }
+        let vals = std::mem::take(&mut self.vals);
+        let count = |n: usize, what: &str| {
+            u32::try_from(n).unwrap_or_else(|_| panic!("{n} {what} do not fit a frame header"))
+        };
+        let sections = Sections {
+            keys: count(self.keys.len(), "keys"),
+            vals: count(vals.len(), "values"),
+            ctrl: count(self.ctrl.len(), "control bytes"),
+            packing: 0,
+            packed: 0,
+        };
+        dst.reserve(4 + HEADER_LEN + self.keys.len() * 8);
+        dst.put_u32_le(prefix);
+        self.header.encode_into(sections, dst);
+        put_le(dst, &self.keys, u64::to_le_bytes);
+        Some((vals.into_le_bytes(), self.ctrl.clone()))
     }
 
     /// Checks the frame as [`Frame::decode`] would check its encoding, so a
@@ -330,6 +378,20 @@ impl Frame {
     /// `max_frame`. Only then are the sections copied out, so no allocation is
     /// larger than the body itself.
     pub fn decode(body: &[u8], limits: &Limits) -> Result<Frame, WireError> {
+        Frame::decode_in(body, None, limits)
+    }
+
+    /// [`Frame::decode`] of a body held in shared bytes: a values section
+    /// of [`SHARED_VALS_FROM`] bytes or more (raw or packed) is not copied
+    /// but kept as a slice of `body` (read in place when aligned, see
+    /// [`Vals::from_le_bytes`]). Checks exactly what `decode` checks, and
+    /// gives the same frame.
+    pub fn decode_bytes(body: &Bytes, limits: &Limits) -> Result<Frame, WireError> {
+        Frame::decode_in(body, Some(body), limits)
+    }
+
+    /// Decodes `body`; `shared` is the same bytes when they may be sliced.
+    fn decode_in(body: &[u8], shared: Option<&Bytes>, limits: &Limits) -> Result<Frame, WireError> {
         let (header, sections) = Header::decode(body)?;
         let max_keys = wide(limits.max_keys);
         if u64::from(sections.keys) > max_keys {
@@ -389,14 +451,22 @@ impl Frame {
         let (vals, ctrl) = rest
             .split_at_checked(sections.vals_len() as usize)
             .ok_or_else(length)?;
+        // Large values stay where they were read, when the body is shared.
+        let section = |bytes: &[u8]| match shared {
+            Some(whole) if bytes.len() >= SHARED_VALS_FROM => whole.slice_ref(bytes),
+            _ => Bytes::copy_from_slice(bytes),
+        };
         let (vals, packed) = match packing {
-            None => (le_f32s(vals), None),
+            None if shared.is_some() && vals.len() >= SHARED_VALS_FROM => {
+                (Vals::from_le_bytes(section(vals)), None)
+            }
+            None => (Vals::from(le_f32s(vals)), None),
             Some(packing) => (
-                Vec::new(),
+                Vals::new(),
                 Some(Packed {
                     packing,
                     count: sections.vals,
-                    bytes: Bytes::copy_from_slice(vals),
+                    bytes: section(vals),
                 }),
             ),
         };
@@ -450,15 +520,14 @@ fn le_u64s(bytes: &[u8]) -> Vec<u64> {
     out
 }
 
-/// The little-endian `f32`s of `bytes`, as [`le_u64s`].
-fn le_f32s(bytes: &[u8]) -> Vec<f32> {
-    let mut out = vec![0f32; bytes.len() / 4];
-    for (o, c) in out.iter_mut().zip(bytes.chunks_exact(4)) {
-        let mut b = [0; 4];
-        b.copy_from_slice(c);
-        *o = f32::from_le_bytes(b);
+/// Appends values as little-endian bytes: one copy of their memory on
+/// little-endian targets.
+fn put_vals(dst: &mut BytesMut, vals: &[f32]) {
+    if cfg!(target_endian = "little") {
+        dst.put_slice(zerocopy::IntoBytes::as_bytes(vals));
+    } else {
+        put_le(dst, vals, f32::to_le_bytes);
     }
-    out
 }
 
 #[cfg(test)]
@@ -477,7 +546,7 @@ mod tests {
         Frame {
             header,
             keys: vec![10, 20, 99],
-            vals: vec![0.5, -1.0, f32::NAN],
+            vals: vec![0.5, -1.0, f32::NAN].into(),
             ctrl: Bytes::from_static(b"\x01\x02"),
             packed: None,
         }
@@ -668,7 +737,7 @@ mod tests {
     #[test]
     fn packed_frames_round_trip_and_unpack() {
         let mut f = push();
-        f.vals = vec![0.0; 1000];
+        f.vals = vec![0.0; 1000].into();
         f.vals[3] = 1.5;
         let saved = f.pack(Packing::Lossless);
         assert!(saved > 3000, "saved {saved}");

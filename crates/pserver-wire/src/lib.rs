@@ -11,15 +11,18 @@
 //! - [`message`]: control messages carried in the control section.
 //! - [`pack`]: value compression (lossless, fixed point with random rounding).
 //! - [`codec`]: a `tokio_util` codec with a maximum frame size.
+//! - [`vals`]: a frame's values, owned or read in place from shared bytes.
 
 pub mod codec;
 pub mod frame;
 pub mod header;
 pub mod message;
 pub mod pack;
+pub mod vals;
 
 pub use codec::{CodecError, FrameCodec};
 pub use frame::{Frame, Limits, WireError};
 pub use header::{Header, Kind};
 pub use message::{Control, ErrorCode};
 pub use pack::{Packed, Packing};
+pub use vals::Vals;

@@ -59,10 +59,16 @@ fn header() -> impl Strategy<Value = Header> {
 /// exactly `[hash, count]` and are neither dense nor scans; values are any
 /// bit pattern.
 fn frame() -> impl Strategy<Value = Frame> {
+    frame_with(48)
+}
+
+/// [`frame`] with up to `max_vals` values: past 1,024 (4 KiB) a values
+/// section is read in place when the body is shared bytes.
+fn frame_with(max_vals: usize) -> impl Strategy<Value = Frame> {
     (
         header(),
         prop::collection::vec(any::<u64>(), 0..48),
-        prop::collection::vec(any::<u32>().prop_map(f32::from_bits), 0..48),
+        prop::collection::vec(any::<u32>().prop_map(f32::from_bits), 0..max_vals),
         prop::collection::vec(any::<u8>(), 0..48),
         prop::option::of(packing()),
         any::<bool>(),
@@ -86,7 +92,7 @@ fn frame() -> impl Strategy<Value = Frame> {
             let mut f = Frame {
                 keys,
                 header,
-                vals,
+                vals: vals.into(),
                 ctrl: Bytes::from(ctrl),
                 packed: None,
             };
@@ -127,7 +133,7 @@ fn drain(codec: &mut FrameCodec, b: &mut BytesMut) -> Result<Vec<Frame>, CodecEr
 /// the magic far more often than uniformly random bytes do.
 fn mutated() -> impl Strategy<Value = Vec<u8>> {
     (
-        frame(),
+        frame_with(3000),
         prop::collection::vec((any::<Index>(), any::<u8>()), 1..6),
         any::<Index>(),
     )
@@ -158,7 +164,44 @@ proptest! {
     }
 
     #[test]
-    fn codec_round_trips_split_anywhere(f in frame(), split in any::<Index>()) {
+    fn shared_decoding_gives_what_decoding_gives(f in frame_with(3000), pad in 0usize..4) {
+        // `pad` bytes in front: the values section at every alignment.
+        let b = body(&f);
+        let mut padded = vec![0u8; pad];
+        padded.extend_from_slice(&b);
+        let shared = Bytes::from(padded).slice(pad..);
+        let back = Frame::decode_bytes(&shared, &Limits::default()).unwrap();
+        prop_assert!(same(&f, &back), "{:?} != {:?}", f, back);
+        prop_assert_eq!(body(&back), b);
+    }
+
+    #[test]
+    fn shared_decoding_refuses_what_decoding_refuses(b in mutated(), small in any::<bool>()) {
+        let limits = if small { Limits { max_frame: 64, max_keys: 4, ..Limits::default() } } else { Limits::default() };
+        // The body, without its length prefix.
+        let b = b[b.len().min(4)..].to_vec();
+        let plain = Frame::decode(&b, &limits);
+        let shared = Frame::decode_bytes(&Bytes::from(b), &limits);
+        match (plain, shared) {
+            (Ok(p), Ok(s)) => prop_assert!(same(&p, &s)),
+            (p, s) => prop_assert_eq!(p.err(), s.err()),
+        }
+    }
+
+    #[test]
+    fn split_encoding_is_the_codecs_encoding(f in frame_with(3000), apart in 0usize..8192) {
+        let mut g = f.clone();
+        let mut out = BytesMut::new();
+        if let Some((vals, ctrl)) = g.encode_split(&mut out, apart) {
+            prop_assert!(f.packed.is_none() && f.vals.len() * 4 >= apart.max(1));
+            out.extend_from_slice(&vals);
+            out.extend_from_slice(&ctrl);
+        }
+        prop_assert_eq!(out, wire(&f));
+    }
+
+    #[test]
+    fn codec_round_trips_split_anywhere(f in frame_with(3000), split in any::<Index>()) {
         let whole = wire(&f);
         let at = split.index(whole.len() + 1);
         let mut codec = FrameCodec::default();
@@ -207,10 +250,10 @@ proptest! {
             *v = 0.0;
         }
         let mut f = Frame::new(Header { request_id: id, ..Header::new(Kind::Push) });
-        f.vals = vals.clone();
+        f.vals = vals.clone().into();
         let saved = f.pack(packing);
         let b = body(&f);
-        prop_assert_eq!(b.len() as u64 + saved, (Frame { packed: None, vals: vals.clone(), ..f.clone() }).encoded_len() as u64);
+        prop_assert_eq!(b.len() as u64 + saved, (Frame { packed: None, vals: vals.clone().into(), ..f.clone() }).encoded_len() as u64);
         let mut back = Frame::decode(&b, &Limits::default()).unwrap();
         prop_assert_eq!(back.val_count(), n);
         let how = back.unpack().unwrap();

@@ -470,7 +470,7 @@ async fn probe(net: &Net, addr: &str, epoch: u64, ask: &Ask) -> Probe {
         let reply = peer.request(f).await.ok()?;
         peer.close();
         Some(match reply.header.kind {
-            Kind::Reply => Probe::Answered(reply.vals.clone()),
+            Kind::Reply => Probe::Answered(reply.vals.to_vec()),
             Kind::Redirect => match reply.control_msg() {
                 Ok(Control::Map(m)) => Probe::Redirect(
                     m.epoch,

@@ -143,7 +143,7 @@ fn only_clients_with_the_secret_get_in() {
     let push = Frame {
         header: h,
         keys: vec![1, 2],
-        vals: vec![-100.0, -100.0],
+        vals: vec![-100.0, -100.0].into(),
         ctrl: Default::default(),
         packed: None,
     };
@@ -254,7 +254,7 @@ fn tls_clusters_serve_only_their_ca() {
     let pull = Frame {
         header: h,
         keys: vec![7],
-        vals: vec![],
+        vals: vec![].into(),
         ctrl: Default::default(),
         packed: None,
     };

@@ -3,7 +3,7 @@ use std::time::Duration;
 
 fn big_frame() -> Frame {
     let mut f = Frame::new(Header::new(Kind::Reply));
-    f.vals = vec![1.0; OUTBOX_BYTES / 4 / 4];
+    f.vals = vec![1.0; OUTBOX_BYTES / 4 / 4].into();
     f
 }
 
@@ -18,7 +18,7 @@ fn small(bytes: usize) -> Limits {
 /// A request of `n` values.
 fn request(n: usize) -> Frame {
     let mut f = Frame::new(Header::new(Kind::Push));
-    f.vals = vec![1.0; n];
+    f.vals = vec![1.0; n].into();
     f
 }
 
@@ -35,7 +35,7 @@ where
                 request_id: f.header.request_id,
                 ..Header::new(Kind::Reply)
             });
-            r.vals = vec![2.0; reply_vals(&f)];
+            r.vals = vec![2.0; reply_vals(&f)].into();
             let _ = out.send(r).await;
         }
     });
@@ -240,4 +240,61 @@ async fn a_stopped_listener_ends_the_accept_loop_quietly() {
         "a passing failure ended the loop"
     );
     cancel.cancel();
+}
+
+/// Frames with large values sections (written apart, from where they are)
+/// and small ones, interleaved on one TCP connection, arrive whole and in
+/// order, values bit for bit: the vectored writes keep the stream in step.
+#[tokio::test]
+async fn large_and_small_frames_interleave_over_tcp() {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    // Echoes each request's values back in its reply.
+    tokio::spawn(async move {
+        let (stream, _) = listener.accept().await.unwrap();
+        let (mut reader, out) = split(stream, Limits::default());
+        while let Some(Ok(f)) = reader.next().await {
+            let mut r = Frame::new(Header {
+                request_id: f.header.request_id,
+                ..Header::new(Kind::Reply)
+            });
+            r.vals = f.vals;
+            r.ctrl = f.ctrl;
+            if out.send(r).await.is_err() {
+                break;
+            }
+        }
+    });
+    let stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let (peer, _notices) = Peer::from_stream(stream, "echo", Limits::default());
+    // One shared array cut into frames, as a worker cuts a dense push.
+    let all: Vec<f32> = (0..1_000_000u32)
+        .map(|i| f32::from_bits(i.wrapping_mul(2654435761)))
+        .collect();
+    let shared = pserver_wire::Vals::from(all.clone()).into_shared();
+    let mut waits = Vec::new();
+    let mut expect = Vec::new();
+    for i in 0..40usize {
+        let mut f = Frame::new(Header::new(Kind::Push));
+        let range = if i % 3 == 0 {
+            i..i + 7
+        } else {
+            i * 20_000..i * 20_000 + 17_000 + i
+        };
+        f.vals = shared.slice(range.clone());
+        // An odd-sized control section after the values shifts every later
+        // frame's alignment.
+        f.ctrl = bytes::Bytes::from(vec![i as u8; i % 5]);
+        expect.push((range, f.ctrl.clone()));
+        waits.push(peer.send_request(f).await.unwrap());
+    }
+    for (wait, (range, ctrl)) in waits.into_iter().zip(expect) {
+        let reply = tokio::time::timeout(Duration::from_secs(10), wait)
+            .await
+            .expect("answered")
+            .unwrap();
+        let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+        assert_eq!(bits(&reply.vals), bits(&all[range]));
+        assert_eq!(reply.ctrl, ctrl);
+    }
 }

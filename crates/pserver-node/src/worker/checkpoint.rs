@@ -185,7 +185,7 @@ impl Worker {
                     ..Header::new(Kind::Control)
                 });
                 f.keys = part.keys[at..end].to_vec();
-                f.vals = part.slots[at * w..end * w].to_vec();
+                f.vals = part.slots[at * w..end * w].to_vec().into();
                 // The primary copies them down its own chain. Clock records
                 // name the old cluster's workers: they mean nothing here
                 // and are not carried over.

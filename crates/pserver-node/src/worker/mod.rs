@@ -815,7 +815,7 @@ impl Worker {
         let (tx, rx) = oneshot::channel();
         let inner = self.inner.clone();
         self.inner.rt.spawn(async move {
-            let _ = tx.send(inner.execute(req, order).await.map(|o| o.vals));
+            let _ = tx.send(inner.execute(req, order, Vec::new()).await.map(|o| o.vals));
         });
         Handle { rx }
     }
@@ -846,14 +846,32 @@ impl Worker {
         self.dispatch(req)
     }
 
+    /// [`Worker::send`], writing the answer of a pull or push-pull into
+    /// `spare`'s memory (an answer it returned before, say): a program that
+    /// pulls the same large range again and again (dense weights at every
+    /// step) then reuses one vector, where a fresh one of 64 MB costs the
+    /// kernel a page fault and a zeroed page every 4 KiB (as much time as
+    /// the transfer itself, measured). A `spare` shorter than the answer
+    /// is not used; its contents never matter.
+    pub fn send_into(&self, mut req: Request, spare: Vec<f32>) -> Handle<Outcome> {
+        let clock = *req.clock.get_or_insert_with(|| self.clock());
+        let req = self.inner.filter_push(req, clock);
+        self.dispatch_into(req, spare)
+    }
+
     /// Sends a request as it is.
-    fn dispatch(&self, mut req: Request) -> Handle<Outcome> {
+    fn dispatch(&self, req: Request) -> Handle<Outcome> {
+        self.dispatch_into(req, Vec::new())
+    }
+
+    /// Sends a request as it is, its answer into `spare` if it fits.
+    fn dispatch_into(&self, mut req: Request, spare: Vec<f32>) -> Handle<Outcome> {
         req.clock.get_or_insert_with(|| self.clock());
         let order = self.push_order(&req);
         let (tx, rx) = oneshot::channel();
         let inner = self.inner.clone();
         self.inner.rt.spawn(async move {
-            let _ = tx.send(inner.execute(req, order).await);
+            let _ = tx.send(inner.execute(req, order, spare).await);
         });
         Handle { rx }
     }

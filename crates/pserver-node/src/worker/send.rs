@@ -43,7 +43,9 @@ async fn pause<E>(item: Item) -> (Item, Option<Result<SliceResult, E>>) {
 enum SliceResult {
     Done {
         keys: Vec<u64>,
-        vals: Vec<f32>,
+        /// As the reply carried them: read in place from its read buffer
+        /// when large, so the one copy is into the request's answer.
+        vals: pserver_wire::Vals,
         applied: u64,
         duplicate: u64,
     },
@@ -156,16 +158,24 @@ impl Inner {
     /// once the worker's timeout has passed since it started, whatever it
     /// was waiting for (the push before it, room among the clocks in
     /// flight, the manager, a connection, a reply, a pause between retries).
+    ///
+    /// `spare` is a vector the answer of a pull or push-pull may be written
+    /// into (its memory reused; see [`Worker::send_into`]), or an empty one.
     pub(super) async fn execute(
         self: Arc<Self>,
         req: Request,
         order: Option<(Option<oneshot::Receiver<()>>, oneshot::Sender<()>)>,
+        spare: Vec<f32>,
     ) -> Result<Outcome, NodeError> {
         let deadline = Instant::now() + self.timeout;
         let what = format!("{:?} on table {:?}", req.op, req.table);
         let secs = self.timeout.as_secs();
         let last = Mutex::new(None);
-        match tokio::time::timeout_at(deadline, self.clone().run(req, order, deadline, &last)).await
+        match tokio::time::timeout_at(
+            deadline,
+            self.clone().run(req, order, deadline, &last, spare),
+        )
+        .await
         {
             Ok(done) => done,
             // Dropping the request's future drops its slices' waits; a
@@ -182,10 +192,11 @@ impl Inner {
     /// `last` keeps the last passing refusal, which a timeout reports.
     async fn run(
         self: Arc<Self>,
-        req: Request,
+        mut req: Request,
         order: Option<(Option<oneshot::Receiver<()>>, oneshot::Sender<()>)>,
         deadline: Instant,
         last: &Mutex<Option<String>>,
+        spare: Vec<f32>,
     ) -> Result<Outcome, NodeError> {
         // Wait for the push before this one to have queued its frames; hold
         // the signal for the next until this one has queued its own (a
@@ -266,6 +277,9 @@ impl Inner {
             Keys::List(k) => k,
             Keys::Range(_) => &[],
         };
+        // The pushed values as shared bytes (no copy): each frame carries
+        // a slice of them, written to the socket from where they are.
+        let vals = pserver_wire::Vals::from(std::mem::take(&mut req.vals)).into_shared();
         let kind = match req.op {
             Op::Push => Kind::Push,
             Op::Pull => Kind::Pull,
@@ -280,6 +294,11 @@ impl Inner {
         // buffer of the request's size to zero, fault in and copy into).
         let mut out = Outcome::default();
         let whole = n * dim;
+        // A caller's spare vector of the answer's length is written over in
+        // place: every value of it is one some reply carries (the pieces
+        // cover the request), so it need not be zeroed first, and its pages
+        // are already the process's (no faults, no zeroing by the kernel).
+        let mut spare = (req.op != Op::Push && whole > 0).then_some(spare);
         // Every slice goes and retries on its own: a slice held by a server
         // (an aggregating table acknowledges a push once every worker's push
         // of the clock is in) must not hold back the resend of another slice
@@ -370,8 +389,7 @@ impl Inner {
                             } else {
                                 keys[sub.first..sub.first + sub.count].to_vec()
                             },
-                            vals: req.vals[sub.first * width..(sub.first + sub.count) * width]
-                                .to_vec(),
+                            vals: vals.slice(sub.first * width..(sub.first + sub.count) * width),
                             ctrl: ctrl.clone(),
                             packed: None,
                         };
@@ -435,14 +453,23 @@ impl Inner {
                                 ),
                             });
                         }
-                        if out.vals.is_empty() && vals.len() == whole {
-                            out.vals = vals;
+                        let fits = spare.as_ref().is_some_and(|v| v.capacity() >= whole);
+                        if out.vals.is_empty() && vals.len() == whole && !fits {
+                            out.vals = vals.into_vec();
                         } else {
                             if out.vals.len() != whole {
-                                out.vals = vec![0.0; whole];
+                                out.vals = match spare.take() {
+                                    Some(mut v) if v.capacity() >= whole => {
+                                        // Zeroed only where it is shorter.
+                                        v.resize(whole, 0.0);
+                                        v
+                                    }
+                                    _ => pserver_core::rows::zeroed(whole),
+                                };
                             }
-                            out.vals[item.first * dim..(item.first + item.count) * dim]
-                                .copy_from_slice(&vals);
+                            vals.copy_to(
+                                &mut out.vals[item.first * dim..(item.first + item.count) * dim],
+                            );
                         }
                     }
                     continue;
@@ -538,7 +565,7 @@ impl Inner {
                                 what: "scan reply does not match its range".into(),
                             });
                         }
-                        parts.push((r.begin, keys, vals));
+                        parts.push((r.begin, keys, vals.into_vec()));
                     }
                     SliceResult::Redirect(m) => {
                         self.install(m);
@@ -764,7 +791,7 @@ impl Inner {
                             .fetch_add(full.saturating_sub(sent), Ordering::Relaxed);
                         Ok(SliceResult::Done {
                             keys: Vec::new(),
-                            vals,
+                            vals: vals.into(),
                             applied: 0,
                             duplicate: 0,
                         })

@@ -132,7 +132,7 @@ impl ServerCore {
                 frame.keys.clone()
             };
             // Computed already when the push ran on a lent table.
-            f.vals = slots.unwrap_or_else(|| store.slots_of(&f.keys));
+            f.vals = slots.unwrap_or_else(|| store.slots_of(&f.keys)).into();
             Replica::Slots
         };
         let records = if aggregated {
@@ -185,7 +185,7 @@ impl ServerCore {
                         .copied()
                         .filter(|k| p.range.contains(*k))
                         .collect();
-                    f.vals = store.slots_of(&f.keys);
+                    f.vals = store.slots_of(&f.keys).into();
                     // Up to this clock: a later push already recorded here
                     // is in a later sum, which the replica must not count
                     // as applied yet.
@@ -303,7 +303,9 @@ impl ServerCore {
                         });
                         if !keys_sent {
                             keys_sent = true;
-                            (f.keys, f.vals) = agg.sums_in(p.range);
+                            let vals;
+                            (f.keys, vals) = agg.sums_in(p.range);
+                            f.vals = vals.into();
                         }
                         f.ctrl = replicate_ctrl(
                             spec.clone(),

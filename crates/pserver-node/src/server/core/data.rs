@@ -207,7 +207,8 @@ impl ServerCore {
         // answered at once (else it waits, and reads again when it goes).
         let (pushed, pulled) = match op {
             Op::PushPull => {
-                let mut vals = Vec::new();
+                let width = plan.frame.vals.len();
+                let mut vals = pserver_wire::vals::buffer(width);
                 let pushed = self.push_into(&plan.frame, Some(&mut vals))?;
                 let ready = self.ready(&plan.frame.header, consistency);
                 let reply = ready.then(|| {
@@ -266,7 +267,7 @@ impl ServerCore {
             self.defer(conn, Some(reply), stale, &after);
             return None;
         }
-        frame.vals = Vec::new();
+        frame.vals = pserver_wire::Vals::new();
         frame.ctrl = pull_ctrl(pushed);
         let reply = match pulled {
             Some(r) => Some(r),
@@ -436,10 +437,11 @@ impl ServerCore {
         let dim = store.spec().dim as usize;
         let mut reply = Frame::new(reply_header(h, Kind::Reply, self.id, self.map.epoch));
         reply.keys.reserve(entries.len());
-        reply.vals.reserve(entries.len() * dim);
+        let out = reply.vals.vec_mut();
+        out.reserve(entries.len() * dim);
         for (k, slot) in entries {
             reply.keys.push(k);
-            reply.vals.extend_from_slice(&slot[..dim]);
+            out.extend_from_slice(&slot[..dim]);
         }
         reply.header.flags = h.flags & FLAG_PACK_REPLY;
         Ok(reply)
@@ -512,7 +514,7 @@ impl ServerCore {
         ) else {
             return reply;
         };
-        reply.vals = filtered.vals;
+        reply.vals = filtered.vals.into();
         reply.ctrl = Control::Significant(filtered.stamp).to_bytes().into();
         reply.header.flags |= FLAG_SIGNIFICANT;
         reply
@@ -618,12 +620,17 @@ pub(crate) fn pull_reply(
 ) -> Frame {
     let h = &frame.header;
     let dim = t.spec().dim as usize;
-    let mut vals = Vec::new();
+    // A vector from the pool of written replies when it is large: filled
+    // here, written from where it is, and back in the pool after.
+    let n = if h.dense() {
+        h.range.len() as usize
+    } else {
+        frame.keys.len()
+    };
+    let mut vals = pserver_wire::vals::buffer(n.saturating_mul(dim));
     if h.dense() {
-        vals.reserve(h.range.len() as usize * dim);
         t.pull_dense(h.range, &mut vals);
     } else {
-        vals.reserve(frame.keys.len() * dim);
         t.pull(&frame.keys, &mut vals);
     }
     reply_with(h, frame.ctrl.clone(), vals, me, epoch)
@@ -643,7 +650,8 @@ pub(crate) fn reply_with(
     // `FLAG_PACK_REPLY` is taken off by the runtime, which packs.
     reply.header.flags = h.flags & (FLAG_CACHE_KEYS | FLAG_PACK_REPLY);
     reply.ctrl = ctrl;
-    reply.vals = vals;
+    // Back to the pool of reply vectors once written, when it is large.
+    reply.vals = pserver_wire::Vals::pooled(vals);
     reply
 }
 

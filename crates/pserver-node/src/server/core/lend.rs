@@ -142,7 +142,7 @@ impl DataJob {
             // A push-pull reads in the same pass as it updates (see
             // `Table::push_pull`), kept for the reply if it may go now.
             let pushed = if self.plan.op == Op::PushPull {
-                let mut vals = Vec::new();
+                let mut vals = pserver_wire::vals::buffer(frame.vals.len());
                 let pushed = table.push_pull(&as_push(frame), ctx, &mut vals);
                 read = Some(vals);
                 pushed

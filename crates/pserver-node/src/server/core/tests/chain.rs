@@ -60,7 +60,7 @@ fn a_replica_stores_forwards_and_answers_after_its_successor() {
     let mut c = core_with(2, m);
     let mut f = Frame::new(header(Kind::Control, 1, 5, 4, LOW));
     f.keys = vec![7];
-    f.vals = vec![5.0];
+    f.vals = vec![5.0].into();
     f.ctrl = Control::Replicate {
         spec: spec(false, Consistency::Eventual),
         what: Replica::Slots,
@@ -71,7 +71,7 @@ fn a_replica_stores_forwards_and_answers_after_its_successor() {
     .into();
     let bad = {
         let mut b = f.clone();
-        b.vals = vec![f32::NAN];
+        b.vals = vec![f32::NAN].into();
         b
     };
     assert_eq!(code(only(&req(&mut c, bad))), Some(ErrorCode::NotFinite));
@@ -125,7 +125,7 @@ fn changes_from_a_server_declared_dead_are_refused() {
     let mut c = core_with(2, m);
     let mut f = Frame::new(header(Kind::Control, 1, 4, 4, LOW));
     f.keys = vec![7];
-    f.vals = vec![5.0];
+    f.vals = vec![5.0].into();
     f.ctrl = Control::Replicate {
         spec: spec(false, Consistency::Eventual),
         what: Replica::Slots,
@@ -326,7 +326,7 @@ fn a_restore_is_stored_by_the_primary_and_copied_down_its_own_chain() {
     let restore = |range: KeyRange, keys: &[u64], vals: &[f32]| {
         let mut f = Frame::new(header(Kind::Control, 10, 5, 0, range));
         f.keys = keys.to_vec();
-        f.vals = vals.to_vec();
+        f.vals = vals.to_vec().into();
         f.ctrl = Control::Restore {
             spec: spec(false, Consistency::Eventual),
         }

@@ -44,7 +44,7 @@ fn every_refusal_changes_nothing() {
             "unsorted",
             with(|p| {
                 p.keys = vec![5, 2];
-                p.vals = vec![1.0, 1.0];
+                p.vals = vec![1.0, 1.0].into();
             }),
             ErrorCode::BadKeys,
         ),
@@ -55,17 +55,17 @@ fn every_refusal_changes_nothing() {
         ),
         (
             "wrong width",
-            with(|p| p.vals = vec![1.0, 2.0]),
+            with(|p| p.vals = vec![1.0, 2.0].into()),
             ErrorCode::WrongWidth,
         ),
         (
             "NaN",
-            with(|p| p.vals = vec![f32::NAN]),
+            with(|p| p.vals = vec![f32::NAN].into()),
             ErrorCode::NotFinite,
         ),
         (
             "infinite",
-            with(|p| p.vals = vec![f32::INFINITY]),
+            with(|p| p.vals = vec![f32::INFINITY].into()),
             ErrorCode::NotFinite,
         ),
         ("clock 0", with(|p| p.header.clock = 0), ErrorCode::Invalid),
@@ -250,7 +250,7 @@ fn dense_push_pull_and_scan() {
     let r = KeyRange { begin: 10, end: 14 };
     let mut p = Frame::new(header(Kind::Push, 10, 5, 1, r));
     p.header.flags = FLAG_DENSE;
-    p.vals = vec![1.0, 2.0, 3.0, 4.0];
+    p.vals = vec![1.0, 2.0, 3.0, 4.0].into();
     assert_eq!(acked(only(&req(&mut c, p))), (4, 0));
     let mut q = Frame::new(header(Kind::Pull, 10, 5, 0, r));
     q.header.flags = FLAG_DENSE;

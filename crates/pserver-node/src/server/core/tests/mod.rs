@@ -152,7 +152,7 @@ pub(super) fn header(
 pub(super) fn push(sender: NodeId, clock: u64, keys: &[u64], vals: &[f32]) -> Frame {
     let mut f = Frame::new(header(Kind::Push, sender, 5, clock, KeyRange::ALL));
     f.keys = keys.to_vec();
-    f.vals = vals.to_vec();
+    f.vals = vals.to_vec().into();
     f
 }
 
@@ -225,7 +225,7 @@ pub(super) fn replicate_frame(
 ) -> Frame {
     let mut f = Frame::new(header(Kind::Control, sender, epoch, 1, range));
     f.keys = keys.to_vec();
-    f.vals = vals.to_vec();
+    f.vals = vals.to_vec().into();
     f.ctrl = Control::Replicate {
         spec: spec(false, Consistency::Eventual),
         what: Replica::Slots,
@@ -278,7 +278,7 @@ pub(super) fn change(
 ) -> Frame {
     let mut f = Frame::new(header(Kind::Control, 1, 5, clock, LOW));
     f.keys = keys.to_vec();
-    f.vals = vals.to_vec();
+    f.vals = vals.to_vec().into();
     f.ctrl = Control::Replicate {
         spec: spec(true, Consistency::Sequential),
         what,
