@@ -241,6 +241,14 @@ impl<W: AsyncWrite + Unpin> Writer<W> {
             tracing::error!(error = %e, "a frame was dropped: it breaks the wire's limits");
             return;
         }
+        // The length prefix is a u32, whatever `max_frame` allows.
+        if u32::try_from(frame.encoded_len()).is_err() {
+            tracing::error!(
+                bytes = frame.encoded_len(),
+                "a frame was dropped: it is too long for the length prefix"
+            );
+            return;
+        }
         if let Some((vals, ctrl)) = frame.encode_split(&mut self.buf, WRITE_APART) {
             self.chunks.push_back(self.buf.split().freeze());
             self.chunks.push_back(vals);
