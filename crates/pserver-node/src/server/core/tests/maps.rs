@@ -92,6 +92,25 @@ fn the_old_primary_fences_the_ranges_it_hands_over() {
     assert_eq!((fences[0].0, fences[0].2.header.range), (2, LOW));
 }
 
+/// A hand-off's switch for LOW, seen by server 3: before, LOW's chain is
+/// server 1 (primary), 2 (its replica), 3 (the future primary); after, 3
+/// is LOW's primary with replica 2, and the servers in `dead` are dead.
+fn handing_low_to_3(dead: &[NodeId]) -> (ClusterMap, ClusterMap) {
+    let before = map(
+        5,
+        &[],
+        vec![part(LOW, 1, &[2, 3]), part(HIGH, 2, &[1])],
+        spec(false, Consistency::Eventual),
+    );
+    let after = map(
+        6,
+        dead,
+        vec![part(LOW, 3, &[2]), part(HIGH, 2, &[3])],
+        spec(false, Consistency::Eventual),
+    );
+    (before, after)
+}
+
 #[test]
 fn a_new_primary_refuses_the_old_chains_changes_once_it_serves() {
     // A hand-off's chain of LOW: server 1 (primary), 2 (its replica), 3
@@ -101,18 +120,7 @@ fn a_new_primary_refuses_the_old_chains_changes_once_it_serves() {
     // through server 2, must not land on 3 after 3 applied newer pushes:
     // its slots are absolute and would undo them (acknowledged pushes
     // lost). Refused, it travels back and its worker resends it to 3.
-    let before = map(
-        5,
-        &[],
-        vec![part(LOW, 1, &[2, 3]), part(HIGH, 2, &[1])],
-        spec(false, Consistency::Eventual),
-    );
-    let after = map(
-        6,
-        &[1],
-        vec![part(LOW, 3, &[2]), part(HIGH, 2, &[3])],
-        spec(false, Consistency::Eventual),
-    );
+    let (before, after) = handing_low_to_3(&[1]);
     let mut c = core_with(3, before);
     // Under the old map, the old chain's changes are taken (a replica).
     let e = c.step(
@@ -154,18 +162,7 @@ fn the_old_chains_changes_are_taken_until_the_old_primarys_fence() {
     // As above, but server 1 lives on (drained later): server 3 waits for
     // its fence, and what came down the old chain before it is the old
     // primary's last word, taken; after the fence, the old chain is done.
-    let before = map(
-        5,
-        &[],
-        vec![part(LOW, 1, &[2, 3]), part(HIGH, 2, &[1])],
-        spec(false, Consistency::Eventual),
-    );
-    let after = map(
-        6,
-        &[],
-        vec![part(LOW, 3, &[2]), part(HIGH, 2, &[3])],
-        spec(false, Consistency::Eventual),
-    );
+    let (before, after) = handing_low_to_3(&[]);
     let mut c = core_with(3, before);
     c.step(10, Input::Map(after));
     let e = c.step(
