@@ -1296,22 +1296,20 @@ impl Pushed {
         self.first_error = self.first_error.take().or(other.first_error);
     }
 
-    /// No key may hold less than the acknowledged pushes: none is lost. A
-    /// push that failed may have been applied on some of its slices before
-    /// its worker gave up, so a key may hold up to one more per failed push.
-    /// A surplus beyond that is a push applied twice: a known, rare bug
-    /// across a kill (README, "Known limits"), reported here but not failed
-    /// on until it is fixed (`tests/exactly_once.rs` asserts exactly-once).
+    /// Every key must hold each acknowledged push exactly once. A push that
+    /// failed may have been applied on some of its slices before its worker
+    /// gave up, so with failures a key may hold up to one more per failed
+    /// push, never less than the acknowledged ones; without failures, any
+    /// surplus is a push applied twice.
     fn check(&self, got: &[f32]) {
         let (lo, hi) = (self.acked as f32, (self.acked + self.failed) as f32);
-        let what = format!(
+        assert!(
+            got.iter().all(|&v| (lo..=hi).contains(&v)),
             "acked {}, failed {} (first: {:?}); per key: {got:?}",
-            self.acked, self.failed, self.first_error
+            self.acked,
+            self.failed,
+            self.first_error
         );
-        assert!(got.iter().all(|&v| v >= lo), "lost: {what}");
-        if got.iter().any(|&v| v > hi) {
-            eprintln!("known bug, a push applied twice: {what}");
-        }
     }
 }
 

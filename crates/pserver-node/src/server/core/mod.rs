@@ -297,6 +297,8 @@ pub struct ServerCore {
     /// The time of the input being handled, in ms.
     now_ms: u64,
     effects: Vec<Effect>,
+    /// Set by [`ServerCore::stop`]: every later input is dropped.
+    stopped: bool,
 }
 
 impl ServerCore {
@@ -325,6 +327,7 @@ impl ServerCore {
             later: VecDeque::new(),
             now_ms: 0,
             effects: Vec::new(),
+            stopped: false,
         }
     }
 
@@ -394,6 +397,16 @@ impl ServerCore {
     /// Handles one input at time `now_ms` and returns what to do.
     pub fn step(&mut self, now_ms: u64, input: Input) -> Vec<Effect> {
         self.now_ms = now_ms;
+        if self.stopped {
+            // Nothing more is applied, replicated or answered: the queues
+            // to the chains are gone, so a push taken now would reach a
+            // replica through a new queue ahead of the changes dropped
+            // with the old one, and its absolute slots would carry their
+            // effect without their clock records (their workers' resends
+            // would then apply them twice). The senders see their
+            // connections close and resend elsewhere.
+            return Vec::new();
+        }
         match input {
             Input::Request { conn, frame } => self.request(conn, frame),
             Input::Map(map) if self.must_wait(Some(None)) => {
@@ -410,8 +423,10 @@ impl ServerCore {
 
     /// The server is stopping: forgets every reply it still owes, so none
     /// goes out for a change that may not be replicated (the senders see
-    /// their connections close and resend elsewhere).
+    /// their connections close and resend elsewhere), and takes no input
+    /// from now on (see [`ServerCore::step`]).
     pub fn stop(&mut self) {
+        self.stopped = true;
         self.acks.clear();
         self.ticket_acks.clear();
         self.held.clear();

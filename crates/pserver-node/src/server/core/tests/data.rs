@@ -280,6 +280,31 @@ fn stop_forgets_every_owed_reply() {
 }
 
 #[test]
+fn a_stopped_server_applies_replicates_and_answers_nothing() {
+    // A stopping server's queues to its chains are dropped with what they
+    // held; a push taken after that would reach the replica ahead of the
+    // dropped changes, its absolute slots carrying their effect without
+    // their clock records (seen as a push applied twice on a server kill).
+    let mut c = core_with(1, chained(5, spec(false, Consistency::Eventual)));
+    let mut p = push(10, 1, &[1], &[1.0]);
+    p.header.range = LOW;
+    let e = req(&mut c, p.clone());
+    assert_eq!(forwards(&e).len(), 1);
+    c.stop();
+    p.header.clock = 2;
+    let e = req(&mut c, p);
+    assert!(e.is_empty(), "{e:?}");
+    let mut q = pull(10, 0, &[1]);
+    q.header.range = LOW;
+    assert!(req(&mut c, q).is_empty());
+    let map = chained(6, spec(false, Consistency::Eventual));
+    assert!(c.step(9, Input::Map(map)).is_empty());
+    // The one push applied before the stop is all the table holds.
+    let t = c.tables[&T].as_ref().unwrap();
+    assert_eq!(t.store().slots_of(&[1]), [1.0]);
+}
+
+#[test]
 fn a_server_that_has_not_heard_the_manager_for_half_its_lease_serves_nothing() {
     let mut c = core_with(1, solo(spec(false, Consistency::Eventual)));
     req(&mut c, push(10, 1, &[1], &[1.0]));
