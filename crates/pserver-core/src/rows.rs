@@ -243,24 +243,36 @@ impl Rows {
             .chain(self.aside.as_deref().map(|row| (EMPTY, row)))
     }
 
-    /// Where `key` is, or the empty bucket where it would go.
+    /// Where `key` is, or the empty bucket where it would go, as the index
+    /// of the bucket's first cell (so callers index its row without
+    /// multiplying again).
     #[inline]
     fn find(&self, key: Key, h: u64) -> Probe {
-        if self.buckets == 0 {
+        let cells = self.cells.as_slice();
+        // `cells` holds exactly `buckets * stride` cells (see `grow`).
+        let end = cells.len();
+        if self.buckets == 0 || end == 0 {
             return Probe::NoRoom;
         }
-        let mask = self.buckets - 1;
-        let mut b = self.home(h);
+        let stride = self.stride;
+        let mut at = self.home(h) * stride;
         // A load factor under 1 guarantees an empty bucket, so this ends;
         // the bound only turns a broken invariant into a miss, not a hang.
         for _ in 0..self.buckets {
-            let Some(bucket) = self.cells.get(b * self.stride..b * self.stride + 2) else {
+            let (Some(lo), Some(hi)) = (cells.get(at), cells.get(at + 1)) else {
                 return Probe::NoRoom;
             };
-            match key_of(bucket) {
-                k if k == key => return Probe::Found(b),
-                EMPTY => return Probe::Vacant(b),
-                _ => b = (b + 1) & mask,
+            match u64::from(lo.to_bits()) | (u64::from(hi.to_bits()) << 32) {
+                k if k == key => return Probe::Found(at),
+                EMPTY => return Probe::Vacant(at),
+                // The next bucket, wrapping at the end: an add and a
+                // compare rather than a multiply per probe.
+                _ => {
+                    at += stride;
+                    if at >= end {
+                        at = 0;
+                    }
+                }
             }
         }
         Probe::NoRoom
@@ -298,10 +310,10 @@ impl Rows {
         ((h << HASH_SKIP) >> self.shift) as usize
     }
 
-    /// Cells of bucket `b`'s row.
+    /// Cells of the row of the bucket whose first cell is `at`.
     #[inline]
-    fn row_range(&self, b: usize) -> std::ops::Range<usize> {
-        let start = b * self.stride + 2;
+    fn row_range(&self, at: usize) -> std::ops::Range<usize> {
+        let start = at + 2;
         start..start + self.width
     }
 
@@ -311,11 +323,11 @@ impl Rows {
         self.buckets == 0 || (self.len + 1) * LOAD_DEN > self.buckets * LOAD_NUM
     }
 
-    /// Writes `key` into empty bucket `b` (from [`Rows::find`], so in
-    /// bounds) with a zeroed row given to `init`.
+    /// Writes `key` into the empty bucket whose first cell is `start`
+    /// (from [`Rows::find`], so in bounds) with a zeroed row given to
+    /// `init`.
     #[inline]
-    fn occupy(&mut self, b: usize, key: Key, init: impl FnOnce(&mut [f32])) -> Option<usize> {
-        let start = b * self.stride;
+    fn occupy(&mut self, start: usize, key: Key, init: impl FnOnce(&mut [f32])) -> Option<usize> {
         let cells = self.cells.get_mut(start..start + self.stride)?;
         cells[0] = f32::from_bits(key as u32);
         cells[1] = f32::from_bits((key >> 32) as u32);
@@ -323,7 +335,7 @@ impl Rows {
         row.fill(0.0);
         init(row);
         self.len += 1;
-        Some(b)
+        Some(start)
     }
 
     /// Doubles the buckets and re-inserts every key. `None` (and nothing
@@ -344,8 +356,7 @@ impl Rows {
             if key == EMPTY {
                 continue;
             }
-            if let Probe::Vacant(b) = self.find(key, hash(key)) {
-                let start = b * self.stride;
+            if let Probe::Vacant(start) = self.find(key, hash(key)) {
                 if let Some(dst) = self.cells.get_mut(start..start + self.stride) {
                     dst.copy_from_slice(bucket);
                 }
@@ -355,7 +366,7 @@ impl Rows {
     }
 }
 
-/// What probing for a key found.
+/// What probing for a key found; buckets are named by their first cell.
 enum Probe {
     /// The key is in this bucket.
     Found(usize),

@@ -472,6 +472,21 @@ impl Store {
         let Some(end) = n.checked_mul(dim).and_then(|t| t.checked_add(start)) else {
             return;
         };
+        if dim == 1 && (self.threads == 1 || n < PARALLEL_MIN_KEYS) {
+            // One float a key, on this thread: appended as looked up, with
+            // no zeroing pass first (the lookups have an exact length, so
+            // `extend` checks the capacity once).
+            let init = &self.spec.init;
+            out.extend(self.lookups(0, n, &key_at).map(|(key, row)| match row {
+                Some(&[w, ..]) => w,
+                _ => {
+                    let mut w = [0.0];
+                    initial(init, key, &mut w);
+                    w[0]
+                }
+            }));
+            return;
+        }
         out.resize(end, 0.0);
         if self.threads == 1 || n < PARALLEL_MIN_KEYS {
             self.fill_part(0, &mut out[start..], &key_at);
@@ -515,12 +530,35 @@ impl Store {
             return;
         }
         let n = dst.len() / dim;
-        // As in the push loop: each key hashed once, when prefetched.
+        for (w, (key, row)) in dst
+            .chunks_exact_mut(dim)
+            .zip(self.lookups(first, n, key_at))
+        {
+            match row {
+                Some(slot) if dim == 1 => w[0] = slot[0],
+                Some(slot) => w.copy_from_slice(&slot[..dim]),
+                None => initial(&self.spec.init, key, w),
+            }
+        }
+    }
+
+    /// Keys `key_at(first + j)` for `j` in `0..n`, each with its row if
+    /// stored, in order. Each key is hashed once, when its bucket is
+    /// prefetched [`PREFETCH_AHEAD`] keys before its turn (as in the push
+    /// loop); the hash waits in a ring until then.
+    fn lookups<'a>(
+        &'a self,
+        first: usize,
+        n: usize,
+        key_at: &'a (impl Fn(usize) -> Key + Sync),
+    ) -> impl Iterator<Item = (Key, Option<&'a [f32]>)> + 'a {
         let mut ahead = [0u64; RING];
         for (j, h) in ahead.iter_mut().enumerate().take(n.min(PREFETCH_AHEAD)) {
             *h = hash(key_at(first + j));
         }
-        for (j, w) in dst.chunks_exact_mut(dim).enumerate() {
+        // A mapped range: its exact length lets `extend` skip per-item
+        // capacity checks.
+        (0..n).map(move |j| {
             let next = j + PREFETCH_AHEAD;
             if next < n {
                 let h = hash(key_at(first + next));
@@ -535,12 +573,8 @@ impl Store {
                 .shards
                 .get(shard_of_hash(h))
                 .and_then(|r| r.get_hashed(key, h));
-            match row {
-                Some(slot) if dim == 1 => w[0] = slot[0],
-                Some(slot) => w.copy_from_slice(&slot[..dim]),
-                None => initial(&self.spec.init, key, w),
-            }
-        }
+            (key, row)
+        })
     }
 }
 

@@ -390,18 +390,11 @@ impl Table {
         let in_fresh = |k: Key| whole || fresh.iter().any(|r| r.contains(k));
         let applied = if ctx.aggregate {
             self.sum(p, &in_fresh)?
+        } else if whole {
+            // The common case, with a test the store's loop compiles away.
+            self.apply_checked(p, |_| true, out.take())
         } else {
-            // The checks above passed: the store applies it whole.
-            let keys = match p.keys {
-                Keys::List(keys) => Some(keys),
-                Keys::Dense => None,
-            };
-            match out.take() {
-                Some(out) => self
-                    .store
-                    .push_checked_read(keys, p.range, p.vals, in_fresh, out),
-                None => self.store.push_checked(keys, p.range, p.vals, in_fresh),
-            }
+            self.apply_checked(p, in_fresh, out.take())
         };
         self.clock.record(p.sender, p.range, p.clock);
         let flushed = if ctx.aggregate {
@@ -418,6 +411,26 @@ impl Table {
             duplicate: total - applied as u64,
             flushed,
         })
+    }
+
+    /// Applies the keys of `p` for which `apply` holds, through the store
+    /// (the checks passed already), reading back into `out` when given.
+    fn apply_checked(
+        &mut self,
+        p: &Push<'_>,
+        apply: impl Fn(Key) -> bool + Sync,
+        out: Option<&mut Vec<f32>>,
+    ) -> usize {
+        let keys = match p.keys {
+            Keys::List(keys) => Some(keys),
+            Keys::Dense => None,
+        };
+        match out {
+            Some(out) => self
+                .store
+                .push_checked_read(keys, p.range, p.vals, apply, out),
+            None => self.store.push_checked(keys, p.range, p.vals, apply),
+        }
     }
 
     /// Sums the fresh keys of `p` into its clock's aggregate, refusing the

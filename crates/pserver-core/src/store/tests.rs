@@ -462,3 +462,36 @@ fn a_push_read_back_is_the_push_then_a_pull() {
         }
     }
 }
+
+#[test]
+fn a_one_float_pull_appends_what_the_general_path_writes() {
+    // dim 1 on one thread appends as it looks up (no zeroing pass); the
+    // threaded path writes into a zeroed buffer: both read the same.
+    let init = Init::Uniform {
+        scale: 0.2,
+        seed: 5,
+    };
+    let mut serial = store(1, init.clone(), UpdaterSpec::Add);
+    let mut parallel = store(1, init.clone(), UpdaterSpec::Add).with_threads(2);
+    let n = PARALLEL_MIN_KEYS + 3;
+    let keys: Vec<Key> = (0..n as u64).map(|i| i * 2).collect();
+    let vals: Vec<f32> = (0..n).map(|i| (i % 7) as f32).collect();
+    serial.push(&keys, &vals, all).unwrap();
+    parallel.push(&keys, &vals, all).unwrap();
+    // Every other probed key was never pushed: it reads as its initializer.
+    let probe: Vec<Key> = (0..n as u64).collect();
+    let (mut a, mut b) = (vec![9.0], vec![9.0]);
+    serial.pull(&probe, &mut a);
+    parallel.pull(&probe, &mut b);
+    assert_eq!(a, b);
+    assert_eq!(a.len(), n + 1);
+    assert_eq!(a[0], 9.0, "what was in the buffer stays");
+    for (i, &key) in probe.iter().enumerate() {
+        let mut want = [0.0];
+        initial(&init, key, &mut want);
+        if key % 2 == 0 {
+            want[0] += vals[key as usize / 2];
+        }
+        assert_eq!(a[i + 1], want[0], "key {key}");
+    }
+}
