@@ -249,9 +249,10 @@ impl Rows {
     #[inline]
     fn find(&self, key: Key, h: u64) -> Probe {
         let cells = self.cells.as_slice();
-        // `cells` holds exactly `buckets * stride` cells (see `grow`).
+        // `cells` holds exactly `buckets * stride` cells (see `grow`), so
+        // none before the first insert.
         let end = cells.len();
-        if self.buckets == 0 || end == 0 {
+        if end == 0 {
             return Probe::NoRoom;
         }
         let stride = self.stride;
@@ -259,10 +260,10 @@ impl Rows {
         // A load factor under 1 guarantees an empty bucket, so this ends;
         // the bound only turns a broken invariant into a miss, not a hang.
         for _ in 0..self.buckets {
-            let (Some(lo), Some(hi)) = (cells.get(at), cells.get(at + 1)) else {
+            let Some(bucket) = cells.get(at..at + 2) else {
                 return Probe::NoRoom;
             };
-            match u64::from(lo.to_bits()) | (u64::from(hi.to_bits()) << 32) {
+            match key_of(bucket) {
                 k if k == key => return Probe::Found(at),
                 EMPTY => return Probe::Vacant(at),
                 // The next bucket, wrapping at the end: an add and a

@@ -472,7 +472,8 @@ impl Store {
         let Some(end) = n.checked_mul(dim).and_then(|t| t.checked_add(start)) else {
             return;
         };
-        if dim == 1 && (self.threads == 1 || n < PARALLEL_MIN_KEYS) {
+        let serial = self.threads == 1 || n < PARALLEL_MIN_KEYS;
+        if dim == 1 && serial {
             // One float a key, on this thread: appended as looked up, with
             // no zeroing pass first (the lookups have an exact length, so
             // `extend` checks the capacity once).
@@ -488,7 +489,7 @@ impl Store {
             return;
         }
         out.resize(end, 0.0);
-        if self.threads == 1 || n < PARALLEL_MIN_KEYS {
+        if serial {
             self.fill_part(0, &mut out[start..], &key_at);
             return;
         }
