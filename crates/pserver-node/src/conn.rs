@@ -18,7 +18,8 @@ use tokio::sync::{mpsc, oneshot};
 use tokio_util::codec::{FramedRead, FramedWrite};
 use tokio_util::sync::CancellationToken;
 
-/// Frames queued per connection before senders wait.
+/// Frames queued per connection before senders wait: each frame takes at
+/// least `OUTBOX_BYTES / OUTBOX_DEPTH` of the byte budget.
 const OUTBOX_DEPTH: usize = 1024;
 
 /// Bytes of frames queued per connection before senders wait (a frame
@@ -31,10 +32,91 @@ pub const OUTBOX_BYTES: usize = 64 << 20;
 /// it is written).
 type Queued = (Frame, tokio::sync::OwnedSemaphorePermit);
 
-/// A cloneable handle that queues frames for one connection's writer task.
-#[derive(Clone, Debug)]
+/// What the senders of one connection and its writer task share.
+struct Line<W> {
+    state: Mutex<LineState<W>>,
+    /// Wakes the writer task: frames are queued, a sender handed back a
+    /// writer with bytes left to write, or the connection is to close.
+    wake: tokio::sync::Notify,
+}
+
+/// A connection's sending side, under its lock.
+struct LineState<W> {
+    /// Frames waiting for the writer, in the order they were sent.
+    queue: std::collections::VecDeque<Queued>,
+    /// The stream's writer, while nobody writes with it: the writer task
+    /// and senders that find the line idle take it out to write.
+    writer: Option<Writer<W>>,
+    /// The stream failed, or the connection is closing: nothing more is
+    /// sent.
+    done: bool,
+    /// The stream failed (so it is not shut down, only dropped).
+    failed: bool,
+}
+
+impl<W> Line<W> {
+    fn state(&self) -> std::sync::MutexGuard<'_, LineState<W>> {
+        lock(&self.state)
+    }
+}
+
+/// The sending side of a connection as its [`Outbox`] sees it, whatever the
+/// stream.
+trait Sending: Send + Sync {
+    /// Sends `frame` with its budget `permit`: written at once from the
+    /// caller if the line is idle (no task hop for a lone request or reply),
+    /// else queued for the writer task. Fails once the line is done.
+    fn put(&self, frame: Frame, permit: tokio::sync::OwnedSemaphorePermit) -> bool;
+    /// Wakes the writer task to close the connection.
+    fn close(&self);
+}
+
+impl<W: AsyncWrite + Unpin + Send + 'static> Sending for Line<W> {
+    fn put(&self, frame: Frame, permit: tokio::sync::OwnedSemaphorePermit) -> bool {
+        let mut st = self.state();
+        if st.done {
+            return false;
+        }
+        if st.queue.is_empty() {
+            if let Some(mut w) = st.writer.take_if(|w| w.idle()) {
+                // Ours until handed back: senders behind us queue, and
+                // the task waits for it.
+                drop(st);
+                w.queue(frame, permit);
+                let written = w.try_write_out();
+                let mut st = self.state();
+                let ok = written.is_ok();
+                if let Err(e) = written {
+                    tracing::debug!(error = %e, "connection failed while writing");
+                    st.done = true;
+                    st.failed = true;
+                }
+                let more = !w.idle() || !st.queue.is_empty() || st.done;
+                st.writer = Some(w);
+                drop(st);
+                if more {
+                    // The task writes the rest (or closes the line).
+                    self.wake.notify_one();
+                }
+                return ok;
+            }
+        }
+        st.queue.push_back((frame, permit));
+        drop(st);
+        self.wake.notify_one();
+        true
+    }
+
+    fn close(&self) {
+        self.wake.notify_one();
+    }
+}
+
+/// A cloneable handle that sends frames on one connection: written at once
+/// when the connection is idle, else queued for its writer task.
+#[derive(Clone)]
 pub struct Outbox {
-    tx: mpsc::Sender<Queued>,
+    line: Arc<dyn Sending>,
     budget: Arc<tokio::sync::Semaphore>,
     /// What the peer accepts: a frame beyond it is refused here, before it
     /// is queued, so its sender hears why at once.
@@ -45,34 +127,71 @@ pub struct Outbox {
     writer_gone: CancellationToken,
     /// Cancelled to close the connection now, whoever still holds a sender.
     closing: CancellationToken,
+    /// Dropped with the last outbox clone: the writer task then closes the
+    /// connection.
+    _senders: Arc<Senders>,
+}
+
+impl std::fmt::Debug for Outbox {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Outbox")
+            .field("limits", &self.limits)
+            .field("closed", &self.writer_gone.is_cancelled())
+            .finish_non_exhaustive()
+    }
+}
+
+/// Tells the writer task, when the last sender is dropped, that nothing
+/// more will come.
+struct Senders {
+    gone: CancellationToken,
+}
+
+impl Drop for Senders {
+    fn drop(&mut self) {
+        self.gone.cancel();
+    }
 }
 
 impl Outbox {
-    /// The budget share of `frame`: its encoded size, at most the whole.
+    /// The budget share of `frame`: its encoded size, at least a
+    /// `OUTBOX_DEPTH`th of the whole (so small frames are bounded by
+    /// count), at most the whole.
     fn share(frame: &Frame) -> u32 {
-        frame.encoded_len().clamp(1, OUTBOX_BYTES) as u32
+        frame
+            .encoded_len()
+            .clamp(OUTBOX_BYTES / OUTBOX_DEPTH, OUTBOX_BYTES) as u32
     }
 
-    /// Queues a frame, waiting while the queue is full. A frame the peer
+    /// Sends a frame, waiting while the queue is full. A frame the peer
     /// would refuse (over the frame limit, say) is not queued: the error
     /// says why ([`NodeError::Unsendable`]) and the connection goes on.
     pub async fn send(&self, frame: Frame) -> Result<(), NodeError> {
         frame.check(&self.limits).map_err(unsendable)?;
         let closed = || NodeError::Closed("peer".into());
-        let permit = Arc::clone(&self.budget)
-            .acquire_many_owned(Outbox::share(&frame))
-            .await
-            .map_err(|_| closed())?;
-        self.tx.send((frame, permit)).await.map_err(|_| closed())
+        let share = Outbox::share(&frame);
+        let permit = match Arc::clone(&self.budget).try_acquire_many_owned(share) {
+            Ok(permit) => permit,
+            Err(tokio::sync::TryAcquireError::Closed) => return Err(closed()),
+            Err(tokio::sync::TryAcquireError::NoPermits) => Arc::clone(&self.budget)
+                .acquire_many_owned(share)
+                .await
+                .map_err(|_| closed())?,
+        };
+        if self.line.put(frame, permit) {
+            Ok(())
+        } else {
+            Err(closed())
+        }
     }
 
     /// Whether `other` feeds the same connection.
     pub fn same(&self, other: &Outbox) -> bool {
-        self.tx.same_channel(&other.tx)
+        Arc::ptr_eq(&self.budget, &other.budget)
     }
 
-    /// Queues a frame unless the queue is full or closed, or the peer would
-    /// refuse the frame; returns whether it was queued.
+    /// Sends a frame unless the queue is full or closed, or the peer would
+    /// refuse the frame; returns whether it was sent.
     pub fn try_send(&self, frame: Frame) -> bool {
         if let Err(e) = frame.check(&self.limits) {
             tracing::warn!(error = %e, "a frame was not sent: the peer would refuse it");
@@ -82,7 +201,7 @@ impl Outbox {
         else {
             return false;
         };
-        self.tx.try_send((frame, permit)).is_ok()
+        self.line.put(frame, permit)
     }
 
     /// Completes once the writer task has ended: nothing queued from then
@@ -95,6 +214,7 @@ impl Outbox {
     /// dropped): the peer sees it end, as if every sender were gone.
     pub fn shutdown(&self) {
         self.closing.cancel();
+        self.line.close();
     }
 }
 
@@ -153,53 +273,117 @@ where
         inner: FramedRead::new(rd, FrameCodec::new(limits)),
         resume: false,
     };
-    let mut writer = Writer::new(wr, limits);
-    let (tx, mut rx) = mpsc::channel::<Queued>(OUTBOX_DEPTH);
+    let line = Arc::new(Line {
+        state: Mutex::new(LineState {
+            queue: std::collections::VecDeque::new(),
+            writer: Some(Writer::new(wr, limits)),
+            done: false,
+            failed: false,
+        }),
+        wake: tokio::sync::Notify::new(),
+    });
     let budget = Arc::new(tokio::sync::Semaphore::new(OUTBOX_BYTES));
     let writer_gone = CancellationToken::new();
-    let gone = writer_gone.clone().drop_guard();
     let closing = CancellationToken::new();
-    let close = closing.clone();
-    tokio::spawn(async move {
-        // Whatever ends this task tells the reader side.
-        let _gone = gone;
-        let mut written = Vec::new();
-        loop {
-            let next = tokio::select! {
-                _ = close.cancelled() => None,
-                next = rx.recv() => next,
-            };
-            let Some((frame, permit)) = next else { break };
-            // Encode everything already queued, then write it at once: one
-            // syscall for a burst of small replies.
-            written.push(permit);
-            writer.queue(frame);
-            while let Ok((more, permit)) = rx.try_recv() {
-                written.push(permit);
-                writer.queue(more);
-            }
-            if let Err(e) = writer.write_out().await {
-                tracing::debug!(error = %e, "connection failed while writing");
-                return;
-            }
-            // Written: their bytes are free for the next frames.
-            written.clear();
-        }
-        // Every sender is gone, or the owner closed it: close our side
-        // properly (a FIN on TCP; on TLS a close_notify, without which the
-        // peer sees a truncation).
-        let _ = tokio::io::AsyncWriteExt::shutdown(&mut writer.inner).await;
+    let senders = Arc::new(Senders {
+        gone: CancellationToken::new(),
     });
+    tokio::spawn(write_task(
+        Arc::clone(&line),
+        closing.clone(),
+        senders.gone.clone(),
+        writer_gone.clone().drop_guard(),
+    ));
     (
         reader,
         Outbox {
-            tx,
+            line,
             budget,
             limits,
             writer_gone,
             closing,
+            _senders: senders,
         },
     )
+}
+
+/// A connection's writer task: writes what senders queue (a burst at once)
+/// and what a sender's own write left, until the stream fails, the owner
+/// closes it, or every sender is gone and all they sent is written.
+async fn write_task<W>(
+    line: Arc<Line<W>>,
+    closing: CancellationToken,
+    senders_gone: CancellationToken,
+    // Whatever ends this task tells the reader side.
+    _gone: tokio_util::sync::DropGuard,
+) where
+    W: AsyncWrite + Unpin + Send + 'static,
+{
+    let mut batch = Vec::new();
+    'run: loop {
+        tokio::select! {
+            biased;
+            _ = closing.cancelled() => break 'run,
+            _ = line.wake.notified() => {}
+            // What they sent still goes, below, before the end.
+            _ = senders_gone.cancelled() => {}
+        }
+        loop {
+            let mut w = {
+                let mut st = line.state();
+                if st.done {
+                    break 'run;
+                }
+                let LineState { queue, writer, .. } = &mut *st;
+                // None while a sender writes: it wakes us when it is done.
+                let Some(w) = writer.take_if(|w| !w.idle() || !queue.is_empty()) else {
+                    break;
+                };
+                batch.extend(queue.drain(..));
+                w
+            };
+            // Encode everything queued, then write it at once: one syscall
+            // for a burst of small replies.
+            for (frame, permit) in batch.drain(..) {
+                w.queue(frame, permit);
+            }
+            let written = tokio::select! {
+                biased;
+                _ = closing.cancelled() => None,
+                written = w.write_out() => Some(written),
+            };
+            let mut st = line.state();
+            st.writer = Some(w);
+            let Some(written) = written else { break 'run };
+            if let Err(e) = written {
+                tracing::debug!(error = %e, "connection failed while writing");
+                st.failed = true;
+                break 'run;
+            }
+        }
+        if senders_gone.is_cancelled() {
+            break 'run;
+        }
+    }
+    // Nothing more is sent; frames still queued are dropped.
+    let mut w = loop {
+        {
+            let mut st = line.state();
+            st.done = true;
+            st.queue.clear();
+            if st.failed {
+                return;
+            }
+            if let Some(w) = st.writer.take() {
+                break w;
+            }
+        }
+        // A sender is writing: it hands the writer back and wakes us.
+        line.wake.notified().await;
+    };
+    // Close our side properly (a FIN on TCP; on TLS a close_notify,
+    // without which the peer sees a truncation).
+    let _ = tokio::io::AsyncWriteExt::shutdown(&mut w.inner).await;
 }
 
 /// Values sections of at least this many bytes are written from where
@@ -220,6 +404,11 @@ struct Writer<W> {
     buf: bytes::BytesMut,
     /// What goes out, in order: pieces of `buf` and large values sections.
     chunks: std::collections::VecDeque<bytes::Bytes>,
+    /// The budget shares of the frames encoded here, given back once they
+    /// are written.
+    held: Vec<tokio::sync::OwnedSemaphorePermit>,
+    /// Bytes went to the stream since its last flush.
+    unflushed: bool,
 }
 
 impl<W: AsyncWrite + Unpin> Writer<W> {
@@ -229,6 +418,27 @@ impl<W: AsyncWrite + Unpin> Writer<W> {
             limits,
             buf: bytes::BytesMut::new(),
             chunks: std::collections::VecDeque::new(),
+            held: Vec::new(),
+            unflushed: false,
+        }
+    }
+
+    /// Nothing is left to write or flush.
+    fn idle(&self) -> bool {
+        self.buf.is_empty() && self.chunks.is_empty() && self.held.is_empty() && !self.unflushed
+    }
+
+    /// Writes what it can of everything queued without waiting: what the
+    /// stream does not take now stays queued (so `idle` is false) for a
+    /// later `write_out`.
+    fn try_write_out(&mut self) -> std::io::Result<()> {
+        use std::future::Future;
+        let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+        // `write_out` only advances past bytes the stream took, so
+        // dropping it while it waits loses nothing.
+        match std::pin::pin!(self.write_out()).poll(&mut cx) {
+            std::task::Poll::Ready(done) => done,
+            std::task::Poll::Pending => Ok(()),
         }
     }
 
@@ -236,7 +446,8 @@ impl<W: AsyncWrite + Unpin> Writer<W> {
     /// (the outbox checks first, so only a bug gets here) is dropped with a
     /// log line: nothing of it is written, so the stream stays in step and
     /// the frames behind it still go.
-    fn queue(&mut self, mut frame: Frame) {
+    fn queue(&mut self, mut frame: Frame, permit: tokio::sync::OwnedSemaphorePermit) {
+        self.held.push(permit);
         if let Err(e) = frame.check(&self.limits) {
             tracing::error!(error = %e, "a frame was dropped: it breaks the wire's limits");
             return;
@@ -254,6 +465,7 @@ impl<W: AsyncWrite + Unpin> Writer<W> {
             self.chunks.push_back(vals);
             self.buf.extend_from_slice(&ctrl);
         }
+        self.unflushed = true;
     }
 
     /// Writes everything queued, then flushes.
@@ -287,7 +499,11 @@ impl<W: AsyncWrite + Unpin> Writer<W> {
                 }
             }
         }
-        self.inner.flush().await
+        self.inner.flush().await?;
+        // Written: their bytes are free for the next frames.
+        self.unflushed = false;
+        self.held.clear();
+        Ok(())
     }
 }
 
@@ -503,6 +719,11 @@ impl Peer {
         }
         if let Err(e) = self.out.send(frame).await {
             lock(&self.pending).remove(&id);
+            if matches!(e, NodeError::Closed(_)) {
+                // The connection failed (writing this frame, say): no
+                // request on it will be answered.
+                self.close();
+            }
             return Err(self.named(e));
         }
         Ok(rx)

@@ -298,3 +298,104 @@ async fn large_and_small_frames_interleave_over_tcp() {
         assert_eq!(reply.ctrl, ctrl);
     }
 }
+
+/// Frames of one sender arrive in the order sent, whether each was written
+/// at once by the sender (the line idle) or queued behind a write the
+/// stream had not taken whole (a small pipe, frames larger than it). On
+/// two threads, so the writer task hands the writer back while the sender
+/// runs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn frames_arrive_in_order_whether_written_at_once_or_queued() {
+    let (ours, theirs) = tokio::io::duplex(4096);
+    let (_reader, out) = split(ours, Limits::default());
+    let (mut their_reader, _their_out) = split(theirs, Limits::default());
+    let n = 3000u64;
+    let sending = tokio::spawn(async move {
+        for id in 1..=n {
+            let mut f = request(if id % 3 == 0 { 3000 } else { 1 });
+            f.header.request_id = id;
+            out.send(f).await.unwrap();
+            if id % 500 == 0 {
+                // Let the line go idle now and then, so later frames take
+                // the direct path again.
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        }
+        out
+    });
+    let mut seen = Vec::new();
+    while seen.len() < n as usize {
+        let f = tokio::time::timeout(Duration::from_secs(10), their_reader.next())
+            .await
+            .expect("every frame arrives")
+            .unwrap()
+            .unwrap();
+        let want = if f.header.request_id % 3 == 0 {
+            3000
+        } else {
+            1
+        };
+        assert_eq!(f.vals.len(), want, "frame {} whole", f.header.request_id);
+        seen.push(f.header.request_id);
+    }
+    assert_eq!(seen, (1..=n).collect::<Vec<_>>());
+    // Once every sender is gone, the writer closes the stream: the peer
+    // sees it end.
+    drop(sending.await.unwrap());
+    let end = tokio::time::timeout(Duration::from_secs(5), their_reader.next())
+        .await
+        .expect("the stream ends");
+    assert!(end.is_none(), "nothing after the last frame");
+}
+
+/// `shutdown` closes the connection even while a frame is half written
+/// (the peer not reading): the writer task ends and the reader side hears.
+#[tokio::test]
+async fn shutdown_ends_a_line_blocked_mid_frame() {
+    let (ours, _theirs) = tokio::io::duplex(1024);
+    let (_reader, out) = split(ours, Limits::default());
+    out.send(request(10_000)).await.unwrap();
+    out.send(request(10)).await.unwrap();
+    out.shutdown();
+    tokio::time::timeout(Duration::from_secs(5), out.writer_gone())
+        .await
+        .expect("the writer task ends");
+    assert!(matches!(
+        out.send(request(1)).await,
+        Err(NodeError::Closed(_))
+    ));
+}
+
+/// The direct path never passes the queue: with a frame queued for the
+/// writer task (which has not run yet), the next frame queues behind it
+/// instead of going out at once, though the writer is free.
+#[tokio::test]
+async fn a_sender_does_not_pass_frames_queued_before_it() {
+    let line = Line {
+        state: Mutex::new(LineState {
+            queue: std::collections::VecDeque::new(),
+            writer: Some(Writer::new(Vec::new(), Limits::default())),
+            done: false,
+            failed: false,
+        }),
+        wake: tokio::sync::Notify::new(),
+    };
+    let budget = Arc::new(tokio::sync::Semaphore::new(OUTBOX_BYTES));
+    let permit = || Arc::clone(&budget).try_acquire_owned().unwrap();
+    let written = |line: &Line<Vec<u8>>| line.state().writer.as_ref().unwrap().inner.len();
+    // The line is idle: the frame goes out at once, from the caller.
+    assert!(line.put(request(1), permit()));
+    let first = written(&line);
+    assert!(first > 0);
+    assert!(line.state().queue.is_empty());
+    line.state().queue.push_back((request(2), permit()));
+    assert!(line.put(request(3), permit()));
+    assert_eq!(written(&line), first, "a frame passed the queue");
+    let queued: Vec<usize> = line
+        .state()
+        .queue
+        .iter()
+        .map(|(f, _)| f.vals.len())
+        .collect();
+    assert_eq!(queued, [2, 3]);
+}
