@@ -52,6 +52,9 @@ struct LineState<W> {
     done: bool,
     /// The stream failed (so it is not shut down, only dropped).
     failed: bool,
+    /// Live [`Cork`]s: while any is held, frames wait in the queue, to go
+    /// out together when the last is dropped.
+    corks: usize,
 }
 
 impl<W> Line<W> {
@@ -69,6 +72,11 @@ trait Sending: Send + Sync {
     fn put(&self, frame: Frame, permit: tokio::sync::OwnedSemaphorePermit) -> bool;
     /// Wakes the writer task to close the connection.
     fn close(&self);
+    /// Holds frames back until [`Sending::uncork`].
+    fn cork(&self);
+    /// Ends one `cork`; after the last, writes what was held back at once
+    /// from the caller if the line is idle, else wakes the writer task.
+    fn uncork(&self);
 }
 
 impl<W: AsyncWrite + Unpin + Send + 'static> Sending for Line<W> {
@@ -77,38 +85,82 @@ impl<W: AsyncWrite + Unpin + Send + 'static> Sending for Line<W> {
         if st.done {
             return false;
         }
+        if st.corks > 0 {
+            // Goes with the others when the last cork is dropped.
+            st.queue.push_back((frame, permit));
+            return true;
+        }
         if st.queue.is_empty() {
             if let Some(mut w) = st.writer.take_if(|w| w.idle()) {
                 // Ours until handed back: senders behind us queue, and
                 // the task waits for it.
                 drop(st);
                 w.queue(frame, permit);
-                let written = w.try_write_out();
-                let mut st = self.state();
-                let ok = written.is_ok();
-                if let Err(e) = written {
-                    tracing::debug!(error = %e, "connection failed while writing");
-                    st.done = true;
-                    st.failed = true;
-                }
-                let more = !w.idle() || !st.queue.is_empty() || st.done;
-                st.writer = Some(w);
+                self.write_now(w)
+            } else {
+                st.queue.push_back((frame, permit));
                 drop(st);
-                if more {
-                    // The task writes the rest (or closes the line).
-                    self.wake.notify_one();
-                }
-                return ok;
+                self.wake.notify_one();
+                true
             }
+        } else {
+            st.queue.push_back((frame, permit));
+            drop(st);
+            self.wake.notify_one();
+            true
         }
-        st.queue.push_back((frame, permit));
-        drop(st);
-        self.wake.notify_one();
-        true
     }
 
     fn close(&self) {
         self.wake.notify_one();
+    }
+
+    fn cork(&self) {
+        self.state().corks += 1;
+    }
+
+    fn uncork(&self) {
+        let mut st = self.state();
+        st.corks = st.corks.saturating_sub(1);
+        if st.corks > 0 || st.queue.is_empty() || st.done {
+            return;
+        }
+        let LineState { queue, writer, .. } = &mut *st;
+        let Some(mut w) = writer.take_if(|w| w.idle()) else {
+            drop(st);
+            self.wake.notify_one();
+            return;
+        };
+        let held: Vec<Queued> = queue.drain(..).collect();
+        drop(st);
+        for (frame, permit) in held {
+            w.queue(frame, permit);
+        }
+        self.write_now(w);
+    }
+}
+
+impl<W: AsyncWrite + Unpin + Send + 'static> Line<W> {
+    /// Writes what `w` holds without waiting, then hands it back, waking
+    /// the writer task if anything is left (or the line failed). Whether
+    /// the write went without error.
+    fn write_now(&self, mut w: Writer<W>) -> bool {
+        let written = w.try_write_out();
+        let mut st = self.state();
+        let ok = written.is_ok();
+        if let Err(e) = written {
+            tracing::debug!(error = %e, "connection failed while writing");
+            st.done = true;
+            st.failed = true;
+        }
+        let more = !w.idle() || !st.queue.is_empty() || st.done;
+        st.writer = Some(w);
+        drop(st);
+        if more {
+            // The task writes the rest (or closes the line).
+            self.wake.notify_one();
+        }
+        ok
     }
 }
 
@@ -138,6 +190,18 @@ impl std::fmt::Debug for Outbox {
             .field("limits", &self.limits)
             .field("closed", &self.writer_gone.is_cancelled())
             .finish_non_exhaustive()
+    }
+}
+
+/// Holds a connection's frames back until dropped ([`Outbox::cork`]).
+#[must_use = "frames are held back only while the cork lives"]
+pub struct Cork {
+    line: Arc<dyn Sending>,
+}
+
+impl Drop for Cork {
+    fn drop(&mut self) {
+        self.line.uncork();
     }
 }
 
@@ -202,6 +266,17 @@ impl Outbox {
             return false;
         };
         self.line.put(frame, permit)
+    }
+
+    /// Holds this connection's frames back while the guard lives, to go
+    /// out together (one write) when the last guard is dropped: for a
+    /// sender about to send a burst (a request's slices), which would
+    /// otherwise write each at once, a syscall apiece.
+    pub fn cork(&self) -> Cork {
+        self.line.cork();
+        Cork {
+            line: Arc::clone(&self.line),
+        }
     }
 
     /// Completes once the writer task has ended: nothing queued from then
@@ -279,6 +354,7 @@ where
             writer: Some(Writer::new(wr, limits)),
             done: false,
             failed: false,
+            corks: 0,
         }),
         wake: tokio::sync::Notify::new(),
     });
@@ -669,6 +745,12 @@ impl Peer {
     pub fn shutdown(&self) {
         self.close();
         self.out.shutdown();
+    }
+
+    /// Holds this connection's frames back while the guard lives
+    /// ([`Outbox::cork`]).
+    pub fn cork(&self) -> Cork {
+        self.out.cork()
     }
 
     /// True once the connection has failed or closed.

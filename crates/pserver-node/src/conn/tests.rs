@@ -377,6 +377,7 @@ async fn a_sender_does_not_pass_frames_queued_before_it() {
             writer: Some(Writer::new(Vec::new(), Limits::default())),
             done: false,
             failed: false,
+            corks: 0,
         }),
         wake: tokio::sync::Notify::new(),
     };
@@ -398,4 +399,41 @@ async fn a_sender_does_not_pass_frames_queued_before_it() {
         .map(|(f, _)| f.vals.len())
         .collect();
     assert_eq!(queued, [2, 3]);
+}
+
+/// Frames sent while a cork is held wait; when the last cork goes they
+/// are written together, in order, from the caller (the line was idle).
+#[tokio::test]
+async fn corked_frames_wait_and_go_out_together() {
+    let line = Line {
+        state: Mutex::new(LineState {
+            queue: std::collections::VecDeque::new(),
+            writer: Some(Writer::new(Vec::new(), Limits::default())),
+            done: false,
+            failed: false,
+            corks: 0,
+        }),
+        wake: tokio::sync::Notify::new(),
+    };
+    let budget = Arc::new(tokio::sync::Semaphore::new(OUTBOX_BYTES));
+    let permit = || Arc::clone(&budget).try_acquire_owned().unwrap();
+    let written = |line: &Line<Vec<u8>>| line.state().writer.as_ref().unwrap().inner.clone();
+    line.cork();
+    line.cork();
+    for n in [1, 2, 3] {
+        assert!(line.put(request(n), permit()));
+    }
+    line.uncork();
+    assert!(written(&line).is_empty(), "written while a cork is held");
+    assert_eq!(line.state().queue.len(), 3);
+    line.uncork();
+    assert!(line.state().queue.is_empty());
+    // The bytes are the three frames, in the order sent.
+    let mut bytes = bytes::BytesMut::from(&written(&line)[..]);
+    let mut codec = FrameCodec::new(Limits::default());
+    let mut got = Vec::new();
+    while let Some(f) = tokio_util::codec::Decoder::decode(&mut codec, &mut bytes).unwrap() {
+        got.push(f.vals.len());
+    }
+    assert_eq!(got, [1, 2, 3]);
 }

@@ -326,7 +326,12 @@ impl Inner {
         // so a slice with keys meets the same refusal where they are.
         let mut keyless_refusal: Option<NodeError> = None;
         loop {
+            // Connections that get several frames this round: corked until
+            // every frame of the round is queued, so each goes out in one
+            // write, not one syscall a frame.
+            let mut corks = Vec::new();
             if !queue.is_empty() {
+                let mut per_server: HashMap<NodeId, usize> = HashMap::new();
                 let map = lock(&self.map).clone();
                 // The first round's frames count down to the signal.
                 let countdown = queued_signal.take().map(|tx| Queued(Arc::new(tx)));
@@ -374,6 +379,13 @@ impl Inner {
                             tries: item.tries,
                         };
                         let server = map.partitions[partition].primary;
+                        let sent_there = per_server.entry(server).or_default();
+                        *sent_there += 1;
+                        if *sent_there == 2 {
+                            if let Some(link) = lock(&self.servers).get(&server) {
+                                corks.push(link.peer.cork());
+                            }
+                        }
                         let mut h = Header::new(kind);
                         h.flags = if dense { FLAG_DENSE } else { 0 }
                             | if sub.sent { FLAG_RETRY } else { 0 };
@@ -403,7 +415,15 @@ impl Inner {
                     }
                 }
             }
-            let Some((mut item, step)) = in_flight.next().await else {
+            let mut corks = Some(corks);
+            let next = std::future::poll_fn(|cx| {
+                let polled = in_flight.poll_next_unpin(cx);
+                // The first poll queued every new frame: let them go.
+                corks.take();
+                polled
+            })
+            .await;
+            let Some((mut item, step)) = next else {
                 if let Some(e) = keyless_refusal {
                     return Err(e);
                 }
