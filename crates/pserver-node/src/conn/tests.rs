@@ -366,12 +366,10 @@ async fn shutdown_ends_a_line_blocked_mid_frame() {
     ));
 }
 
-/// The direct path never passes the queue: with a frame queued for the
-/// writer task (which has not run yet), the next frame queues behind it
-/// instead of going out at once, though the writer is free.
-#[tokio::test]
-async fn a_sender_does_not_pass_frames_queued_before_it() {
-    let line = Line {
+/// A line with no writer task, writing into a vector: what a sender's
+/// direct write puts on the wire can be read back from it.
+fn idle_line() -> Line<Vec<u8>> {
+    Line {
         state: Mutex::new(LineState {
             queue: std::collections::VecDeque::new(),
             writer: Some(Writer::new(Vec::new(), Limits::default())),
@@ -380,7 +378,15 @@ async fn a_sender_does_not_pass_frames_queued_before_it() {
             corks: 0,
         }),
         wake: tokio::sync::Notify::new(),
-    };
+    }
+}
+
+/// The direct path never passes the queue: with a frame queued for the
+/// writer task (which has not run yet), the next frame queues behind it
+/// instead of going out at once, though the writer is free.
+#[tokio::test]
+async fn a_sender_does_not_pass_frames_queued_before_it() {
+    let line = idle_line();
     let budget = Arc::new(tokio::sync::Semaphore::new(OUTBOX_BYTES));
     let permit = || Arc::clone(&budget).try_acquire_owned().unwrap();
     let written = |line: &Line<Vec<u8>>| line.state().writer.as_ref().unwrap().inner.len();
@@ -405,16 +411,7 @@ async fn a_sender_does_not_pass_frames_queued_before_it() {
 /// are written together, in order, from the caller (the line was idle).
 #[tokio::test]
 async fn corked_frames_wait_and_go_out_together() {
-    let line = Line {
-        state: Mutex::new(LineState {
-            queue: std::collections::VecDeque::new(),
-            writer: Some(Writer::new(Vec::new(), Limits::default())),
-            done: false,
-            failed: false,
-            corks: 0,
-        }),
-        wake: tokio::sync::Notify::new(),
-    };
+    let line = idle_line();
     let budget = Arc::new(tokio::sync::Semaphore::new(OUTBOX_BYTES));
     let permit = || Arc::clone(&budget).try_acquire_owned().unwrap();
     let written = |line: &Line<Vec<u8>>| line.state().writer.as_ref().unwrap().inner.clone();
