@@ -96,19 +96,13 @@ impl<W: AsyncWrite + Unpin + Send + 'static> Sending for Line<W> {
                 // the task waits for it.
                 drop(st);
                 w.queue(frame, permit);
-                self.write_now(w)
-            } else {
-                st.queue.push_back((frame, permit));
-                drop(st);
-                self.wake.notify_one();
-                true
+                return self.write_now(w);
             }
-        } else {
-            st.queue.push_back((frame, permit));
-            drop(st);
-            self.wake.notify_one();
-            true
         }
+        st.queue.push_back((frame, permit));
+        drop(st);
+        self.wake.notify_one();
+        true
     }
 
     fn close(&self) {
