@@ -117,3 +117,90 @@ async fn a_checkpoint_does_not_stop_a_small_pull_of_another_table() {
     .await
     .expect("within the limit");
 }
+
+/// Floats of the dense push sent right behind a big one: far more than a
+/// loopback connection buffers (a few MiB each way), so its write can end
+/// only once the server has read most of it.
+const BEHIND: u64 = 8 << 20;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_connection_is_read_on_while_its_big_push_is_applied() {
+    use futures_util::StreamExt;
+    use pserver_wire::header::FLAG_DENSE;
+    use pserver_wire::{Frame, FrameCodec, Header, Kind, Limits};
+    use tokio::io::AsyncWriteExt;
+    use tokio_util::codec::{Encoder, FramedRead};
+
+    tokio::time::timeout(LIMIT, async {
+        let (c, w) = cluster().await;
+        let wide = w
+            .create_table("wide", TableOptions::new(1, UpdaterSpec::Assign))
+            .await
+            .unwrap();
+        let big = w.table("big").await.unwrap();
+        let map = w.refresh().await.unwrap();
+        let frame = |table: u32, clock: u64| {
+            let mut h = Header::new(Kind::Push);
+            h.sender = w.id();
+            h.table = table;
+            h.epoch = map.epoch;
+            h.clock = clock;
+            h.range = map.partitions[0].range;
+            Frame::new(h)
+        };
+        // A push of 2M keys, lent to a blocking thread for a while...
+        let mut first = frame(big.id, 1);
+        first.keys = (0..BIG).map(|i| i * 1_000_003).collect();
+        first.vals = vec![1.0f32; BIG as usize].into();
+        first.header.request_id = 1;
+        // ...and right behind it on the same connection, 32 MiB of a dense push.
+        let mut second = frame(wide.id, 1);
+        second.header.flags = FLAG_DENSE;
+        second.header.range = pserver_core::KeyRange::new(0, BEHIND).unwrap();
+        second.vals = vec![2.0f32; BEHIND as usize].into();
+        second.header.request_id = 2;
+        let mut codec = FrameCodec::new(Limits::default());
+        let mut bytes = bytes::BytesMut::new();
+        codec.encode(&first, &mut bytes).unwrap();
+        codec.encode(&second, &mut bytes).unwrap();
+
+        let addr = c.servers[0].addr().to_string();
+        let stream = tokio::net::TcpStream::connect(&addr).await.unwrap();
+        let (rd, mut wr) = stream.into_split();
+        let replies = tokio::spawn(async move {
+            let mut rd = FramedRead::new(rd, FrameCodec::new(Limits::default()));
+            let mut got = Vec::new();
+            while got.len() < 2 {
+                let f = rd.next().await.expect("a reply").expect("a good frame");
+                got.push((Instant::now(), f));
+            }
+            got
+        });
+        wr.write_all(&bytes).await.unwrap();
+        let written = Instant::now();
+        let got = replies.await.unwrap();
+        for (_, f) in &got {
+            assert_eq!(f.header.kind, Kind::Reply, "{:?}", f.control_msg());
+        }
+        let (first_answered, f) = &got[0];
+        assert_eq!(f.header.request_id, 1, "requests are answered in order");
+        eprintln!(
+            "written {:?} before the first push was answered",
+            first_answered.saturating_duration_since(written)
+        );
+        // Without reading ahead, the dense push's bytes would wait in the
+        // socket until the big push was answered.
+        assert!(
+            written < *first_answered,
+            "the second push was written only {:?} after the first was answered",
+            written - *first_answered
+        );
+        assert_eq!(w.pull("big", vec![1_000_003 * 9]).await.unwrap(), vec![1.0]);
+        assert_eq!(
+            w.pull("wide", vec![0, BEHIND - 1]).await.unwrap(),
+            vec![2.0, 2.0]
+        );
+    })
+    .await
+    .expect("within the limit");
+}

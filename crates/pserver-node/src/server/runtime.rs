@@ -14,7 +14,7 @@ use super::core::{
 };
 use super::stats::{Figured, LinkFigures, ServerStats};
 use super::{ServerConfig, ServerHandle};
-use crate::conn::{Outbox, Peer, accept_loop, bind, lock, split};
+use crate::conn::{Outbox, Peer, Reader, accept_loop, bind, lock, split};
 use crate::error::NodeError;
 use crate::metrics::{BoxFuture, Exporter, Scrape};
 use crate::net::Net;
@@ -626,16 +626,9 @@ where
         let epoch = shared.map_epoch.load(Ordering::Relaxed);
         error_reply(h, shared.id, epoch, ErrorCode::Malformed, why)
     };
-    loop {
-        let item = tokio::select! {
-            item = reader.next() => match item {
-                Some(item) => item,
-                None => break,
-            },
-            // Replies can no longer leave: stop taking requests.
-            _ = out.writer_gone() => break,
-        };
-        match item {
+    let mut next = read_next(&mut reader, &out).await;
+    while let Some(item) = next {
+        let (effects, ahead) = match item {
             Ok(mut frame) => {
                 let at = Instant::now();
                 shared
@@ -664,14 +657,15 @@ where
                 if let Err(e) = frame.unpack() {
                     shared.stats.error(ErrorCode::Malformed);
                     let _ = out.send(malformed(&frame.header, e.to_string())).await;
+                    next = read_next(&mut reader, &out).await;
                     continue;
                 }
                 let big = frame.keys.len().max(frame.vals.len()) >= LEND_FROM;
+                let push = frame.header.kind == Kind::Push;
                 let input = Input::Request { conn, frame };
                 // A big request's admission (checking millions of keys)
                 // takes a while even though its table is lent for the rest.
-                let effects = shared.step_timed([input], big, timed).await;
-                shared.carry_out(effects).await;
+                (shared.step_timed([input], big, timed).await, push)
             }
             Err(CodecError::Oversized { header, bytes, max }) => {
                 // Refused whole, nothing done; the codec skips its body, so
@@ -693,6 +687,8 @@ where
                         why,
                     ))
                     .await;
+                next = read_next(&mut reader, &out).await;
+                continue;
             }
             Err(e) => {
                 tracing::warn!(%peer, error = %e, "bad frame; closing");
@@ -702,12 +698,40 @@ where
                     .await;
                 break;
             }
-        }
+        };
+        // After a push, the next frame is read while the push's effects are
+        // carried out (a lent table's work runs on a blocking thread for
+        // milliseconds), so the socket goes on draining and the sender on
+        // sending the rest of a big request. The frame read ahead is stepped
+        // only once they are done, so a connection's requests still reach
+        // the core one at a time and in order; at most one is read ahead.
+        // Not after a pull or push-pull: the reply is as big as the request,
+        // and its write and the read ahead then compete for the same cores
+        // (a dense push-pull of 64 MiB was 10% slower with it, 2 cores).
+        next = if ahead {
+            let (_, read) = tokio::join!(shared.carry_out(effects), read_next(&mut reader, &out));
+            read
+        } else {
+            shared.carry_out(effects).await;
+            read_next(&mut reader, &out).await
+        };
     }
     lock(&shared.conns).remove(&conn);
     shared.stats.closed();
     let effects = shared.step([Input::Closed(conn)], false).await;
     shared.carry_out(effects).await;
+}
+
+/// The connection's next frame, or `None` once it ended or its replies can
+/// no longer leave (then it takes no more requests).
+async fn read_next<S: AsyncRead>(
+    reader: &mut Reader<S>,
+    out: &Outbox,
+) -> Option<Result<Frame, CodecError>> {
+    tokio::select! {
+        item = reader.next() => item,
+        _ = out.writer_gone() => None,
+    }
 }
 
 /// A data request's operation, from its header alone; `None` for the
