@@ -392,28 +392,26 @@ impl Store {
             return one_thread(&mut self.shards, read);
         }
         // Each thread owns a run of shards and applies the keys that fall
-        // in them, which are sorted out first so that no thread scans the
-        // others' keys. Positions are `u32`; a push too big for them (or
-        // for memory) is applied on this thread.
+        // in them, which it sorts out first itself (a pass over the keys
+        // in parallel, instead of one on this thread before any starts).
+        // Positions are `u32`; a push too big for them is applied on this
+        // thread.
+        if u32::try_from(n).is_err() {
+            return one_thread(&mut self.shards, read);
+        }
         let groups = self.threads;
         let per = SHARDS / groups;
-        let grouped = u32::try_from(n)
-            .ok()
-            .and_then(|_| group_positions(n, groups, key_at));
-        let Some((pos, starts)) = grouped else {
-            return one_thread(&mut self.shards, read);
-        };
         let reads = read.is_some();
         let dim = self.dim;
         let applier = &applier;
         // A thread's keys are scattered over the push, so a thread that
         // reads back collects its weights in its own order; they are put in
-        // place once every thread is done.
+        // place once every thread is done, at the positions it returns.
         let part = |g: usize| {
-            let mine = pos.get(starts[g]..starts[g + 1]).unwrap_or(&[]);
             move |shards: &mut [Rows]| {
+                let mine = own_positions(n, g, groups, key_at);
                 let at = |j: usize| mine[j] as usize;
-                if reads {
+                let (applied, got) = if reads {
                     let mut got = Collect {
                         vals: Vec::with_capacity(mine.len() * dim),
                         dim,
@@ -423,7 +421,8 @@ impl Store {
                 } else {
                     let applied = applier.run_at(shards, g * per, mine.len(), at, &mut NoRead);
                     (applied, Vec::new())
-                }
+                };
+                (applied, got, mine)
             }
         };
         let (mut done, refused) = std::thread::scope(|scope| {
@@ -435,12 +434,12 @@ impl Store {
             };
             for (g, group) in groups {
                 let work = part(g);
-                match std::thread::Builder::new().spawn_scoped(scope, move || (g, work(group))) {
+                match std::thread::Builder::new().spawn_scoped(scope, move || work(group)) {
                     Ok(h) => spawned.push(h),
                     Err(_) => refused.push(g),
                 }
             }
-            let mut done = vec![(0, part(0)(first))];
+            let mut done = vec![part(0)(first)];
             for h in spawned {
                 done.push(h.join().unwrap_or_else(|e| std::panic::resume_unwind(e)));
             }
@@ -449,16 +448,14 @@ impl Store {
         // Where the OS refused a thread, those shards are done here.
         for g in refused {
             if let Some(group) = self.shards.chunks_mut(per).nth(g) {
-                done.push((g, part(g)(group)));
+                done.push(part(g)(group));
             }
         }
         let mut applied = 0;
-        for (g, (count, got)) in done {
+        for (count, got, mine) in done {
             applied += count;
-            if let (Some(out), Some(mine)) =
-                (read.as_deref_mut(), pos.get(starts[g]..starts[g + 1]))
-            {
-                scatter(out, dim, mine, &got);
+            if let Some(out) = read.as_deref_mut() {
+                scatter(out, dim, &mine, &got);
             }
         }
         applied
@@ -810,38 +807,29 @@ fn scatter(out: &mut [f32], dim: usize, mine: &[u32], got: &[f32]) {
     }
 }
 
-/// The positions `0..n` of a push's keys grouped by the thread that owns
-/// their shard (`groups` threads, each `SHARDS / groups` consecutive
-/// shards), each group ascending; and where each group starts (`groups + 1`
-/// offsets). A counting sort: two passes over the keys, so that each
-/// thread then visits only its own keys instead of scanning all of them.
-fn group_positions(
-    n: usize,
-    groups: usize,
-    key_at: &impl Fn(usize) -> Key,
-) -> Option<(Vec<u32>, Vec<usize>)> {
+/// The positions `0..n` of a push's keys that fall in the shards of thread
+/// `g` of `groups` (each owning `SHARDS / groups` consecutive shards),
+/// ascending. Every thread scans all the keys for its own, in parallel:
+/// a hash and a compare a key, written without a branch (whether a random
+/// key is a thread's own is a coin toss the CPU cannot predict) into a
+/// small block that is then appended, so the list holds only its own.
+fn own_positions(n: usize, g: usize, groups: usize, key_at: &impl Fn(usize) -> Key) -> Vec<u32> {
+    const BLOCK: usize = 256;
     let per = SHARDS / groups;
-    let mut group = Vec::new();
-    group.try_reserve_exact(n).ok()?;
-    let mut starts = vec![0usize; groups + 1];
-    for i in 0..n {
-        let g = (shard_of(key_at(i)) / per).min(groups - 1);
-        group.push(g as u8);
-        starts[g + 1] += 1;
+    let mut mine = Vec::with_capacity(n / groups + n / groups / 8 + BLOCK);
+    let mut block = [0u32; BLOCK];
+    let mut start = 0;
+    while start < n {
+        let end = (start + BLOCK).min(n);
+        let mut len = 0;
+        for i in start..end {
+            block[len] = i as u32;
+            len += usize::from((shard_of(key_at(i)) / per).min(groups - 1) == g);
+        }
+        mine.extend_from_slice(&block[..len]);
+        start = end;
     }
-    for g in 0..groups {
-        starts[g + 1] += starts[g];
-    }
-    let mut fill = starts.clone();
-    let mut pos = Vec::new();
-    pos.try_reserve_exact(n).ok()?;
-    pos.resize(n, 0u32);
-    for (i, &g) in group.iter().enumerate() {
-        let slot = &mut fill[usize::from(g)];
-        pos[*slot] = u32::try_from(i).ok()?;
-        *slot += 1;
-    }
-    Some((pos, starts))
+    mine
 }
 
 /// Slots of the ring of hashes the push and pull loops keep between

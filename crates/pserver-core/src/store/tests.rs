@@ -357,22 +357,24 @@ fn built_ins_run_as_their_own_type_exactly_as_through_the_trait() {
 }
 
 #[test]
-fn positions_are_grouped_by_the_thread_of_their_shard_in_order() {
+fn each_thread_finds_exactly_its_own_positions_in_order() {
+    // 1000 keys: several blocks of the scan, and a partial last one.
     let keys: Vec<Key> = (0..1000u64).map(|i| i.wrapping_mul(0x2545_F491)).collect();
     for groups in [1, 2, 4, 8] {
-        let (pos, starts) = group_positions(keys.len(), groups, &|i| keys[i]).unwrap();
-        assert_eq!(starts.len(), groups + 1);
-        assert_eq!((starts[0], starts[groups]), (0, keys.len()));
-        let mut seen = pos.clone();
-        seen.sort_unstable();
-        assert!(seen.iter().enumerate().all(|(i, &p)| p as usize == i));
         let per = SHARDS / groups;
+        let mut seen = Vec::new();
         for g in 0..groups {
-            let mine = &pos[starts[g]..starts[g + 1]];
+            let mine = own_positions(keys.len(), g, groups, &|i| keys[i]);
             assert!(mine.windows(2).all(|w| w[0] < w[1]), "ascending");
             assert!(mine.iter().all(|&p| shard_of(keys[p as usize]) / per == g));
+            seen.extend(mine);
         }
+        // Between them, every position once.
+        seen.sort_unstable();
+        assert!(seen.iter().enumerate().all(|(i, &p)| p as usize == i));
+        assert_eq!(seen.len(), keys.len());
     }
+    assert!(own_positions(0, 0, 2, &|i| keys[i]).is_empty());
 }
 
 #[test]
