@@ -7,6 +7,7 @@
 //! of 65,536 keys: a cache-resident table) or `random` (65,536 random keys
 //! a request over a table of 4M keys).
 
+use pserver_core::store::Threads;
 use pserver_core::table::{Keys, Push, PushCtx, Table};
 use pserver_core::updater::Registry;
 use pserver_core::{Consistency, Init, KeyRange, TableSpec, UpdaterSpec};
@@ -47,7 +48,9 @@ fn main() {
         aggregate: false,
         job: None,
     };
-    let mut table = Table::new(spec, built, threads);
+    let pool = Threads::new(threads).expect("apply threads");
+    let threads = pool.count();
+    let mut table = Table::new(spec, built, &pool);
     let mut seed = 7;
     let mut clock = 0;
     let vals = vec![1.0f32; KEYS];

@@ -13,6 +13,10 @@ use crate::spec::{Init, TableSpec};
 use crate::updater::{Builtin, Updater};
 use std::sync::Arc;
 
+pub mod threads;
+
+pub use threads::{Threads, ThreadsError};
+
 /// Why a push or pull was refused. Nothing is changed when one is returned.
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
 pub enum StoreError {
@@ -57,8 +61,9 @@ pub struct Store {
     /// The keys, split by [`shard_of`] so that a large request can be
     /// applied by several threads, each owning some shards.
     shards: Vec<Rows>,
-    /// Threads a large request may use: a power of two dividing [`SHARDS`].
-    threads: usize,
+    /// Threads a large request may use (a power of two dividing
+    /// [`SHARDS`]), and the pool that runs all but the caller's share.
+    threads: Threads,
 }
 
 impl std::fmt::Debug for Store {
@@ -91,17 +96,15 @@ impl Store {
             slot_width,
             push_width,
             shards: (0..SHARDS).map(|_| Rows::new(slot_width)).collect(),
-            threads: 1,
+            threads: Threads::one(),
         }
     }
 
-    /// Lets requests of at least [`PARALLEL_MIN_KEYS`] keys use up to
-    /// `threads` threads (rounded down to a power of two, at most
-    /// [`SHARDS`]); 1, the default, keeps all work on the caller's thread.
-    /// The runtime passes the machine's cores; the core never asks.
-    pub fn with_threads(mut self, threads: usize) -> Store {
-        let t = threads.clamp(1, SHARDS);
-        self.threads = 1 << t.ilog2();
+    /// Lets requests of at least [`PARALLEL_MIN_KEYS`] keys use `threads`
+    /// (a server gives all its tables the same ones); [`Threads::one`],
+    /// the default, keeps all work on the caller's thread.
+    pub fn with_threads(mut self, threads: &Threads) -> Store {
+        self.threads = threads.clone();
         self
     }
 
@@ -388,18 +391,16 @@ impl Store {
             Some(out) => applier.run(shards, &mut ReadAt { out, dim: self.dim }),
             None => applier.run(shards, &mut NoRead),
         };
-        if self.threads == 1 || n < PARALLEL_MIN_KEYS {
-            return one_thread(&mut self.shards, read);
-        }
         // Each thread owns a run of shards and applies the keys that fall
         // in them, which it sorts out first itself (a pass over the keys
         // in parallel, instead of one on this thread before any starts).
         // Positions are `u32`; a push too big for them is applied on this
         // thread.
-        if u32::try_from(n).is_err() {
-            return one_thread(&mut self.shards, read);
-        }
-        let groups = self.threads;
+        let pool = match self.threads.pool() {
+            Some(pool) if n >= PARALLEL_MIN_KEYS && u32::try_from(n).is_ok() => pool,
+            _ => return one_thread(&mut self.shards, read),
+        };
+        let groups = self.threads.count();
         let per = SHARDS / groups;
         let reads = read.is_some();
         let dim = self.dim;
@@ -425,32 +426,22 @@ impl Store {
                 (applied, got, mine)
             }
         };
-        let (mut done, refused) = std::thread::scope(|scope| {
-            let mut groups = self.shards.chunks_mut(per).enumerate();
-            let mut refused = Vec::new();
-            let mut spawned = Vec::new();
-            let Some((_, first)) = groups.next() else {
-                return (Vec::new(), refused);
-            };
-            for (g, group) in groups {
+        // The caller applies the first group; the pool's threads the rest,
+        // each into its own slot.
+        let mut chunks = self.shards.chunks_mut(per);
+        let first = chunks.next();
+        let mut rest: Vec<_> = (1..groups).map(|_| None).collect();
+        let mut done = Vec::with_capacity(groups);
+        pool.in_place_scope(|scope| {
+            for ((g, group), slot) in (1..).zip(chunks).zip(rest.iter_mut()) {
                 let work = part(g);
-                match std::thread::Builder::new().spawn_scoped(scope, move || work(group)) {
-                    Ok(h) => spawned.push(h),
-                    Err(_) => refused.push(g),
-                }
+                scope.spawn(move |_| *slot = Some(work(group)));
             }
-            let mut done = vec![part(0)(first)];
-            for h in spawned {
-                done.push(h.join().unwrap_or_else(|e| std::panic::resume_unwind(e)));
+            if let Some(first) = first {
+                done.push(part(0)(first));
             }
-            (done, refused)
         });
-        // Where the OS refused a thread, those shards are done here.
-        for g in refused {
-            if let Some(group) = self.shards.chunks_mut(per).nth(g) {
-                done.push(part(g)(group));
-            }
-        }
+        done.extend(rest.into_iter().flatten());
         let mut applied = 0;
         for (count, got, mine) in done {
             applied += count;
@@ -469,8 +460,8 @@ impl Store {
         let Some(end) = n.checked_mul(dim).and_then(|t| t.checked_add(start)) else {
             return;
         };
-        let serial = self.threads == 1 || n < PARALLEL_MIN_KEYS;
-        if dim == 1 && serial {
+        let pool = self.threads.pool().filter(|_| n >= PARALLEL_MIN_KEYS);
+        if dim == 1 && pool.is_none() {
             // One float a key, on this thread: appended as looked up, with
             // no zeroing pass first (the lookups have an exact length, so
             // `extend` checks the capacity once).
@@ -486,38 +477,25 @@ impl Store {
             return;
         }
         out.resize(end, 0.0);
-        if serial {
+        let Some(pool) = pool else {
             self.fill_part(0, &mut out[start..], &key_at);
             return;
-        }
+        };
         // Reads need no ownership of shards: split the output by position.
-        let per = n.div_ceil(self.threads).max(1);
+        // The caller fills the first part; the pool's threads the rest.
+        let per = n.div_ceil(self.threads.count()).max(1);
         let chunk = per * dim.max(1);
         let key_at = &key_at;
-        let refused = std::thread::scope(|scope| {
+        pool.in_place_scope(|scope| {
             let mut parts = out[start..].chunks_mut(chunk).enumerate();
-            let mut refused = Vec::new();
-            let Some((_, first)) = parts.next() else {
-                return refused;
-            };
+            let first = parts.next();
             for (p, part) in parts {
-                let work = move || self.fill_part(p * per, part, key_at);
-                if std::thread::Builder::new()
-                    .spawn_scoped(scope, work)
-                    .is_err()
-                {
-                    refused.push(p);
-                }
+                scope.spawn(move |_| self.fill_part(p * per, part, key_at));
             }
-            self.fill_part(0, first, key_at);
-            refused
+            if let Some((_, first)) = first {
+                self.fill_part(0, first, key_at);
+            }
         });
-        // Where the OS refused a thread, that part is filled here.
-        for p in refused {
-            if let Some(part) = out[start..].chunks_mut(chunk).nth(p) {
-                self.fill_part(p * per, part, key_at);
-            }
-        }
     }
 
     /// Fills `dst` with the weights of keys `key_at(first + j)` for each
@@ -808,14 +786,23 @@ fn scatter(out: &mut [f32], dim: usize, mine: &[u32], got: &[f32]) {
 }
 
 /// The positions `0..n` of a push's keys that fall in the shards of thread
-/// `g` of `groups` (each owning `SHARDS / groups` consecutive shards),
-/// ascending. Every thread scans all the keys for its own, in parallel:
-/// a hash and a compare a key, written without a branch (whether a random
-/// key is a thread's own is a coin toss the CPU cannot predict) into a
-/// small block that is then appended, so the list holds only its own.
+/// `g` of `groups` (a power of two, each owning `SHARDS / groups`
+/// consecutive shards), ascending. Every thread scans all the keys for its
+/// own, in parallel: a hash and a compare a key, written without a branch
+/// (whether a random key is a thread's own is a coin toss the CPU cannot
+/// predict) into a small block that is then appended, so the list holds
+/// only its own.
 fn own_positions(n: usize, g: usize, groups: usize, key_at: &impl Fn(usize) -> Key) -> Vec<u32> {
     const BLOCK: usize = 256;
-    let per = SHARDS / groups;
+    debug_assert!(groups.is_power_of_two() && groups <= SHARDS);
+    // Consecutive shards share their top bits of the hash, so a key's
+    // thread is its hash's top `log2(groups)` bits: a shift, where dividing
+    // the shard by a run-time `SHARDS / groups` cost a division a key (it
+    // was most of this pass).
+    let Some(skip) = 64u32.checked_sub(groups.ilog2()).filter(|&s| s < 64) else {
+        return (0..n as u32).collect();
+    };
+    let g = g as u64;
     let mut mine = Vec::with_capacity(n / groups + n / groups / 8 + BLOCK);
     let mut block = [0u32; BLOCK];
     let mut start = 0;
@@ -824,7 +811,7 @@ fn own_positions(n: usize, g: usize, groups: usize, key_at: &impl Fn(usize) -> K
         let mut len = 0;
         for i in start..end {
             block[len] = i as u32;
-            len += usize::from((shard_of(key_at(i)) / per).min(groups - 1) == g);
+            len += usize::from(hash(key_at(i)) >> skip == g);
         }
         mine.extend_from_slice(&block[..len]);
         start = end;

@@ -14,7 +14,7 @@ use crate::clock::{RangeClock, WINDOW};
 use crate::key::{Key, KeyRange};
 use crate::map::NodeId;
 use crate::spec::TableSpec;
-use crate::store::{Store, StoreError};
+use crate::store::{Store, StoreError, Threads};
 use crate::updater::Updater;
 use rustc_hash::FxHashMap;
 use std::collections::BTreeMap;
@@ -280,8 +280,8 @@ pub struct Table {
 
 impl Table {
     /// An empty table for `spec` with `updater`; large requests may use
-    /// `threads` threads ([`Store::with_threads`]).
-    pub fn new(spec: TableSpec, updater: Arc<dyn Updater>, threads: usize) -> Table {
+    /// `threads` ([`Store::with_threads`]).
+    pub fn new(spec: TableSpec, updater: Arc<dyn Updater>, threads: &Threads) -> Table {
         Table {
             store: Store::new(spec, updater).with_threads(threads),
             clock: RangeClock::new(KeyRange::ALL),

@@ -2,6 +2,10 @@ use super::*;
 use crate::spec::{Consistency, UpdaterSpec};
 use crate::updater::Registry;
 
+fn threads(n: usize) -> Threads {
+    Threads::new(n).expect("apply threads")
+}
+
 fn store(dim: u32, init: Init, updater: UpdaterSpec) -> Store {
     let u = Registry::new().build(&updater).unwrap();
     Store::new(
@@ -230,20 +234,8 @@ fn threads_change_nothing_but_speed() {
         seed: 3,
     };
     let mut serial = store(2, init.clone(), spec.clone());
-    let mut parallel = store(2, init, spec).with_threads(4);
-    assert_eq!(parallel.threads, 4);
-    assert_eq!(
-        store(1, Init::Zero, UpdaterSpec::Add)
-            .with_threads(3)
-            .threads,
-        2
-    );
-    assert_eq!(
-        store(1, Init::Zero, UpdaterSpec::Add)
-            .with_threads(0)
-            .threads,
-        1
-    );
+    let mut parallel = store(2, init, spec).with_threads(&threads(4));
+    assert_eq!(parallel.threads.count(), 4);
     // Big enough to take the threaded paths, with gaps so some pulled
     // keys are missing, and a filter that skips some pushed ones.
     let n = PARALLEL_MIN_KEYS * 2 + 7;
@@ -425,9 +417,9 @@ fn a_push_read_back_is_the_push_then_a_pull() {
         seed: 9,
     };
     for (dim, spec) in cases {
-        for threads in [1, 2] {
-            let mut plain = store(dim, init.clone(), spec.clone()).with_threads(threads);
-            let mut fused = store(dim, init.clone(), spec.clone()).with_threads(threads);
+        for count in [1, 2] {
+            let mut plain = store(dim, init.clone(), spec.clone()).with_threads(&threads(count));
+            let mut fused = store(dim, init.clone(), spec.clone()).with_threads(&threads(count));
             let pw = plain.push_width();
             let n = PARALLEL_MIN_KEYS + 1_001;
             for round in 0..3u64 {
@@ -441,12 +433,12 @@ fn a_push_read_back_is_the_push_then_a_pull() {
                 let a = plain.push(&keys, &vals, skip).unwrap();
                 let mut got = vec![42.0];
                 let b = fused.push_checked_read(Some(&keys), KeyRange::ALL, &vals, skip, &mut got);
-                assert_eq!(a, b, "dim {dim} threads {threads}");
+                assert_eq!(a, b, "dim {dim} threads {count}");
                 assert_eq!(got[0], 42.0, "appended, not overwritten");
                 assert_eq!(
                     got[1..],
                     pull(&plain, &keys)[..],
-                    "dim {dim} threads {threads}"
+                    "dim {dim} threads {count}"
                 );
             }
             let r = KeyRange::new(10, 10 + 3_000).unwrap();
@@ -474,7 +466,7 @@ fn a_one_float_pull_appends_what_the_general_path_writes() {
         seed: 5,
     };
     let mut serial = store(1, init.clone(), UpdaterSpec::Add);
-    let mut parallel = store(1, init.clone(), UpdaterSpec::Add).with_threads(2);
+    let mut parallel = store(1, init.clone(), UpdaterSpec::Add).with_threads(&threads(2));
     let n = PARALLEL_MIN_KEYS + 3;
     let keys: Vec<Key> = (0..n as u64).map(|i| i * 2).collect();
     let vals: Vec<f32> = (0..n).map(|i| (i % 7) as f32).collect();

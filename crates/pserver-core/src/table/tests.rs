@@ -18,7 +18,7 @@ fn table(updater: UpdaterSpec, aggregate: bool) -> Table {
         aggregate,
         job: None,
     };
-    Table::new(spec, u, 1)
+    Table::new(spec, u, &Threads::one())
 }
 
 fn push<'a>(sender: NodeId, clock: u64, keys: &'a [Key], vals: &'a [f32]) -> Push<'a> {

@@ -51,8 +51,9 @@ pub struct ServerConfig {
     /// How to listen and dial (TCP unless a test simulates the network).
     pub net: Net,
     /// Threads one large push or pull may use on this server (see
-    /// [`Store::with_threads`](pserver_core::store::Store::with_threads));
-    /// the machine's cores by default.
+    /// [`Threads::new`](pserver_core::store::Threads::new): rounded down
+    /// to a power of two, at most 8); the machine's cores by default. The
+    /// server starts all but one of them once, for all its tables.
     pub apply_threads: usize,
     /// Most entries the significantly-modified filter's shadows hold, over
     /// every connection and table (each a key, a sequence number and the

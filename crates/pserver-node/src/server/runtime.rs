@@ -22,6 +22,7 @@ use crate::proto::{Rejoining, control_reply, control_request, error_reply, regis
 use crate::replica::Forwarder;
 use futures_util::StreamExt;
 use pserver_core::map::Group;
+use pserver_core::store::Threads;
 use pserver_core::{NodeId, NodeState, Role};
 use pserver_wire::header::{FLAG_PACK_REPLY, FLAG_SCAN};
 use pserver_wire::{CodecError, Control, ErrorCode, Frame, Header, Kind, Limits, Packing};
@@ -389,6 +390,11 @@ pub async fn start_server(cfg: ServerConfig) -> Result<ServerHandle, NodeError> 
         }
     };
     let replicated = Arc::new(AtomicU64::new(0));
+    // One pool for all of this server's tables, alive as long as it is.
+    let apply_threads = Threads::new(cfg.apply_threads).unwrap_or_else(|e| {
+        tracing::warn!(error = %e, "applying every request on one thread");
+        Threads::one()
+    });
     let core = ServerCore::new(
         id,
         CoreConfig {
@@ -396,7 +402,7 @@ pub async fn start_server(cfg: ServerConfig) -> Result<ServerHandle, NodeError> 
             registry: cfg.registry.clone(),
             key_cache_keys: cfg.key_cache_keys,
             replicate_after_aggregation: cfg.replicate_after_aggregation,
-            apply_threads: cfg.apply_threads,
+            apply_threads,
             lend_from: LEND_FROM,
             significant_entries: cfg.significant_entries,
         },

@@ -9,6 +9,7 @@ use super::load::op_name;
 use super::report::StoreReport;
 use super::stats::StoreRun;
 use anyhow::{Context, Result, bail};
+use pserver_core::store::Threads;
 use pserver_core::table::{Keys, Push, PushCtx, Table};
 use pserver_core::updater::Registry;
 use pserver_core::{Consistency, Init, KeyRange, NodeId, TableSpec, UpdaterSpec};
@@ -60,10 +61,11 @@ impl Mirror {
             aggregate: false,
             job: None,
         };
-        let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+        let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+        let threads = Threads::new(cores).context("starting the store's apply threads")?;
         Ok(Mirror {
-            table: Table::new(spec, built, threads),
-            threads,
+            table: Table::new(spec, built, &threads),
+            threads: threads.count(),
             clock: 0,
             vals: Vec::new(),
             out: Vec::new(),

@@ -36,6 +36,7 @@ use crate::proto::{control_reply, control_request, error_reply};
 use crate::snapshot::RangePart;
 use pserver_core::keycache::KeyCache;
 use pserver_core::significant::Shadows;
+use pserver_core::store::Threads;
 use pserver_core::table::{Applied, Table};
 use pserver_core::updater::Registry;
 use pserver_core::{ClusterMap, Consistency, KeyRange, NodeId, NodeState, Role, TableSpec};
@@ -209,8 +210,8 @@ pub struct CoreConfig {
     pub key_cache_keys: usize,
     /// Replication after aggregation (see `ServerConfig`).
     pub replicate_after_aggregation: bool,
-    /// Threads one large push or pull may use.
-    pub apply_threads: usize,
+    /// Threads one large push or pull may use, shared by every table.
+    pub apply_threads: Threads,
     /// Keys (or values) from which a push or pull runs on a lent table,
     /// outside the core (see [`Work`]).
     pub lend_from: usize,
@@ -536,7 +537,7 @@ impl ServerCore {
     /// The state of the table `spec` names, created (empty) if new here.
     fn ensure_table(&mut self, spec: &TableSpec) -> &mut Result<Table, String> {
         let registry = &self.cfg.registry;
-        let threads = self.cfg.apply_threads;
+        let threads = &self.cfg.apply_threads;
         self.tables.entry(spec.id).or_insert_with(|| {
             registry
                 .build(&spec.updater)

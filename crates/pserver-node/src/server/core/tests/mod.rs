@@ -40,7 +40,7 @@ pub(super) fn cfg() -> CoreConfig {
         registry: Registry::new(),
         key_cache_keys: 1 << 10,
         replicate_after_aggregation: true,
-        apply_threads: 1,
+        apply_threads: pserver_core::store::Threads::one(),
         lend_from: usize::MAX,
         significant_entries: 1 << 10,
     }
