@@ -293,6 +293,14 @@ pub struct Reader<S> {
     resume: bool,
 }
 
+impl<S> Reader<S> {
+    /// Bytes read from the stream that are not yet part of a frame given
+    /// out: the start of the next frame, when one is arriving.
+    pub fn partial_bytes(&self) -> usize {
+        self.inner.read_buffer().len()
+    }
+}
+
 impl<S: AsyncRead> futures_util::Stream for Reader<S> {
     type Item = Result<Frame, CodecError>;
 

@@ -263,9 +263,14 @@ impl Shared {
     }
 
     /// Carries out the effects a step left for after the lock; work on lent
-    /// tables runs here, and what the core does once it returns is carried
-    /// out in turn.
+    /// tables runs on a blocking thread (this task's thread stays free), and
+    /// what the core does once it returns is carried out in turn.
     async fn carry_out(self: &Arc<Self>, effects: Vec<Effect>) {
+        self.carry_out_on(effects, Run::Aside).await;
+    }
+
+    /// [`Shared::carry_out`], with work on lent tables run as `run` says.
+    async fn carry_out_on(self: &Arc<Self>, effects: Vec<Effect>, run: Run) {
         let mut effects = effects;
         loop {
             let mut works = Vec::new();
@@ -275,7 +280,7 @@ impl Shared {
             }
             let mut back = Vec::new();
             for work in works {
-                match run_work(work).await {
+                match run_work(work, run).await {
                     Some(w) => back.push(Input::Applied(Box::new(w))),
                     None => tracing::error!(node = self.id, "work on a lent table failed"),
                 }
@@ -705,8 +710,9 @@ where
                 break;
             }
         };
-        // After a push, the next frame is read while the push's effects are
-        // carried out (a lent table's work runs on a blocking thread for
+        // After a push whose sender is still sending (the start of another
+        // frame is here), the next frame is read while the push's effects
+        // are carried out (a lent table's work runs on a blocking thread for
         // milliseconds), so the socket goes on draining and the sender on
         // sending the rest of a big request. The frame read ahead is stepped
         // only once they are done, so a connection's requests still reach
@@ -714,11 +720,14 @@ where
         // Not after a pull or push-pull: the reply is as big as the request,
         // and its write and the read ahead then compete for the same cores
         // (a dense push-pull of 64 MiB was 10% slower with it, 2 cores).
-        next = if ahead {
-            let (_, read) = tokio::join!(shared.carry_out(effects), read_next(&mut reader, &out));
+        // With nothing arriving, there is nothing to read meanwhile, and the
+        // work runs on this task's thread (see `Run::Here`).
+        next = if ahead && reader.partial_bytes() > 0 {
+            let read = read_next(&mut reader, &out);
+            let (_, read) = tokio::join!(shared.carry_out_on(effects, Run::Aside), read);
             read
         } else {
-            shared.carry_out(effects).await;
+            shared.carry_out_on(effects, Run::Here).await;
             read_next(&mut reader, &out).await
         };
     }
@@ -779,14 +788,33 @@ impl Exporter for ServerExporter {
     }
 }
 
-/// Runs work on a lent table off the runtime's threads (on a current-thread
-/// runtime, as in simulations, in place). `None` if it panicked, which
-/// loses the table: a bug, logged by the caller.
-async fn run_work(work: Work) -> Option<Work> {
-    if multi_thread() {
-        tokio::task::spawn_blocking(move || work.run()).await.ok()
-    } else {
-        Some(work.run())
+/// Where work on a lent table runs (it takes milliseconds).
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Run {
+    /// On a blocking thread, while the calling task's future may go on
+    /// with something else (reading the connection's next frame).
+    Aside,
+    /// On the calling task's own thread (`block_in_place`: the runtime
+    /// moves its other tasks to another thread), when the task has nothing
+    /// else to do meanwhile. It saves two hand-offs between threads, each a
+    /// wake-up of an idle vCPU (tens of microseconds on a VM): 65,536-key
+    /// requests at depth 1 went 10-14% faster.
+    Here,
+}
+
+/// Runs work on a lent table off the runtime's scheduling, as `run` says
+/// (on a current-thread runtime, as in simulations, in place). `None` if
+/// it panicked, which loses the table: a bug, logged by the caller.
+async fn run_work(work: Work, run: Run) -> Option<Work> {
+    if !multi_thread() {
+        return Some(work.run());
+    }
+    match run {
+        Run::Aside => tokio::task::spawn_blocking(move || work.run()).await.ok(),
+        Run::Here => std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            tokio::task::block_in_place(move || work.run())
+        }))
+        .ok(),
     }
 }
 
