@@ -526,8 +526,14 @@ pub async fn start_server(cfg: ServerConfig) -> Result<ServerHandle, NodeError> 
                     notice = notices.recv() => match notice {
                         None => lost = true,
                         Some(frame) => match frame.control_msg() {
+                            // A map renews nothing: it says the manager held
+                            // this server alive when it made the map, not
+                            // when it arrived, and the manager may declare it
+                            // dead a moment later. Only answered heartbeats,
+                            // timed by when they were sent, do (so this
+                            // server stops serving before the manager gives
+                            // its ranges away).
                             Ok(Control::Map(map)) => {
-                                shared.contact_ms.fetch_max(shared.now_ms(), Ordering::Relaxed);
                                 if map.node(id).is_some_and(|n| n.joined != joined) {
                                     // A newer process came back under this
                                     // id: the map is its, not this one's to
@@ -585,11 +591,11 @@ pub async fn start_server(cfg: ServerConfig) -> Result<ServerHandle, NodeError> 
                         }
                         Ok((peer, rx, map)) => {
                             tracing::info!(node = id, epoch = map.epoch, "rejoined the manager");
+                            // Nor does the rejoin: its attempts may have
+                            // taken a while; the next heartbeat's answer (on
+                            // the new link, within a heartbeat) renews it.
                             *lock(&shared.manager) = peer;
                             notices = rx;
-                            shared
-                                .contact_ms
-                                .fetch_max(shared.now_ms(), Ordering::Relaxed);
                             let effects = shared.step([Input::Map(map)], true).await;
                             shared.carry_out(effects).await;
                         }

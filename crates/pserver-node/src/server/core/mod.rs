@@ -389,8 +389,9 @@ impl ServerCore {
         }
     }
 
-    /// The manager answered this server at `ms` (a heartbeat's answer or a
-    /// map). Until it is called the core does not time its lease.
+    /// The manager answered a heartbeat this server sent at `ms` (the time
+    /// it was sent, which the manager's renewal of the lease cannot
+    /// precede). Until it is called the core does not time its lease.
     pub fn manager_seen(&mut self, ms: u64) {
         self.manager_seen_ms = Some(self.manager_seen_ms.map_or(ms, |m| m.max(ms)));
     }
