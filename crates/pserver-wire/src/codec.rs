@@ -54,6 +54,25 @@ impl FrameCodec {
         self.skip == 0
     }
 
+    /// Whether `src` holds a whole frame that [`Decoder::decode`] would
+    /// give out without more bytes (a frame, or the error a bad one is):
+    /// its prefix and all the body the prefix declares. False while the
+    /// body of a refused frame is still being skipped, or when the
+    /// declared length is over the limit (that refusal waits for a header,
+    /// not a body). A reader that gets `true` may take the next frame
+    /// without waiting on its stream.
+    pub fn has_frame(&self, src: &[u8]) -> bool {
+        if self.skip > 0 {
+            return false;
+        }
+        let Some(prefix) = src.first_chunk::<PREFIX_LEN>() else {
+            return false;
+        };
+        let declared = u64::from(u32::from_le_bytes(*prefix));
+        declared <= self.limits.max_frame as u64
+            && (src.len() as u64) >= PREFIX_LEN as u64 + declared
+    }
+
     /// The limits this codec enforces.
     pub fn limits(&self) -> &Limits {
         &self.limits
@@ -249,6 +268,32 @@ mod tests {
         let mut owned = BytesMut::new();
         FrameCodec::default().encode(frame(), &mut owned).unwrap();
         assert_eq!(owned, wire(&frame()));
+    }
+
+    #[test]
+    fn has_frame_says_whether_a_whole_frame_is_buffered() {
+        let codec = FrameCodec::default();
+        let one = wire(&frame());
+        assert!(!codec.has_frame(&[]));
+        assert!(!codec.has_frame(&one[..3]), "a prefix cut short");
+        assert!(!codec.has_frame(&one[..one.len() - 1]), "a body cut short");
+        assert!(codec.has_frame(&one));
+        let mut two = one.clone();
+        two.extend_from_slice(&one[..5]);
+        assert!(codec.has_frame(&two), "a whole frame, then part of one");
+        // Whatever the decoder does with it, it does it with these bytes.
+        let mut b = BytesMut::from(&two[..]);
+        let mut codec = FrameCodec::default();
+        assert_eq!(codec.decode(&mut b).unwrap(), Some(frame()));
+        assert!(!codec.has_frame(&b), "only part of the next");
+        // Over the limit: the refusal waits for a header, not a body.
+        let small = Limits {
+            max_frame: 100,
+            ..Limits::default()
+        };
+        let mut over = Vec::from(1000u32.to_le_bytes());
+        over.extend_from_slice(&[0; 1000]);
+        assert!(!FrameCodec::new(small).has_frame(&over));
     }
 
     #[test]

@@ -25,6 +25,8 @@ mod peer;
 mod writer;
 
 pub use accept::{FIRST_FRAME_TIMEOUT, PRESSED_FIRST_FRAME_TIMEOUT, accept_loop};
+#[cfg(test)]
+use outbox::CORKED_MAX;
 pub use outbox::{Cork, OUTBOX_BYTES, Outbox, Reader, split};
 #[cfg(test)]
 use outbox::{Line, LineState, Sending};

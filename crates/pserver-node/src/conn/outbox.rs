@@ -15,6 +15,11 @@ pub(super) const OUTBOX_DEPTH: usize = 1024;
 /// replies and never reads them holds at most this much of a node's memory.
 pub const OUTBOX_BYTES: usize = 64 << 20;
 
+/// Frames a cork holds back at most: past this many queued, the writer
+/// task writes them (one write) though the cork lives, so a long run of
+/// small replies is not held until its end.
+pub(super) const CORKED_MAX: usize = 64;
+
 /// A frame in the queue, with its share of the byte budget (given back once
 /// it is written).
 pub(super) type Queued = (Frame, tokio::sync::OwnedSemaphorePermit);
@@ -59,6 +64,10 @@ pub(super) trait Sending: Send + Sync {
     fn put(&self, frame: Frame, permit: tokio::sync::OwnedSemaphorePermit) -> bool;
     /// Wakes the writer task to close the connection.
     fn close(&self);
+    /// Wakes the writer task to write what is queued, corks or not: a
+    /// sender is about to wait for room in the budget, which frames held
+    /// by a cork would otherwise never give back.
+    fn flush(&self);
     /// Holds frames back until [`Sending::uncork`].
     fn cork(&self);
     /// Ends one `cork`; after the last, writes what was held back at once
@@ -73,8 +82,13 @@ impl<W: AsyncWrite + Unpin + Send + 'static> Sending for Line<W> {
             return false;
         }
         if st.corks > 0 {
-            // Goes with the others when the last cork is dropped.
+            // Goes with the others when the last cork is dropped, or now
+            // with them when the cork holds enough.
             st.queue.push_back((frame, permit));
+            if st.queue.len() >= CORKED_MAX {
+                drop(st);
+                self.wake.notify_one();
+            }
             return true;
         }
         if st.queue.is_empty() {
@@ -93,6 +107,10 @@ impl<W: AsyncWrite + Unpin + Send + 'static> Sending for Line<W> {
     }
 
     fn close(&self) {
+        self.wake.notify_one();
+    }
+
+    fn flush(&self) {
         self.wake.notify_one();
     }
 
@@ -218,10 +236,13 @@ impl Outbox {
         let permit = match Arc::clone(&self.budget).try_acquire_many_owned(share) {
             Ok(permit) => permit,
             Err(tokio::sync::TryAcquireError::Closed) => return Err(closed()),
-            Err(tokio::sync::TryAcquireError::NoPermits) => Arc::clone(&self.budget)
-                .acquire_many_owned(share)
-                .await
-                .map_err(|_| closed())?,
+            Err(tokio::sync::TryAcquireError::NoPermits) => {
+                self.line.flush();
+                Arc::clone(&self.budget)
+                    .acquire_many_owned(share)
+                    .await
+                    .map_err(|_| closed())?
+            }
         };
         if self.line.put(frame, permit) {
             Ok(())
@@ -298,6 +319,12 @@ impl<S> Reader<S> {
     /// out: the start of the next frame, when one is arriving.
     pub fn partial_bytes(&self) -> usize {
         self.inner.read_buffer().len()
+    }
+
+    /// Whether the next frame has arrived whole, so reading it does not
+    /// wait on the stream.
+    pub fn frame_buffered(&self) -> bool {
+        self.inner.decoder().has_frame(self.inner.read_buffer())
     }
 }
 

@@ -434,3 +434,70 @@ async fn corked_frames_wait_and_go_out_together() {
     }
     assert_eq!(got, [1, 2, 3]);
 }
+
+/// A cork holds back at most `CORKED_MAX` frames: the one that fills it
+/// wakes the writer task, which writes them all (the cork still held).
+#[tokio::test]
+async fn a_cork_holds_back_a_bounded_run() {
+    let (ours, theirs) = tokio::io::duplex(1 << 20);
+    let (_reader, out) = split(ours, Limits::default());
+    let (mut their_reader, _their_out) = split(theirs, Limits::default());
+    let _cork = out.cork();
+    for id in 1..=CORKED_MAX as u64 - 1 {
+        let mut f = request(1);
+        f.header.request_id = id;
+        out.send(f).await.unwrap();
+    }
+    let early = tokio::time::timeout(Duration::from_millis(50), their_reader.next()).await;
+    assert!(
+        early.is_err(),
+        "a frame left while the cork held fewer than its bound"
+    );
+    out.send(request(1)).await.unwrap();
+    for id in 1..=CORKED_MAX as u64 {
+        let f = tokio::time::timeout(Duration::from_secs(5), their_reader.next())
+            .await
+            .expect("the full cork's frames are written")
+            .unwrap()
+            .unwrap();
+        assert_eq!(
+            f.header.request_id,
+            if id < CORKED_MAX as u64 { id } else { 0 }
+        );
+    }
+}
+
+/// A sender that must wait for room while a cork holds the frames that
+/// take it does not wait forever: the frames go, and so does its own.
+#[tokio::test]
+async fn a_sender_waiting_for_room_is_not_stuck_behind_a_cork() {
+    let (ours, theirs) = tokio::io::duplex(1 << 16);
+    let (_reader, out) = split(ours, Limits::default());
+    let (mut their_reader, _their_out) = split(theirs, Limits::default());
+    let reading = tokio::spawn(async move {
+        let mut n = 0;
+        while let Some(Ok(_)) = their_reader.next().await {
+            n += 1;
+            if n == 3 {
+                break;
+            }
+        }
+        n
+    });
+    let _cork = out.cork();
+    // Two frames of half the budget each take all of it; the third waits
+    // for one of them to be written.
+    let half = OUTBOX_BYTES / 2 / 4 - 64;
+    for _ in 0..3 {
+        tokio::time::timeout(Duration::from_secs(10), out.send(request(half)))
+            .await
+            .expect("room is made though a cork is held")
+            .unwrap();
+    }
+    drop(_cork);
+    let n = tokio::time::timeout(Duration::from_secs(10), reading)
+        .await
+        .expect("all three arrive")
+        .unwrap();
+    assert_eq!(n, 3);
+}

@@ -14,7 +14,7 @@ use super::core::{
 };
 use super::stats::{Figured, LinkFigures, ServerStats};
 use super::{ServerConfig, ServerHandle};
-use crate::conn::{Outbox, Peer, Reader, accept_loop, bind, lock, split};
+use crate::conn::{Cork, Outbox, Peer, Reader, accept_loop, bind, lock, split};
 use crate::error::NodeError;
 use crate::metrics::{BoxFuture, Exporter, Scrape};
 use crate::net::Net;
@@ -644,7 +644,18 @@ where
         error_reply(h, shared.id, epoch, ErrorCode::Malformed, why)
     };
     let mut next = read_next(&mut reader, &out).await;
+    // Replies held back while the frames they answer arrived together and
+    // the next is already here: the replies to a run of frames read at
+    // once (a worker's slices of one request to this server, pipelined
+    // requests) leave in one write, not one syscall (and one wake-up of
+    // the peer) each. Let go before this task waits on the socket, so no
+    // reply waits for a frame that has not come.
+    let mut corked: Option<Cork> = None;
     while let Some(item) = next {
+        let more = reader.frame_buffered();
+        if more && corked.is_none() {
+            corked = Some(out.cork());
+        }
         let (effects, ahead) = match item {
             Ok(mut frame) => {
                 let at = Instant::now();
@@ -674,6 +685,9 @@ where
                 if let Err(e) = frame.unpack() {
                     shared.stats.error(ErrorCode::Malformed);
                     let _ = out.send(malformed(&frame.header, e.to_string())).await;
+                    if !more {
+                        corked = None;
+                    }
                     next = read_next(&mut reader, &out).await;
                     continue;
                 }
@@ -704,6 +718,9 @@ where
                         why,
                     ))
                     .await;
+                if !more {
+                    corked = None;
+                }
                 next = read_next(&mut reader, &out).await;
                 continue;
             }
@@ -713,6 +730,7 @@ where
                 let _ = out
                     .send(malformed(&Header::new(Kind::Error), e.to_string()))
                     .await;
+                drop(corked.take());
                 break;
             }
         };
@@ -729,14 +747,21 @@ where
         // With nothing arriving, there is nothing to read meanwhile, and the
         // work runs on this task's thread (see `Run::Here`).
         next = if ahead && reader.partial_bytes() > 0 {
+            if !more {
+                corked = None;
+            }
             let read = read_next(&mut reader, &out);
             let (_, read) = tokio::join!(shared.carry_out_on(effects, Run::Aside), read);
             read
         } else {
             shared.carry_out_on(effects, Run::Here).await;
+            if !more {
+                corked = None;
+            }
             read_next(&mut reader, &out).await
         };
     }
+    drop(corked);
     lock(&shared.conns).remove(&conn);
     shared.stats.closed();
     let effects = shared.step([Input::Closed(conn)], false).await;
