@@ -375,29 +375,52 @@ impl ServerCore {
         } = r;
         let h = frame.header;
         self.check_server(&h, "chain changes")?;
+        let me = self.id;
+        // Changes from one server arrive in the order it made them, each
+        // with absolute slots: once one is refused, a later one under the
+        // same map would land on the gap it left (its slots carry the
+        // refused push's effect, not its clock record, and the worker's
+        // resend would apply it again). Refused too, each push goes to the
+        // current primary whole. A change under a newer map comes after
+        // that map's copies, which fill the gap.
+        if let Some(&refused) = self.refused_chain.get(&h.sender) {
+            if h.epoch <= refused {
+                return Err(Refusal::AfterRefused {
+                    me,
+                    from: h.sender,
+                    refused,
+                    got: h.epoch,
+                });
+            }
+        }
         // A change for a range this server no longer holds, from a sender
         // whose map is not newer: the sender is behind (the range has moved
         // on); refusing makes it send its client to the current primary.
         // From a newer map, this server is the one behind, and takes it.
-        let me = self.id;
         let holds = self.map.partitions_overlapping(h.range).any(|i| {
             let p = &self.map.partitions[i];
             p.primary == me || p.replicas.contains(&me)
         });
-        if h.epoch <= self.map.epoch && !holds {
-            return Err(Refusal::NotHeld {
+        let stale = if h.epoch <= self.map.epoch && !holds {
+            Some(Refusal::NotHeld {
                 me,
                 range: h.range,
                 epoch: self.map.epoch,
-            });
-        }
-        if h.epoch < self.map.epoch && self.superseded(h.range) {
-            return Err(Refusal::Superseded {
+            })
+        } else if h.epoch < self.map.epoch && self.superseded(h.range) {
+            Some(Refusal::Superseded {
                 me,
                 range: h.range,
                 got: h.epoch,
                 have: self.map.epoch,
-            });
+            })
+        } else {
+            None
+        };
+        if let Some(refusal) = stale {
+            let at = self.refused_chain.entry(h.sender).or_insert(0);
+            *at = (*at).max(h.epoch);
+            return Err(refusal);
         }
         let chain = self.reachable_chain(&h, chain)?;
         let workers = self.map.workers_of(&spec);

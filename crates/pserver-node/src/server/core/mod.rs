@@ -285,6 +285,10 @@ pub struct ServerCore {
     fence_waits: Vec<(KeyRange, NodeId, u64)>,
     /// Fences that arrived before the map that needs them: (range, from).
     fences_seen: Vec<(KeyRange, NodeId)>,
+    /// Per server, the highest epoch of a chain change from it this server
+    /// refused as stale (not held, superseded): its later changes under
+    /// that epoch or an older one are refused too (`chain::replicate`).
+    refused_chain: HashMap<NodeId, u64>,
     /// Sums just applied, to replicate and release at the end of the step.
     applied: Vec<(u32, Applied)>,
     /// When the manager last answered this server (ms), if the runtime
@@ -322,6 +326,7 @@ impl ServerCore {
             held: HashMap::new(),
             fence_waits: Vec::new(),
             fences_seen: Vec::new(),
+            refused_chain: HashMap::new(),
             applied: Vec::new(),
             manager_seen_ms: None,
             lent: HashSet::new(),
@@ -597,6 +602,12 @@ impl ServerCore {
                 self.key_cache.forget(sender);
             }
         }
+        // Nor would what this server refused of a dead server's changes,
+        // or an earlier process's: a server back under its id sends
+        // changes under maps from its return on.
+        self.refused_chain.retain(|id, _| {
+            !reborn.contains(id) && map.node(*id).is_some_and(|n| n.state == NodeState::Alive)
+        });
         // Nor would the clock records of workers and clients that left
         // (issue #16, defect 8): from this map on their pushes are refused
         // (`data`), so nothing needs to tell them from fresh ones. Before

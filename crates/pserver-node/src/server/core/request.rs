@@ -428,6 +428,24 @@ pub enum Refusal {
         /// This server's epoch.
         epoch: u64,
     },
+    /// A chain change from a server one of whose earlier changes, made
+    /// under the same map or an older one, this server refused: it follows
+    /// that change on the same ordered queue, and its absolute slots carry
+    /// the refused change's effect without its clock record, so taking it
+    /// would apply that push again when its worker resends it.
+    #[error(
+        "server {me} refused a change server {from} made under epoch {refused}; this later one,          made under epoch {got}, is refused with it"
+    )]
+    AfterRefused {
+        /// This server.
+        me: NodeId,
+        /// The server the change came from.
+        from: NodeId,
+        /// The epoch of the latest refused change from it.
+        refused: u64,
+        /// This change's epoch.
+        got: u64,
+    },
     /// A chain change made under an older map for a range this server now
     /// serves as primary, with no fence of a former primary awaited there:
     /// the primary that made it was replaced since.
@@ -480,6 +498,7 @@ impl Refusal {
             | Refusal::SenderDead(_)
             | Refusal::EarlierProcess { .. }
             | Refusal::NotHeld { .. }
+            | Refusal::AfterRefused { .. }
             | Refusal::Superseded { .. } => ErrorCode::NotOwner,
             Refusal::EpochAhead { .. }
             | Refusal::LeaseLapsed { .. }

@@ -527,3 +527,68 @@ fn a_resent_push_is_not_held_for_a_sum_this_server_does_not_apply() {
     assert_eq!(only(&e).header.kind, Kind::Reply);
     assert!(!c.table(T).unwrap().has_pending(1));
 }
+
+/// Issue #13's join-drain doubles: server 2 refused a change (it did not
+/// hold LOW at that moment), then held LOW again (a drain put it back in
+/// the chain) when the next change of the same old map came. That change's
+/// absolute slots carry the refused push's effect without its clock
+/// record, so taking it would let the worker's resend apply the push
+/// twice: it is refused too. A change under a newer map is taken.
+#[test]
+fn after_a_refused_change_later_ones_under_its_map_are_refused_too() {
+    let s = || spec(false, Consistency::Eventual);
+    let mut c = core_with(
+        2,
+        map(6, &[], vec![part(LOW, 1, &[2]), part(HIGH, 3, &[1])], s()),
+    );
+    let change = |clock: u64, epoch: u64, val: f32| {
+        let mut f = replicate_frame(1, epoch, LOW, &[7], &[val]);
+        f.header.clock = clock;
+        f.ctrl = Control::Replicate {
+            spec: s(),
+            what: Replica::Slots,
+            records: vec![(10, LOW, clock)],
+            chain: vec![],
+        }
+        .to_bytes()
+        .into();
+        f
+    };
+    // Epoch 7: LOW went to server 3 (server 2 holds nothing of it).
+    c.step(
+        1,
+        Input::Map(map(
+            7,
+            &[],
+            vec![part(LOW, 3, &[1]), part(HIGH, 3, &[1])],
+            s(),
+        )),
+    );
+    let first = req(&mut c, change(1, 6, 1.0));
+    assert_eq!(code(only(&first)), Some(ErrorCode::NotOwner));
+    // Epoch 8: server 2 is in LOW's chain again.
+    c.step(
+        2,
+        Input::Map(map(
+            8,
+            &[],
+            vec![part(LOW, 3, &[1, 2]), part(HIGH, 3, &[1])],
+            s(),
+        )),
+    );
+    let second = req(&mut c, change(2, 6, 2.0));
+    let refused = only(&second);
+    assert_eq!(code(refused), Some(ErrorCode::NotOwner));
+    assert!(
+        String::from_utf8_lossy(&refused.ctrl)
+            .contains("refused a change server 1 made under epoch 6"),
+        "{:?}",
+        refused.control_msg()
+    );
+    assert_eq!(value(&c, 7), 0.0, "the later change landed on the gap");
+    // A change server 1 made under a newer map comes after that map's
+    // copies: taken.
+    let newer = req(&mut c, change(3, 8, 3.0));
+    assert_eq!(only(&newer).header.kind, Kind::Reply);
+    assert_eq!(value(&c, 7), 3.0);
+}
