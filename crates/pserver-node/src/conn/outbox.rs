@@ -87,7 +87,7 @@ impl<W: AsyncWrite + Unpin + Send + 'static> Sending for Line<W> {
             st.queue.push_back((frame, permit));
             if st.queue.len() >= CORKED_MAX {
                 drop(st);
-                self.wake.notify_one();
+                self.flush();
             }
             return true;
         }

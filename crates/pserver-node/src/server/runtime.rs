@@ -643,19 +643,11 @@ where
         let epoch = shared.map_epoch.load(Ordering::Relaxed);
         error_reply(h, shared.id, epoch, ErrorCode::Malformed, why)
     };
-    let mut next = read_next(&mut reader, &out).await;
-    // Replies held back while the frames they answer arrived together and
-    // the next is already here: the replies to a run of frames read at
-    // once (a worker's slices of one request to this server, pipelined
-    // requests) leave in one write, not one syscall (and one wake-up of
-    // the peer) each. Let go before this task waits on the socket, so no
-    // reply waits for a frame that has not come.
+    // Held while the frame being served is followed by another already
+    // here whole (see `read_next`).
     let mut corked: Option<Cork> = None;
+    let mut next = read_next(&mut reader, &out, &mut corked).await;
     while let Some(item) = next {
-        let more = reader.frame_buffered();
-        if more && corked.is_none() {
-            corked = Some(out.cork());
-        }
         let (effects, ahead) = match item {
             Ok(mut frame) => {
                 let at = Instant::now();
@@ -685,10 +677,7 @@ where
                 if let Err(e) = frame.unpack() {
                     shared.stats.error(ErrorCode::Malformed);
                     let _ = out.send(malformed(&frame.header, e.to_string())).await;
-                    if !more {
-                        corked = None;
-                    }
-                    next = read_next(&mut reader, &out).await;
+                    next = read_next(&mut reader, &out, &mut corked).await;
                     continue;
                 }
                 let big = frame.keys.len().max(frame.vals.len()) >= LEND_FROM;
@@ -718,10 +707,7 @@ where
                         why,
                     ))
                     .await;
-                if !more {
-                    corked = None;
-                }
-                next = read_next(&mut reader, &out).await;
+                next = read_next(&mut reader, &out, &mut corked).await;
                 continue;
             }
             Err(e) => {
@@ -730,7 +716,6 @@ where
                 let _ = out
                     .send(malformed(&Header::new(Kind::Error), e.to_string()))
                     .await;
-                drop(corked.take());
                 break;
             }
         };
@@ -747,18 +732,12 @@ where
         // With nothing arriving, there is nothing to read meanwhile, and the
         // work runs on this task's thread (see `Run::Here`).
         next = if ahead && reader.partial_bytes() > 0 {
-            if !more {
-                corked = None;
-            }
-            let read = read_next(&mut reader, &out);
+            let read = read_next(&mut reader, &out, &mut corked);
             let (_, read) = tokio::join!(shared.carry_out_on(effects, Run::Aside), read);
             read
         } else {
             shared.carry_out_on(effects, Run::Here).await;
-            if !more {
-                corked = None;
-            }
-            read_next(&mut reader, &out).await
+            read_next(&mut reader, &out, &mut corked).await
         };
     }
     drop(corked);
@@ -770,14 +749,30 @@ where
 
 /// The connection's next frame, or `None` once it ended or its replies can
 /// no longer leave (then it takes no more requests).
+///
+/// `corked` holds the outbox's replies back while the frame given out is
+/// followed by another already here whole: the replies to a run of frames
+/// that arrived together (a worker's slices of one request to this
+/// server, pipelined requests) leave in one write, not one syscall (and
+/// one wake-up of the peer) each. It is let go before waiting on the
+/// socket, once the replies to the run are queued, so no reply waits for
+/// a frame that has not come.
 async fn read_next<S: AsyncRead>(
     reader: &mut Reader<S>,
     out: &Outbox,
+    corked: &mut Option<Cork>,
 ) -> Option<Result<Frame, CodecError>> {
-    tokio::select! {
+    if !reader.frame_buffered() {
+        *corked = None;
+    }
+    let item = tokio::select! {
         item = reader.next() => item,
         _ = out.writer_gone() => None,
+    };
+    if item.is_some() && reader.frame_buffered() && corked.is_none() {
+        *corked = Some(out.cork());
     }
+    item
 }
 
 /// A data request's operation, from its header alone; `None` for the

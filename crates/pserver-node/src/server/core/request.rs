@@ -434,7 +434,8 @@ pub enum Refusal {
     /// the refused change's effect without its clock record, so taking it
     /// would apply that push again when its worker resends it.
     #[error(
-        "server {me} refused a change server {from} made under epoch {refused}; this later one,          made under epoch {got}, is refused with it"
+        "server {me} refused a change server {from} made under epoch {refused}; this later one, \
+         made under epoch {got}, is refused with it"
     )]
     AfterRefused {
         /// This server.
