@@ -18,6 +18,7 @@
 
 mod checkpoint;
 mod filters;
+mod order;
 mod send;
 
 pub use filters::{FilterError, ValueFilters};
@@ -379,8 +380,8 @@ struct Inner {
     min_cached_keys: usize,
     /// What the push filter carries, per table name.
     residuals: Mutex<HashMap<String, pserver_core::push_filter::Residuals>>,
-    /// Fires when the latest push has queued its first frames (see `send`).
-    push_gate: Mutex<Option<oneshot::Receiver<()>>>,
+    /// The order pushes queue their frames in (see [`order`]).
+    push_order: order::Order,
     /// The clocks of the pushes in flight, kept within the servers' window.
     in_flight: Arc<crate::window::ClockWindow>,
     net: Net,
@@ -437,7 +438,7 @@ impl Worker {
             }),
             min_cached_keys: cfg.min_cached_keys.max(3),
             residuals: Mutex::new(HashMap::new()),
-            push_gate: Mutex::new(None),
+            push_order: order::Order::default(),
             in_flight: Arc::default(),
             net: cfg.net.clone(),
             cancel: CancellationToken::new(),
@@ -820,21 +821,12 @@ impl Worker {
         Handle { rx }
     }
 
-    /// For a request that pushes: the signal of the push before it, and the
-    /// one this request gives the next once its frames are queued. Pushes
-    /// thus leave in the order they were made: a server keeps the highest
-    /// clock each worker pushed to a range, so a later clock arriving first
-    /// would make the earlier look like a duplicate.
-    #[allow(clippy::type_complexity)]
-    fn push_order(
-        &self,
-        req: &Request,
-    ) -> Option<(Option<oneshot::Receiver<()>>, oneshot::Sender<()>)> {
-        (req.op != Op::Pull).then(|| {
-            let (queued, next) = oneshot::channel();
-            let before = lock(&self.inner.push_gate).replace(next);
-            (before, queued)
-        })
+    /// For a request that pushes: its place in the push chain ([`order`]).
+    /// Pushes thus leave in the order they were made: a server keeps the
+    /// highest clock each worker pushed to a range, so a later clock
+    /// arriving first would make the earlier look like a duplicate.
+    fn push_order(&self, req: &Request) -> Option<order::Place> {
+        (req.op != Op::Pull).then(|| self.inner.push_order.enter())
     }
 
     /// Sends any request.

@@ -21,11 +21,28 @@ struct Item {
     tries: u32,
 }
 
-/// A signal for the next push, shared by the parts of a request's first
-/// round: once the last part is dropped (its frame queued, or failed), the
-/// sender is dropped, which completes the next push's wait.
+/// A push's ticket for the next ([`order::Ticket`]), shared by the parts
+/// of its first round: once the last part is dropped (its frame queued,
+/// or failed), the ticket is, which lets the next push go (with the corks
+/// held for it).
 #[derive(Clone)]
-struct Queued(#[allow(dead_code)] Arc<oneshot::Sender<()>>);
+struct Queued(Arc<Mutex<order::Ticket>>);
+
+impl Queued {
+    /// Holds a cork for the next push.
+    fn hold(&self, cork: crate::conn::Cork) {
+        lock(&self.0).hold(cork);
+    }
+
+    /// Awaits `f`, letting the held corks go first unless it is ready at
+    /// once ([`order::ready_or_release`]).
+    async fn ready<F: Future>(queued: &Option<Queued>, f: F) -> F::Output {
+        match queued {
+            Some(q) => order::ready_or_release(f, || lock(&q.0).release()).await,
+            None => f.await,
+        }
+    }
+}
 
 /// A slice on its way: it ends with its result, or with none after a
 /// pause (then it is sliced again with the current map).
@@ -164,7 +181,7 @@ impl Inner {
     pub(super) async fn execute(
         self: Arc<Self>,
         req: Request,
-        order: Option<(Option<oneshot::Receiver<()>>, oneshot::Sender<()>)>,
+        order: Option<order::Place>,
         spare: Vec<f32>,
     ) -> Result<Outcome, NodeError> {
         let deadline = Instant::now() + self.timeout;
@@ -193,20 +210,26 @@ impl Inner {
     async fn run(
         self: Arc<Self>,
         mut req: Request,
-        order: Option<(Option<oneshot::Receiver<()>>, oneshot::Sender<()>)>,
+        order: Option<order::Place>,
         deadline: Instant,
         last: &Mutex<Option<String>>,
         spare: Vec<f32>,
     ) -> Result<Outcome, NodeError> {
-        // Wait for the push before this one to have queued its frames; hold
-        // the signal for the next until this one has queued its own (a
-        // failure before that drops it, which also lets the next go).
-        let mut queued_signal = None;
-        if let Some((before, queued)) = order {
-            if let Some(before) = before {
-                let _ = before.await;
+        // Wait for the push before this one to have queued its frames (it
+        // hands on the corks it held for this one); the ticket lets the next
+        // go once this one has queued its own (a failure before that drops
+        // it, which also lets the next go). Corks are held only while this
+        // push does not wait: each wait below that is not over at once lets
+        // them go first.
+        let mut ticket = None;
+        if let Some(place) = order {
+            let mut t = place.ticket;
+            if let Some(before) = place.before {
+                if let Ok(corks) = before.await {
+                    t.inherit(corks);
+                }
             }
-            queued_signal = Some(queued);
+            ticket = Some(t);
         }
         // Pushes complete out of order: keep the clocks in flight within
         // the window the servers remember, so that a slice resent late is
@@ -215,7 +238,12 @@ impl Inner {
             let clock = req
                 .clock
                 .unwrap_or_else(|| self.clock.load(Ordering::SeqCst));
-            match tokio::time::timeout_at(deadline, self.in_flight.enter(clock)).await {
+            let enter = tokio::time::timeout_at(deadline, self.in_flight.enter(clock));
+            let entered = match &mut ticket {
+                Some(t) => t.ready(enter).await,
+                None => enter.await,
+            };
+            match entered {
                 Ok(place) => Some(place),
                 Err(_) => {
                     return Err(NodeError::Timeout {
@@ -228,7 +256,10 @@ impl Inner {
         } else {
             None
         };
-        let spec = self.table(&req.table).await?;
+        let spec = match &mut ticket {
+            Some(t) => t.ready(self.table(&req.table)).await?,
+            None => self.table(&req.table).await?,
+        };
         let dim = spec.dim as usize;
         let clock = req
             .clock
@@ -333,8 +364,11 @@ impl Inner {
             if !queue.is_empty() {
                 let mut per_server: HashMap<NodeId, usize> = HashMap::new();
                 let map = lock(&self.map).clone();
-                // The first round's frames count down to the signal.
-                let countdown = queued_signal.take().map(|tx| Queued(Arc::new(tx)));
+                // The first round's frames count down to the ticket. A push
+                // made after this one and on its way gets the corks of this
+                // one's connections (see `order`).
+                let countdown = ticket.take().map(|t| Queued(Arc::new(Mutex::new(t))));
+                let hand_on = countdown.as_ref().is_some_and(|q| lock(&q.0).followed());
                 for item in std::mem::take(&mut queue) {
                     let item_keys = if dense {
                         &[][..]
@@ -381,6 +415,13 @@ impl Inner {
                         let server = map.partitions[partition].primary;
                         let sent_there = per_server.entry(server).or_default();
                         *sent_there += 1;
+                        if *sent_there == 1 && hand_on {
+                            if let (Some(q), Some(link)) =
+                                (&countdown, lock(&self.servers).get(&server))
+                            {
+                                q.hold(link.peer.cork());
+                            }
+                        }
                         if *sent_there == 2 {
                             if let Some(link) = lock(&self.servers).get(&server) {
                                 corks.push(link.peer.cork());
@@ -674,7 +715,7 @@ impl Inner {
         frame: Frame,
         queued: Option<Queued>,
     ) -> Result<SliceResult, NodeError> {
-        let link = match self.link(server, map).await {
+        let link = match Queued::ready(&queued, self.link(server, map)).await {
             Ok(l) => l,
             Err(e) if e.is_transient() => return Ok(SliceResult::Again(e.to_string())),
             Err(e) => return Err(e),
@@ -712,7 +753,7 @@ impl Inner {
         self.traffic
             .bytes_sent
             .fetch_add(frame.encoded_len() as u64 + 4, Ordering::Relaxed);
-        let reply = match peer.send_request(frame).await {
+        let reply = match Queued::ready(&queued, peer.send_request(frame)).await {
             Ok(pending) => {
                 drop(queued);
                 // A server that refused the connection (at its limit of
