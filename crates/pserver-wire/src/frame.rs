@@ -281,44 +281,72 @@ impl Frame {
         dst.put_slice(&self.ctrl);
     }
 
-    /// Appends the length prefix and the body to `dst`, except a raw values
-    /// section of at least `apart` bytes, which is returned as the wire's
-    /// bytes instead (no copy: see [`Vals::into_le_bytes`]) together with
-    /// the control section that follows it; the caller writes `dst`, then
-    /// those two, in that order (a vectored write). Takes the values out
-    /// of the frame.
+    /// Appends the length prefix and the body to `dst`, except a keys
+    /// section or a raw values section of at least `apart` bytes: before
+    /// such a section, what `dst` holds is split off and handed to `emit`,
+    /// then the section itself as the wire's bytes (no copy: a key vector
+    /// or a value vector becomes their owner, see [`Vals::into_le_bytes`]),
+    /// and what follows goes on into `dst`. The caller writes what `emit`
+    /// got, in order, then `dst` (a vectored write). Takes the sections it
+    /// hands over out of the frame.
     ///
     /// # Panics
     ///
     /// As [`Frame::encode`]; and when the body does not fit the `u32`
     /// prefix, which [`Frame::check`] under any `max_frame` below 4 GiB
     /// refuses.
-    pub fn encode_split(&mut self, dst: &mut BytesMut, apart: usize) -> Option<(Bytes, Bytes)> {
+    pub fn encode_split(&mut self, dst: &mut BytesMut, apart: usize, emit: &mut dyn FnMut(Bytes)) {
         let len = self.encoded_len();
         let prefix = u32::try_from(len)
             .unwrap_or_else(|_| panic!("a frame of {len} bytes does not fit the length prefix"));
-        if self.packed.is_some() || self.vals.len() * 4 < apart.max(1) {
+        let apart = apart.max(1);
+        let keys_apart = self.keys.len() * 8 >= apart;
+        let vals_apart = self.packed.is_none() && self.vals.len() * 4 >= apart;
+        if !keys_apart && !vals_apart {
             dst.reserve(4 + len);
             dst.put_u32_le(prefix);
             self.encode(dst);
-            return None;
+            return;
         }
-        let vals = std::mem::take(&mut self.vals);
         let count = |n: usize, what: &str| {
             u32::try_from(n).unwrap_or_else(|_| panic!("{n} {what} do not fit a frame header"))
         };
+        let (packing, packed) = match &self.packed {
+            Some(p) => (p.packing as u8, count(p.bytes.len(), "packed bytes")),
+            None => (0, 0),
+        };
         let sections = Sections {
             keys: count(self.keys.len(), "keys"),
-            vals: count(vals.len(), "values"),
+            vals: count(self.val_count(), "values"),
             ctrl: count(self.ctrl.len(), "control bytes"),
-            packing: 0,
-            packed: 0,
+            packing,
+            packed,
         };
-        dst.reserve(4 + HEADER_LEN + self.keys.len() * 8);
+        dst.reserve(4 + HEADER_LEN);
         dst.put_u32_le(prefix);
         self.header.encode_into(sections, dst);
-        put_le(dst, &self.keys, u64::to_le_bytes);
-        Some((vals.into_le_bytes(), self.ctrl.clone()))
+        // What `dst` holds before a section handed over goes first, unless
+        // there is none (keys handed over just before the values).
+        let mut hand = |dst: &mut BytesMut, section: Bytes| {
+            if !dst.is_empty() {
+                emit(dst.split().freeze());
+            }
+            emit(section);
+        };
+        if keys_apart {
+            hand(dst, keys_le_bytes(std::mem::take(&mut self.keys)));
+        } else {
+            put_le(dst, &self.keys, u64::to_le_bytes);
+        }
+        if vals_apart {
+            hand(dst, std::mem::take(&mut self.vals).into_le_bytes());
+        } else {
+            match &self.packed {
+                Some(p) => dst.put_slice(&p.bytes),
+                None => put_vals(dst, &self.vals),
+            }
+        }
+        dst.put_slice(&self.ctrl);
     }
 
     /// Checks the frame as [`Frame::decode`] would check its encoding, so a
@@ -497,6 +525,24 @@ fn wide(n: usize) -> u64 {
 /// Appends each item's `N` little-endian bytes. The destination is grown
 /// once and filled in place, which the compiler turns into a plain copy on
 /// little-endian targets, instead of a capacity check per item.
+/// A key vector's wire bytes (little-endian): the vector itself on a
+/// little-endian target (it becomes their owner, no copy), else a copy.
+fn keys_le_bytes(keys: Vec<u64>) -> Bytes {
+    struct Owner(Vec<u64>);
+    impl AsRef<[u8]> for Owner {
+        fn as_ref(&self) -> &[u8] {
+            zerocopy::IntoBytes::as_bytes(self.0.as_slice())
+        }
+    }
+    if cfg!(target_endian = "little") {
+        Bytes::from_owner(Owner(keys))
+    } else {
+        let mut out = BytesMut::with_capacity(keys.len() * 8);
+        put_le(&mut out, &keys, u64::to_le_bytes);
+        out.freeze()
+    }
+}
+
 fn put_le<T: Copy, const N: usize>(dst: &mut BytesMut, items: &[T], le: fn(T) -> [u8; N]) {
     let start = dst.len();
     dst.resize(start + items.len() * N, 0);

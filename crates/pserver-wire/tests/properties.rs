@@ -191,12 +191,21 @@ proptest! {
     #[test]
     fn split_encoding_is_the_codecs_encoding(f in frame_with(3000), apart in 0usize..8192) {
         let mut g = f.clone();
+        let mut tail = BytesMut::new();
+        let mut parts: Vec<Bytes> = Vec::new();
+        g.encode_split(&mut tail, apart, &mut |b| parts.push(b));
+        let apart = apart.max(1);
+        let big = usize::from(f.keys.len() * 8 >= apart)
+            + usize::from(f.packed.is_none() && f.vals.len() * 4 >= apart);
+        // Each section handed over comes after what was encoded before it
+        // (nothing between the keys and the values when both are).
+        prop_assert!(parts.iter().all(|p| !p.is_empty()));
+        prop_assert!(parts.len() <= 2 * big && (big == 0) == parts.is_empty());
         let mut out = BytesMut::new();
-        if let Some((vals, ctrl)) = g.encode_split(&mut out, apart) {
-            prop_assert!(f.packed.is_none() && f.vals.len() * 4 >= apart.max(1));
-            out.extend_from_slice(&vals);
-            out.extend_from_slice(&ctrl);
+        for p in parts {
+            out.extend_from_slice(&p);
         }
+        out.extend_from_slice(&tail);
         prop_assert_eq!(out, wire(&f));
     }
 

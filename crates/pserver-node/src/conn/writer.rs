@@ -1,11 +1,12 @@
 //! The writing half of a connection's stream: frames encoded into one
-//! buffer, large values sections written from where they are.
+//! buffer, large keys and values sections written from where they are.
 
 use super::*;
 
-/// Values sections of at least this many bytes are written from where
-/// they are (a vectored write), not copied into the write buffer: a pull's
-/// reply from the vector the store filled, a push from the caller's array.
+/// Keys and values sections of at least this many bytes are written from
+/// where they are (a vectored write), not copied into the write buffer: a
+/// pull's reply from the vector the store filled, a push from the caller's
+/// array, a request's keys from its frame's key vector.
 const WRITE_APART: usize = 64 << 10;
 
 /// Most buffers handed to one vectored write.
@@ -17,9 +18,9 @@ const MAX_IOVECS: usize = 64;
 pub(super) struct Writer<W> {
     pub(super) inner: W,
     limits: Limits,
-    /// Headers, keys, small sections, as encoded.
+    /// Headers and small sections, as encoded.
     buf: bytes::BytesMut,
-    /// What goes out, in order: pieces of `buf` and large values sections.
+    /// What goes out, in order: pieces of `buf` and large sections.
     chunks: std::collections::VecDeque<bytes::Bytes>,
     /// The budget shares of the frames encoded here, given back once they
     /// are written.
@@ -77,11 +78,8 @@ impl<W: AsyncWrite + Unpin> Writer<W> {
             );
             return;
         }
-        if let Some((vals, ctrl)) = frame.encode_split(&mut self.buf, WRITE_APART) {
-            self.chunks.push_back(self.buf.split().freeze());
-            self.chunks.push_back(vals);
-            self.buf.extend_from_slice(&ctrl);
-        }
+        let chunks = &mut self.chunks;
+        frame.encode_split(&mut self.buf, WRITE_APART, &mut |b| chunks.push_back(b));
         self.unflushed = true;
     }
 
