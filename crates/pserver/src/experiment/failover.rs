@@ -166,15 +166,47 @@ fn wait_stopped(pid: u32) {
 }
 
 /// Starts `pserver ARGS` and returns it with its first line of output.
+/// Its log is off unless `PSERVER_CHILD_LOG` sets the filter (as for the
+/// bench's children): then its stderr is kept in the temporary directory
+/// as `pserver-failover-PID-ROLE-CHILD.log` (CHILD: the child's pid), to
+/// trace a failed run afterwards.
 pub(crate) fn spawn(args: &[&str]) -> Result<(Child, String)> {
     let exe = std::env::current_exe().context("finding the pserver binary")?;
-    let mut child = Command::new(exe)
-        .args(args)
-        .env("RUST_LOG", "off")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
+    let role = args.first().copied().unwrap_or("pserver");
+    let name = |child: &str| {
+        std::env::temp_dir().join(format!(
+            "pserver-failover-{}-{role}-{child}.log",
+            std::process::id()
+        ))
+    };
+    let mut cmd = Command::new(exe);
+    cmd.args(args).stdout(Stdio::piped());
+    // Named for the child once it has a pid; until then for the moment.
+    let starting = name(&format!(
+        "starting-{}",
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos())
+    ));
+    let logged = crate::bench::procs::child_log();
+    match &logged {
+        Some(filter) => {
+            let file = std::fs::File::create(&starting)
+                .with_context(|| format!("creating {}", starting.display()))?;
+            cmd.env("RUST_LOG", filter).stderr(file);
+        }
+        None => {
+            cmd.env("RUST_LOG", "off").stderr(Stdio::null());
+        }
+    }
+    let mut child = cmd
         .spawn()
         .with_context(|| format!("starting pserver {}", args.join(" ")))?;
+    if logged.is_some() {
+        let log = name(&child.id().to_string());
+        // Not fatal (the child runs): the log then keeps its first name.
+        let _ = std::fs::rename(&starting, &log);
+    }
     let mut line = String::new();
     if let Some(out) = child.stdout.take() {
         BufReader::new(out).read_line(&mut line)?;
