@@ -215,16 +215,22 @@ async fn a_dense_answer_goes_into_the_spare_vector() {
         // A push-pull answers into it too.
         w.set_clock(2);
         let twice: Vec<f32> = vals.iter().map(|v| v * 2.0).collect();
+        let sent = twice.clone();
+        let sent_at = sent.as_ptr();
         let push_pull = Request {
             table: "wide".into(),
             op: Op::PushPull,
             keys: Keys::Range(r),
-            vals: twice.clone(),
+            vals: sent,
             clock: None,
             consistency: None,
         };
         let got = w.send_into(push_pull, got.vals).await.unwrap();
         assert!(got.vals == twice);
+        // And the pushed array comes back whole, in its own memory, for the
+        // next push (its frames were all written before the replies came).
+        assert_eq!(got.pushed.as_ptr(), sent_at, "the pushed array, not a copy");
+        assert!(got.pushed == twice);
     })
     .await
     .unwrap();

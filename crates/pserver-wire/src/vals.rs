@@ -34,12 +34,26 @@ enum Repr {
 }
 
 /// A vector of values as the owner of shared bytes: `Bytes::from_owner`
-/// then reads its bytes in place, with no copy. A pooled one goes back to
-/// the pool when the bytes are let go (written out).
+/// then reads its bytes in place, with no copy. Where it goes when the
+/// bytes are let go (written out) is `back`'s to say.
 struct F32Owner {
     vals: Vec<f32>,
-    pooled: bool,
+    back: Back,
 }
+
+/// Where an [`F32Owner`]'s vector goes once its bytes are let go.
+enum Back {
+    /// Freed.
+    Free,
+    /// Into the pool ([`buffer`]).
+    Pool,
+    /// Into the caller's slot ([`Vals::lent`]).
+    To(Return),
+}
+
+/// Where a lent vector is put back once the last share of its bytes is let
+/// go ([`Vals::lent`]).
+pub type Return = std::sync::Arc<std::sync::Mutex<Option<Vec<f32>>>>;
 
 impl AsRef<[u8]> for F32Owner {
     fn as_ref(&self) -> &[u8] {
@@ -49,8 +63,11 @@ impl AsRef<[u8]> for F32Owner {
 
 impl Drop for F32Owner {
     fn drop(&mut self) {
-        if self.pooled {
-            give_back(std::mem::take(&mut self.vals));
+        let vals = std::mem::take(&mut self.vals);
+        match &self.back {
+            Back::Free => {}
+            Back::Pool => give_back(vals),
+            Back::To(slot) => *slot.lock().unwrap_or_else(|e| e.into_inner()) = Some(vals),
         }
     }
 }
@@ -126,11 +143,28 @@ impl Vals {
             Repr::Owned(v) | Repr::Pooled(v) if cfg!(target_endian = "little") && !v.is_empty() => {
                 Vals(Repr::Shared(Bytes::from_owner(F32Owner {
                     vals: v,
-                    pooled: false,
+                    back: Back::Free,
                 })))
             }
             other => Vals(other),
         }
+    }
+
+    /// Shared values over `v`, as [`Vals::into_shared`] makes them, that
+    /// put `v` into `to` once the last share of them is let go (every frame
+    /// carrying them written): a push's array, back for its caller to use
+    /// again, its pages still mapped. Where the values are copied instead
+    /// (a big-endian target, no values), `v` goes back at once.
+    pub fn lent(v: Vec<f32>, to: Return) -> Vals {
+        if cfg!(target_endian = "little") && !v.is_empty() {
+            return Vals(Repr::Shared(Bytes::from_owner(F32Owner {
+                vals: v,
+                back: Back::To(to),
+            })));
+        }
+        let shared = Vals(Repr::Owned(v.clone())).into_shared();
+        *to.lock().unwrap_or_else(|e| e.into_inner()) = Some(v);
+        shared
     }
 
     /// Values in a vector from [`buffer`], which goes back to the pool once
@@ -162,11 +196,11 @@ impl Vals {
             Repr::Shared(b) => b,
             Repr::Owned(v) if cfg!(target_endian = "little") => Bytes::from_owner(F32Owner {
                 vals: v,
-                pooled: false,
+                back: Back::Free,
             }),
             Repr::Pooled(v) if cfg!(target_endian = "little") => Bytes::from_owner(F32Owner {
                 vals: v,
-                pooled: true,
+                back: Back::Pool,
             }),
             Repr::Owned(v) | Repr::Pooled(v) => {
                 let mut out = Vec::with_capacity(v.len() * 4);
@@ -339,6 +373,34 @@ mod tests {
             .filter(|&at| Vals::from_le_bytes(bytes.slice(at..at + 16)).is_shared())
             .count();
         assert_eq!(shared, usize::from(cfg!(target_endian = "little")));
+    }
+
+    #[test]
+    fn a_lent_vector_comes_back_once_every_share_is_let_go() {
+        let v: Vec<f32> = (0..100).map(|i| i as f32).collect();
+        let at = v.as_ptr();
+        let slot = Return::default();
+        let lent = Vals::lent(v, slot.clone());
+        let a = lent.slice(0..50);
+        let b = lent.slice(50..100).into_le_bytes();
+        drop(lent);
+        drop(a);
+        assert_eq!(
+            slot.lock().unwrap().is_some(),
+            !cfg!(target_endian = "little")
+        );
+        assert_eq!(b.len(), 200);
+        drop(b);
+        let back = slot
+            .lock()
+            .unwrap()
+            .take()
+            .expect("back once every share is gone");
+        assert_eq!(back.len(), 100);
+        assert_eq!(back[99], 99.0);
+        if cfg!(target_endian = "little") {
+            assert_eq!(back.as_ptr(), at, "the same memory, not a copy");
+        }
     }
 
     #[test]

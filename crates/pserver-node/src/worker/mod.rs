@@ -221,6 +221,12 @@ pub struct Request {
 pub struct Outcome {
     /// Pulled values, `dim` per key in key order (empty for a push).
     pub vals: Vec<f32>,
+    /// A push's (or push-pull's) own array of values, given back for the
+    /// caller to fill and push again (its pages stay mapped: a fresh array
+    /// of 64 MB costs a page fault and a zeroed page every 4 KiB). Empty
+    /// when a frame carrying it was still held when the request completed
+    /// (a resend), and for a pull.
+    pub pushed: Vec<f32>,
     /// Keys the servers applied.
     pub applied: u64,
     /// Keys skipped as already applied at this clock (retries).

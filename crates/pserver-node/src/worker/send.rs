@@ -310,7 +310,10 @@ impl Inner {
         };
         // The pushed values as shared bytes (no copy): each frame carries
         // a slice of them, written to the socket from where they are.
-        let vals = pserver_wire::Vals::from(std::mem::take(&mut req.vals)).into_shared();
+        // The array comes back into `returned` once every frame of it is
+        // written, for the caller to use again (`Outcome::pushed`).
+        let returned = pserver_wire::vals::Return::default();
+        let vals = pserver_wire::Vals::lent(std::mem::take(&mut req.vals), returned.clone());
         let kind = match req.op {
             Op::Push => Kind::Push,
             Op::Pull => Kind::Pull,
@@ -472,6 +475,10 @@ impl Inner {
                 // still answers with its (empty or zero) values.
                 if req.op != Op::Push && out.vals.len() != whole {
                     out.vals = vec![0.0; whole];
+                }
+                drop(vals);
+                if let Some(v) = lock(&returned).take() {
+                    out.pushed = v;
                 }
                 return Ok(out);
             };

@@ -103,6 +103,11 @@ pub async fn run(
     // that pulls the same range at every step would reuse its buffer
     // (`Worker::send_into`).
     let mut spares: Vec<Vec<f32>> = Vec::new();
+    // Pushed arrays come back (`Outcome::pushed`) and are pushed again, as
+    // a program would fill its gradient buffer at every step: a fresh
+    // array of 64 MB is a page fault every 4 KiB before it is even sent.
+    // They are never written to, so they keep their ones.
+    let mut pushed: Vec<Vec<f32>> = Vec::new();
     loop {
         // The first request goes even past the end: a case of requests
         // longer than `duration` still measures one.
@@ -110,7 +115,10 @@ pub async fn run(
             let (keys, n) = source.next(case.op);
             let vals = match case.op {
                 Op::Pull => Vec::new(),
-                _ => vec![1.0f32; n * case.dim],
+                _ => match pushed.pop() {
+                    Some(v) if v.len() == n * case.dim => v,
+                    _ => vec![1.0f32; n * case.dim],
+                },
             };
             // Pushes need a rising clock: the server takes a second push of a
             // worker at one clock over one range for a duplicate.
@@ -137,6 +145,9 @@ pub async fn run(
             .with_context(|| format!("{} of {n} keys", op_name(case.op)))?;
         if outcome.vals.capacity() > 0 {
             spares.push(outcome.vals);
+        }
+        if !outcome.pushed.is_empty() {
+            pushed.push(outcome.pushed);
         }
         let done = Instant::now();
         run.latencies_us.push((done - t0).as_secs_f64() * 1e6);
