@@ -381,7 +381,11 @@ impl Inner {
                     let slices = map.slice(item.range, item_keys);
                     if slices.is_empty() {
                         // The map names no live server; fail now unless the
-                        // manager already knows better.
+                        // manager already knows better (asked with no cork
+                        // held: an answer may take long).
+                        if let Some(q) = &countdown {
+                            lock(&q.0).release();
+                        }
                         if self.refresh().await?.partitions.is_empty() {
                             return Err(NodeError::NoServer(item.range));
                         }
