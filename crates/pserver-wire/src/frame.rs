@@ -247,6 +247,29 @@ impl Frame {
         crate::header::HEADER_LEN + self.keys.len() * 8 + vals + self.ctrl.len()
     }
 
+    /// The section lengths the header declares for this frame.
+    ///
+    /// # Panics
+    ///
+    /// When a section's length does not fit the header's `u32`, which
+    /// [`Frame::check`] refuses first.
+    fn sections(&self) -> Sections {
+        let count = |n: usize, what: &str| {
+            u32::try_from(n).unwrap_or_else(|_| panic!("{n} {what} do not fit a frame header"))
+        };
+        let (packing, packed) = match &self.packed {
+            Some(p) => (p.packing as u8, count(p.bytes.len(), "packed bytes")),
+            None => (0, 0),
+        };
+        Sections {
+            keys: count(self.keys.len(), "keys"),
+            vals: count(self.val_count(), "values"),
+            ctrl: count(self.ctrl.len(), "control bytes"),
+            packing,
+            packed,
+        }
+    }
+
     /// Appends the body (no length prefix) to `dst`.
     ///
     /// Does not check the frame; [`Frame::check`] tells whether a peer would
@@ -257,20 +280,7 @@ impl Frame {
     /// When a section has more than `u32::MAX` elements or bytes, which the
     /// header cannot declare (such a frame is over 16 GiB; `check` refuses it).
     pub fn encode(&self, dst: &mut BytesMut) {
-        let count = |n: usize, what: &str| {
-            u32::try_from(n).unwrap_or_else(|_| panic!("{n} {what} do not fit a frame header"))
-        };
-        let (packing, packed) = match &self.packed {
-            Some(p) => (p.packing as u8, count(p.bytes.len(), "packed bytes")),
-            None => (0, 0),
-        };
-        let sections = Sections {
-            keys: count(self.keys.len(), "keys"),
-            vals: count(self.val_count(), "values"),
-            ctrl: count(self.ctrl.len(), "control bytes"),
-            packing,
-            packed,
-        };
+        let sections = self.sections();
         dst.reserve(self.encoded_len());
         self.header.encode_into(sections, dst);
         put_le(dst, &self.keys, u64::to_le_bytes);
@@ -308,20 +318,7 @@ impl Frame {
             self.encode(dst);
             return;
         }
-        let count = |n: usize, what: &str| {
-            u32::try_from(n).unwrap_or_else(|_| panic!("{n} {what} do not fit a frame header"))
-        };
-        let (packing, packed) = match &self.packed {
-            Some(p) => (p.packing as u8, count(p.bytes.len(), "packed bytes")),
-            None => (0, 0),
-        };
-        let sections = Sections {
-            keys: count(self.keys.len(), "keys"),
-            vals: count(self.val_count(), "values"),
-            ctrl: count(self.ctrl.len(), "control bytes"),
-            packing,
-            packed,
-        };
+        let sections = self.sections();
         dst.reserve(4 + HEADER_LEN);
         dst.put_u32_le(prefix);
         self.header.encode_into(sections, dst);

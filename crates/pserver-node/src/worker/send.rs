@@ -6,6 +6,13 @@
 
 use super::*;
 
+mod pieces;
+mod scan;
+
+#[cfg(test)]
+use pieces::FRAME_SLACK;
+use pieces::{cut, keys_per_frame};
+
 /// A piece of a request still to be done.
 #[derive(Clone, Debug)]
 struct Item {
@@ -310,10 +317,13 @@ impl Inner {
         };
         // The pushed values as shared bytes (no copy): each frame carries
         // a slice of them, written to the socket from where they are.
-        // The array comes back into `returned` once every frame of it is
-        // written, for the caller to use again (`Outcome::pushed`).
-        let returned = pserver_wire::vals::Return::default();
-        let vals = pserver_wire::Vals::lent(std::mem::take(&mut req.vals), returned.clone());
+        // A push's array comes back into `returned` once every frame of it
+        // is written, for the caller to use again (`Outcome::pushed`).
+        let returned = pushes.then(pserver_wire::vals::Return::default);
+        let vals = match &returned {
+            Some(slot) => pserver_wire::Vals::lent(std::mem::take(&mut req.vals), slot.clone()),
+            None => pserver_wire::Vals::new(),
+        };
         let kind = match req.op {
             Op::Push => Kind::Push,
             Op::Pull => Kind::Pull,
@@ -481,7 +491,7 @@ impl Inner {
                     out.vals = vec![0.0; whole];
                 }
                 drop(vals);
-                if let Some(v) = lock(&returned).take() {
+                if let Some(v) = returned.as_ref().and_then(|slot| lock(slot).take()) {
                     out.pushed = v;
                 }
                 return Ok(out);
@@ -571,94 +581,6 @@ impl Inner {
                 }
             }
         }
-    }
-
-    /// Reads every stored key of `range`, within the worker's timeout as
-    /// [`Inner::execute`] does.
-    pub(super) async fn scan(
-        self: Arc<Self>,
-        table: String,
-        range: KeyRange,
-    ) -> Result<(Vec<u64>, Vec<f32>), NodeError> {
-        let deadline = Instant::now() + self.timeout;
-        let secs = self.timeout.as_secs();
-        let what = format!("scan of table {table:?}");
-        match tokio::time::timeout_at(deadline, self.scan_all(table, range)).await {
-            Ok(done) => done,
-            Err(_) => Err(NodeError::Timeout {
-                what,
-                secs,
-                last: None,
-            }),
-        }
-    }
-
-    async fn scan_all(
-        self: Arc<Self>,
-        table: String,
-        range: KeyRange,
-    ) -> Result<(Vec<u64>, Vec<f32>), NodeError> {
-        let spec = self.table(&table).await?;
-        let mut todo = vec![range];
-        let mut parts: Vec<(u64, Vec<u64>, Vec<f32>)> = Vec::new();
-        while !todo.is_empty() {
-            let map = lock(&self.map).clone();
-            let mut subs = Vec::new();
-            for r in &todo {
-                let slices = map.slice(*r, &[]);
-                if slices.is_empty() && self.refresh().await?.partitions.is_empty() {
-                    return Err(NodeError::NoServer(*r));
-                }
-                for s in slices {
-                    subs.push((s.range, map.partitions[s.partition].primary));
-                }
-            }
-            let sends = subs.iter().map(|&(r, server)| {
-                let mut h = Header::new(Kind::Pull);
-                h.flags = FLAG_SCAN;
-                h.sender = self.id;
-                h.table = spec.id;
-                h.epoch = map.epoch;
-                h.range = r;
-                let map = map.clone();
-                let this = self.clone();
-                async move { this.send_slice(server, &map, Frame::new(h), None).await }
-            });
-            let results = join_all(sends).await;
-            todo = Vec::new();
-            for ((r, _), res) in subs.into_iter().zip(results) {
-                match res? {
-                    SliceResult::Done { keys, vals, .. } => {
-                        if vals.len() != keys.len() * spec.dim as usize
-                            || keys.iter().any(|k| !r.contains(*k))
-                        {
-                            return Err(NodeError::Protocol {
-                                peer: format!("server for {r}"),
-                                what: "scan reply does not match its range".into(),
-                            });
-                        }
-                        parts.push((r.begin, keys, vals.into_vec()));
-                    }
-                    SliceResult::Redirect(m) => {
-                        self.install(m);
-                        todo.push(r);
-                    }
-                    SliceResult::Again(_) | SliceResult::Lost | SliceResult::Miss => todo.push(r),
-                }
-            }
-            if !todo.is_empty() {
-                tokio::time::sleep(Duration::from_millis(5)).await;
-                let _ = self.refresh().await;
-            }
-        }
-        parts.sort_unstable_by_key(|p| p.0);
-        let mut keys = Vec::new();
-        let mut vals = Vec::new();
-        for (_, k, v) in parts {
-            keys.extend(k);
-            vals.extend(v);
-        }
-        Ok((keys, vals))
     }
 
     /// True when `frame`'s key list should be cached: caching is on and the
@@ -898,79 +820,6 @@ impl Inner {
             }),
         }
     }
-}
-
-/// Room left in a frame for anything but the header, the keys and the
-/// values: a request's consistency, a reply's acknowledgement.
-const FRAME_SLACK: usize = 256;
-
-/// Bytes a frame of a request aims at (and its reply), below any limit: a
-/// large request goes as several frames of about this size, all sent at
-/// once. The server starts on the first while the rest are on the wire,
-/// instead of one whole request being read, then applied, then answered
-/// in turn; and buffers of this size are reused by the allocator, where
-/// ones of the whole request's size (a dense 64 MB push) are fresh pages to
-/// fault in every time (glibc maps anything over 32 MB afresh).
-const SEND_FRAME_BYTES: usize = 4 << 20;
-
-/// Most keys one frame of a request may carry, so that the frame (keys
-/// unless `dense`, `width` values per key, `ctrl` bytes) and the reply it
-/// asks for (`dim` values per key, for a pull or push-pull) both fit in
-/// `limits.max_frame`, and the keys in `limits.max_keys`. At least 1.
-fn keys_per_frame(
-    limits: &Limits,
-    dense: bool,
-    width: usize,
-    dim: usize,
-    op: Op,
-    ctrl: usize,
-) -> usize {
-    let room = limits
-        .max_frame
-        .min(SEND_FRAME_BYTES)
-        .saturating_sub(pserver_wire::header::HEADER_LEN + ctrl + FRAME_SLACK);
-    let sent = if dense { 0 } else { 8 } + 4 * width;
-    let back = if op == Op::Push { 0 } else { 4 * dim };
-    (room / sent.max(back).max(1)).min(limits.max_keys).max(1)
-}
-
-/// Cuts a slice over `range` (its `count` keys start at `first` in the
-/// request) into pieces of at most `per` keys: `(range, first, count)`
-/// each, in key order, whose ranges are disjoint and cover `range`, so
-/// that each piece is a request of its own to the same server (the range
-/// clock records each piece's range). `keys` is the request's key list,
-/// `None` for a dense request, whose keys are its range's. A slice that
-/// fits, or has no keys, is one piece.
-fn cut(
-    range: KeyRange,
-    first: usize,
-    count: usize,
-    per: usize,
-    keys: Option<&[u64]>,
-) -> Vec<(KeyRange, usize, usize)> {
-    let per = per.max(1);
-    if count <= per {
-        return vec![(range, first, count)];
-    }
-    let mut out = Vec::with_capacity(count.div_ceil(per));
-    let mut at = 0;
-    let mut begin = range.begin;
-    while at < count {
-        let n = per.min(count - at);
-        let end = if at + n == count {
-            range.end
-        } else {
-            match keys {
-                Some(k) => k[first + at + n],
-                // Dense: the range's keys are the keys.
-                None => begin + n as u64,
-            }
-        };
-        out.push((KeyRange { begin, end }, first + at, n));
-        at += n;
-        begin = end;
-    }
-    out
 }
 
 /// True when `reply` refuses a key reference the server does not hold.
