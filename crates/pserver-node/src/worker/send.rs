@@ -10,7 +10,7 @@ mod pieces;
 mod scan;
 
 #[cfg(test)]
-use pieces::FRAME_SLACK;
+use pieces::{FRAME_SLACK, SEND_FRAME_BYTES};
 use pieces::{cut, keys_per_frame};
 
 /// A piece of a request still to be done.

@@ -15,7 +15,7 @@ pub(super) const FRAME_SLACK: usize = 256;
 /// in turn; and buffers of this size are reused by the allocator, where
 /// ones of the whole request's size (a dense 64 MB push) are fresh pages to
 /// fault in every time (glibc maps anything over 32 MB afresh).
-const SEND_FRAME_BYTES: usize = 4 << 20;
+pub(super) const SEND_FRAME_BYTES: usize = 4 << 20;
 
 /// Most keys one frame of a request may carry, so that the frame (keys
 /// unless `dense`, `width` values per key, `ctrl` bytes) and the reply it
